@@ -1,0 +1,221 @@
+"""Run optimizers on a 2-D test function and describe where each one went.
+
+``optimize`` is the core of ``gradlab optimize``: every optimizer starts from the same point,
+takes ``steps`` steps, and the whole path is recorded. ``summarize`` turns a path into one row of
+the per-optimizer report:
+
+* ``steps_to_tol``: the first step ``t`` with ``f(p_t) - f_min <= tol`` (``f_min`` the function's
+  global minimum value). Functions unbounded below (saddle, monkey saddle) have no such target and
+  report it empty.
+* saddle escape (functions with a watched saddle point ``s``): the path escaped at the first step
+  ``t`` with ``f(p_t) <= f(s) - escape_delta``, i.e. once it is ``escape_delta`` below the
+  saddle's level; it never returns to the saddle's neighbourhood after that, because every
+  optimizer here is a descent method up to noise. ``min_dist_to_saddle`` is how close it came.
+* point type: eigenvalues of the EXACT Hessian at the final point
+  (``torch.autograd.functional.hessian``, float64) classify it as ``minimum`` (all > eps),
+  ``maximum`` (all < -eps), ``saddle`` (both signs) or ``degenerate`` (an eigenvalue within eps of
+  0), if the gradient norm there is at most ``stationary_tol``; otherwise ``not stationary``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import pandas as pd
+import torch
+
+from gradlab.errors import GradlabError
+from gradlab.landscape.functions import TestFunction, build_function
+
+# Step sizes chosen for the 2-D functions' scale (curvatures of order 1-100, optima within a few
+# units): large enough to move in ~100 steps, small enough that none of them diverges on the
+# saddle/quadratic showcase. A name missing here falls back to DEFAULT_LR.
+DEFAULT_LRS = {
+    "sgd": 0.01,
+    "momentum": 0.01,
+    "nesterov": 0.01,
+    "adam": 0.05,
+    "adamw": 0.05,
+    "rmsprop": 0.01,
+    "adagrad": 0.3,
+    "adahessian": 0.1,
+    "curvature-gd": 0.1,
+    "newton": 0.5,
+    "langevin": 0.01,
+    "sam": 0.01,
+}
+DEFAULT_LR = 0.01
+SHOWCASE = ("sgd", "momentum", "adam", "adahessian", "curvature-gd", "langevin")
+
+
+@dataclass
+class Trajectory:
+    """One optimizer's path: ``points`` (steps+1, 2), ``losses``/``grad_norms`` (steps+1,)."""
+
+    optimizer: str
+    points: list
+    losses: list
+    grad_norms: list
+    lr: float
+    diverged: bool = False
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "optimizer": self.optimizer,
+                "step": range(len(self.losses)),
+                "x": [p[0] for p in self.points],
+                "y": [p[1] for p in self.points],
+                "loss": self.losses,
+                "grad_norm": self.grad_norms,
+            }
+        )
+
+
+def run_trajectory(
+    fn: TestFunction,
+    make_optimizer: Callable,
+    steps: int,
+    *,
+    name: str = "optimizer",
+    lr: float = float("nan"),
+    closure_step: Optional[bool] = None,
+    seed: int = 0,
+) -> Trajectory:
+    """Minimise ``fn`` (in place) for ``steps`` steps of ``make_optimizer(fn.parameters())``.
+
+    Records the point, loss and gradient norm before each step and after the last one
+    (``steps + 1`` rows). ``closure_step`` (default: the optimizer's ``needs_loss_closure``)
+    calls ``opt.step(closure)`` with a closure returning the loss WITHOUT backward, the contract
+    of gradlab's second-order optimizers. Randomness (e.g. Langevin noise) is seeded from
+    ``seed`` inside a forked RNG, so the caller's global RNG state is untouched. A path whose
+    loss or point becomes non-finite stops there with ``diverged=True``.
+    """
+    if steps < 0:
+        raise GradlabError(f"invalid steps: {steps} (must be >= 0)")
+    points, losses, gnorms = [], [], []
+    diverged = False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        opt = make_optimizer(fn.parameters())
+        use_closure = getattr(opt, "needs_loss_closure", False) if closure_step is None else closure_step
+
+        def record() -> bool:
+            fn.zero_grad(set_to_none=True)
+            loss = fn()
+            (g,) = torch.autograd.grad(loss, [fn.point])
+            p = fn.point.detach()
+            points.append((float(p[0]), float(p[1])))
+            losses.append(float(loss))
+            gnorms.append(float(g.norm()))
+            return math.isfinite(losses[-1]) and bool(torch.isfinite(p).all())
+
+        for _ in range(steps):
+            if not record():
+                diverged = True
+                break
+            opt.zero_grad(set_to_none=True)
+            if use_closure:
+                opt.step(lambda: fn())
+            else:
+                loss = fn()
+                loss.backward()
+                opt.step()
+        else:
+            diverged = not record()
+    return Trajectory(name, points, losses, gnorms, lr, diverged)
+
+
+def classify_point(fn: TestFunction, point: Sequence[float], *, eps: float = 1e-6, grad_norm: float = 0.0,
+                   stationary_tol: float = 1e-3) -> tuple[str, list[float]]:
+    """Type of ``point`` from the exact Hessian's eigenvalues (ascending); see the module docstring."""
+    p = torch.tensor([float(v) for v in point], dtype=torch.float64)
+    if not bool(torch.isfinite(p).all()):
+        return "diverged", [float("nan"), float("nan")]
+    hess = torch.autograd.functional.hessian(lambda q: fn.value(q[0], q[1]), p)
+    eig = torch.linalg.eigvalsh(hess).tolist()
+    if grad_norm > stationary_tol:
+        return "not stationary", eig
+    if any(abs(e) <= eps for e in eig):
+        return "degenerate", eig
+    if all(e > 0 for e in eig):
+        return "minimum", eig
+    if all(e < 0 for e in eig):
+        return "maximum", eig
+    return "saddle", eig
+
+
+def summarize(fn: TestFunction, traj: Trajectory, *, tol: float = 1e-4, escape_delta: float = 0.1,
+              stationary_tol: float = 1e-3) -> dict:
+    """One report row for ``traj`` (see the module docstring for each definition)."""
+    x, y = traj.points[-1]
+    row = {
+        "optimizer": traj.optimizer,
+        "lr": traj.lr,
+        "final_x": x,
+        "final_y": y,
+        "final_loss": traj.losses[-1],
+        "final_grad_norm": traj.grad_norms[-1],
+        "steps_to_tol": None,
+    }
+    if fn.f_min is not None:
+        hit = [t for t, loss in enumerate(traj.losses) if loss - fn.f_min <= tol]
+        row["steps_to_tol"] = hit[0] if hit else None
+    if fn.saddles:
+        level = fn.saddle_value()
+        sx, sy = fn.saddles[0]
+        esc = [t for t, loss in enumerate(traj.losses) if loss <= level - escape_delta]
+        row["escaped"] = bool(esc)
+        row["escape_step"] = esc[0] if esc else None
+        row["min_dist_to_saddle"] = min(math.hypot(px - sx, py - sy) for px, py in traj.points)
+    kind, eig = (classify_point(fn, (x, y), grad_norm=traj.grad_norms[-1], stationary_tol=stationary_tol)
+                 if not traj.diverged else ("diverged", [float("nan")] * 2))
+    row.update({"hess_eig_min": eig[0], "hess_eig_max": eig[-1], "point_type": kind})
+    return row
+
+
+def registry_optimizer_factory(name: str, lr: Optional[float], **opts) -> tuple[Callable, float]:
+    """``(params -> optimizer, lr used)`` for a name of gradlab's optimizer registry."""
+    from gradlab.optim import build_optimizer  # the registry lives with the optimizers
+
+    lr = DEFAULT_LRS.get(name, DEFAULT_LR) if lr is None else lr
+    return (lambda params: build_optimizer(name, list(params), lr=lr, **opts)), lr
+
+
+def optimize(
+    fn_name: str,
+    optimizers: Iterable[str],
+    *,
+    steps: int = 200,
+    start: Optional[Sequence[float]] = None,
+    lr: Optional[float] = None,
+    tol: float = 1e-4,
+    escape_delta: float = 0.1,
+    cond: Optional[float] = None,
+    seed: int = 0,
+    progress: Optional[Callable[[str], None]] = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, TestFunction]:
+    """Run every optimizer from the same start on ``fn_name``.
+
+    Returns ``(trajectories, summary, fn)``: trajectories with columns
+    ``optimizer,step,x,y,loss,grad_norm``, one summary row per optimizer, and a fresh instance of
+    the function at the start point (for plotting). ``lr=None`` uses :data:`DEFAULT_LRS`.
+    ``progress(name)`` is called after each optimizer finishes.
+    """
+    names = list(optimizers)
+    if not names:
+        raise GradlabError("no optimizer given; pass e.g. --opt sgd,adam")
+    if steps < 1:
+        raise GradlabError(f"invalid steps: {steps} (must be >= 1)")
+    frames, rows = [], []
+    for name in names:
+        fn = build_function(fn_name, start, cond=cond)
+        factory, used_lr = registry_optimizer_factory(name, lr)
+        traj = run_trajectory(fn, factory, steps, name=name, lr=used_lr, seed=seed)
+        frames.append(traj.frame())
+        rows.append(summarize(fn, traj, tol=tol, escape_delta=escape_delta))
+        if progress is not None:
+            progress(name)
+    return pd.concat(frames, ignore_index=True), pd.DataFrame(rows), build_function(fn_name, start, cond=cond)
