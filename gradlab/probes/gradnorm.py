@@ -1,0 +1,317 @@
+"""Per-layer gradient norms and the backward signal: is the gradient vanishing or exploding?
+
+For each layer the probe measures, over one or more batches,
+
+* ``grad_norm``: the L2 norm of the loss gradient over all of the layer's parameters (weights and
+  biases together), mean and standard deviation (population, ddof=0) over the batches;
+* ``weight_norm``: the L2 norm of the same parameters, and ``ratio = grad_norm / weight_norm``
+  (the relative size of one SGD step per unit learning rate);
+* ``signal_norm``: the norm of the backward signal ``dL/dh`` where ``h`` is the layer's output,
+  per example (see below), averaged over the examples of all batches.
+
+The verdict follows the classic analysis of Bengio et al. (1994) and Glorot & Bengio (2010): the
+backward signal is multiplied by one layer Jacobian per layer, so its norm changes geometrically
+with depth. A least-squares fit ``log signal_norm(l) = a + b * l`` over the probed layers' depth
+indices ``l`` gives the backward growth factor per layer ``rate = exp(-b)`` (the factor the signal
+norm is multiplied by each layer it travels towards the input). With threshold ``t``:
+``vanishing`` if ``rate < 1 / (1 + t)``, ``exploding`` if ``rate > 1 + t``, else ``stable``
+(``undetermined`` when fewer than two layers are probed).
+
+Per-example signal: ``loss_fn(logits, y)`` returns the batch loss. If it averages over the batch
+(``reduction == "mean"``, torch's default and what is assumed for a plain function), the row of
+``dL/dh`` for example ``n`` is ``1/B`` times the gradient of that example's own loss, so it is
+rescaled by ``B``; with ``reduction == "sum"`` rows are taken as they are.
+
+"Layer" means a block of a :class:`~gradlab.models.base.GradlabNet` that has parameters (index
+= block index) and its head (index = number of blocks); for any other model, every leaf module
+with parameters, in registration order.
+
+The probe is cheap (one forward and one backward per batch) and leaves the model as it found
+it: training flags, buffers (e.g. BatchNorm running statistics), ``requires_grad`` flags and the
+parameters' ``.grad`` are all untouched, so a training loop may call it every N steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from gradlab.errors import GradlabError
+from gradlab.models.base import GradlabNet
+
+VERDICTS = ("vanishing", "exploding", "stable", "undetermined")
+DEFAULT_THRESHOLD = 0.1
+
+_FRAME_COLUMNS = ["layer", "name", "grad_norm", "grad_norm_std", "weight_norm", "ratio", "signal_norm"]
+
+
+@dataclass
+class LayerGrad:
+    """Statistics of one layer; norms are float64 L2 norms, see the module docstring."""
+
+    layer: int
+    name: str
+    grad_norm: float
+    grad_norm_std: float
+    weight_norm: float
+    ratio: float
+    signal_norm: float
+    signal_norm_per_example: Tensor = field(repr=False)  # (total examples,) float64
+
+
+@dataclass
+class GradnormReport:
+    """What :func:`gradnorm_probe` returns.
+
+    ``rate`` is the fitted backward growth factor of the signal norm per layer, ``log_rate`` its
+    natural log, ``threshold`` the ``t`` of the verdict rule (module docstring).
+    """
+
+    layers: list[LayerGrad]
+    rate: float
+    log_rate: float
+    threshold: float
+    verdict: str
+    loss: float
+    n_batches: int
+    n_examples: int
+
+    def to_frame(self):
+        """One row per layer: ``layer,name,grad_norm,grad_norm_std,weight_norm,ratio,signal_norm``."""
+        import pandas as pd
+
+        rows = [{c: getattr(lg, c) for c in _FRAME_COLUMNS} for lg in self.layers]
+        return pd.DataFrame(rows, columns=_FRAME_COLUMNS)
+
+    def metrics(self) -> dict:
+        """Scalar summary for ``summary.csv`` and TensorBoard."""
+        return {
+            "verdict": self.verdict,
+            "signal_rate": self.rate,
+            "threshold": self.threshold,
+            "loss": self.loss,
+            "n_layers": len(self.layers),
+        }
+
+
+def probe_layers(model: nn.Module) -> list[tuple[int, str, nn.Module]]:
+    """``(depth index, name, module)`` for every layer the probes study (see module docstring)."""
+    if isinstance(model, GradlabNet):
+        out = [(i, f"blocks.{i}", b) for i, b in enumerate(model.blocks) if _has_params(b)]
+        if _has_params(model.head):
+            out.append((len(model.blocks), "head", model.head))
+        return out
+    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children()) and _has_params(m)]
+    return [(i, n, m) for i, (n, m) in enumerate(leaves)]
+
+
+def select_layers(available: Sequence[tuple], names: Optional[Sequence[str]]) -> list[tuple]:
+    """Keep the layers named in ``names`` (all when ``None``); unknown name -> GradlabError."""
+    if names is None:
+        return list(available)
+    by_name = {entry[1]: entry for entry in available}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise GradlabError(f"unknown layer {unknown[0]!r}; choose from: {', '.join(by_name)}")
+    if not names:
+        raise GradlabError("no layers selected; choose from: " + ", ".join(by_name))
+    wanted = set(names)
+    return [entry for entry in available if entry[1] in wanted]  # keep depth order
+
+
+def fit_rate(depths: Sequence[int], signal_norms: Sequence[float]) -> float:
+    """Natural log of the backward growth factor per layer from a log-linear least-squares fit.
+
+    Returns ``-b`` for ``log s = a + b * depth``; NaN for fewer than two distinct depths. Norms
+    that are exactly zero (dead units) are clamped to the smallest positive float64 so that they
+    read as strongly vanishing instead of poisoning the fit.
+    """
+    d = torch.as_tensor(list(depths), dtype=torch.float64)
+    if d.numel() < 2 or torch.unique(d).numel() < 2:
+        return float("nan")
+    s = torch.as_tensor(list(signal_norms), dtype=torch.float64)
+    y = torch.log(s.clamp_min(torch.finfo(torch.float64).tiny))
+    dc = d - d.mean()
+    slope = (dc * (y - y.mean())).sum() / (dc * dc).sum()
+    return float(-slope)
+
+
+def verdict_from_rate(log_rate: float, threshold: float) -> str:
+    """``vanishing`` / ``exploding`` / ``stable`` by ``|log rate| > log(1 + threshold)``."""
+    if math.isnan(log_rate):
+        return "undetermined"
+    bound = math.log1p(threshold)
+    if log_rate < -bound:
+        return "vanishing"
+    if log_rate > bound:
+        return "exploding"
+    return "stable"
+
+
+def gradnorm_probe(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    layers: Optional[Sequence[str]] = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    train_mode: bool = True,
+) -> GradnormReport:
+    """Measure per-layer gradient, weight and backward-signal norms over ``batches``.
+
+    Args:
+        model: any ``nn.Module``; a GradlabNet is probed block by block.
+        loss_fn: ``loss_fn(logits, y) -> scalar`` batch loss (e.g. ``nn.CrossEntropyLoss()``).
+        batches: iterable of ``(x, y)``; ``x`` (B, *input_shape) on the model's device.
+        layers: names (``blocks.3``, ``head``, ...) to probe; all by default.
+        threshold: ``t`` in the verdict rule (default 0.1, i.e. 10% per layer).
+        train_mode: run the forward pass in training mode (what the optimiser sees: BatchNorm
+            uses batch statistics, dropout is active); the model's own flags and buffers are
+            restored afterwards either way.
+    Returns:
+        A :class:`GradnormReport`.
+    Raises:
+        GradlabError: no batches, an unknown layer name, a model without parameterised layers, a
+        model whose output is not a tensor, or a loss that is not a scalar.
+    """
+    if threshold <= 0:
+        raise GradlabError(f"invalid threshold: {threshold} (must be > 0)")
+    chosen = select_layers(probe_layers(model), layers)
+    if not chosen:
+        raise GradlabError("the model has no layers with parameters to probe")
+    scale_by_batch = getattr(loss_fn, "reduction", "mean") == "mean"
+
+    grad_sq: list[list[float]] = [[] for _ in chosen]  # per layer, per batch: ||grad||^2
+    signals: list[list[Tensor]] = [[] for _ in chosen]
+    losses: list[float] = []
+    n_examples = 0
+    with _PreservedState(model, train_mode):
+        params = [list(m.parameters()) for _, _, m in chosen]
+        for batch in batches:
+            x, y = batch
+            outputs: dict[int, Tensor] = {}
+            hooks = [
+                m.register_forward_hook(_capture(outputs, j)) for j, (_, _, m) in enumerate(chosen)
+            ]
+            try:
+                with torch.enable_grad():
+                    logits = model(x)
+            finally:
+                for h in hooks:
+                    h.remove()
+            if not isinstance(logits, Tensor):
+                raise GradlabError(
+                    f"model output is a {type(logits).__name__}, not a tensor of logits; "
+                    "the gradient probe needs model(x) -> Tensor"
+                )
+            with torch.enable_grad():  # the caller may sit inside torch.no_grad()
+                loss = loss_fn(logits, y)
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise GradlabError("loss_fn(logits, y) must return a scalar tensor")
+            flat_params = [p for ps in params for p in ps]
+            out_idx = sorted(outputs)
+            grads = torch.autograd.grad(
+                loss, flat_params + [outputs[j] for j in out_idx], allow_unused=True
+            )
+            pgrads, ograds = grads[: len(flat_params)], dict(zip(out_idx, grads[len(flat_params):]))
+            pos = 0
+            batch_size = x.shape[0]
+            for j, ps in enumerate(params):
+                sq = 0.0
+                for g in pgrads[pos : pos + len(ps)]:
+                    if g is not None:  # None: the parameter did not take part in this loss
+                        sq += float(g.detach().double().pow(2).sum())
+                pos += len(ps)
+                grad_sq[j].append(sq)
+                g_out = ograds.get(j)
+                if g_out is None:
+                    per_ex = torch.full((batch_size,), float("nan"), dtype=torch.float64)
+                else:
+                    # (B, ...) -> (B,), float64 so long rows do not lose digits
+                    per_ex = g_out.detach().double().flatten(1).norm(dim=1).cpu()
+                    if scale_by_batch:
+                        per_ex = per_ex * batch_size
+                signals[j].append(per_ex)
+            losses.append(float(loss.detach()))
+            n_examples += batch_size
+        if not losses:
+            raise GradlabError("no batches to probe (batches must be >= 1)")
+        weight_norms = [
+            math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in ps)) for ps in params
+        ]
+
+    layer_stats = []
+    for j, (depth, name, _) in enumerate(chosen):
+        norms = torch.tensor(grad_sq[j], dtype=torch.float64).sqrt()
+        sig = torch.cat(signals[j])
+        gmean = float(norms.mean())
+        layer_stats.append(
+            LayerGrad(
+                layer=depth,
+                name=name,
+                grad_norm=gmean,
+                grad_norm_std=float(norms.std(unbiased=False)),
+                weight_norm=weight_norms[j],
+                ratio=gmean / weight_norms[j] if weight_norms[j] > 0 else float("inf"),
+                signal_norm=float(sig.mean()),
+                signal_norm_per_example=sig,
+            )
+        )
+    log_rate = fit_rate([lg.layer for lg in layer_stats], [lg.signal_norm for lg in layer_stats])
+    return GradnormReport(
+        layers=layer_stats,
+        rate=math.exp(log_rate) if not math.isnan(log_rate) else float("nan"),
+        log_rate=log_rate,
+        threshold=threshold,
+        verdict=verdict_from_rate(log_rate, threshold),
+        loss=sum(losses) / len(losses),
+        n_batches=len(losses),
+        n_examples=n_examples,
+    )
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _capture(store: dict, j: int):
+    def hook(_module, _inputs, output):
+        if isinstance(output, Tensor) and output.requires_grad:
+            store[j] = output  # a module called twice keeps its last output
+
+    return hook
+
+
+class _PreservedState:
+    """Set the probe's mode and ``requires_grad``; restore flags and buffers on exit.
+
+    Buffers are snapshotted because a training-mode forward updates BatchNorm running statistics;
+    parameters' ``requires_grad`` is switched on so frozen layers are measured too.
+    """
+
+    def __init__(self, model: nn.Module, train_mode: bool):
+        self.model, self.train_mode = model, train_mode
+
+    def __enter__(self):
+        m = self.model
+        self.flags = [(mod, mod.training) for mod in m.modules()]
+        self.req = [(p, p.requires_grad) for p in m.parameters()]
+        self.buffers = [(b, b.detach().clone()) for b in m.buffers()]
+        m.train(self.train_mode)
+        for p, _ in self.req:
+            p.requires_grad_(True)
+        return self
+
+    def __exit__(self, *exc):
+        for mod, flag in self.flags:
+            mod.training = flag
+        for p, flag in self.req:
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for b, saved in self.buffers:
+                b.copy_(saved)
+        return False
