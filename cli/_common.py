@@ -1,0 +1,89 @@
+"""Options, rendering and run handling shared by every command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from typing_extensions import Annotated
+
+console = Console()
+err_console = Console(stderr=True)
+
+RUN_PANEL = "Run folder"
+
+# Options every run-making command takes. They default to None so that a value from
+# --config is only overridden by a flag the user actually typed.
+RunsDirOpt = Annotated[Optional[Path], typer.Option("--runs-dir", help="Folder that holds run folders. [default: runs]", rich_help_panel=RUN_PANEL)]
+NameOpt = Annotated[Optional[str], typer.Option("--name", help="Suffix for the run folder name (no path separators).", rich_help_panel=RUN_PANEL)]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed: data split, init, noise. [default: 0]", rich_help_panel=RUN_PANEL)]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda. [default: auto]", rich_help_panel=RUN_PANEL)]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file with the same keys as the flags; flags win.", rich_help_panel=RUN_PANEL)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables; still prints the run path.", rich_help_panel=RUN_PANEL)]
+RunRefOpt = Annotated[Optional[str], typer.Option("--run", help="Source run: a run folder, a run id under --runs-dir, or 'last' (the newest).")]
+
+COMMON_DEFAULTS = {"runs_dir": "runs", "name": None, "seed": 0, "device": "auto"}
+
+
+def resolve_options(defaults: Mapping[str, Any], config_file: Optional[Path], flags: Mapping[str, Any]) -> dict:
+    """defaults < --config file < flags typed on the command line (None = not typed)."""
+    from gradlab.config import load_yaml, resolve
+
+    file_cfg = load_yaml(config_file) if config_file is not None else {}
+    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}
+    return resolve({**COMMON_DEFAULTS, **defaults}, file_cfg, flags)
+
+
+def is_rank0() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def start_run(command: str, cfg: Mapping[str, Any], enabled: bool = True):
+    """Create the run folder for ``command`` from a resolved config (validated beforehand)."""
+    from gradlab.rundir import RunDir
+
+    return RunDir.create(cfg["runs_dir"], command, cfg.get("name"), cfg, argv=sys.argv, enabled=enabled)
+
+
+def finish_and_print(run, status: str = "completed", metrics: Optional[Mapping[str, Any]] = None) -> None:
+    """Write summary.csv and print ``run: <path>``: the last line of every run-making command."""
+    run.finish(status, metrics)
+    if run.enabled:
+        print(f"run: {run.path}", flush=True)
+
+
+def render_table(df, title: Optional[str] = None, quiet: bool = False, float_fmt: str = "{:.4g}") -> None:
+    """Print a DataFrame as a rich table."""
+    if quiet:
+        return
+    table = Table(title=title, header_style="bold")
+    for col in df.columns:
+        table.add_column(str(col), justify="right" if df[col].dtype.kind in "fiu" else "left")
+    for row in df.itertuples(index=False):
+        cells = []
+        for v in row:
+            if isinstance(v, float):
+                cells.append("" if v != v else float_fmt.format(v))
+            else:
+                cells.append("" if v is None else str(v))
+        table.add_row(*cells)
+    console.print(table)
+
+
+def parse_float_list(text: str, what: str) -> list[float]:
+    """``"0,0.01,0.03"`` -> floats; one clear error otherwise."""
+    from gradlab.errors import GradlabError
+
+    try:
+        vals = [float(t) for t in str(text).split(",") if t.strip() != ""]
+    except ValueError:
+        raise GradlabError(f"invalid {what} {text!r}: expected a number or a comma-separated list of numbers") from None
+    if not vals:
+        raise GradlabError(f"invalid {what} {text!r}: empty")
+    return vals

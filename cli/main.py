@@ -1,0 +1,72 @@
+"""The ``gradlab`` command. Every command module is imported here and registered in one line.
+
+Command modules import torch and the core only inside their functions, so ``gradlab --help``
+does not pay for torch (measured in benchmarks/bench_cli.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+import typer
+
+app = typer.Typer(
+    name="gradlab",
+    help="See why neural-network training works or fails: train, probe gradients and curvature, "
+    "attack, and compare runs. Every command writes a run folder (TensorBoard + CSV).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+probe_app = typer.Typer(
+    help="Probe a trained run or a fresh model: gradients, Jacobian spectra, Hessian, landscape.",
+    no_args_is_help=True,
+)
+app.add_typer(probe_app, name="probe")
+
+
+def _cmd(module: str, attr: str = "command"):
+    """The command function ``attr`` of ``gradlab_cli.<module>`` (modules stay torch-free at import)."""
+    return getattr(importlib.import_module(f"gradlab_cli.{module}"), attr)
+
+
+# --- commands: one registration line each -------------------------------------------------
+app.command("train")(_cmd("train"))
+app.command("runs")(_cmd("runs"))
+app.command("list")(_cmd("listing"))
+app.command("run")(_cmd("experiment"))
+app.command("tensorboard")(_cmd("tb"))
+# --- end of commands ------------------------------------------------------------------------
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+def main(argv: list | None = None) -> None:
+    """Console entry point: user mistakes become one line on stderr and exit code 2."""
+    from gradlab.errors import GradlabError
+
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="gradlab")
+    except GradlabError as e:
+        print(f"gradlab: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.UsageError as e:
+        where = f"{e.ctx.command_path}: " if e.ctx is not None else ""
+        print(f"gradlab: error: {where}{_one_line(e.format_message())}", file=sys.stderr)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        print("gradlab: aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.exceptions.ClickException as e:
+        print(f"gradlab: error: {_one_line(e.format_message())}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

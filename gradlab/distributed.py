@@ -1,0 +1,90 @@
+"""Data parallelism on what exists: ``torchrun`` + ``torch.distributed`` (gloo on CPU, nccl on GPU).
+
+Launched as ``torchrun --nproc_per_node=N -m gradlab train ...``, each process reads RANK,
+WORLD_SIZE and LOCAL_RANK from the environment; a plain ``gradlab train`` is world size 1.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_from_env(device_type: str) -> DistInfo:
+    """Join the process group torchrun set up (no-op for a single process)."""
+    import torch.distributed as dist
+
+    world = env_world_size()
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shutdown(info: DistInfo) -> None:
+    import torch.distributed as dist
+
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class GlobalBatchSampler:
+    """A distributed sampler of *global* batches.
+
+    Each epoch the whole training set is permuted with a generator seeded by ``seed + epoch``
+    (the same on every rank), cut into global batches of ``batch_size``, and rank ``r`` takes
+    positions ``r, r + W, r + 2W, ...`` of each global batch. The union over ranks of step ``i``
+    is exactly the single-process batch ``i``, including the last, partial one; torch's
+    DistributedSampler instead pads the epoch with repeated examples and shards before batching,
+    which changes the batches whenever the sizes do not divide.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+
+    def __len__(self) -> int:
+        return (self.n + self.batch_size - 1) // self.batch_size
+
+    def epoch_batches(self, epoch: int) -> list[tuple[torch.Tensor, int]]:
+        """``[(local_indices, global_batch_size), ...]`` for ``epoch``."""
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        perm = torch.randperm(self.n, generator=g)
+        out = []
+        for start in range(0, self.n, self.batch_size):
+            glob = perm[start : start + self.batch_size]
+            out.append((glob[self.rank :: self.world_size], len(glob)))
+        return out
+
+
+def all_reduce_sum(values: list[float], info: DistInfo, device) -> list[float]:
+    """Sum a few Python floats over ranks (one small collective)."""
+    if not info.enabled:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()

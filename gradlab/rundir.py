@@ -1,0 +1,369 @@
+"""Run folders: the contract scripts and other tools rely on.
+
+``<runs-dir>/<YYYYmmdd-HHMMSS>-<command>[-<name>]/`` holds
+
+* ``config.yaml``: the resolved configuration, versions and command line;
+* TensorBoard event files;
+* ``metrics.csv``: long format ``step,epoch,split,metric,value,wall_time``, flushed per row;
+* ``summary.csv``: one row ``run_id,command,status,...``, written atomically at the end;
+* ``checkpoints/`` and ``plots/``.
+
+A folder without ``summary.csv`` is a run that is still going or died without a word
+(``gradlab runs`` shows it as ``incomplete``); one that failed says ``failed``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from gradlab import __version__
+from gradlab.errors import GradlabError
+
+STATUSES = ("completed", "diverged", "interrupted", "failed")
+METRIC_COLUMNS = ["step", "epoch", "split", "metric", "value", "wall_time"]
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+-]*$")
+
+
+def validate_run_name(name: Optional[str]) -> None:
+    if name is None:
+        return
+    if "/" in name or "\\" in name or ".." in name or not _NAME_RE.match(name):
+        raise GradlabError(
+            f"invalid run name {name!r}: use letters, digits and . _ - = , + (no path separators or '..')"
+        )
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file then rename, so a kill never leaves half a checkpoint."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers, never code."""
+    import torch
+
+    if not Path(path).is_file():
+        raise GradlabError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which one
+        raise GradlabError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+
+
+class RunDir:
+    """One run folder. ``enabled=False`` gives an object that writes nothing (ranks > 0)."""
+
+    def __init__(self, path: Path, command: str, enabled: bool = True):
+        self.path = Path(path)
+        self.command = command
+        self.enabled = enabled
+        self.run_id = self.path.name
+        self._tb = None
+        self._metrics_file = None
+        self._metrics_writer = None
+        self._finished = False
+        self.status: Optional[str] = None
+
+    # -- creation --------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        runs_dir: str | Path,
+        command: str,
+        name: Optional[str],
+        config: Mapping[str, Any],
+        argv: Optional[list] = None,
+        enabled: bool = True,
+    ) -> "RunDir":
+        validate_run_name(name)
+        runs_dir = Path(runs_dir)
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = f"{stamp}-{command}" + (f"-{name}" if name else "")
+        if not enabled:
+            return cls(runs_dir / base, command, enabled=False)
+        try:
+            runs_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise GradlabError(f"cannot create runs folder {runs_dir}: {e.strerror}") from None
+        path, i = runs_dir / base, 1
+        while True:
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                i += 1
+                path = runs_dir / f"{base}-{i}"
+        (path / "checkpoints").mkdir()
+        (path / "plots").mkdir()
+        run = cls(path, command)
+        run._write_config(config, argv if argv is not None else sys.argv)
+        return run
+
+    @classmethod
+    def reopen(cls, path: Path, keep_until_step: int) -> "RunDir":
+        """Continue an existing run (``--resume``): drop metric rows past the checkpoint."""
+        run = cls(Path(path), read_config(path)["command"])
+        mpath = run.path / "metrics.csv"
+        if mpath.exists():
+            with open(mpath, newline="") as f:
+                rows = list(csv.DictReader(f))
+            kept = [r for r in rows if _step_of(r) <= keep_until_step]
+            buf = [",".join(METRIC_COLUMNS)] + [",".join(str(r[c]) for c in METRIC_COLUMNS) for r in kept]
+            _atomic_write_text(mpath, "\n".join(buf) + "\n")
+        summary = run.path / "summary.csv"
+        if summary.exists():
+            summary.unlink()
+        return run
+
+    def _write_config(self, config: Mapping[str, Any], argv: list) -> None:
+        import yaml
+
+        try:
+            import torch
+
+            torch_version = torch.__version__
+        except ImportError:  # pragma: no cover - torch is a dependency
+            torch_version = None
+        doc = {
+            "run_id": self.run_id,
+            "command": self.command,
+            "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            "command_line": " ".join(["gradlab"] + [str(a) for a in argv[1:]]),
+            "versions": {
+                "gradlab": __version__,
+                "torch": torch_version,
+                "python": platform.python_version(),
+            },
+            "config": _plain(dict(config)),
+        }
+        _atomic_write_text(self.path / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
+
+    # -- logging ---------------------------------------------------------------------------
+    @property
+    def tb(self):
+        if self._tb is None:
+            if not self.enabled:
+                self._tb = _NullWriter()
+            else:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(self.path))
+        return self._tb
+
+    def log_metrics(self, step: int, epoch: Optional[int], split: str, metrics: Mapping[str, float]) -> None:
+        """Each metric to TensorBoard (``split/metric``) and as one flushed row of metrics.csv."""
+        if not self.enabled:
+            return
+        if self._metrics_writer is None:
+            mpath = self.path / "metrics.csv"
+            new = not mpath.exists() or mpath.stat().st_size == 0
+            self._metrics_file = open(mpath, "a", newline="")
+            self._metrics_writer = csv.writer(self._metrics_file)
+            if new:
+                self._metrics_writer.writerow(METRIC_COLUMNS)
+        now = time.time()
+        for metric, value in metrics.items():
+            value = float(value)
+            self.tb.add_scalar(f"{split}/{metric}", value, step)
+            self._metrics_writer.writerow([step, "" if epoch is None else epoch, split, metric, repr(value), f"{now:.3f}"])
+        self._metrics_file.flush()
+
+    def write_csv(self, filename: str, df) -> Path:
+        """Write a DataFrame atomically into the run folder."""
+        path = self.path / filename
+        if self.enabled:
+            _atomic_write_text(path, df.to_csv(index=False))
+        return path
+
+    def save_figure(self, fig, name: str, step: int = 0) -> Path:
+        """Save ``plots/<name>.png`` and log the figure as a TensorBoard image; closes it."""
+        import matplotlib.pyplot as plt
+
+        path = self.path / "plots" / f"{name}.png"
+        if self.enabled:
+            fig.savefig(path, dpi=110, bbox_inches="tight")
+            self.tb.add_figure(f"plots/{name}", fig, global_step=step, close=False)
+        plt.close(fig)
+        return path
+
+    def log_text(self, tag: str, text: str) -> None:
+        if self.enabled:
+            self.tb.add_text(tag, text)
+
+    def save_checkpoint(self, obj: Any, name: str = "last.pt") -> None:
+        if self.enabled:
+            save_checkpoint(obj, self.path / "checkpoints" / name)
+
+    # -- ending ----------------------------------------------------------------------------
+    def finish(self, status: str, metrics: Optional[Mapping[str, Any]] = None) -> None:
+        """Write the one-row ``summary.csv`` atomically and close the writers."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}")
+        self.status = status
+        self._finished = True
+        if self.enabled:
+            row = {"run_id": self.run_id, "command": self.command, "status": status}
+            row.update({k: v for k, v in (metrics or {}).items() if k not in row})
+            buf = [",".join(row), ",".join(_csv_cell(v) for v in row.values())]
+            _atomic_write_text(self.path / "summary.csv", "\n".join(buf) + "\n")
+        self.close()
+
+    def close(self) -> None:
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = self._metrics_writer = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if not self._finished:
+            if exc_type is None:
+                self.finish("completed")
+            else:
+                self.finish("interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed",
+                            {"error": str(exc).splitlines()[0] if str(exc) else exc_type.__name__})
+        return False
+
+
+class _NullWriter:
+    """Stands in for a SummaryWriter on ranks that must not write."""
+
+    def __getattr__(self, _name):
+        return lambda *a, **k: None
+
+
+def _step_of(row: dict) -> float:
+    """A metrics row's step; a torn last line (killed mid-write) sorts after every step."""
+    if any(v is None or v == "" for k, v in row.items() if k != "epoch"):
+        return float("inf")
+    try:
+        return int(row["step"])
+    except (KeyError, TypeError, ValueError):
+        return float("inf")
+
+
+def _csv_cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    s = str(v)
+    return '"' + s.replace('"', '""') + '"' if any(c in s for c in ',"\n') else s
+
+
+def _plain(obj: Any) -> Any:
+    """Make a config YAML-safe: tuples to lists, paths to str, numpy/torch scalars to Python."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+# -- finding and loading runs ---------------------------------------------------------------
+def read_config(path: str | Path) -> dict:
+    """The whole ``config.yaml`` document of a run (keys run_id, command, versions, config, ...)."""
+    import yaml
+
+    p = Path(path) / "config.yaml"
+    if not p.is_file():
+        raise GradlabError(f"not a gradlab run folder (no config.yaml): {path}")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except yaml.YAMLError:
+        raise GradlabError(f"corrupt config.yaml in run folder {path}") from None
+    if not isinstance(doc, dict) or "config" not in doc:
+        raise GradlabError(f"corrupt config.yaml in run folder {path}")
+    return doc
+
+
+def list_runs(runs_dir: str | Path) -> list[Path]:
+    """Run folders under ``runs_dir``, oldest first (folder names start with a timestamp)."""
+    d = Path(runs_dir)
+    if not d.is_dir():
+        return []
+    runs = [p for p in d.iterdir() if p.is_dir() and (p / "config.yaml").is_file()]
+    return sorted(runs, key=lambda p: ((p / "config.yaml").stat().st_mtime, p.name))
+
+
+def find_run(runs_dir: str | Path, ref: Optional[str] = "last", require_checkpoint: bool = False) -> Path:
+    """Resolve ``ref`` (a path, a run id under ``runs_dir``, or ``last``) to a run folder.
+
+    With ``require_checkpoint``, ``last`` means the newest run that has ``checkpoints/last.pt``
+    (a trained model), since probe and attack runs keep none.
+    """
+    ckpt = lambda p: (p / "checkpoints" / "last.pt").is_file()  # noqa: E731
+    if ref in (None, "", "last"):
+        runs = [p for p in list_runs(runs_dir) if not require_checkpoint or ckpt(p)]
+        if not runs:
+            what = "trained run (with checkpoints/last.pt)" if require_checkpoint else "run"
+            raise GradlabError(f"no {what} found under {runs_dir}: run `gradlab train` first")
+        return runs[-1]
+    for cand in (Path(ref), Path(runs_dir) / ref):
+        if cand.is_dir():
+            if not (cand / "config.yaml").is_file():
+                raise GradlabError(f"not a gradlab run folder (no config.yaml): {cand}")
+            if require_checkpoint and not ckpt(cand):
+                raise GradlabError(f"run {cand} has no checkpoint (checkpoints/last.pt): it is not a trained model")
+            return cand
+    raise GradlabError(f"no run {ref!r} (looked for the folder itself and under {runs_dir})")
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    config: dict
+    model: Any
+    data: Any
+    checkpoint: dict
+
+
+def load_run(ref: Optional[str] = "last", runs_dir: str | Path = "runs", device="cpu") -> LoadedRun:
+    """Rebuild a trained run's model (eval mode, weights from ``checkpoints/last.pt``) and its data."""
+    from gradlab.data import DATASET_DEFAULTS, load_dataset
+    from gradlab.models import MODEL_DEFAULTS, build_model
+
+    path = find_run(runs_dir, ref, require_checkpoint=True)
+    cfg = read_config(path)["config"]
+    data = load_dataset(
+        cfg["dataset"], seed=cfg.get("seed", 0), data_dir=cfg.get("data_dir"),
+        **{k: cfg[k] for k in DATASET_DEFAULTS if k in cfg},
+    )
+    model = build_model(cfg["model"], data.spec, **{k: cfg[k] for k in MODEL_DEFAULTS if k in cfg})
+    ckpt = load_checkpoint(path / "checkpoints" / "last.pt")
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return LoadedRun(path, cfg, model, data, ckpt)

@@ -1,0 +1,386 @@
+"""Training: the loop behind ``gradlab train``.
+
+One code path for one process and for ``torchrun`` (DistributedDataParallel over global batches,
+see :class:`gradlab.distributed.GlobalBatchSampler`). Checkpoints carry the position inside the
+epoch and every RNG state, so ``--resume`` continues exactly where the checkpoint was written and
+a resumed run ends with the same metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from gradlab.errors import GradlabError, check
+
+BASE_DEFAULTS = {
+    "model": "mlp",
+    "dataset": "digits",
+    "data_dir": None,
+    "opt": "adam",
+    "epochs": 10,
+    "batch_size": 64,
+    "log_every": 50,
+    "hessian_every": 0,
+    "probe_every": 0,
+    "adv": None,
+    "adv_eps": 0.1,
+    "adv_ratio": 0.5,
+    "keep_checkpoints": 0,
+}
+
+
+def train_defaults() -> dict:
+    """Every key ``gradlab train`` accepts, with its default (model, data and optimizer options too)."""
+    from gradlab.data import DATASET_DEFAULTS
+    from gradlab.models import MODEL_DEFAULTS
+    from gradlab.optim import OPTIM_DEFAULTS
+
+    return {**BASE_DEFAULTS, **MODEL_DEFAULTS, **DATASET_DEFAULTS, **OPTIM_DEFAULTS}
+
+
+def subset(cfg: dict, keys) -> dict:
+    return {k: cfg[k] for k in keys if k in cfg}
+
+
+def validate_train_config(cfg: dict) -> None:
+    """Check what can be checked before a run folder exists (names, ranges)."""
+    from gradlab.data import DATASETS
+    from gradlab.optim import OPTIMIZERS
+
+    check(cfg["epochs"] >= 1, f"invalid epochs: {cfg['epochs']} (must be >= 1)")
+    check(cfg["batch_size"] >= 1, f"invalid batch size: {cfg['batch_size']} (must be >= 1)")
+    check(cfg["log_every"] >= 1, f"invalid log-every: {cfg['log_every']} (must be >= 1)")
+    for k in ("hessian_every", "probe_every", "keep_checkpoints"):
+        check(cfg[k] >= 0, f"invalid {k.replace('_', '-')}: {cfg[k]} (must be >= 0)")
+    if cfg.get("lr") is not None:
+        check(cfg["lr"] > 0, f"invalid lr: {cfg['lr']} (must be > 0)")
+    DATASETS.entry(cfg["dataset"])
+    OPTIMIZERS.entry(cfg["opt"])
+    if cfg["adv"] is not None:
+        from gradlab.attacks import ATTACKS
+
+        check(cfg["adv"] in ("fgsm", "pgd"), f"invalid --adv {cfg['adv']!r}: choose fgsm or pgd")
+        ATTACKS.entry(cfg["adv"])
+        check(0 < cfg["adv_eps"] <= 1, f"invalid adv-eps: {cfg['adv_eps']} (must be in (0, 1])")
+        check(0 < cfg["adv_ratio"] <= 1, f"invalid adv-ratio: {cfg['adv_ratio']} (must be in (0, 1])")
+
+
+@dataclass
+class TrainResult:
+    status: str  # completed | diverged | interrupted
+    metrics: dict
+    message: str = ""
+    events: list = field(default_factory=list)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def evaluate(model, x, y, batch_size: int = 1024) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over ``(x, y)`` in eval mode (mode restored after)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        out = model(x[i : i + batch_size])
+        loss_sum += F.cross_entropy(out, y[i : i + batch_size], reduction="sum").item()
+        correct += (out.argmax(1) == y[i : i + batch_size]).sum().item()
+    model.train(was_training)
+    n = max(len(x), 1)
+    return loss_sum / n, correct / n
+
+
+def _grad_norm(params) -> float:
+    sq = [p.grad.detach().double().pow(2).sum() for p in params if p.grad is not None]
+    return math.sqrt(float(torch.stack(sq).sum())) if sq else 0.0
+
+
+class Trainer:
+    """Holds the state of one training run; :meth:`run` executes it."""
+
+    def __init__(self, cfg: dict, resume: Optional[dict] = None):
+        from gradlab.data import DATASET_DEFAULTS, load_dataset
+        from gradlab.device import resolve_device
+        from gradlab.distributed import GlobalBatchSampler, init_from_env
+        from gradlab.models import MODEL_DEFAULTS, build_model
+        from gradlab.optim import OPTIM_DEFAULTS, build_optimizer, build_scheduler, default_lr
+
+        self.cfg, self.run, self.progress = cfg, None, None
+        device = resolve_device(cfg["device"])
+        self.dist = init_from_env(device.type)
+        if self.dist.enabled and device.type == "cuda":
+            device = torch.device("cuda", self.dist.local_rank)
+        self.device = device
+        check(
+            cfg["batch_size"] >= self.dist.world_size,
+            f"batch size {cfg['batch_size']} is smaller than the number of processes {self.dist.world_size}",
+        )
+
+        torch.manual_seed(cfg["seed"])
+        self.data = load_dataset(cfg["dataset"], seed=cfg["seed"], data_dir=cfg.get("data_dir"),
+                                 **subset(cfg, DATASET_DEFAULTS))
+        self.model = build_model(cfg["model"], self.data.spec, **subset(cfg, MODEL_DEFAULTS)).to(device)
+        self.x_train, self.y_train = self.data.x_train.to(device), self.data.y_train.to(device)
+        self.x_test, self.y_test = self.data.x_test.to(device), self.data.y_test.to(device)
+
+        self.lr = cfg["lr"] if cfg.get("lr") is not None else default_lr(cfg["opt"])
+        opt_opts = {**subset(cfg, OPTIM_DEFAULTS), "lr": self.lr}
+        opt_opts.pop("schedule", None)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(cfg["opt"], self.params, **opt_opts)
+        self.closure_step = bool(getattr(self.optimizer, "needs_loss_closure", False))
+        self.sampler = GlobalBatchSampler(len(self.x_train), cfg["batch_size"], cfg["seed"],
+                                          self.dist.rank, self.dist.world_size)
+        self.total_steps = cfg["epochs"] * len(self.sampler)
+        self.scheduler = build_scheduler(cfg.get("schedule", "constant"), self.optimizer, self.total_steps)
+
+        # Second-order optimizers take their gradients with autograd.grad, which bypasses DDP's
+        # reducer; they all-reduce gradient and curvature themselves, so the model stays unwrapped.
+        self.net = self.model
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            for t in self.model.state_dict().values():
+                dist.broadcast(t, 0)
+            if not self.closure_step:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                self.net = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.epoch_sums = [0.0, 0.0, 0.0]  # loss sum, correct, count (this rank's share)
+        self.history = {"steps_to_95": None, "lambda_max": None, "trace": None}
+        self.events: list = []
+        self.ckpt_steps = self._checkpoint_schedule(cfg["keep_checkpoints"])
+        if resume is not None:
+            self._load_state(resume)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _checkpoint_schedule(self, n: int) -> set:
+        if n <= 0:
+            return set()
+        return {max(1, round(self.total_steps * (i + 1) / n)) for i in range(n)}
+
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "epoch_sums": list(self.epoch_sums),
+            "history": {k: v for k, v in self.history.items() if v is not None},
+            "last_epoch_metrics": dict(getattr(self, "last_epoch_metrics", {})),
+            "events": list(self.events),
+        }
+
+    def _load_state(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"])
+        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        self.epoch_sums = list(ckpt["epoch_sums"])
+        self.history.update(ckpt.get("history", {}))
+        self.events = list(ckpt.get("events", []))
+        if ckpt.get("last_epoch_metrics"):
+            self.last_epoch_metrics = dict(ckpt["last_epoch_metrics"])
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            self.run.save_checkpoint(self.state(), "last.pt")
+
+    # -- one step ------------------------------------------------------------------------------
+    def _loss_terms(self, xb, yb, n_global):
+        """This rank's share of the mean loss over the global batch (sum * W / B, see sampler)."""
+        out = self.net(xb)
+        scale = self.dist.world_size / n_global
+        loss = F.cross_entropy(out, yb, reduction="sum") * scale
+        if self.cfg["adv"] is not None:
+            from gradlab.attacks import attack_batch
+
+            x_adv = attack_batch(self.cfg["adv"], self.model, xb, yb, self.cfg["adv_eps"])
+            adv_loss = F.cross_entropy(self.net(x_adv), yb, reduction="sum") * scale
+            r = self.cfg["adv_ratio"]
+            loss = (1 - r) * loss + r * adv_loss
+        return loss, out
+
+    def train_step(self, idx, n_global) -> tuple[float, float, int, float]:
+        xb, yb = self.x_train[idx], self.y_train[idx]
+        self.model.train()
+        captured = {}
+
+        def closure():
+            loss, out = self._loss_terms(xb, yb, n_global)
+            # Checked before any backward or update, so a NaN never reaches the weights.
+            self._check_finite(loss.detach())
+            captured["out"] = out.detach()
+            captured["loss"] = loss.detach()
+            return loss
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.closure_step:
+            self.optimizer.step(closure)
+        else:
+            loss = closure()
+            loss.backward()
+            self.optimizer.step()
+        loss_sum = float(captured["loss"]) * n_global / self.dist.world_size
+        correct = int((captured["out"].argmax(1) == yb).sum())
+        return loss_sum, correct, len(yb), _grad_norm(self.params)
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        from gradlab.distributed import all_reduce_sum
+
+        bad = 0.0 if torch.isfinite(loss).all() else 1.0
+        if all_reduce_sum([bad], self.dist, self.device)[0] > 0:
+            raise _Diverged(self.step + 1, self.epoch, self.optimizer.param_groups[0]["lr"])
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self, run, progress: Optional[Callable] = None) -> TrainResult:
+        """Train into the run folder ``run``; ``progress(step, total, epoch, loss, acc)`` per step."""
+        from gradlab.distributed import shutdown
+
+        self.run, self.progress = run, progress
+        try:
+            return self._fit()
+        finally:
+            shutdown(self.dist)
+
+    def _fit(self) -> TrainResult:
+        from gradlab.distributed import all_reduce_sum
+
+        cfg, run = self.cfg, self.run
+        start = time.time()
+        if self.step == 0 and self.ckpt_steps and self.dist.is_main:
+            run.save_checkpoint({"model": self.model.state_dict(), "step": 0}, "init.pt")
+        try:
+            while self.epoch < cfg["epochs"]:
+                batches = self.sampler.epoch_batches(self.epoch)
+                for b in range(self.batch_in_epoch, len(batches)):
+                    idx, n_global = batches[b]
+                    loss_sum, correct, count, gnorm = self.train_step(idx.to(self.device), n_global)
+                    loss_g, correct_g = all_reduce_sum([loss_sum, float(correct)], self.dist, self.device)
+                    self.step += 1
+                    self.batch_in_epoch = b + 1
+                    self.epoch_sums = [self.epoch_sums[0] + loss_g, self.epoch_sums[1] + correct_g,
+                                       self.epoch_sums[2] + n_global]
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    self.scheduler.step()
+                    run.log_metrics(self.step, self.epoch, "train-step",
+                                    {"loss": loss_g / n_global, "lr": lr, "grad_norm": gnorm})
+                    self._periodic(idx, n_global)
+                    if self.progress is not None:
+                        self.progress(self.step, self.total_steps, self.epoch,
+                                      loss_g / n_global, correct_g / n_global)
+                    if self.step in self.ckpt_steps and self.dist.is_main:
+                        run.save_checkpoint({"model": self.model.state_dict(), "step": self.step},
+                                            f"step-{self.step:08d}.pt")
+                self._end_epoch()
+        except _Diverged as d:
+            msg = (f"loss became NaN/inf at step {d.step} (epoch {d.epoch}) with lr {d.lr:g}: "
+                   "the run diverged; try a smaller --lr")
+            return TrainResult("diverged", self._final_metrics(start, diverged=True), msg, self.events)
+        except KeyboardInterrupt:
+            self.save()
+            return TrainResult("interrupted", self._final_metrics(start), "interrupted: checkpoint written",
+                               self.events)
+        return TrainResult("completed", self._final_metrics(start), "", self.events)
+
+    def _end_epoch(self) -> None:
+        loss_sum, correct, count = self.epoch_sums
+        train = {"loss": loss_sum / max(count, 1), "acc": correct / max(count, 1)}
+        test_loss, test_acc = evaluate(self.model, self.x_test, self.y_test)
+        self.run.log_metrics(self.step, self.epoch, "train", train)
+        self.run.log_metrics(self.step, self.epoch, "test", {"loss": test_loss, "acc": test_acc})
+        if test_acc >= 0.95 and self.history["steps_to_95"] is None:
+            self.history["steps_to_95"] = self.step
+        self.last_epoch_metrics = {"train_loss": train["loss"], "train_acc": train["acc"],
+                                   "test_loss": test_loss, "test_acc": test_acc}
+        self.epoch += 1
+        self.batch_in_epoch = 0
+        self.epoch_sums = [0.0, 0.0, 0.0]
+        self.save()
+
+    def _periodic(self, idx, n_global) -> None:
+        """Histograms, curvature and gradient probes every N steps; optimizer events."""
+        cfg, run, step = self.cfg, self.run, self.step
+        if self.dist.is_main and step % cfg["log_every"] == 0:
+            norms = []
+            for name, p in self.model.named_parameters():
+                if p.grad is not None:
+                    run.tb.add_histogram(f"grads/{name}", p.grad.detach().cpu(), step)
+                    norms.append(float(p.grad.detach().norm()))
+            if norms:
+                run.tb.add_histogram("grad_norm/per_layer", torch.tensor(norms), step)
+        xb, yb = self.x_train[idx.to(self.device)], self.y_train[idx.to(self.device)]
+        if cfg["hessian_every"] and step % cfg["hessian_every"] == 0 and self.dist.is_main:
+            from gradlab.probes.hessian import quick_curvature
+
+            lam, tr = quick_curvature(self.model, F.cross_entropy, (xb, yb))
+            self.history["lambda_max"], self.history["trace"] = float(lam), float(tr)
+            run.log_metrics(step, self.epoch, "curvature", {"lambda_max": lam, "trace": tr,
+                                                             "stability_bound": 2.0 / lam if lam > 0 else float("inf")})
+        if cfg["probe_every"] and step % cfg["probe_every"] == 0 and self.dist.is_main:
+            from gradlab.probes.gradnorm import gradnorm_probe
+
+            df = gradnorm_probe(self.model, F.cross_entropy, [(xb, yb)]).to_frame()
+            for row in df.itertuples(index=False):
+                run.log_metrics(step, self.epoch, "gradnorm",
+                                {f"layer{row.layer}_grad_norm": row.grad_norm,
+                                 f"layer{row.layer}_signal_norm": row.signal_norm})
+        for ev in getattr(self.optimizer, "events", [])[len(self.events):]:
+            self.events.append(dict(ev))
+            run.log_text("optimizer/events", str(ev))
+            for k, v in ev.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    run.log_metrics(step, self.epoch, "optimizer", {f"{ev.get('event', 'event')}_{k}": v})
+
+    def _final_metrics(self, start: float, diverged: bool = False) -> dict:
+        m = dict(getattr(self, "last_epoch_metrics", {}))
+        if not m:
+            m = {"train_loss": float("nan"), "train_acc": float("nan"),
+                 "test_loss": float("nan"), "test_acc": float("nan")}
+        m.update({"epochs": self.epoch, "steps": self.step, "seconds": round(time.time() - start, 3)})
+        m.update({k: v for k, v in self.history.items() if v is not None})
+        for ev in self.events:
+            if ev.get("event") == "switch-to-sgd":
+                m["switch_step"], m["switch_sgd_lr"] = ev.get("step"), ev.get("sgd_lr")
+        return m
+
+
+class _Diverged(Exception):
+    def __init__(self, step: int, epoch: int, lr: float):
+        super().__init__(f"diverged at step {step}")
+        self.step, self.epoch, self.lr = step, epoch, lr
+
+
+def train(cfg: dict, run, progress: Optional[Callable] = None, resume: Optional[dict] = None) -> TrainResult:
+    """Train ``cfg`` into the run folder ``run`` (a :class:`gradlab.rundir.RunDir`).
+
+    The CLI builds the :class:`Trainer` first and creates the run folder only once data, model
+    and optimizer exist, so a configuration mistake leaves no folder behind.
+    """
+    return Trainer(cfg, resume).fit(run, progress)
+
+
+__all__ = ["train", "train_defaults", "validate_train_config", "evaluate", "TrainResult", "GradlabError"]
