@@ -1,0 +1,76 @@
+"""Logistic regression and the fully connected network (the default ``gradlab train`` model).
+
+Shapes: input ``(N, *input_shape)`` in [0, 1]; the first block flattens it to ``(N, d)`` with
+``d = prod(input_shape)``; each hidden block maps ``(N, d_in) -> (N, width)``; the head maps
+``(N, width) -> (N, num_classes)`` logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from gradlab.models.base import GradlabNet, Normalize
+from gradlab.models.options import init_weights, make_act, make_norm
+from gradlab.models.registry import MODELS
+
+
+class DenseBlock(nn.Module):
+    """One hidden layer ``dropout(act(norm(W h + b)))``, optionally residual: ``h + f(h)``.
+
+    The residual form (as in He et al. 2016, for fully connected layers) is used only when the
+    input and output widths match; the first block (input dim -> width) usually stays plain.
+    ``flatten`` makes the block accept image-shaped input (the first block of an MLP).
+    """
+
+    def __init__(self, d_in: int, d_out: int, act: str, norm: str, dropout: float, residual: bool, flatten: bool):
+        super().__init__()
+        self.flatten = flatten
+        self.residual = residual and d_in == d_out
+        layers = [nn.Linear(d_in, d_out), make_norm(norm, d_out, 0), make_act(act)]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        self.f = nn.Sequential(*layers)
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.flatten:
+            h = h.flatten(1)  # (N, *input_shape) -> (N, d)
+        out = self.f(h)
+        return h + out if self.residual else out
+
+    def extra_repr(self) -> str:
+        return f"residual={self.residual}, flatten={self.flatten}"
+
+
+def _in_features(spec) -> int:
+    return math.prod(spec.input_shape)
+
+
+def build_logreg(spec, opts: dict) -> GradlabNet:
+    """Multinomial logistic regression: no hidden blocks, head = flatten + linear."""
+    head = nn.Sequential(nn.Flatten(1), nn.Linear(_in_features(spec), spec.num_classes))
+    net = GradlabNet(Normalize(spec.mean, spec.std), [], head)
+    init_weights(net, opts["init"], "linear", opts["sigma_w"], opts["sigma_b"])
+    return net
+
+
+def build_mlp(spec, opts: dict) -> GradlabNet:
+    """``depth`` hidden :class:`DenseBlock` s of ``width`` units, then a linear head."""
+    norm = "none" if opts["norm"] == "auto" else opts["norm"]
+    blocks, d_in = [], _in_features(spec)
+    for i in range(opts["depth"]):
+        blocks.append(DenseBlock(d_in, opts["width"], opts["act"], norm, opts["dropout"], opts["residual"], i == 0))
+        d_in = opts["width"]
+    net = GradlabNet(Normalize(spec.mean, spec.std), blocks, nn.Linear(d_in, spec.num_classes))
+    init_weights(net, opts["init"], opts["act"], opts["sigma_w"], opts["sigma_b"])
+    return net
+
+
+MODELS.add("logreg", build_logreg, "multinomial logistic regression (a single linear layer)", "--init --sigma-w --sigma-b")
+MODELS.add(
+    "mlp",
+    build_mlp,
+    "fully connected net: depth hidden layers of width units",
+    "--depth --width --act --init --sigma-w --sigma-b --residual --norm --dropout",
+)
