@@ -1,0 +1,321 @@
+"""The one small interface every attack implements.
+
+An attack maps a batch of clean inputs ``x`` (shape ``(B, *input_shape)``, pixel space, values in
+[0, 1]; normalisation lives inside the model) and labels ``y`` (``(B,)``, int64) to adversarial
+inputs of the same shape. :class:`Attack` owns everything that is not the algorithm itself, the
+way torchattacks' ``Attack`` does:
+
+* device: inputs move to the model's device; the result comes back on the input's device;
+* modes: the model runs in eval mode (BatchNorm uses its running statistics, so ``eps = 0``
+  reproduces clean accuracy); every module's previous ``training`` flag and every parameter's
+  ``requires_grad`` flag are restored afterwards, also when the attack raises;
+* the budget: every output is projected onto the eps-ball of the attack's norm around ``x`` and
+  clamped to [0, 1] (up to float rounding, ~1e-7);
+* the objective: untargeted attacks ascend the cross-entropy of the true label; targeted ones
+  ascend minus the cross-entropy of the target class (``target_class``, or, when it is ``None``,
+  the least-likely class of the clean prediction, Kurakin et al. 2017);
+* EOT (expectation over transformation, Athalye et al. 2018): with ``eot = N`` the input gradient
+  is the mean of N forward/backward passes. Randomness comes from the model's dropout layers and
+  from an optional random input transform (``eot_noise``: Gaussian noise of that std in pixel
+  units, added before the forward pass). To sample dropout while keeping BatchNorm on its running
+  statistics, only the dropout modules (``torch.nn.modules.dropout._DropoutNd``: Dropout,
+  Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout) are switched to train mode during EOT passes
+  (only when ``N > 1``); everything else stays in eval mode. Deciding whether an example is already
+  adversarial always uses the deterministic eval-mode model.
+
+A subclass writes only :meth:`Attack.perturb`, using :meth:`grad`, :meth:`step_direction`,
+:meth:`project`, :meth:`objective` and :meth:`is_adversarial`.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import math
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gradlab.errors import GradlabError
+
+NORMS = ("linf", "l2")
+
+
+def check_eps(eps: float, norm: str, n_features: Optional[int] = None) -> None:
+    """Validate a budget: ``0 <= eps <= 1`` for linf; for l2 at most the diameter of [0, 1]^D."""
+    if norm not in NORMS:
+        raise GradlabError(f"unknown norm {norm!r}; choose from: {', '.join(NORMS)}")
+    if not isinstance(eps, (int, float)) or math.isnan(eps) or eps < 0:
+        raise GradlabError(f"invalid eps: {eps} (must be >= 0)")
+    if norm == "linf" and eps > 1:
+        raise GradlabError(f"invalid eps: {eps} (inputs are in [0, 1], so an linf budget must be <= 1)")
+    if norm == "l2" and n_features is not None and eps > math.sqrt(n_features):
+        raise GradlabError(
+            f"invalid eps: {eps} (an l2 budget above sqrt(D) = {math.sqrt(n_features):.4g} covers all of [0, 1]^D)"
+        )
+
+
+def flat_norm(t: Tensor, norm: str) -> Tensor:
+    """Per-example norm of ``t`` (``(B, ...)`` -> ``(B,)``), accumulated in float64."""
+    flat = t.reshape(t.shape[0], -1).double()
+    if norm == "linf":
+        return flat.abs().amax(dim=1) if flat.shape[1] else flat.new_zeros(flat.shape[0])
+    return flat.norm(dim=1)
+
+
+def per_example(v: Tensor, like: Tensor) -> Tensor:
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class Attack(abc.ABC):
+    """Base class; see the module docstring.
+
+    Args:
+        model: a classifier mapping ``(B, *input_shape)`` in [0, 1] to logits ``(B, C)``.
+        eps: the budget, in the attack's norm, in pixel units.
+        norm: ``"linf"`` or ``"l2"``.
+        targeted: push towards ``target_class`` instead of away from the true label.
+        target_class: the class for targeted attacks (``None``: least-likely clean class).
+        eot: number of forward/backward passes averaged per input gradient (>= 1).
+        eot_noise: std of Gaussian input noise in EOT passes (0: none).
+        seed: seeds the attack's own generator (random starts, random masks); ``None`` draws one
+            from torch's global generator so runs under ``torch.manual_seed`` are reproducible.
+    Raises:
+        GradlabError: on a bad budget, norm, ``eot`` or target class.
+    """
+
+    name = "attack"
+    #: norms the attack supports; FGSM/PGD/curvature/Curls support both.
+    norms: tuple = NORMS
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eps: float,
+        *,
+        norm: str = "linf",
+        targeted: bool = False,
+        target_class: Optional[int] = None,
+        eot: int = 1,
+        eot_noise: float = 0.0,
+        seed: Optional[int] = None,
+    ):
+        if norm not in self.norms:
+            raise GradlabError(f"unknown norm {norm!r} for {self.name}; choose from: {', '.join(self.norms)}")
+        check_eps(eps, norm)
+        if int(eot) != eot or eot < 1:
+            raise GradlabError(f"invalid eot: {eot} (must be an integer >= 1)")
+        if eot_noise < 0:
+            raise GradlabError(f"invalid eot_noise: {eot_noise} (must be >= 0)")
+        if target_class is not None and not targeted:
+            targeted = True  # naming a target class only makes sense for a targeted attack
+        self.model = model
+        self.eps = float(eps)
+        self.norm = norm
+        self.targeted = bool(targeted)
+        self.target_class = None if target_class is None else int(target_class)
+        self.eot = int(eot)
+        self.eot_noise = float(eot_noise)
+        self.seed = seed
+        self.generator: Optional[torch.Generator] = None
+        # Set for the duration of one call; subclasses read them through the helpers.
+        self._x0: Optional[Tensor] = None
+        self._y: Optional[Tensor] = None
+        self._target: Optional[Tensor] = None
+
+    # ------------------------------------------------------------------ the call ------------
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        """Adversarial version of ``x`` (same shape/dtype, detached, on ``x``'s device)."""
+        with self.session(x, y) as (x0, y0):
+            with torch.enable_grad():
+                adv = self.perturb(x0, y0)
+            adv = self.project(adv.detach())
+        return adv.to(x.device)
+
+    @contextlib.contextmanager
+    def session(self, x: Tensor, y: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """Validate, move to the model's device, freeze the model in eval mode, pick targets.
+
+        Yields ``(x0, y0)`` on the model's device; the helpers below refer to this batch.
+        """
+        if x.dim() < 2 or y.dim() != 1 or x.shape[0] != y.shape[0]:
+            raise GradlabError(f"expected x of shape (B, ...) and y of shape (B,), got {tuple(x.shape)} and {tuple(y.shape)}")
+        check_eps(self.eps, self.norm, x[0].numel())
+        if x.numel() and (x.min() < 0 or x.max() > 1):
+            raise GradlabError(
+                f"inputs must lie in [0, 1] (normalisation belongs in the model); got [{x.min().item():.4g}, {x.max().item():.4g}]"
+            )
+        device = self._model_device()
+        x0 = x.detach().to(device)
+        y0 = y.detach().to(device=device, dtype=torch.long)
+        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        with self._eval_frozen():
+            self._x0, self._y = x0, y0
+            try:
+                self._target = self._pick_target(x0, y0) if self.targeted else None
+                yield x0, y0
+            finally:
+                self._x0 = self._y = self._target = None
+
+    @abc.abstractmethod
+    def perturb(self, x: Tensor, y: Tensor) -> Tensor:
+        """The algorithm: adversarial inputs for clean ``x`` (``(B, ...)``) and labels ``y`` (``(B,)``)."""
+
+    # ------------------------------------------------------------------ helpers -------------
+    @property
+    def target(self) -> Optional[Tensor]:
+        """Target classes ``(B,)`` of the current call (``None`` when untargeted)."""
+        return self._target
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Deterministic eval-mode logits ``(B, C)``."""
+        return self.model(x)
+
+    def objective(self, logits: Tensor, idx: Optional[Tensor] = None) -> Tensor:
+        """Per-example quantity the attack ascends ``(B,)``: CE(true) or -CE(target).
+
+        ``idx`` selects the rows of the current batch that ``logits`` belong to (default: all).
+        """
+        if self.targeted:
+            t = self._target if idx is None else self._target[idx]
+            return -F.cross_entropy(logits, t, reduction="none")
+        return F.cross_entropy(logits, self._y if idx is None else self._y[idx], reduction="none")
+
+    def is_adversarial(self, logits: Tensor, idx: Optional[Tensor] = None) -> Tensor:
+        """``(B,)`` bool: misclassified (untargeted) or classified as the target (targeted)."""
+        pred = logits.argmax(dim=1)
+        if self.targeted:
+            return pred == (self._target if idx is None else self._target[idx])
+        return pred != (self._y if idx is None else self._y[idx])
+
+    def score(self, x_adv: Tensor, idx: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """``(is_adversarial, objective)`` of candidate inputs under the eval-mode model, no grad."""
+        with torch.no_grad():
+            logits = self.logits(x_adv)
+            return self.is_adversarial(logits, idx), self.objective(logits, idx)
+
+    def eot_objective_sum(self, x: Tensor) -> Tensor:
+        """Mean over the EOT draws of the objective summed over the batch (a scalar with graph).
+
+        The sum over the batch makes the input Hessian block diagonal: one backward/HVP serves
+        every example. Used by second-order attacks; :meth:`grad` does the passes one by one.
+        """
+        total = 0.0
+        with self._eot_mode():
+            for _ in range(self.eot):
+                total = total + self.objective(self.model(self._transform(x))).sum()
+        return total / self.eot
+
+    def grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """EOT-averaged input gradient of the objective and the mean objective.
+
+        Returns:
+            ``(g, obj)``: ``g`` has ``x``'s shape; ``obj`` is ``(B,)`` (averaged over draws).
+        """
+        g = torch.zeros_like(x)
+        obj = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+        with self._eot_mode():
+            for _ in range(self.eot):
+                xr = x.detach().requires_grad_(True)
+                o = self.objective(self.model(self._transform(xr)))
+                (gi,) = torch.autograd.grad(o.sum(), xr)
+                g += gi
+                obj += o.detach()
+        return g / self.eot, obj / self.eot
+
+    def step_direction(self, g: Tensor) -> Tensor:
+        """Steepest-ascent direction of unit norm: ``sign(g)`` (linf) or ``g / ||g||_2`` (l2)."""
+        if self.norm == "linf":
+            return g.sign()
+        n = flat_norm(g, "l2").to(g.dtype).clamp_min(1e-12)
+        return g / per_example(n, g)
+
+    def project(self, x_adv: Tensor, x0: Optional[Tensor] = None) -> Tensor:
+        """Nearest point of the eps-ball around ``x0`` (default: the clean batch), then [0, 1].
+
+        Clamping to [0, 1] after the ball keeps the result inside the ball: it only moves a
+        coordinate towards the clean value, which lies in [0, 1] itself.
+        """
+        x0 = self._x0 if x0 is None else x0
+        delta = x_adv - x0
+        if self.norm == "linf":
+            delta = delta.clamp(-self.eps, self.eps)
+        else:
+            n = flat_norm(delta, "l2")
+            factor = torch.where(n > self.eps, self.eps / n.clamp_min(1e-30), torch.ones_like(n))
+            delta = delta * per_example(factor.to(delta.dtype), delta)
+        return (x0 + delta).clamp(0.0, 1.0)
+
+    def random_point(self, x0: Tensor) -> Tensor:
+        """A uniform point of the eps-ball around ``x0`` (Madry et al. 2018), clamped to [0, 1]."""
+        gen = self.generator
+        if self.norm == "linf":
+            u = torch.rand(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+            return self.project(x0 + (2 * u - 1) * self.eps, x0)
+        # l2: Gaussian direction, radius eps * U^(1/D): uniform in the ball's volume
+        d = torch.randn(x0.shape, generator=gen, device=x0.device, dtype=x0.dtype)
+        d = d / per_example(flat_norm(d, "l2").to(x0.dtype).clamp_min(1e-12), d)
+        dim = x0[0].numel()
+        r = torch.rand(x0.shape[0], generator=gen, device=x0.device, dtype=x0.dtype) ** (1.0 / dim)
+        return self.project(x0 + d * per_example(r * self.eps, d), x0)
+
+    @staticmethod
+    def better(adv_new: Tensor, obj_new: Tensor, adv_old: Tensor, obj_old: Tensor) -> Tensor:
+        """``(B,)`` bool: is the new candidate worse for the model (adversarial first, then objective)?"""
+        return (adv_new & ~adv_old) | ((adv_new == adv_old) & (obj_new > obj_old))
+
+    # ------------------------------------------------------------------ internals -----------
+    def _model_device(self) -> torch.device:
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    def _pick_target(self, x0: Tensor, y0: Tensor) -> Tensor:
+        with torch.no_grad():
+            logits = self.model(x0)
+        n_classes = logits.shape[1]
+        if self.target_class is not None:
+            if not 0 <= self.target_class < n_classes:
+                raise GradlabError(f"invalid target class: {self.target_class} (must be in 0..{n_classes - 1})")
+            return torch.full_like(y0, self.target_class)
+        return logits.argmin(dim=1)
+
+    def _transform(self, x: Tensor) -> Tensor:
+        if self.eot_noise > 0:
+            noise = torch.randn(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
+            return x + self.eot_noise * noise
+        return x
+
+    @contextlib.contextmanager
+    def _eval_frozen(self) -> Iterator[None]:
+        """Eval mode + frozen parameters for the call; restores each module and parameter flag."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        try:
+            self.model.eval()
+            for p, _ in flags:
+                p.requires_grad_(False)  # only input gradients are needed; parameters' .grad stay untouched
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    @contextlib.contextmanager
+    def _eot_mode(self) -> Iterator[None]:
+        """Dropout modules in train mode (sampling masks) while ``eot > 1``; BatchNorm stays eval."""
+        dropouts = [m for m in self.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        if self.eot == 1 or not dropouts:
+            yield
+            return
+        try:
+            for m in dropouts:
+                m.training = True
+            yield
+        finally:
+            for m in dropouts:
+                m.training = False

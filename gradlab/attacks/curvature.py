@@ -1,0 +1,211 @@
+"""A second-order attack: the top eigenvector of the per-example input Hessian, with the gradient.
+
+First-order attacks follow ``g = grad_x L``; where ``g`` is tiny or masked (saturated softmax,
+gradient masking by a defence) they barely move, while the loss can still curve upwards steeply
+along some direction. This attack adds that direction: the eigenvector ``v`` of the input-space
+Hessian ``H = grad_x^2 L(x, y)`` with the largest (most positive) eigenvalue, i.e. the direction
+in which the second-order Taylor model ``L + g.d + d^T H d / 2`` grows fastest. The idea of using
+input-space curvature for attacks and robustness follows Moosavi-Dezfooli et al., "Robustness via
+curvature regularization, and vice versa" (CVPR 2019) and Fawzi et al. (2018).
+
+Exact method, per iteration ``t = 0..steps-1`` from ``x_0 = x``:
+
+1. ``g = grad_x L(x_t)`` with its graph kept (``create_graph=True``; EOT-averaged when ``eot > 1``).
+   The loss is summed over the batch, so its input Hessian is block diagonal (examples do not
+   interact) and one Hessian-vector product ``H V`` with ``V`` of shape ``(B, *input_shape)``
+   returns every example's ``H_i v_i``. HVPs use
+   :func:`gradlab.curvature.hvp.hvp_from_grads` (double backward, reusing ``g``'s graph).
+2. Batched Lanczos with full reorthogonalisation (``lanczos_iters`` HVPs, default 20, at most
+   the input dimension D; random Gaussian start from the attack's seeded generator; dot products
+   and norms in float64; an example whose Krylov space is exhausted -- e.g. a ReLU net's input
+   Hessian ``J^T (diag(p) - p p^T) J`` has rank <= C - 1 -- stops there). The top Ritz pair of each
+   example's tridiagonal matrix gives ``(lambda_max, v)`` with ``||v||_2 = 1``; ``v``'s sign is
+   chosen so that ``g . v >= 0`` (the side where the linear term also increases the loss).
+3. Four candidate steps, each ``x_t + alpha * d`` projected onto the eps-ball and [0, 1]:
+   ``d = dir(g)`` (the PGD/FGSM step), ``dir(v)``, ``dir(-v)``, and ``dir(g + H delta_v)`` -- the
+   gradient of the quadratic model at ``delta_v``, the projected ``+v`` step (one more HVP).
+   ``dir`` is ``sign`` for linf and ``u / ||u||_2`` for l2.
+4. Per example keep the candidate that is worst for the model under the deterministic eval-mode
+   model: an adversarial candidate beats a non-adversarial one; otherwise the higher loss wins.
+
+``steps`` defaults to 1 (a single step of size eps, FGSM's cost class plus ``lanczos_iters + 1``
+HVPs); ``alpha`` defaults to ``2.5 * eps / steps`` as for PGD. Which candidate won is counted in
+``last_choices`` (dict name -> count over examples and steps) and the first iteration's
+eigenvalues are kept in ``last_eigenvalues`` ``(B,)`` for reports.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from gradlab.attacks import ATTACKS
+from gradlab.attacks.base import Attack, per_example
+from gradlab.curvature.hvp import hvp_from_grads
+from gradlab.errors import GradlabError
+
+CANDIDATES = ("gradient", "+eigvec", "-eigvec", "quadratic")
+
+
+def batched_lanczos_top(
+    hvp: Callable[[Tensor], Tensor], v0: Tensor, iters: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Largest eigenpair of each block of a block-diagonal symmetric operator (Lanczos 1950).
+
+    Args:
+        hvp: maps ``V`` ``(B, D)`` to ``(H_1 v_1, ..., H_B v_B)`` ``(B, D)``.
+        v0: start vectors ``(B, D)`` (non-zero rows).
+        iters: Krylov dimension (clipped to D); full reorthogonalisation, so no ghost eigenvalues.
+    Returns:
+        ``(eigvals (B,), eigvecs (B, D), residuals (B,))`` in float64; ``residuals`` is
+        ``||H v - lambda v||`` estimated from the recurrence (0 where the Krylov space closed).
+    """
+    bsz, dim = v0.shape
+    k = max(1, min(int(iters), dim))
+    work_dtype = v0.dtype
+    q = v0.double()
+    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    basis = q.new_zeros(bsz, k, dim)
+    alpha = q.new_zeros(bsz, k)
+    beta = q.new_zeros(bsz, k)  # beta[:, j] couples Lanczos vectors j and j + 1
+    n_valid = torch.zeros(bsz, dtype=torch.long, device=q.device)
+    active = torch.ones(bsz, dtype=torch.bool, device=q.device)
+    scale = q.new_zeros(bsz)
+    tol = 100 * torch.finfo(work_dtype).eps
+    q_prev, b_prev = torch.zeros_like(q), q.new_zeros(bsz)
+    used = 0
+    for j in range(k):
+        used = j + 1
+        basis[:, j] = q
+        w = hvp(q.to(work_dtype)).double()
+        a = (w * q).sum(dim=1)
+        w = w - a[:, None] * q - b_prev[:, None] * q_prev
+        for _ in range(2):  # twice is enough (Parlett's "twice is enough")
+            coeff = torch.einsum("bjd,bd->bj", basis[:, : j + 1], w)
+            w = w - torch.einsum("bjd,bj->bd", basis[:, : j + 1], coeff)
+        b = w.norm(dim=1)
+        alpha[:, j] = torch.where(active, a, torch.zeros_like(a))
+        n_valid += active.long()
+        scale = torch.maximum(scale, torch.maximum(a.abs(), b))
+        active = active & (b > tol * scale.clamp_min(1e-300))
+        beta[:, j] = torch.where(active, b, torch.zeros_like(b))
+        q_prev, b_prev = q, beta[:, j]
+        q = torch.where(active[:, None], w / b.clamp_min(1e-300)[:, None], torch.zeros_like(w))
+        if not bool(active.any()):
+            break
+    diag, off = alpha[:, :used].clone(), beta[:, : used - 1]
+    pos = torch.arange(used, device=q.device)
+    valid = pos[None, :] < n_valid[:, None]
+    # Unused slots form a decoupled block; put their eigenvalues below every valid one (Gershgorin).
+    left = torch.cat([q.new_zeros(bsz, 1), off.abs()], dim=1)
+    right = torch.cat([off.abs(), q.new_zeros(bsz, 1)], dim=1)
+    lower = torch.where(valid, diag - left - right, torch.full_like(diag, float("inf"))).amin(dim=1)
+    diag = torch.where(valid, diag, (lower - 1.0)[:, None].expand_as(diag))
+    tri = torch.diag_embed(diag) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
+    evals, evecs = torch.linalg.eigh(tri)
+    top = evecs[:, :, -1]  # (B, used)
+    vec = torch.einsum("bjd,bj->bd", basis[:, :used], top)
+    vec = vec / vec.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    resid = beta[:, used - 1] * top[:, -1].abs()
+    return evals[:, -1], vec, resid
+
+
+@ATTACKS.register(
+    "curvature",
+    "second-order: top input-Hessian eigenvector (batched Lanczos on HVPs) combined with the gradient",
+    options="--eps --norm --steps --alpha --targeted --eot",
+)
+class CurvatureAttack(Attack):
+    """Second-order attack; see the module docstring for the exact method.
+
+    Args:
+        steps: iterations (>= 1, default 1).
+        alpha: step size in pixel units (default ``2.5 * eps / steps``).
+        lanczos_iters: HVPs per Lanczos solve (default 20; clipped to the input dimension).
+        **kwargs: :class:`~gradlab.attacks.base.Attack` options.
+    """
+
+    name = "curvature"
+
+    def __init__(self, model, eps: float, *, steps: int = 1, alpha: Optional[float] = None, lanczos_iters: int = 20, **kwargs):
+        super().__init__(model, eps, **kwargs)
+        if int(steps) != steps or steps < 1:
+            raise GradlabError(f"invalid steps: {steps} (must be an integer >= 1)")
+        if int(lanczos_iters) != lanczos_iters or lanczos_iters < 1:
+            raise GradlabError(f"invalid lanczos_iters: {lanczos_iters} (must be an integer >= 1)")
+        if alpha is not None and alpha < 0:
+            raise GradlabError(f"invalid alpha: {alpha} (must be >= 0)")
+        self.steps = int(steps)
+        self.lanczos_iters = int(lanczos_iters)
+        self.alpha = 2.5 * self.eps / self.steps if alpha is None else float(alpha)
+        self.last_choices: dict = {}
+        self.last_eigenvalues: Optional[Tensor] = None
+
+    # ------------------------------------------------------------------ curvature -----------
+    def _grad_and_hvp(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+        """Input gradient (graph kept) and a batched HVP ``(B, D) -> (B, D)`` at ``x``."""
+        xr = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(self.eot_objective_sum(xr), xr, create_graph=True)
+
+        def hvp(v: Tensor) -> Tensor:
+            if not g.requires_grad:  # the loss is linear in x here: zero Hessian
+                return torch.zeros_like(v)
+            return hvp_from_grads([g], [xr], [v.reshape(xr.shape).to(xr.dtype)])[0].reshape(v.shape)
+
+        return g, hvp
+
+    def _eigenpairs(self, g: Tensor, hvp) -> tuple[Tensor, Tensor, Tensor]:
+        flat_g = g.detach().reshape(g.shape[0], -1)
+        v0 = torch.randn(flat_g.shape, generator=self.generator, device=g.device, dtype=g.dtype)
+        return batched_lanczos_top(hvp, v0, self.lanczos_iters)
+
+    def top_eigenpairs(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(lambda_max (B,), v (B, *input_shape))`` of each example's input Hessian at ``x``.
+
+        The Hessian is of the attack's objective (CE of the true label, or -CE of the target),
+        with the model in eval mode; ``||v||_2 = 1`` per example, sign arbitrary. Float64 output.
+        """
+        with self.session(x, y) as (x0, _):
+            with torch.enable_grad():
+                g, hvp = self._grad_and_hvp(x0)
+                lam, vec, _ = self._eigenpairs(g, hvp)
+        return lam, vec.reshape(x.shape)
+
+    # ------------------------------------------------------------------ the attack ----------
+    def _step(self, x_t: Tensor) -> tuple[Tensor, Tensor]:
+        g, hvp = self._grad_and_hvp(x_t)
+        lam, vec, _ = self._eigenpairs(g, hvp)
+        gd = g.detach()
+        side = torch.where((gd.reshape(gd.shape[0], -1).double() * vec).sum(dim=1) >= 0, 1.0, -1.0)
+        u = (vec * side[:, None]).to(gd.dtype).reshape(gd.shape)
+        d_u = self.step_direction(u)
+        delta_u = self.project(x_t + self.alpha * d_u) - x_t  # the +v step actually taken
+        quad = gd + hvp(delta_u.reshape(gd.shape[0], -1)).reshape(gd.shape).detach()
+        directions = [self.step_direction(gd), d_u, -d_u, self.step_direction(quad)]
+        best = best_adv = best_obj = None
+        choice = torch.zeros(x_t.shape[0], dtype=torch.long, device=x_t.device)
+        for i, d in enumerate(directions):
+            cand = self.project(x_t + self.alpha * d)
+            adv, obj = self.score(cand)
+            if best is None:
+                best, best_adv, best_obj = cand, adv, obj
+                continue
+            take = self.better(adv, obj, best_adv, best_obj)
+            best = torch.where(per_example(take, best), cand, best)
+            best_adv, best_obj = torch.where(take, adv, best_adv), torch.where(take, obj, best_obj)
+            choice = torch.where(take, torch.full_like(choice, i), choice)
+        return best, choice, lam
+
+    def perturb(self, x: Tensor, y: Tensor) -> Tensor:
+        self.last_choices = {name: 0 for name in CANDIDATES}
+        x_t = x.clone()
+        for t in range(self.steps):
+            x_t, choice, lam = self._step(x_t)
+            if t == 0:
+                self.last_eigenvalues = lam.detach().cpu()
+            counts = torch.bincount(choice, minlength=len(CANDIDATES)).tolist()
+            for name, c in zip(CANDIDATES, counts):
+                self.last_choices[name] += int(c)
+        return x_t
