@@ -186,9 +186,9 @@ def eigen_directions(model: nn.Module, batches, k: int = 2, *, seed: int = 0):
 
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     op = HessianOperator(model, data=list(batches), params=[p for _, p in params])
-    res = eigsh(op, k=k, which="LA", seed=seed)
-    vals, vecs = res.eigenvalues, res.eigenvectors  # (k,), (n, k)
-    if not getattr(res, "converged", True):
+    res = eigsh(op, k=k, which="LA", seed=seed, return_vectors=True, tol=1e-4)
+    vals, vecs = res.values, res.vectors  # (k,), (n, k)
+    if not res.converged:
         raise GradlabError("the Hessian eigenvectors did not converge; try more batches or another seed")
     weights = weights_of(model)
     dirs = []

@@ -37,7 +37,8 @@ class TestFunction(nn.Module):
 
     Class attributes describe the function for reports and plots:
     ``f_min`` (global minimum value, ``None`` when unbounded below), ``minima`` (known minimisers),
-    ``saddles`` (points the saddle-escape report watches), ``default_start`` and ``view``
+    ``saddles`` (points the saddle-escape report watches), ``default_start``, ``lr_scale`` (a
+    factor on the optimizers' default step sizes) and ``view``
     (``(xmin, xmax, ymin, ymax)`` for contour plots).
     """
 
@@ -47,6 +48,9 @@ class TestFunction(nn.Module):
     minima: Sequence[tuple] = ()
     saddles: Sequence[tuple] = ()
     default_start: tuple = (-1.5, 1.5)
+    # multiplies the optimizers' default step sizes: steep functions (curvature ~2000 at
+    # Rosenbrock's usual start) need smaller steps than the O(1)-curvature ones
+    lr_scale: float = 1.0
     view: tuple = (-2.0, 2.0, -2.0, 2.0)
 
     def __init__(self, start: Optional[Sequence[float]] = None, dtype: torch.dtype = torch.float64):
@@ -143,6 +147,7 @@ class Rosenbrock(TestFunction):
     minima = ((1.0, 1.0),)
     default_start = (-1.5, 2.0)
     view = (-2.0, 2.0, -1.0, 3.0)
+    lr_scale = 0.05
     a, b = 1.0, 100.0
 
     def value(self, x, y):
@@ -201,6 +206,7 @@ class Beale(TestFunction):
     minima = ((3.0, 0.5),)
     default_start = (1.0, 1.5)
     view = (-4.5, 4.5, -4.5, 4.5)
+    lr_scale = 0.2
     c = (1.5, 2.25, 2.625)
 
     def value(self, x, y):

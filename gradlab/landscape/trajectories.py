@@ -31,7 +31,11 @@ from gradlab.landscape.functions import TestFunction, build_function
 
 # Step sizes chosen for the 2-D functions' scale (curvatures of order 1-100, optima within a few
 # units): large enough to move in ~100 steps, small enough that none of them diverges on the
-# saddle/quadratic showcase. A name missing here falls back to DEFAULT_LR.
+# saddle/quadratic showcase. A name missing here falls back to DEFAULT_LR. The function's
+# ``lr_scale`` multiplies them for the optimizers whose step grows with the gradient (Rosenbrock
+# 0.05, Beale 0.2: their curvature at the usual starts is 10-1000x larger; at these scaled steps
+# none of them diverges there in 200 steps); the step of the adaptive ones in SCALE_FREE does not
+# grow with the gradient's size, so they keep their defaults.
 DEFAULT_LRS = {
     "sgd": 0.01,
     "momentum": 0.01,
@@ -47,6 +51,7 @@ DEFAULT_LRS = {
     "sam": 0.01,
 }
 DEFAULT_LR = 0.01
+SCALE_FREE = frozenset({"adam", "adamw", "rmsprop", "adagrad", "adahessian", "curvature-gd", "swats"})
 SHOWCASE = ("sgd", "momentum", "adam", "adahessian", "curvature-gd", "langevin")
 
 
@@ -108,7 +113,7 @@ def run_trajectory(
             (g,) = torch.autograd.grad(loss, [fn.point])
             p = fn.point.detach()
             points.append((float(p[0]), float(p[1])))
-            losses.append(float(loss))
+            losses.append(loss.item())
             gnorms.append(float(g.norm()))
             return math.isfinite(losses[-1]) and bool(torch.isfinite(p).all())
 
@@ -176,12 +181,18 @@ def summarize(fn: TestFunction, traj: Trajectory, *, tol: float = 1e-4, escape_d
     return row
 
 
-def registry_optimizer_factory(name: str, lr: Optional[float], **opts) -> tuple[Callable, float]:
-    """``(params -> optimizer, lr used)`` for a name of gradlab's optimizer registry."""
-    from gradlab.optim import build_optimizer  # the registry lives with the optimizers
+def registry_optimizer_factory(name: str, lr: Optional[float], seed: int = 0, lr_scale: float = 1.0,
+                               **opts) -> tuple[Callable, float]:
+    """``(params -> optimizer, lr used)`` for a name of gradlab's optimizer registry.
 
-    lr = DEFAULT_LRS.get(name, DEFAULT_LR) if lr is None else lr
-    return (lambda params: build_optimizer(name, list(params), lr=lr, **opts)), lr
+    An unknown name raises :class:`GradlabError` listing the registry before anything runs.
+    """
+    from gradlab.optim import OPTIMIZERS, build_optimizer  # the registry lives with the optimizers
+
+    OPTIMIZERS.get(name)
+    if lr is None:
+        lr = DEFAULT_LRS.get(name, DEFAULT_LR) * (1.0 if name in SCALE_FREE else lr_scale)
+    return (lambda params: build_optimizer(name, list(params), lr=lr, seed=seed, **opts)), lr
 
 
 def optimize(
@@ -201,7 +212,7 @@ def optimize(
 
     Returns ``(trajectories, summary, fn)``: trajectories with columns
     ``optimizer,step,x,y,loss,grad_norm``, one summary row per optimizer, and a fresh instance of
-    the function at the start point (for plotting). ``lr=None`` uses :data:`DEFAULT_LRS`.
+    the function at the start point (for plotting). ``lr=None`` uses :data:`DEFAULT_LRS` times the function's ``lr_scale``.
     ``progress(name)`` is called after each optimizer finishes.
     """
     names = list(optimizers)
@@ -209,10 +220,12 @@ def optimize(
         raise GradlabError("no optimizer given; pass e.g. --opt sgd,adam")
     if steps < 1:
         raise GradlabError(f"invalid steps: {steps} (must be >= 1)")
+    probe = build_function(fn_name, start, cond=cond)  # validates the function and start first
+    factories = {name: registry_optimizer_factory(name, lr, seed, probe.lr_scale) for name in names}
     frames, rows = [], []
     for name in names:
         fn = build_function(fn_name, start, cond=cond)
-        factory, used_lr = registry_optimizer_factory(name, lr)
+        factory, used_lr = factories[name]
         traj = run_trajectory(fn, factory, steps, name=name, lr=used_lr, seed=seed)
         frames.append(traj.frame())
         rows.append(summarize(fn, traj, tol=tol, escape_delta=escape_delta))
