@@ -1,0 +1,117 @@
+"""AdaHessian: Adam with the squared gradient replaced by a Hessian-diagonal estimate.
+
+Yao, Gholami, Shen, Mustafa, Keutzer, Mahoney, "ADAHESSIAN: An Adaptive Second Order Optimizer for
+Machine Learning", AAAI 2021. Per parameter tensor, at step t (1-based)::
+
+    D_t = spatial_average(|z * H z|)            # Hutchinson, z Rademacher; conv kernels averaged
+    m_t = b1 m_{t-1} + (1 - b1) g_t
+    v_t = b2 v_{t-1} + (1 - b2) D_t^2
+    p  <- p - lr * ( (m_t / (1 - b1^t)) / ((sqrt(v_t / (1 - b2^t)))^k + eps) + wd * p )
+
+with ``k = hessian_power`` (1 in the paper; torch-optimizer defaults to 0.5) and decoupled weight
+decay. With ``hessian_every = k`` (the paper's delayed update) ``D`` is refreshed every k steps and
+the last one is reused in between, so ``v`` still moves every step.
+
+Usage in a plain loop (the closure returns the loss, it does not call backward)::
+
+    >>> import torch
+    >>> from gradlab.optim.adahessian import AdaHessian
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Linear(4, 3)
+    >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    >>> opt = AdaHessian(model.parameters(), lr=0.1)
+    >>> losses = []
+    >>> for _ in range(5):
+    ...     opt.zero_grad()
+    ...     loss = opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
+    ...     losses.append(loss.item())
+    >>> losses[-1] < losses[0]
+    True
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradlab.optim.hessian_diag import HessianDiagOptimizer, spatial_average
+from gradlab.optim.registry import OPTIMIZERS, OptimizerSpec, check_betas, check_range
+
+
+class AdaHessian(HessianDiagOptimizer):
+    """AdaHessian (see module docstring).
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate (paper default 0.15).
+        betas: EMA coefficients of the gradient and of the squared Hessian diagonal.
+        eps: added to the denominator (paper 1e-4).
+        weight_decay: decoupled weight decay, multiplied by ``lr``.
+        hessian_power: exponent k of the denominator, in [0, 1].
+        hessian_every: refresh the diagonal every k steps (delayed update); >= 1.
+        hessian_samples: Rademacher probes per refresh; >= 1.
+        seed: seed of the optimizer's own generator for the probes.
+        vecs_fn: optional ``params -> probes`` replacing the Rademacher draw (tests).
+    """
+
+    def __init__(self, params, lr: float = 0.15, betas=(0.9, 0.999), eps: float = 1e-4,
+                 weight_decay: float = 0.0, hessian_power: float = 1.0, hessian_every: int = 1,
+                 hessian_samples: int = 1, seed: int = 0, vecs_fn=None):
+        defaults = dict(
+            lr=check_range("lr", lr, 0.0, None, low_open=True),
+            betas=check_betas(betas),
+            eps=check_range("eps", eps, 0.0, None, low_open=True),
+            weight_decay=check_range("weight_decay", weight_decay, 0.0),
+            hessian_power=check_range("hessian_power", hessian_power, 0.0, 1.0, high_open=False),
+        )
+        super().__init__(params, defaults, hessian_every=hessian_every, hessian_samples=hessian_samples,
+                         seed=seed, vecs_fn=vecs_fn)
+
+    @torch.no_grad()
+    def step(self, closure):
+        """One AdaHessian step; ``closure()`` must return the loss without calling backward."""
+        loss, diag = self._grad_and_diag(closure)
+        fresh = dict(zip(map(id, self._params()), diag)) if diag is not None else {}
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lr, k, wd, eps = group["lr"], group["hessian_power"], group["weight_decay"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_hessian_diag_sq"] = torch.zeros_like(p)
+                if id(p) in fresh:
+                    state["hessian_diag"] = spatial_average(fresh[id(p)])
+                state["step"] += 1
+                t = state["step"]
+                d = state["hessian_diag"]
+                m, v = state["exp_avg"], state["exp_hessian_diag_sq"]
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(d, d, value=1 - b2)
+                # denom = (sqrt(v_hat))^k + eps, v_hat the bias-corrected EMA
+                denom = (v / (1 - b2 ** t)).sqrt_()
+                if k != 1.0:
+                    denom.pow_(k)
+                denom.add_(eps)
+                if wd != 0:
+                    p.mul_(1 - lr * wd)
+                p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+        return loss
+
+
+def _make(params, o: dict) -> AdaHessian:
+    return AdaHessian(
+        params, lr=o["lr"], betas=o["betas"], eps=o["eps"] if o["eps"] is not None else 1e-4,
+        weight_decay=o["weight_decay"] or 0.0, hessian_power=o["hessian_power"],
+        hessian_every=o["hessian_update_every"], hessian_samples=o["hessian_samples"], seed=o["seed"],
+    )
+
+
+OPTIMIZERS.add(
+    "adahessian", OptimizerSpec(0.15, _make),
+    "AdaHessian: Adam with a Hutchinson Hessian diagonal (Yao et al. 2021)",
+    options="--lr --hessian-power --hessian-update-every --weight-decay",
+)

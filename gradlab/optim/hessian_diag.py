@@ -1,0 +1,158 @@
+"""Shared machinery of the optimizers that precondition with a Hutchinson Hessian diagonal.
+
+:class:`HessianDiagOptimizer` owns what AdaHessian and curvature-aware GD have in common:
+
+* **The closure contract.** ``step(closure)`` needs a closure that returns the loss *without*
+  calling ``backward``. The optimizer itself takes ``grads = autograd.grad(loss, params,
+  create_graph=True)``, writes ``p.grad``, estimates ``diag(H)`` from Rademacher probes through
+  :func:`gradlab.curvature.hvp.hvp_from_grads` (Hutchinson; Bekas et al. 2007) and frees the graph.
+  The user never calls ``loss.backward(create_graph=True)`` (which also leaves a graph attached to
+  ``p.grad``).
+* **Delayed Hessian update** (Yao et al. 2021, Sec. 3.4): with ``hessian_every=k`` the diagonal is
+  refreshed on steps 0, k, 2k, ...; on the other steps a plain gradient (``create_graph=False``) is
+  taken and the subclass reuses the last diagonal, so those steps cost about one SGD step.
+* **Randomness** comes from an optimizer-owned CPU ``torch.Generator`` seeded by ``seed`` (the same
+  probes on CPU and GPU); the global RNG is never touched. Its state, the step counter and the
+  number of HVPs go into ``state_dict()`` so a resumed run draws the same probes.
+* **torch.distributed.** ``autograd.grad`` bypasses DistributedDataParallel's gradient reducer, so
+  when ``dist.is_initialized()`` the gradient and the raw Hutchinson estimate ``z * Hz`` are
+  averaged across ranks here, in one all-reduce, *before* any absolute value or spatial averaging
+  (the average of ``z * H_r z`` over ranks is ``z * H z`` of the global batch when every rank uses
+  the same ``seed``, as it must). Compute the loss on the bare module (``ddp.module``) or inside
+  ``ddp.no_sync()`` so that DDP does not wait for a backward that never comes.
+* ``vecs_fn(params) -> list[Tensor]`` replaces the Rademacher draw (tests use it to fix the probes).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.optim import Optimizer
+
+from gradlab.curvature.hvp import hvp_from_grads, rademacher_like
+from gradlab.errors import GradlabError
+from gradlab.optim.registry import check_int
+
+
+class HessianDiagOptimizer(Optimizer):
+    """Base class: subclasses call :meth:`_grad_and_diag` in ``step(closure)``. See module doc."""
+
+    needs_loss_closure = True
+
+    def __init__(self, params, defaults: dict, *, hessian_every: int = 1, hessian_samples: int = 1,
+                 seed: int = 0, vecs_fn: Optional[Callable[[Sequence[Tensor]], Sequence[Tensor]]] = None):
+        super().__init__(params, defaults)
+        self.hessian_every = check_int("hessian_every", hessian_every, 1)
+        self.hessian_samples = check_int("hessian_samples", hessian_samples, 1)
+        self.seed = check_int("seed", seed, 0)
+        self.vecs_fn = vecs_fn
+        self._generator = torch.Generator(device="cpu")
+        self._generator.manual_seed(self.seed)
+        self.hvp_count = 0  # Hessian-vector products computed so far
+        self.steps_taken = 0
+
+    @property
+    def events(self) -> list:
+        """Nothing to report (only SWATS records events); kept for a uniform interface."""
+        return []
+
+    # -- the closure contract -------------------------------------------------------------------
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def _grad_and_diag(self, closure) -> tuple[Tensor, Optional[list[Tensor]]]:
+        """Evaluate the closure, set ``p.grad``; return the loss and ``z * Hz`` (None if not refreshed).
+
+        The returned diagonal estimate has one tensor per parameter of :meth:`_params`, raw
+        (signed, not spatially averaged), averaged over ``hessian_samples`` probes and over ranks.
+        """
+        if closure is None:
+            raise GradlabError(
+                f"{type(self).__name__}.step needs a closure that returns the loss without calling "
+                "backward, e.g. opt.step(lambda: loss_fn(model(x), y))"
+            )
+        params = self._params()
+        refresh = self.steps_taken % self.hessian_every == 0
+        with torch.enable_grad():
+            loss = closure()
+            if not isinstance(loss, Tensor) or not loss.requires_grad:
+                raise GradlabError(
+                    f"{type(self).__name__}: the closure must return the loss tensor with its graph "
+                    "(do not call backward or .item() inside it)"
+                )
+            grads = torch.autograd.grad(loss, params, create_graph=refresh, allow_unused=True)
+            # A parameter the loss does not use has zero gradient and zero curvature.
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+            diag = self._hutchinson(grads, params) if refresh else None
+        grads = [g.detach() for g in grads]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            grads, diag = _average_across_ranks(grads, diag)
+        for p, g in zip(params, grads):
+            p.grad = g
+        self.steps_taken += 1
+        return loss.detach(), diag
+
+    def _hutchinson(self, grads: list[Tensor], params: list[Tensor]) -> list[Tensor]:
+        """Mean over ``hessian_samples`` probes z of ``z * (H z)``; frees the graph after the last."""
+        diag = [torch.zeros_like(p) for p in params]
+        if not any(g.requires_grad for g in grads):  # loss linear in every parameter: H = 0
+            return diag
+        n = self.hessian_samples
+        for i in range(n):
+            z = list(self.vecs_fn(params)) if self.vecs_fn is not None else rademacher_like(params, self._generator)
+            hz = hvp_from_grads(grads, params, z, retain_graph=i < n - 1)
+            for d, zi, hzi in zip(diag, z, hz):
+                d.addcmul_(zi, hzi, value=1.0 / n)
+        self.hvp_count += n
+        return diag
+
+    # -- checkpointing --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["gradlab"] = {
+            "rng_state": self._generator.get_state(),
+            "hvp_count": self.hvp_count,
+            "steps_taken": self.steps_taken,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("gradlab", None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self._generator.set_state(extra["rng_state"])
+            self.hvp_count = int(extra["hvp_count"])
+            self.steps_taken = int(extra["steps_taken"])
+
+
+def _average_across_ranks(grads: list[Tensor], diag: Optional[list[Tensor]]):
+    """One all-reduce (mean) of the gradient and, when present, the raw diagonal estimate."""
+    tensors = grads + (diag or [])
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out[: len(grads)], (out[len(grads):] if diag is not None else None)
+
+
+def spatial_average(d: Tensor) -> Tensor:
+    """``|d|`` averaged over a kernel's spatial dims (AdaHessian, Yao et al. 2021, Sec. 3.3).
+
+    Weights of rank >= 3 are convolution kernels ``(out, in, *spatial)``: Conv1d (3-D), Conv2d
+    (4-D), Conv3d (5-D). Each (out, in) kernel gets the mean of ``|d|`` over its spatial entries,
+    which smooths the noisy estimate; rank 0-2 tensors (biases, linear weights, norms) keep
+    ``|d|`` per entry. Returns a tensor broadcastable to ``d`` (spatial dims of size 1).
+    """
+    a = d.abs()
+    if d.dim() >= 3:
+        return a.mean(dim=tuple(range(2, d.dim())), keepdim=True)
+    return a

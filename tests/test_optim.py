@@ -1,0 +1,364 @@
+"""Optimizer registry, factory, schedules, first-order mapping, SWATS and Langevin.
+
+Second-order optimizers (AdaHessian, curvature-GD) have their own file; the "every entry reduces
+the loss" and "state_dict round-trip" checks here run over the whole registry.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradlab.errors import GradlabError
+from gradlab.optim import OPTIM_DEFAULTS, OPTIMIZERS, build_optimizer, build_scheduler, default_lr
+from gradlab.optim.langevin import Langevin
+from gradlab.optim.swats import SWATS
+
+ALL = ["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adahessian", "curvature-gd", "swats",
+       "langevin"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """500 standardised digits images (flattened, float32) and labels; loaded straight from sklearn."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data[:500] / 16.0, dtype=torch.float32)
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(d.target[:500], dtype=torch.int64)
+    return x, y
+
+
+def mlp(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)).to(dtype)
+
+
+def train_step(opt, model, x, y):
+    """One step in the calling convention the optimizer asks for; returns the loss value."""
+    opt.zero_grad()
+    if getattr(opt, "needs_loss_closure", False):
+        return float(opt.step(lambda: F.cross_entropy(model(x), y)))
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def test_registry_holds_every_optimizer_with_a_description():
+    assert sorted(OPTIMIZERS.names()) == sorted(ALL)
+    for entry in OPTIMIZERS:
+        assert entry.description and entry.options.startswith("--lr")
+        assert default_lr(entry.name) > 0
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_each_optimizer_reduces_the_loss_on_digits(name, digits):
+    x, y = digits
+    model = mlp()
+    opt = build_optimizer(name, model.parameters())
+    with torch.no_grad():
+        before = F.cross_entropy(model(x), y).item()
+    for i in range(40):
+        sl = slice((i * 100) % 500, (i * 100) % 500 + 100)
+        train_step(opt, model, x[sl], y[sl])
+    with torch.no_grad():
+        after = F.cross_entropy(model(x), y).item()
+    assert after < 0.75 * before, (name, before, after)
+    assert isinstance(opt, torch.optim.Optimizer) and isinstance(opt.events, list)
+
+
+# -- first-order: the gradlab names map onto the right torch.optim configuration ------------------
+
+TORCH_EQUIVALENTS = [
+    ("sgd", {}, lambda p: torch.optim.SGD(p, lr=0.1)),
+    ("sgd", {"momentum": 0.5, "weight_decay": 1e-3}, lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-3)),
+    ("momentum", {}, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
+    ("momentum", {"momentum": 0.5, "lr": 0.2}, lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.5)),
+    ("nesterov", {"weight_decay": 1e-2}, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True,
+                                                                   weight_decay=1e-2)),
+    ("adam", {}, lambda p: torch.optim.Adam(p, lr=1e-3)),
+    ("adam", {"betas": [0.8, 0.99], "weight_decay": 0.1}, lambda p: torch.optim.Adam(p, lr=1e-3, betas=(0.8, 0.99),
+                                                                                   weight_decay=0.1)),
+    ("adamw", {}, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2)),
+    ("adamw", {"weight_decay": 0.0}, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0)),
+    ("rmsprop", {}, lambda p: torch.optim.RMSprop(p, lr=1e-3)),
+    ("rmsprop", {"momentum": 0.5, "eps": 1e-6}, lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5, eps=1e-6)),
+]
+
+
+@pytest.mark.parametrize("name,opts,reference", TORCH_EQUIVALENTS)
+def test_first_order_optimizers_match_torch_optim_exactly(name, opts, reference, digits):
+    x, y = digits[0][:64].double(), digits[1][:64]
+    ours, theirs = mlp(dtype=torch.float64), mlp(dtype=torch.float64)
+    opt_a, opt_b = build_optimizer(name, ours.parameters(), **opts), reference(theirs.parameters())
+    assert opt_a.needs_loss_closure is False
+    for _ in range(5):
+        train_step(opt_a, ours, x, y)
+        train_step(opt_b, theirs, x, y)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+BAD = [
+    ("sgd", {"lr": 0}, "lr: 0"),
+    ("adam", {"lr": -1e-3}, "lr: -0.001"),
+    ("sgd", {"lr": float("nan")}, "lr: nan"),
+    ("momentum", {"momentum": 1.0}, "momentum: 1.0"),
+    ("momentum", {"momentum": -0.1}, "momentum: -0.1"),
+    ("nesterov", {"momentum": 0.0}, "momentum for nesterov: 0"),
+    ("adamw", {"weight_decay": -1}, "weight_decay: -1"),
+    ("adam", {"betas": [1.0, 0.9]}, "beta1: 1.0"),
+    ("adam", {"betas": [0.9]}, "betas"),
+    ("adam", {"eps": 0}, "eps: 0"),
+    ("adahessian", {"hessian_power": 1.5}, "hessian_power: 1.5"),
+    ("adahessian", {"hessian_update_every": 0}, "hessian_update_every: 0"),
+    ("adahessian", {"hessian_update_every": 1.5}, "hessian_update_every: 1.5"),
+    ("curvature-gd", {"damping": 0}, "damping: 0"),
+    ("curvature-gd", {"hessian_ema": 1.0}, "hessian_ema: 1.0"),
+    ("swats", {"switch_eps": -1}, "switch_eps: -1"),
+    ("langevin", {"noise_eta": -0.1}, "noise_eta: -0.1"),
+    ("langevin", {"temperature": -1}, "temperature: -1"),
+    ("sgd", {"lr": "fast"}, "lr: 'fast'"),
+    ("sgd", {"learning_rate": 0.1}, "unknown optimizer option(s) learning_rate"),
+    ("adamm", {}, "unknown optimizer 'adamm'; choose from: sgd, momentum"),
+]
+
+
+@pytest.mark.parametrize("name,opts,fragment", BAD)
+def test_bad_hyperparameters_raise_gradlab_error_naming_the_value(name, opts, fragment):
+    with pytest.raises(GradlabError) as info:
+        build_optimizer(name, nn.Linear(2, 1).parameters(), **opts)
+    assert fragment in str(info.value)
+
+
+def test_the_classes_validate_too_when_used_directly():
+    p = [nn.Parameter(torch.zeros(2))]
+    with pytest.raises(GradlabError, match="lr: -1"):
+        SWATS(p, lr=-1)
+    with pytest.raises(GradlabError, match="noise_gamma: -2"):
+        Langevin(p, noise_gamma=-2)
+
+
+def test_options_that_do_not_apply_are_ignored(digits):
+    x, y = digits[0][:32].double(), digits[1][:32]
+    a, b = mlp(dtype=torch.float64), mlp(dtype=torch.float64)
+    opt_a = build_optimizer("sgd", a.parameters(), damping=0.5, noise_eta=0.3, hessian_power=0.5, temperature=2.0)
+    opt_b = build_optimizer("sgd", b.parameters())
+    for _ in range(3):
+        train_step(opt_a, a, x, y)
+        train_step(opt_b, b, x, y)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_defaults_dict_covers_every_option_and_none_means_per_optimizer_default():
+    assert OPTIM_DEFAULTS["lr"] is None and OPTIM_DEFAULTS["schedule"] == "constant"
+    opt = build_optimizer("adahessian", nn.Linear(2, 1).parameters(), **OPTIM_DEFAULTS)
+    assert opt.defaults["lr"] == 0.15 and opt.defaults["eps"] == 1e-4 and opt.defaults["hessian_power"] == 1.0
+    assert build_optimizer("adamw", nn.Linear(2, 1).parameters(), **OPTIM_DEFAULTS).defaults["weight_decay"] == 1e-2
+
+
+# -- schedules ------------------------------------------------------------------------------------
+
+def _lrs(schedule, total, steps):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(schedule, opt, total)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_schedules_follow_their_closed_forms():
+    assert _lrs("constant", 10, 12) == [1.0] * 12
+    step = _lrs("step", 8, 8)
+    assert step[:4] == [1.0] * 4 and step[4:6] == pytest.approx([0.1] * 2) and step[6:] == pytest.approx([0.01] * 2)
+    cos = _lrs("cosine", 10, 12)
+    assert cos == pytest.approx([0.5 * (1 + math.cos(math.pi * min(t, 10) / 10)) for t in range(12)], abs=1e-15)
+    assert cos[10] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_scheduler_errors_and_resume():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(GradlabError, match="unknown schedule 'linear'; choose from: constant, cosine, step"):
+        build_scheduler("linear", opt, 10)
+    with pytest.raises(GradlabError, match="total_steps: 0"):
+        build_scheduler("cosine", opt, 0)
+    sched = build_scheduler("cosine", opt, 10)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    opt2 = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    opt2.load_state_dict(opt.state_dict())
+    sched2 = build_scheduler("cosine", opt2, 10)
+    sched2.load_state_dict(sched.state_dict())
+    opt.step(), sched.step(), opt2.step(), sched2.step()
+    assert opt.param_groups[0]["lr"] == opt2.param_groups[0]["lr"]
+
+
+# -- checkpoint round-trip over the whole registry ------------------------------------------------
+
+def _roundtrip(obj):
+    """Through torch.save / torch.load(weights_only=True), as the training loop's checkpoints go."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_state_dict_round_trip_continues_bit_identically(name, digits):
+    x, y = digits
+    batches = [(x[i * 50:(i + 1) * 50], y[i * 50:(i + 1) * 50]) for i in range(8)]
+    extra = {"hessian_update_every": 3} if name in ("adahessian", "curvature-gd") else {}
+    extra.update({"switch_eps": 1e-2} if name == "swats" else {})  # switch during the run
+    straight = mlp()
+    opt = build_optimizer(name, straight.parameters(), seed=5, **extra)
+    for xb, yb in batches:
+        train_step(opt, straight, xb, yb)
+
+    first = mlp()
+    opt1 = build_optimizer(name, first.parameters(), seed=5, **extra)
+    for xb, yb in batches[:4]:
+        train_step(opt1, first, xb, yb)
+    saved_model, saved_opt = _roundtrip(first.state_dict()), _roundtrip(opt1.state_dict())
+    resumed = mlp(seed=99)  # different init: everything must come from the checkpoint
+    resumed.load_state_dict(saved_model)
+    opt2 = build_optimizer(name, resumed.parameters(), seed=123, **extra)  # seed overridden by the state
+    opt2.load_state_dict(saved_opt)
+    for xb, yb in batches[4:]:
+        train_step(opt2, resumed, xb, yb)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    assert opt2.events == opt.events
+
+
+# -- SWATS ----------------------------------------------------------------------------------------
+
+def _least_squares():
+    torch.manual_seed(0)
+    a = torch.randn(50, 5, dtype=torch.float64)
+    b = torch.randn(50, dtype=torch.float64)
+    return a, b, lambda w: 0.5 * ((a @ w - b) ** 2).mean()
+
+
+def test_swats_switches_on_a_convex_problem_records_it_and_reaches_the_minimum():
+    a, b, loss_fn = _least_squares()
+    w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    opt = SWATS([w], lr=0.01, switch_eps=1e-3)
+    # Reference Adam phase written out independently: the projected lr and its corrected EMA.
+    wr, m, v, lam = torch.zeros(5, dtype=torch.float64), 0.0, 0.0, 0.0
+    expected = None
+    for k in range(1, 20):
+        g = torch.func.grad(loss_fn)(wr)
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        p = -0.01 * math.sqrt(1 - 0.999 ** k) / (1 - 0.9 ** k) * m / (v.sqrt() + 1e-8)
+        wr = wr + p
+        gamma = (p @ p / -(p @ g)).item()
+        lam = 0.999 * lam + 0.001 * gamma
+        if k > 1 and abs(lam / (1 - 0.999 ** k) - gamma) < 1e-3:
+            expected = (k, lam / (1 - 0.999 ** k))
+            break
+    assert expected is not None
+    for _ in range(1500):
+        opt.zero_grad()
+        loss_fn(w).backward()
+        opt.step()
+    assert opt.phase == "sgd"
+    assert len(opt.events) == 1 and opt.events[0]["event"] == "switch-to-sgd"
+    assert opt.events[0]["step"] == expected[0]
+    assert opt.events[0]["sgd_lr"] == pytest.approx(expected[1], rel=1e-12)
+    w_star = torch.linalg.lstsq(a, b.unsqueeze(1)).solution.squeeze(1)
+    assert torch.allclose(w.detach(), w_star, atol=1e-8)
+
+
+def test_swats_sgd_phase_is_momentum_sgd_at_the_chosen_rate():
+    """After the switch: v = b1 v + g; w -= (1 - b1) Lambda v (Algorithm 1)."""
+    _, _, loss_fn = _least_squares()
+    w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    opt = SWATS([w], lr=0.01, switch_eps=1e-3)
+    while not opt.events:
+        opt.zero_grad()
+        loss_fn(w).backward()
+        opt.step()
+    lam, v, w_ref = opt.sgd_lr, torch.zeros(5, dtype=torch.float64), w.detach().clone()
+    for _ in range(3):
+        g = torch.func.grad(loss_fn)(w_ref)
+        v = 0.9 * v + g
+        w_ref = w_ref - 0.1 * lam * v
+        opt.zero_grad()
+        loss_fn(w).backward()
+        opt.step()
+    assert torch.allclose(w.detach(), w_ref, rtol=0, atol=1e-14)
+
+
+def test_swats_with_the_paper_tolerance_switches_when_the_projection_is_constant():
+    """A linear loss has a constant gradient, so gamma_k is constant and the 1e-9 test passes at k=2."""
+    w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    c = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    opt = SWATS([w])
+    for _ in range(3):
+        opt.zero_grad()
+        (c @ w).backward()
+        opt.step()
+    assert [e["step"] for e in opt.events] == [2]
+
+
+# -- Langevin -------------------------------------------------------------------------------------
+
+def _noise_only_displacements(opt, p, steps):
+    """Variance of p's displacement per step with a zero gradient: the injected noise alone."""
+    out = []
+    for _ in range(steps):
+        before = p.detach().clone()
+        p.grad = torch.zeros_like(p)
+        opt.step()
+        out.append((p.detach() - before).var().item())
+    return out
+
+
+def test_langevin_noise_variance_follows_the_annealing_schedule():
+    n = 40_000
+    p = nn.Parameter(torch.zeros(n, dtype=torch.float64))
+    lr, eta, gamma = 0.5, 0.01, 0.55
+    opt = Langevin([p], lr=lr, noise_eta=eta, noise_gamma=gamma)
+    variances = _noise_only_displacements(opt, p, 12)
+    for t in (0, 1, 4, 11):
+        expected = lr ** 2 * eta / (1 + t) ** gamma
+        # sample variance of n Gaussians: relative standard error sqrt(2 / n) = 0.7%; allow 5 of them
+        assert variances[t] == pytest.approx(expected, rel=5 * math.sqrt(2 / n)), t
+
+
+def test_sgld_mode_adds_sqrt_2_lr_T_noise_and_a_gradient_step():
+    n = 40_000
+    p = nn.Parameter(torch.zeros(n, dtype=torch.float64))
+    opt = Langevin([p], lr=0.01, temperature=0.5)
+    variances = _noise_only_displacements(opt, p, 3)
+    assert variances == pytest.approx([2 * 0.01 * 0.5] * 3, rel=5 * math.sqrt(2 / n))
+    q = nn.Parameter(torch.ones(4, dtype=torch.float64))
+    noiseless = Langevin([q], lr=0.1, noise_eta=0.0)
+    q.grad = torch.full((4,), 2.0, dtype=torch.float64)
+    noiseless.step()
+    assert torch.equal(q.detach(), torch.full((4,), 0.8, dtype=torch.float64))
+
+
+def test_langevin_leaves_the_global_rng_alone_and_is_seeded():
+    state = torch.get_rng_state()
+    runs = []
+    for seed in (1, 1, 2):
+        p = nn.Parameter(torch.zeros(10))
+        opt = Langevin([p], seed=seed)
+        _noise_only_displacements(opt, p, 2)
+        runs.append(p.detach().clone())
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
