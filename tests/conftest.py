@@ -1,0 +1,54 @@
+"""Shared fixtures (keep tiny and additive; owned by the models/datasets helper)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# The test machine has 2 cores shared by many processes: torch's default intra-op thread pool
+# oversubscribes them and makes small-model tests an order of magnitude slower.
+torch.set_num_threads(1)
+
+MNIST_DIR = Path("/work/shared/data/mnist")
+
+
+@pytest.fixture
+def digits_spec():
+    """DataSpec of the default dataset (1x8x8 images, 10 classes), without loading it."""
+    from gradlab.data.base import DataSpec
+
+    return DataSpec("digits", (1, 8, 8), 10, [0.3], [0.37])
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The default dataset (digits, seed 0), loaded once per session."""
+    from gradlab.data import load_dataset
+
+    return load_dataset("digits", seed=0)
+
+
+@pytest.fixture
+def mnist_dir():
+    """The real MNIST test-set folder (10k test images + labels, train labels only)."""
+    if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real MNIST files not found in {MNIST_DIR}")
+    return MNIST_DIR
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Make every dataset download fail at once (tests never touch the network); returns the URLs tried."""
+    from gradlab.data import files
+
+    tried: list[str] = []
+
+    def refuse(url, dest):
+        tried.append(url)
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(files, "fetch", refuse)
+    monkeypatch.delenv("GRADLAB_DATA", raising=False)
+    return tried
