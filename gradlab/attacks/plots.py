@@ -1,0 +1,94 @@
+"""Figures for attack runs: accuracy against eps, and clean / adversarial / perturbation grids.
+
+Both return a matplotlib Figure (the caller saves it, e.g. with ``RunDir.save_figure``).
+Images are ``(C, H, W)`` with C = 1 (grey) or 3 (RGB), values in [0, 1]; other shapes
+(e.g. flat feature vectors) are drawn as a 1-row strip.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+
+def accuracy_vs_eps(table: pd.DataFrame, title: Optional[str] = None):
+    """Robust accuracy against eps per attack, with clean accuracy as a dashed line.
+
+    ``table`` has the columns of :data:`gradlab.attacks.report.COLUMNS` (several attacks allowed).
+    """
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for attack, part in table.groupby("attack", sort=False):
+        part = part.sort_values("eps")
+        ax.plot(part["eps"], part["robust_acc"], marker="o", label=f"{attack} robust")
+    clean = float(table["clean_acc"].iloc[0])
+    ax.axhline(clean, color="grey", linestyle="--", linewidth=1, label=f"clean ({clean:.3f})")
+    ax.set_xlabel("eps (pixel units)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "accuracy under attack")
+    fig.tight_layout()
+    return fig
+
+
+def _as_image(t: Tensor) -> tuple[np.ndarray, Optional[str]]:
+    a = t.detach().cpu().float().numpy()
+    if a.ndim == 3 and a.shape[0] in (1, 3):
+        return (a[0], "gray") if a.shape[0] == 1 else (np.transpose(a, (1, 2, 0)), None)
+    if a.ndim == 2:
+        return a, "gray"
+    return a.reshape(1, -1), "gray"
+
+
+def adversarial_grid(
+    x: Tensor,
+    x_adv: Tensor,
+    y: Tensor,
+    pred_clean: Tensor,
+    pred_adv: Tensor,
+    n: int = 8,
+    eps: Optional[float] = None,
+    class_names: Optional[Sequence[str]] = None,
+    title: Optional[str] = None,
+):
+    """Three rows for the first ``n`` examples: clean, adversarial, perturbation.
+
+    Titles give the true label and the predictions (red when wrong). The perturbation
+    ``x_adv - x`` is drawn with a diverging colour map scaled to +-max|delta| of the shown examples
+    (stated in the row label), so tiny perturbations stay visible.
+    """
+    n = max(1, min(int(n), x.shape[0]))
+    name = (lambda c: class_names[int(c)]) if class_names else (lambda c: str(int(c)))
+    delta = (x_adv[:n] - x[:n]).detach().cpu().float()
+    scale = float(delta.abs().max()) or 1.0
+    fig, axes = plt.subplots(3, n, figsize=(1.35 * n + 0.8, 4.6), squeeze=False)
+    for i in range(n):
+        img, cmap = _as_image(x[i])
+        axes[0, i].imshow(img, cmap=cmap, vmin=0, vmax=1)
+        ok = int(pred_clean[i]) == int(y[i])
+        axes[0, i].set_title(f"y={name(y[i])}\npred {name(pred_clean[i])}", fontsize=7, color="black" if ok else "red")
+        img, cmap = _as_image(x_adv[i])
+        axes[1, i].imshow(img, cmap=cmap, vmin=0, vmax=1)
+        ok = int(pred_adv[i]) == int(y[i])
+        axes[1, i].set_title(f"pred {name(pred_adv[i])}", fontsize=7, color="black" if ok else "red")
+        d, _ = _as_image(delta[i])
+        if d.ndim == 3:  # RGB perturbation: show its mean over channels
+            d = d.mean(axis=2)
+        axes[2, i].imshow(d, cmap="seismic", vmin=-scale, vmax=scale)
+        for r in range(3):
+            axes[r, i].set_xticks([])
+            axes[r, i].set_yticks([])
+    axes[0, 0].set_ylabel("clean", fontsize=8)
+    axes[1, 0].set_ylabel("adversarial", fontsize=8)
+    axes[2, 0].set_ylabel(f"delta (±{scale:.3g})", fontsize=8)
+    fig.suptitle(title or (f"eps = {eps:g}" if eps is not None else "adversarial examples"), fontsize=9)
+    fig.tight_layout()
+    return fig
