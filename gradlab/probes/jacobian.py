@@ -1,0 +1,424 @@
+"""Input-output and per-layer Jacobian spectra: dynamical isometry, per example.
+
+For a batch ``x`` (B, *input_shape) the probe takes, for every example separately (never summed
+over the batch):
+
+* the end-to-end Jacobian ``J = d logits / d h0`` (shape (m, n) = (classes, input numel)), where
+  ``h0 = normalize(x)`` is the input after the model's fixed normalisation layer, so the spectrum
+  describes the network itself; ``pixel_space=True`` takes it w.r.t. the raw [0, 1] input
+  (``J_pixel = J diag(1/std)``);
+* per-layer Jacobians ``J_l = d h_{l+1} / d h_l`` of every block of a GradlabNet and its head
+  (layer-to-layer maps of an MLP, block-to-block maps of a ResNet or its plain twin).
+
+For each map it returns the singular values and the statistics of the dynamical-isometry
+literature (Saxe et al. 2014, "Exact solutions to the nonlinear dynamics of learning in deep
+linear networks"; Pennington, Schoenholz & Ganguli 2017, "Resurrecting the sigmoid in deep
+learning through dynamical isometry"): mean and variance of the squared singular values, max
+(= spectral norm) and min singular value, condition number and the fraction of singular values
+within 10% of 1. Per layer it adds the spectral radius ``max |eig(J_l)|`` where ``J_l`` is
+square, and the cumulative product of spectral norms ``prod_{j<=l} ||J_j||_2``: an upper bound
+on the end-to-end norm that grows or shrinks exponentially with depth unless every factor is ~1
+(a residual block ``I + eps*A`` keeps its factor near 1).
+
+Every statistic is computed per example over its ``r = min(m, n)`` singular values and then
+averaged over the examples. Singular values are unitless (output units per input unit).
+
+Methods. ``dense``: ``vmap`` over examples of ``jacrev`` (m <= n) or ``jacfwd`` (m > n), then
+``svdvals``: all r singular values. ``lanczos``: the top ``k`` singular values from a batched
+Lanczos iteration with full reorthogonalisation (Lanczos 1950; Golub & Van Loan, Matrix
+Computations, 4th ed., sec. 10.1) on the Gram matrix ``G = J^T J`` (or ``J J^T``, whichever is
+smaller), applied matrix-free as a Jacobian-vector product followed by a vector-Jacobian product
+of the batched map (block-diagonal over examples, so one product serves all examples at once).
+In that mode the moments ``tr(G)/r`` and ``tr(G^2)/r`` are Hutchinson estimates (Hutchinson
+1990) and the statistics that need the whole spectrum (min, condition number, fraction near 1,
+spectral radius) are NaN. ``auto`` picks ``dense`` while ``B * m * n <= max_dense``.
+
+The model is run in eval mode (per-example maps are only defined without batch statistics) and
+its training flags are restored afterwards; no parameter or ``.grad`` is touched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import jacfwd, jacrev, vmap
+
+from gradlab.errors import GradlabError
+from gradlab.models.base import GradlabNet
+from gradlab.probes.gradnorm import select_layers
+
+METHODS = ("auto", "dense", "lanczos")
+INPUT_OUTPUT = "input-output"
+NEAR_ONE = 0.1  # "within 10% of 1"
+
+SUMMARY_COLUMNS = [
+    "layer", "depth", "in_dim", "out_dim", "method", "n_sv", "mean_sq_sv", "var_sq_sv", "max_sv",
+    "min_sv", "condition_number", "frac_near_one", "spectral_radius", "cum_spectral_norm", "converged",
+]
+
+
+@dataclass
+class LayerSpectrum:
+    """Spectra of one map for every example.
+
+    ``singular_values`` (B, r_or_k) float64, descending; ``spectral_radius`` (B,) or None;
+    ``moments`` (B, 2) = per-example (tr G / r, tr G^2 / r) Hutchinson estimates in Lanczos mode,
+    None when dense; ``jacobian`` (B, m, n) only when asked for (``keep_jacobians``).
+    """
+
+    name: str
+    depth: Optional[int]  # block index (head = number of blocks); None for the input-output map
+    in_dim: int
+    out_dim: int
+    method: str
+    singular_values: Tensor = field(repr=False)
+    converged: bool = True
+    iterations: int = 0
+    spectral_radius: Optional[Tensor] = field(default=None, repr=False)
+    moments: Optional[Tensor] = field(default=None, repr=False)
+    jacobian: Optional[Tensor] = field(default=None, repr=False)
+
+    @property
+    def full(self) -> bool:
+        return self.method == "dense"
+
+    def stats(self) -> dict:
+        """Per-example statistics averaged over examples (see the module docstring)."""
+        s = self.singular_values
+        nan = float("nan")
+        out = {"n_sv": s.shape[1], "max_sv": float(s[:, 0].mean())}
+        if self.full:
+            sq = s.pow(2)
+            smin = s[:, -1]
+            cond = torch.where(smin > 0, s[:, 0] / smin, torch.full_like(smin, math.inf))
+            out.update(
+                mean_sq_sv=float(sq.mean(1).mean()),
+                var_sq_sv=float(sq.var(1, unbiased=False).mean()),
+                min_sv=float(smin.mean()),
+                condition_number=float(cond.mean()),
+                frac_near_one=float(((s - 1).abs() <= NEAR_ONE).double().mean(1).mean()),
+            )
+        else:
+            m1, m2 = self.moments[:, 0], self.moments[:, 1]
+            out.update(
+                mean_sq_sv=float(m1.mean()),
+                var_sq_sv=float((m2 - m1.pow(2)).clamp_min(0).mean()),
+                min_sv=nan, condition_number=nan, frac_near_one=nan,
+            )
+        out["spectral_radius"] = nan if self.spectral_radius is None else float(self.spectral_radius.mean())
+        return out
+
+
+@dataclass
+class JacobianReport:
+    """What :func:`jacobian_probe` returns: the input-output map first, then the layers by depth."""
+
+    layers: list[LayerSpectrum]
+    space: str  # "normalized" or "pixel"
+    n_examples: int
+    notes: list[str] = field(default_factory=list)
+
+    def cumulative_spectral_norm(self) -> dict[str, float]:
+        """``name -> mean over examples of prod_{j <= l} ||J_j||_2`` over the probed layers."""
+        out, running = {}, None
+        for ls in self.layers:
+            if ls.depth is None:
+                continue
+            top = ls.singular_values[:, 0]
+            running = top if running is None else running * top
+            out[ls.name] = float(running.mean())
+        return out
+
+    def summary(self):
+        """``jacobian_summary.csv``: one row per map with the columns of ``SUMMARY_COLUMNS``."""
+        import pandas as pd
+
+        cum = self.cumulative_spectral_norm()
+        rows = []
+        for ls in self.layers:
+            row = {"layer": ls.name, "depth": ls.depth, "in_dim": ls.in_dim, "out_dim": ls.out_dim,
+                   "method": ls.method, "converged": ls.converged}
+            row.update(ls.stats())
+            row["cum_spectral_norm"] = cum.get(ls.name, float("nan"))
+            rows.append(row)
+        return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+    def spectra_frame(self):
+        """``jacobian.csv``: long format ``layer,example,index,singular_value`` (index 0 = largest)."""
+        import pandas as pd
+
+        parts = []
+        for ls in self.layers:
+            b, r = ls.singular_values.shape
+            parts.append(pd.DataFrame({
+                "layer": ls.name,
+                "example": torch.arange(b).repeat_interleave(r).numpy(),
+                "index": torch.arange(r).repeat(b).numpy(),
+                "singular_value": ls.singular_values.reshape(-1).numpy(),
+            }))
+        return pd.concat(parts, ignore_index=True)
+
+    def to_frames(self):
+        """``(jacobian.csv frame, jacobian_summary.csv frame)``."""
+        return self.spectra_frame(), self.summary()
+
+    def metrics(self) -> dict:
+        """The input-output statistics (prefixed ``io_``) for ``summary.csv``."""
+        io = self.layers[0].stats()
+        keys = ["mean_sq_sv", "var_sq_sv", "max_sv", "min_sv", "condition_number", "frac_near_one"]
+        out = {f"io_{k}": io[k] for k in keys}
+        cum = self.cumulative_spectral_norm()
+        if cum:
+            out["cum_spectral_norm"] = list(cum.values())[-1]
+        return out
+
+
+def per_example_jacobian(fn: Callable[[Tensor], Tensor], h: Tensor) -> Tensor:
+    """Dense per-example Jacobians ``(B, m, n)`` of a batched map ``fn`` at ``h`` (B, ...).
+
+    ``vmap`` over examples of ``jacrev`` (m vector-Jacobian products) when the output is the
+    smaller side, else ``jacfwd`` (n Jacobian-vector products), each on a batch of one.
+    """
+    with torch.no_grad():
+        out = fn(h[:1])
+    m, n = out[0].numel(), h[0].numel()
+    single = lambda hi: fn(hi.unsqueeze(0)).squeeze(0)  # noqa: E731  (per-example view for vmap)
+    transform = jacrev if m <= n else jacfwd
+    return vmap(transform(single))(h).reshape(h.shape[0], m, n)
+
+
+def lanczos_topk(
+    matvec: Callable[[Tensor], Tensor],
+    batch: int,
+    dim: int,
+    k: int,
+    *,
+    tol: float = 1e-8,
+    max_iter: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    device=None,
+) -> tuple[Tensor, bool, int]:
+    """Top-``k`` eigenvalues of ``batch`` independent symmetric PSD operators, by Lanczos.
+
+    ``matvec`` maps (batch, dim) -> (batch, dim), one operator per row. The Krylov basis is kept
+    in float64 and fully reorthogonalised (twice, classical Gram-Schmidt) at every step, so no
+    spurious copies appear. A row whose Krylov space becomes invariant (breakdown,
+    ``beta <= tol * scale``) restarts from a fresh random vector orthogonal to its basis, which is
+    how repeated eigenvalues are found; if that fresh vector is itself an eigenvector (the new
+    block breaks down at once), the rest of the space is almost surely one eigenspace and the row
+    is resolved exactly (identity-like or rank-deficient operators stop early this way).
+    Otherwise a row is done when its top-k Ritz residuals ``|beta_j s_j|`` are at most ``tol``
+    times its largest Ritz value. At most ``max_iter`` steps (default ``max(3k, 30)``, capped at
+    ``dim``).
+
+    Returns:
+        ``(eigenvalues (batch, k) float64 descending, converged (every row), iterations)``.
+    """
+    k = min(k, dim)
+    steps = min(dim, max(k, max_iter if max_iter is not None else max(3 * k, 30)))
+    f64 = dict(dtype=torch.float64, device=device)
+    basis = torch.zeros(batch, steps + 1, dim, **f64)
+    alpha = torch.zeros(batch, steps, **f64)
+    beta = torch.zeros(batch, steps, **f64)
+    basis[:, 0] = _unit(torch.randn(batch, dim, generator=generator, dtype=torch.float64).to(device))
+    block_start = torch.zeros(batch, dtype=torch.long, device=device)  # first step of the current block
+    result = torch.zeros(batch, k, **f64)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def accept(rows: Tensor, values: Tensor) -> None:
+        new = rows & ~done
+        result[new] = values[new]
+        done.logical_or_(new)
+
+    top = None
+    for j in range(steps):
+        q = basis[:, j]
+        w = matvec(q)
+        alpha[:, j] = (w * q).sum(-1)
+        w = _orthogonalize(w, basis[:, : j + 1])
+        b = w.norm(dim=-1)
+        theta, vecs = torch.linalg.eigh(_tridiagonal(alpha[:, : j + 1], beta[:, :j]))  # ascending
+        top = theta.flip(-1)
+        scale = theta.abs().amax(-1).clamp_min(torch.finfo(torch.float64).tiny)
+        broken = b <= tol * scale
+        if j + 1 == dim:  # the basis spans the space: the Ritz values are the eigenvalues
+            accept(torch.ones_like(done), top[:, :k])
+            break
+        single = broken & (block_start == j)
+        if bool(single.any()):  # the complement is one eigenspace with eigenvalue alpha_j
+            fill = alpha[:, j : j + 1].expand(batch, min(k, dim - j - 1))
+            accept(single, torch.cat([theta, fill], -1).sort(-1, descending=True).values[:, :k])
+        if j + 1 >= k:
+            resid = (b.unsqueeze(-1) * vecs[:, -1, -k:]).abs()  # (batch, k)
+            accept((resid <= tol * scale.unsqueeze(-1)).all(-1) & ~broken, top[:, :k])
+        if bool(done.all()) or j + 1 == steps:
+            break
+        if bool(broken.any()):  # restart those rows in the orthogonal complement of their basis
+            fresh = torch.randn(batch, dim, generator=generator, dtype=torch.float64).to(device)
+            w = torch.where(broken.unsqueeze(-1), _orthogonalize(fresh, basis[:, : j + 1]), w)
+            b = torch.where(broken, torch.zeros_like(b), b)
+            block_start = torch.where(broken, torch.full_like(block_start, j + 1), block_start)
+        beta[:, j] = b
+        basis[:, j + 1] = _unit(w)
+    converged = bool(done.all())
+    if not converged:  # report the current Ritz values, flagged as not converged
+        result[~done] = top[~done, :k]
+    return result, converged, j + 1
+
+
+def jacobian_probe(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    pixel_space: bool = False,
+    per_layer: bool = True,
+    layers: Optional[Sequence[str]] = None,
+    method: str = "auto",
+    k: int = 8,
+    max_dense: int = 2**24,
+    n_probes: int = 16,
+    keep_jacobians: bool = False,
+    seed: int = 0,
+) -> JacobianReport:
+    """Per-example Jacobian spectra of ``model`` at the inputs ``x`` (B, *input_shape) in [0, 1].
+
+    Args:
+        pixel_space: differentiate w.r.t. the raw input instead of ``normalize(x)``.
+        per_layer: also probe every block and the head (GradlabNet only).
+        layers: restrict the per-layer maps to these names (``blocks.0`` ... ``head``).
+        method: ``auto`` | ``dense`` | ``lanczos`` (module docstring).
+        k: how many top singular values Lanczos returns.
+        max_dense: ``auto`` uses the dense path while ``B * m * n`` is at most this.
+        n_probes: Rademacher probes of the Hutchinson moment estimates (Lanczos mode).
+        keep_jacobians: keep the dense (B, m, n) Jacobians on the report (tests, small models).
+        seed: seeds the Lanczos start vectors and probes.
+    Raises:
+        GradlabError: unknown method or layer, k < 1, an empty batch, or a model/block whose
+        output is not a tensor.
+    """
+    if method not in METHODS:
+        raise GradlabError(f"unknown method {method!r}; choose from: {', '.join(METHODS)}")
+    if k < 1:
+        raise GradlabError(f"invalid k: {k} (must be >= 1)")
+    if x.ndim < 2 or x.shape[0] < 1:
+        raise GradlabError(f"x must be a non-empty batch (B, *input_shape); got shape {tuple(x.shape)}")
+    notes: list[str] = []
+    gen = torch.Generator().manual_seed(seed)
+    flags = [(mod, mod.training) for mod in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            _check_tensor(model(x), "model")
+            is_net = isinstance(model, GradlabNet)
+            if is_net and not pixel_space:
+                acts = model.block_inputs(x) if per_layer else [model.normalize(x)]
+                maps = [(INPUT_OUTPUT, None, lambda h: model.forward_from(h, 0), acts[0])]
+            else:
+                if not is_net and not pixel_space:
+                    notes.append("the model is not a GradlabNet (no separate normalize layer): "
+                                 "the Jacobian is taken w.r.t. the raw input")
+                acts = model.block_inputs(x) if (is_net and per_layer) else None
+                maps = [(INPUT_OUTPUT, None, model, x)]
+            if per_layer and is_net:
+                units = [(i, f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+                units.append((len(model.blocks), "head", model.head))
+                for depth, name, mod in select_layers(units, layers):
+                    maps.append((name, depth, mod, acts[depth]))
+            elif per_layer:
+                notes.append("per-layer Jacobians need a GradlabNet (normalize -> blocks -> head); skipped")
+            spectra = [
+                _spectrum(name, depth, fn, h, method, k, max_dense, n_probes, keep_jacobians, gen)
+                for name, depth, fn, h in maps
+            ]
+    finally:
+        for mod, flag in flags:
+            mod.training = flag
+    return JacobianReport(spectra, "pixel" if pixel_space else "normalized", x.shape[0], notes)
+
+
+def _spectrum(name, depth, fn, h, method, k, max_dense, n_probes, keep, gen) -> LayerSpectrum:
+    out = _check_tensor(fn(h[:1]), name)
+    b, m, n = h.shape[0], out[0].numel(), h[0].numel()
+    use_dense = method == "dense" or (method == "auto" and b * m * n <= max_dense)
+    if use_dense:
+        jac = per_example_jacobian(fn, h)
+        sv = torch.linalg.svdvals(jac).double()
+        radius = None
+        if m == n:
+            radius = torch.linalg.eigvals(jac).abs().amax(-1).double()
+        return LayerSpectrum(name, depth, n, m, "dense", sv, spectral_radius=radius,
+                             jacobian=jac if keep else None)
+    gram, p = _gram_operator(fn, h)
+    tol = max(1e-10, 100 * torch.finfo(h.dtype).eps)
+    evals, ok, iters = lanczos_topk(gram, b, p, k, tol=tol, generator=gen, device=h.device)
+    sv = evals.clamp_min(0).sqrt()
+    moments = torch.zeros(b, 2, dtype=torch.float64, device=h.device)
+    for _ in range(n_probes):  # Hutchinson: E[z'Gz] = tr G, E[|Gz|^2] = tr G^2, z Rademacher
+        z = (torch.randint(0, 2, (b, p), generator=gen) * 2 - 1).to(torch.float64).to(h.device)
+        gz = gram(z)
+        moments[:, 0] += (z * gz).sum(-1)
+        moments[:, 1] += gz.pow(2).sum(-1)
+    moments /= n_probes * p
+    return LayerSpectrum(name, depth, n, m, "lanczos", sv.cpu(), converged=ok, iterations=iters,
+                         moments=moments.cpu())
+
+
+def _gram_operator(fn, h: Tensor):
+    """Matrix-free per-example Gram ``G`` on the smaller side, float64 in and out, and its size.
+
+    One forward pass is recorded and reused by every product: ``J^T u`` is a backward pass, and
+    ``J v`` is the derivative of the (linear in ``u``) map ``u -> J^T u`` in direction ``v``
+    (the double-backward trick), which on CPU is far cheaper than re-running ``torch.func.jvp``.
+    The map is block-diagonal over examples, so one product serves every example at once.
+    """
+    with torch.enable_grad():
+        h_in = h.detach().requires_grad_(True)
+        out = fn(h_in)
+        dummy = torch.zeros_like(out, requires_grad=True)
+        jt_dummy = torch.autograd.grad(out, h_in, dummy, create_graph=True)[0]
+    b, m, n = h.shape[0], out[0].numel(), h[0].numel()
+    dtype = h.dtype
+
+    def jv(v):  # (B, n) -> (B, m)
+        with torch.enable_grad():
+            r = torch.autograd.grad(jt_dummy, dummy, v.to(dtype).view_as(h), retain_graph=True)[0]
+        return r.reshape(b, m).double()
+
+    def jtu(u):  # (B, m) -> (B, n)
+        with torch.enable_grad():
+            r = torch.autograd.grad(out, h_in, u.to(dtype).view_as(out), retain_graph=True)[0]
+        return r.reshape(b, n).double()
+
+    if n <= m:
+        return (lambda v: jtu(jv(v))), n
+    return (lambda u: jv(jtu(u))), m
+
+
+def _check_tensor(out, what: str) -> Tensor:
+    if not isinstance(out, Tensor):
+        raise GradlabError(
+            f"{what} output is a {type(out).__name__}, not a tensor; the Jacobian probe needs maps Tensor -> Tensor"
+        )
+    return out
+
+
+def _unit(v: Tensor) -> Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+
+
+def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
+    """Remove from each row of ``w`` (B, d) its components on ``basis`` (B, j, d); done twice."""
+    for _ in range(2):
+        w = w - torch.einsum("bj,bjd->bd", torch.einsum("bjd,bd->bj", basis, w), basis)
+    return w
+
+
+def _tridiagonal(alpha: Tensor, beta: Tensor) -> Tensor:
+    t = torch.diag_embed(alpha)
+    if beta.shape[-1]:
+        t = t + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
+    return t
