@@ -68,7 +68,7 @@ class AdaHessian(HessianDiagOptimizer):
                          seed=seed, vecs_fn=vecs_fn)
 
     @torch.no_grad()
-    def step(self, closure):
+    def step(self, closure=None):
         """One AdaHessian step; ``closure()`` must return the loss without calling backward."""
         loss, diag = self._grad_and_diag(closure)
         fresh = dict(zip(map(id, self._params()), diag)) if diag is not None else {}

@@ -67,7 +67,7 @@ class CurvatureGD(HessianDiagOptimizer):
                          seed=seed, vecs_fn=vecs_fn)
 
     @torch.no_grad()
-    def step(self, closure):
+    def step(self, closure=None):
         """One damped diagonal Newton step; ``closure()`` returns the loss without backward."""
         loss, diag = self._grad_and_diag(closure)
         fresh = dict(zip(map(id, self._params()), diag)) if diag is not None else {}
