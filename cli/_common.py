@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.table import Table
 from typing_extensions import Annotated
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped or captured output gets wide tables instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 RUN_PANEL = "Run folder"
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-import click
 import typer
+
+try:  # typer >= 0.2x vendors click; older releases raise click's own exceptions
+    from typer import TyperException as _CliError
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException as _CliError
 
 app = typer.Typer(
     name="gradlab",
@@ -39,6 +43,8 @@ app.command("runs")(_cmd("runs"))
 app.command("list")(_cmd("listing"))
 app.command("run")(_cmd("experiment"))
 app.command("tensorboard")(_cmd("tb"))
+app.command("attack")(_cmd("attack"))
+app.command("optimize")(_cmd("optimize"))
 # --- end of commands ------------------------------------------------------------------------
 
 
@@ -55,16 +61,17 @@ def main(argv: list | None = None) -> None:
     except GradlabError as e:
         print(f"gradlab: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.UsageError as e:
-        where = f"{e.ctx.command_path}: " if e.ctx is not None else ""
+    except _CliError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `gradlab` or `gradlab probe` alone: show help
+            print(e.format_message())
+            sys.exit(0)
+        ctx = getattr(e, "ctx", None)
+        where = f"{ctx.command_path}: " if ctx is not None else ""
         print(f"gradlab: error: {where}{_one_line(e.format_message())}", file=sys.stderr)
-        sys.exit(2)
-    except click.exceptions.Abort:
+        sys.exit(getattr(e, "exit_code", 2))
+    except typer.Abort:
         print("gradlab: aborted", file=sys.stderr)
         sys.exit(130)
-    except click.exceptions.ClickException as e:
-        print(f"gradlab: error: {_one_line(e.format_message())}", file=sys.stderr)
-        sys.exit(e.exit_code)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

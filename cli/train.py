@@ -66,7 +66,7 @@ def command(
     momentum: Annotated[Optional[float], typer.Option(help="Momentum (momentum, nesterov, rmsprop).", rich_help_panel=OPT)] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay.", rich_help_panel=OPT)] = None,
     schedule: Annotated[Optional[str], typer.Option(help="Learning-rate schedule: constant, cosine, step.", rich_help_panel=OPT)] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training set. [default: 10]", rich_help_panel=TRAIN)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training set. [default: 15]", rich_help_panel=TRAIN)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (split across torchrun processes). [default: 64]", rich_help_panel=TRAIN)] = None,
     log_every: Annotated[Optional[int], typer.Option(help="Per-layer gradient histograms every N steps. [default: 50]", rich_help_panel=TRAIN)] = None,
     keep_checkpoints: Annotated[Optional[int], typer.Option(help="Keep N weight snapshots along training (for landscape PCA). [default: 0]", rich_help_panel=TRAIN)] = None,

@@ -144,7 +144,7 @@ class RunDir:
         try:
             import torch
 
-            torch_version = torch.__version__
+            torch_version = str(torch.__version__)
         except ImportError:  # pragma: no cover - torch is a dependency
             torch_version = None
         doc = {
@@ -284,8 +284,11 @@ def _plain(obj: Any) -> Any:
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
+    if obj is None:
+        return None
+    for t in (bool, int, float, str):  # exact built-ins: safe_dump rejects subclasses (TorchVersion)
+        if isinstance(obj, t):
+            return t(obj)
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "item"):

@@ -23,7 +23,7 @@ BASE_DEFAULTS = {
     "dataset": "digits",
     "data_dir": None,
     "opt": "adam",
-    "epochs": 10,
+    "epochs": 15,
     "batch_size": 64,
     "log_every": 50,
     "hessian_every": 0,
@@ -48,10 +48,11 @@ def subset(cfg: dict, keys) -> dict:
     return {k: cfg[k] for k in keys if k in cfg}
 
 
-def validate_train_config(cfg: dict) -> None:
-    """Check what can be checked before a run folder exists (names, ranges)."""
+def validate_train_config(cfg: dict) -> dict:
+    """Check what can be checked before a run folder exists (names, ranges); fill in the
+    optimizer's own learning rate so config.yaml records the value actually used."""
     from gradlab.data import DATASETS
-    from gradlab.optim import OPTIMIZERS
+    from gradlab.optim import OPTIMIZERS, default_lr
 
     check(cfg["epochs"] >= 1, f"invalid epochs: {cfg['epochs']} (must be >= 1)")
     check(cfg["batch_size"] >= 1, f"invalid batch size: {cfg['batch_size']} (must be >= 1)")
@@ -69,6 +70,9 @@ def validate_train_config(cfg: dict) -> None:
         ATTACKS.entry(cfg["adv"])
         check(0 < cfg["adv_eps"] <= 1, f"invalid adv-eps: {cfg['adv_eps']} (must be in (0, 1])")
         check(0 < cfg["adv_ratio"] <= 1, f"invalid adv-ratio: {cfg['adv_ratio']} (must be in (0, 1])")
+    if cfg.get("lr") is None:
+        cfg["lr"] = default_lr(cfg["opt"])
+    return cfg
 
 
 @dataclass

@@ -1,0 +1,52 @@
+"""Helpers for driving the real CLI in tests: in-process (fast) or as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def run_path(self) -> Path:
+        """The folder named by the last stdout line, ``run: <path>``."""
+        last = self.out.strip().splitlines()[-1]
+        assert last.startswith("run: "), f"last stdout line is not the run path: {last!r}"
+        return Path(last[5:])
+
+
+def cli(capsys, *args) -> Result:
+    """Run ``gradlab ARGS`` in this process through the console entry point's ``main``."""
+    from gradlab_cli.main import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return Result(code, out, err)
+
+
+def gradlab_exe() -> list[str]:
+    """The installed console script next to this interpreter."""
+    exe = Path(sys.executable).with_name("gradlab")
+    assert exe.exists(), f"console script not installed at {exe}: run `make install`"
+    return [str(exe)]
+
+
+def run_proc(args, cwd=None, env=None, timeout=300) -> Result:
+    e = {**os.environ, **(env or {})}
+    p = subprocess.run([str(a) for a in args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+    return Result(p.returncode, p.stdout, p.stderr)
