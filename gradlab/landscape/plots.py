@@ -1,0 +1,211 @@
+"""Figures for landscapes, optimizer trajectories, simplexes and mode-connecting curves.
+
+Every function returns a matplotlib figure and draws nothing on screen; the caller saves it
+(``RunDir.save_figure`` writes the PNG and the TensorBoard image, then closes it).
+Grid values arrive as flat (G,) tensors in :func:`gradlab.landscape.grid.grid_coords` order
+(first axis slowest), reshaped here to (len(x), len(y)).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def _plt():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _z(values, log_scale: bool):
+    z = np.asarray(values, dtype=np.float64)
+    if log_scale:
+        z = np.log10(np.clip(z, 1e-12, None))
+    return z
+
+
+def grid_matrix(axes: Sequence[torch.Tensor], values) -> np.ndarray:
+    """(len(y), len(x)) matrix of a flat grid quantity, as ``contour(X, Y, Z)`` wants it."""
+    nx, ny = len(axes[0]), len(axes[1])
+    return np.asarray(values, dtype=np.float64).reshape(nx, ny).T
+
+
+def landscape_line(axis, loss, acc, *, log_scale=False, title="", xlabel="alpha", marks: Optional[dict] = None):
+    """1-D landscape: loss (left axis) and accuracy (right axis) along one direction."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = np.asarray(axis, dtype=np.float64)
+    ax.plot(x, _z(loss, log_scale), color="tab:blue", label="loss")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("log10 loss" if log_scale else "loss", color="tab:blue")
+    acc = np.asarray(acc, dtype=np.float64)
+    if np.isfinite(acc).any():
+        ax2 = ax.twinx()
+        ax2.plot(x, acc, color="tab:orange", linestyle="--", label="accuracy")
+        ax2.set_ylabel("accuracy", color="tab:orange")
+        ax2.set_ylim(0, 1.02)
+    for label, pos in (marks or {}).items():
+        ax.axvline(pos, color="grey", linewidth=0.8, linestyle=":")
+        ax.annotate(label, (pos, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def landscape_contour(axes, loss, *, log_scale=False, title="", path=None, points: Optional[dict] = None,
+                      labels=("d1", "d2"), ax=None, levels=30):
+    """Filled contour of a 2-D landscape; ``path`` (T, 2) draws a projected trajectory and
+    ``points`` {label: (x, y)} marks special points (the centre, simplex vertices, ...)."""
+    plt = _plt()
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 5))
+    X, Y = np.meshgrid(np.asarray(axes[0]), np.asarray(axes[1]))
+    Z = grid_matrix(axes, _z(loss, log_scale))
+    cs = ax.contourf(X, Y, Z, levels=levels, cmap="viridis")
+    ax.contour(X, Y, Z, levels=levels, colors="k", linewidths=0.3, alpha=0.5)
+    (fig or ax.figure).colorbar(cs, ax=ax, label="log10 loss" if log_scale else "loss")
+    if path is not None:
+        p = np.asarray(path, dtype=np.float64)
+        ax.plot(p[:, 0], p[:, 1], "w.-", linewidth=1.2, markersize=4, label="trajectory")
+        ax.legend(loc="upper right", fontsize=8)
+    for label, (px, py) in (points or {}).items():
+        ax.plot([px], [py], "r*", markersize=10)
+        ax.annotate(label, (px, py), textcoords="offset points", xytext=(4, 4), color="white", fontsize=8)
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_title(title)
+    return fig if fig is not None else ax.figure
+
+
+def landscape_surface(axes, loss, *, log_scale=False, title=""):
+    """3-D surface of a 2-D landscape."""
+    plt = _plt()
+    fig = plt.figure(figsize=(7, 5))
+    ax = fig.add_subplot(projection="3d")
+    X, Y = np.meshgrid(np.asarray(axes[0]), np.asarray(axes[1]))
+    Z = grid_matrix(axes, _z(loss, log_scale))
+    ax.plot_surface(X, Y, Z, cmap="viridis", linewidth=0, antialiased=True)
+    ax.set_xlabel("d1")
+    ax.set_ylabel("d2")
+    ax.set_zlabel("log10 loss" if log_scale else "loss")
+    ax.set_title(title)
+    return fig
+
+
+def _function_grid(fn, view, n=200):
+    x0, x1, y0, y1 = view
+    xs = torch.linspace(x0, x1, n, dtype=torch.float64)
+    ys = torch.linspace(y0, y1, n, dtype=torch.float64)
+    X, Y = torch.meshgrid(xs, ys, indexing="xy")
+    return X.numpy(), Y.numpy(), fn.value(X, Y).detach().numpy()
+
+
+def _function_levels(Z):
+    """Contour levels spread by quantiles, so steep functions (Rosenbrock) keep detail near the valley."""
+    q = np.unique(np.quantile(Z[np.isfinite(Z)], np.linspace(0, 1, 31)))
+    return q if len(q) > 2 else 20
+
+
+def trajectories_plot(fn, traj, *, title="", view=None):
+    """Contour of a 2-D test function with every optimizer's path (``traj``: the
+    ``optimizer,step,x,y,...`` DataFrame); start, minima and saddles marked. Paths leaving the
+    view are clipped at its border."""
+    plt = _plt()
+    view = fn.view if view is None else view
+    X, Y, Z = _function_grid(fn, view)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cs = ax.contourf(X, Y, Z, levels=_function_levels(Z), cmap="Greys_r", alpha=0.85)
+    fig.colorbar(cs, ax=ax, label=f"{fn.name}(x, y)")
+    for name, grp in traj.groupby("optimizer", sort=False):
+        ax.plot(grp["x"].to_numpy(), grp["y"].to_numpy(), ".-", markersize=2, linewidth=1.5, label=name)
+    first = traj.iloc[0]
+    ax.plot([first["x"]], [first["y"]], "ko", markersize=7, label="start")
+    for m in fn.minima:
+        ax.plot([m[0]], [m[1]], "g*", markersize=12)
+    for s in fn.saddles:
+        ax.plot([s[0]], [s[1]], "rx", markersize=10, markeredgewidth=2)
+    ax.set_xlim(view[0], view[1])
+    ax.set_ylim(view[2], view[3])
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title(title or f"{fn.name}: optimizer trajectories")
+    fig.tight_layout()
+    return fig
+
+
+def trajectories_gif(fn, traj, path, *, fps=20, max_frames=100, view=None) -> bool:
+    """Animated GIF of the trajectories (PillowWriter); returns False when pillow is missing."""
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        return False
+    plt = _plt()
+    from matplotlib.animation import FuncAnimation, PillowWriter
+
+    view = fn.view if view is None else view
+    X, Y, Z = _function_grid(fn, view, n=120)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.contourf(X, Y, Z, levels=_function_levels(Z), cmap="Greys_r", alpha=0.85)
+    ax.set_xlim(view[0], view[1])
+    ax.set_ylim(view[2], view[3])
+    groups = [(n, g[["x", "y"]].to_numpy()) for n, g in traj.groupby("optimizer", sort=False)]
+    lines = [ax.plot([], [], ".-", markersize=2, label=n)[0] for n, _ in groups]
+    ax.legend(loc="best", fontsize=8)
+    steps = max(len(p) for _, p in groups)
+    frames = np.unique(np.linspace(1, steps, min(max_frames, steps)).astype(int))
+
+    def update(k):
+        for line, (_, p) in zip(lines, groups):
+            line.set_data(p[:k, 0], p[:k, 1])
+        ax.set_title(f"{fn.name}: step {k - 1}")
+        return lines
+
+    FuncAnimation(fig, update, frames=frames, blit=False).save(str(path), writer=PillowWriter(fps=fps))
+    plt.close(fig)
+    return True
+
+
+def connect_plot(table, *, curve="bezier", title=""):
+    """Loss and accuracy along the trained curve against the straight line (``connect.csv``)."""
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(table["t"], table["loss"], "o-", label=f"{curve} curve")
+    a1.plot(table["t"], table["line_loss"], "s--", label="straight line")
+    a1.set_xlabel("t")
+    a1.set_ylabel("loss")
+    a1.legend()
+    a2.plot(table["t"], table["acc"], "o-", label=f"{curve} curve")
+    a2.plot(table["t"], table["line_acc"], "s--", label="straight line")
+    a2.set_xlabel("t")
+    a2.set_ylabel("accuracy")
+    a2.legend()
+    fig.suptitle(title or "mode connectivity")
+    fig.tight_layout()
+    return fig
+
+
+def simplex_plot(table, *, title=""):
+    """Loss and accuracy at the simplex's vertices, centre, interior samples and the ensemble."""
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    colors = {"vertex": "tab:red", "centre": "tab:green", "sample": "tab:blue", "ensemble": "tab:purple"}
+    for kind, grp in table.groupby("kind", sort=False):
+        a1.scatter(grp["point"], grp["loss"], color=colors.get(kind, "k"), label=kind)
+        a2.scatter(grp["point"], grp["acc"], color=colors.get(kind, "k"), label=kind)
+    for ax, lab in ((a1, "loss"), (a2, "accuracy")):
+        ax.set_ylabel(lab)
+        ax.tick_params(axis="x", rotation=70, labelsize=7)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "simplex")
+    fig.tight_layout()
+    return fig
