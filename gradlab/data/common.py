@@ -57,9 +57,9 @@ def make_bundle(
     return DataBundle(
         name=name,
         x_train=xtr,
-        y_train=torch.as_tensor(np.asarray(y_train), dtype=torch.int64),
+        y_train=torch.tensor(np.asarray(y_train, dtype=np.int64)),  # a copy: IDX buffers are read-only
         x_test=xte,
-        y_test=torch.as_tensor(np.asarray(y_test), dtype=torch.int64),
+        y_test=torch.tensor(np.asarray(y_test, dtype=np.int64)),
         input_shape=tuple(xtr.shape[1:]),
         num_classes=int(num_classes),
         mean=mean,
