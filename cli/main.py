@@ -45,6 +45,7 @@ app.command("run")(_cmd("experiment"))
 app.command("tensorboard")(_cmd("tb"))
 app.command("attack")(_cmd("attack"))
 app.command("optimize")(_cmd("optimize"))
+probe_app.command("gradnorm")(_cmd("probe_gradnorm"))
 # --- end of commands ------------------------------------------------------------------------
 
 

@@ -49,7 +49,7 @@ from torch.func import jacfwd, jacrev, vmap
 
 from gradlab.errors import GradlabError
 from gradlab.models.base import GradlabNet
-from gradlab.probes.gradnorm import select_layers
+from gradlab.probes.gradnorm import DEFAULT_THRESHOLD, select_layers, verdict_from_rate
 
 METHODS = ("auto", "dense", "lanczos")
 INPUT_OUTPUT = "input-output"
@@ -166,14 +166,29 @@ class JacobianReport:
         """``(jacobian.csv frame, jacobian_summary.csv frame)``."""
         return self.spectra_frame(), self.summary()
 
-    def metrics(self) -> dict:
-        """The input-output statistics (prefixed ``io_``) for ``summary.csv``."""
+    def gain_rate(self, threshold: float = DEFAULT_THRESHOLD) -> tuple[float, str]:
+        """Typical gain per layer and its verdict: ``(rate, vanishing|exploding|stable|undetermined)``.
+
+        ``sqrt(mean_sq_sv)`` of a layer map is the factor by which it scales the norm of a random
+        direction (``mean_sq_sv`` is the mean-field ``chi_1`` of Poole et al. 2016 / Schoenholz
+        et al. 2017); the rate is its geometric mean over the probed per-layer maps, and the
+        verdict uses the rule of :mod:`gradlab.probes.gradnorm` (``|log rate| > log(1 + t)``).
+        """
+        chi = [ls.stats()["mean_sq_sv"] for ls in self.layers if ls.depth is not None]
+        if not chi:
+            return float("nan"), "undetermined"
+        log_rate = 0.5 * sum(math.log(max(c, 1e-300)) for c in chi) / len(chi)
+        return math.exp(log_rate), verdict_from_rate(log_rate, threshold)
+
+    def metrics(self, threshold: float = DEFAULT_THRESHOLD) -> dict:
+        """The input-output statistics (prefixed ``io_``), gain rate and verdict for ``summary.csv``."""
         io = self.layers[0].stats()
         keys = ["mean_sq_sv", "var_sq_sv", "max_sv", "min_sv", "condition_number", "frac_near_one"]
         out = {f"io_{k}": io[k] for k in keys}
         cum = self.cumulative_spectral_norm()
         if cum:
             out["cum_spectral_norm"] = list(cum.values())[-1]
+            out["gain_rate"], out["verdict"] = self.gain_rate(threshold)
         return out
 
 

@@ -1,0 +1,141 @@
+"""Figures for the gradient-norm and Jacobian probes (matplotlib ``Figure`` objects, no pyplot state).
+
+* :func:`gradnorm_figure`: gradient, weight and backward-signal norms against depth (log y) with
+  the fitted signal-norm line behind the verdict.
+* :func:`spectra_figure`: a histogram of log10 singular values per map (at most ``max_panels``
+  maps, evenly spread over depth, the input-output map first).
+* :func:`depth_figure`: per-layer spectral statistics against depth (log y): spectral norm,
+  root-mean-square singular value, smallest singular value, cumulative product of spectral norms.
+* :func:`sweep_figure`: the experiment figure: one panel per activation, end-to-end statistic
+  against depth, a line per (init, residual) pair.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from gradlab.probes.gradnorm import GradnormReport
+from gradlab.probes.jacobian import JacobianReport
+
+
+def gradnorm_figure(report: GradnormReport) -> Figure:
+    """Norms of every probed layer against its depth index, log scale; title gives the verdict."""
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    depth = np.array([lg.layer for lg in report.layers], dtype=float)
+    series = {
+        "grad norm": [lg.grad_norm for lg in report.layers],
+        "weight norm": [lg.weight_norm for lg in report.layers],
+        "signal norm dL/dh (per example)": [lg.signal_norm for lg in report.layers],
+    }
+    for (label, vals), marker in zip(series.items(), "osD"):
+        ax.plot(depth, _positive(vals), marker=marker, ms=3, label=label)
+    if not math.isnan(report.log_rate):  # the fit: log s = a - log_rate * depth
+        sig = np.log(_positive(series["signal norm dL/dh (per example)"]))
+        a = np.mean(sig + report.log_rate * depth)
+        ax.plot(depth, np.exp(a - report.log_rate * depth), "k--", lw=1, label="log-linear fit")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (depth index; head last)")
+    ax.set_ylabel("L2 norm")
+    ax.set_title(f"{report.verdict}: signal x{report.rate:.3g} per layer towards the input "
+                 f"(threshold {report.threshold:g})", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def spectra_figure(report: JacobianReport, max_panels: int = 12) -> Figure:
+    """Histograms of log10 singular values (all examples pooled), one panel per map."""
+    chosen = _spread(report.layers, max_panels)
+    cols = min(4, len(chosen))
+    rows = math.ceil(len(chosen) / cols)
+    fig = Figure(figsize=(3.0 * cols, 2.3 * rows))
+    for i, ls in enumerate(chosen):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        sv = ls.singular_values.flatten().numpy()
+        logs = np.log10(sv[sv > 0]) if (sv > 0).any() else np.array([-30.0])
+        ax.hist(logs, bins=40, color="C0" if ls.depth is None else "C1")
+        ax.axvline(0.0, color="k", lw=0.8, ls=":")  # singular value 1: isometry
+        kind = "top-k, Lanczos" if ls.method == "lanczos" else "all"
+        ax.set_title(f"{ls.name} ({kind})", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if i % cols == 0:
+            ax.set_ylabel("count", fontsize=8)
+        if i >= len(chosen) - cols:
+            ax.set_xlabel("log10 singular value", fontsize=8)
+    fig.suptitle(f"Jacobian singular values ({report.space} input, {report.n_examples} examples)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def depth_figure(report: JacobianReport) -> Figure:
+    """Per-layer statistics against depth; the cumulative product shows the exponential trend."""
+    summary = report.summary()
+    per_layer = summary[summary["depth"].notna()]
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    depth = per_layer["depth"].to_numpy(dtype=float)
+    ax.plot(depth, _positive(per_layer["max_sv"]), "o-", ms=3, label="spectral norm (max sv)")
+    ax.plot(depth, _positive(np.sqrt(per_layer["mean_sq_sv"])), "s-", ms=3, label="rms singular value")
+    if per_layer["min_sv"].notna().any():
+        ax.plot(depth, _positive(per_layer["min_sv"]), "v-", ms=3, label="min singular value")
+    ax.plot(depth, _positive(per_layer["cum_spectral_norm"]), "k--", label="cumulative product of spectral norms")
+    ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (depth index; head last)")
+    ax.set_ylabel("singular value (mean over examples)")
+    io = summary.iloc[0]
+    ax.set_title(f"end-to-end: mean sq sv {io['mean_sq_sv']:.3g}, max sv {io['max_sv']:.3g}, "
+                 f"within 10% of 1: {io['frac_near_one']:.2f}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def sweep_figure(df, value: str = "io_mean_sq_sv", ylabel: str = "end-to-end mean squared singular value") -> Figure:
+    """One panel per activation: ``value`` against depth, a line per (init, residual) pair.
+
+    ``df`` has columns ``act, init, residual, depth`` and ``value`` (e.g. one row per run of
+    ``experiments/vanishing_gradients.yaml`` read from summary.csv).
+    """
+    acts = sorted(df["act"].unique())
+    fig = Figure(figsize=(4.0 * len(acts), 3.6))
+    for i, act in enumerate(acts):
+        ax = fig.add_subplot(1, len(acts), i + 1)
+        part = df[df["act"] == act]
+        for (init, residual), grp in part.groupby(["init", "residual"]):
+            grp = grp.sort_values("depth")
+            style = "-" if not residual else "--"
+            ax.plot(grp["depth"], _positive(grp[value]), style, marker="o", ms=4,
+                    label=f"{init}{' + residual' if residual else ''}")
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("depth (hidden layers)")
+        if i == 0:
+            ax.set_ylabel(ylabel, fontsize=9)
+        ax.set_title(f"act = {act}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _positive(vals) -> np.ndarray:
+    """Log axes cannot show 0 or NaN: map them to NaN so the line breaks instead of lying."""
+    arr = np.asarray(vals, dtype=float)
+    return np.where(arr > 0, arr, np.nan)
+
+
+def _spread(items: list, n: int) -> list:
+    """The first item, then up to ``n - 1`` of the rest evenly spaced (last included)."""
+    if len(items) <= n:
+        return list(items)
+    rest = items[1:]
+    idx = np.unique(np.linspace(0, len(rest) - 1, n - 1).round().astype(int))
+    return [items[0]] + [rest[i] for i in idx]
