@@ -46,6 +46,7 @@ app.command("tensorboard")(_cmd("tb"))
 app.command("attack")(_cmd("attack"))
 app.command("optimize")(_cmd("optimize"))
 probe_app.command("gradnorm")(_cmd("probe_gradnorm"))
+probe_app.command("jacobian")(_cmd("probe_jacobian"))
 # --- end of commands ------------------------------------------------------------------------
 
 
