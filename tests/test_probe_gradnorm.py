@@ -176,3 +176,39 @@ def test_bad_input_raises_gradlab_error():
         gradnorm_probe(_TupleOut().double(), nn.CrossEntropyLoss(), [data()])
     with pytest.raises(GradlabError, match="threshold"):
         gradnorm_probe(model, nn.CrossEntropyLoss(), [data()], threshold=0)
+
+
+# --- CLI: `gradlab probe gradnorm` through the real entry point ------------------------------
+
+TINY = ["--depth", "3", "--width", "8", "--batches", "2", "--batch-size", "16", "--quiet"]
+
+
+def test_cli_gradnorm_writes_csv_plot_summary(tmp_path, capsys):
+    import pandas as pd
+
+    from clihelp import cli
+
+    r = cli(capsys, "probe", "gradnorm", "--runs-dir", tmp_path, "--act", "sigmoid", "--init", "gaussian", *TINY)
+    assert r.code == 0, r.err
+    path = r.run_path
+    df = pd.read_csv(path / "gradnorm.csv")
+    assert list(df.columns) == ["layer", "name", "grad_norm", "grad_norm_std", "weight_norm", "ratio", "signal_norm"]
+    assert list(df["name"]) == ["blocks.0", "blocks.1", "blocks.2", "head"]
+    assert (path / "plots" / "gradnorm.png").stat().st_size > 0
+    assert any(p.name.startswith("events.out.tfevents") for p in path.iterdir())
+    s = pd.read_csv(path / "summary.csv")
+    assert s.loc[0, "status"] == "completed" and s.loc[0, "verdict"] in ("vanishing", "exploding", "stable")
+    assert s.loc[0, "act"] == "sigmoid" and s.loc[0, "depth"] == 3
+    assert "verdict: " in r.out
+
+
+def test_cli_gradnorm_bad_input_is_one_line(tmp_path, capsys):
+    from clihelp import cli
+
+    for extra, expect in [(["--batches", "0"], "invalid batches: 0"),
+                          (["--layers", "blocks.0,blocks.9"], "unknown layer 'blocks.9'")]:
+        r = cli(capsys, "probe", "gradnorm", "--runs-dir", tmp_path, *TINY, *extra)
+        assert r.code == 2 and expect in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert not list(tmp_path.iterdir())  # no run folder for a mistake caught up front
+    r = cli(capsys, "probe", "gradnorm", "--runs-dir", tmp_path, "--run", "last", "--depth", "3")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r.err

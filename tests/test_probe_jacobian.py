@@ -212,3 +212,54 @@ def test_plain_module_gets_input_output_only_with_a_note():
     rep = jacobian_probe(model, x, keep_jacobians=True)
     assert [ls.name for ls in rep.layers] == ["input-output"] and len(rep.notes) == 2
     torch.testing.assert_close(rep.layers[0].jacobian, _reference(model, x), rtol=1e-12, atol=1e-14)
+
+
+def test_gain_rate_verdict():
+    model = mlp([6, 6, 6, 6, 4])
+    rep = jacobian_probe(model, _x((3, 6)), method="dense")
+    chi = [ls.stats()["mean_sq_sv"] for ls in rep.layers[1:]]
+    rate, verdict = rep.gain_rate(0.1)
+    assert rate == pytest.approx(math.prod(chi) ** (0.5 / len(chi)), rel=1e-12)
+    assert verdict == ("vanishing" if rate < 1 / 1.1 else "exploding" if rate > 1.1 else "stable")
+    big = mlp([6, 6, 6, 6, 4])
+    with torch.no_grad():
+        for b in big.blocks:
+            b[0].weight.mul_(10.0)
+    assert jacobian_probe(big, _x((3, 6)), method="dense").gain_rate()[1] == "exploding"
+
+
+# --- CLI: `gradlab probe jacobian` through the real entry point ------------------------------
+
+
+def test_cli_jacobian_on_a_trained_run(tmp_path, capsys):
+    import pandas as pd
+
+    from clihelp import cli
+
+    r = cli(capsys, "train", "--runs-dir", tmp_path, "--depth", "2", "--width", "8", "--epochs", "1",
+            "--set", "max_train=200", "--quiet")
+    assert r.code == 0, r.err
+    r = cli(capsys, "probe", "jacobian", "--runs-dir", tmp_path, "--run", "last", "--examples", "4", "--quiet")
+    assert r.code == 0, r.err
+    path = r.run_path
+    spectra = pd.read_csv(path / "jacobian.csv")
+    summary = pd.read_csv(path / "jacobian_summary.csv")
+    assert list(spectra.columns) == ["layer", "example", "index", "singular_value"]
+    assert list(summary["layer"]) == ["input-output", "blocks.0", "blocks.1", "head"]
+    assert len(spectra) == 4 * (10 + 8 + 8 + 8)  # digits: 64 inputs, 10 classes, width 8
+    for png in ("jacobian_spectra.png", "jacobian_depth.png"):
+        assert (path / "plots" / png).stat().st_size > 0
+    s = pd.read_csv(path / "summary.csv")
+    assert s.loc[0, "status"] == "completed" and s.loc[0, "source_run"].endswith("-train")
+    assert "input-output (normalized input)" in r.out
+
+
+def test_cli_jacobian_bad_input_is_one_line(tmp_path, capsys):
+    from clihelp import cli
+
+    base = ["probe", "jacobian", "--runs-dir", tmp_path, "--depth", "2", "--width", "8", "--quiet"]
+    for extra, expect in [(["--examples", "0"], "invalid examples: 0"), (["--layers", "blocks.5"], "unknown layer"),
+                          (["--method", "svd"], "unknown method 'svd'")]:
+        r = cli(capsys, *base, *extra)
+        assert r.code == 2 and expect in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert not list(tmp_path.iterdir())

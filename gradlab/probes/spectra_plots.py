@@ -58,7 +58,10 @@ def spectra_figure(report: JacobianReport, max_panels: int = 12) -> Figure:
         ax = fig.add_subplot(rows, cols, i + 1)
         sv = ls.singular_values.flatten().numpy()
         logs = np.log10(sv[sv > 0]) if (sv > 0).any() else np.array([-30.0])
-        ax.hist(logs, bins=40, color="C0" if ls.depth is None else "C1")
+        lo, hi = float(logs.min()), float(logs.max())
+        if hi - lo < 0.2:  # (near-)isometric maps: a readable window, not one 1e-7 wide
+            lo, hi = 0.5 * (lo + hi) - 0.5, 0.5 * (lo + hi) + 0.5
+        ax.hist(logs, bins=40, range=(lo, hi), color="C0" if ls.depth is None else "C1")
         ax.axvline(0.0, color="k", lw=0.8, ls=":")  # singular value 1: isometry
         kind = "top-k, Lanczos" if ls.method == "lanczos" else "all"
         ax.set_title(f"{ls.name} ({kind})", fontsize=8)
