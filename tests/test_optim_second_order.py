@@ -172,11 +172,17 @@ def test_delayed_update_computes_the_diagonal_only_every_k_steps(name, monkeypat
 
     monkeypatch.setattr(hessian_diag, "hvp_from_grads", counting)
     model, x, y = tiny_problem()
-    opt = build_optimizer(name, model.parameters(), hessian_update_every=3)
+    opt = build_optimizer(name, model.parameters(), hessian_update_every=3, hessian_warmup=0)
     for _ in range(7):
         opt.step(lambda: F.mse_loss(model(x), y))
     assert len(calls) == 3 == opt.hvp_count  # steps 0, 3, 6
     assert calls == [False] * 3  # one probe per refresh: the graph is freed by it
+
+    calls.clear()
+    opt = build_optimizer(name, model.parameters(), hessian_update_every=3)  # default warm-up: 10 steps
+    for _ in range(17):
+        opt.step(lambda: F.mse_loss(model(x), y))
+    assert len(calls) == 10 + 3 == opt.hvp_count  # steps 0-9, then 10, 13, 16
 
     calls.clear()
     opt = build_optimizer(name, model.parameters(), hessian_samples=2)
@@ -188,7 +194,7 @@ def test_delayed_update_computes_the_diagonal_only_every_k_steps(name, monkeypat
 def test_delayed_update_reuses_the_last_diagonal_between_refreshes():
     """With k=2, step 2's |D| is step 1's: v follows b2 v + (1 - b2) D_1^2 twice."""
     model, x, y = tiny_problem()
-    opt = AdaHessian(model.parameters(), hessian_every=2)
+    opt = AdaHessian(model.parameters(), hessian_every=2, hessian_warmup=0)
     opt.step(lambda: F.mse_loss(model(x), y))
     d1 = {p: opt.state[p]["hessian_diag"].clone() for p in model.parameters()}
     opt.step(lambda: F.mse_loss(model(x), y))

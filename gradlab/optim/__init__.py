@@ -48,6 +48,7 @@ OPTIM_DEFAULTS: dict = {
     # apart from `gradlab train --hessian-every N` (lambda_max logging); the classes take it as
     # `hessian_every=k`.
     "hessian_update_every": 1,
+    "hessian_warmup": 10,  # ...but refresh every step for the first N steps (see optim/hessian_diag.py)
     "hessian_samples": 1,  # adahessian, curvature-gd: Rademacher probes per refresh
     "damping": curvature_gd.DEFAULT_DAMPING,  # curvature-gd: added to |diag H|
     "hessian_ema": curvature_gd.DEFAULT_EMA,  # curvature-gd: EMA of the diagonal estimate
@@ -90,6 +91,7 @@ def resolve_options(name: str, **opts) -> dict:
     o["betas"] = check_betas(o["betas"])
     o["hessian_power"] = check_range("hessian_power", o["hessian_power"], 0.0, 1.0, high_open=False)
     o["hessian_update_every"] = check_int("hessian_update_every", o["hessian_update_every"], 1)
+    o["hessian_warmup"] = check_int("hessian_warmup", o["hessian_warmup"], 0)
     o["hessian_samples"] = check_int("hessian_samples", o["hessian_samples"], 1)
     o["damping"] = check_range("damping", o["damping"], 0.0, None, low_open=True)
     o["hessian_ema"] = check_range("hessian_ema", o["hessian_ema"], 0.0, 1.0)

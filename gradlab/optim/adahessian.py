@@ -9,8 +9,9 @@ Machine Learning", AAAI 2021. Per parameter tensor, at step t (1-based)::
     p  <- p - lr * ( (m_t / (1 - b1^t)) / ((sqrt(v_t / (1 - b2^t)))^k + eps) + wd * p )
 
 with ``k = hessian_power`` (1 in the paper; torch-optimizer defaults to 0.5) and decoupled weight
-decay. With ``hessian_every = k`` (the paper's delayed update) ``D`` is refreshed every k steps and
-the last one is reused in between, so ``v`` still moves every step.
+decay. With ``hessian_every = k`` (the paper's delayed update) ``D`` is refreshed every k steps
+(after ``hessian_warmup`` steps refreshed every step) and the last one is reused in between, so
+``v`` still moves every step.
 
 Usage in a plain loop (the closure returns the loss, it does not call backward)::
 
@@ -49,6 +50,8 @@ class AdaHessian(HessianDiagOptimizer):
         weight_decay: decoupled weight decay, multiplied by ``lr``.
         hessian_power: exponent k of the denominator, in [0, 1].
         hessian_every: refresh the diagonal every k steps (delayed update); >= 1.
+        hessian_warmup: refresh every step for this many first steps before delaying (see
+            :mod:`gradlab.optim.hessian_diag`); >= 0.
         hessian_samples: Rademacher probes per refresh; >= 1.
         seed: seed of the optimizer's own generator for the probes.
         vecs_fn: optional ``params -> probes`` replacing the Rademacher draw (tests).
@@ -56,6 +59,7 @@ class AdaHessian(HessianDiagOptimizer):
 
     def __init__(self, params, lr: float = 0.15, betas=(0.9, 0.999), eps: float = 1e-4,
                  weight_decay: float = 0.0, hessian_power: float = 1.0, hessian_every: int = 1,
+                 hessian_warmup: int = 10,
                  hessian_samples: int = 1, seed: int = 0, vecs_fn=None):
         defaults = dict(
             lr=check_range("lr", lr, 0.0, None, low_open=True),
@@ -64,7 +68,8 @@ class AdaHessian(HessianDiagOptimizer):
             weight_decay=check_range("weight_decay", weight_decay, 0.0),
             hessian_power=check_range("hessian_power", hessian_power, 0.0, 1.0, high_open=False),
         )
-        super().__init__(params, defaults, hessian_every=hessian_every, hessian_samples=hessian_samples,
+        super().__init__(params, defaults, hessian_every=hessian_every, hessian_warmup=hessian_warmup,
+                         hessian_samples=hessian_samples,
                          seed=seed, vecs_fn=vecs_fn)
 
     @torch.no_grad()
@@ -106,7 +111,8 @@ def _make(params, o: dict) -> AdaHessian:
     return AdaHessian(
         params, lr=o["lr"], betas=o["betas"], eps=o["eps"] if o["eps"] is not None else 1e-4,
         weight_decay=o["weight_decay"] or 0.0, hessian_power=o["hessian_power"],
-        hessian_every=o["hessian_update_every"], hessian_samples=o["hessian_samples"], seed=o["seed"],
+        hessian_every=o["hessian_update_every"],
+        hessian_warmup=o["hessian_warmup"], hessian_samples=o["hessian_samples"], seed=o["seed"],
     )
 
 

@@ -50,12 +50,13 @@ class CurvatureGD(HessianDiagOptimizer):
         damping: added to ``|diag H|``; > 0.
         hessian_ema: EMA coefficient of the signed diagonal estimate, in [0, 1).
         weight_decay: decoupled weight decay, multiplied by ``lr``.
-        hessian_every, hessian_samples, seed, vecs_fn: see
+        hessian_every, hessian_warmup, hessian_samples, seed, vecs_fn: see
             :class:`gradlab.optim.hessian_diag.HessianDiagOptimizer`.
     """
 
     def __init__(self, params, lr: float = DEFAULT_LR, damping: float = DEFAULT_DAMPING,
                  hessian_ema: float = DEFAULT_EMA, weight_decay: float = 0.0, hessian_every: int = 1,
+                 hessian_warmup: int = 10,
                  hessian_samples: int = 1, seed: int = 0, vecs_fn=None):
         defaults = dict(
             lr=check_range("lr", lr, 0.0, None, low_open=True),
@@ -63,7 +64,8 @@ class CurvatureGD(HessianDiagOptimizer):
             hessian_ema=check_range("hessian_ema", hessian_ema, 0.0, 1.0),
             weight_decay=check_range("weight_decay", weight_decay, 0.0),
         )
-        super().__init__(params, defaults, hessian_every=hessian_every, hessian_samples=hessian_samples,
+        super().__init__(params, defaults, hessian_every=hessian_every, hessian_warmup=hessian_warmup,
+                         hessian_samples=hessian_samples,
                          seed=seed, vecs_fn=vecs_fn)
 
     @torch.no_grad()
@@ -95,6 +97,7 @@ def _make(params, o: dict) -> CurvatureGD:
     return CurvatureGD(
         params, lr=o["lr"], damping=o["damping"], hessian_ema=o["hessian_ema"],
         weight_decay=o["weight_decay"] or 0.0, hessian_every=o["hessian_update_every"],
+        hessian_warmup=o["hessian_warmup"],
         hessian_samples=o["hessian_samples"], seed=o["seed"],
     )
 

@@ -1,0 +1,176 @@
+"""Optimizer step cost: gradlab's AdaHessian (every step and delayed) against SGD, Adam and
+torch-optimizer's Adahessian, on the same model, data and batch.
+
+A "step" is the whole training step each optimizer needs: forward, gradient (and, for the
+second-order ones, the Hessian-vector product), update. Steps are timed in blocks of ``--block``
+consecutive steps (a multiple of k, so the delayed update's cheap and expensive steps are
+amortised as in training); the reported time per step is the median over ``--repeats`` blocks,
+measured round-robin across optimizers so that load on a shared machine hits all of them alike.
+torch-optimizer's Adahessian runs at ``hessian_power=1`` (the paper's value; its default is 0.5)
+and needs ``loss.backward(create_graph=True)`` in the loop, gradlab's takes a loss closure.
+
+Targets (issue 3): adahessian/peer <= 1, adahessian/SGD <= 3, delayed(k)/SGD <= 1 + 2/k.
+
+    python benchmarks/bench_optim.py [--repeats 15] [--threads 1] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from gradlab.optim import build_optimizer  # noqa: E402
+
+
+def digits(device, batch):
+    """One fixed batch of digits (standardised), as images (N, 1, 8, 8)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data[:batch] / 16.0, dtype=torch.float32)
+    x = ((x - x.mean()) / x.std()).view(-1, 1, 8, 8)
+    return x.to(device), torch.tensor(d.target[:batch]).to(device)
+
+
+def mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                         nn.Linear(128, 10))
+
+
+def cnn():
+    """About 6k parameters: two 3x3 convs and a linear head."""
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(16 * 2 * 2, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def make_steppers(model_fn, x, y, device, k):
+    """name -> (model, one-step function). Each gets its own identically initialised model."""
+    steppers = {}
+
+    def fresh():
+        torch.manual_seed(0)
+        return model_fn().to(device)
+
+    def first_order(name, **opts):
+        model = fresh()
+        opt = build_optimizer(name, model.parameters(), **opts)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            return loss
+        return model, step
+
+    def closure_based(name, **opts):
+        model = fresh()
+        opt = build_optimizer(name, model.parameters(), **opts)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            return opt.step(lambda: F.cross_entropy(model(x), y))
+        return model, step
+
+    steppers["sgd"] = first_order("sgd")
+    steppers["adam"] = first_order("adam")
+    steppers["gradlab adahessian"] = closure_based("adahessian")
+    steppers[f"gradlab adahessian k={k}"] = closure_based("adahessian", hessian_update_every=k)
+    steppers["gradlab curvature-gd"] = closure_based("curvature-gd")
+    try:
+        import torch_optimizer
+    except ImportError:
+        print("torch-optimizer is not installed (pip install torch-optimizer): peer rows skipped")
+    else:
+        model = fresh()
+        peer = torch_optimizer.Adahessian(model.parameters(), lr=0.15, hessian_power=1.0)
+
+        def peer_step():
+            peer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), y)
+            loss.backward(create_graph=True)  # the peer's contract
+            peer.step()
+            return loss
+        steppers["torch-optimizer Adahessian"] = (model, peer_step)
+    return steppers
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(steppers, device, repeats, block, warmup=3):
+    for _, step in steppers.values():
+        for _ in range(warmup):
+            step()
+    sync(device)
+    times = {name: [] for name in steppers}
+    for _ in range(repeats):
+        for name, (_, step) in steppers.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(block):
+                step()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) / block)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def final_losses(steppers, x, y):
+    with torch.no_grad():
+        return {name: F.cross_entropy(model(x), y).item() for name, (model, _) in steppers.items()}
+
+
+def report(title, med, losses, k):
+    sgd = med["sgd"]
+    print(f"\n## {title}\n")
+    print("| optimizer | ms/step | x SGD | loss after the timed steps |")
+    print("|---|---:|---:|---:|")
+    for name, t in med.items():
+        print(f"| {name} | {t * 1e3:.3f} | {t / sgd:.2f} | {losses[name]:.4f} |")
+    ada, delayed = med["gradlab adahessian"], med[f"gradlab adahessian k={k}"]
+    print()
+    peer = med.get("torch-optimizer Adahessian")
+    if peer is not None:
+        print(f"adahessian / torch-optimizer Adahessian = {ada / peer:.2f}  (target <= 1)")
+        print(f"torch-optimizer Adahessian / Adam       = {peer / med['adam']:.2f}")
+    print(f"adahessian / SGD                        = {ada / sgd:.2f}  (target <= 3)")
+    print(f"adahessian k={k} / SGD                    = {delayed / sgd:.2f}  (target <= {1 + 2 / k:.2f})")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=15, help="timed blocks per optimizer (median reported)")
+    ap.add_argument("--block", type=int, default=8, help="steps per timed block (a multiple of --k)")
+    ap.add_argument("--k", type=int, default=4, help="delayed Hessian update interval")
+    ap.add_argument("--batch", type=int, default=512, help="batch size")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"# optimizer step cost: torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"device {device}{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, "
+          f"{args.threads} thread(s), batch {args.batch}, median of {args.repeats} blocks of {args.block} steps")
+    x, y = digits(device, args.batch)
+    for title, model_fn in [("MLP 64-128-128-10", mlp), ("CNN (6k parameters)", cnn)]:
+        n = sum(p.numel() for p in model_fn().parameters())
+        steppers = make_steppers(model_fn, x, y, device, args.k)
+        med = measure(steppers, device, args.repeats, args.block)
+        report(f"{title}, {n} parameters", med, final_losses(steppers, x, y), args.k)
+
+
+if __name__ == "__main__":
+    main()
