@@ -1,0 +1,24 @@
+"""The curvature engine: one operator abstraction, HVP backends, and the solvers built on them.
+
+Every curvature consumer (the Hessian probe, AdaHessian, curvature-aware GD, landscapes,
+curvature attacks) goes through this package.
+"""
+
+from gradlab.curvature.density import DensityResult, slq_density
+from gradlab.curvature.eigen import EigenResult, eigsh
+from gradlab.curvature.hessian_op import HessianOperator, dense_hessian, model_mode
+from gradlab.curvature.operator import CurvatureOperator, DenseOperator, as_operator
+from gradlab.curvature.trace import (
+    DiagonalResult,
+    TraceResult,
+    hutchinson_diag,
+    hutchinson_trace,
+    hutchpp_trace,
+    xtrace,
+)
+
+__all__ = [
+    "CurvatureOperator", "DenseOperator", "as_operator", "HessianOperator", "dense_hessian",
+    "model_mode", "EigenResult", "eigsh", "TraceResult", "DiagonalResult", "hutchinson_trace",
+    "hutchpp_trace", "xtrace", "hutchinson_diag", "DensityResult", "slq_density",
+]

@@ -1,0 +1,279 @@
+"""The Hessian of a model's mean loss as a :class:`CurvatureOperator`, and its dense reference.
+
+Two backends compute the Hessian-vector product (HVP) ``H v``:
+
+* ``"double-backward"`` (Pearlmutter 1994): build ``g = grad(L, params, create_graph=True)``
+  once per batch and reuse its graph for every product: ``H v = grad(g . v, params)``.
+* ``"func"``: ``torch.func`` forward-over-reverse, ``jvp(grad(L), (params,), (v,))``
+  (functional_call keeps the module untouched); ``matmat`` vmaps over the columns.
+
+Measured on this machine's CPU (2 shared cores, torch 2.13; ``benchmarks/bench_curvature.py``),
+one HVP costs, in gradients: double-backward with the graph kept 1.0-1.6x, func 2.4-4.9x (the
+func backend's vmapped matmat amortises some of that, but not enough). So the default backend is
+``double-backward`` on CPU. No GPU was available to measure the CUDA default; it is also
+``double-backward`` there until measured (pass ``backend="func"`` to try vmapped products).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gradlab.curvature.hvp import hvp_from_grads
+from gradlab.curvature.operator import CurvatureOperator
+from gradlab.errors import GradlabError
+
+BACKENDS = ("double-backward", "func")
+MODES = ("eval", "train")
+
+#: Above this many batches the double-backward backend rebuilds each batch's gradient graph
+#: per product instead of keeping every graph alive (memory grows with kept graphs).
+MAX_KEPT_GRAPHS = 8
+
+
+def default_backend(device) -> str:
+    """The faster HVP backend for ``device`` (see the module docstring for the measurements)."""
+    return "double-backward"
+
+
+def split_batches(data) -> list[tuple[Tensor, Tensor]]:
+    """Accept one ``(x, y)`` batch or an iterable of them; return a non-empty list of batches."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        batches = [tuple(data)]
+    else:
+        batches = [tuple(b) for b in data]
+    if not batches:
+        raise GradlabError("no data batches given for the Hessian")
+    return batches
+
+
+@contextlib.contextmanager
+def model_mode(model: nn.Module, mode: str):
+    """Put ``model`` in ``mode`` ("eval" or "train") and restore every module's flag afterwards.
+
+    In train mode BatchNorm uses batch statistics but its running statistics are NOT updated
+    (``track_running_stats`` is switched off for the duration): probing must not change the model.
+    """
+    if mode not in MODES:
+        raise GradlabError(f"unknown mode {mode!r}; choose from: {', '.join(MODES)}")
+    flags = [(m, m.training) for m in model.modules()]
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracked = [m.track_running_stats for m in bns]
+    model.train(mode == "train")
+    if mode == "train":
+        for m in bns:
+            m.track_running_stats = False
+    try:
+        yield model
+    finally:
+        for m, t in zip(bns, tracked):
+            m.track_running_stats = t
+        for m, was in flags:
+            m.training = was
+
+
+class HessianOperator(CurvatureOperator):
+    """``H = d^2 L / d theta^2`` of the mean loss, as products with flat vectors of size ``n``.
+
+    Args:
+        model: the network; left unchanged (mode flags restored after every product).
+        loss_fn: ``loss_fn(logits, y) -> scalar`` mean over the batch (default cross-entropy).
+        data: one batch ``(x, y)`` or a list/iterable of batches. With several batches the loss is
+            their average weighted by batch size, i.e. the mean over all their samples.
+        backend: ``"double-backward"`` or ``"func"`` (module docstring); None = :func:`default_backend`.
+        mode: ``"eval"`` (default: dropout off, BatchNorm running statistics) or ``"train"``
+            (dropout with masks fixed per batch by a seed, BatchNorm batch statistics).
+        params: the parameters to differentiate (default: all with ``requires_grad``); the flat
+            vector is their concatenation in this order.
+        keep_graphs: double-backward only. True keeps each batch's gradient graph for the whole
+            life of the operator (fast: ~1.0-1.6x a gradient per product); False rebuilds it per
+            product (~2.5x, memory of one batch). Default: keep when there are at most
+            :data:`MAX_KEPT_GRAPHS` batches.
+        seed: seeds the dropout masks in train mode so every product sees the same function.
+
+    ``H`` is symmetric of size ``n = sum(p.numel())``; products are computed in the parameters'
+    dtype. Nothing is ever written to ``p.grad`` (``torch.autograd.grad`` only).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+        data=None,
+        *,
+        backend: Optional[str] = None,
+        mode: str = "eval",
+        params: Optional[Sequence[Tensor]] = None,
+        keep_graphs: Optional[bool] = None,
+        seed: int = 0,
+    ):
+        params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+        if not params:
+            raise GradlabError("the model has no trainable parameters to take a Hessian over")
+        if mode not in MODES:
+            raise GradlabError(f"unknown mode {mode!r}; choose from: {', '.join(MODES)}")
+        backend = default_backend(params[0].device) if backend is None else backend
+        if backend not in BACKENDS:
+            raise GradlabError(f"unknown HVP backend {backend!r}; choose from: {', '.join(BACKENDS)}")
+        super().__init__(sum(p.numel() for p in params), params[0].dtype, params[0].device)
+        self.model, self.params, self.backend, self.mode, self.seed = model, params, backend, mode, seed
+        self.loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+        self.batches = [self._to_device(b) for b in split_batches(data)]
+        sizes = torch.tensor([float(len(b[1])) for b in self.batches], dtype=torch.float64)
+        self.weights = (sizes / sizes.sum()).tolist()  # batch-size weights of the mean loss
+        self.num_samples = int(sizes.sum().item())
+        self.keep_graphs = len(self.batches) <= MAX_KEPT_GRAPHS if keep_graphs is None else keep_graphs
+        self._graphs: dict[int, tuple[Tensor, list[Tensor]]] = {}
+        if backend == "func":
+            names = {id(p): n for n, p in model.named_parameters()}
+            missing = [p for p in params if id(p) not in names]
+            if missing:
+                raise GradlabError("backend 'func' needs params that are registered in the model")
+            self._names = [names[id(p)] for p in params]
+
+    # ------------------------------------------------------------------ helpers
+    def _to_device(self, batch):
+        x, y = batch
+        if x.is_floating_point():
+            x = x.to(device=self.device, dtype=self.dtype)
+        return x.to(self.device), y.to(self.device)
+
+    @contextlib.contextmanager
+    def _batch_context(self, i: int):
+        """Model mode, and in train mode a fixed RNG seed per batch so dropout masks repeat."""
+        with model_mode(self.model, self.mode):
+            if self.mode == "train":
+                devices = [self.device] if self.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(self.seed + i)
+                    yield
+            else:
+                yield
+
+    def _grad_graph(self, i: int) -> tuple[Tensor, list[Tensor]]:
+        """``(loss, grads)`` of batch ``i`` with ``create_graph=True`` (cached when keeping graphs)."""
+        if i in self._graphs:
+            return self._graphs[i]
+        x, y = self.batches[i]
+        with self._batch_context(i):
+            loss = self.loss_fn(self.model(x), y)
+        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+        if self.keep_graphs:
+            self._graphs[i] = (loss, grads)
+        return loss, grads
+
+    def unflatten(self, v: Tensor) -> list[Tensor]:
+        """Flat ``(n,)`` -> one tensor per parameter (views of ``v``)."""
+        return [c.view_as(p) for c, p in zip(torch.split(v, [p.numel() for p in self.params]), self.params)]
+
+    @staticmethod
+    def flatten(ts: Sequence[Tensor]) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in ts])
+
+    def clear(self) -> None:
+        """Free the kept gradient graphs (they are rebuilt on the next product)."""
+        self._graphs.clear()
+
+    # ------------------------------------------------------------------ products
+    def _matmat(self, V: Tensor) -> Tensor:
+        out = torch.zeros_like(V)
+        for i, w in enumerate(self.weights):
+            if self.backend == "double-backward":
+                out.add_(self._matmat_double_backward(i, V), alpha=w)
+            else:
+                out.add_(self._matmat_func(i, V), alpha=w)
+        return out
+
+    def _matmat_double_backward(self, i: int, V: Tensor) -> Tensor:
+        cols = []
+        k = V.shape[1]
+        _, grads = self._grad_graph(i)
+        for j in range(k):
+            last = j == k - 1 and not self.keep_graphs
+            hv = hvp_from_grads(grads, self.params, self.unflatten(V[:, j]), retain_graph=not last)
+            cols.append(self.flatten(hv).detach())
+        return torch.stack(cols, dim=1)
+
+    def _matmat_func(self, i: int, V: Tensor) -> Tensor:
+        from torch.func import functional_call, grad, jvp, vmap
+
+        x, y = self.batches[i]
+        primals = {n: p.detach() for n, p in zip(self._names, self.params)}
+
+        def loss_of(pd):
+            return self.loss_fn(functional_call(self.model, pd, (x,)), y)
+
+        def hvp_one(v_flat):
+            tangents = dict(zip(self._names, self.unflatten(v_flat)))
+            return self.flatten(list(jvp(grad(loss_of), (primals,), (tangents,))[1].values()))
+
+        with self._batch_context(i):
+            if V.shape[1] == 1:
+                return hvp_one(V[:, 0]).unsqueeze(1)
+            # randomness="same": one dropout mask shared by all columns, as for a single product
+            return vmap(hvp_one, in_dims=1, out_dims=1, randomness="same")(V)
+
+    # ------------------------------------------------------------------ first order
+    def loss_and_gradient(self) -> tuple[float, Tensor]:
+        """Mean loss and its flat gradient ``(n,)`` in float64, at the current parameters."""
+        total, g = 0.0, torch.zeros(self.n, dtype=torch.float64, device=self.device)
+        for i, w in enumerate(self.weights):
+            if i in self._graphs:
+                loss, grads = self._graphs[i]
+            else:
+                x, y = self.batches[i]
+                with self._batch_context(i):
+                    loss = self.loss_fn(self.model(x), y)
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                grads = [torch.zeros_like(p) if gg is None else gg for gg, p in zip(grads, self.params)]
+            total += w * float(loss.detach())
+            g.add_(self.flatten([gg.detach() for gg in grads]).to(torch.float64), alpha=w)
+        return total, g
+
+
+def dense_hessian(
+    model: nn.Module,
+    loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+    data=None,
+    *,
+    mode: str = "eval",
+    params: Optional[Sequence[Tensor]] = None,
+    max_params: int = 5000,
+) -> Tensor:
+    """The exact ``(n, n)`` Hessian of the (batch-size weighted) mean loss, in the params' dtype.
+
+    Built with ``torch.func.hessian`` over the flat parameter vector; the reference for every
+    curvature test. Raises :class:`GradlabError` when ``n > max_params`` (the dense path needs
+    ``n^2`` memory and ``n`` backward passes).
+    """
+    from torch.func import functional_call, hessian
+
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+    n = sum(p.numel() for p in params)
+    if n > max_params:
+        raise GradlabError(
+            f"model too large for the dense Hessian: {n} parameters > max_params={max_params} "
+            f"(use the HVP-based solvers instead)"
+        )
+    loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+    names = {id(p): nm for nm, p in model.named_parameters()}
+    keys = [names[id(p)] for p in params]
+    sizes = [p.numel() for p in params]
+    op = HessianOperator(model, loss_fn, data, mode=mode, params=params)  # device/dtype/weights
+
+    def total_loss(flat):
+        pd = {k: c.view_as(p) for k, c, p in zip(keys, torch.split(flat, sizes), params)}
+        out = 0.0
+        for i, w in enumerate(op.weights):
+            x, y = op.batches[i]
+            with op._batch_context(i):
+                out = out + w * loss_fn(functional_call(model, pd, (x,)), y)
+        return out
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    return hessian(total_loss)(flat).detach()

@@ -1,0 +1,112 @@
+"""Lanczos tridiagonalisation with full reorthogonalisation (Lanczos 1950; Golub & Van Loan 10.1).
+
+Shared by the eigenvalue solver (:mod:`gradlab.curvature.eigen`) and stochastic Lanczos
+quadrature (:mod:`gradlab.curvature.density`). After ``m`` steps from a unit vector ``q_1``,
+
+    A Q_m = Q_m T_m + beta_m q_{m+1} e_m^T,
+
+with ``Q_m`` (n, m) orthonormal and ``T_m`` (m, m) symmetric tridiagonal (diagonal ``alphas``,
+off-diagonal ``betas``). Every new vector is orthogonalised twice against all previous ones
+("twice is enough", Giraud et al. 2005), in float64, so Ritz values do not duplicate and the
+residual estimate ``|beta_m s_{m,i}|`` of a Ritz pair stays reliable.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from gradlab.curvature.operator import CurvatureOperator
+
+#: beta below this (relative to the largest |alpha|, beta seen) means the Krylov space is invariant.
+BREAKDOWN_RTOL = 1e-10
+
+
+class Lanczos:
+    """Step-by-step Lanczos on ``op`` from ``v0`` (shape (n,)); the basis is kept in float64.
+
+    Memory is ``(steps + 1) * n`` float64 numbers. On breakdown (an invariant subspace found) and
+    when ``restart_on_breakdown`` is set, the process continues from a fresh random vector
+    orthogonal to the basis, which lets it find further eigenvalues (e.g. repeated ones).
+    """
+
+    def __init__(
+        self,
+        op: CurvatureOperator,
+        v0: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        restart_on_breakdown: bool = True,
+    ):
+        self.op, self.generator, self.restart = op, generator, restart_on_breakdown
+        q = v0.to(dtype=torch.float64, device=op.device)
+        # basis rows in one growing buffer: (capacity, n), rows [0, num_vectors) are used
+        self._rows = torch.empty(16, op.n, dtype=torch.float64, device=op.device)
+        self._count = 0
+        self._append(q / torch.linalg.vector_norm(q))
+        self.alphas: list[float] = []
+        self.betas: list[float] = []  # betas[j] couples q_j and q_{j+1}
+        self.exhausted = False  # the whole space is spanned: nothing left to add
+
+    @property
+    def steps(self) -> int:
+        return len(self.alphas)
+
+    def _append(self, q: Tensor) -> None:
+        if self._count == self._rows.shape[0]:
+            grown = torch.empty(2 * self._count, self.op.n, dtype=torch.float64, device=self.op.device)
+            grown[: self._count] = self._rows
+            self._rows = grown
+        self._rows[self._count] = q
+        self._count += 1
+
+    def _orthogonalise(self, w: Tensor) -> Tensor:
+        Q = self._rows[: self._count]  # (j, n)
+        for _ in range(2):
+            w = w - Q.T @ (Q @ w)
+        return w
+
+    def step(self) -> None:
+        """One more product ``A q_j``; extends ``alphas``, ``betas`` and the basis."""
+        q = self._rows[self._count - 1]
+        w = self.op.matvec(q)
+        alpha = float(torch.dot(q, w))
+        self.alphas.append(alpha)
+        w = self._orthogonalise(w)
+        beta = float(torch.linalg.vector_norm(w))
+        scale = max([abs(a) for a in self.alphas] + self.betas + [1e-300])
+        if self._count >= self.op.n:
+            self.exhausted = True
+            self.betas.append(0.0)
+            return
+        if beta <= BREAKDOWN_RTOL * scale:
+            self.betas.append(0.0)
+            if not self.restart:
+                self.exhausted = True
+                return
+            w = torch.randn(self.op.n, generator=self.generator, dtype=torch.float64).to(self.op.device)
+            w = self._orthogonalise(w)
+            self._append(w / torch.linalg.vector_norm(w))
+            return
+        self.betas.append(beta)
+        self._append(w / beta)
+
+    def tridiagonal(self) -> Tensor:
+        """``T_m`` as a dense (m, m) float64 matrix."""
+        m = self.steps
+        T = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
+        if m > 1:
+            off = torch.tensor(self.betas[: m - 1], dtype=torch.float64)
+            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+        return T
+
+    def ritz(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Ritz values ``theta`` (m,) ascending, eigenvectors ``S`` (m, m) of ``T_m`` and residual
+        estimates ``|beta_m * S[m-1, i]|`` (m,) = ``||A y_i - theta_i y_i||`` for Ritz vectors ``y_i``."""
+        theta, S = torch.linalg.eigh(self.tridiagonal())
+        beta_m = self.betas[-1] if self.betas else 0.0
+        return theta, S, (beta_m * S[-1, :]).abs()
+
+    def basis(self) -> Tensor:
+        """``Q_m`` as (n, m) float64."""
+        return self._rows[: self.steps].T

@@ -1,0 +1,164 @@
+"""Stochastic trace and diagonal estimators, each with a standard error and its product count.
+
+* :func:`hutchinson_trace`: mean of ``z^T A z`` over Rademacher ``z`` (Hutchinson 1989); a fixed
+  number of products or an adaptive stop on the relative standard error.
+* :func:`hutchpp_trace`: Hutch++ (Meyer, Musco, Musco & Woodruff, SOSA 2021): exact trace on a
+  sketched top subspace plus Hutchinson on the rest; error ~ 1/m instead of 1/sqrt(m).
+* :func:`xtrace`: XTrace (Epperly, Tropp & Webber, SIMAX 2024): the exchangeable version of
+  Hutch++, each test vector used both for the sketch and for the residual estimate.
+* :func:`hutchinson_diag`: ``diag(A)`` as the mean of ``z * (A z)`` (Bekas, Kokiopoulou & Saad 2007).
+
+All arithmetic on the estimates is float64; products go through the operator (see
+:mod:`gradlab.curvature.operator`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from gradlab.curvature.operator import as_operator, make_generator, rademacher
+from gradlab.errors import check
+
+
+@dataclass
+class TraceResult:
+    """``estimate`` of tr(A), its standard error ``stderr``, products used, and the method name."""
+
+    estimate: float
+    stderr: float
+    num_matvecs: int
+    method: str
+
+
+@dataclass
+class DiagonalResult:
+    """``estimate`` (n,) of diag(A), per-entry ``stderr`` (n,), products used."""
+
+    estimate: Tensor
+    stderr: Tensor
+    num_matvecs: int
+
+
+def _mean_stderr(samples: Tensor) -> tuple[float, float]:
+    m = samples.numel()
+    mean = float(samples.mean())
+    return mean, (float(samples.std(unbiased=True)) / math.sqrt(m) if m > 1 else float("inf"))
+
+
+def hutchinson_trace(
+    A,
+    num_matvecs: Optional[int] = None,
+    *,
+    rel_tol: Optional[float] = None,
+    max_matvecs: int = 1000,
+    min_matvecs: int = 10,
+    block: int = 10,
+    seed: Optional[int] = 0,
+) -> TraceResult:
+    """Hutchinson's estimate of tr(A) with Rademacher vectors.
+
+    Args:
+        A: operator or dense square tensor.
+        num_matvecs: fixed number of products (default 100 unless ``rel_tol`` is given).
+        rel_tol: adaptive stop once ``stderr <= rel_tol * |estimate|`` (after ``min_matvecs``,
+            at most ``max_matvecs``). Uses |estimate|, so a negative trace stops correctly.
+        block: products per ``matmat`` call in adaptive mode.
+        seed: seeds the probe vectors.
+    Returns:
+        :class:`TraceResult`; stderr = sample std / sqrt(m).
+    """
+    op = as_operator(A)
+    check(num_matvecs is None or num_matvecs >= 2, f"invalid num_matvecs: {num_matvecs} (must be >= 2)")
+    check(rel_tol is None or rel_tol > 0, f"invalid rel_tol: {rel_tol} (must be > 0)")
+    gen = make_generator(seed)
+    if rel_tol is None:
+        m = 100 if num_matvecs is None else int(num_matvecs)
+        Z = rademacher(op.n, m, gen, op.device)
+        samples = (Z * op.matmat(Z)).sum(0)
+        est, se = _mean_stderr(samples)
+        return TraceResult(est, se, m, "hutchinson")
+    cap = max_matvecs if num_matvecs is None else int(num_matvecs)
+    samples = torch.empty(0, dtype=torch.float64)
+    while samples.numel() < cap:
+        b = min(block, cap - samples.numel())
+        Z = rademacher(op.n, b, gen, op.device)
+        samples = torch.cat([samples, (Z * op.matmat(Z)).sum(0).cpu()])
+        est, se = _mean_stderr(samples)
+        if samples.numel() >= min_matvecs and se <= rel_tol * abs(est):
+            break
+    est, se = _mean_stderr(samples)
+    return TraceResult(est, se, samples.numel(), "hutchinson")
+
+
+def hutchpp_trace(A, num_matvecs: int = 99, *, seed: Optional[int] = 0) -> TraceResult:
+    """Hutch++ (Meyer et al. 2021, Algorithm 1) with ``num_matvecs`` products split in thirds.
+
+    ``S`` (n, m/3) Rademacher; ``Q = orth(A S)``; ``tr(A) ~ tr(Q^T A Q) + hutchinson((I-QQ^T) A (I-QQ^T))``
+    with ``m/3`` more Rademacher vectors. stderr: that of the Hutchinson part (the first part is
+    exact given ``Q``), which is the estimator's only randomness once ``Q`` is fixed.
+    """
+    op = as_operator(A)
+    check(num_matvecs >= 6, f"invalid num_matvecs: {num_matvecs} (Hutch++ needs >= 6)")
+    gen = make_generator(seed)
+    s = num_matvecs // 3
+    g = num_matvecs - 2 * s
+    S = rademacher(op.n, s, gen, op.device)
+    Q, _ = torch.linalg.qr(op.matmat(S))  # (n, s)
+    t_top = float(torch.trace(Q.T @ op.matmat(Q)))
+    G = rademacher(op.n, g, gen, op.device)
+    Gp = G - Q @ (Q.T @ G)  # project out the sketched subspace
+    samples = (Gp * op.matmat(Gp)).sum(0)
+    est, se = _mean_stderr(samples)
+    return TraceResult(t_top + est, se, 2 * s + g, "hutch++")
+
+
+def xtrace(A, num_matvecs: int = 100, *, seed: Optional[int] = 0) -> TraceResult:
+    """XTrace (Epperly, Tropp & Webber 2024) with ``s = num_matvecs // 2`` test vectors.
+
+    For each ``i``, ``Q_i`` is an orthonormal basis of ``A Omega`` without column ``i`` and
+    ``t_i = tr(Q_i^T A Q_i) + w_i^T (I - P_i) A (I - P_i) w_i`` is unbiased (``w_i`` is
+    independent of ``Q_i``). The estimate is the mean of the ``t_i``; stderr the paper's
+    ``std(t_i) / sqrt(s)``. Every term is computed in the s-dimensional coordinates of
+    ``Q = orth(A Omega)`` from ``Y = A Omega`` and ``Z = A Q``: 2s products in all.
+    Rademacher test vectors (the paper's optional column normalisation is not applied).
+    """
+    op = as_operator(A)
+    check(num_matvecs >= 4, f"invalid num_matvecs: {num_matvecs} (XTrace needs >= 4)")
+    gen = make_generator(seed)
+    s = num_matvecs // 2
+    Om = rademacher(op.n, s, gen, op.device)  # (n, s)
+    Y = op.matmat(Om)
+    Q, R = torch.linalg.qr(Y)  # (n, s), (s, s)
+    Z = op.matmat(Q)
+    G = Q.T @ Z  # Q^T A Q, (s, s)
+    G = (G + G.T) / 2
+    C = Q.T @ Om  # coordinates of the test vectors in Q, (s, s)
+    ZtOm = Z.T @ Om  # (s, s)
+    wY = (Om * Y).sum(0)  # w_i^T A w_i, (s,)
+    ts = torch.empty(s, dtype=torch.float64)
+    for i in range(s):
+        U, _ = torch.linalg.qr(torch.cat([R[:, :i], R[:, i + 1 :]], dim=1))  # (s, s-1): range(Y_-i) in Q coords
+        d = U @ (U.T @ C[:, i])  # P_i w_i = Q d
+        top = torch.trace(U.T @ G @ U)
+        resid = wY[i] - ZtOm[:, i] @ d - d @ R[:, i] + d @ G @ d
+        ts[i] = top + resid
+    est, se = _mean_stderr(ts)
+    return TraceResult(est, se, 2 * s, "xtrace")
+
+
+def hutchinson_diag(A, num_matvecs: int = 100, *, seed: Optional[int] = 0) -> DiagonalResult:
+    """``diag(A)`` ~ mean over Rademacher ``z`` of ``z * (A z)`` (Bekas et al. 2007); float64."""
+    op = as_operator(A)
+    check(num_matvecs >= 2, f"invalid num_matvecs: {num_matvecs} (must be >= 2)")
+    gen = make_generator(seed)
+    Z = rademacher(op.n, num_matvecs, gen, op.device)
+    S = Z * op.matmat(Z)  # (n, m): one unbiased sample of the diagonal per column
+    return DiagonalResult(S.mean(1), S.std(1, unbiased=True) / math.sqrt(num_matvecs), num_matvecs)
+
+
+TRACE_METHODS = {"hutchinson": hutchinson_trace, "hutch++": hutchpp_trace, "xtrace": xtrace}
