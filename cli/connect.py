@@ -1,0 +1,109 @@
+"""``gradlab connect RUN_A RUN_B``: a low-loss curve between two trained runs (Garipov et al., NeurIPS 2018)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from gradlab_cli._common import (
+    ConfigOpt,
+    DeviceOpt,
+    NameOpt,
+    QuietOpt,
+    RunsDirOpt,
+    SeedOpt,
+    console,
+    finish_and_print,
+    render_table,
+    resolve_options,
+    start_run,
+)
+
+PANEL = "Curve"
+DEFAULTS = {
+    "curve": "bezier", "epochs": 10, "lr": 0.05, "batch_size": 128, "points": 21, "split": "test", "bn_batches": 8,
+}
+
+
+def command(
+    run_a: Annotated[str, typer.Argument(help="First endpoint: a trained run (folder, id or 'last').", show_default=False)],
+    run_b: Annotated[str, typer.Argument(help="Second endpoint: a trained run of the same model.", show_default=False)],
+    curve: Annotated[Optional[str], typer.Option(help="bezier (quadratic Bezier) or polychain (two segments). (default: bezier)", rich_help_panel=PANEL)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs training the curve's bend. (default: 10)", rich_help_panel=PANEL)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="SGD learning rate (momentum 0.9, cosine schedule). (default: 0.05)", rich_help_panel=PANEL)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Training batch size. (default: 128)", rich_help_panel=PANEL)] = None,
+    points: Annotated[Optional[int], typer.Option(help="Evaluated values of t in [0, 1]. (default: 21)", rich_help_panel=PANEL)] = None,
+    split: Annotated[Optional[str], typer.Option(help="Evaluation split: train or test. (default: test)", rich_help_panel=PANEL)] = None,
+    bn_batches: Annotated[Optional[int], typer.Option(help="Training batches (of 512) for recomputing BatchNorm statistics at each t. (default: 8)", rich_help_panel=PANEL)] = None,
+    runs_dir: RunsDirOpt = None,
+    name: NameOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a Bezier or polychain curve between two runs' weights and compare its loss and accuracy with the
+    straight line (barrier heights): connect.csv, connect.pt (the bend), TensorBoard scalars, plot."""
+    import pandas as pd
+    import torch
+
+    from gradlab.device import resolve_device
+    from gradlab.errors import GradlabError
+    from gradlab.landscape.connect import CURVES, evaluate_paths, train_curve
+    from gradlab.landscape.directions import interp_direction
+    from gradlab.landscape.grid import make_batches
+    from gradlab.landscape.plots import connect_plot
+    from gradlab.rundir import load_run
+
+    flags = dict(curve=curve, epochs=epochs, lr=lr, batch_size=batch_size, points=points, split=split,
+                 bn_batches=bn_batches, runs_dir=runs_dir, name=name, seed=seed, device=device)
+    cfg = resolve_options(DEFAULTS, config, flags)
+    if cfg["curve"] not in CURVES:
+        raise GradlabError(f"unknown curve {cfg['curve']!r}; choose from: {', '.join(CURVES)}")
+    for key, low in (("epochs", 1), ("batch_size", 1), ("points", 2), ("bn_batches", 1)):
+        if cfg[key] < low:
+            raise GradlabError(f"invalid {key.replace('_', '-')}: {cfg[key]} (must be >= {low})")
+    if cfg["lr"] <= 0:
+        raise GradlabError(f"invalid lr: {cfg['lr']} (must be > 0)")
+    if cfg["split"] not in ("train", "test"):
+        raise GradlabError(f"unknown split {cfg['split']!r}; choose from: train, test")
+    dev = resolve_device(cfg["device"])
+    a = load_run(run_a, cfg["runs_dir"], device=dev)
+    b = load_run(run_b, cfg["runs_dir"], device=dev)
+    if a.path.resolve() == b.path.resolve():
+        raise GradlabError(f"RUN_A and RUN_B are the same run ({a.path}): connect two different runs")
+    wa = {n: p.detach() for n, p in a.model.named_parameters()}
+    wb = {n: p.detach() for n, p in b.model.named_parameters()}
+    interp_direction(wa, wb)  # different architectures: one line
+    cfg.update(run_a=str(a.path), run_b=str(b.path))
+    data = a.data
+    ex, ey = (data.x_train, data.y_train) if cfg["split"] == "train" else (data.x_test, data.y_test)
+    eval_batches = make_batches(ex, ey, 512, None, dev)
+    bn = make_batches(data.x_train, data.y_train, 512, cfg["bn_batches"], dev)
+
+    with start_run("connect", cfg) as rd:
+        def on_epoch(epoch: int, rec: dict) -> None:
+            rd.log_metrics(epoch, epoch, "curve_train", {k: v for k, v in rec.items() if k != "t"})
+            if not quiet:
+                console.print(f"epoch {epoch + 1}/{cfg['epochs']}: loss {rec['loss']:.4g}")
+
+        bend, hist = train_curve(a.model, wa, wb, data.x_train, data.y_train, kind=cfg["curve"], epochs=cfg["epochs"],
+                                 lr=cfg["lr"], batch_size=cfg["batch_size"], seed=cfg["seed"], device=dev,
+                                 on_epoch=on_epoch)
+        table, metrics = evaluate_paths(a.model, wa, wb, bend, eval_batches, bn, kind=cfg["curve"],
+                                        points=cfg["points"])
+        rd.write_csv("connect.csv", table)
+        rd.write_csv("connect_train.csv", pd.DataFrame(hist))
+        if rd.enabled:
+            torch.save({"bend": {n: t.cpu() for n, t in bend.items()}}, rd.path / "connect.pt")
+        for i, row in enumerate(table.itertuples(index=False)):
+            rd.log_metrics(i, None, "path", {"t": row.t, "curve_loss": row.loss, "curve_acc": row.acc,
+                                              "line_loss": row.line_loss, "line_acc": row.line_acc})
+        rd.save_figure(connect_plot(table, curve=cfg["curve"],
+                                    title=f"{cfg['curve']} curve vs straight line ({cfg['split']} split)"), "connect")
+        if not quiet:
+            render_table(table, title=f"{cfg['curve']} curve vs straight line")
+            render_table(pd.DataFrame([metrics]), title="barriers")
+        finish_and_print(rd, "completed", {"curve": cfg["curve"], **metrics})
