@@ -45,7 +45,10 @@ app.command("run")(_cmd("experiment"))
 app.command("tensorboard")(_cmd("tb"))
 app.command("attack")(_cmd("attack"))
 app.command("optimize")(_cmd("optimize"))
+app.command("simplex")(_cmd("simplex"))
+app.command("connect")(_cmd("connect"))
 probe_app.command("gradnorm")(_cmd("probe_gradnorm"))
+probe_app.command("landscape")(_cmd("probe_landscape"))
 probe_app.command("jacobian")(_cmd("probe_jacobian"))
 # --- end of commands ------------------------------------------------------------------------
 
