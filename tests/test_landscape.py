@@ -205,3 +205,96 @@ def test_plane_through_three_vertices_and_interp():
         torch.testing.assert_close(vs[0][n] + d[n], vs[1][n])
     with pytest.raises(GradlabError, match="collinear"):
         plane_through([vs[0], vs[1], {n: 2 * vs[1][n] - vs[0][n] for n in w}])
+
+
+# --- the commands, through the real entry point ------------------------------------------------
+import shutil  # noqa: E402
+
+import pandas as pd  # noqa: E402
+
+from clihelp import cli  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny MLP on 400 digits, 2 epochs, keeping 3 checkpoints (for PCA and interp)."""
+    from gradlab_cli.main import main
+
+    runs = tmp_path_factory.mktemp("runs")
+    try:
+        main(["train", "--runs-dir", str(runs), "--model", "mlp", "--width", "32", "--epochs", "2",
+              "--keep-checkpoints", "3", "--set", "max_train=400", "--quiet"])
+    except SystemExit as e:
+        assert e.code in (0, None)
+    (path,) = [p for p in runs.iterdir() if p.is_dir()]
+    return runs, path
+
+
+def test_probe_landscape_2d_outputs(trained_run, capsys):
+    runs, path = trained_run
+    r = cli(capsys, "probe", "landscape", "--runs-dir", runs, "--run", path.name, "--steps", 5, "--batches", 1,
+            "--quiet")
+    assert r.code == 0, r.err
+    out = r.run_path
+    df = pd.read_csv(out / "landscape.csv")
+    assert list(df.columns) == ["x", "y", "loss", "acc"] and len(df) == 25
+    assert sorted(df["x"].unique()) == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    # the grid's centre is the run's own weights: its loss is the model's loss on that batch
+    from gradlab.rundir import load_run
+
+    lr = load_run(str(path), runs)
+    x, y = lr.data.x_train[:512], lr.data.y_train[:512]
+    with torch.no_grad():
+        ref = float(F.cross_entropy(lr.model(x), y))
+    centre = df[(df.x == 0) & (df.y == 0)]
+    assert centre["loss"].iloc[0] == pytest.approx(ref, rel=1e-5)
+    saved = torch.load(out / "directions.pt", weights_only=True)
+    assert set(saved) >= {"d1", "d2", "axes"}
+    assert (out / "plots" / "contour.png").is_file() and (out / "plots" / "surface.png").is_file()
+    assert pd.read_csv(out / "summary.csv")["status"].iloc[0] == "completed"
+
+
+def test_probe_landscape_1d_pca_interp(trained_run, capsys):
+    runs, path = trained_run
+    r = cli(capsys, "probe", "landscape", "--runs-dir", runs, "--run", path.name, "--dims", 1, "--steps", 5,
+            "--batches", 1, "--directions", "interp", "--quiet")
+    assert r.code == 0, r.err
+    df = pd.read_csv(r.run_path / "landscape.csv")
+    assert df["y"].isna().all() and len(df) == 5
+    assert (r.run_path / "plots" / "landscape_1d.png").is_file()
+    r = cli(capsys, "probe", "landscape", "--runs-dir", runs, "--run", path.name, "--steps", 3, "--batches", 1,
+            "--directions", "pca", "--quiet")
+    assert r.code == 0, r.err
+    saved = torch.load(r.run_path / "directions.pt", weights_only=True)
+    assert saved["trajectory"].shape[1] == 2
+
+
+def test_probe_landscape_bad_input_is_one_line(trained_run, capsys, tmp_path):
+    runs, path = trained_run
+    base = ["probe", "landscape", "--runs-dir", runs, "--run", path.name]
+    for extra, words in ((["--steps", 1], "steps"), (["--range", "1,-1"], "empty range"),
+                         (["--directions", "sideways"], "random, pca"), (["--range", "1"], "lo,hi")):
+        r = cli(capsys, *base, *extra)
+        assert r.code == 2 and words in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    bare = tmp_path / "bare"
+    shutil.copytree(path, bare)
+    for p in (bare / "checkpoints").glob("*.pt"):
+        if p.name != "last.pt":
+            p.unlink()
+    r = cli(capsys, "probe", "landscape", "--runs-dir", runs, "--run", bare, "--directions", "pca", "--steps", 3)
+    assert r.code == 2 and "--keep-checkpoints" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+def test_optimize_command(tmp_path, capsys):
+    r = cli(capsys, "optimize", "--runs-dir", tmp_path, "--fn", "saddle", "--opt", "sgd,adam", "--steps", 30,
+            "--start=-1.5,0.01", "--lr", "0.1", "--quiet")
+    assert r.code == 0, r.err
+    df = pd.read_csv(r.run_path / "trajectories.csv")
+    assert list(df.columns) == ["optimizer", "step", "x", "y", "loss", "grad_norm"]
+    assert len(df) == 2 * 31 and set(df["optimizer"]) == {"sgd", "adam"}
+    rep = pd.read_csv(r.run_path / "optimizers.csv")
+    assert rep["escaped"].all() and (r.run_path / "plots" / "trajectories.png").is_file()
+    for args, words in ((["--start", "1,2,3"], "2 (x,y)"), (["--fn", "nope"], "rosenbrock"),
+                        (["--opt", "sgd,nope"], "adam"), (["--steps", 0], "steps")):
+        r = cli(capsys, "optimize", "--runs-dir", tmp_path, *args)
+        assert r.code == 2 and words in r.err and len(r.err.strip().splitlines()) == 1, r.err

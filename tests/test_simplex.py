@@ -147,3 +147,57 @@ def test_connect_curve_lowers_the_barrier():
     assert table["loss"].iloc[-1] == pytest.approx(evaluate_at(a, wb, [(x, y)])[0], rel=1e-9)
     assert m["barrier"] < m["line_barrier"]
     assert m["barrier"] < 0.25
+
+
+# --- the commands, through the real entry point ------------------------------------------------
+import pandas as pd  # noqa: E402
+
+from clihelp import cli  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two tiny MLPs on 400 digits (seeds 0 and 1)."""
+    from gradlab_cli.main import main
+
+    runs = tmp_path_factory.mktemp("runs")
+    for seed in (0, 1):
+        try:
+            main(["train", "--runs-dir", str(runs), "--model", "mlp", "--width", "32", "--epochs", "2",
+                  "--seed", str(seed), "--name", f"s{seed}", "--set", "max_train=400", "--quiet"])
+        except SystemExit as e:
+            assert e.code in (0, None)
+    return runs, sorted(p for p in runs.iterdir() if p.is_dir())
+
+
+def test_simplex_command_and_plane(two_runs, capsys):
+    runs, (a, _) = two_runs
+    r = cli(capsys, "simplex", "--runs-dir", runs, "--run", a, "--vertices", 3, "--epochs", 1, "--samples", 3,
+            "--quiet")
+    assert r.code == 0, r.err
+    df = pd.read_csv(r.run_path / "simplex.csv")
+    assert list(df["kind"]) == ["vertex"] * 3 + ["centre"] + ["sample"] * 3 + ["ensemble"]
+    summ = pd.read_csv(r.run_path / "summary.csv")
+    assert summ["volume"].iloc[0] > 0
+    saved = torch.load(r.run_path / "simplex.pt", weights_only=True)
+    assert len(saved["vertices"]) == 3
+    plane = cli(capsys, "probe", "landscape", "--runs-dir", runs, "--run", r.run_path, "--plane-vertices", "0,1,2",
+                "--steps", 3, "--batches", 1, "--quiet")
+    assert plane.code == 0, plane.err
+    bad = cli(capsys, "probe", "landscape", "--runs-dir", runs, "--run", r.run_path, "--plane-vertices", "0,1,5")
+    assert bad.code == 2 and "out of range" in bad.err
+    bad = cli(capsys, "simplex", "--runs-dir", runs, "--run", a, "--vertices", 1)
+    assert bad.code == 2 and "vertices" in bad.err
+
+
+def test_connect_command(two_runs, capsys):
+    runs, (a, b) = two_runs
+    r = cli(capsys, "connect", a, b, "--runs-dir", runs, "--curve", "polychain", "--epochs", 1, "--points", 5,
+            "--quiet")
+    assert r.code == 0, r.err
+    df = pd.read_csv(r.run_path / "connect.csv")
+    assert list(df.columns[:5]) == ["t", "loss", "acc", "line_loss", "line_acc"] and len(df) == 5
+    summ = pd.read_csv(r.run_path / "summary.csv")
+    assert {"barrier", "line_barrier"} <= set(summ.columns)
+    bad = cli(capsys, "connect", a, b, "--runs-dir", runs, "--curve", "spline")
+    assert bad.code == 2 and "bezier, polychain" in bad.err
