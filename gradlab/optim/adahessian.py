@@ -80,9 +80,10 @@ class AdaHessian(HessianDiagOptimizer):
         for group in self.param_groups:
             b1, b2 = group["betas"]
             lr, k, wd, eps = group["lr"], group["hessian_power"], group["weight_decay"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
@@ -91,19 +92,26 @@ class AdaHessian(HessianDiagOptimizer):
                 if id(p) in fresh:
                     state["hessian_diag"] = spatial_average(fresh[id(p)])
                 state["step"] += 1
-                t = state["step"]
-                d = state["hessian_diag"]
-                m, v = state["exp_avg"], state["exp_hessian_diag_sq"]
-                m.mul_(b1).add_(p.grad, alpha=1 - b1)
-                v.mul_(b2).addcmul_(d, d, value=1 - b2)
-                # denom = (sqrt(v_hat))^k + eps, v_hat the bias-corrected EMA
-                denom = (v / (1 - b2 ** t)).sqrt_()
-                if k != 1.0:
-                    denom.pow_(k)
-                denom.add_(eps)
-                if wd != 0:
-                    p.mul_(1 - lr * wd)
-                p.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+            states = [self.state[p] for p in params]
+            steps = [s["step"] for s in states]
+            m = [s["exp_avg"] for s in states]
+            v = [s["exp_hessian_diag_sq"] for s in states]
+            d = [s["hessian_diag"] for s in states]
+            # Whole-group (foreach) kernels: one dispatch per operation instead of one per tensor,
+            # which keeps the update's overhead near Adam's on models with many small tensors.
+            torch._foreach_mul_(m, b1)
+            torch._foreach_add_(m, [p.grad for p in params], alpha=1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, d, d, value=1 - b2)  # d broadcasts over conv kernels
+            # denom = (sqrt(v_hat))^k + eps, v_hat the bias-corrected EMA
+            denom = torch._foreach_div(v, [1 - b2 ** t for t in steps])
+            torch._foreach_sqrt_(denom)
+            if k != 1.0:
+                torch._foreach_pow_(denom, k)
+            torch._foreach_add_(denom, eps)
+            if wd != 0:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - b1 ** t) for t in steps])
         return loss
 
 
