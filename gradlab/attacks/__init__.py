@@ -7,6 +7,8 @@ call other code (adversarial training, the robustness report) needs.
 
 from __future__ import annotations
 
+import abc
+import functools
 import inspect
 
 from gradlab.errors import GradlabError
@@ -31,13 +33,19 @@ def build_attack(name: str, model, eps: float, **opts) -> Attack:
 
 def attack_options(name: str) -> list[str]:
     """Keyword options the attack ``name`` accepts (its own and the base class's), sorted."""
+    return list(_options_of(ATTACKS.get(name)))
+
+
+@functools.lru_cache(maxsize=None)
+def _options_of(cls) -> tuple:
+    # cached: adversarial training builds an attack every step, and signatures are slow to read
     allowed = set()
-    for klass in ATTACKS.get(name).__mro__:
-        if "__init__" in vars(klass):
+    for klass in cls.__mro__:
+        if klass is not object and klass is not abc.ABC and "__init__" in vars(klass):
             for p in inspect.signature(klass.__init__).parameters.values():
                 if p.kind is p.KEYWORD_ONLY:
                     allowed.add(p.name)
-    return sorted(allowed)
+    return tuple(sorted(allowed))
 
 
 def attack_batch(name: str, model, x, y, eps: float, **opts):

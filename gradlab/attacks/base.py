@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import itertools
 import math
 from typing import Iterator, Optional
 
@@ -119,7 +120,8 @@ class Attack(abc.ABC):
         self.eot = int(eot)
         self.eot_noise = float(eot_noise)
         self.seed = seed
-        self.generator: Optional[torch.Generator] = None
+        self._generator: Optional[torch.Generator] = None
+        self._box: Optional[tuple] = None
         # Set for the duration of one call; subclasses read them through the helpers.
         self._x0: Optional[Tensor] = None
         self._y: Optional[Tensor] = None
@@ -143,28 +145,38 @@ class Attack(abc.ABC):
         if x.dim() < 2 or y.dim() != 1 or x.shape[0] != y.shape[0]:
             raise GradlabError(f"expected x of shape (B, ...) and y of shape (B,), got {tuple(x.shape)} and {tuple(y.shape)}")
         check_eps(self.eps, self.norm, x[0].numel())
-        if x.numel() and (x.min() < 0 or x.max() > 1):
-            raise GradlabError(
-                f"inputs must lie in [0, 1] (normalisation belongs in the model); got [{x.min().item():.4g}, {x.max().item():.4g}]"
-            )
+        if x.numel():
+            lo, hi = torch.aminmax(x.detach())
+            if lo < 0 or hi > 1:
+                raise GradlabError(
+                    f"inputs must lie in [0, 1] (normalisation belongs in the model); got [{lo.item():.4g}, {hi.item():.4g}]"
+                )
         device = self._model_device()
         x0 = x.detach().to(device)
         y0 = y.detach().to(device=device, dtype=torch.long)
-        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self._generator = None  # made on first use: FGSM and plain PGD never draw random numbers
+        self._box = None  # linf projection bounds of this batch, made on first use
         with self._eval_frozen():
             self._x0, self._y = x0, y0
             try:
                 self._target = self._pick_target(x0, y0) if self.targeted else None
                 yield x0, y0
             finally:
-                self._x0 = self._y = self._target = None
+                self._x0 = self._y = self._target = self._box = None
 
     @abc.abstractmethod
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         """The algorithm: adversarial inputs for clean ``x`` (``(B, ...)``) and labels ``y`` (``(B,)``)."""
 
     # ------------------------------------------------------------------ helpers -------------
+    @property
+    def generator(self) -> torch.Generator:
+        """The call's random generator, seeded from ``seed`` (or, if None, from torch's global one)."""
+        if self._generator is None:
+            seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+            self._generator = torch.Generator(device=self._x0.device).manual_seed(seed)
+        return self._generator
+
     @property
     def target(self) -> Optional[Tensor]:
         """Target classes ``(B,)`` of the current call (``None`` when untargeted)."""
@@ -215,6 +227,11 @@ class Attack(abc.ABC):
         Returns:
             ``(g, obj)``: ``g`` has ``x``'s shape; ``obj`` is ``(B,)`` (averaged over draws).
         """
+        if self.eot == 1 and self.eot_noise == 0:  # the common case, without accumulation buffers
+            xr = x.detach().requires_grad_(True)
+            o = self.objective(self.model(xr))
+            (g,) = torch.autograd.grad(o.sum(), xr)
+            return g, o.detach()
         g = torch.zeros_like(x)
         obj = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
         with self._eot_mode():
@@ -237,16 +254,24 @@ class Attack(abc.ABC):
         """Nearest point of the eps-ball around ``x0`` (default: the clean batch), then [0, 1].
 
         Clamping to [0, 1] after the ball keeps the result inside the ball: it only moves a
-        coordinate towards the clean value, which lies in [0, 1] itself.
+        coordinate towards the clean value, which lies in [0, 1] itself. Up to float rounding
+        (~1 ulp of the pixel value) the result is within eps of ``x0``.
         """
+        if self.norm == "linf":
+            # The ball ∩ [0, 1] is a box: clamp to [max(x0 - eps, 0), min(x0 + eps, 1)]. The
+            # bounds of the call's batch are computed once, so a step costs two ops, not four.
+            if x0 is None or x0 is self._x0:
+                if self._box is None:
+                    self._box = ((self._x0 - self.eps).clamp_min(0.0), (self._x0 + self.eps).clamp_max(1.0))
+                lo, hi = self._box
+            else:
+                lo, hi = (x0 - self.eps).clamp_min(0.0), (x0 + self.eps).clamp_max(1.0)
+            return torch.minimum(torch.maximum(x_adv, lo), hi)
         x0 = self._x0 if x0 is None else x0
         delta = x_adv - x0
-        if self.norm == "linf":
-            delta = delta.clamp(-self.eps, self.eps)
-        else:
-            n = flat_norm(delta, "l2")
-            factor = torch.where(n > self.eps, self.eps / n.clamp_min(1e-30), torch.ones_like(n))
-            delta = delta * per_example(factor.to(delta.dtype), delta)
+        n = flat_norm(delta, "l2")
+        factor = torch.where(n > self.eps, self.eps / n.clamp_min(1e-30), torch.ones_like(n))
+        delta = delta * per_example(factor.to(delta.dtype), delta)
         return (x0 + delta).clamp(0.0, 1.0)
 
     def random_point(self, x0: Tensor) -> Tensor:
@@ -269,7 +294,7 @@ class Attack(abc.ABC):
 
     # ------------------------------------------------------------------ internals -----------
     def _model_device(self) -> torch.device:
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
+        for t in itertools.chain(self.model.parameters(), self.model.buffers()):
             return t.device
         return torch.device("cpu")
 
@@ -291,25 +316,30 @@ class Attack(abc.ABC):
 
     @contextlib.contextmanager
     def _eval_frozen(self) -> Iterator[None]:
-        """Eval mode + frozen parameters for the call; restores each module and parameter flag."""
-        modes = [(m, m.training) for m in self.model.modules()]
-        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        """Eval mode + frozen parameters for the call; restores each module and parameter flag.
+
+        Only what is changed gets restored (a model already in eval mode costs nothing): this runs
+        once per batch of adversarial training, so its Python overhead matters on small models.
+        """
+        training = [m for m in self.model.modules() if m.training]
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         try:
-            self.model.eval()
-            for p, _ in flags:
+            if training:
+                self.model.eval()
+            for p in trainable:
                 p.requires_grad_(False)  # only input gradients are needed; parameters' .grad stay untouched
             yield
         finally:
-            for m, training in modes:
-                m.training = training
-            for p, flag in flags:
-                p.requires_grad_(flag)
+            for m in training:
+                m.training = True
+            for p in trainable:
+                p.requires_grad_(True)
 
     @contextlib.contextmanager
     def _eot_mode(self) -> Iterator[None]:
         """Dropout modules in train mode (sampling masks) while ``eot > 1``; BatchNorm stays eval."""
-        dropouts = [m for m in self.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-        if self.eot == 1 or not dropouts:
+        dropouts = [] if self.eot == 1 else [m for m in self.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        if not dropouts:
             yield
             return
         try:

@@ -12,6 +12,7 @@ EOT average (see :mod:`gradlab.attacks.base`). A zero gradient entry leaves that
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from gradlab.attacks import ATTACKS
@@ -26,4 +27,4 @@ class FGSM(Attack):
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         g, _ = self.grad(x)
-        return x + self.eps * self.step_direction(g)
+        return torch.add(x, self.step_direction(g), alpha=self.eps)

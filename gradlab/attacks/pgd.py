@@ -71,7 +71,7 @@ class PGD(Attack):
         x_adv = self.random_point(x) if start_random else x.clone()
         for _ in range(self.steps):
             g, _ = self.grad(x_adv)
-            x_adv = self.project(x_adv + self.alpha * self.step_direction(g))
+            x_adv = self.project(torch.add(x_adv, self.step_direction(g), alpha=self.alpha))
         return x_adv
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:

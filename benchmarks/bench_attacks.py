@@ -1,0 +1,127 @@
+"""FGSM and 10-step PGD: gradlab against torchattacks on the same trained model and batch.
+
+Run: ``python benchmarks/bench_attacks.py [--batch 512] [--repeats 15] [--threads 1]``.
+Needs the ``bench`` extra for the comparison (``pip install -c constraints-cpu.txt torchattacks``);
+without torchattacks it reports gradlab alone.
+
+For each model (an MLP and a small CNN, trained here on sklearn's 8x8 digits, seeded) it prints:
+
+* throughput in examples per second (median over ``--repeats`` timed calls after warm-up; the two
+  libraries alternate call by call so machine noise hits both alike) and the ratio
+  gradlab / torchattacks (>= 1 means gradlab is at least as fast);
+* the max abs difference between the two libraries' FGSM examples (should be <= 1e-6), and
+  between their PGD examples without random start (same arithmetic, so also ~0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradlab.attacks import attack_batch
+from gradlab.models.base import GradlabNet, Normalize
+
+
+def digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    return x, torch.tensor(d.target, dtype=torch.long)
+
+
+def make_models():
+    norm = lambda: Normalize([0.3], [0.4])  # noqa: E731
+    mlp = GradlabNet(norm(), [nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU()),
+                              nn.Sequential(nn.Linear(256, 256), nn.ReLU())], nn.Linear(256, 10))
+    cnn = GradlabNet(norm(), [nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU()),
+                              nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))],
+                     nn.Sequential(nn.Flatten(), nn.Linear(32 * 16, 10)))
+    return {"mlp": mlp, "cnn": cnn}
+
+
+def train(model, x, y, steps=200):
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (128,))
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    return model.eval()
+
+
+def timed(fn, repeats):
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--eps", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared CPU)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    try:
+        import torchattacks
+    except Exception as e:  # noqa: BLE001 - any import failure means: report gradlab alone
+        torchattacks = None
+        print(f"torchattacks unavailable ({type(e).__name__}: {e}); reporting gradlab alone")
+    x_all, y_all = digits()
+    x, y = x_all[: args.batch], y_all[: args.batch]
+    eps, steps = args.eps, 10
+    alpha = 2.5 * eps / steps
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {len(y)}, eps {eps}, "
+          f"PGD {steps} steps alpha {alpha:g}" + (f", torchattacks {torchattacks.__version__}" if torchattacks else ""))
+    header = f"{'model':5} {'attack':5} {'gradlab ex/s':>13} {'torchattacks ex/s':>18} {'ratio':>6}  note"
+    print(header)
+    print("-" * len(header))
+    for mname, model in make_models().items():
+        train(model, x_all, y_all)
+        ours = {
+            "fgsm": lambda: attack_batch("fgsm", model, x, y, eps),
+            "pgd": lambda: attack_batch("pgd", model, x, y, eps, steps=steps, alpha=alpha, random_start=True, seed=0),
+        }
+        theirs = {}
+        if torchattacks is not None:
+            ta_fgsm = torchattacks.FGSM(model, eps=eps)
+            ta_pgd = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+            theirs = {"fgsm": lambda: ta_fgsm(x, y), "pgd": lambda: ta_pgd(x, y)}
+        for aname in ("fgsm", "pgd"):
+            for fn in [ours[aname]] + ([theirs[aname]] if theirs else []):
+                fn()  # warm-up
+            t_ours, t_theirs = [], []
+            for _ in range(args.repeats):  # alternate so both see the same machine load
+                t_ours += timed(ours[aname], 1)
+                if theirs:
+                    t_theirs += timed(theirs[aname], 1)
+            r_ours = len(y) / statistics.median(t_ours)
+            note = ""
+            if theirs:
+                r_theirs = len(y) / statistics.median(t_theirs)
+                if aname == "fgsm":
+                    diff = (ours["fgsm"]() - ta_fgsm(x, y)).abs().max().item()
+                else:
+                    ta_det = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=False)
+                    mine = attack_batch("pgd", model, x, y, eps, steps=steps, alpha=alpha, random_start=False)
+                    diff = (mine - ta_det(x, y)).abs().max().item()
+                    note_pgd = " (no random start)"
+                note = f"max |diff| {diff:.2e}" + ("" if aname == "fgsm" else note_pgd)
+                print(f"{mname:5} {aname:5} {r_ours:13.0f} {r_theirs:18.0f} {r_ours / r_theirs:6.2f}  {note}")
+            else:
+                print(f"{mname:5} {aname:5} {r_ours:13.0f} {'-':>18} {'-':>6}")
+
+
+if __name__ == "__main__":
+    main()
