@@ -50,6 +50,7 @@ app.command("connect")(_cmd("connect"))
 probe_app.command("gradnorm")(_cmd("probe_gradnorm"))
 probe_app.command("landscape")(_cmd("probe_landscape"))
 probe_app.command("jacobian")(_cmd("probe_jacobian"))
+probe_app.command("hessian")(_cmd("probe_hessian"))
 # --- end of commands ------------------------------------------------------------------------
 
 

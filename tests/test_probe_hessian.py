@@ -151,3 +151,58 @@ def test_bad_values_raise_gradlab_error(kwargs, match):
 
 def test_registered():
     assert PROBES.get("hessian") is hessian_probe
+
+
+# ------------------------------------------------------------------ CLI
+TINY = ["--width", "12", "--depth", "1", "--batches", "1", "--batch-size", "64", "--top-k", "2",
+        "--trace-matvecs", "8", "--quiet"]
+
+
+def test_cli_fresh_model_writes_outputs(capsys, tmp_path):
+    import pandas as pd
+    from clihelp import cli
+
+    r = cli(capsys, "probe", "hessian", "--runs-dir", tmp_path, "--density", "--lr", "1000", *TINY)
+    assert r.code == 0, r.err
+    out = r.run_path
+    df = pd.read_csv(out / "hessian.csv")
+    assert list(df.columns) == FRAME_COLUMNS and set(df["kind"]) == {"eigenvalue", "trace", "density"}
+    assert (out / "plots" / "hessian_density.png").is_file() and (out / "hessian_density.csv").is_file()
+    assert "ABOVE the gradient-descent stability bound" in r.out
+    assert "point: not-critical" in r.out
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["lambda_max"].iloc[0] == pytest.approx(df[(df.kind == "eigenvalue") & (df["index"] == 1)]["value"].iloc[0])
+
+
+def test_cli_trained_run_uses_its_lr(capsys, tmp_path):
+    from clihelp import cli
+
+    r = cli(capsys, "train", "--runs-dir", tmp_path, "--epochs", "1", "--width", "12", "--depth", "1",
+            "--opt", "sgd", "--lr", "0.05", "--set", "max_train=200", "--quiet")
+    assert r.code == 0, r.err
+    r = cli(capsys, "probe", "hessian", "--runs-dir", tmp_path, "--run", "last", "--batches", "1",
+            "--batch-size", "64", "--top-k", "1", "--no-trace", "--quiet")
+    assert r.code == 0, r.err
+    assert "lr 0.05 is below the bound" in r.out
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [(["--top-k", "0"], "invalid top-k"), (["--tol", "0"], "invalid tol"), (["--batches", "x"], "invalid batches"),
+     (["--backend", "magic"], "unknown backend"), (["--mode", "test"], "unknown mode")],
+)
+def test_cli_bad_values_exit_2_with_one_line(capsys, tmp_path, args, match):
+    from clihelp import cli
+
+    r = cli(capsys, "probe", "hessian", "--runs-dir", tmp_path, *args)
+    assert r.code == 2 and match in r.err and len(r.err.strip().splitlines()) == 1
+
+
+def test_cli_run_without_checkpoint_is_an_error(capsys, tmp_path):
+    from clihelp import cli
+
+    bad = tmp_path / "20260101-000000-train"
+    bad.mkdir()
+    (bad / "config.yaml").write_text("model: mlp\n")
+    r = cli(capsys, "probe", "hessian", "--runs-dir", tmp_path, "--run", bad)
+    assert r.code == 2 and "checkpoint" in r.err
