@@ -92,3 +92,17 @@ def test_a_run_without_checkpoint_is_rejected(runs, capsys):
     attack_run = out.strip().splitlines()[-1].removeprefix("run: ").strip()
     code, out, err = _run(["attack", "fgsm", "--run", attack_run, "--runs-dir", str(runs)], capsys)
     assert code == 2 and "checkpoint" in err
+
+
+def test_fgsm_eps_sweep_experiment_trains_both_ways_then_attacks_each_model():
+    from pathlib import Path
+
+    from gradlab.experiment import PREVIOUS, load_experiment
+
+    stages = load_experiment(Path(__file__).resolve().parents[1] / "experiments" / "fgsm_eps_sweep.yaml")
+    train, attack = stages
+    assert train.command == ["train"]
+    combos = train.combinations()
+    assert {(c["dataset"], c["adv"]) for c in combos} == {("digits", None), ("digits", "fgsm"), ("mnist", None), ("mnist", "fgsm")}
+    assert attack.command == ["attack"] and attack.args == ["fgsm"] and attack.base["run"] == PREVIOUS
+    assert len(attack.base["eps"].split(",")) >= 4

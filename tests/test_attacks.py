@@ -358,3 +358,14 @@ def test_inputs_outside_the_unit_box_and_bad_target_are_rejected():
         attack_batch("fgsm", model, torch.rand(2, 12) + 1, torch.zeros(2, dtype=torch.long), 0.1)
     with pytest.raises(GradlabError, match="target class"):
         attack_batch("fgsm", model, torch.rand(2, 12), torch.zeros(2, dtype=torch.long), 0.1, target_class=7)
+
+
+def test_single_step_curvature_attack_fools_every_example_fgsm_fools(trained):
+    # its candidate set contains the FGSM step, and an adversarial candidate always wins
+    model, x, y = trained
+    fgsm = robustness_sweep(model, x, y, "fgsm", [0.08])
+    curv = robustness_sweep(model, x, y, "curvature", [0.08], seed=0, lanczos_iters=10)
+    fooled_fgsm = fgsm.adv_pred[0.08] != y
+    fooled_curv = curv.adv_pred[0.08] != y
+    assert (fooled_curv | ~fooled_fgsm).all()
+    assert curv.table.loc[0, "robust_acc"] <= fgsm.table.loc[0, "robust_acc"]
