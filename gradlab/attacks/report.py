@@ -9,7 +9,8 @@ and one row summarises it:
 ``clean_acc``       accuracy on the clean inputs (eval mode)
 ``robust_acc``      accuracy on the adversarial inputs
 ``success_rate``    over the examples classified correctly when clean: the fraction the attack
-                    fooled (untargeted: prediction != label; targeted: prediction == target)
+                    fooled (untargeted: prediction != label; targeted: prediction == target,
+                    over those whose label is not the target); NaN when there are none
 ``mean_linf``       mean over all examples of ``||x_adv - x||_inf``
 ``mean_l2``         mean over all examples of ``||x_adv - x||_2``
 ``mean_confidence`` mean over all examples of the softmax probability of the predicted class on
@@ -144,6 +145,8 @@ def robustness_sweep(
         with _eval_mode(model):
             adv_pred, adv_conf, _ = _predict(model, adv, batch_size, device)
         fooled = (adv_pred == targets) if targets is not None else (adv_pred != y)
+        # targeted: an example whose label already is the target cannot be pushed there
+        eligible = correct & (y != targets) if targets is not None else correct
         delta = adv - x
         rows.append(
             {
@@ -151,7 +154,7 @@ def robustness_sweep(
                 "eps": eps,
                 "clean_acc": correct.float().mean().item(),
                 "robust_acc": (adv_pred == y).float().mean().item(),
-                "success_rate": fooled[correct].float().mean().item() if bool(correct.any()) else float("nan"),
+                "success_rate": fooled[eligible].float().mean().item() if bool(eligible.any()) else float("nan"),
                 "mean_linf": flat_norm(delta, "linf").mean().item(),
                 "mean_l2": flat_norm(delta, "l2").mean().item(),
                 "mean_confidence": adv_conf.mean().item(),
