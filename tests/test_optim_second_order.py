@@ -308,3 +308,16 @@ def test_two_process_data_parallel_matches_one_process_on_the_global_batch(tmp_p
             got = torch.load(tmp_path / f"{name}-rank{rank}.pt", weights_only=True)
             for a, b in zip(got, model.parameters()):
                 assert torch.allclose(a, b.detach(), rtol=0, atol=1e-12), (name, rank)
+
+
+def test_docstring_examples_run():
+    """The closure-contract examples in the docstrings are runnable as written."""
+    import doctest
+
+    import gradlab.optim as optim_pkg
+    import gradlab.optim.adahessian as ada_mod
+    import gradlab.optim.curvature_gd as cgd_mod
+
+    for module in (ada_mod, cgd_mod, optim_pkg):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -21,9 +21,9 @@ Usage in a plain loop (the closure returns the loss, it does not call backward):
     <torch._C.Generator object at ...>
     >>> model = torch.nn.Linear(4, 3)
     >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
-    >>> opt = AdaHessian(model.parameters(), lr=0.1)
+    >>> opt = AdaHessian(model.parameters(), lr=0.05)
     >>> losses = []
-    >>> for _ in range(5):
+    >>> for _ in range(20):
     ...     opt.zero_grad()
     ...     loss = opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y))
     ...     losses.append(loss.item())
