@@ -115,6 +115,9 @@ def command(
         select_layers([(i, n, None) for i, n in enumerate(names)], layer_names)
     x_all, _ = split_tensors(data, cfg["split"])
     x = x_all[sample_indices(x_all.shape[0], min(cfg["examples"], x_all.shape[0]), cfg["seed"])].to(dev)
+    if not desc["source_run"] and _recalibrate_batchnorm(net, data.x_train, dev, cfg["seed"]):
+        err_console.print("gradlab: note: fresh model: BatchNorm running statistics set from 256 training "
+                          "examples, so eval mode normalises as training would", highlight=False)
 
     run_dir = start_run("probe-jacobian", {**cfg, **desc})
     with run_dir:
@@ -140,6 +143,34 @@ def command(
         for line in lines:
             console.print(line, highlight=False)
         finish_and_print(run_dir, "completed", {**metrics, "space": rep.space, "n_examples": rep.n_examples, **desc})
+
+
+def _recalibrate_batchnorm(net, x_train, dev, seed: int) -> bool:
+    """Give a fresh model's BatchNorm layers the running statistics of a data batch.
+
+    At initialisation the running statistics are (0, 1), so eval mode (which per-example
+    Jacobians need) would make BatchNorm the identity; one cumulative pass over 256 training
+    examples makes it normalise as in training. Returns whether the model had BatchNorm.
+    """
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    bns = [m for m in net.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not bns:
+        return False
+    flags = [(m, m.training) for m in net.modules()]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over this pass
+    net.train()
+    with torch.no_grad():
+        net(x_train[sample_indices(x_train.shape[0], min(256, x_train.shape[0]), seed)].to(dev))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    for m, flag in flags:
+        m.training = flag
+    return True
 
 
 def _log_tensorboard(run_dir, rep, summary) -> None:
