@@ -134,6 +134,24 @@ def test_grid_equals_plain_loop_and_leaves_model_untouched(method, ppc):
     assert m[0].bias.requires_grad is False and m[0].weight.requires_grad is True
 
 
+@pytest.mark.parametrize("method", ["inplace", "functional"])
+def test_grid_around_another_centre(method):
+    m = small_cnn()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    g = torch.Generator().manual_seed(7)
+    centre = {n: t + 0.1 * torch.randn(t.shape, generator=g, dtype=t.dtype) for n, t in before.items()}
+    moved = copy.deepcopy(m)
+    moved.load_state_dict({**m.state_dict(), **centre})
+    x, y = data()
+    dirs = random_directions(m, 2, generator=torch.Generator().manual_seed(1))  # biases: zero, never written
+    coords = grid_coords(make_axes(-0.5, 0.5, 3, 2))
+    ref_l, ref_a = reference_loop(moved, dirs, coords, [(x, y)])
+    res = evaluate_grid(m, dirs, coords, [(x, y)], centre=centre, method=method)
+    torch.testing.assert_close(res.loss, ref_l, rtol=1e-10, atol=1e-12)
+    for n, p in m.named_parameters():
+        assert torch.equal(p.detach(), before[n])
+
+
 def test_model_restored_after_an_exception():
     m = small_cnn()
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
