@@ -19,10 +19,10 @@ RUN_PANEL = "Run folder"
 
 # Options every run-making command takes. They default to None so that a value from
 # --config is only overridden by a flag the user actually typed.
-RunsDirOpt = Annotated[Optional[Path], typer.Option("--runs-dir", help="Folder that holds run folders. [default: runs]", rich_help_panel=RUN_PANEL)]
+RunsDirOpt = Annotated[Optional[Path], typer.Option("--runs-dir", help="Folder that holds run folders. (default: runs)", rich_help_panel=RUN_PANEL)]
 NameOpt = Annotated[Optional[str], typer.Option("--name", help="Suffix for the run folder name (no path separators).", rich_help_panel=RUN_PANEL)]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed: data split, init, noise. [default: 0]", rich_help_panel=RUN_PANEL)]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda. [default: auto]", rich_help_panel=RUN_PANEL)]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed: data split, init, noise. (default: 0)", rich_help_panel=RUN_PANEL)]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda. (default: auto)", rich_help_panel=RUN_PANEL)]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file with the same keys as the flags; flags win.", rich_help_panel=RUN_PANEL)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables; still prints the run path.", rich_help_panel=RUN_PANEL)]
 RunRefOpt = Annotated[Optional[str], typer.Option("--run", help="Source run: a run folder, a run id under --runs-dir, or 'last' (the newest).")]

@@ -145,7 +145,7 @@ class Trainer:
         self.x_test, self.y_test = self.data.x_test.to(device), self.data.y_test.to(device)
 
         self.lr = cfg["lr"] if cfg.get("lr") is not None else default_lr(cfg["opt"])
-        opt_opts = {**subset(cfg, OPTIM_DEFAULTS), "lr": self.lr}
+        opt_opts = {**subset(cfg, OPTIM_DEFAULTS), "lr": self.lr, "seed": cfg["seed"]}
         opt_opts.pop("schedule", None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg["opt"], self.params, **opt_opts)
@@ -265,10 +265,12 @@ class Trainer:
         from gradlab.distributed import shutdown
 
         self.run, self.progress = run, progress
-        try:
-            return self._fit()
-        finally:
-            shutdown(self.dist)
+        with _DeferredInterrupt() as interrupt:
+            self._interrupt = interrupt
+            try:
+                return self._fit()
+            finally:
+                shutdown(self.dist)
 
     def _fit(self) -> TrainResult:
         from gradlab.distributed import all_reduce_sum
@@ -283,7 +285,10 @@ class Trainer:
                 for b in range(self.batch_in_epoch, len(batches)):
                     idx, n_global = batches[b]
                     loss_sum, correct, count, gnorm = self.train_step(idx.to(self.device), n_global)
-                    loss_g, correct_g = all_reduce_sum([loss_sum, float(correct)], self.dist, self.device)
+                    # One small collective per step: the loss, the accuracy and whether any rank
+                    # was asked to stop, so that every rank stops at the same step boundary.
+                    loss_g, correct_g, stop = all_reduce_sum(
+                        [loss_sum, float(correct), float(self._interrupt.requested)], self.dist, self.device)
                     self.step += 1
                     self.batch_in_epoch = b + 1
                     self.epoch_sums = [self.epoch_sums[0] + loss_g, self.epoch_sums[1] + correct_g,
@@ -299,15 +304,20 @@ class Trainer:
                     if self.step in self.ckpt_steps and self.dist.is_main:
                         run.save_checkpoint({"model": self.model.state_dict(), "step": self.step},
                                             f"step-{self.step:08d}.pt")
-                self._end_epoch()
+                    if self.batch_in_epoch == len(batches):
+                        self._end_epoch()  # evaluates and writes checkpoints/last.pt
+                    if stop:
+                        self.save()
+                        return TrainResult("interrupted", self._final_metrics(start),
+                                           f"interrupted at step {self.step}: checkpoint written; "
+                                           "continue with --resume", self.events)
         except _Diverged as d:
             msg = (f"loss became NaN/inf at step {d.step} (epoch {d.epoch}) with lr {d.lr:g}: "
                    "the run diverged; try a smaller --lr")
             return TrainResult("diverged", self._final_metrics(start, diverged=True), msg, self.events)
-        except KeyboardInterrupt:
-            self.save()
-            return TrainResult("interrupted", self._final_metrics(start), "interrupted: checkpoint written",
-                               self.events)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last checkpoint as it is
+            return TrainResult("interrupted", self._final_metrics(start),
+                               "interrupted: the last epoch's checkpoint is kept", self.events)
         return TrainResult("completed", self._final_metrics(start), "", self.events)
 
     def _end_epoch(self) -> None:
@@ -370,6 +380,35 @@ class Trainer:
             if ev.get("event") == "switch-to-sgd":
                 m["switch_step"], m["switch_sgd_lr"] = ev.get("step"), ev.get("sgd_lr")
         return m
+
+
+class _DeferredInterrupt:
+    """Turn the first Ctrl-C into a request honoured at the next step boundary, so the checkpoint
+    never holds a half-applied update; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
 
 
 class _Diverged(Exception):
