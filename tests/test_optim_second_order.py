@@ -269,7 +269,8 @@ def test_unused_and_frozen_parameters_are_handled():
     opt = AdaHessian([*model.parameters(), unused])
     for _ in range(2):
         opt.step(lambda: F.mse_loss(model(x), y))
-    assert torch.equal(unused.grad, torch.zeros(3, dtype=D64)) and torch.equal(unused.detach(), torch.ones(3, dtype=D64))
+    assert torch.equal(unused.grad, torch.zeros(3, dtype=D64))
+    assert torch.equal(unused.detach(), torch.ones(3, dtype=D64))
     assert torch.equal(model.fc.bias.detach(), frozen)
 
 
