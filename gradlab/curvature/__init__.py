@@ -14,11 +14,12 @@ from gradlab.curvature.trace import (
     hutchinson_diag,
     hutchinson_trace,
     hutchpp_trace,
+    krylov_trace,
     xtrace,
 )
 
 __all__ = [
     "CurvatureOperator", "DenseOperator", "as_operator", "HessianOperator", "dense_hessian",
     "model_mode", "EigenResult", "eigsh", "TraceResult", "DiagonalResult", "hutchinson_trace",
-    "hutchpp_trace", "xtrace", "hutchinson_diag", "DensityResult", "slq_density",
+    "hutchpp_trace", "krylov_trace", "xtrace", "hutchinson_diag", "DensityResult", "slq_density",
 ]
