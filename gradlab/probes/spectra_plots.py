@@ -6,8 +6,8 @@
   maps, evenly spread over depth, the input-output map first).
 * :func:`depth_figure`: per-layer spectral statistics against depth (log y): spectral norm,
   root-mean-square singular value, smallest singular value, cumulative product of spectral norms.
-* :func:`sweep_figure`: the experiment figure: one panel per activation, end-to-end statistic
-  against depth, a line per (init, residual) pair.
+* :func:`sweep_figure`: the experiment figure: a panel per (statistic, activation), the
+  statistic against depth, a line per (init, residual) pair.
 """
 
 from __future__ import annotations
@@ -100,31 +100,37 @@ def depth_figure(report: JacobianReport) -> Figure:
     return fig
 
 
-def sweep_figure(df, value: str = "io_mean_sq_sv", ylabel: str = "end-to-end mean squared singular value") -> Figure:
-    """One panel per activation: ``value`` against depth, a line per (init, residual) pair.
+def sweep_figure(df, rows=(("io_mean_sq_sv", "end-to-end mean sq. singular value"),
+                           ("signal_rate", "backward signal factor per layer"))) -> Figure:
+    """Grid of panels: a row per ``(column, label)`` in ``rows``, a column per activation.
 
-    ``df`` has columns ``act, init, residual, depth`` and ``value`` (e.g. one row per run of
-    ``experiments/vanishing_gradients.yaml`` read from summary.csv).
+    Each panel plots the column against depth (log-log), a line per (init, residual) pair.
+    ``df`` has columns ``act, init, residual, depth`` plus the plotted ones (e.g. one row per
+    combination of ``experiments/vanishing_gradients.yaml``, from the runs' summary.csv files).
     """
-    acts = sorted(df["act"].unique())
-    fig = Figure(figsize=(4.0 * len(acts), 3.6))
-    for i, act in enumerate(acts):
-        ax = fig.add_subplot(1, len(acts), i + 1)
-        part = df[df["act"] == act]
-        for (init, residual), grp in part.groupby(["init", "residual"]):
-            grp = grp.sort_values("depth")
-            style = "-" if not residual else "--"
-            ax.plot(grp["depth"], _positive(grp[value]), style, marker="o", ms=4,
-                    label=f"{init}{' + residual' if residual else ''}")
-        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("depth (hidden layers)")
-        if i == 0:
-            ax.set_ylabel(ylabel, fontsize=9)
-        ax.set_title(f"act = {act}", fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+    acts = list(dict.fromkeys(df["act"]))
+    fig = Figure(figsize=(3.8 * len(acts), 3.2 * len(rows)))
+    for r, (value, ylabel) in enumerate(rows):
+        for c, act in enumerate(acts):
+            ax = fig.add_subplot(len(rows), len(acts), r * len(acts) + c + 1)
+            part = df[df["act"] == act]
+            for i, ((init, residual), grp) in enumerate(part.groupby(["init", "residual"], sort=True)):
+                grp = grp.sort_values("depth")
+                ax.plot(grp["depth"], _positive(grp[value]), "--" if residual else "-", marker="o", ms=4,
+                        color=f"C{i}", label=f"{init}{' + residual' if residual else ''}")
+            ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+            if value.endswith("_rate"):  # the verdict's "stable" band for the default threshold 0.1
+                ax.axhspan(1 / 1.1, 1.1, color="grey", alpha=0.12, lw=0)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+            if r == 0:
+                ax.set_title(f"act = {act}", fontsize=10)
+            if r == len(rows) - 1:
+                ax.set_xlabel("depth (hidden layers)")
+            if c == 0:
+                ax.set_ylabel(ylabel, fontsize=9)
+                ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
