@@ -27,25 +27,25 @@ from gradlab_cli._common import (
     start_run,
 )
 
-MODEL = "Model (fresh, at initialisation; ignored with --run)"
+MODEL = "Fresh model at initialisation (instead of --run)"
 PROBE = "Probe"
 MODEL_KEYS = ("depth", "width", "act", "init", "sigma_w", "sigma_b", "residual", "norm")
 SOURCE_DEFAULTS = {"run": None, "model": None, "dataset": None, "data_dir": None,
                    **{k: None for k in MODEL_KEYS}, "split": "train", "layers": None}
 
-ModelOpt = Annotated[Optional[str], typer.Option(help="Model (see `gradlab list models`). [default: mlp]", rich_help_panel=MODEL)]
-DatasetOpt = Annotated[Optional[str], typer.Option(help="Dataset (see `gradlab list datasets`). [default: digits]", rich_help_panel=MODEL)]
+ModelOpt = Annotated[Optional[str], typer.Option(help="Model (see `gradlab list models`). (default: mlp)", rich_help_panel=MODEL)]
+DatasetOpt = Annotated[Optional[str], typer.Option(help="Dataset (see `gradlab list datasets`). (default: digits)", rich_help_panel=MODEL)]
 DataDirOpt = Annotated[Optional[Path], typer.Option(help="Folder with dataset files (else $GRADLAB_DATA).", rich_help_panel=MODEL)]
-DepthOpt = Annotated[Optional[int], typer.Option(help="MLP hidden layers. [default: 2]", rich_help_panel=MODEL)]
-WidthOpt = Annotated[Optional[int], typer.Option(help="MLP hidden width. [default: 128]", rich_help_panel=MODEL)]
-ActOpt = Annotated[Optional[str], typer.Option(help="Activation: relu, tanh, linear, gelu, sigmoid. [default: relu]", rich_help_panel=MODEL)]
-InitOpt = Annotated[Optional[str], typer.Option(help="Init: default, xavier, kaiming, orthogonal, gaussian. [default: default]", rich_help_panel=MODEL)]
-SigmaWOpt = Annotated[Optional[float], typer.Option(help="Weight scale for init gaussian (W ~ N(0, sigma_w^2/fan_in)) or orthogonal (gain). [default: 1]", rich_help_panel=MODEL)]
-SigmaBOpt = Annotated[Optional[float], typer.Option(help="Bias std for init gaussian|orthogonal. [default: 0]", rich_help_panel=MODEL)]
+DepthOpt = Annotated[Optional[int], typer.Option(help="MLP hidden layers. (default: 2)", rich_help_panel=MODEL)]
+WidthOpt = Annotated[Optional[int], typer.Option(help="MLP hidden width. (default: 128)", rich_help_panel=MODEL)]
+ActOpt = Annotated[Optional[str], typer.Option(help="Activation: relu, tanh, linear, gelu, sigmoid. (default: relu)", rich_help_panel=MODEL)]
+InitOpt = Annotated[Optional[str], typer.Option(help="Init: default, xavier, kaiming, orthogonal, gaussian. (default: default)", rich_help_panel=MODEL)]
+SigmaWOpt = Annotated[Optional[float], typer.Option(help="Weight scale for init gaussian (W ~ N(0, sigma_w^2/fan_in)) or orthogonal (gain). (default: 1)", rich_help_panel=MODEL)]
+SigmaBOpt = Annotated[Optional[float], typer.Option(help="Bias std for init gaussian|orthogonal. (default: 0)", rich_help_panel=MODEL)]
 ResidualOpt = Annotated[Optional[bool], typer.Option("--residual/--no-residual", help="Skip connections h + f(h) in the MLP.", rich_help_panel=MODEL)]
-NormOpt = Annotated[Optional[str], typer.Option(help="Normalisation layers: auto, none, batch, layer. [default: auto]", rich_help_panel=MODEL)]
-SplitOpt = Annotated[Optional[str], typer.Option(help="Draw examples from the train or test split. [default: train]", rich_help_panel=PROBE)]
-LayersOpt = Annotated[Optional[str], typer.Option(help="Comma-separated layer names to probe, e.g. blocks.0,blocks.3,head. [default: all]", rich_help_panel=PROBE)]
+NormOpt = Annotated[Optional[str], typer.Option(help="Normalisation layers: auto, none, batch, layer. (default: auto)", rich_help_panel=MODEL)]
+SplitOpt = Annotated[Optional[str], typer.Option(help="Draw examples from the train or test split. (default: train)", rich_help_panel=PROBE)]
+LayersOpt = Annotated[Optional[str], typer.Option(help="Comma-separated layer names to probe, e.g. blocks.0,blocks.3,head. (default: all)", rich_help_panel=PROBE)]
 
 
 def parse_layers(value) -> Optional[list]:
@@ -122,12 +122,12 @@ def command(
     sigma_b: SigmaBOpt = None,
     residual: ResidualOpt = None,
     norm: NormOpt = None,
-    batches: Annotated[Optional[int], typer.Option(help="Batches to average over (>= 1); the spread across them is grad_norm_std. [default: 4]", rich_help_panel=PROBE)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Examples per batch. [default: 128]", rich_help_panel=PROBE)] = None,
+    batches: Annotated[Optional[int], typer.Option(help="Batches to average over (>= 1); the spread across them is grad_norm_std. (default: 4)", rich_help_panel=PROBE)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Examples per batch. (default: 128)", rich_help_panel=PROBE)] = None,
     split: SplitOpt = None,
     layers: LayersOpt = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Verdict threshold t: the signal norm's fitted growth factor per layer (towards the input) below 1/(1+t) is 'vanishing', above 1+t 'exploding', else 'stable'. [default: 0.1]", rich_help_panel=PROBE)] = None,
-    train_mode: Annotated[Optional[bool], typer.Option("--train-mode/--eval-mode", help="Run the model in training mode (BatchNorm batch statistics, dropout on: what the optimiser sees) or eval mode; the model is restored either way. [default: train mode]", rich_help_panel=PROBE)] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Verdict threshold t: the signal norm's fitted growth factor per layer (towards the input) below 1/(1+t) is 'vanishing', above 1+t 'exploding', else 'stable'. (default: 0.1)", rich_help_panel=PROBE)] = None,
+    train_mode: Annotated[Optional[bool], typer.Option("--train-mode/--eval-mode", help="Run the model in training mode (BatchNorm batch statistics, dropout on: what the optimiser sees) or eval mode; the model is restored either way. (default: train mode)", rich_help_panel=PROBE)] = None,
     run: RunRefOpt = None,
     runs_dir: RunsDirOpt = None,
     name: NameOpt = None,
@@ -136,12 +136,11 @@ def command(
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Per-layer gradient norm, weight norm, their ratio and the backward signal norm ||dL/dh||.
+    """Per-layer gradient norm, weight norm, their ratio and the backward signal norm ||dL/dh|| (per example).
 
-    The verdict fits log(signal norm) against depth: the slope gives the factor by which the
-    backward signal is multiplied per layer on its way to the input. Below 1/(1+t) it is
-    vanishing, above 1+t exploding (t = --threshold, default 0.1, i.e. 10% per layer).
-    Writes gradnorm.csv, TensorBoard scalars (x axis = depth) and histograms, plots/gradnorm.png.
+    Verdict: a least-squares fit of log(signal norm) against depth gives the factor by which the backward signal is multiplied per layer on its way to the input; below 1/(1+t) it is 'vanishing', above 1+t 'exploding', else 'stable' (t = --threshold, default 0.1, i.e. 10% per layer).
+
+    Writes gradnorm.csv, TensorBoard scalars (x axis = depth) and histograms, and plots/gradnorm.png.
     """
     from gradlab.errors import GradlabError
 

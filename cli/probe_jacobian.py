@@ -60,15 +60,15 @@ def command(
     sigma_b: SigmaBOpt = None,
     residual: ResidualOpt = None,
     norm: NormOpt = None,
-    examples: Annotated[Optional[int], typer.Option(help="Examples whose Jacobians are taken, one by one (>= 1). [default: 32]", rich_help_panel=PROBE)] = None,
+    examples: Annotated[Optional[int], typer.Option(help="Examples whose Jacobians are taken, one by one (>= 1). (default: 32)", rich_help_panel=PROBE)] = None,
     split: SplitOpt = None,
     layers: LayersOpt = None,
-    pixel_space: Annotated[Optional[bool], typer.Option("--pixel-space/--normalized-space", help="Differentiate w.r.t. the raw [0, 1] pixels instead of the input after the model's fixed normalisation layer. [default: normalised]", rich_help_panel=PROBE)] = None,
-    per_layer: Annotated[Optional[bool], typer.Option("--per-layer/--no-per-layer", help="Also take every block's (and the head's) own Jacobian. [default: on]", rich_help_panel=PROBE)] = None,
-    method: Annotated[Optional[str], typer.Option(help="auto, dense (all singular values: vmap over jacrev/jacfwd) or lanczos (top k by Lanczos on J^T J with JVP/VJP products). auto = dense while examples x outputs x inputs <= --max-dense. [default: auto]", rich_help_panel=PROBE)] = None,
-    k: Annotated[Optional[int], typer.Option("--k", help="Top singular values computed per map by Lanczos. [default: 8]", rich_help_panel=PROBE)] = None,
-    max_dense: Annotated[Optional[int], typer.Option(help="Largest examples x outputs x inputs that auto computes densely. [default: 16777216]", rich_help_panel=PROBE)] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="Verdict threshold t on the typical gain per layer (geometric mean over layers of the rms singular value): below 1/(1+t) 'vanishing', above 1+t 'exploding', else 'stable'. [default: 0.1]", rich_help_panel=PROBE)] = None,
+    pixel_space: Annotated[Optional[bool], typer.Option("--pixel-space/--normalized-space", help="Differentiate w.r.t. the raw [0, 1] pixels instead of the input after the model's fixed normalisation layer. (default: normalised)", rich_help_panel=PROBE)] = None,
+    per_layer: Annotated[Optional[bool], typer.Option("--per-layer/--no-per-layer", help="Also take every block's (and the head's) own Jacobian. (default: on)", rich_help_panel=PROBE)] = None,
+    method: Annotated[Optional[str], typer.Option(help="auto, dense (all singular values: vmap over jacrev/jacfwd) or lanczos (top k by Lanczos on J^T J with JVP/VJP products). auto = dense while examples x outputs x inputs <= --max-dense. (default: auto)", rich_help_panel=PROBE)] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Top singular values computed per map by Lanczos. (default: 8)", rich_help_panel=PROBE)] = None,
+    max_dense: Annotated[Optional[int], typer.Option(help="Largest examples x outputs x inputs that auto computes densely. (default: 16777216)", rich_help_panel=PROBE)] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Verdict threshold t on the typical gain per layer (geometric mean over layers of the rms singular value): below 1/(1+t) 'vanishing', above 1+t 'exploding', else 'stable'. (default: 0.1)", rich_help_panel=PROBE)] = None,
     run: RunRefOpt = None,
     runs_dir: RunsDirOpt = None,
     name: NameOpt = None,
@@ -79,9 +79,9 @@ def command(
 ) -> None:
     """Jacobian singular values per example and dynamical-isometry statistics, end to end and per layer.
 
-    Writes jacobian.csv (layer,example,index,singular_value), jacobian_summary.csv (one row per
-    map), TensorBoard histograms of log10 singular values and per-layer statistics against depth,
-    and plots/jacobian_spectra.png + plots/jacobian_depth.png. The model runs in eval mode.
+    Statistics (Saxe et al. 2014, Pennington et al. 2017), per example then averaged: mean and variance of the squared singular values, max (spectral norm) and min singular value, condition number, fraction within 10% of 1; per layer also the spectral radius (square maps) and the cumulative product of spectral norms over depth. Verdict: the geometric mean over layers of each layer's rms singular value; below 1/(1+t) 'vanishing', above 1+t 'exploding' (t = --threshold).
+
+    Writes jacobian.csv (layer,example,index,singular_value), jacobian_summary.csv (one row per map), TensorBoard histograms of log10 singular values and per-layer statistics against depth, plots/jacobian_spectra.png and plots/jacobian_depth.png. The model runs in eval mode.
     """
     from gradlab.errors import GradlabError
     from gradlab.probes.jacobian import METHODS
