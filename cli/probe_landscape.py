@@ -27,7 +27,7 @@ PANEL = "Landscape"
 DEFAULTS = {
     "run": None, "dims": 2, "steps": 25, "range": None, "directions": "random", "to": None, "batches": None,
     "batch_size": 512, "split": "train", "include_bn": False, "log_scale": False, "plane_vertices": None,
-    "points_per_call": 1,
+    "points_per_call": 1, "lambda_max": False,
 }
 
 
@@ -44,6 +44,7 @@ def command(
     log_scale: Annotated[Optional[bool], typer.Option("--log-scale", help="Plot log10 of the loss.", rich_help_panel=PANEL)] = None,
     plane_vertices: Annotated[Optional[str], typer.Option(help="i,j,k: draw the plane through three vertices of the simplex saved by `gradlab simplex` (--run is the simplex run).", rich_help_panel=PANEL)] = None,
     points_per_call: Annotated[Optional[int], typer.Option(help="Grid points per vmapped call (faster on a GPU; 1 is fastest on a CPU). (default: 1)", rich_help_panel=PANEL)] = None,
+    lambda_max: Annotated[Optional[bool], typer.Option("--lambda-max", help="Also report the Hessian's largest eigenvalue at the weights (Lanczos, first 4 batches).", rich_help_panel=PANEL)] = None,
     run: RunRefOpt = None,
     runs_dir: RunsDirOpt = None,
     name: NameOpt = None,
@@ -67,7 +68,7 @@ def command(
 
     flags = dict(run=run, dims=dims, steps=steps, range=range_, directions=directions, to=to, batches=batches,
                  batch_size=batch_size, split=split, include_bn=include_bn, log_scale=log_scale,
-                 plane_vertices=plane_vertices, points_per_call=points_per_call, runs_dir=runs_dir, name=name,
+                 plane_vertices=plane_vertices, points_per_call=points_per_call, lambda_max=lambda_max, runs_dir=runs_dir, name=name,
                  seed=seed, device=device)
     cfg = resolve_options(DEFAULTS, config, flags)
     if cfg["directions"] not in DIRECTIONS:
@@ -156,6 +157,13 @@ def command(
             metrics["centre_loss"] = float(res.loss[at0][0])
             metrics["centre_acc"] = float(res.acc[at0][0])
         metrics.update(dset.info)
+        if cfg["lambda_max"]:
+            from gradlab.curvature.eigen import eigsh
+            from gradlab.curvature.hessian_op import HessianOperator
+
+            top = eigsh(HessianOperator(model, data=batch_list[:4]), k=1, which="LA", tol=1e-4, seed=cfg["seed"])
+            metrics["lambda_max"] = float(top.values[0])
+            metrics["lambda_max_converged"] = bool(top.converged)
         if not quiet:
             import pandas as pd
 

@@ -209,3 +209,30 @@ def simplex_plot(table, *, title=""):
     fig.suptitle(title or "simplex")
     fig.tight_layout()
     return fig
+
+
+def compare_landscapes(items, *, log_scale=False, title="", ncols=None):
+    """Side-by-side contours of several 2-D landscapes: ``items`` = [(title, axes, loss), ...],
+    one shared colour scale so the panels compare directly."""
+    plt = _plt()
+    n = len(items)
+    ncols = ncols or n
+    nrows = (n + ncols - 1) // ncols
+    fig, axs = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 4.0 * nrows), squeeze=False)
+    zs = [grid_matrix(a, _z(loss, log_scale)) for _, a, loss in items]
+    lo, hi = min(float(np.nanmin(z)) for z in zs), max(float(np.nanmax(z)) for z in zs)
+    levels = np.linspace(lo, hi, 30)
+    cs = None
+    for ax, (name, a, _), Z in zip(axs.flat, items, zs):
+        X, Y = np.meshgrid(np.asarray(a[0]), np.asarray(a[1]))
+        cs = ax.contourf(X, Y, Z, levels=levels, cmap="viridis")
+        ax.contour(X, Y, Z, levels=levels, colors="k", linewidths=0.3, alpha=0.5)
+        ax.plot([0], [0], "r*", markersize=8)
+        ax.set_title(name)
+        ax.set_aspect("equal", adjustable="box")
+    for ax in list(axs.flat)[n:]:
+        ax.axis("off")
+    fig.colorbar(cs, ax=axs.ravel().tolist(), label="log10 loss" if log_scale else "loss", shrink=0.85)
+    if title:
+        fig.suptitle(title)
+    return fig
