@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from gradlab.errors import GradlabError
 from gradlab.models.base import GradlabNet
+from gradlab.probes import PROBES
 
 VERDICTS = ("vanishing", "exploding", "stable", "undetermined")
 DEFAULT_THRESHOLD = 0.1
@@ -315,3 +316,7 @@ class _PreservedState:
             for b, saved in self.buffers:
                 b.copy_(saved)
         return False
+
+
+PROBES.add("gradnorm", gradnorm_probe, "per-layer gradient, weight and backward-signal norms; vanishing/exploding verdict",
+           "--batches --layers --threshold")

@@ -53,6 +53,7 @@ from torch.func import jvp, vjp, vmap
 
 from gradlab.errors import GradlabError
 from gradlab.models.base import GradlabNet
+from gradlab.probes import PROBES
 from gradlab.probes.gradnorm import DEFAULT_THRESHOLD, select_layers, verdict_from_rate
 
 METHODS = ("auto", "dense", "lanczos")
@@ -468,3 +469,7 @@ def _tridiagonal(alpha: Tensor, beta: Tensor) -> Tensor:
     if beta.shape[-1]:
         t = t + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
     return t
+
+
+PROBES.add("jacobian", jacobian_probe, "per-example input-output and per-layer Jacobian spectra, dynamical isometry",
+           "--examples --pixel-space --method --k --layers")
