@@ -152,6 +152,26 @@ def test_grid_around_another_centre(method):
         assert torch.equal(p.detach(), before[n])
 
 
+def test_grid_split_across_ranks(monkeypatch):
+    """Under torchrun each rank evaluates every world-th point; the sum over ranks is the grid."""
+    m = small_cnn()
+    x, y = data()
+    dirs = random_directions(m, 2, generator=torch.Generator().manual_seed(0))
+    coords = grid_coords(make_axes(-1.0, 1.0, 3, 2))
+    full = evaluate_grid(m, dirs, coords, [(x, y)])
+    dist = torch.distributed
+    parts = []
+    for rank in (0, 1):
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_rank", lambda r=rank: r)
+        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+        monkeypatch.setattr(dist, "all_reduce", lambda t: None)  # keep this rank's share only
+        parts.append(evaluate_grid(m, dirs, coords, [(x, y)]))
+    assert torch.count_nonzero(parts[0].loss[1::2]) == 0 and torch.count_nonzero(parts[1].loss[0::2]) == 0
+    torch.testing.assert_close(parts[0].loss + parts[1].loss, full.loss, rtol=0, atol=0)
+    torch.testing.assert_close(parts[0].acc + parts[1].acc, full.acc, rtol=0, atol=0)
+
+
 def test_model_restored_after_an_exception():
     m = small_cnn()
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
