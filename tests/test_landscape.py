@@ -336,3 +336,18 @@ def test_optimize_command(tmp_path, capsys):
                         (["--opt", "sgd,nope"], "adam"), (["--steps", 0], "steps")):
         r = cli(capsys, "optimize", "--runs-dir", tmp_path, *args)
         assert r.code == 2 and words in r.err and len(r.err.strip().splitlines()) == 1, r.err
+
+
+def test_trajectories_gif(tmp_path):
+    from gradlab.landscape.plots import trajectories_gif
+    from gradlab.landscape.trajectories import run_trajectory
+    from gradlab.landscape.functions import build_function
+
+    fn = build_function("saddle")
+    traj = run_trajectory(fn, lambda ps: torch.optim.SGD(ps, lr=0.1), 4, name="sgd", lr=0.1)
+    path = tmp_path / "t.gif"
+    assert trajectories_gif(build_function("saddle"), traj.frame(), path, max_frames=5)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.n_frames == 5

@@ -143,7 +143,7 @@ def trajectories_plot(fn, traj, *, title="", view=None):
     return fig
 
 
-def trajectories_gif(fn, traj, path, *, fps=20, max_frames=100, view=None) -> bool:
+def trajectories_gif(fn, traj, path, *, fps=15, max_frames=60, view=None) -> bool:
     """Animated GIF of the trajectories (PillowWriter); returns False when pillow is missing."""
     try:
         import PIL  # noqa: F401
@@ -154,8 +154,12 @@ def trajectories_gif(fn, traj, path, *, fps=20, max_frames=100, view=None) -> bo
 
     view = fn.view if view is None else view
     X, Y, Z = _function_grid(fn, view, n=120)
-    fig, ax = plt.subplots(figsize=(6, 5))
-    ax.contourf(X, Y, Z, levels=_function_levels(Z), cmap="Greys_r", alpha=0.85)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    # an image, not filled contours: every frame re-renders the background, and an image of
+    # quantile-ranked values draws ~10x faster while showing the same level structure
+    levels = _function_levels(Z)
+    ranks = np.digitize(Z, levels) if not isinstance(levels, int) else Z
+    ax.imshow(ranks, origin="lower", extent=view, cmap="Greys_r", alpha=0.85, aspect="auto")
     ax.set_xlim(view[0], view[1])
     ax.set_ylim(view[2], view[3])
     groups = [(n, g[["x", "y"]].to_numpy()) for n, g in traj.groupby("optimizer", sort=False)]
@@ -170,7 +174,7 @@ def trajectories_gif(fn, traj, path, *, fps=20, max_frames=100, view=None) -> bo
         ax.set_title(f"{fn.name}: step {k - 1}")
         return lines
 
-    FuncAnimation(fig, update, frames=frames, blit=False).save(str(path), writer=PillowWriter(fps=fps))
+    FuncAnimation(fig, update, frames=frames, blit=False).save(str(path), writer=PillowWriter(fps=fps), dpi=72)
     plt.close(fig)
     return True
 
