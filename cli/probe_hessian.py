@@ -41,7 +41,7 @@ from gradlab_cli.probe_gradnorm import (
 PROBE = "Hessian probe"
 DEFAULTS = {**SOURCE_DEFAULTS, "top_k": 5, "bottom_k": 1, "trace": True, "density": False, "batches": "4",
             "batch_size": 512, "tol": 1e-3, "backend": "auto", "mode": "eval", "trace_method": "krylov",
-            "trace_matvecs": 60, "lr": None, "grad_tol": 1e-3}
+            "trace_matvecs": 60, "lr": None, "grad_tol": 1e-3, "exact": False, "dense_max": 5000}
 SGD_LIKE = ("sgd", "momentum", "nesterov", "gd", "curvature-gd", "langevin")
 
 
@@ -108,6 +108,8 @@ def command(
     trace_matvecs: Annotated[Optional[int], typer.Option(help="Hessian-vector products for the trace. [default: 60]", rich_help_panel=PROBE)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate to compare with 2/lambda_max. [default: the --run's lr]", rich_help_panel=PROBE)] = None,
     grad_tol: Annotated[Optional[float], typer.Option(help="Gradient norm above which the point is 'not a critical point'. [default: 1e-3]", rich_help_panel=PROBE)] = None,
+    exact: Annotated[Optional[bool], typer.Option("--exact/--no-exact", help="Eigenvalues and trace from the dense Hessian (small models only, see --dense-max). [default: --no-exact]", rich_help_panel=PROBE)] = None,
+    dense_max: Annotated[Optional[int], typer.Option(help="Largest parameter count for --exact (the dense Hessian needs n^2 memory and n products). [default: 5000]", rich_help_panel=PROBE)] = None,
     run: RunRefOpt = None,
     runs_dir: RunsDirOpt = None,
     name: NameOpt = None,
@@ -131,11 +133,11 @@ def command(
         sigma_w=sigma_w, sigma_b=sigma_b, residual=residual, norm=norm, top_k=top_k, bottom_k=bottom_k,
         trace=trace, density=density, batches=batches, batch_size=batch_size, split=split, tol=tol,
         backend=backend, mode=mode, trace_method=trace_method, trace_matvecs=trace_matvecs, lr=lr,
-        grad_tol=grad_tol, run=run, runs_dir=runs_dir, name=name, seed=seed, device=device,
+        grad_tol=grad_tol, exact=exact, dense_max=dense_max, run=run, runs_dir=runs_dir, name=name, seed=seed, device=device,
     )
     cfg = resolve_options(DEFAULTS, config, flags)
     # validate everything before a run folder exists
-    for key, low in (("top_k", 1), ("bottom_k", 0), ("batch_size", 1), ("trace_matvecs", 4)):
+    for key, low in (("top_k", 1), ("bottom_k", 0), ("batch_size", 1), ("trace_matvecs", 4), ("dense_max", 1)):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < low:
             raise GradlabError(f"invalid {key.replace('_', '-')}: {cfg[key]!r} (must be an integer >= {low})")
     for key in ("tol", "grad_tol", "lr"):
@@ -162,6 +164,9 @@ def command(
     n_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
     if cfg["top_k"] > n_params or cfg["bottom_k"] > n_params:
         raise GradlabError(f"invalid top-k/bottom-k: the model has only {n_params} parameters")
+    if cfg["exact"] and n_params > cfg["dense_max"]:
+        raise GradlabError(f"--exact: model too large for the dense Hessian ({n_params} parameters > "
+                           f"--dense-max {cfg['dense_max']}); drop --exact to use the HVP solvers")
 
     run_dir = start_run("probe-hessian", {**cfg, **desc, "lr_compared": lr_used})
     with run_dir:
@@ -170,7 +175,7 @@ def command(
             density=bool(cfg["density"]), tol=float(cfg["tol"]), lr=lr_used,
             backend=None if cfg["backend"] == "auto" else cfg["backend"], mode=cfg["mode"],
             trace_method=cfg["trace_method"], trace_matvecs=cfg["trace_matvecs"],
-            grad_tol=float(cfg["grad_tol"]), seed=cfg["seed"],
+            grad_tol=float(cfg["grad_tol"]), exact=bool(cfg["exact"]), dense_max=cfg["dense_max"], seed=cfg["seed"],
         )
         df = rep.to_frame()
         run_dir.write_csv("hessian.csv", df)

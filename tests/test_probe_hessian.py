@@ -206,3 +206,20 @@ def test_cli_run_without_checkpoint_is_an_error(capsys, tmp_path):
     (bad / "config.yaml").write_text("model: mlp\n")
     r = cli(capsys, "probe", "hessian", "--runs-dir", tmp_path, "--run", bad)
     assert r.code == 2 and "checkpoint" in r.err
+
+
+def test_exact_mode_equals_dense_and_refuses_large_models():
+    model, (x, y) = tiny_net(), tiny_data()
+    ev = torch.linalg.eigvalsh(dense_hessian(model, None, (x, y)))
+    rep = hessian_probe(model, [(x[:10], y[:10]), (x[10:], y[10:])], top_k=2, bottom_k=1, exact=True)
+    assert rep.top == pytest.approx(ev.flip(0)[:2].tolist(), rel=1e-10) and rep.bottom[0] == pytest.approx(float(ev[0]))
+    assert rep.trace == pytest.approx(float(ev.sum()), rel=1e-10) and rep.trace_stderr == 0.0
+    with pytest.raises(GradlabError, match="too large"):
+        hessian_probe(model, (x, y), exact=True, dense_max=10)
+
+
+def test_cli_exact_too_large_is_an_error(capsys, tmp_path):
+    from clihelp import cli
+
+    r = cli(capsys, "probe", "hessian", "--runs-dir", tmp_path, "--exact", "--dense-max", "100", *TINY)
+    assert r.code == 2 and "too large" in r.err and len(r.err.strip().splitlines()) == 1

@@ -42,6 +42,8 @@ def default_backend(device) -> str:
 
 def split_batches(data) -> list[tuple[Tensor, Tensor]]:
     """Accept one ``(x, y)`` batch or an iterable of them; return a non-empty list of batches."""
+    if data is None:
+        raise GradlabError("no data given for the Hessian: pass one (x, y) batch or a list of batches")
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         batches = [tuple(data)]
     else:
@@ -223,8 +225,8 @@ class HessianOperator(CurvatureOperator):
         """Mean loss and its flat gradient ``(n,)`` in float64, at the current parameters."""
         total, g = 0.0, torch.zeros(self.n, dtype=torch.float64, device=self.device)
         for i, w in enumerate(self.weights):
-            if i in self._graphs:
-                loss, grads = self._graphs[i]
+            if self.backend == "double-backward" and self.keep_graphs:
+                loss, grads = self._grad_graph(i)  # built now and reused by the products that follow
             else:
                 x, y = self.batches[i]
                 with self._batch_context(i):

@@ -132,6 +132,8 @@ def hessian_probe(
     density_steps: int = 60,
     max_iter: Optional[int] = None,
     grad_tol: float = GRAD_TOL,
+    exact: bool = False,
+    dense_max: int = 5000,
     seed: int = 0,
 ) -> HessianReport:
     """Probe the Hessian of the mean loss of ``model`` over ``data_batches``.
@@ -146,8 +148,11 @@ def hessian_probe(
         tol: eigen-solver relative tolerance (> 0); lr: learning rate compared with 2/lambda_max.
         loss_fn: ``(logits, y) -> mean loss``, default cross-entropy; backend/mode: see
             :class:`~gradlab.curvature.HessianOperator`; grad_tol: see :mod:`gradlab.probes.critical`.
+        exact: eigenvalues and trace from the dense Hessian (:func:`~gradlab.curvature.dense_hessian`,
+            models with at most ``dense_max`` parameters): exact, trace stderr 0.
     Raises:
-        GradlabError: top_k < 1, bottom_k < 0, tol <= 0, unknown trace method, k > n.
+        GradlabError: top_k < 1, bottom_k < 0, tol <= 0, unknown trace method, k > n, or
+            ``exact`` with more than ``dense_max`` parameters.
     """
     check(isinstance(top_k, int) and top_k >= 1, f"invalid top_k: {top_k} (must be >= 1)")
     check(isinstance(bottom_k, int) and bottom_k >= 0, f"invalid bottom_k: {bottom_k} (must be >= 0)")
@@ -159,10 +164,14 @@ def hessian_probe(
     try:
         loss, g = op.loss_and_gradient()
         grad_norm = float(torch.linalg.vector_norm(g))
-        top = eigsh(op, top_k, "LA", tol=tol, max_iter=max_iter, seed=seed)
-        bottom = eigsh(op, bottom_k, "SA", tol=tol, max_iter=max_iter, seed=seed + 1) if bottom_k else None
-        tr = TRACE_METHODS[trace_method](op, trace_matvecs, seed=seed + 2) if trace else None
-        dens = slq_density(op, density_starts, density_steps, seed=seed + 3) if density else None
+        if exact:
+            top, bottom, tr, dens = _exact_parts(model, loss_fn or F.cross_entropy, op, top_k, bottom_k,
+                                                 trace, density, density_starts, density_steps, dense_max, seed)
+        else:
+            top = eigsh(op, top_k, "LA", tol=tol, max_iter=max_iter, seed=seed)
+            bottom = eigsh(op, bottom_k, "SA", tol=tol, max_iter=max_iter, seed=seed + 1) if bottom_k else None
+            tr = TRACE_METHODS[trace_method](op, trace_matvecs, seed=seed + 2) if trace else None
+            dens = slq_density(op, density_starts, density_steps, seed=seed + 3) if density else None
     finally:
         op.clear()  # free the kept gradient graphs now, not at garbage collection
     notes = []
@@ -184,6 +193,23 @@ def hessian_probe(
         classification=cls, density=dens, num_params=op.n, num_samples=op.num_samples,
         num_matvecs=op.num_matvecs, mode=mode, backend=op.backend, notes=notes,
     )
+
+
+def _exact_parts(model, loss_fn, op, top_k, bottom_k, trace, density, starts, steps, dense_max, seed):
+    """Top/bottom eigenvalues, trace and density from the dense Hessian (``exact=True``)."""
+    from gradlab.curvature import DenseOperator, EigenResult, TraceResult, dense_hessian
+
+    check(top_k <= op.n and bottom_k <= op.n, f"invalid top_k/bottom_k: the model has only {op.n} parameters")
+    H = dense_hessian(model, loss_fn, op.batches if len(op.batches) > 1 else op.batches[0], mode=op.mode,
+                      params=op.params, max_params=dense_max).to(torch.float64)
+    H = (H + H.T) / 2
+    ev = torch.linalg.eigvalsh(H)  # ascending
+    zero = torch.zeros(max(top_k, bottom_k), dtype=torch.float64)
+    top = EigenResult(ev.flip(0)[:top_k], None, 0, True, zero[:top_k], "LA")
+    bottom = EigenResult(ev[:bottom_k], None, 0, True, zero[:bottom_k], "SA") if bottom_k else None
+    tr = TraceResult(float(ev.sum()), 0.0, 0, "exact") if trace else None
+    dens = slq_density(DenseOperator(H), starts, steps, seed=seed + 3) if density else None
+    return top, bottom, tr, dens
 
 
 def quick_curvature(
