@@ -112,8 +112,11 @@ def evaluate(model, x, y, batch_size: int = 1024) -> tuple[float, float]:
 
 
 def _grad_norm(params) -> float:
-    sq = [p.grad.detach().double().pow(2).sum() for p in params if p.grad is not None]
-    return math.sqrt(float(torch.stack(sq).sum())) if sq else 0.0
+    """Global L2 norm of the gradients: per-tensor norms (one fused call), combined in float64."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double()))
 
 
 class Trainer:
@@ -230,15 +233,15 @@ class Trainer:
 
     def train_step(self, idx, n_global) -> tuple[float, float, int, float]:
         xb, yb = self.x_train[idx], self.y_train[idx]
-        self.model.train()
+        if not self.model.training:  # evaluation and probes restore the mode; this is a guard
+            self.model.train()
         captured = {}
 
         def closure():
             loss, out = self._loss_terms(xb, yb, n_global)
             # Checked before any backward or update, so a NaN never reaches the weights.
-            self._check_finite(loss.detach())
+            captured["loss"] = self._check_finite(loss.detach())
             captured["out"] = out.detach()
-            captured["loss"] = loss.detach()
             return loss
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -248,16 +251,21 @@ class Trainer:
             loss = closure()
             loss.backward()
             self.optimizer.step()
-        loss_sum = float(captured["loss"]) * n_global / self.dist.world_size
+        loss_sum = captured["loss"] * n_global / self.dist.world_size
         correct = int((captured["out"].argmax(1) == yb).sum())
         return loss_sum, correct, len(yb), _grad_norm(self.params)
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
+    def _check_finite(self, loss: torch.Tensor) -> float:
+        """The loss as a float, or :class:`_Diverged` if it is NaN/inf on any rank."""
         from gradlab.distributed import all_reduce_sum
 
-        bad = 0.0 if torch.isfinite(loss).all() else 1.0
-        if all_reduce_sum([bad], self.dist, self.device)[0] > 0:
+        value = float(loss)
+        bad = 0.0 if math.isfinite(value) else 1.0
+        if self.dist.enabled:
+            bad = all_reduce_sum([bad], self.dist, self.device)[0]
+        if bad > 0:
             raise _Diverged(self.step + 1, self.epoch, self.optimizer.param_groups[0]["lr"])
+        return value
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, run, progress: Optional[Callable] = None) -> TrainResult:
@@ -346,15 +354,17 @@ class Trainer:
                     norms.append(float(p.grad.detach().norm()))
             if norms:
                 run.tb.add_histogram("grad_norm/per_layer", torch.tensor(norms), step)
-        xb, yb = self.x_train[idx.to(self.device)], self.y_train[idx.to(self.device)]
-        if cfg["hessian_every"] and step % cfg["hessian_every"] == 0 and self.dist.is_main:
+        due = lambda every: bool(every) and step % every == 0 and self.dist.is_main  # noqa: E731
+        if due(cfg["hessian_every"]) or due(cfg["probe_every"]):
+            xb, yb = self.x_train[idx.to(self.device)], self.y_train[idx.to(self.device)]
+        if due(cfg["hessian_every"]):
             from gradlab.probes.hessian import quick_curvature
 
             lam, tr = quick_curvature(self.model, F.cross_entropy, (xb, yb))
             self.history["lambda_max"], self.history["trace"] = float(lam), float(tr)
             run.log_metrics(step, self.epoch, "curvature", {"lambda_max": lam, "trace": tr,
                                                              "stability_bound": 2.0 / lam if lam > 0 else float("inf")})
-        if cfg["probe_every"] and step % cfg["probe_every"] == 0 and self.dist.is_main:
+        if due(cfg["probe_every"]):
             from gradlab.probes.gradnorm import gradnorm_probe
 
             df = gradnorm_probe(self.model, F.cross_entropy, [(xb, yb)]).to_frame()
