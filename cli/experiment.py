@@ -25,6 +25,7 @@ def command(
     """Run each combination of an experiment file as its own run; report failures at the end."""
     import pandas as pd
     import yaml
+    from rich.markup import escape
 
     from gradlab.experiment import PREVIOUS, load_experiment, log_hparams
 
@@ -48,13 +49,13 @@ def command(
                         cfg["name"] = label
                     what = " ".join(stage.command + stage.args) + (f" [{label}]" if label else "")
                     if source is not None:
-                        what += f" on {Path(source).name}"
+                        what += f" on {Path(source).name if not dry_run else source}"
                     if dry_run:
-                        console.print(f"[{n}] {what}")
+                        console.print(f"{n}. {escape(what)}", highlight=False)
                         continue
                     cfg_path = Path(tmp) / f"{n}.yaml"
                     cfg_path.write_text(yaml.safe_dump(cfg))
-                    console.print(f"[bold][{n}][/bold] {what}", highlight=False)
+                    console.print(f"[bold]{n}.[/bold] {escape(what)}", highlight=False)
                     status, path, err = _run_one(stage.command, stage.args, cfg_path)
                     results.append({"#": n, "stage": si, "run": what, "status": status,
                                     "folder": path or "", "error": err})
@@ -62,14 +63,14 @@ def command(
                         made.append(path)
                         if stage.sweep:
                             _hparams(log_hparams, path, {k: combo[k] for k in stage.sweep})
-            previous = made
+            previous = made if not dry_run else [f"<each run of step {si}>"]
     if dry_run:
         return
     df = pd.DataFrame(results)
     render_table(df[["#", "run", "status", "folder"]], title=f"experiment {file}")
     bad = df[df["status"] != "completed"]
     for row in bad.itertuples(index=False):
-        err_console.print(f"[{row[0]}] {row.run}: {row.status}" + (f": {row.error}" if row.error else ""),
+        err_console.print(escape(f"{row[0]}. {row.run}: {row.status}" + (f": {row.error}" if row.error else "")),
                           highlight=False)
     if len(bad):
         raise typer.Exit(1)
