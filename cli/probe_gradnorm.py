@@ -81,16 +81,29 @@ def load_source(cfg: dict):
             raise GradlabError(f"--{fresh[0].replace('_', '-')} describes a fresh model; it cannot be combined with --run {cfg['run']}")
         source = find_run(cfg["runs_dir"], cfg["run"], require_checkpoint=True)
         loaded = load_run(str(source), cfg["runs_dir"], device=dev)
-        desc = {"source_run": source.name, "model": loaded.config.get("model"), "dataset": loaded.config.get("dataset")}
-        desc.update({k: loaded.config.get(k, MODEL_DEFAULTS[k]) for k in MODEL_KEYS})
+        name = loaded.config.get("model")
+        desc = {"source_run": source.name, "model": name, "dataset": loaded.config.get("dataset")}
+        desc.update({k: loaded.config.get(k, MODEL_DEFAULTS[k]) for k in _used_keys(name)})
         return loaded.model, loaded.data, dev, desc
     data = load_dataset(cfg["dataset"] or "digits", seed=cfg["seed"], data_dir=cfg["data_dir"])
     opts = {k: cfg[k] for k in MODEL_KEYS if cfg[k] is not None}
     torch.manual_seed(cfg["seed"])  # the initialisation is reproducible from --seed
     model = build_model(cfg["model"] or "mlp", data.spec, **opts).to(dev)
     desc = {"source_run": "", "model": cfg["model"] or "mlp", "dataset": data.name}
-    desc.update({k: v for k, v in resolve_model_options(opts).items() if k in MODEL_KEYS})
+    used = _used_keys(desc["model"])
+    desc.update({k: v for k, v in resolve_model_options(opts).items() if k in used})
     return model, data, dev, desc
+
+
+def _used_keys(model_name) -> list:
+    """The model flags that ``model_name`` uses (all of MODEL_KEYS for a user model)."""
+    from gradlab.models import MODELS
+    from gradlab.models.registry import used_options
+
+    if isinstance(model_name, str) and model_name in MODELS:
+        used = used_options(MODELS.entry(model_name).options)
+        return [k for k in MODEL_KEYS if k in used]
+    return list(MODEL_KEYS)
 
 
 def split_tensors(data, split: str):
