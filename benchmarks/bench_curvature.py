@@ -9,8 +9,9 @@ Same model, batch and data for every method (sklearn digits, standardised, as (N
 Accuracy references are computed in float64 on a copy of the model: the top-5 eigenvalues by a
 Lanczos solve at tol 1e-10 (its residual certifies the error: |lambda - theta| <= residual);
 the trace exactly from the dense Hessian when n <= --dense-max, else by Hutch++ with
---ref-matvecs products (a fifth of that for the 564k model; its own standard error is printed
-beside it and limits how small an error can be resolved). Every timed method runs
+--ref-matvecs float32 products (a quarter of that for the 564k model; its own standard error is
+printed beside it and limits how small an error can be resolved). The dense path costs n HVPs:
+~6 minutes for the 6k CNN on one shared core, hence the small default --dense-max. Every timed method runs
 on the float32 model. Times are medians over --repeats, methods interleaved round-robin so load
 on a shared machine hits all alike; errors are medians over the same repeats (different seeds).
 
@@ -136,7 +137,9 @@ def run_case(case, x_all, y_all, args, ph):
     top = ref.values
     print(f"reference top-5 (float64 Lanczos, tol 1e-10, {ref.num_matvecs} HVPs, {t_ref:.1f}s): "
           f"{[round(v, 6) for v in top.tolist()]}, max residual {float(ref.residuals.max()):.1e}")
-    if n <= args.dense_max:
+    if "trace" not in args.parts:
+        tr_ref = tr_ref_se = float("nan")
+    elif n <= args.dense_max:
         t_d, H = timed(lambda: op64.to_dense())
         tr_ref, tr_ref_se = float(torch.trace(H)), 0.0
         evs = torch.linalg.eigvalsh((H + H.T) / 2).flip(0)[:5]
@@ -144,8 +147,11 @@ def run_case(case, x_all, y_all, args, ph):
               f"max rel diff {float(((evs - top).abs() / top.abs()).max()):.1e}")
         del H
     else:
-        m_ref = args.ref_matvecs if n < 100_000 else args.ref_matvecs // 5  # the 564k model: 5x fewer
-        t_r, r = timed(lambda: hutchpp_trace(op64, m_ref, seed=12345))
+        m_ref = args.ref_matvecs if n < 100_000 else args.ref_matvecs // 4  # the 564k model: 4x fewer
+        # float32 products (rounding ~1e-6, far below the errors compared) keep this affordable
+        op32 = HessianOperator(model, None, (x, y))
+        t_r, r = timed(lambda: hutchpp_trace(op32, m_ref, seed=12345))
+        op32.clear()
         tr_ref, tr_ref_se = r.estimate, r.stderr
         print(f"reference trace: Hutch++ {m_ref} HVPs ({t_r:.0f}s) = {tr_ref:.6g} +- {tr_ref_se:.2g} (stderr, "
               f"{tr_ref_se / abs(tr_ref):.1e} relative: errors below ~2x this are not resolved)")
@@ -155,6 +161,7 @@ def run_case(case, x_all, y_all, args, ph):
     def relerr_top(values):
         return float(((torch.as_tensor(values, dtype=torch.float64) - top).abs() / top.abs()).max())
 
+    row = {"case": case, "n": n}
     # ---- HVP and gradient costs
     V = torch.randn(n, dtype=torch.float32)
     cost = {k: [] for k in ("grad", "db_kept", "db_rebuild", "func", "func_vmap10", "pyhessian")}
@@ -167,7 +174,7 @@ def run_case(case, x_all, y_all, args, ph):
     if ph is not None:
         pyh = CountingPyHessian(ph, model, x, y)
         vs = [v.detach().clone() for v in HessianOperator(model, None, (x, y)).unflatten(V)]
-    for _ in range(args.repeats):
+    for _ in range(args.repeats if "hvp" in args.parts else 1):
         cost["grad"].append(timed(lambda: torch.autograd.grad(F.cross_entropy(model(x), y), params))[0])
         cost["db_kept"].append(timed(lambda: op_db.matvec(V))[0])
         cost["db_rebuild"].append(timed(lambda: op_rb.matvec(V))[0])
@@ -184,7 +191,7 @@ def run_case(case, x_all, y_all, args, ph):
 
     # ---- top-5 eigenvalues
     eig = {k: {"t": [], "hvp": [], "err": []} for k in ("gradlab", "gradlab_scipy", "pyhessian")}
-    for r in range(args.repeats):
+    for r in range(args.repeats if "eig" in args.parts else 0):
         for key in eig:
             if key == "pyhessian":
                 if ph is None:
@@ -215,7 +222,6 @@ def run_case(case, x_all, y_all, args, ph):
     for key, d in eig.items():
         if d["t"]:
             print(f"  {key:14s} time {med(d['t']):7.3f}s  HVPs {med(d['hvp']):5.0f}  max rel err {med(d['err']):.1e}")
-    row = {"case": case, "n": n}
     if eig["pyhessian"]["t"]:
         sp = med(eig["pyhessian"]["t"]) / med(eig["gradlab"]["t"])
         er = med(eig["pyhessian"]["err"]) / max(med(eig["gradlab"]["err"]), 1e-16)
@@ -225,7 +231,7 @@ def run_case(case, x_all, y_all, args, ph):
     # ---- trace at PyHessian's number of HVPs
     methods = {"krylov": krylov_trace, "xtrace": xtrace, "hutch++": hutchpp_trace, "hutchinson": hutchinson_trace}
     trc = {k: {"t": [], "hvp": [], "err": []} for k in ("pyhessian", *methods)}
-    for r in range(args.repeats):
+    for r in range(args.repeats if "trace" in args.parts else 0):
         m_hvps = None
         if ph is not None:
             torch.manual_seed(r)
@@ -271,9 +277,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cases", default="mlp,cnn,mlp3x512")
+    ap.add_argument("--parts", default="hvp,eig,trace", help="which measurements: hvp, eig, trace")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
-    ap.add_argument("--dense-max", type=int, default=7000, help="largest n for the dense trace reference")
-    ap.add_argument("--ref-matvecs", type=int, default=1500, help="Hutch++ products for the trace reference above --dense-max")
+    ap.add_argument("--dense-max", type=int, default=2000, help="largest n for the dense trace reference")
+    ap.add_argument("--ref-matvecs", type=int, default=1200, help="Hutch++ products for the trace reference above --dense-max")
     ap.add_argument("--trace-matvecs", type=int, default=30, help="trace products when PyHessian is unavailable")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -6,9 +6,10 @@ quadrature (:mod:`gradlab.curvature.density`). After ``m`` steps from a unit vec
     A Q_m = Q_m T_m + beta_m q_{m+1} e_m^T,
 
 with ``Q_m`` (n, m) orthonormal and ``T_m`` (m, m) symmetric tridiagonal (diagonal ``alphas``,
-off-diagonal ``betas``). Every new vector is orthogonalised twice against all previous ones
-("twice is enough", Giraud et al. 2005), in float64, so Ritz values do not duplicate and the
-residual estimate ``|beta_m s_{m,i}|`` of a Ritz pair stays reliable.
+off-diagonal ``betas``). Every new vector is orthogonalised against all previous ones, in
+float64, with a second pass when the first cancelled most of it ("twice is enough", Giraud et al.
+2005), so Ritz values do not duplicate and the residual estimate ``|beta_m s_{m,i}|`` of a Ritz
+pair stays reliable.
 """
 
 from __future__ import annotations
@@ -61,8 +62,12 @@ class Lanczos:
         self._count += 1
 
     def _orthogonalise(self, w: Tensor) -> Tensor:
+        """Classical Gram-Schmidt against the basis, repeated once when the first pass cancelled
+        most of ``w`` (the DGKS criterion, Daniel et al. 1976: a second pass is needed only then)."""
         Q = self._rows[: self._count]  # (j, n)
-        for _ in range(2):
+        before = torch.linalg.vector_norm(w)
+        w = w - Q.T @ (Q @ w)
+        if torch.linalg.vector_norm(w) < 0.7071 * before:
             w = w - Q.T @ (Q @ w)
         return w
 
