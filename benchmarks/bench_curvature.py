@@ -264,7 +264,7 @@ def run_case(case, x_all, y_all, args, ph):
             print(f"  {key:10s} time {med(d['t']):7.3f}s  HVPs {med(d['hvp']):5.0f}  "
                   f"time/HVP {1e3 * med(d['t']) / med(d['hvp']):6.2f} ms  rel err {med(d['err']):.1e}")
     if trc["pyhessian"]["t"]:
-        best = "krylov"  # the probe's default
+        best = "xtrace"  # the probe's default
         er = med(trc["pyhessian"]["err"]) / max(med(trc[best]["err"]), 1e-16)
         tph = (med(trc[best]["t"]) / med(trc[best]["hvp"])) / (med(trc["pyhessian"]["t"]) / med(trc["pyhessian"]["hvp"]))
         print(f"  -> {best} (default): error {er:.1f}x smaller than PyHessian (target >= 5); time/HVP ratio {tph:.2f} (target <= 1)")

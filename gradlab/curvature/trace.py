@@ -9,8 +9,9 @@
 * :func:`krylov_trace`: Hutch++'s split with the random sketch replaced by a Lanczos Krylov
   subspace (the idea behind Chen & Hallman's Krylov-aware estimators, SIMAX 2023): ``k`` Lanczos
   steps give ``Q`` and ``tr(Q^T A Q) = sum(alpha)`` with no extra products, so more of the budget
-  goes to the Hutchinson estimate of the deflated rest. On digits MLP Hessians it is the most
-  accurate per product (``benchmarks/bench_curvature.py``).
+  goes to the Hutchinson estimate of the deflated rest. Measured on digits Hessians: the best
+  of the four on a tanh MLP at 40 products (0.7% vs XTrace 1.2%, Hutchinson 2.9%), the worst on
+  a small CNN at 60 (1.8% vs XTrace 1.1%): it pays only when a few eigenvalues dominate.
 * :func:`hutchinson_diag`: ``diag(A)`` as the mean of ``z * (A z)`` (Bekas, Kokiopoulou & Saad 2007).
 
 All arithmetic on the estimates is float64; products go through the operator (see
@@ -195,4 +196,4 @@ def hutchinson_diag(A, num_matvecs: int = 100, *, seed: Optional[int] = 0) -> Di
     return DiagonalResult(S.mean(1), S.std(1, unbiased=True) / math.sqrt(num_matvecs), num_matvecs)
 
 
-TRACE_METHODS = {"krylov": krylov_trace, "xtrace": xtrace, "hutch++": hutchpp_trace, "hutchinson": hutchinson_trace}
+TRACE_METHODS = {"xtrace": xtrace, "krylov": krylov_trace, "hutch++": hutchpp_trace, "hutchinson": hutchinson_trace}
