@@ -74,7 +74,7 @@ def slq_density(
     for _ in range(num_starts):
         v0 = rademacher(op.n, 1, gen, op.device)[:, 0]
         # no restart on breakdown: the quadrature must stay the Krylov space of v0
-        lz = Lanczos(op, v0, generator=gen, restart_on_breakdown=False)
+        lz = Lanczos(op, v0, generator=gen, restart_on_breakdown=False, max_steps=steps)
         while lz.steps < steps and not lz.exhausted:
             lz.step()
         theta, S = torch.linalg.eigh(lz.tridiagonal())

@@ -97,7 +97,7 @@ def eigsh(
         return _eigsh_scipy(op, k, which, tol, max_iter, return_vectors, v0)
 
     start = op.num_matvecs
-    lz = Lanczos(op, v0, generator=gen)
+    lz = Lanczos(op, v0, generator=gen, max_steps=max_iter)
     sign = 1.0 if which == "LA" else -1.0
     converged = False
     min_steps = min(n, k + 2)  # a few steps before trusting a residual (early Ritz values mislead)

@@ -26,7 +26,8 @@ BREAKDOWN_RTOL = 1e-10
 class Lanczos:
     """Step-by-step Lanczos on ``op`` from ``v0`` (shape (n,)); the basis is kept in float64.
 
-    Memory is ``(steps + 1) * n`` float64 numbers. On breakdown (an invariant subspace found) and
+    Memory is at most ``2 * (steps + 1) * n`` float64 numbers (the buffer doubles), and never more
+    than ``(max_steps + 1) * n`` when ``max_steps`` is given. On breakdown (an invariant subspace found) and
     when ``restart_on_breakdown`` is set, the process continues from a fresh random vector
     orthogonal to the basis, which lets it find further eigenvalues (e.g. repeated ones).
     """
@@ -38,11 +39,14 @@ class Lanczos:
         *,
         generator: torch.Generator | None = None,
         restart_on_breakdown: bool = True,
+        max_steps: int | None = None,
     ):
         self.op, self.generator, self.restart = op, generator, restart_on_breakdown
+        # the basis never needs more than max_steps + 1 rows: cap the buffer's doubling there
+        self._cap = op.n + 1 if max_steps is None else min(op.n, max_steps) + 1
         q = v0.to(dtype=torch.float64, device=op.device)
         # basis rows in one growing buffer: (capacity, n), rows [0, num_vectors) are used
-        self._rows = torch.empty(16, op.n, dtype=torch.float64, device=op.device)
+        self._rows = torch.empty(min(16, self._cap), op.n, dtype=torch.float64, device=op.device)
         self._count = 0
         self._append(q / torch.linalg.vector_norm(q))
         self.alphas: list[float] = []
@@ -55,7 +59,8 @@ class Lanczos:
 
     def _append(self, q: Tensor) -> None:
         if self._count == self._rows.shape[0]:
-            grown = torch.empty(2 * self._count, self.op.n, dtype=torch.float64, device=self.op.device)
+            size = max(self._count + 1, min(2 * self._count, self._cap))
+            grown = torch.empty(size, self.op.n, dtype=torch.float64, device=self.op.device)
             grown[: self._count] = self._rows
             self._rows = grown
         self._rows[self._count] = q

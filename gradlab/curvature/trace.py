@@ -174,7 +174,7 @@ def krylov_trace(A, num_matvecs: int = 60, *, krylov_fraction: float = 0.5, seed
     gen = make_generator(seed)
     k = min(op.n, max(1, round(krylov_fraction * num_matvecs)))
     k = min(k, num_matvecs - 2)  # keep at least two samples for a standard error
-    lz = Lanczos(op, torch.randn(op.n, generator=gen, dtype=torch.float64), generator=gen)
+    lz = Lanczos(op, torch.randn(op.n, generator=gen, dtype=torch.float64), generator=gen, max_steps=k)
     while lz.steps < k and not lz.exhausted:
         lz.step()
     Q = lz.basis()  # (n, k)
