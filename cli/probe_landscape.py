@@ -75,6 +75,8 @@ def command(
         raise GradlabError(f"unknown directions {cfg['directions']!r}; choose from: {', '.join(DIRECTIONS)}")
     if cfg["split"] not in ("train", "test"):
         raise GradlabError(f"unknown split {cfg['split']!r}; choose from: train, test")
+    if cfg["to"] and cfg["directions"] != "interp":
+        raise GradlabError(f"--to applies to --directions interp, not {cfg['directions']!r}")
     rng = None
     if cfg["range"] not in (None, ""):
         vals = parse_float_list(cfg["range"], "range")

@@ -311,7 +311,8 @@ def test_probe_landscape_bad_input_is_one_line(trained_run, capsys, tmp_path):
     runs, path = trained_run
     base = ["probe", "landscape", "--runs-dir", runs, "--run", path.name]
     for extra, words in ((["--steps", 1], "steps"), (["--range", "1,-1"], "empty range"),
-                         (["--directions", "sideways"], "random, pca"), (["--range", "1"], "lo,hi")):
+                         (["--directions", "sideways"], "random, pca"), (["--range", "1"], "lo,hi"),
+                         (["--to", path.name], "interp")):
         r = cli(capsys, *base, *extra)
         assert r.code == 2 and words in r.err and len(r.err.strip().splitlines()) == 1, r.err
     bare = tmp_path / "bare"
