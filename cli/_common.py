@@ -64,8 +64,9 @@ def render_table(df, title: Optional[str] = None, quiet: bool = False, float_fmt
     if quiet:
         return
     table = Table(title=title, header_style="bold")
-    for col in df.columns:
-        table.add_column(str(col), justify="right" if df[col].dtype.kind in "fiu" else "left")
+    for i, col in enumerate(df.columns):
+        # The first column identifies the row (a run id, a layer): never cut it short.
+        table.add_column(str(col), justify="right" if df[col].dtype.kind in "fiu" else "left", no_wrap=i == 0)
     for row in df.itertuples(index=False):
         cells = []
         for v in row:
