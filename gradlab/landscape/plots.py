@@ -215,9 +215,11 @@ def simplex_plot(table, *, title=""):
     return fig
 
 
-def compare_landscapes(items, *, log_scale=False, title="", ncols=None):
+def compare_landscapes(items, *, log_scale=False, title="", ncols=None, zmax=None):
     """Side-by-side contours of several 2-D landscapes: ``items`` = [(title, axes, loss), ...],
-    one shared colour scale so the panels compare directly."""
+    one shared colour scale so the panels compare directly; values above ``zmax`` (in plotted
+    units, i.e. log10 loss with ``log_scale``) saturate, so one exploding panel does not flatten
+    the others."""
     plt = _plt()
     n = len(items)
     ncols = ncols or n
@@ -225,6 +227,9 @@ def compare_landscapes(items, *, log_scale=False, title="", ncols=None):
     fig, axs = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 4.0 * nrows), squeeze=False)
     zs = [grid_matrix(a, _z(loss, log_scale)) for _, a, loss in items]
     lo, hi = min(float(np.nanmin(z)) for z in zs), max(float(np.nanmax(z)) for z in zs)
+    if zmax is not None:
+        hi = min(hi, zmax)
+        zs = [np.minimum(z, hi) for z in zs]
     levels = np.linspace(lo, hi, 30)
     cs = None
     for ax, (name, a, _), Z in zip(axs.flat, items, zs):
