@@ -28,7 +28,7 @@ def bare_loop(cfg) -> tuple[float, int]:
 
     torch.manual_seed(cfg["seed"])
     data = load_dataset(cfg["dataset"], seed=cfg["seed"])
-    model = build_model(cfg["model"], data.spec)
+    model = build_model(cfg["model"], data.spec, **{k: cfg[k] for k in ("width",) if cfg["model"] == "mlp"})
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     n, bs = len(data.x_train), cfg["batch_size"]
     steps = 0
@@ -77,19 +77,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from gradlab.train import train_defaults, validate_train_config
 
-    cfg = validate_train_config({**train_defaults(), "runs_dir": "unused", "name": None, "seed": 0,
-                                 "device": "cpu", "epochs": args.epochs})
-    bare, ours = [], []
-    for _ in range(args.repeats):
-        t, s = bare_loop(cfg)
-        bare.append(t / s)
-        t, s = gradlab_fit(cfg)
-        ours.append(t / s)
-    b, o = statistics.median(bare), statistics.median(ours)
-    print(f"train step (mlp on digits, batch {cfg['batch_size']}, adam, torch threads {torch.get_num_threads()}):")
-    print(f"  bare PyTorch loop  {b * 1e3:8.3f} ms/step   {1 / b:8.1f} steps/s")
-    print(f"  gradlab train      {o * 1e3:8.3f} ms/step   {1 / o:8.1f} steps/s")
-    print(f"  overhead ratio     {o / b:8.3f}  (target <= 1.10)")
+    base = {**train_defaults(), "runs_dir": "unused", "name": None, "seed": 0, "device": "cpu",
+            "epochs": args.epochs}
+    cases = [("default: mlp 2x128, batch 64", {}),
+             ("mlp 2x512, batch 256", {"width": 512, "batch_size": 256}),
+             ("cnn, batch 64", {"model": "cnn"})]
+    for label, over in cases:
+        cfg = validate_train_config({**base, **over})
+        bare, ours = [], []
+        for _ in range(args.repeats):
+            t, s = bare_loop(cfg)
+            bare.append(t / s)
+            t, s = gradlab_fit(cfg)
+            ours.append(t / s)
+        b, o = statistics.median(bare), statistics.median(ours)
+        print(f"train step, {label} (digits, adam, {args.epochs} epochs, torch threads {torch.get_num_threads()}):")
+        print(f"  bare PyTorch loop  {b * 1e3:8.3f} ms/step   {1 / b:8.1f} steps/s")
+        print(f"  gradlab train      {o * 1e3:8.3f} ms/step   {1 / o:8.1f} steps/s")
+        print(f"  overhead ratio     {o / b:8.3f}  (target <= 1.10)")
 
     exe = str(Path(sys.executable).with_name("gradlab"))
     helps, imports = [], []

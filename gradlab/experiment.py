@@ -24,7 +24,7 @@ from gradlab.config import load_yaml, normalise_keys
 from gradlab.errors import GradlabError
 
 PREVIOUS = "@previous"
-RESERVED = {"command", "args", "sweep", "steps"}
+RESERVED = {"command", "args", "sweep"}  # a stage's own `steps: 25` is the command's --steps
 
 
 @dataclass
@@ -78,9 +78,9 @@ def _parse_stage(doc: dict, where: str) -> Stage:
 def load_experiment(path: str | Path) -> list[Stage]:
     """Parse an experiment file into stages; mistakes name the file and the stage."""
     doc = load_yaml(path)
-    if "steps" in doc:
+    if isinstance(doc.get("steps"), list):  # a list of stages (a number is a command option)
         steps = doc["steps"]
-        if not isinstance(steps, list) or not steps:
+        if not steps:
             raise GradlabError(f"{path}: 'steps' must be a non-empty list of stages")
         shared = {k: v for k, v in doc.items() if k != "steps"}
         stages = []

@@ -188,3 +188,30 @@ def test_experiment_sweep_continues_past_divergence(tmp_path, capsys):
     assert b"_hparams_" in events  # TensorBoard's HParams plugin data
     r = cli(capsys, "run", tmp_path / "missing.yaml")
     assert r.code == 2 and "not found" in r.err
+
+
+def test_experiment_file_shapes(tmp_path):
+    from gradlab.errors import GradlabError
+    from gradlab.experiment import load_experiment
+
+    f = tmp_path / "e.yaml"
+    f.write_text(yaml.safe_dump({"seed": 1, "steps": [
+        {"command": "train", "sweep": {"opt": ["sgd", "adam"], "lr": [0.1, 0.01]}},
+        {"command": "probe-landscape", "run": "@previous", "steps": 9},
+        {"command": "attack", "args": ["pgd"], "run": "@previous", "steps": 5},
+    ]}, sort_keys=False))
+    train, land, attack = load_experiment(f)
+    assert train.command == ["train"] and len(train.combinations()) == 4
+    assert train.combinations()[1] == {"seed": 1, "opt": "sgd", "lr": 0.01}
+    assert train.label(train.combinations()[1]) == "opt=sgd,lr=0.01"
+    assert land.command == ["probe", "landscape"] and land.base["steps"] == 9  # the command's own --steps
+    assert attack.args == ["pgd"] and attack.base == {"seed": 1, "run": "@previous", "steps": 5}
+    f.write_text(yaml.safe_dump({"command": "train", "run": "@previous"}))
+    with pytest.raises(GradlabError, match="first stage"):
+        load_experiment(f)
+    f.write_text(yaml.safe_dump({"command": "train", "sweep": {"lr": 0.1}}))
+    with pytest.raises(GradlabError, match="non-empty list"):
+        load_experiment(f)
+    f.write_text(yaml.safe_dump({"opt": "sgd"}))
+    with pytest.raises(GradlabError, match="missing 'command'"):
+        load_experiment(f)
