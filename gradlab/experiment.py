@@ -42,9 +42,10 @@ class Stage:
         return [{**self.base, **dict(zip(keys, values))} for values in itertools.product(*self.sweep.values())]
 
     def label(self, combo: dict) -> str:
-        """A run-name suffix from the swept values: ``opt=sgd,seed=1``."""
+        """A run-name suffix from the swept values: ``opt=sgd_seed=1`` (no commas: TensorBoard's
+        --logdir_spec splits on them)."""
         parts = [f"{k}={_short(combo[k])}" for k in self.sweep]
-        return ",".join(parts)[:80]
+        return "_".join(parts)[:80]
 
 
 def _short(v: Any) -> str:

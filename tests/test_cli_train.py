@@ -203,7 +203,7 @@ def test_experiment_file_shapes(tmp_path):
     train, land, attack = load_experiment(f)
     assert train.command == ["train"] and len(train.combinations()) == 4
     assert train.combinations()[1] == {"seed": 1, "opt": "sgd", "lr": 0.01}
-    assert train.label(train.combinations()[1]) == "opt=sgd,lr=0.01"
+    assert train.label(train.combinations()[1]) == "opt=sgd_lr=0.01"
     assert land.command == ["probe", "landscape"] and land.base["steps"] == 9  # the command's own --steps
     assert attack.args == ["pgd"] and attack.base == {"seed": 1, "run": "@previous", "steps": 5}
     f.write_text(yaml.safe_dump({"command": "train", "run": "@previous"}))
