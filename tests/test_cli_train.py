@@ -162,7 +162,8 @@ def test_runs_table_and_list(tmp_path, capsys, trained):
     row = df[df.run_id == trained.name].iloc[0]
     assert (row.command, row.model, row.dataset, row.status) == ("train", "mlp", "digits", "completed")
     assert row.test_acc >= 0.95
-    for kind, name in (("models", "resnet20"), ("datasets", "digits"), ("optimizers", "adam")):
+    for kind, name in (("models", "resnet20"), ("datasets", "digits"), ("optimizers", "adahessian"),
+                       ("probes", "jacobian"), ("probes", "gradnorm"), ("attacks", "curls")):
         r = cli(capsys, "list", kind)
         assert r.code == 0 and name in r.out
     r = cli(capsys, "list", "things")

@@ -10,3 +10,4 @@ from gradlab.registry import Registry
 PROBES = Registry("probe")
 
 from gradlab.probes import hessian  # noqa: E402,F401  (registers "hessian")
+from gradlab.probes import gradnorm, jacobian  # noqa: E402,F401  (register "gradnorm", "jacobian")
