@@ -360,14 +360,16 @@ class Trainer:
         if due(cfg["hessian_every"]):
             from gradlab.probes.hessian import quick_curvature
 
-            lam, tr = quick_curvature(self.model, F.cross_entropy, (xb, yb))
+            with _own_rng(self.device):  # probes must not shift the training run's random stream
+                lam, tr = quick_curvature(self.model, F.cross_entropy, (xb, yb))
             self.history["lambda_max"], self.history["trace"] = float(lam), float(tr)
             run.log_metrics(step, self.epoch, "curvature", {"lambda_max": lam, "trace": tr,
                                                              "stability_bound": 2.0 / lam if lam > 0 else float("inf")})
         if due(cfg["probe_every"]):
             from gradlab.probes.gradnorm import gradnorm_probe
 
-            df = gradnorm_probe(self.model, F.cross_entropy, [(xb, yb)]).to_frame()
+            with _own_rng(self.device):
+                df = gradnorm_probe(self.model, F.cross_entropy, [(xb, yb)]).to_frame()
             for row in df.itertuples(index=False):
                 run.log_metrics(step, self.epoch, "gradnorm",
                                 {f"layer{row.layer}_grad_norm": row.grad_norm,
@@ -390,6 +392,12 @@ class Trainer:
             if ev.get("event") == "switch-to-sgd":
                 m["switch_step"], m["switch_sgd_lr"] = ev.get("step"), ev.get("sgd_lr")
         return m
+
+
+def _own_rng(device):
+    """Run a probe on a fork of the RNG state: with or without --hessian-every/--probe-every,
+    training draws the same dropout masks and noise."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 class _DeferredInterrupt:

@@ -216,3 +216,18 @@ def test_experiment_file_shapes(tmp_path):
     f.write_text(yaml.safe_dump({"opt": "sgd"}))
     with pytest.raises(GradlabError, match="missing 'command'"):
         load_experiment(f)
+
+
+def test_probes_during_training_do_not_change_the_run(tmp_path, capsys):
+    """--hessian-every / --probe-every log extra rows but leave the training itself identical,
+    even with dropout drawing from the random stream."""
+    base = ["train", "--epochs", "2", "--set", "dropout=0.2", *SMALL]
+    r0 = cli(capsys, *base, "--runs-dir", tmp_path / "a")
+    r1 = cli(capsys, *base, "--runs-dir", tmp_path / "b", "--hessian-every", "5", "--probe-every", "7")
+    assert r0.code == 0 and r1.code == 0, r1.err
+    m0, m1 = (pd.read_csv(r.run_path / "metrics.csv") for r in (r0, r1))
+    assert {"curvature", "gradnorm"} <= set(m1.split)
+    keep = lambda m: m[m.split.isin(["train-step", "train", "test"])][["step", "split", "metric", "value"]].reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(keep(m0), keep(m1))
+    curv = m1[m1.split == "curvature"]
+    assert (curv[curv.metric == "lambda_max"].value > 0).all()
