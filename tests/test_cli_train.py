@@ -231,3 +231,57 @@ def test_probes_during_training_do_not_change_the_run(tmp_path, capsys):
     pd.testing.assert_frame_equal(keep(m0), keep(m1))
     curv = m1[m1.split == "curvature"]
     assert (curv[curv.metric == "lambda_max"].value > 0).all()
+
+
+def test_adversarial_training_options(tmp_path, capsys):
+    for adv in ("fgsm", "pgd"):
+        r = cli(capsys, "train", "--runs-dir", tmp_path, "--epochs", "1", "--adv", adv, "--adv-eps", "0.05",
+                "--adv-ratio", "1.0", *SMALL)
+        assert r.code == 0, r.err
+        cfg = yaml.safe_load((r.run_path / "config.yaml").read_text())["config"]
+        assert (cfg["adv"], cfg["adv_eps"], cfg["adv_ratio"]) == (adv, 0.05, 1.0)
+        assert pd.read_csv(r.run_path / "summary.csv").loc[0, "status"] == "completed"
+    for args, msg in ((["--adv", "curls"], "choose fgsm or pgd"), (["--adv", "fgsm", "--adv-eps", "0"], "adv-eps"),
+                      (["--adv", "fgsm", "--adv-ratio", "1.5"], "adv-ratio")):
+        r = cli(capsys, "train", "--runs-dir", tmp_path / "bad", *args)
+        assert r.code == 2 and msg in r.err and len(r.err.strip().splitlines()) == 1
+
+
+def test_keep_checkpoints_spreads_snapshots_over_training(tmp_path, capsys):
+    r = cli(capsys, "train", "--runs-dir", tmp_path, "--epochs", "3", "--keep-checkpoints", "4", *SMALL)
+    assert r.code == 0, r.err
+    names = {p.name for p in (r.run_path / "checkpoints").iterdir()}
+    # 400 examples / batch 64 = 7 steps per epoch, 21 in all: 4 snapshots evenly spread.
+    assert names == {"init.pt", "last.pt", "step-00000005.pt", "step-00000010.pt", "step-00000016.pt",
+                     "step-00000021.pt"}
+    from gradlab.rundir import load_checkpoint
+
+    assert load_checkpoint(r.run_path / "checkpoints" / "init.pt")["step"] == 0
+
+
+def test_tensorboard_command(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    r = cli(capsys, "tensorboard", "--runs-dir", tmp_path / "missing")
+    assert r.code == 2 and "no runs folder" in r.err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "runs").mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "gradlab", "tensorboard", "--runs-dir", str(tmp_path / "runs"),
+                          "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, body = time.time() + 90, b""
+        while time.time() < deadline and not body:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read()
+            except OSError:
+                time.sleep(0.5)
+        assert b"TensorBoard" in body or b"tensorboard" in body.lower()
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
