@@ -1,9 +1,10 @@
 """The curvature engine: one operator abstraction, HVP backends, and the solvers built on them.
 
 Every curvature consumer (the Hessian probe, AdaHessian, curvature-aware GD, landscapes,
-curvature attacks) goes through this package.
+curvature attacks, per-example Jacobian spectra) goes through this package.
 """
 
+from gradlab.curvature.batched import BatchedEigenResult, batched_lanczos
 from gradlab.curvature.density import DensityResult, slq_density
 from gradlab.curvature.eigen import EigenResult, eigsh
 from gradlab.curvature.hessian_op import HessianOperator, dense_hessian, model_mode
@@ -22,4 +23,5 @@ __all__ = [
     "CurvatureOperator", "DenseOperator", "as_operator", "HessianOperator", "dense_hessian",
     "model_mode", "EigenResult", "eigsh", "TraceResult", "DiagonalResult", "hutchinson_trace",
     "hutchpp_trace", "krylov_trace", "xtrace", "hutchinson_diag", "DensityResult", "slq_density",
+    "BatchedEigenResult", "batched_lanczos",
 ]

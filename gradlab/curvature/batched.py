@@ -1,0 +1,226 @@
+"""Batched Lanczos: extreme eigenpairs of many independent symmetric operators at once.
+
+Per-example curvature (the input Hessian of each example, the Gram matrix ``J_i^T J_i`` of each
+example's Jacobian) is a block-diagonal operator: one batched product ``V (B, D) -> (A_1 v_1,
+..., A_B v_B)`` serves every example, so one Lanczos recurrence (Lanczos 1950, "An iteration
+method for the solution of the eigenvalue problem of linear differential and integral
+operators") runs for all ``B`` blocks side by side, each with its own tridiagonal matrix
+
+    A_b Q_b = Q_b T_b + beta_b q_{b,m+1} e_m^T,    Q_b (D, m) orthonormal, T_b (m, m) tridiagonal.
+
+Every new vector is orthogonalised against the whole basis twice (classical Gram-Schmidt; "twice
+is enough", Giraud et al. 2005), the basis, dot products and norms are float64 whatever the
+operator's dtype (a float32 norm can be off by ~1e-4 on long vectors), so Ritz values do not
+duplicate and the residual estimate ``|beta_m s_{m,i}|`` of a Ritz pair stays reliable (Paige
+1971/1980: with orthogonality kept, converged Ritz pairs are accurate to their residual).
+
+Krylov-space exhaustion is handled per example. When ``beta`` of a row drops below
+``breakdown_tol`` times the row's scale (the largest ``|alpha|, beta`` seen), its Krylov space is
+invariant; the row restarts from a fresh random vector orthogonal to its basis (``T_b`` gets a
+zero off-diagonal there, so it stays block diagonal), which is how further copies of repeated
+eigenvalues are found. If that random restart vector is itself an eigenvector (its block breaks
+down at once), the rest of the space is almost surely one eigenspace and the row is resolved
+exactly: rank-deficient operators (a ReLU net's input Hessian of rank <= classes - 1) and
+identity-like remainders stop early this way. A row whose basis spans all ``D`` dimensions is
+exact too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+_F64 = torch.float64
+
+
+@dataclass
+class BatchedEigenResult:
+    """What :func:`batched_lanczos` returns, all float64.
+
+    ``eigenvalues`` (B, k), descending (ascending with ``largest=False``); ``eigenvectors``
+    (B, k, D) unit rows, or None unless asked for; ``residuals`` (B, k) estimates of
+    ``||A_b v - lambda v||`` (0 where exact); ``converged`` (B,) bool, True where every one of
+    the row's k pairs met the tolerance or its spectrum was resolved exactly (an unconverged
+    row reports its current Ritz pairs); ``products``: batched operator products used (each
+    is one product per example).
+    """
+
+    eigenvalues: Tensor
+    residuals: Tensor
+    converged: Tensor
+    products: int
+    eigenvectors: Optional[Tensor] = None
+
+
+def batched_lanczos(
+    matvec: Callable[[Tensor], Tensor],
+    v0: Tensor,
+    k: int = 1,
+    *,
+    max_iter: Optional[int] = None,
+    tol: float = 1e-8,
+    breakdown_tol: Optional[float] = None,
+    largest: bool = True,
+    return_vectors: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> BatchedEigenResult:
+    """Top-``k`` (or bottom-``k``) eigenpairs of ``B`` independent symmetric operators.
+
+    Args:
+        matvec: maps ``V`` (B, D) in ``v0``'s dtype to ``(A_1 v_1, ..., A_B v_B)`` (B, D); its
+            output is read in float64.
+        v0: start vectors (B, D), non-zero rows; their dtype is the dtype ``matvec`` receives.
+        k: eigenpairs per row (clipped to D).
+        max_iter: at most this many products (default ``max(3k, 40)``; at least k, at most D).
+        tol: a row is done when its k Ritz residuals are at most ``tol`` times its largest
+            ``|Ritz value|``; ``0`` runs all ``max_iter`` products unless the spectrum is
+            resolved exactly first.
+        breakdown_tol: relative ``beta`` below which a Krylov space counts as invariant
+            (default ``max(tol, 100 * eps(v0.dtype))``: a float32 operator leaves float32 noise).
+        largest: False gives the k smallest eigenvalues (ascending), via ``-A``.
+        return_vectors: also return the eigenvectors (B, k, D).
+        generator: draws the restart vectors (in float64, on its own device).
+    Returns:
+        :class:`BatchedEigenResult`.
+    """
+    if v0.ndim != 2:
+        raise ValueError(f"v0 must be (B, D); got shape {tuple(v0.shape)}")
+    if not largest:  # bottom-k of A is minus the top-k of -A: same products, same guarantees
+        res = batched_lanczos(lambda v: -matvec(v), v0, k, max_iter=max_iter, tol=tol,
+                              breakdown_tol=breakdown_tol, return_vectors=return_vectors, generator=generator)
+        res.eigenvalues = -res.eigenvalues
+        return res
+    batch, dim = v0.shape
+    dtype, device = v0.dtype, v0.device
+    k = max(1, min(int(k), dim))
+    steps = min(dim, max(k, int(max_iter) if max_iter is not None else max(3 * k, 40)))
+    if breakdown_tol is None:
+        breakdown_tol = max(tol, 100 * torch.finfo(dtype).eps)
+    basis = torch.zeros(batch, steps + 1, dim, dtype=_F64, device=device)
+    alpha = torch.zeros(batch, steps, dtype=_F64, device=device)
+    beta = torch.zeros(batch, steps, dtype=_F64, device=device)
+    basis[:, 0] = _unit(v0.to(_F64))
+    scale = torch.zeros(batch, dtype=_F64, device=device)  # largest |alpha|, beta seen per row
+    # First step of each row's current block; -1: the caller's start vector, which may be a
+    # chosen (non-random) eigenvector, so its breakdown proves nothing about the complement.
+    block_start = torch.full((batch,), -1, dtype=torch.long, device=device)
+    acc = _Accepted(batch, k, steps + 1, device)
+
+    for j in range(steps):
+        q = basis[:, j]
+        w = matvec(q.to(dtype)).to(_F64)
+        alpha[:, j] = (w * q).sum(-1)
+        w = _orthogonalise(w, basis[:, : j + 1])
+        b = w.norm(dim=-1)
+        scale = torch.maximum(scale, torch.maximum(alpha[:, j].abs(), b))
+        broken = b <= breakdown_tol * scale
+        single = broken & (block_start == j) & ~acc.done
+        exhausted = j + 1 == dim  # the basis spans the space: Ritz values are eigenvalues
+        last = exhausted or j + 1 == steps
+        if tol > 0 or last or bool(single.any()):
+            theta, s = torch.linalg.eigh(_tridiagonal(alpha[:, : j + 1], beta[:, :j]))  # ascending
+            resid = (b.unsqueeze(-1) * s[:, -1, :]).abs()  # (B, j+1): |beta_j s_{j,i}|
+            if exhausted:
+                acc.take(~acc.done, theta, s, resid.zero_())
+                break
+            if bool(single.any()):  # the complement is one eigenspace with eigenvalue alpha_j
+                acc.take(single, theta, s, resid, fill=alpha[:, j], n_fill=dim - j - 1)
+            if j + 1 >= k:
+                order = theta.argsort(-1, descending=True)[:, :k]
+                ok = (resid.gather(-1, order) <= tol * theta.abs().amax(-1, keepdim=True)).all(-1)
+                acc.take(ok & ~broken, theta, s, resid)
+            if last:
+                converged = acc.done.clone()
+                acc.take(~acc.done, theta, s, resid)  # current Ritz pairs, flagged unconverged
+                break
+        if bool(acc.done.all()):
+            converged = acc.done.clone()
+            break
+        if bool(broken.any()):  # restart those rows in the orthogonal complement of their basis
+            gen_device = generator.device if generator is not None else device
+            fresh = torch.randn(batch, dim, generator=generator, dtype=_F64, device=gen_device).to(device)
+            w = torch.where(broken.unsqueeze(-1), _orthogonalise(fresh, basis[:, : j + 1]), w)
+            b = torch.where(broken, torch.zeros_like(b), b)
+            block_start = torch.where(broken, torch.full_like(block_start, j + 1), block_start)
+        beta[:, j] = b
+        basis[:, j + 1] = _unit(w)
+    if exhausted:
+        converged = torch.ones(batch, dtype=torch.bool, device=device)
+    vectors = acc.vectors(basis, generator) if return_vectors else None
+    return BatchedEigenResult(acc.values, acc.resid, converged, j + 1, vectors)
+
+
+class _Accepted:
+    """Per-row results frozen when a row is done: values (B, k), residuals (B, k), the Ritz
+    vectors as coefficients (B, k, m) on the Krylov basis, and which slots are copies of the
+    complement's single eigenvalue (no Ritz vector: drawn orthogonal to the basis at the end)."""
+
+    def __init__(self, batch: int, k: int, m: int, device):
+        self.k = k
+        self.values = torch.zeros(batch, k, dtype=_F64, device=device)
+        self.resid = torch.zeros(batch, k, dtype=_F64, device=device)
+        self.coef = torch.zeros(batch, k, m, dtype=_F64, device=device)
+        self.fill = torch.zeros(batch, k, dtype=torch.bool, device=device)
+        self.n_basis = torch.zeros(batch, dtype=torch.long, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def take(self, rows: Tensor, theta: Tensor, s: Tensor, resid: Tensor,
+             fill: Optional[Tensor] = None, n_fill: int = 0) -> None:
+        """Freeze ``rows`` (B,) bool (not yet done) with the top-k of their Ritz values ``theta``
+        (B, n) and, when ``n_fill > 0``, ``n_fill`` more copies of ``fill`` (B,)."""
+        rows = rows & ~self.done
+        if not bool(rows.any()):
+            return
+        n = theta.shape[-1]
+        n_fill = max(0, min(self.k, n_fill))
+        values = theta
+        if n_fill:
+            values = torch.cat([theta, fill.unsqueeze(-1).expand(-1, n_fill)], -1)
+        order = values.sort(dim=-1, descending=True, stable=True).indices[:, : self.k]  # (B, k)
+        is_fill = order >= n
+        ritz = order.clamp_max(n - 1)
+        coef = s.transpose(1, 2).gather(1, ritz.unsqueeze(-1).expand(-1, -1, n))  # (B, k, n)
+        coef = torch.where(is_fill.unsqueeze(-1), torch.zeros_like(coef), coef)
+        res = torch.where(is_fill, torch.zeros_like(values[:, : self.k]), resid.gather(-1, ritz))
+        self.values[rows] = values.gather(-1, order)[rows]
+        self.resid[rows] = res[rows]
+        self.coef[rows] = torch.nn.functional.pad(coef, (0, self.coef.shape[-1] - n))[rows]
+        self.fill[rows] = is_fill[rows]
+        self.n_basis[rows] = n
+        self.done |= rows
+
+    def vectors(self, basis: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        """Eigenvectors (B, k, D): Ritz vectors, and for complement copies an orthonormal set
+        orthogonal to the row's basis (any such set spans part of that eigenspace)."""
+        vec = torch.einsum("bkm,bmd->bkd", self.coef, basis[:, : self.coef.shape[-1]])
+        for row in self.fill.any(-1).nonzero().flatten().tolist():
+            slots = self.fill[row].nonzero().flatten()
+            q = basis[row, : int(self.n_basis[row])]  # (n, D)
+            gen_device = generator.device if generator is not None else basis.device
+            r = torch.randn(len(slots), basis.shape[-1], generator=generator, dtype=_F64,
+                            device=gen_device).to(basis.device)
+            r = _orthogonalise(r.unsqueeze(0), q.unsqueeze(0))[0]
+            vec[row, slots] = torch.linalg.qr(r.T)[0].T
+        return _unit(vec)
+
+
+def _unit(v: Tensor) -> Tensor:
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(_F64).tiny)
+
+
+def _orthogonalise(w: Tensor, basis: Tensor) -> Tensor:
+    """Remove from each row of ``w`` (B, ..., D) its components on ``basis`` (B, j, D); twice."""
+    for _ in range(2):
+        w = w - torch.einsum("b...j,bjd->b...d", torch.einsum("bjd,b...d->b...j", basis, w), basis)
+    return w
+
+
+def _tridiagonal(alpha: Tensor, beta: Tensor) -> Tensor:
+    """(B, m, m) from diagonals ``alpha`` (B, m) and off-diagonals ``beta`` (B, m - 1)."""
+    t = torch.diag_embed(alpha)
+    if beta.shape[-1]:
+        t = t + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
+    return t
