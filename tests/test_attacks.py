@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from gradlab.attacks import ATTACKS, attack_batch, build_attack
-from gradlab.attacks.curvature import CurvatureAttack, batched_lanczos_top
+from gradlab.attacks.curvature import CurvatureAttack
 from gradlab.attacks.report import COLUMNS, robustness_report, robustness_sweep
+from gradlab.curvature.batched import batched_lanczos
 from gradlab.errors import GradlabError
 from gradlab.models.base import GradlabNet, Normalize
 
@@ -307,7 +308,9 @@ def test_batched_lanczos_matches_eigh_including_low_rank_blocks():
     low = torch.randn(d, 2, dtype=torch.float64)
     mats[1] = low @ low.T  # rank 2: the Krylov space closes after two steps
     mats[2] = -(mats[2] @ mats[2].T)  # negative definite: the top eigenvalue is negative
-    lam, vec, _ = batched_lanczos_top(lambda v: torch.einsum("bij,bj->bi", mats, v), torch.randn(b, d, dtype=torch.float64), 30)
+    eig = batched_lanczos(lambda v: torch.einsum("bij,bj->bi", mats, v), torch.randn(b, d, dtype=torch.float64), 1,
+                          max_iter=30, tol=0.0, return_vectors=True)
+    lam, vec = eig.eigenvalues[:, 0], eig.eigenvectors[:, 0]
     ref = torch.linalg.eigvalsh(mats)[:, -1]
     torch.testing.assert_close(lam, ref, atol=1e-9, rtol=1e-9)
     residual = torch.einsum("bij,bj->bi", mats, vec) - lam[:, None] * vec

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 from torch.autograd.functional import jacobian as dense_jacobian
 
+from gradlab.curvature.batched import batched_lanczos
 from gradlab.errors import GradlabError
 from gradlab.models.base import GradlabNet, Normalize
-from gradlab.probes.jacobian import jacobian_probe, lanczos_topk
+from gradlab.probes.jacobian import jacobian_probe
 
 
 def mlp(widths, act=nn.Tanh, seed=0, residual=False):
@@ -176,7 +177,8 @@ def test_lanczos_finds_repeated_and_known_eigenvalues():
     q, _ = torch.linalg.qr(torch.randn(2, 30, 30, dtype=torch.float64))
     eig = torch.tensor([[5.0, 5.0, 5.0, 2.0] + [1.0] * 26, [9.0, 4.0, 1.0, 0.5] + [0.0] * 26], dtype=torch.float64)
     mats = q @ torch.diag_embed(eig) @ q.transpose(1, 2)
-    top, ok, iters = lanczos_topk(lambda v: (mats @ v.unsqueeze(-1)).squeeze(-1), 2, 30, 4, tol=1e-12)
+    res = batched_lanczos(lambda v: (mats @ v.unsqueeze(-1)).squeeze(-1), torch.randn(2, 30, dtype=torch.float64), 4, tol=1e-12)
+    top, ok, iters = res.eigenvalues, bool(res.converged.all()), res.products
     assert ok and iters <= 30
     torch.testing.assert_close(top, eig[:, :4], rtol=1e-9, atol=1e-9)
 

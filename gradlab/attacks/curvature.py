@@ -15,11 +15,13 @@ Exact method, per iteration ``t = 0..steps-1`` from ``x_0 = x``:
    interact) and one Hessian-vector product ``H V`` with ``V`` of shape ``(B, *input_shape)``
    returns every example's ``H_i v_i``. HVPs use
    :func:`gradlab.curvature.hvp.hvp_from_grads` (double backward, reusing ``g``'s graph).
-2. Batched Lanczos with full reorthogonalisation (``lanczos_iters`` HVPs, default 20, at most
-   the input dimension D; random Gaussian start from the attack's seeded generator; dot products
-   and norms in float64; an example whose Krylov space is exhausted -- e.g. a ReLU net's input
-   Hessian ``J^T (diag(p) - p p^T) J`` has rank <= C - 1 -- stops there). The top Ritz pair of each
-   example's tridiagonal matrix gives ``(lambda_max, v)`` with ``||v||_2 = 1``; ``v``'s sign is
+2. The curvature engine's batched Lanczos with full reorthogonalisation
+   (:func:`gradlab.curvature.batched.batched_lanczos`: ``lanczos_iters`` HVPs, default 20, at
+   most the input dimension D; random Gaussian start and restarts from the attack's seeded
+   generator; dot products and norms in float64; an example whose Krylov space is exhausted --
+   e.g. a ReLU net's input Hessian ``J^T (diag(p) - p p^T) J`` has rank <= C - 1 -- restarts in
+   the complement of its basis, and stops once that complement is one eigenspace). The top Ritz
+   pair of each example's tridiagonal matrix gives ``(lambda_max, v)`` with ``||v||_2 = 1``; ``v``'s sign is
    chosen so that ``g . v >= 0`` (the side where the linear term also increases the loss).
 3. Four candidate steps, each ``x_t + alpha * d`` projected onto the eps-ball and [0, 1]:
    ``d = dir(g)`` (the PGD/FGSM step), ``dir(v)``, ``dir(-v)``, and ``dir(g + H delta_v)`` -- the
@@ -43,73 +45,11 @@ from torch import Tensor
 
 from gradlab.attacks import ATTACKS
 from gradlab.attacks.base import Attack, per_example
+from gradlab.curvature.batched import batched_lanczos
 from gradlab.curvature.hvp import hvp_from_grads
 from gradlab.errors import GradlabError
 
 CANDIDATES = ("gradient", "+eigvec", "-eigvec", "quadratic")
-
-
-def batched_lanczos_top(
-    hvp: Callable[[Tensor], Tensor], v0: Tensor, iters: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Largest eigenpair of each block of a block-diagonal symmetric operator (Lanczos 1950).
-
-    Args:
-        hvp: maps ``V`` ``(B, D)`` to ``(H_1 v_1, ..., H_B v_B)`` ``(B, D)``.
-        v0: start vectors ``(B, D)`` (non-zero rows).
-        iters: Krylov dimension (clipped to D); full reorthogonalisation, so no ghost eigenvalues.
-    Returns:
-        ``(eigvals (B,), eigvecs (B, D), residuals (B,))`` in float64; ``residuals`` is
-        ``||H v - lambda v||`` estimated from the recurrence (0 where the Krylov space closed).
-    """
-    bsz, dim = v0.shape
-    k = max(1, min(int(iters), dim))
-    work_dtype = v0.dtype
-    q = v0.double()
-    q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    basis = q.new_zeros(bsz, k, dim)
-    alpha = q.new_zeros(bsz, k)
-    beta = q.new_zeros(bsz, k)  # beta[:, j] couples Lanczos vectors j and j + 1
-    n_valid = torch.zeros(bsz, dtype=torch.long, device=q.device)
-    active = torch.ones(bsz, dtype=torch.bool, device=q.device)
-    scale = q.new_zeros(bsz)
-    tol = 100 * torch.finfo(work_dtype).eps
-    q_prev, b_prev = torch.zeros_like(q), q.new_zeros(bsz)
-    used = 0
-    for j in range(k):
-        used = j + 1
-        basis[:, j] = q
-        w = hvp(q.to(work_dtype)).double()
-        a = (w * q).sum(dim=1)
-        w = w - a[:, None] * q - b_prev[:, None] * q_prev
-        for _ in range(2):  # twice is enough (Parlett's "twice is enough")
-            coeff = torch.einsum("bjd,bd->bj", basis[:, : j + 1], w)
-            w = w - torch.einsum("bjd,bj->bd", basis[:, : j + 1], coeff)
-        b = w.norm(dim=1)
-        alpha[:, j] = torch.where(active, a, torch.zeros_like(a))
-        n_valid += active.long()
-        scale = torch.maximum(scale, torch.maximum(a.abs(), b))
-        active = active & (b > tol * scale.clamp_min(1e-300))
-        beta[:, j] = torch.where(active, b, torch.zeros_like(b))
-        q_prev, b_prev = q, beta[:, j]
-        q = torch.where(active[:, None], w / b.clamp_min(1e-300)[:, None], torch.zeros_like(w))
-        if not bool(active.any()):
-            break
-    diag, off = alpha[:, :used].clone(), beta[:, : used - 1]
-    pos = torch.arange(used, device=q.device)
-    valid = pos[None, :] < n_valid[:, None]
-    # Unused slots form a decoupled block; put their eigenvalues below every valid one (Gershgorin).
-    left = torch.cat([q.new_zeros(bsz, 1), off.abs()], dim=1)
-    right = torch.cat([off.abs(), q.new_zeros(bsz, 1)], dim=1)
-    lower = torch.where(valid, diag - left - right, torch.full_like(diag, float("inf"))).amin(dim=1)
-    diag = torch.where(valid, diag, (lower - 1.0)[:, None].expand_as(diag))
-    tri = torch.diag_embed(diag) + torch.diag_embed(off, 1) + torch.diag_embed(off, -1)
-    evals, evecs = torch.linalg.eigh(tri)
-    top = evecs[:, :, -1]  # (B, used)
-    vec = torch.einsum("bjd,bj->bd", basis[:, :used], top)
-    vec = vec / vec.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    resid = beta[:, used - 1] * top[:, -1].abs()
-    return evals[:, -1], vec, resid
 
 
 @ATTACKS.register(
@@ -159,7 +99,10 @@ class CurvatureAttack(Attack):
     def _eigenpairs(self, g: Tensor, hvp) -> tuple[Tensor, Tensor, Tensor]:
         flat_g = g.detach().reshape(g.shape[0], -1)
         v0 = torch.randn(flat_g.shape, generator=self.generator, device=g.device, dtype=g.dtype)
-        return batched_lanczos_top(hvp, v0, self.lanczos_iters)
+        # tol=0: always lanczos_iters HVPs, unless an example's spectrum is resolved exactly first
+        eig = batched_lanczos(hvp, v0, 1, max_iter=self.lanczos_iters, tol=0.0, return_vectors=True,
+                              generator=self.generator)
+        return eig.eigenvalues[:, 0], eig.eigenvectors[:, 0], eig.residuals[:, 0]
 
     def top_eigenpairs(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """``(lambda_max (B,), v (B, *input_shape))`` of each example's input Hessian at ``x``.

@@ -25,10 +25,11 @@ averaged over the examples. Singular values are unitless (output units per input
 
 Methods. ``dense``: ``vmap`` over a one-hot basis of a VJP (m <= n, as ``jacrev``) or a JVP
 (m > n, as ``jacfwd``) of the batched map, then ``svdvals`` (or the eigenvalues of the small
-Gram matrix when J is very rectangular): all r singular values. ``lanczos``: the top ``k`` singular values from a batched
-Lanczos iteration with full reorthogonalisation (Lanczos 1950; Golub & Van Loan, Matrix
-Computations, 4th ed., sec. 10.1) on the Gram matrix ``G = J^T J`` (or ``J J^T``, whichever is
-smaller), applied matrix-free as a Jacobian-vector product followed by a vector-Jacobian product
+Gram matrix when J is very rectangular): all r singular values. ``lanczos``: the top ``k``
+singular values from the curvature engine's batched Lanczos iteration with full
+reorthogonalisation (:func:`gradlab.curvature.batched.batched_lanczos`; Lanczos 1950; Golub &
+Van Loan, Matrix Computations, 4th ed., sec. 10.1) on the Gram matrix ``G = J^T J`` (or
+``J J^T``, whichever is smaller), applied matrix-free as a Jacobian-vector product followed by a vector-Jacobian product
 of the batched map (block-diagonal over examples, so one product serves all examples at once).
 In that mode the moments ``tr(G)/r`` and ``tr(G^2)/r`` are Hutchinson estimates (Hutchinson
 1990) and the statistics that need the whole spectrum (min, condition number, fraction near 1,
@@ -51,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
+from gradlab.curvature.batched import batched_lanczos
 from gradlab.errors import GradlabError
 from gradlab.models.base import GradlabNet
 from gradlab.probes import PROBES
@@ -238,85 +240,6 @@ def singular_values(jac: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1)
 
 
-def lanczos_topk(
-    matvec: Callable[[Tensor], Tensor],
-    batch: int,
-    dim: int,
-    k: int,
-    *,
-    tol: float = 1e-8,
-    max_iter: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-    device=None,
-) -> tuple[Tensor, bool, int]:
-    """Top-``k`` eigenvalues of ``batch`` independent symmetric PSD operators, by Lanczos.
-
-    ``matvec`` maps (batch, dim) -> (batch, dim), one operator per row. The Krylov basis is kept
-    in float64 and fully reorthogonalised (twice, classical Gram-Schmidt) at every step, so no
-    spurious copies appear. A row whose Krylov space becomes invariant (breakdown,
-    ``beta <= tol * scale``) restarts from a fresh random vector orthogonal to its basis, which is
-    how repeated eigenvalues are found; if that fresh vector is itself an eigenvector (the new
-    block breaks down at once), the rest of the space is almost surely one eigenspace and the row
-    is resolved exactly (identity-like or rank-deficient operators stop early this way).
-    Otherwise a row is done when its top-k Ritz residuals ``|beta_j s_j|`` are at most ``tol``
-    times its largest Ritz value. At most ``max_iter`` steps (default ``max(3k, 40)``, capped at
-    ``dim``).
-
-    Returns:
-        ``(eigenvalues (batch, k) float64 descending, converged (every row), iterations)``.
-    """
-    k = min(k, dim)
-    steps = min(dim, max(k, max_iter if max_iter is not None else max(3 * k, 40)))
-    f64 = dict(dtype=torch.float64, device=device)
-    basis = torch.zeros(batch, steps + 1, dim, **f64)
-    alpha = torch.zeros(batch, steps, **f64)
-    beta = torch.zeros(batch, steps, **f64)
-    basis[:, 0] = _unit(torch.randn(batch, dim, generator=generator, dtype=torch.float64).to(device))
-    block_start = torch.zeros(batch, dtype=torch.long, device=device)  # first step of the current block
-    result = torch.zeros(batch, k, **f64)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-
-    def accept(rows: Tensor, values: Tensor) -> None:
-        new = rows & ~done
-        result[new] = values[new]
-        done.logical_or_(new)
-
-    top = None
-    for j in range(steps):
-        q = basis[:, j]
-        w = matvec(q)
-        alpha[:, j] = (w * q).sum(-1)
-        w = _orthogonalize(w, basis[:, : j + 1])
-        b = w.norm(dim=-1)
-        theta, vecs = torch.linalg.eigh(_tridiagonal(alpha[:, : j + 1], beta[:, :j]))  # ascending
-        top = theta.flip(-1)
-        scale = theta.abs().amax(-1).clamp_min(torch.finfo(torch.float64).tiny)
-        broken = b <= tol * scale
-        if j + 1 == dim:  # the basis spans the space: the Ritz values are the eigenvalues
-            accept(torch.ones_like(done), top[:, :k])
-            break
-        single = broken & (block_start == j)
-        if bool(single.any()):  # the complement is one eigenspace with eigenvalue alpha_j
-            fill = alpha[:, j : j + 1].expand(batch, min(k, dim - j - 1))
-            accept(single, torch.cat([theta, fill], -1).sort(-1, descending=True).values[:, :k])
-        if j + 1 >= k:
-            resid = (b.unsqueeze(-1) * vecs[:, -1, -k:]).abs()  # (batch, k)
-            accept((resid <= tol * scale.unsqueeze(-1)).all(-1) & ~broken, top[:, :k])
-        if bool(done.all()) or j + 1 == steps:
-            break
-        if bool(broken.any()):  # restart those rows in the orthogonal complement of their basis
-            fresh = torch.randn(batch, dim, generator=generator, dtype=torch.float64).to(device)
-            w = torch.where(broken.unsqueeze(-1), _orthogonalize(fresh, basis[:, : j + 1]), w)
-            b = torch.where(broken, torch.zeros_like(b), b)
-            block_start = torch.where(broken, torch.full_like(block_start, j + 1), block_start)
-        beta[:, j] = b
-        basis[:, j + 1] = _unit(w)
-    converged = bool(done.all())
-    if not converged:  # report the current Ritz values, flagged as not converged
-        result[~done] = top[~done, :k]
-    return result, converged, j + 1
-
-
 def jacobian_probe(
     model: nn.Module,
     x: Tensor,
@@ -401,8 +324,9 @@ def _spectrum(name, depth, fn, h, method, k, max_dense, n_probes, keep, gen) -> 
                              jacobian=jac if keep else None)
     gram, p = _gram_operator(fn, h)
     tol = max(1e-10, 1000 * torch.finfo(h.dtype).eps)  # float32: 1.2e-4; |eigenvalue error| <= residual
-    evals, ok, iters = lanczos_topk(gram, b, p, k, tol=tol, generator=gen, device=h.device)
-    sv = evals.clamp_min(0).sqrt()
+    v0 = torch.randn(b, p, generator=gen, dtype=torch.float64).to(h.device)
+    eig = batched_lanczos(gram, v0, k, tol=tol, generator=gen)
+    sv = eig.eigenvalues.clamp_min(0).sqrt()
     moments = torch.zeros(b, 2, dtype=torch.float64, device=h.device)
     for _ in range(n_probes):  # Hutchinson: E[z'Gz] = tr G, E[|Gz|^2] = tr G^2, z Rademacher
         z = (torch.randint(0, 2, (b, p), generator=gen) * 2 - 1).to(torch.float64).to(h.device)
@@ -410,8 +334,8 @@ def _spectrum(name, depth, fn, h, method, k, max_dense, n_probes, keep, gen) -> 
         moments[:, 0] += (z * gz).sum(-1)
         moments[:, 1] += gz.pow(2).sum(-1)
     moments /= n_probes * p
-    return LayerSpectrum(name, depth, n, m, "lanczos", sv.cpu(), converged=ok, iterations=iters,
-                         moments=moments.cpu())
+    return LayerSpectrum(name, depth, n, m, "lanczos", sv.cpu(), converged=bool(eig.converged.all()),
+                         iterations=eig.products, moments=moments.cpu())
 
 
 def _gram_operator(fn, h: Tensor):
@@ -451,24 +375,6 @@ def _check_tensor(out, what: str) -> Tensor:
             f"{what} output is a {type(out).__name__}, not a tensor; the Jacobian probe needs maps Tensor -> Tensor"
         )
     return out
-
-
-def _unit(v: Tensor) -> Tensor:
-    return v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-
-
-def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
-    """Remove from each row of ``w`` (B, d) its components on ``basis`` (B, j, d); done twice."""
-    for _ in range(2):
-        w = w - torch.einsum("bj,bjd->bd", torch.einsum("bjd,bd->bj", basis, w), basis)
-    return w
-
-
-def _tridiagonal(alpha: Tensor, beta: Tensor) -> Tensor:
-    t = torch.diag_embed(alpha)
-    if beta.shape[-1]:
-        t = t + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
-    return t
 
 
 PROBES.add("jacobian", jacobian_probe, "per-example input-output and per-layer Jacobian spectra, dynamical isometry",
