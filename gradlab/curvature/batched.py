@@ -130,7 +130,13 @@ def batched_lanczos(
                 acc.take(single, theta, s, resid, fill=alpha[:, j], n_fill=dim - j - 1)
             if j + 1 >= k:
                 order = theta.argsort(-1, descending=True)[:, :k]
-                ok = (resid.gather(-1, order) <= tol * theta.abs().amax(-1, keepdim=True)).all(-1)
+                bound = tol * theta.abs().amax(-1)
+                ok = (resid.gather(-1, order) <= bound.unsqueeze(-1)).all(-1)
+                if bool((block_start > 0).any()):
+                    # After a restart, earlier blocks' Ritz pairs are exact (residual 0) but the
+                    # complement may hold more copies above the k-th value: wait until the current
+                    # block's top Ritz pair, which converges to the complement's top, has converged.
+                    ok &= _current_block_top_residual(alpha[:, : j + 1], beta[:, :j], block_start, b) <= bound
                 acc.take(ok & ~broken, theta, s, resid)
             if last:
                 converged = acc.done.clone()
@@ -216,6 +222,21 @@ def _orthogonalise(w: Tensor, basis: Tensor) -> Tensor:
     for _ in range(2):
         w = w - torch.einsum("b...j,bjd->b...d", torch.einsum("bjd,b...d->b...j", basis, w), basis)
     return w
+
+
+def _current_block_top_residual(alpha: Tensor, beta: Tensor, block_start: Tensor, b: Tensor) -> Tensor:
+    """Residual ``|b s_last|`` (B,) of the top Ritz pair of each row's current (last) block of T.
+
+    T is block diagonal (zero couplings at restarts), so the current block's eigenvalues are a
+    subset of T's: earlier rows are pushed below all of them (Gershgorin) and decoupled.
+    """
+    m = alpha.shape[-1]
+    before = torch.arange(m, device=alpha.device).unsqueeze(0) < block_start.unsqueeze(-1)  # (B, m)
+    off = torch.cat([beta.abs(), beta.new_zeros(beta.shape[0], 1)], -1)
+    low = (alpha - off - torch.cat([beta.new_zeros(beta.shape[0], 1), beta.abs()], -1)).amin(-1, keepdim=True)
+    diag = torch.where(before, low - 1.0, alpha)
+    _, s = torch.linalg.eigh(_tridiagonal(diag, torch.where(before[:, 1:], 0.0, beta)))
+    return (b * s[:, -1, -1]).abs()
 
 
 def _tridiagonal(alpha: Tensor, beta: Tensor) -> Tensor:
