@@ -22,7 +22,9 @@ eigenvalues are found. If that random restart vector is itself an eigenvector (i
 down at once), the rest of the space is almost surely one eigenspace and the row is resolved
 exactly: rank-deficient operators (a ReLU net's input Hessian of rank <= classes - 1) and
 identity-like remainders stop early this way. A row whose basis spans all ``D`` dimensions is
-exact too.
+exact too. A row is otherwise done when its top-k Ritz residuals are below ``tol`` and, after a
+restart, so is the residual of the current block's top Ritz pair (earlier blocks' pairs are exact,
+but the complement may still hold a copy above the k-th value).
 """
 
 from __future__ import annotations
