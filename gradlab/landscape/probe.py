@@ -56,7 +56,7 @@ def load_checkpoint_weights(path: Path, names: Sequence[str]) -> dict:
 
 
 def trajectory_checkpoints(run_path: Path) -> list[Path]:
-    """``init.pt``, ``step-XXXXXXXX.pt`` (by step) and ``last.pt`` of a run, oldest first."""
+    """``init.pt``, ``step-<8-digit step>.pt`` (by step) and ``last.pt`` of a run, oldest first."""
     ck = Path(run_path) / "checkpoints"
     steps = sorted(ck.glob("step-*.pt"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
     out = ([ck / "init.pt"] if (ck / "init.pt").is_file() else []) + steps
