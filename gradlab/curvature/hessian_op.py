@@ -18,7 +18,7 @@ default; it is also ``double-backward`` there until measured (``backend="func"``
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
