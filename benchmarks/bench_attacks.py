@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradlab.attacks import attack_batch
+from gradlab.attacks import attack_batch, build_attack
 from gradlab.models.base import GradlabNet, Normalize
 
 
@@ -89,10 +89,10 @@ def main() -> None:
     print("-" * len(header))
     for mname, model in make_models().items():
         train(model, x_all, y_all)
-        ours = {
-            "fgsm": lambda: attack_batch("fgsm", model, x, y, eps),
-            "pgd": lambda: attack_batch("pgd", model, x, y, eps, steps=steps, alpha=alpha, random_start=True, seed=0),
-        }
+        # Both libraries' attack objects are built once and called per batch, as in a loop.
+        g_fgsm = build_attack("fgsm", model, eps)
+        g_pgd = build_attack("pgd", model, eps, steps=steps, alpha=alpha, random_start=True, seed=0)
+        ours = {"fgsm": lambda: g_fgsm(x, y), "pgd": lambda: g_pgd(x, y)}
         theirs = {}
         if torchattacks is not None:
             ta_fgsm = torchattacks.FGSM(model, eps=eps)

@@ -91,6 +91,10 @@ class Attack(abc.ABC):
     #: norms the attack supports; FGSM/PGD/curvature/Curls support both.
     norms: tuple = NORMS
 
+    #: True for attacks whose result is ``x + eps * d`` with ``||d|| = 1`` (FGSM): always inside
+    #: the eps-ball, so the call clamps to [0, 1] instead of projecting.
+    single_step: bool = False
+
     def __init__(
         self,
         model: nn.Module,
@@ -133,7 +137,8 @@ class Attack(abc.ABC):
         with self.session(x, y) as (x0, y0):
             with torch.enable_grad():
                 adv = self.perturb(x0, y0)
-            adv = self.project(adv.detach())
+            # A one-step attack lands on the eps-sphere by construction; it only needs [0, 1].
+            adv = adv.detach().clamp_(0.0, 1.0) if self.single_step else self.project(adv.detach())
         return adv.to(x.device)
 
     @contextlib.contextmanager

@@ -24,6 +24,7 @@ class FGSM(Attack):
     """One-step attack; see the module docstring."""
 
     name = "fgsm"
+    single_step = True
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         g, _ = self.grad(x)
