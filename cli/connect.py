@@ -47,7 +47,6 @@ def command(
     """Train a Bezier or polychain curve between two runs' weights and compare its loss and accuracy with the
     straight line (barrier heights): connect.csv, connect.pt (the bend), TensorBoard scalars, plot."""
     import pandas as pd
-    import torch
 
     from gradlab.device import resolve_device
     from gradlab.errors import GradlabError
@@ -55,7 +54,7 @@ def command(
     from gradlab.landscape.directions import interp_direction
     from gradlab.landscape.grid import make_batches
     from gradlab.landscape.plots import connect_plot
-    from gradlab.rundir import load_run
+    from gradlab.rundir import load_run, save_checkpoint
 
     flags = dict(curve=curve, epochs=epochs, lr=lr, batch_size=batch_size, points=points, split=split,
                  bn_batches=bn_batches, runs_dir=runs_dir, name=name, seed=seed, device=device)
@@ -97,7 +96,7 @@ def command(
         rd.write_csv("connect.csv", table)
         rd.write_csv("connect_train.csv", pd.DataFrame(hist))
         if rd.enabled:
-            torch.save({"bend": {n: t.cpu() for n, t in bend.items()}}, rd.path / "connect.pt")
+            save_checkpoint({"bend": {n: t.cpu() for n, t in bend.items()}}, rd.path / "connect.pt")
         for i, row in enumerate(table.itertuples(index=False)):
             rd.log_metrics(i, None, "path", {"t": row.t, "curve_loss": row.loss, "curve_acc": row.acc,
                                               "line_loss": row.line_loss, "line_acc": row.line_acc})

@@ -64,7 +64,7 @@ def command(
     from gradlab.landscape import plots
     from gradlab.landscape.grid import make_axes, make_batches
     from gradlab.landscape.probe import DIRECTIONS, choose_directions, landscape, simplex_plane
-    from gradlab.rundir import find_run, load_run, read_config
+    from gradlab.rundir import find_run, load_checkpoint, load_run, read_config, save_checkpoint
 
     flags = dict(run=run, dims=dims, steps=steps, range=range_, directions=directions, to=to, batches=batches,
                  batch_size=batch_size, split=split, include_bn=include_bn, log_scale=log_scale,
@@ -92,7 +92,7 @@ def command(
         spath = find_run(cfg["runs_dir"], cfg["run"])
         if not (spath / "simplex.pt").is_file():
             raise GradlabError(f"run {spath} has no simplex.pt: --plane-vertices needs a `gradlab simplex` run")
-        simplex = torch.load(spath / "simplex.pt", map_location="cpu", weights_only=True)
+        simplex = load_checkpoint(spath / "simplex.pt")
         source = read_config(spath)["config"].get("source_run")
         loaded = load_run(source, cfg["runs_dir"], device=dev)
     else:
@@ -139,7 +139,7 @@ def command(
         if dset.path is not None:
             saved["trajectory"] = dset.path.detach().cpu()
         if run_dir.enabled:
-            torch.save(saved, run_dir.path / "directions.pt")
+            save_checkpoint(saved, run_dir.path / "directions.pt")
         title = f"{cfg['directions'] if simplex is None else 'simplex plane'} directions, {cfg['split']} split"
         if cfg["dims"] == 1:
             marks = {k: v[0] for k, v in dset.points.items()}

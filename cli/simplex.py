@@ -51,14 +51,13 @@ def command(
     simplex.csv (vertices, centre, interior samples, ensemble), simplex.pt for `probe landscape
     --plane-vertices`, TensorBoard scalars and plots."""
     import pandas as pd
-    import torch
 
     from gradlab.device import resolve_device
     from gradlab.errors import GradlabError
     from gradlab.landscape.grid import make_batches
     from gradlab.landscape.plots import simplex_plot
     from gradlab.landscape.simplex import evaluate_simplex, train_simplex
-    from gradlab.rundir import load_run
+    from gradlab.rundir import load_run, save_checkpoint
 
     flags = dict(run=run, vertices=vertices, epochs=epochs, volume_reg=volume_reg, lr=lr, batch_size=batch_size,
                  samples=samples, init_scale=init_scale, split=split, bn_batches=bn_batches, runs_dir=runs_dir,
@@ -95,8 +94,8 @@ def command(
         rd.write_csv("simplex.csv", table)
         rd.write_csv("simplex_train.csv", res.history)
         if rd.enabled:
-            torch.save({"vertices": [{n: t.detach().cpu() for n, t in v.items()} for v in res.vertices]},
-                       rd.path / "simplex.pt")
+            save_checkpoint({"vertices": [{n: t.detach().cpu() for n, t in v.items()} for v in res.vertices]},
+                            rd.path / "simplex.pt")
         for i, row in enumerate(table.itertuples(index=False)):
             rd.tb.add_scalar(f"simplex/{row.kind}_loss", row.loss, i)
             rd.tb.add_scalar(f"simplex/{row.kind}_acc", row.acc, i)

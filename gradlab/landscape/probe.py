@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gradlab.errors import GradlabError
+from gradlab.rundir import load_checkpoint
 from gradlab.landscape.directions import (
     eigen_directions,
     interp_direction,
@@ -47,7 +48,7 @@ class DirectionSet:
 
 def load_checkpoint_weights(path: Path, names: Sequence[str]) -> dict:
     """The parameter tensors ``names`` of a saved checkpoint (``{"model": state_dict, ...}``)."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck = load_checkpoint(path)
     sd = ck["model"] if isinstance(ck, dict) and "model" in ck else ck
     missing = [n for n in names if n not in sd]
     if missing:
