@@ -21,7 +21,7 @@ from gradlab_cli._common import (
     resolve_options,
     start_run,
 )
-from gradlab_cli.probe_gradnorm import (
+from gradlab_cli._source import (
     ActOpt,
     DataDirOpt,
     DatasetOpt,
@@ -151,7 +151,7 @@ def command(
 
     from gradlab.probes.hessian import as_batches, hessian_probe
     from gradlab.rundir import find_run, read_config
-    from gradlab_cli.probe_gradnorm import load_source, split_tensors
+    from gradlab_cli._source import load_source, split_tensors
 
     net, data, dev, desc = load_source(cfg)
     run_cfg = {}

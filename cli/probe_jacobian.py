@@ -22,7 +22,7 @@ from gradlab_cli._common import (
     resolve_options,
     start_run,
 )
-from gradlab_cli.probe_gradnorm import (
+from gradlab_cli._source import (
     PROBE,
     SOURCE_DEFAULTS,
     ActOpt,
