@@ -38,8 +38,12 @@ from gradlab_cli._source import (
 )
 
 PROBE = "Hessian probe"
+#: The probe's trace methods (gradlab.curvature.gauss_newton.TRACE_METHODS; spelled out here so
+#: that --help does not import torch, and a test keeps the two equal).
+TRACE_METHOD_NAMES = ("auto", "gauss-newton", "xtrace", "krylov", "hutch++", "hutchinson")
+
 DEFAULTS = {**SOURCE_DEFAULTS, "top_k": 5, "bottom_k": 1, "trace": True, "density": False, "batches": "4",
-            "batch_size": 512, "tol": 1e-3, "backend": "auto", "mode": "eval", "trace_method": "xtrace",
+            "batch_size": 512, "tol": 1e-3, "backend": "auto", "mode": "eval", "trace_method": "auto",
             "trace_matvecs": 60, "lr": None, "grad_tol": 1e-3, "exact": False, "dense_max": 5000}
 SGD_LIKE = ("sgd", "momentum", "nesterov", "gd", "curvature-gd", "langevin")
 
@@ -103,8 +107,8 @@ def command(
     tol: Annotated[Optional[float], typer.Option(help="Eigen-solver relative residual tolerance (> 0). (default: 1e-3)", rich_help_panel=PROBE)] = None,
     backend: Annotated[Optional[str], typer.Option(help="HVP backend: auto, double-backward, func. (default: auto = double-backward)", rich_help_panel=PROBE)] = None,
     mode: Annotated[Optional[str], typer.Option(help="Model mode for the products: eval (dropout off, BatchNorm running stats) or train (batch stats, fixed dropout masks); the model is restored. (default: eval)", rich_help_panel=PROBE)] = None,
-    trace_method: Annotated[Optional[str], typer.Option(help="Trace estimator: xtrace, krylov (Lanczos-deflated Hutchinson), hutch++, hutchinson. (default: xtrace)", rich_help_panel=PROBE)] = None,
-    trace_matvecs: Annotated[Optional[int], typer.Option(help="Hessian-vector products for the trace. (default: 60)", rich_help_panel=PROBE)] = None,
+    trace_method: Annotated[Optional[str], typer.Option(help="Trace method: auto (gauss-newton where the layers allow, else xtrace), gauss-newton (exact for ReLU-type nets), xtrace, krylov, hutch++, hutchinson. (default: auto)", rich_help_panel=PROBE)] = None,
+    trace_matvecs: Annotated[Optional[int], typer.Option(help="Budget for the trace: Hessian-vector products, or gauss-newton residual samples (about one HVP each). (default: 60)", rich_help_panel=PROBE)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate to compare with 2/lambda_max. (default: the --run's lr)", rich_help_panel=PROBE)] = None,
     grad_tol: Annotated[Optional[float], typer.Option(help="Gradient norm above which the point is 'not a critical point'. (default: 1e-3)", rich_help_panel=PROBE)] = None,
     exact: Annotated[Optional[bool], typer.Option("--exact/--no-exact", help="Eigenvalues and trace from the dense Hessian (small models only, see --dense-max). (default: --no-exact)", rich_help_panel=PROBE)] = None,
@@ -143,7 +147,7 @@ def command(
         if cfg[key] is not None and (not isinstance(cfg[key], (int, float)) or cfg[key] <= 0):
             raise GradlabError(f"invalid {key.replace('_', '-')}: {cfg[key]!r} (must be > 0)")
     choices = {"backend": ("auto", "double-backward", "func"), "mode": ("eval", "train"),
-               "trace_method": ("xtrace", "krylov", "hutch++", "hutchinson")}
+               "trace_method": tuple(TRACE_METHOD_NAMES)}
     for key, valid in choices.items():
         if cfg[key] not in valid:
             raise GradlabError(f"unknown {key.replace('_', '-')} {cfg[key]!r}; choose from: {', '.join(valid)}")

@@ -7,6 +7,7 @@ curvature attacks, per-example Jacobian spectra) goes through this package.
 from gradlab.curvature.batched import BatchedEigenResult, batched_lanczos
 from gradlab.curvature.density import DensityResult, slq_density
 from gradlab.curvature.eigen import EigenResult, eigsh
+from gradlab.curvature.gauss_newton import TRACE_METHODS, gauss_newton_trace, is_piecewise_linear, trace_auto
 from gradlab.curvature.hessian_op import HessianOperator, dense_hessian, model_mode
 from gradlab.curvature.operator import CurvatureOperator, DenseOperator, as_operator
 from gradlab.curvature.trace import (
@@ -23,5 +24,6 @@ __all__ = [
     "CurvatureOperator", "DenseOperator", "as_operator", "HessianOperator", "dense_hessian",
     "model_mode", "EigenResult", "eigsh", "TraceResult", "DiagonalResult", "hutchinson_trace",
     "hutchpp_trace", "krylov_trace", "xtrace", "hutchinson_diag", "DensityResult", "slq_density",
-    "BatchedEigenResult", "batched_lanczos",
+    "BatchedEigenResult", "batched_lanczos", "TRACE_METHODS", "gauss_newton_trace", "trace_auto",
+    "is_piecewise_linear",
 ]

@@ -196,4 +196,5 @@ def hutchinson_diag(A, num_matvecs: int = 100, *, seed: Optional[int] = 0) -> Di
     return DiagonalResult(S.mean(1), S.std(1, unbiased=True) / math.sqrt(num_matvecs), num_matvecs)
 
 
-TRACE_METHODS = {"xtrace": xtrace, "krylov": krylov_trace, "hutch++": hutchpp_trace, "hutchinson": hutchinson_trace}
+#: The estimators that need only products with the operator (see gauss_newton.TRACE_METHODS for all).
+OPERATOR_TRACE_METHODS = {"xtrace": xtrace, "krylov": krylov_trace, "hutch++": hutchpp_trace, "hutchinson": hutchinson_trace}

@@ -22,6 +22,9 @@ from torch import Tensor, nn
 class Normalize(nn.Module):
     """``(x - mean) / std`` with per-channel (or scalar) constants stored as buffers."""
 
+    #: forward is piecewise linear in its input given its children (see gradlab.curvature.gauss_newton)
+    gradlab_piecewise_linear = True
+
     def __init__(self, mean: Sequence[float], std: Sequence[float], channel_dim_size: int | None = None):
         super().__init__()
         mean_t = torch.as_tensor(list(mean), dtype=torch.float32)
@@ -41,6 +44,9 @@ class Normalize(nn.Module):
 
 class GradlabNet(nn.Module):
     """``normalize -> blocks -> head``; see the module docstring."""
+
+    #: forward is piecewise linear in its input given its children (see gradlab.curvature.gauss_newton)
+    gradlab_piecewise_linear = True
 
     def __init__(self, normalize: nn.Module, blocks: Sequence[nn.Module], head: nn.Module):
         super().__init__()

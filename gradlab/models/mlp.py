@@ -24,6 +24,9 @@ class DenseBlock(nn.Module):
     ``flatten`` makes the block accept image-shaped input (the first block of an MLP).
     """
 
+    #: forward is piecewise linear in its input given its children (see gradlab.curvature.gauss_newton)
+    gradlab_piecewise_linear = True
+
     def __init__(self, d_in: int, d_out: int, act: str, norm: str, dropout: float, residual: bool, flatten: bool):
         super().__init__()
         self.flatten = flatten

@@ -33,6 +33,9 @@ WIDTHS = (16, 32, 64)
 class ShortcutA(nn.Module):
     """Parameter-free shortcut: stride-2 subsampling, then zero channels appended."""
 
+    #: forward is piecewise linear in its input given its children (see gradlab.curvature.gauss_newton)
+    gradlab_piecewise_linear = True
+
     def __init__(self, nd: int, extra_channels: int, stride: int):
         super().__init__()
         self.nd, self.extra, self.stride = nd, extra_channels, stride
@@ -45,6 +48,9 @@ class ShortcutA(nn.Module):
 
 class BasicBlock(nn.Module):
     """``act(norm(conv(act(norm(conv(x))))) + shortcut(x))``; with ``skip=False`` the ``+ shortcut(x)`` is dropped."""
+
+    #: forward is piecewise linear in its input given its children (see gradlab.curvature.gauss_newton)
+    gradlab_piecewise_linear = True
 
     def __init__(self, nd: int, c_in: int, c_out: int, stride: int, act: str, norm: str, shortcut: str, skip: bool):
         super().__init__()
@@ -77,6 +83,9 @@ class BasicBlock(nn.Module):
 
 class GlobalPool(nn.Module):
     """``(N, C, *spatial) -> (N, C)`` by averaging over space."""
+
+    #: forward is piecewise linear in its input given its children (see gradlab.curvature.gauss_newton)
+    gradlab_piecewise_linear = True
 
     def __init__(self, nd: int):
         super().__init__()

@@ -4,8 +4,10 @@ Everything goes through :mod:`gradlab.curvature` (one :class:`HessianOperator` s
 solvers). Reported quantities, for the mean loss over the given batches:
 
 * top-k / bottom-k eigenvalues (Lanczos, :func:`gradlab.curvature.eigsh`);
-* the trace with a standard error: XTrace (Epperly, Tropp & Webber 2024) by default (the most
-  robust per product in ``benchmarks/bench_curvature.py``); Lanczos-deflated Hutchinson
+* the trace with a standard error: by default (``"auto"``) the Gauss-Newton split
+  (:mod:`gradlab.curvature.gauss_newton`: exact for piecewise-linear networks, an exact
+  Gauss-Newton part plus a per-example residual estimate otherwise), falling back to XTrace
+  (Epperly, Tropp & Webber 2024) for layers it does not support; Lanczos-deflated Hutchinson
   (:func:`~gradlab.curvature.krylov_trace`), Hutch++ (Meyer et al. 2021) or Hutchinson on request;
 * the gradient norm, the loss, and the gradient-descent stability bound ``2 / lambda_max``
   (a quadratic with curvature ``lambda`` diverges under GD with ``lr > 2 / lambda``; Cohen et al.
@@ -32,7 +34,7 @@ from gradlab.curvature import (
     eigsh,
     slq_density,
 )
-from gradlab.curvature.trace import TRACE_METHODS
+from gradlab.curvature.gauss_newton import TRACE_METHODS
 from gradlab.errors import GradlabError, check
 from gradlab.probes import PROBES
 from gradlab.probes.critical import GRAD_TOL, CriticalPoint, classify_point
@@ -126,7 +128,7 @@ def hessian_probe(
     loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     backend: Optional[str] = None,
     mode: str = "eval",
-    trace_method: str = "xtrace",
+    trace_method: str = "auto",
     trace_matvecs: int = 60,
     density_starts: int = 4,
     density_steps: int = 60,
@@ -143,8 +145,9 @@ def hessian_probe(
         data_batches: one ``(x, y)`` batch or a list of them (mean over all their samples).
         top_k: number of largest eigenvalues (>= 1). bottom_k: smallest ones (>= 0; 1 by default,
             needed for the minimum/saddle verdict).
-        trace: estimate tr(H) with ``trace_method`` ("xtrace", "krylov", "hutch++", "hutchinson") and
-            ``trace_matvecs`` products. density: SLQ density with ``density_starts`` x ``density_steps``.
+        trace: estimate tr(H) with ``trace_method`` ("auto", "gauss-newton", "xtrace", "krylov",
+            "hutch++", "hutchinson") and a budget of ``trace_matvecs`` products (Gauss-Newton:
+            residual samples, each about one HVP; none for piecewise-linear networks). density: SLQ density with ``density_starts`` x ``density_steps``.
         tol: eigen-solver relative tolerance (> 0); lr: learning rate compared with 2/lambda_max.
         loss_fn: ``(logits, y) -> mean loss``, default cross-entropy; backend/mode: see
             :class:`~gradlab.curvature.HessianOperator`; grad_tol: see :mod:`gradlab.probes.critical`.
@@ -224,14 +227,14 @@ def quick_curvature(
 ) -> tuple[float, float]:
     """``(lambda_max, trace)`` of the loss Hessian on ``batch``, cheap enough for every N steps.
 
-    Lanczos for lambda_max (typically 8-12 products at tol 1e-3) and XTrace with
-    ``trace_matvecs`` products: about 30 HVPs, i.e. ~40 gradients with the kept graph. The model's
+    Lanczos for lambda_max (typically 8-12 products at tol 1e-3) and the ``"auto"`` trace with a
+    budget of ``trace_matvecs`` products (exact and cheaper for piecewise-linear networks). The model's
     mode flags are restored and nothing is written to ``.grad``.
     """
     op = HessianOperator(model, loss_fn, batch, mode=mode, seed=seed)
     try:
         lam = float(eigsh(op, 1, "LA", tol=tol, seed=seed).values[0])
-        tr = TRACE_METHODS["xtrace"](op, trace_matvecs, seed=seed + 1).estimate
+        tr = TRACE_METHODS["auto"](op, trace_matvecs, seed=seed + 1).estimate
     finally:
         op.clear()
     return lam, tr
