@@ -111,12 +111,14 @@ def evaluate(model, x, y, batch_size: int = 1024) -> tuple[float, float]:
     return loss_sum / n, correct / n
 
 
-def _grad_norm(params) -> float:
-    """Global L2 norm of the gradients: per-tensor norms (one fused call), combined in float64."""
-    grads = [p.grad.detach() for p in params if p.grad is not None]
+def _grad_norms(params) -> tuple[float, list]:
+    """Global L2 norm of the gradients and the per-tensor norms (of the parameters that have a
+    gradient, in order): one fused norm call and one read-back, combined in float64 by hypot."""
+    grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double()))
+        return 0.0, []
+    norms = torch.stack(torch._foreach_norm(grads)).tolist()
+    return math.hypot(*norms), norms
 
 
 class Trainer:
@@ -175,6 +177,7 @@ class Trainer:
         self.epoch_sums = [0.0, 0.0, 0.0]  # loss sum, correct, count (this rank's share)
         self.history = {"steps_to_95": None, "lambda_max": None, "trace": None}
         self.events: list = []
+        self.layer_grad_norms: list = []  # of the last step, for the histogram of per-layer norms
         self.ckpt_steps = self._checkpoint_schedule(cfg["keep_checkpoints"])
         if resume is not None:
             self._load_state(resume)
@@ -213,8 +216,8 @@ class Trainer:
             self.last_epoch_metrics = dict(ckpt["last_epoch_metrics"])
 
     def save(self) -> None:
-        if self.dist.is_main:
-            self.run.save_checkpoint(self.state(), "last.pt")
+        if self.dist.is_main:  # written in the background; fit() waits for it before returning
+            self.run.save_checkpoint(self.state(), "last.pt", wait=False)
 
     # -- one step ------------------------------------------------------------------------------
     def _loss_terms(self, xb, yb, n_global):
@@ -253,7 +256,8 @@ class Trainer:
             self.optimizer.step()
         loss_sum = captured["loss"] * n_global / self.dist.world_size
         correct = int((captured["out"].argmax(1) == yb).sum())
-        return loss_sum, correct, len(yb), _grad_norm(self.params)
+        gnorm, self.layer_grad_norms = _grad_norms(self.params)
+        return loss_sum, correct, len(yb), gnorm
 
     def _check_finite(self, loss: torch.Tensor) -> float:
         """The loss as a float, or :class:`_Diverged` if it is NaN/inf on any rank."""
@@ -276,7 +280,9 @@ class Trainer:
         with _DeferredInterrupt() as interrupt:
             self._interrupt = interrupt
             try:
-                return self._fit()
+                result = self._fit()
+                run.wait_checkpoints()
+                return result
             finally:
                 shutdown(self.dist)
 
@@ -286,7 +292,7 @@ class Trainer:
         cfg, run = self.cfg, self.run
         start = time.time()
         if self.step == 0 and self.ckpt_steps and self.dist.is_main:
-            run.save_checkpoint({"model": self.model.state_dict(), "step": 0}, "init.pt")
+            run.save_checkpoint({"model": self.model.state_dict(), "step": 0}, "init.pt", wait=False)
         try:
             while self.epoch < cfg["epochs"]:
                 batches = self.sampler.epoch_batches(self.epoch)
@@ -311,7 +317,7 @@ class Trainer:
                                       loss_g / n_global, correct_g / n_global)
                     if self.step in self.ckpt_steps and self.dist.is_main:
                         run.save_checkpoint({"model": self.model.state_dict(), "step": self.step},
-                                            f"step-{self.step:08d}.pt")
+                                            f"step-{self.step:08d}.pt", wait=False)
                     if self.batch_in_epoch == len(batches):
                         self._end_epoch()  # evaluates and writes checkpoints/last.pt
                     if stop:
@@ -347,13 +353,11 @@ class Trainer:
         """Histograms, curvature and gradient probes every N steps; optimizer events."""
         cfg, run, step = self.cfg, self.run, self.step
         if self.dist.is_main and step % cfg["log_every"] == 0:
-            norms = []
             for name, p in self.model.named_parameters():
                 if p.grad is not None:
                     run.log_histogram(f"grads/{name}", p.grad, step)
-                    norms.append(float(p.grad.detach().norm()))
-            if norms:
-                run.log_histogram("grad_norm/per_layer", torch.tensor(norms), step)
+            if self.layer_grad_norms:  # the same tensors, in the same order, as just above
+                run.log_histogram("grad_norm/per_layer", torch.tensor(self.layer_grad_norms), step)
         due = lambda every: bool(every) and step % every == 0 and self.dist.is_main  # noqa: E731
         if due(cfg["hessian_every"]) or due(cfg["probe_every"]):
             xb, yb = self.x_train[idx.to(self.device)], self.y_train[idx.to(self.device)]

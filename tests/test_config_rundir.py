@@ -104,3 +104,102 @@ def test_find_run(tmp_path):
     (a.path / "checkpoints" / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(GradlabError, match="cannot read checkpoint"):
         load_checkpoint(a.path / "checkpoints" / "bad.pt")
+
+
+# -- the fast paths under the run folder: same bytes as the slow ones -----------------------------
+def _trainer_like_state():
+    """model, Adam and LambdaLR state dicts after a step, an RNG state, and plain values."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    x = torch.arange(12.0)
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": {"torch": torch.get_rng_state()}, "step": 7, "epoch_sums": [1.5, 3.0, 64],
+            "views": [x, x[2:5], x.view(3, 4).t()], "ints": torch.arange(3), "f16": torch.zeros(2, dtype=torch.float16),
+            "empty": torch.zeros(0), "misc": (None, True, "s", float("inf"), torch.float32, torch.Size([2]))}
+
+
+def test_checkpoint_bytes_are_torch_saves():
+    import io
+
+    import torch
+
+    from gradlab._serialize import _fast_dumps, dumps
+
+    def torch_save(obj):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return buf.getvalue()
+
+    state = _trainer_like_state()
+    assert _fast_dumps(state) == torch_save(state)  # the fast path itself, not the fallback
+    back = torch.load(io.BytesIO(dumps(state)), weights_only=True)
+    assert back["views"][2].stride() == (1, 4) and back["views"][1].tolist() == [2.0, 3.0, 4.0]
+    assert torch.equal(back["model"]["2.weight"], state["model"]["2.weight"])
+    # What the fast path does not write itself goes through torch.save.
+    for other in ([torch.nn.Parameter(torch.ones(2))], torch.ones(3).to_sparse(), torch.ones(2).untyped_storage()):
+        assert dumps(other) == torch_save(other)
+    t = torch.ones(2)
+    with pytest.raises(RuntimeError):  # as torch.save: one storage viewed as two dtypes
+        dumps([t, t.view(torch.int32)])
+
+
+def test_background_checkpoint_write(tmp_path):
+    run = RunDir.create(tmp_path, "train", None, {})
+    run.save_checkpoint({"step": 1}, wait=False)
+    run.save_checkpoint({"step": 2}, wait=False)  # waits for the first, then queues
+    run.wait_checkpoints()
+    assert load_checkpoint(run.path / "checkpoints" / "last.pt") == {"step": 2}
+    (run.path / "checkpoints").rename(run.path / "moved")
+    run.save_checkpoint({"step": 3}, "other.pt", wait=False)
+    with pytest.raises(FileNotFoundError):  # a failed write surfaces at the next wait
+        run.close()
+    assert not list(run.path.rglob(".*.tmp"))
+
+
+def test_crc32c_matches_tensorboard():
+    import numpy as np
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference
+
+    from gradlab._crc32c import _CHUNK, masked_crc32c
+
+    rng = np.random.default_rng(0)
+    for n in [0, 1, 3, 4, 23, 24, 25, 100, _CHUNK - 1, _CHUNK, _CHUNK + 1, _CHUNK + 3, _CHUNK + 4, 2 * _CHUNK + 5]:
+        data = rng.bytes(n)
+        assert masked_crc32c(data) == reference(data), n
+
+
+def test_event_file_is_tensorboards_format(tmp_path):
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+
+    run = RunDir.create(tmp_path, "train", None, {})
+    for step in range(1, 4):
+        run.log_metrics(step, 0, "train-step", {"loss": 1.0 / step, "lr": 0.1})
+    run.log_histogram("grads/w", torch.randn(50, 40), 3)
+    run.log_histogram("grads/const", torch.ones(5), 3)
+    run.log_histogram("grads/bad", torch.tensor([1.0, float("inf")]), 3)  # skipped
+    run.log_text("config", "x" * 5000)  # a record longer than one CRC chunk
+    run.close()
+    files = list(run.path.glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    reader, records = PyRecordReader_New(str(files[0])), 0
+    with pytest.raises(Exception, match="No more events"):  # every record passes its CRC checks
+        while True:
+            reader.GetNext()
+            records += 1
+    assert records == 1 + 3 + 2 + 1
+    ea = EventAccumulator(str(run.path), size_guidance={"scalars": 0, "histograms": 0})
+    ea.Reload()
+    assert [s.value for s in ea.Scalars("train-step/loss")] == pytest.approx([1.0, 0.5, 1 / 3])
+    h = ea.Histograms("grads/w")[0].histogram_value
+    assert h.num == 2000 and sum(h.bucket) == 2000 and len(h.bucket_limit) == 64
+    assert ea.Histograms("grads/const")[0].histogram_value.bucket[0] == 5
+    assert "grads/bad" not in ea.Tags()["histograms"]
