@@ -127,6 +127,19 @@ def test_to_frame_columns_and_rows():
     assert (df[df.kind == "density"]["value"] >= 0).all() and len(rep.density_frame()) == len(rep.density.grid)
 
 
+def test_default_trace_is_gauss_newton():
+    """``auto``: exact on a ReLU net, an estimate within its stderr on a tanh net (one hidden layer:
+    its residual is diagonal in feature space, so the estimate is exact there too)."""
+    x, y = tiny_data()
+    relu = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+    tanh = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    for model, method in ((relu, "gauss-newton (exact)"), (tanh, "gauss-newton"), (tiny_net(), "gauss-newton")):
+        exact = float(torch.trace(dense_hessian(model, None, (x, y))))
+        rep = hessian_probe(model, (x, y), top_k=1, bottom_k=0, trace=True, trace_matvecs=30)
+        assert rep.trace_method == method
+        assert abs(rep.trace - exact) <= 4 * rep.trace_stderr + 1e-9 * abs(exact)
+
+
 def test_quick_curvature_matches_dense():
     model = tiny_net()
     model.train()
