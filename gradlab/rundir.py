@@ -218,27 +218,25 @@ class RunDir:
         return self._tb
 
     def log_metrics(self, step: int, epoch: Optional[int], split: str, metrics: Mapping[str, float]) -> None:
-        """Each metric to TensorBoard (``split/metric``) and as one flushed row of metrics.csv."""
+        """Each metric to TensorBoard (``split/metric``) and as one row of metrics.csv, written
+        straight to the file (one write per call)."""
         if not self.enabled:
             return
         if self._metrics_file is None:
             mpath = self.path / "metrics.csv"
             new = not mpath.exists() or mpath.stat().st_size == 0
-            self._metrics_file = open(mpath, "a", newline="")
+            self._metrics_file = open(mpath, "ab", buffering=0)
             if new:
-                self._metrics_file.write(",".join(METRIC_COLUMNS) + "\r\n")
+                self._metrics_file.write((",".join(METRIC_COLUMNS) + "\r\n").encode())
         now = time.time()
-        values = [(metric, float(value)) for metric, value in metrics.items()]
-        # One event holding every value of this call (add_scalar makes an event per value).
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
-        summary = Summary(value=[Summary.Value(tag=f"{split}/{m}", simple_value=v) for m, v in values])
-        self.tb.file_writer.add_summary(summary, step, now)
-        # The rows as csv.writer would write them (excel dialect), in one write and one flush.
-        head = f"{step},{'' if epoch is None else epoch},{_csv_name(split)},"
-        tail = f",{now:.3f}\r\n"
-        self._metrics_file.write("".join([f"{head}{_csv_name(m)},{v!r}{tail}" for m, v in values]))
-        self._metrics_file.flush()
+        key = (split, *metrics)
+        layout = _ROW_LAYOUTS.get(key)
+        if layout is None:
+            layout = _ROW_LAYOUTS[key] = _row_layout(split, list(metrics))
+        tags, rows = layout
+        values = [float(v) for v in metrics.values()]
+        self.tb.add_scalar_values(list(zip(tags, values)), step, now)
+        self._metrics_file.write(rows.format(step, "" if epoch is None else epoch, f"{now:.3f}", *values).encode())
 
     def flush_tb(self) -> None:
         """Write buffered TensorBoard events to the event file (it happens at least once a
@@ -256,12 +254,11 @@ class RunDir:
         if not self.enabled:
             return
         import torch
-        from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
         x = values.detach().reshape(-1).to("cpu", torch.float64)
         if x.numel() == 0:
             return
-        lo, hi = torch.stack(torch.aminmax(x)).tolist()
+        lo, hi = (t.item() for t in torch.aminmax(x))
         if not (math.isfinite(lo) and math.isfinite(hi)):
             return
         if not (hi > lo):  # constant tensor: one bucket that holds everything
@@ -269,10 +266,10 @@ class RunDir:
         # Bucket i holds [lo + i w, lo + (i + 1) w), the last one also hi, as torch.histc.
         index = torch.sub(x, lo).mul_(bins / (hi - lo)).long().clamp_(max=bins - 1)
         counts = torch.bincount(index, minlength=bins).tolist()
-        limits = torch.linspace(lo, hi, bins + 1)[1:].tolist()
-        hist = HistogramProto(min=lo, max=hi, num=x.numel(), sum=float(x.sum()), sum_squares=float(x.dot(x)),
-                              bucket_limit=limits, bucket=counts)
-        self.tb.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, histo=hist)]), step, time.time())
+        width = (hi - lo) / bins
+        limits = [lo + width * (i + 1) for i in range(bins - 1)] + [hi]
+        self.tb.add_histogram_values(tag, step, time.time(), min=lo, max=hi, num=x.numel(), sum=x.sum().item(),
+                                     sum_squares=x.dot(x).item(), bucket_limit=limits, bucket=counts)
 
     def write_csv(self, filename: str, df) -> Path:
         """Write a DataFrame atomically into the run folder."""
@@ -304,7 +301,6 @@ class RunDir:
             return
         from gradlab._serialize import dumps
 
-        self.flush_tb()
         path = self.path / "checkpoints" / name
         if not self._checkpoint_dir_made:
             path.parent.mkdir(exist_ok=True)
@@ -373,15 +369,17 @@ def _step_of(row: dict) -> float:
         return float("inf")
 
 
-_CSV_NAMES: dict = {}
+_ROW_LAYOUTS: dict = {}  # (split, metric, ...) -> what _row_layout returns
 
 
-def _csv_name(name: str) -> str:
-    """A split or metric name as a csv field (quoted if it holds a comma, quote or newline)."""
-    cell = _CSV_NAMES.get(name)
-    if cell is None:
-        cell = _CSV_NAMES[name] = _csv_cell(name)
-    return cell
+def _row_layout(split: str, metrics: list) -> tuple[list, str]:
+    """TensorBoard tags, and a format string for the metrics.csv rows of one log_metrics call
+    (``{0}`` step, ``{1}`` epoch, ``{2}`` wall time, ``{3}...`` the values), as csv.writer would
+    write them (excel dialect: names quoted when they hold a comma, quote or newline)."""
+    tags = [f"{split}/{m}" for m in metrics]
+    cells = [_csv_cell(str(x)).replace("{", "{{").replace("}", "}}") for x in [split, *metrics]]
+    rows = "".join(f"{{0}},{{1}},{cells[0]},{cell},{{{i + 3}!r}},{{2}}\r\n" for i, cell in enumerate(cells[1:]))
+    return tags, rows
 
 
 def _csv_cell(v: Any) -> str:

@@ -113,11 +113,12 @@ def evaluate(model, x, y, batch_size: int = 1024) -> tuple[float, float]:
 
 def _grad_norms(params) -> tuple[float, list]:
     """Global L2 norm of the gradients and the per-tensor norms (of the parameters that have a
-    gradient, in order): one fused norm call and one read-back, combined in float64 by hypot."""
+    gradient, in order): one fused norm call, combined in float64 by hypot. (Reading the norms
+    one by one is cheaper than stacking them first: ~36 against ~48 us right after a step.)"""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0, []
-    norms = torch.stack(torch._foreach_norm(grads)).tolist()
+    norms = [n.item() for n in torch._foreach_norm(grads)]
     return math.hypot(*norms), norms
 
 
@@ -178,6 +179,7 @@ class Trainer:
         self.history = {"steps_to_95": None, "lambda_max": None, "trace": None}
         self.events: list = []
         self.layer_grad_norms: list = []  # of the last step, for the histogram of per-layer norms
+        self._outputs: list = []  # (logits, labels) of steps whose correct predictions are not counted yet
         self.ckpt_steps = self._checkpoint_schedule(cfg["keep_checkpoints"])
         if resume is not None:
             self._load_state(resume)
@@ -216,25 +218,32 @@ class Trainer:
             self.last_epoch_metrics = dict(ckpt["last_epoch_metrics"])
 
     def save(self) -> None:
+        self._count_correct()  # on every rank: epoch_sums in the checkpoint must be complete
         if self.dist.is_main:  # written in the background; fit() waits for it before returning
             self.run.save_checkpoint(self.state(), "last.pt", wait=False)
 
     # -- one step ------------------------------------------------------------------------------
+    def _batch_loss(self, out, yb, n_global):
+        """This rank's share of the mean loss over the global batch (sum * W / B, see sampler);
+        on one process the batch is the global batch and this is the plain mean."""
+        if self.dist.world_size == 1:
+            return F.cross_entropy(out, yb)
+        return F.cross_entropy(out, yb, reduction="sum") * (self.dist.world_size / n_global)
+
     def _loss_terms(self, xb, yb, n_global):
-        """This rank's share of the mean loss over the global batch (sum * W / B, see sampler)."""
         out = self.net(xb)
-        scale = self.dist.world_size / n_global
-        loss = F.cross_entropy(out, yb, reduction="sum") * scale
+        loss = self._batch_loss(out, yb, n_global)
         if self.cfg["adv"] is not None:
             from gradlab.attacks import attack_batch
 
             x_adv = attack_batch(self.cfg["adv"], self.model, xb, yb, self.cfg["adv_eps"])
-            adv_loss = F.cross_entropy(self.net(x_adv), yb, reduction="sum") * scale
+            adv_loss = self._batch_loss(self.net(x_adv), yb, n_global)
             r = self.cfg["adv_ratio"]
             loss = (1 - r) * loss + r * adv_loss
         return loss, out
 
-    def train_step(self, idx, n_global) -> tuple[float, float, int, float]:
+    def train_step(self, idx, n_global) -> tuple[float, float]:
+        """One optimizer step on batch ``idx``: this rank's loss sum and the gradient norm."""
         xb, yb = self.x_train[idx], self.y_train[idx]
         if not self.model.training:  # evaluation and probes restore the mode; this is a guard
             self.model.train()
@@ -254,18 +263,34 @@ class Trainer:
             loss = closure()
             loss.backward()
             self.optimizer.step()
-        loss_sum = captured["loss"] * n_global / self.dist.world_size
-        correct = int((captured["out"].argmax(1) == yb).sum())
+        # Correct predictions are counted in bulk (_count_correct): keep this step's logits.
+        self._outputs.append((captured["out"], yb))
         gnorm, self.layer_grad_norms = _grad_norms(self.params)
-        return loss_sum, correct, len(yb), gnorm
+        return captured["loss"] * n_global / self.dist.world_size, gnorm
+
+    def _count_correct(self) -> None:
+        """Add the correct predictions of the steps since the last call to ``epoch_sums``: one
+        argmax over all their logits instead of four small ops and a read-back per step. Called
+        on every rank at the same steps (epoch ends and saves), so the all-reduce matches."""
+        if not self._outputs:
+            return
+        out = torch.cat([o for o, _ in self._outputs])
+        labels = torch.cat([y for _, y in self._outputs])
+        self._outputs.clear()
+        correct = float((out.argmax(1) == labels).sum())
+        if self.dist.enabled:
+            from gradlab.distributed import all_reduce_sum
+
+            correct = all_reduce_sum([correct], self.dist, self.device)[0]
+        self.epoch_sums[1] += correct
 
     def _check_finite(self, loss: torch.Tensor) -> float:
         """The loss as a float, or :class:`_Diverged` if it is NaN/inf on any rank."""
-        from gradlab.distributed import all_reduce_sum
-
         value = float(loss)
         bad = 0.0 if math.isfinite(value) else 1.0
         if self.dist.enabled:
+            from gradlab.distributed import all_reduce_sum
+
             bad = all_reduce_sum([bad], self.dist, self.device)[0]
         if bad > 0:
             raise _Diverged(self.step + 1, self.epoch, self.optimizer.param_groups[0]["lr"])
@@ -291,6 +316,8 @@ class Trainer:
 
         cfg, run = self.cfg, self.run
         start = time.time()
+        # A constant schedule never changes the learning rate: its scheduler is not stepped.
+        step_scheduler = cfg.get("schedule", "constant") != "constant"
         if self.step == 0 and self.ckpt_steps and self.dist.is_main:
             run.save_checkpoint({"model": self.model.state_dict(), "step": 0}, "init.pt", wait=False)
         try:
@@ -298,23 +325,25 @@ class Trainer:
                 batches = self.sampler.epoch_batches(self.epoch)
                 for b in range(self.batch_in_epoch, len(batches)):
                     idx, n_global = batches[b]
-                    loss_sum, correct, count, gnorm = self.train_step(idx.to(self.device), n_global)
-                    # One small collective per step: the loss, the accuracy and whether any rank
-                    # was asked to stop, so that every rank stops at the same step boundary.
-                    loss_g, correct_g, stop = all_reduce_sum(
-                        [loss_sum, float(correct), float(self._interrupt.requested)], self.dist, self.device)
+                    loss_sum, gnorm = self.train_step(idx.to(self.device), n_global)
+                    # One small collective per step: the loss and whether any rank was asked to
+                    # stop, so that every rank stops at the same step boundary.
+                    loss_g, stop = all_reduce_sum([loss_sum, float(self._interrupt.requested)],
+                                                  self.dist, self.device)
                     self.step += 1
                     self.batch_in_epoch = b + 1
-                    self.epoch_sums = [self.epoch_sums[0] + loss_g, self.epoch_sums[1] + correct_g,
-                                       self.epoch_sums[2] + n_global]
+                    self.epoch_sums[0] += loss_g
+                    self.epoch_sums[2] += n_global
                     lr = self.optimizer.param_groups[0]["lr"]
-                    self.scheduler.step()
+                    if step_scheduler:
+                        self.scheduler.step()
                     run.log_metrics(self.step, self.epoch, "train-step",
                                     {"loss": loss_g / n_global, "lr": lr, "grad_norm": gnorm})
-                    self._periodic(idx, n_global)
-                    if self.progress is not None:
-                        self.progress(self.step, self.total_steps, self.epoch,
-                                      loss_g / n_global, correct_g / n_global)
+                    self._periodic(idx)
+                    if self.progress is not None:  # this rank's accuracy on the step (rank 0 shows it)
+                        out, labels = self._outputs[-1]
+                        acc = float((out.argmax(1) == labels).sum()) / max(len(labels), 1)
+                        self.progress(self.step, self.total_steps, self.epoch, loss_g / n_global, acc)
                     if self.step in self.ckpt_steps and self.dist.is_main:
                         run.save_checkpoint({"model": self.model.state_dict(), "step": self.step},
                                             f"step-{self.step:08d}.pt", wait=False)
@@ -335,6 +364,7 @@ class Trainer:
         return TrainResult("completed", self._final_metrics(start), "", self.events)
 
     def _end_epoch(self) -> None:
+        self._count_correct()
         loss_sum, correct, count = self.epoch_sums
         train = {"loss": loss_sum / max(count, 1), "acc": correct / max(count, 1)}
         test_loss, test_acc = evaluate(self.model, self.x_test, self.y_test)
@@ -349,7 +379,7 @@ class Trainer:
         self.epoch_sums = [0.0, 0.0, 0.0]
         self.save()
 
-    def _periodic(self, idx, n_global) -> None:
+    def _periodic(self, idx) -> None:
         """Histograms, curvature and gradient probes every N steps; optimizer events."""
         cfg, run, step = self.cfg, self.run, self.step
         if self.dist.is_main and step % cfg["log_every"] == 0:
@@ -358,6 +388,20 @@ class Trainer:
                     run.log_histogram(f"grads/{name}", p.grad, step)
             if self.layer_grad_norms:  # the same tensors, in the same order, as just above
                 run.log_histogram("grad_norm/per_layer", torch.tensor(self.layer_grad_norms), step)
+        if cfg["hessian_every"] or cfg["probe_every"]:
+            self._probes(idx)
+        events = getattr(self.optimizer, "events", ())
+        if len(events) > len(self.events):
+            for ev in events[len(self.events):]:
+                self.events.append(dict(ev))
+                run.log_text("optimizer/events", str(ev))
+                for k, v in ev.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        run.log_metrics(step, self.epoch, "optimizer", {f"{ev.get('event', 'event')}_{k}": v})
+
+    def _probes(self, idx) -> None:
+        """Curvature and gradient-norm probes, when due."""
+        cfg, run, step = self.cfg, self.run, self.step
         due = lambda every: bool(every) and step % every == 0 and self.dist.is_main  # noqa: E731
         if due(cfg["hessian_every"]) or due(cfg["probe_every"]):
             xb, yb = self.x_train[idx.to(self.device)], self.y_train[idx.to(self.device)]
@@ -378,12 +422,6 @@ class Trainer:
                 run.log_metrics(step, self.epoch, "gradnorm",
                                 {f"layer{row.layer}_grad_norm": row.grad_norm,
                                  f"layer{row.layer}_signal_norm": row.signal_norm})
-        for ev in getattr(self.optimizer, "events", [])[len(self.events):]:
-            self.events.append(dict(ev))
-            run.log_text("optimizer/events", str(ev))
-            for k, v in ev.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    run.log_metrics(step, self.epoch, "optimizer", {f"{ev.get('event', 'event')}_{k}": v})
 
     def _final_metrics(self, start: float, diverged: bool = False) -> dict:
         m = dict(getattr(self, "last_epoch_metrics", {}))

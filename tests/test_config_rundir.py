@@ -167,12 +167,14 @@ def test_crc32c_matches_tensorboard():
     import numpy as np
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference
 
-    from gradlab._crc32c import _CHUNK, masked_crc32c
+    from gradlab._crc32c import _B, _Q, masked_crc32c, masked_crc32c_many
 
     rng = np.random.default_rng(0)
-    for n in [0, 1, 3, 4, 23, 24, 25, 100, _CHUNK - 1, _CHUNK, _CHUNK + 1, _CHUNK + 3, _CHUNK + 4, 2 * _CHUNK + 5]:
-        data = rng.bytes(n)
-        assert masked_crc32c(data) == reference(data), n
+    sizes = [0, 1, 3, 4, 5, 31, 32, 63, 64, 65, 100, 128, 129, 2000, _B * _Q, _B * _Q + 1]
+    messages = [rng.bytes(n) for n in sizes + sizes[::-1]]
+    expected = [reference(m) for m in messages]
+    assert [masked_crc32c(m) for m in messages] == expected
+    assert masked_crc32c_many(messages) == expected
 
 
 def test_event_file_is_tensorboards_format(tmp_path):
@@ -203,3 +205,22 @@ def test_event_file_is_tensorboards_format(tmp_path):
     assert h.num == 2000 and sum(h.bucket) == 2000 and len(h.bucket_limit) == 64
     assert ea.Histograms("grads/const")[0].histogram_value.bucket[0] == 5
     assert "grads/bad" not in ea.Tags()["histograms"]
+
+
+def test_scalar_events_are_protobufs_bytes():
+    import random
+
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from gradlab._tbwriter import _scalar_event
+
+    rng = random.Random(0)
+    values = [0.0, -0.0, 1.0, 0.1, float("nan"), float("inf"), -float("inf"), 1e50, -1e50, 1e-50, 3.4028236e38]
+    for _ in range(300):
+        tags_values = [(rng.choice(["", "a", "train-step/loss", "x" * 200, "ü/é"]), rng.choice(values))
+                       for _ in range(rng.randint(0, 4))]
+        step, wall = rng.choice([0, 1, 127, 128, 2**40, -5]), rng.choice([0.0, 1795383777.091])
+        summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in tags_values])
+        expected = event_pb2.Event(wall_time=wall, step=step, summary=summary).SerializeToString()
+        assert _scalar_event(step, wall, tags_values) == expected, (step, wall, tags_values)
