@@ -130,6 +130,7 @@ class RunDir:
         self.status: Optional[str] = None
         self._writer = _BackgroundWriter()
         self._checkpoint_dir_made = False
+        self._segments = None  # see _histogram_segments
 
     # -- creation --------------------------------------------------------------------------
     @classmethod
@@ -245,31 +246,67 @@ class RunDir:
             self._tb.flush()
 
     def log_histogram(self, tag: str, values, step: int, bins: int = 64) -> None:
-        """A TensorBoard histogram of ``values`` with ``bins`` equal-width buckets.
+        """A TensorBoard histogram of ``values`` (see :meth:`log_histograms`)."""
+        self.log_histograms({tag: values}, step, bins)
 
-        SummaryWriter.add_histogram bins with numpy into ~1,500 exponential buckets, 2.5 ms for a
-        16k-value tensor here; torch.histc takes 0.19 ms, the bincount below 0.05 ms. A tensor
-        holding inf or NaN has no finite buckets and is skipped.
+    def log_histograms(self, tensors: Mapping[str, Any], step: int, bins: int = 64) -> None:
+        """A TensorBoard histogram of each tensor: ``bins`` equal-width buckets from its min to
+        its max (one holding inf or NaN is skipped).
+
+        All the tensors go through one pass of ~20 torch calls rather than ~12 calls each: the
+        per-layer gradient histograms of a small model cost ~0.2 ms instead of ~1 ms right after
+        a training step. (SummaryWriter.add_histogram bins with numpy into ~1,500 exponential
+        buckets: 2.5 ms for one 16k-value tensor.)
         """
         if not self.enabled:
             return
         import torch
 
-        x = values.detach().reshape(-1).to("cpu", torch.float64)
-        if x.numel() == 0:
+        items = [(tag, t.detach().reshape(-1)) for tag, t in tensors.items() if t.numel() > 0]
+        if not items:
             return
-        lo, hi = (t.item() for t in torch.aminmax(x))
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            return
-        if not (hi > lo):  # constant tensor: one bucket that holds everything
-            hi = lo + max(abs(lo), 1.0) * 1e-6
+        n = len(items)
+        lengths = [t.numel() for _, t in items]
+        x = torch.cat([t for _, t in items]).to("cpu", torch.float64)  # a copy: scaled in place below
+        parts = list(x.split(lengths))
+        segment, bucket_base = self._histogram_segments(lengths, bins)
+        if hasattr(torch, "_foreach_max"):
+            maxima = torch._foreach_max(parts)
+            torch._foreach_neg_(parts)
+            neg_minima = torch._foreach_max(parts)
+            torch._foreach_neg_(parts)
+        else:  # pragma: no cover - torch < 2.4
+            maxima, neg_minima = [p.max() for p in parts], [-p.min() for p in parts]
+        stats = torch.stack([*maxima, *neg_minima, *torch._foreach_norm(parts)]).tolist()
+        sums = torch.bincount(segment, weights=x, minlength=n).tolist()
+        his, los, norms = stats[:n], [-v for v in stats[n:2 * n]], stats[2 * n:]
+        finite = [math.isfinite(lo) and math.isfinite(hi) for lo, hi in zip(los, his)]
+        # A constant tensor gets one bucket that holds everything.
+        his = [hi if hi > lo else lo + max(abs(lo), 1.0) * 1e-6 for lo, hi in zip(los, his)]
+        torch._foreach_sub_(parts, [lo if ok else 0.0 for lo, ok in zip(los, finite)])
+        torch._foreach_mul_(parts, [bins / (hi - lo) if ok else 1.0 for lo, hi, ok in zip(los, his, finite)])
         # Bucket i holds [lo + i w, lo + (i + 1) w), the last one also hi, as torch.histc.
-        index = torch.sub(x, lo).mul_(bins / (hi - lo)).long().clamp_(max=bins - 1)
-        counts = torch.bincount(index, minlength=bins).tolist()
-        width = (hi - lo) / bins
-        limits = [lo + width * (i + 1) for i in range(bins - 1)] + [hi]
-        self.tb.add_histogram_values(tag, step, time.time(), min=lo, max=hi, num=x.numel(), sum=x.sum().item(),
-                                     sum_squares=x.dot(x).item(), bucket_limit=limits, bucket=counts)
+        counts = torch.bincount(x.long().clamp_(0, bins - 1).add_(bucket_base), minlength=n * bins).tolist()
+        wall = time.time()
+        for i, (tag, _) in enumerate(items):
+            if finite[i]:
+                lo, hi = los[i], his[i]
+                width = (hi - lo) / bins
+                limits = [lo + width * (j + 1) for j in range(bins - 1)] + [hi]
+                self.tb.add_histogram_values(tag, step, wall, min=lo, max=hi, num=lengths[i], sum=sums[i],
+                                             sum_squares=norms[i] ** 2, bucket_limit=limits,
+                                             bucket=counts[i * bins:(i + 1) * bins])
+
+    def _histogram_segments(self, lengths: list, bins: int):
+        """Each value's tensor index, and the index of its tensor's first bucket (kept for the next
+        call: the layers' shapes repeat)."""
+        import torch
+
+        key = (tuple(lengths), bins)
+        if self._segments is None or self._segments[0] != key:
+            segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+            self._segments = (key, segment, segment * bins)
+        return self._segments[1], self._segments[2]
 
     def write_csv(self, filename: str, df) -> Path:
         """Write a DataFrame atomically into the run folder."""

@@ -383,10 +383,9 @@ class Trainer:
         """Histograms, curvature and gradient probes every N steps; optimizer events."""
         cfg, run, step = self.cfg, self.run, self.step
         if self.dist.is_main and step % cfg["log_every"] == 0:
-            for name, p in self.model.named_parameters():
-                if p.grad is not None:
-                    run.log_histogram(f"grads/{name}", p.grad, step)
-            if self.layer_grad_norms:  # the same tensors, in the same order, as just above
+            grads = {f"grads/{name}": p.grad for name, p in self.model.named_parameters() if p.grad is not None}
+            run.log_histograms(grads, step)
+            if self.layer_grad_norms:  # of the same tensors, in the same order
                 run.log_histogram("grad_norm/per_layer", torch.tensor(self.layer_grad_norms), step)
         if cfg["hessian_every"] or cfg["probe_every"]:
             self._probes(idx)

@@ -224,3 +224,24 @@ def test_scalar_events_are_protobufs_bytes():
         summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in tags_values])
         expected = event_pb2.Event(wall_time=wall, step=step, summary=summary).SerializeToString()
         assert _scalar_event(step, wall, tags_values) == expected, (step, wall, tags_values)
+
+
+def test_histograms_of_many_tensors_in_one_pass(tmp_path):
+    import torch
+
+    run = RunDir.create(tmp_path, "train", None, {})
+    torch.manual_seed(0)
+    tensors = {"w": torch.randn(40, 30), "b": torch.randn(30), "const": torch.full((5,), 3.0),
+               "inf": torch.tensor([1.0, float("inf")]), "nan": torch.tensor([float("nan"), 1.0]),
+               "empty": torch.zeros(0), "tiny": torch.randn(7, dtype=torch.float64) * 1e-30}
+    got = {}
+    run.tb.add_histogram_values = lambda tag, step, wall, **h: got.setdefault(tag, h)
+    run.log_histograms(tensors, step=3)
+    assert list(got) == ["w", "b", "const", "tiny"]  # non-finite and empty tensors are skipped
+    for tag, h in got.items():
+        x = tensors[tag].double().reshape(-1)
+        assert h["num"] == len(x) and h["min"] == x.min().item() and h["bucket_limit"][-1] == h["max"]
+        assert h["sum"] == pytest.approx(x.sum().item(), abs=1e-12)
+        assert h["sum_squares"] == pytest.approx(x.dot(x).item(), rel=1e-12)
+        assert h["bucket"] == torch.histc(x, 64, h["min"], h["max"]).tolist()
+    run.close()
