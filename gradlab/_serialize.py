@@ -74,7 +74,7 @@ class _Pickler(pickle.Pickler):
                 (ref, t.storage_offset(), tuple(t.size()), t.stride(), t.requires_grad, OrderedDict()))
 
 
-def _fast_dumps(obj) -> bytes:
+def _fast_dumps(obj) -> memoryview:
     from torch.serialization import _get_storage_alignment, _open_zipfile_writer
 
     pkl = io.BytesIO()
@@ -90,14 +90,14 @@ def _fast_dumps(obj) -> bytes:
         zf.write_record("byteorder", sys.byteorder, len(sys.byteorder))
         for key, storage in pickler.storages.items():
             zf.write_record(f"data/{key}", storage, storage.nbytes())
-    return out.getvalue()
+    return out.getbuffer()  # no copy (3.6 MB for an MLP 2x512 with Adam state)
 
 
-def dumps(obj) -> bytes:
-    """The bytes ``torch.save(obj, f)`` writes."""
+def dumps(obj) -> memoryview:
+    """The bytes ``torch.save(obj, f)`` writes (a view of the buffer, not a copy)."""
     try:
         return _fast_dumps(obj)
     except (_Unsupported, ImportError, AttributeError):
         buf = io.BytesIO()
         torch.save(obj, buf)
-        return buf.getvalue()
+        return buf.getbuffer()
