@@ -272,8 +272,11 @@ def test_tensorboard_command(tmp_path, capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     (tmp_path / "runs").mkdir()
+    # Its own process group: stopping `gradlab tensorboard` alone leaves the TensorBoard server it
+    # started running (and using CPU) after the test.
     p = subprocess.Popen([sys.executable, "-m", "gradlab", "tensorboard", "--runs-dir", str(tmp_path / "runs"),
-                          "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
     try:
         deadline, body = time.time() + 90, b""
         while time.time() < deadline and not body:
@@ -283,5 +286,8 @@ def test_tensorboard_command(tmp_path, capsys):
                 time.sleep(0.5)
         assert b"TensorBoard" in body or b"tensorboard" in body.lower()
     finally:
-        p.terminate()
+        import os
+        import signal
+
+        os.killpg(p.pid, signal.SIGTERM)
         p.wait(timeout=30)
