@@ -45,8 +45,11 @@ class Lanczos:
         # the basis never needs more than max_steps + 1 rows: cap the buffer's doubling there
         self._cap = op.n + 1 if max_steps is None else min(op.n, max_steps) + 1
         q = v0.to(dtype=torch.float64, device=op.device)
-        # basis rows in one growing buffer: (capacity, n), rows [0, num_vectors) are used
-        self._rows = torch.empty(min(16, self._cap), op.n, dtype=torch.float64, device=op.device)
+        # basis rows in one growing buffer: (capacity, n), rows [0, num_vectors) are used. Start
+        # with room for 48 rows when that is at most 256 MiB (growing copies the whole basis: on
+        # a 564k-parameter model the copy at 16 rows cost 5% of a 20-product solve)
+        first = 48 if 48 * op.n * 8 <= 2**28 else 16
+        self._rows = torch.empty(min(first, self._cap), op.n, dtype=torch.float64, device=op.device)
         self._count = 0
         self._append(q / torch.linalg.vector_norm(q))
         self.alphas: list[float] = []
