@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,23 @@ def command(
     if not 0 < port < 65536:
         raise GradlabError(f"invalid port {port}")
     cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(runs_dir), "--host", host, "--port", str(port)]
+    child = subprocess.Popen(cmd)
+
+    def stop(signum, frame):  # SIGTERM (a supervisor, `kill`) stops the server too, as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        raise typer.Exit(subprocess.call(cmd))
+        code = child.wait()
     except KeyboardInterrupt:
-        raise typer.Exit(0)
+        code = 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    raise typer.Exit(code)

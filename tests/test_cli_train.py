@@ -272,8 +272,7 @@ def test_tensorboard_command(tmp_path, capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     (tmp_path / "runs").mkdir()
-    # Its own process group: stopping `gradlab tensorboard` alone leaves the TensorBoard server it
-    # started running (and using CPU) after the test.
+    # Its own process group, so that the clean-up below can stop everything even if it fails.
     p = subprocess.Popen([sys.executable, "-m", "gradlab", "tensorboard", "--runs-dir", str(tmp_path / "runs"),
                           "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
@@ -285,9 +284,16 @@ def test_tensorboard_command(tmp_path, capsys):
             except OSError:
                 time.sleep(0.5)
         assert b"TensorBoard" in body or b"tensorboard" in body.lower()
+        p.terminate()  # SIGTERM to gradlab alone: it must stop the server it started
+        assert p.wait(timeout=30) == 0
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read()
     finally:
         import os
         import signal
 
-        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         p.wait(timeout=30)
