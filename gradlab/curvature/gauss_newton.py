@@ -148,62 +148,53 @@ class _Layer:
             self._cache = a.reshape(a.shape[0], -1, a.shape[-1])  # (N, T, in)
             self._a2 = self._cache[:, 0].pow(2).sum(1)  # |a_n|^2, used when T == 1
 
-    def sqnorms(self, g: Tensor) -> Tensor:
-        """Per-example ``|d(g_c . out_n) / d theta|^2`` for ``k`` output gradients ``g`` of shape
-        ``(k, N, *out)``: shape ``(k, N)``. One batched product per layer for all ``k``."""
-        m, k, n = self.module, g.shape[0], g.shape[1]
-        out = g.new_zeros(k, n)
+    def sqnorm(self, g: Tensor) -> Tensor:
+        """Per-example ``|d(g_n . out_n) / d theta|^2`` for an output gradient ``g`` of shape
+        ``(N, *out)``: shape ``(N,)``."""
+        m, n = self.module, g.shape[0]
+        out = g.new_zeros(n)
         if isinstance(m, nn.Linear):
             A = self._cache
-            G = g.reshape(k, n, -1, g.shape[-1])
+            G = g.reshape(n, -1, g.shape[-1])
             if A.shape[1] == 1:  # the usual (N, in) input: ghost norm, nothing per example is formed
-                g2 = G[:, :, 0].pow(2).sum(2)
+                g2 = G[:, 0].pow(2).sum(1)
                 if self.w:
                     out += g2 * self._a2
                 if self.b:
                     out += g2
                 return out
-            if self.w:  # (N, k*out, T) @ (N, T, in)
-                Gt = G.permute(1, 0, 3, 2).reshape(n, -1, A.shape[1])
-                out += torch.bmm(Gt, A).reshape(n, k, -1).pow(2).sum(2).T
+            if self.w:  # per-example weight gradients: (N, out, T) @ (N, T, in)
+                out += torch.bmm(G.transpose(1, 2), A).pow(2).sum((1, 2))
             if self.b:
-                out += G.sum(2).pow(2).sum(2)
+                out += G.sum(1).pow(2).sum(1)
             return out
         if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            G = g.reshape(k, n, g.shape[2], -1)  # (k, N, O, L)
+            G = g.reshape(n, g.shape[1], -1)  # (N, O, L)
             U = self._cache  # (N, K, L)
-            o, kk, ll = G.shape[2], U.shape[1], U.shape[2]
-            if self.w and ll * (o + kk / k) < o * kk:
+            o, kk, ll = G.shape[1], U.shape[1], U.shape[2]
+            if self.w and ll * (o + kk) < o * kk:
                 # ghost norm |G U^T|_F^2 = <G^T G, U^T U>: L x L Gram matrices, cheaper when the
                 # output has few positions (the same choice as Opacus' ghost clipping)
                 if self._utu is None:
                     self._utu = torch.bmm(U.transpose(1, 2), U)  # (N, L, L)
-                gtg = torch.bmm(G.reshape(k * n, o, ll).transpose(1, 2), G.reshape(k * n, o, ll))
-                out += (gtg.reshape(k, n, ll, ll) * self._utu).sum((2, 3))
-            elif self.w:  # per-example weight gradients: (N, k*O, L) @ (N, L, K)
-                Gt = G.transpose(0, 1).reshape(n, -1, ll)
-                out += torch.bmm(Gt, U.transpose(1, 2)).reshape(n, k, -1).pow(2).sum(2).T
+                out += (torch.bmm(G.transpose(1, 2), G) * self._utu).sum((1, 2))
+            elif self.w:  # per-example weight gradients: (N, O, L) @ (N, L, K)
+                out += torch.bmm(G, U.transpose(1, 2)).pow(2).sum((1, 2))
             if self.b:
-                out += G.sum(3).pow(2).sum(2)
+                out += G.sum(2).pow(2).sum(1)
             return out
-        # norm layers: per-channel (BatchNorm, GroupNorm) or elementwise (LayerNorm) affine
-        reduce = self._affine_reduce(g.dim() - 1, shift=1)
-        if self.w:
-            out += reduce(g * self._cache).pow(2).flatten(2).sum(2)
-        if self.b:
-            out += reduce(g).pow(2).flatten(2).sum(2)
-        return out
-
-    def _affine_reduce(self, ndim: int, shift: int = 0):
-        """Sum over the dimensions a norm layer's weight is shared across (``ndim`` counts the
-        batch dimension; ``shift`` leading dimensions come before it)."""
-        m = self.module
+        # norm layers: per-channel (BatchNorm, GroupNorm) or elementwise (LayerNorm) affine,
+        # shared across the dimensions summed here
         if isinstance(m, nn.LayerNorm):
-            dims = tuple(range(1, ndim - len(m.normalized_shape)))
+            dims = tuple(range(1, g.dim() - len(m.normalized_shape)))
         else:
-            dims = tuple(range(2, ndim))
-        dims = tuple(d + shift for d in dims)
-        return (lambda u: u.sum(dims)) if dims else (lambda u: u)
+            dims = tuple(range(2, g.dim()))
+        if self.w:
+            t = g * self._cache
+            out += (t.sum(dims) if dims else t).pow(2).flatten(1).sum(1)
+        if self.b:
+            out += (g.sum(dims) if dims else g).pow(2).flatten(1).sum(1)
+        return out
 
     def perturbation(self, gen: torch.Generator) -> Tensor:
         """A random output perturbation whose per-example covariance equals that of
@@ -313,13 +304,13 @@ class _Batch:
         """``tr(G)`` of this batch's mean loss, exactly."""
         S, sign = self._factor()
         # one feature-space backward pass per factor column (a vmapped, is_grads_batched pass
-        # measured 1.1-2x slower on CPU; so was stacking the columns for one product per layer)
+        # measured 1.1-2x slower on CPU; so was stacking the columns into one product per layer)
         total = torch.zeros((), dtype=torch.float64, device=S.device)
         for c in range(S.shape[0]):
             grads = torch.autograd.grad(self.logits, self.eps, grad_outputs=S[c], retain_graph=True, allow_unused=True)
             for layer, g in zip(self.layers, grads):
                 if g is not None:
-                    total += (sign[c] * layer.sqnorms(g.unsqueeze(0))[0]).sum(dtype=torch.float64)
+                    total += (sign[c] * layer.sqnorm(g)).sum(dtype=torch.float64)
         return float(total)
 
     def _factor(self) -> tuple[Tensor, Tensor]:
