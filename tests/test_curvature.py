@@ -290,3 +290,27 @@ def test_bad_backend_and_mode_rejected(case):
         HessianOperator(model, None, batch, backend="magic")
     with pytest.raises(GradlabError, match="unknown mode"):
         HessianOperator(model, None, batch, mode="test")
+
+
+def test_rademacher_like_draws_balanced_independent_signs():
+    """One byte gives eight signs through a table: every bit position must be fair and independent."""
+    from gradlab.curvature.hvp import rademacher_like
+
+    shapes = [(3, 5), (7,), (2, 3, 3), (0,), (40_000,)]
+    like = [torch.zeros(s, dtype=torch.float64 if i == 1 else torch.float32) for i, s in enumerate(shapes)]
+    draw = rademacher_like(like, torch.Generator().manual_seed(3))
+    again = rademacher_like(like, torch.Generator().manual_seed(3))
+    for z, t, z2 in zip(draw, like, again):
+        assert z.shape == t.shape and z.dtype == t.dtype
+        assert torch.equal(z, z2)  # the generator alone fixes the draw
+        assert bool(((z == 1) | (z == -1)).all())
+    big = torch.cat([rademacher_like([torch.zeros(80_000)], torch.Generator().manual_seed(s))[0] for s in range(5)])
+    n = big.numel()
+    assert abs(big.mean().item()) < 5 / math.sqrt(n)
+    by_position = big.view(-1, 8).mean(0)  # each of the byte's eight bits on its own
+    assert by_position.abs().max().item() < 5 / math.sqrt(n / 8)
+    for lag in (1, 7, 8, 9):  # neighbours inside a byte and across bytes are uncorrelated
+        assert abs((big[:-lag] * big[lag:]).mean().item()) < 5 / math.sqrt(n)
+    # tensors of one dtype share a draw, but their entries differ from one another
+    a, b = rademacher_like([torch.zeros(4096), torch.zeros(4096)], torch.Generator().manual_seed(0))
+    assert not torch.equal(a, b)

@@ -5,6 +5,7 @@ averaging. (Each-entry-reduces-the-loss and the state_dict round-trip live in te
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -322,3 +323,25 @@ def test_docstring_examples_run():
     for module in (ada_mod, cgd_mod, optim_pkg):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_adahessian_resumes_from_a_state_saved_before_the_squared_diagonal_was_kept():
+    """Checkpoints written before ``hessian_diag_sq`` existed hold only ``hessian_diag``: a resumed
+    optimizer rebuilds the square and takes the same steps as one that never stopped."""
+    model, x, y = tiny_problem()
+    twin, _, _ = tiny_problem()
+    closure = lambda m: (lambda: F.mse_loss(m(x), y))  # noqa: E731
+    opt = AdaHessian(model.parameters(), hessian_every=3, hessian_warmup=0)
+    for _ in range(2):
+        opt.step(closure(model))
+    old = copy.deepcopy(opt.state_dict())  # as a checkpoint would: no tensors shared with opt
+    for s in old["state"].values():
+        del s["hessian_diag_sq"]
+    twin.load_state_dict(model.state_dict())
+    resumed = AdaHessian(twin.parameters(), hessian_every=3, hessian_warmup=0)
+    resumed.load_state_dict(old)
+    for _ in range(4):  # a stale-diagonal step first, then a refresh and more
+        opt.step(closure(model))
+        resumed.step(closure(twin))
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-14)

@@ -38,12 +38,40 @@ def hvp_from_grads(
     return [torch.zeros_like(p) if h is None else h for h, p in zip(out, params)]
 
 
+_SIGN_TABLES: dict = {}
+
+
+def _sign_table(dtype: torch.dtype, device) -> Tensor:
+    """(256, 8) table whose row b holds the eight bits of b as +-1 (bit 0 first)."""
+    key = (dtype, str(device))
+    table = _SIGN_TABLES.get(key)
+    if table is None:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        table = _SIGN_TABLES[key] = (bits * 2 - 1).to(dtype=dtype, device=device)
+    return table
+
+
 def rademacher_like(tensors: Sequence[Tensor], generator: Optional[torch.Generator] = None) -> list[Tensor]:
-    """Independent +-1 entries with the shapes, dtypes and devices of ``tensors``."""
-    out = []
-    for t in tensors:
-        r = torch.randint(0, 2, t.shape, generator=generator, device="cpu" if generator is not None else t.device)
-        out.append((r.to(device=t.device, dtype=t.dtype) * 2 - 1))
+    """Independent +-1 entries with the shapes, dtypes and devices of ``tensors``.
+
+    One random byte gives eight signs through a 256-row table, and all tensors of one dtype and
+    device share one draw (returned as views of it): on a 26k-parameter MLP this is ~30 us
+    instead of ~250-450 us for one ``randint`` per tensor, which was a fifth of an SGD step and
+    sat on every AdaHessian refresh.
+    """
+    out: list = [None] * len(tensors)
+    groups: dict = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    for (dtype, device), idx in groups.items():
+        sizes = [tensors[i].numel() for i in idx]
+        n = sum(sizes)
+        draw_device = "cpu" if generator is not None else device
+        table = _sign_table(dtype, draw_device)
+        byte = torch.randint(0, 256, ((n + 7) // 8,), generator=generator, device=draw_device)
+        flat = torch.index_select(table, 0, byte).view(-1)[:n].to(device)
+        for i, part in zip(idx, torch.split(flat, sizes)):
+            out[i] = part.view(tensors[i].shape)
     return out
 
 

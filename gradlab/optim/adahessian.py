@@ -34,6 +34,7 @@ Usage in a plain loop (the closure returns the loss, it does not call backward):
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from gradlab.optim.hessian_diag import HessianDiagOptimizer, spatial_average
 from gradlab.optim.registry import OPTIMIZERS, OptimizerSpec, check_betas, check_range
@@ -78,41 +79,59 @@ class AdaHessian(HessianDiagOptimizer):
         loss, diag = self._grad_and_diag(closure)
         fresh = dict(zip(map(id, self._params()), diag)) if diag is not None else {}
         for group in self.param_groups:
-            b1, b2 = group["betas"]
-            lr, k, wd, eps = group["lr"], group["hessian_power"], group["weight_decay"], group["eps"]
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            for p in params:
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_hessian_diag_sq"] = torch.zeros_like(p)
-                if id(p) in fresh:
-                    state["hessian_diag"] = spatial_average(fresh[id(p)])
-                state["step"] += 1
-            states = [self.state[p] for p in params]
-            steps = [s["step"] for s in states]
-            m = [s["exp_avg"] for s in states]
-            v = [s["exp_hessian_diag_sq"] for s in states]
-            d = [s["hessian_diag"] for s in states]
-            # Whole-group (foreach) kernels: one dispatch per operation instead of one per tensor,
-            # which keeps the update's overhead near Adam's on models with many small tensors.
-            torch._foreach_mul_(m, b1)
-            torch._foreach_add_(m, [p.grad for p in params], alpha=1 - b1)
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, d, d, value=1 - b2)  # d broadcasts over conv kernels
-            # denom = (sqrt(v_hat))^k + eps, v_hat the bias-corrected EMA
-            denom = torch._foreach_div(v, [1 - b2 ** t for t in steps])
-            torch._foreach_sqrt_(denom)
-            if k != 1.0:
-                torch._foreach_pow_(denom, k)
-            torch._foreach_add_(denom, eps)
-            if wd != 0:
-                torch._foreach_mul_(params, 1 - lr * wd)
-            torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - b1 ** t) for t in steps])
+            if params:
+                self._update(group, params, fresh)
         return loss
+
+    def _update(self, group: dict, params: list, fresh: dict) -> None:
+        b1, b2 = group["betas"]
+        lr, k, wd, eps = group["lr"], group["hessian_power"], group["weight_decay"], group["eps"]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_hessian_diag_sq"] = torch.zeros_like(p)
+            if id(p) in fresh:
+                d = state["hessian_diag"] = spatial_average(fresh[id(p)])
+                state["hessian_diag_sq"] = _full_square(d, p)
+            elif "hessian_diag_sq" not in state:  # a state saved before this entry existed
+                state["hessian_diag_sq"] = _full_square(state["hessian_diag"], p)
+            state["step"] += 1
+        states = [self.state[p] for p in params]
+        m = [s["exp_avg"] for s in states]
+        v = [s["exp_hessian_diag_sq"] for s in states]
+        d2 = [s["hessian_diag_sq"] for s in states]
+        # Whole-group (foreach) kernels, and as few passes over memory as the update allows: the
+        # update runs right after the backward pass, with the caches cold, where each pass over a
+        # 26k-parameter MLP costs ~50 us (a fifth of a pass's cost when hot). Per step:
+        #   m <- m + (1 - b1)(g - m);  v <- v + (1 - b2)(D^2 - v)
+        #   p <- p - lr/bc1 * m / ((v/bc2)^(k/2) + eps)
+        #      = p - (lr bc2^(k/2)/bc1) * m / (v^(k/2) + eps bc2^(k/2))   (bc_i = 1 - b_i^t)
+        torch._foreach_lerp_(m, [p.grad for p in params], 1 - b1)
+        torch._foreach_lerp_(v, d2, 1 - b2)
+        steps = [s["step"] for s in states]
+        if k == 1.0:
+            denom = torch._foreach_sqrt(v)
+        else:
+            denom = torch._foreach_pow(v, k / 2)
+        if wd != 0:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        if all(t == steps[0] for t in steps):  # the usual case: one scalar for the whole group
+            c2 = (1 - b2 ** steps[0]) ** (k / 2)
+            torch._foreach_add_(denom, eps * c2)
+            torch._foreach_addcdiv_(params, m, denom, value=-lr * c2 / (1 - b1 ** steps[0]))
+        else:
+            c2 = [(1 - b2 ** t) ** (k / 2) for t in steps]
+            torch._foreach_add_(denom, [eps * c for c in c2])
+            torch._foreach_addcdiv_(params, m, denom, [-lr * c / (1 - b1 ** t) for c, t in zip(c2, steps)])
+
+
+def _full_square(d: Tensor, p: Tensor) -> Tensor:
+    """``d * d`` at ``p``'s shape (a conv kernel's averaged ``d`` is broadcast over its taps), stored
+    whole so that every step's foreach kernels see tensors of equal shapes."""
+    return (d * d).expand_as(p).contiguous()
 
 
 def _make(params, o: dict) -> AdaHessian:

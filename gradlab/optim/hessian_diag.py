@@ -96,7 +96,8 @@ class HessianDiagOptimizer(Optimizer):
             # A parameter the loss does not use has zero gradient and zero curvature.
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
             diag = self._hutchinson(grads, params) if refresh else None
-        grads = [g.detach() for g in grads]
+        if refresh:
+            grads = [g.detach() for g in grads]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             grads, diag = _average_across_ranks(grads, diag)
         for p, g in zip(params, grads):
@@ -106,15 +107,19 @@ class HessianDiagOptimizer(Optimizer):
 
     def _hutchinson(self, grads: list[Tensor], params: list[Tensor]) -> list[Tensor]:
         """Mean over ``hessian_samples`` probes z of ``z * (H z)``; frees the graph after the last."""
-        diag = [torch.zeros_like(p) for p in params]
         if not any(g.requires_grad for g in grads):  # loss linear in every parameter: H = 0
-            return diag
+            return [torch.zeros_like(p) for p in params]
         n = self.hessian_samples
+        diag = None
         for i in range(n):
             z = list(self.vecs_fn(params)) if self.vecs_fn is not None else rademacher_like(params, self._generator)
             hz = hvp_from_grads(grads, params, z, retain_graph=i < n - 1)
-            for d, zi, hzi in zip(diag, z, hz):
-                d.addcmul_(zi, hzi, value=1.0 / n)
+            if diag is None:
+                diag = list(torch._foreach_mul(z, hz))
+            else:
+                torch._foreach_addcmul_(diag, z, hz)
+        if n > 1:
+            torch._foreach_div_(diag, n)
         self.hvp_count += n
         return diag
 
