@@ -184,12 +184,12 @@ class HessianOperator(CurvatureOperator):
 
     # ------------------------------------------------------------------ products
     def _matmat(self, V: Tensor) -> Tensor:
+        product = self._matmat_double_backward if self.backend == "double-backward" else self._matmat_func
+        if len(self.weights) == 1:  # one batch (weight 1): no accumulator, one pass less per product
+            return product(0, V)
         out = torch.zeros_like(V)
         for i, w in enumerate(self.weights):
-            if self.backend == "double-backward":
-                out.add_(self._matmat_double_backward(i, V), alpha=w)
-            else:
-                out.add_(self._matmat_func(i, V), alpha=w)
+            out.add_(product(i, V), alpha=w)
         return out
 
     def _matmat_double_backward(self, i: int, V: Tensor) -> Tensor:
@@ -200,7 +200,7 @@ class HessianOperator(CurvatureOperator):
             last = j == k - 1 and not self.keep_graphs
             hv = hvp_from_grads(grads, self.params, self.unflatten(V[:, j]), retain_graph=not last)
             cols.append(self.flatten(hv).detach())
-        return torch.stack(cols, dim=1)
+        return cols[0].unsqueeze(1) if k == 1 else torch.stack(cols, dim=1)
 
     def _matmat_func(self, i: int, V: Tensor) -> Tensor:
         from torch.func import functional_call, grad, jvp, vmap
