@@ -77,7 +77,16 @@ class AdaHessian(HessianDiagOptimizer):
     def step(self, closure=None):
         """One AdaHessian step; ``closure()`` must return the loss without calling backward."""
         loss, diag = self._grad_and_diag(closure)
-        fresh = dict(zip(map(id, self._params()), diag)) if diag is not None else {}
+        fresh = {}
+        if diag is not None:
+            # |D| and D^2 for all tensors in two foreach passes; conv kernels then averaged per tap
+            mags = torch._foreach_abs(diag)
+            squares = torch._foreach_mul(mags, mags)
+            for p, a, sq in zip(self._params(), mags, squares):
+                if a.dim() >= 3:
+                    a = spatial_average(a)
+                    sq = _full_square(a, p)
+                fresh[id(p)] = (a, sq)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
@@ -94,8 +103,7 @@ class AdaHessian(HessianDiagOptimizer):
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_hessian_diag_sq"] = torch.zeros_like(p)
             if id(p) in fresh:
-                d = state["hessian_diag"] = spatial_average(fresh[id(p)])
-                state["hessian_diag_sq"] = _full_square(d, p)
+                state["hessian_diag"], state["hessian_diag_sq"] = fresh[id(p)]
             elif "hessian_diag_sq" not in state:  # a state saved before this entry existed
                 state["hessian_diag_sq"] = _full_square(state["hessian_diag"], p)
             state["step"] += 1
