@@ -72,6 +72,20 @@ def save_checkpoint(obj: Any, path: Path) -> None:
     _atomic_write_bytes(path, dumps(obj))
 
 
+def _atomic_write_snapshot(path: Path, snap) -> None:
+    from gradlab._serialize import write_snapshot
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        if not tmp.parent.is_dir():  # as open() would say it (torch's writer raises RuntimeError)
+            raise FileNotFoundError(2, "No such file or directory", str(tmp))
+        write_snapshot(str(tmp), snap)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class _BackgroundWriter:
     """Writes files atomically on one thread, in order, one at a time. The write and the rename
     release the GIL; on ext4 the rename of a new file over an old one also starts writeback of
@@ -81,13 +95,14 @@ class _BackgroundWriter:
         self._pool = None
         self._pending = None
 
-    def submit(self, path: Path, data: bytes) -> None:
+    def submit(self, fn, *args) -> None:
+        """Run ``fn(*args)`` on the writer thread, after the previous call has finished."""
         self.wait()  # one write in flight: memory stays bounded, and a failure surfaces here
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="gradlab-checkpoint")
-        self._pending = self._pool.submit(_atomic_write_bytes, path, data)
+        self._pending = self._pool.submit(fn, *args)
 
     def wait(self) -> None:
         """Block until the last submitted file is in place; re-raise its error, if any."""
@@ -130,6 +145,7 @@ class RunDir:
         self.status: Optional[str] = None
         self._writer = _BackgroundWriter()
         self._checkpoint_dir_made = False
+        self._snapshots = None  # gradlab._serialize.Snapshots, made at the first checkpoint
         self._segments = None  # see _histogram_segments
 
     # -- creation --------------------------------------------------------------------------
@@ -335,18 +351,31 @@ class RunDir:
             self.tb.add_text(tag, text)
 
     def save_checkpoint(self, obj: Any, name: str = "last.pt", wait: bool = True) -> None:
-        """Write ``checkpoints/<name>`` atomically. ``obj`` is serialised before this returns;
-        with ``wait=False`` the file is written on a background thread (:meth:`wait_checkpoints`
-        and :meth:`close` wait for it), so a kill meanwhile leaves the previous file in place."""
+        """Write ``checkpoints/<name>`` atomically. ``obj``'s values are frozen before this
+        returns; with ``wait=False`` the file is written on a background thread
+        (:meth:`wait_checkpoints` and :meth:`close` wait for it), so a kill meanwhile leaves the
+        previous file in place.
+
+        Plain CPU tensors are copied into reused flat buffers (a snapshot, see
+        :mod:`gradlab._serialize`) and the pickling and writing happen on that thread: for the
+        default model with Adam state ~0.1 ms here instead of ~1.2 ms, for an MLP 2x512 ~0.3
+        instead of ~3 ms. Anything else is serialised here with ``dumps``."""
         if not self.enabled:
             return
-        from gradlab._serialize import dumps
+        from gradlab._serialize import Snapshots, dumps
 
         path = self.path / "checkpoints" / name
         if not self._checkpoint_dir_made:
             path.parent.mkdir(exist_ok=True)
             self._checkpoint_dir_made = True
-        self._writer.submit(path, dumps(obj))
+        self._writer.wait()  # the previous write may still read the snapshot buffers
+        if self._snapshots is None:
+            self._snapshots = Snapshots()
+        snap = self._snapshots.take(obj)
+        if snap is not None:
+            self._writer.submit(_atomic_write_snapshot, path, snap)
+        else:
+            self._writer.submit(_atomic_write_bytes, path, dumps(obj))
         if wait:
             self._writer.wait()
 

@@ -150,6 +150,51 @@ def test_checkpoint_bytes_are_torch_saves():
         dumps([t, t.view(torch.int32)])
 
 
+def _same(a, b) -> bool:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return (type(b) is torch.Tensor and a.dtype == b.dtype and a.shape == b.shape
+                and a.stride() == b.stride() and torch.equal(a, b))
+    if isinstance(a, dict):
+        return (type(a) is type(b) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+                and (type(a) is dict or _same(dict(vars(a)), dict(vars(b)))))
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b or (a != a and b != b)
+
+
+def test_checkpoint_snapshot_loads_as_torch_save(tmp_path):
+    """A background checkpoint freezes the values when saved; the file loads as torch.save's."""
+    import io
+
+    import torch
+
+    from gradlab._serialize import Snapshots
+
+    state = _trainer_like_state()
+    del state["views"]  # non-contiguous views: not snapshotted (below)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    expected = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    run = RunDir.create(tmp_path, "train", None, {})
+    for _ in range(2):  # the second reuses the first one's buffers
+        run.save_checkpoint(state, wait=False)
+        for t in state["model"].values():
+            t.add_(1.0)  # after the snapshot: not in the file
+        run.wait_checkpoints()
+        back = load_checkpoint(run.path / "checkpoints" / "last.pt")
+        assert _same(expected, back)
+        for t in expected["model"].values():
+            t.add_(1.0)
+    assert back["model"]._metadata == state["model"]._metadata
+    snaps = Snapshots()
+    assert snaps.take(state) is not None
+    for other in ({"step": 1}, {"v": torch.arange(4.0)[::2]}, {"p": torch.nn.Parameter(torch.ones(2))},
+                  {"s": torch.ones(2).to_sparse()}, {"o": object()}, {(1, 2): torch.ones(1)}):
+        assert snaps.take(other) is None  # written by dumps(), as torch.save would
+
+
 def test_background_checkpoint_write(tmp_path):
     run = RunDir.create(tmp_path, "train", None, {})
     run.save_checkpoint({"step": 1}, wait=False)
