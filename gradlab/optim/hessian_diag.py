@@ -10,7 +10,8 @@
   ``p.grad``).
 * **Delayed Hessian update** (Yao et al. 2021, Sec. 3.4): with ``hessian_every=k`` the diagonal is
   refreshed every k steps; on the other steps a plain gradient (``create_graph=False``) is taken and
-  the subclass reuses the last diagonal, so those steps cost about one SGD step. The first
+  the subclass reuses the last diagonal, so those steps cost one gradient plus an Adam-like update
+  (measured 1.1-1.15x an SGD step on a 26k-parameter digits MLP, less on larger models). The first
   ``hessian_warmup`` steps (default 10, the time scale 1/(1 - beta1) of the gradient EMA) refresh
   every step, then steps ``warmup, warmup + k, ...`` do. Why: at initialisation the diagonal is
   often tiny (a flat region), so the first steps are long; reusing that stale, tiny estimate for
