@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from gradlab import __version__
 from gradlab.errors import GradlabError
@@ -240,11 +240,7 @@ class RunDir:
         if not self.enabled:
             return
         if self._metrics_file is None:
-            mpath = self.path / "metrics.csv"
-            new = not mpath.exists() or mpath.stat().st_size == 0
-            self._metrics_file = open(mpath, "ab", buffering=0)
-            if new:
-                self._metrics_file.write((",".join(METRIC_COLUMNS) + "\r\n").encode())
+            self._open_metrics()
         now = time.time()
         key = (split, *metrics)
         layout = _ROW_LAYOUTS.get(key)
@@ -254,6 +250,33 @@ class RunDir:
         values = [float(v) for v in metrics.values()]
         self.tb.add_scalar_values(list(zip(tags, values)), step, now)
         self._metrics_file.write(rows.format(step, "" if epoch is None else epoch, f"{now:.3f}", *values).encode())
+
+    def _open_metrics(self) -> None:
+        if self._metrics_file is None:
+            mpath = self.path / "metrics.csv"
+            new = not mpath.exists() or mpath.stat().st_size == 0
+            self._metrics_file = open(mpath, "ab", buffering=0)
+            if new:
+                self._metrics_file.write((",".join(METRIC_COLUMNS) + "\r\n").encode())
+
+    def step_logger(self, split: str, metrics: list) -> Callable[..., None]:
+        """``log(step, epoch, *values)``: what ``log_metrics(step, epoch, split, dict(zip(metrics,
+        values)))`` does (same metrics.csv rows, same TensorBoard event), for float values, with
+        the per-call work done once here. For the per-step scalars of training, where each call
+        runs right after a training step with cold caches (~40 us for log_metrics there, ~7 us
+        in a loop of it alone)."""
+        if not self.enabled:
+            return lambda *a: None
+        self._open_metrics()
+        tags, rows = _row_layout(split, list(metrics))
+        now, run = time.time, self
+
+        def log(step, epoch, *values):
+            wall = now()
+            run.tb.add_scalar_values(zip(tags, values), step, wall)
+            run._metrics_file.write(rows.format(step, epoch, f"{wall:.3f}", *values).encode())
+
+        return log
 
     def flush_tb(self) -> None:
         """Write buffered TensorBoard events to the event file (it happens at least once a

@@ -247,26 +247,30 @@ class Trainer:
         xb, yb = self.x_train[idx], self.y_train[idx]
         if not self.model.training:  # evaluation and probes restore the mode; this is a guard
             self.model.train()
-        captured = {}
-
-        def closure():
-            loss, out = self._loss_terms(xb, yb, n_global)
-            # Checked before any backward or update, so a NaN never reaches the weights.
-            captured["loss"] = self._check_finite(loss.detach())
-            captured["out"] = out.detach()
-            return loss
-
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer = self.optimizer
+        optimizer.zero_grad(set_to_none=True)
         if self.closure_step:
-            self.optimizer.step(closure)
+            captured = {}
+
+            def closure():
+                loss, out = self._loss_terms(xb, yb, n_global)
+                # Checked before any backward or update, so a NaN never reaches the weights.
+                captured["loss"] = self._check_finite(loss)
+                captured["out"] = out.detach()
+                return loss
+
+            optimizer.step(closure)
+            loss_value, out = captured["loss"], captured["out"]
         else:
-            loss = closure()
+            loss, out = self._loss_terms(xb, yb, n_global)
+            loss_value = self._check_finite(loss)  # before any backward or update
+            out = out.detach()
             loss.backward()
-            self.optimizer.step()
+            optimizer.step()
         # Correct predictions are counted in bulk (_count_correct): keep this step's logits.
-        self._outputs.append((captured["out"], yb))
+        self._outputs.append((out, yb))
         gnorm, self.layer_grad_norms = _grad_norms(self.params)
-        return captured["loss"] * n_global / self.dist.world_size, gnorm
+        return loss_value * n_global / self.dist.world_size, gnorm
 
     def _count_correct(self) -> None:
         """Add the correct predictions of the steps since the last call to ``epoch_sums``: one
@@ -286,7 +290,7 @@ class Trainer:
 
     def _check_finite(self, loss: torch.Tensor) -> float:
         """The loss as a float, or :class:`_Diverged` if it is NaN/inf on any rank."""
-        value = float(loss)
+        value = loss.item()
         bad = 0.0 if math.isfinite(value) else 1.0
         if self.dist.enabled:
             from gradlab.distributed import all_reduce_sum
@@ -320,34 +324,51 @@ class Trainer:
         step_scheduler = cfg.get("schedule", "constant") != "constant"
         if self.step == 0 and self.ckpt_steps and self.dist.is_main:
             run.save_checkpoint({"model": self.model.state_dict(), "step": 0}, "init.pt", wait=False)
+        # The per-step path runs right after a training step, when every Python call and object
+        # it touches costs several times its hot-loop time: what does not change is looked up
+        # once here, and one process skips the collective.
+        dist, interrupt, optimizer = self.dist, self._interrupt, self.optimizer
+        is_main, log_every, on_device = dist.is_main, cfg["log_every"], self.device.type != "cpu"
+        probing = bool(cfg["hessian_every"] or cfg["probe_every"])
+        log_step = run.step_logger("train-step", ["loss", "lr", "grad_norm"])
         try:
             while self.epoch < cfg["epochs"]:
                 batches = self.sampler.epoch_batches(self.epoch)
-                for b in range(self.batch_in_epoch, len(batches)):
+                n_batches = len(batches)
+                for b in range(self.batch_in_epoch, n_batches):
                     idx, n_global = batches[b]
-                    loss_sum, gnorm = self.train_step(idx.to(self.device), n_global)
-                    # One small collective per step: the loss and whether any rank was asked to
-                    # stop, so that every rank stops at the same step boundary.
-                    loss_g, stop = all_reduce_sum([loss_sum, float(self._interrupt.requested)],
-                                                  self.dist, self.device)
-                    self.step += 1
+                    loss_sum, gnorm = self.train_step(idx.to(self.device) if on_device else idx, n_global)
+                    if dist.enabled:
+                        # One small collective per step: the loss and whether any rank was asked
+                        # to stop, so that every rank stops at the same step boundary.
+                        loss_g, stop = all_reduce_sum([loss_sum, float(interrupt.requested)], dist, self.device)
+                    else:
+                        loss_g, stop = loss_sum, interrupt.requested
+                    self.step = step = self.step + 1
                     self.batch_in_epoch = b + 1
-                    self.epoch_sums[0] += loss_g
-                    self.epoch_sums[2] += n_global
-                    lr = self.optimizer.param_groups[0]["lr"]
+                    sums = self.epoch_sums
+                    sums[0] += loss_g
+                    sums[2] += n_global
+                    lr = optimizer.param_groups[0]["lr"]
                     if step_scheduler:
                         self.scheduler.step()
-                    run.log_metrics(self.step, self.epoch, "train-step",
-                                    {"loss": loss_g / n_global, "lr": lr, "grad_norm": gnorm})
-                    self._periodic(idx)
+                    log_step(step, self.epoch, loss_g / n_global, float(lr), gnorm)
+                    # Histograms, curvature and gradient probes every N steps; optimizer events.
+                    if step % log_every == 0 and is_main:
+                        self._log_histograms(step)
+                    if probing:
+                        self._probes(idx)
+                    events = getattr(optimizer, "events", ())
+                    if len(events) > len(self.events):
+                        self._log_events(events)
                     if self.progress is not None:  # this rank's accuracy on the step (rank 0 shows it)
                         out, labels = self._outputs[-1]
                         acc = float((out.argmax(1) == labels).sum()) / max(len(labels), 1)
-                        self.progress(self.step, self.total_steps, self.epoch, loss_g / n_global, acc)
-                    if self.step in self.ckpt_steps and self.dist.is_main:
-                        run.save_checkpoint({"model": self.model.state_dict(), "step": self.step},
-                                            f"step-{self.step:08d}.pt", wait=False)
-                    if self.batch_in_epoch == len(batches):
+                        self.progress(step, self.total_steps, self.epoch, loss_g / n_global, acc)
+                    if step in self.ckpt_steps and is_main:
+                        run.save_checkpoint({"model": self.model.state_dict(), "step": step},
+                                            f"step-{step:08d}.pt", wait=False)
+                    if b + 1 == n_batches:
                         self._end_epoch()  # evaluates and writes checkpoints/last.pt
                     if stop:
                         self.save()
@@ -379,24 +400,22 @@ class Trainer:
         self.epoch_sums = [0.0, 0.0, 0.0]
         self.save()
 
-    def _periodic(self, idx) -> None:
-        """Histograms, curvature and gradient probes every N steps; optimizer events."""
-        cfg, run, step = self.cfg, self.run, self.step
-        if self.dist.is_main and step % cfg["log_every"] == 0:
-            grads = {f"grads/{name}": p.grad for name, p in self.model.named_parameters() if p.grad is not None}
-            run.log_histograms(grads, step)
-            if self.layer_grad_norms:  # of the same tensors, in the same order
-                run.log_histogram("grad_norm/per_layer", torch.tensor(self.layer_grad_norms), step)
-        if cfg["hessian_every"] or cfg["probe_every"]:
-            self._probes(idx)
-        events = getattr(self.optimizer, "events", ())
-        if len(events) > len(self.events):
-            for ev in events[len(self.events):]:
-                self.events.append(dict(ev))
-                run.log_text("optimizer/events", str(ev))
-                for k, v in ev.items():
-                    if isinstance(v, (int, float)) and k != "step":
-                        run.log_metrics(step, self.epoch, "optimizer", {f"{ev.get('event', 'event')}_{k}": v})
+    def _log_histograms(self, step: int) -> None:
+        """Histograms of each layer's gradient and of the per-layer gradient norms, in one pass."""
+        tensors = {f"grads/{name}": p.grad for name, p in self.model.named_parameters() if p.grad is not None}
+        if self.layer_grad_norms:  # of the same tensors, in the same order
+            tensors["grad_norm/per_layer"] = torch.tensor(self.layer_grad_norms)
+        self.run.log_histograms(tensors, step)
+
+    def _log_events(self, events) -> None:
+        """The optimizer's events since the last call: to TensorBoard text and metrics.csv."""
+        run, step = self.run, self.step
+        for ev in events[len(self.events):]:
+            self.events.append(dict(ev))
+            run.log_text("optimizer/events", str(ev))
+            for k, v in ev.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    run.log_metrics(step, self.epoch, "optimizer", {f"{ev.get('event', 'event')}_{k}": v})
 
     def _probes(self, idx) -> None:
         """Curvature and gradient-norm probes, when due."""
