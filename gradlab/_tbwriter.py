@@ -144,9 +144,23 @@ class _EventFile:
         if time.monotonic() - self._last_write >= self._flush_secs:
             self.flush()
 
+    def scalar_adder(self, tags: list) -> Callable[[int, float, tuple], None]:
+        """``add(step, wall_time, values)``: an event of scalars ``tags[i] = values[i]``,
+        serialised when written (as :meth:`BufferedSummaryWriter.add_scalar_values`)."""
+        pending, tags = self._pending, list(tags)
+        monotonic = time.monotonic
+
+        def add(step: int, wall_time: float, values: tuple) -> None:
+            pending.append((tags, step, wall_time, values))
+            if monotonic() - self._last_write >= self._flush_secs:
+                self.flush()
+
+        return add
+
     def flush(self) -> None:
         if self._pending and self._file is not None:
-            events = [e if type(e) is bytes else e() for e in self._pending]
+            events = [e if type(e) is bytes else _scalar_event(e[1], e[2], zip(e[0], e[3])) if type(e) is tuple
+                      else e() for e in self._pending]
             self._file.write(_records(events))
             self._file.flush()
             self._pending.clear()
@@ -182,6 +196,12 @@ class BufferedSummaryWriter(SummaryWriter):
         """Scalars ``[(tag, value), ...]`` of one step as one event (add_scalar makes an event per
         value), serialised when the event file is written."""
         self._get_file_writer().event_writer.add_deferred(partial(_scalar_event, global_step, walltime, tags_values))
+
+    def scalar_adder(self, tags: list) -> Callable[[int, float, tuple], None]:
+        """``add(step, walltime, values)``: what ``add_scalar_values(list(zip(tags, values)),
+        step, walltime)`` does, for a loop that logs the same tags each step (valid until
+        :meth:`close`)."""
+        return self._get_file_writer().event_writer.scalar_adder(tags)
 
     def add_histogram_values(self, tag: str, global_step: int, walltime: float, **histogram) -> None:
         """What ``add_histogram_raw`` writes (``histogram``: HistogramProto's fields: min, max,

@@ -264,17 +264,17 @@ class RunDir:
         values)))`` does (same metrics.csv rows, same TensorBoard event), for float values, with
         the per-call work done once here. For the per-step scalars of training, where each call
         runs right after a training step with cold caches (~40 us for log_metrics there, ~7 us
-        in a loop of it alone)."""
+        in a loop of it alone). Valid until :meth:`close`."""
         if not self.enabled:
             return lambda *a: None
         self._open_metrics()
-        tags, rows = _row_layout(split, list(metrics))
-        now, run = time.time, self
+        tags, rows = _row_layout(split, list(metrics), wall="{2:.3f}")  # the wall time formatted by format()
+        add_event, write, now = self.tb.scalar_adder(tags), self._metrics_file.write, time.time
 
         def log(step, epoch, *values):
             wall = now()
-            run.tb.add_scalar_values(zip(tags, values), step, wall)
-            run._metrics_file.write(rows.format(step, epoch, f"{wall:.3f}", *values).encode())
+            add_event(step, wall, values)
+            write(rows.format(step, epoch, wall, *values).encode())
 
         return log
 
@@ -465,13 +465,13 @@ def _step_of(row: dict) -> float:
 _ROW_LAYOUTS: dict = {}  # (split, metric, ...) -> what _row_layout returns
 
 
-def _row_layout(split: str, metrics: list) -> tuple[list, str]:
+def _row_layout(split: str, metrics: list, wall: str = "{2}") -> tuple[list, str]:
     """TensorBoard tags, and a format string for the metrics.csv rows of one log_metrics call
     (``{0}`` step, ``{1}`` epoch, ``{2}`` wall time, ``{3}...`` the values), as csv.writer would
     write them (excel dialect: names quoted when they hold a comma, quote or newline)."""
     tags = [f"{split}/{m}" for m in metrics]
     cells = [_csv_cell(str(x)).replace("{", "{{").replace("}", "}}") for x in [split, *metrics]]
-    rows = "".join(f"{{0}},{{1}},{cells[0]},{cell},{{{i + 3}!r}},{{2}}\r\n" for i, cell in enumerate(cells[1:]))
+    rows = "".join(f"{{0}},{{1}},{cells[0]},{cell},{{{i + 3}!r}},{wall}\r\n" for i, cell in enumerate(cells[1:]))
     return tags, rows
 
 
