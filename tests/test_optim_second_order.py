@@ -345,3 +345,23 @@ def test_adahessian_resumes_from_a_state_saved_before_the_squared_diagonal_was_k
         resumed.step(closure(twin))
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(a, b, rtol=0, atol=1e-14)
+
+
+def test_adahessian_parameters_at_different_step_counts_get_their_own_bias_corrections():
+    """A parameter frozen for the first step joins at t=1 while the others are at t=2 (the
+    per-tensor branch of the update): its step equals that of a fresh optimizer's first step."""
+    model, x, y = tiny_problem()
+    twin, _, _ = tiny_problem()
+    probes = fixed_probes(model, 1)[0]
+    fixed = lambda params: [z for z, p in zip(probes, model.parameters()) if p.requires_grad]  # noqa: E731
+    opt = AdaHessian(model.parameters(), weight_decay=0.01, vecs_fn=fixed)
+    model.fc.bias.requires_grad_(False)
+    opt.step(lambda: F.mse_loss(model(x), y))
+    model.fc.bias.requires_grad_(True)
+    twin.load_state_dict(model.state_dict())
+    fresh = AdaHessian(twin.parameters(), weight_decay=0.01, vecs_fn=lambda params: probes)
+    opt.step(lambda: F.mse_loss(model(x), y))
+    fresh.step(lambda: F.mse_loss(twin(x), y))
+    assert opt.state[model.fc.bias]["step"] == 1 and opt.state[model.fc.weight]["step"] == 2
+    assert torch.allclose(model.fc.bias, twin.fc.bias, rtol=0, atol=1e-14)
+    assert not torch.allclose(model.fc.weight, twin.fc.weight, rtol=0, atol=1e-6)  # t=2 there
