@@ -310,3 +310,34 @@ def test_histogram_events_are_protobufs_bytes():
         summary = Summary(value=[Summary.Value(tag=tag, histo=HistogramProto(**h))])
         expected = event_pb2.Event(wall_time=wall, step=step, summary=summary).SerializeToString()
         assert _histogram_event(tag, step, wall, h) == expected, (tag, step, wall, h)
+
+
+def test_step_logger_writes_what_log_metrics_writes(tmp_path):
+    """The prepared per-step logger of training: the same metrics.csv rows and TensorBoard scalars
+    as log_metrics for the same values (the wall time aside)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    values = [(1, 0, 2.5, 0.1, 3.25), (2, 0, 1e-9, 0.1, float("inf")), (3, 1, -0.5, 0.05, 12345.678)]
+    runs = []
+    for prepared in (False, True):
+        run = RunDir.create(tmp_path / str(prepared), "train", None, {})
+        log = run.step_logger("train-step", ["loss", "lr", "grad_norm"]) if prepared else None
+        for step, epoch, loss, lr, gnorm in values:
+            if prepared:
+                log(step, epoch, loss, lr, gnorm)
+            else:
+                run.log_metrics(step, epoch, "train-step", {"loss": loss, "lr": lr, "grad_norm": gnorm})
+        run.close()
+        runs.append(run)
+    frames = [pd.read_csv(r.path / "metrics.csv") for r in runs]
+    for f in frames:
+        assert list(f.columns) == METRIC_COLUMNS and f["wall_time"].gt(1e9).all()
+    frames = [f.drop(columns="wall_time") for f in frames]
+    assert len(frames[0]) == 9
+    pd.testing.assert_frame_equal(frames[0], frames[1])
+    scalars = []
+    for r in runs:
+        ea = EventAccumulator(str(r.path), size_guidance={"scalars": 0})
+        ea.Reload()
+        scalars.append({t: [(s.step, s.value) for s in ea.Scalars(t)] for t in ea.Tags()["scalars"]})
+    assert scalars[0] == scalars[1] and set(scalars[0]) == {"train-step/loss", "train-step/lr", "train-step/grad_norm"}
