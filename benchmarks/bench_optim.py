@@ -139,6 +139,16 @@ def paired(times, name, ref):
     return statistics.median(a / b for a, b in zip(times[name], times[ref]))
 
 
+def spread(times, name, ref) -> str:
+    """The interquartile range of the within-round ratios, printed beside each target's median so
+    that a median a few percent from its target reads as what it is."""
+    ratios = [a / b for a, b in zip(times[name], times[ref])]
+    if len(ratios) < 2:
+        return ""
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return f", IQR {q1:.2f}-{q3:.2f}"
+
+
 def final_losses(steppers, x, y):
     with torch.no_grad():
         return {name: F.cross_entropy(model(x), y).item() for name, (model, _) in steppers.items()}
@@ -188,13 +198,15 @@ def report(title, times, losses, k, agreement=None):
     print("\n(x SGD and the ratios below: median over rounds of the ratio within each round)\n")
     peer = "torch-optimizer Adahessian"
     if peer in times:
-        print(f"adahessian / torch-optimizer Adahessian = {paired(times, ada, peer):.2f}  (target <= 1)")
+        print(f"adahessian / torch-optimizer Adahessian = {paired(times, ada, peer):.2f}  "
+              f"(target <= 1{spread(times, ada, peer)})")
         print(f"torch-optimizer Adahessian / Adam       = {paired(times, peer, 'adam'):.2f}")
     if agreement is not None:
         print(f"same probes, 5 steps: max |theta_gradlab - theta_peer| / max |theta| = {agreement:.1e}")
-    print(f"adahessian / SGD                        = {paired(times, ada, 'sgd'):.2f}  (target <= 3)")
+    print(f"adahessian / SGD                        = {paired(times, ada, 'sgd'):.2f}  "
+          f"(target <= 3{spread(times, ada, 'sgd')})")
     print(f"adahessian k={k} / SGD                    = {paired(times, delayed, 'sgd'):.2f}  "
-          f"(target <= {1 + 2 / k:.2f})")
+          f"(target <= {1 + 2 / k:.2f}{spread(times, delayed, 'sgd')})")
 
 
 def main(argv=None):
