@@ -83,11 +83,12 @@ TORCH_EQUIVALENTS = [
     ("momentum", {"momentum": 0.5, "lr": 0.2}, lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.5)),
     ("nesterov", {"weight_decay": 1e-2}, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True,
                                                                    weight_decay=1e-2)),
-    ("adam", {}, lambda p: torch.optim.Adam(p, lr=1e-3)),
+    # Adam and AdamW run torch's fused kernel where it exists (see test_adam_fused_kernel_...)
+    ("adam", {}, lambda p: torch.optim.Adam(p, lr=1e-3, fused=True)),
     ("adam", {"betas": [0.8, 0.99], "weight_decay": 0.1}, lambda p: torch.optim.Adam(p, lr=1e-3, betas=(0.8, 0.99),
-                                                                                   weight_decay=0.1)),
-    ("adamw", {}, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2)),
-    ("adamw", {"weight_decay": 0.0}, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0)),
+                                                                                   weight_decay=0.1, fused=True)),
+    ("adamw", {}, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2, fused=True)),
+    ("adamw", {"weight_decay": 0.0}, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0, fused=True)),
     ("rmsprop", {}, lambda p: torch.optim.RMSprop(p, lr=1e-3)),
     ("rmsprop", {"momentum": 0.5, "eps": 1e-6}, lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.5, eps=1e-6)),
 ]
@@ -104,6 +105,57 @@ def test_first_order_optimizers_match_torch_optim_exactly(name, opts, reference,
         train_step(opt_b, theirs, x, y)
     for a, b in zip(ours.parameters(), theirs.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name,reference", [
+    ("adam", lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=0.1, foreach=False)),
+    ("adamw", lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2, foreach=False)),
+])
+def test_adam_fused_kernel_is_the_same_update_as_torchs_default(name, reference, digits):
+    """gradlab's Adam/AdamW take torch's fused kernel on CPU: the same algorithm as the per-tensor
+    reference loop, equal up to float64 rounding over 20 steps (not bit for bit: other op order)."""
+    x, y = digits[0][:64].double(), digits[1][:64]
+    ours, theirs = mlp(dtype=torch.float64), mlp(dtype=torch.float64)
+    opts = {"weight_decay": 0.1} if name == "adam" else {}
+    opt_a, opt_b = build_optimizer(name, ours.parameters(), **opts), reference(theirs.parameters())
+    assert opt_a.defaults["fused"] is True
+    for _ in range(20):
+        train_step(opt_a, ours, x, y)
+        train_step(opt_b, theirs, x, y)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert not all(torch.equal(a, b) for a, b in zip(mlp(dtype=torch.float64).parameters(), ours.parameters()))
+
+
+def test_adam_keeps_the_foreach_path_for_parameters_the_fused_kernel_does_not_take():
+    real = nn.Parameter(torch.randn(3))
+    cplx = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    for params in ([cplx], [real, cplx], [{"params": [real]}, {"params": [cplx]}]):
+        opt = build_optimizer("adam", params)
+        assert opt.defaults["fused"] is None
+        for t in (real, cplx):
+            t.grad = torch.ones_like(t)
+        before = cplx.detach().clone()
+        opt.step()
+        assert not torch.equal(cplx, before)
+    assert build_optimizer("adamw", [{"params": [real]}]).defaults["fused"] is True
+
+
+def test_adam_resumes_from_a_state_saved_by_the_foreach_path(digits):
+    """Checkpoints written before gradlab chose the fused kernel hold ``fused: None``; they load,
+    and training continues (on the path the checkpoint names)."""
+    x, y = digits[0][:64], digits[1][:64]
+    old_model, new_model = mlp(), mlp()
+    old = torch.optim.Adam(old_model.parameters(), lr=1e-3)
+    for _ in range(3):
+        train_step(old, old_model, x, y)
+    new_model.load_state_dict(old_model.state_dict())
+    opt = build_optimizer("adam", new_model.parameters())
+    opt.load_state_dict(old.state_dict())
+    before = train_step(opt, new_model, x, y)
+    for _ in range(5):
+        after = train_step(opt, new_model, x, y)
+    assert math.isfinite(after) and after < before
 
 
 # -- validation -----------------------------------------------------------------------------------
