@@ -365,3 +365,43 @@ def test_adahessian_parameters_at_different_step_counts_get_their_own_bias_corre
     assert opt.state[model.fc.bias]["step"] == 1 and opt.state[model.fc.weight]["step"] == 2
     assert torch.allclose(model.fc.bias, twin.fc.bias, rtol=0, atol=1e-14)
     assert not torch.allclose(model.fc.weight, twin.fc.weight, rtol=0, atol=1e-6)  # t=2 there
+
+
+def test_adahessian_fused_kernel_path_equals_the_foreach_path(monkeypatch):
+    """With hessian_power 1 on CPU, AdaHessian's update runs in torch's fused AdamW kernel (its
+    second moment fed through the amsgrad maximum against a -inf buffer). Over delayed and refreshed
+    steps, with a conv kernel and weight decay, it must equal the foreach path to float64 rounding;
+    hessian_power != 1 keeps the foreach path."""
+    calls = []
+    fused = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: (calls.append(1), fused(*a, **k))[1])
+    x = torch.randn(32, 1, 6, 6, generator=torch.Generator().manual_seed(0), dtype=D64)
+    y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(1))
+
+    def model():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).double()
+
+    runs = []
+    for path in ("fused", "foreach"):
+        net = model()
+        opt = AdaHessian(net.parameters(), weight_decay=0.01, hessian_every=3, hessian_warmup=2)
+        if path == "foreach":
+            opt._fused_kernel_takes = lambda params: False
+        for _ in range(12):
+            opt.zero_grad()
+            opt.step(lambda: F.cross_entropy(net(x), y))
+        runs.append((net, opt))
+    assert len(calls) == 12
+    (a, opt_a), (b, opt_b) = runs
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-13, atol=1e-15)
+        for key in ("exp_avg", "exp_hessian_diag_sq"):
+            torch.testing.assert_close(opt_a.state[pa][key], opt_b.state[pb][key], rtol=1e-13, atol=1e-18)
+    assert not torch.equal(next(model().parameters()), next(a.parameters()))
+
+    calls.clear()
+    net = model()
+    opt = AdaHessian(net.parameters(), hessian_power=0.5)
+    opt.step(lambda: F.cross_entropy(net(x), y))
+    assert calls == []

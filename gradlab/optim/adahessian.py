@@ -33,6 +33,8 @@ Usage in a plain loop (the closure returns the loss, it does not call backward):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -111,6 +113,10 @@ class AdaHessian(HessianDiagOptimizer):
         m = [s["exp_avg"] for s in states]
         v = [s["exp_hessian_diag_sq"] for s in states]
         d2 = [s["hessian_diag_sq"] for s in states]
+        if k == 1.0 and self._fused_kernel_takes(params):
+            torch._foreach_lerp_(v, d2, 1 - b2)  # v_t, then m_t and p in torch's fused AdamW kernel
+            self._fused_step(params, m, v, [s["step"] for s in states], lr, b1, b2, wd, eps)
+            return
         # Whole-group (foreach) kernels, and as few passes over memory as the update allows: the
         # update runs right after the backward pass, with the caches cold, where each pass over a
         # 26k-parameter MLP costs ~50 us (a fifth of a pass's cost when hot). Per step:
@@ -134,6 +140,48 @@ class AdaHessian(HessianDiagOptimizer):
             c2 = [(1 - b2 ** t) ** (k / 2) for t in steps]
             torch._foreach_add_(denom, [eps * c for c in c2])
             torch._foreach_addcdiv_(params, m, denom, [-lr * c / (1 - b1 ** t) for c, t in zip(c2, steps)])
+
+
+    # -- the fused path ----------------------------------------------------------------------------
+    # torch's fused AdamW kernel does, per element and in one pass: p *= 1 - lr wd; m = lerp(m, g,
+    # 1 - b1); s = b2 s + (1 - b2) g^2; with amsgrad, s_max = max(s_max, s); p -= lr/bc1 * m /
+    # (sqrt(s_max)/sqrt(bc2) + eps). That is AdaHessian's update (k = 1) once s_max is our v_t and s
+    # never exceeds it: s is a buffer of -inf, which b2 * -inf + (1 - b2) g^2 keeps at -inf, so
+    # max(v_t, s) = v_t exactly. The update then costs 2 passes over memory instead of 5 (a delayed
+    # step 1.02x an SGD step instead of 1.06x on the digits MLP); float64 results agree with the
+    # foreach path to rounding (tested). The -inf buffers and step tensors are scratch, not state.
+
+    def _fused_kernel_takes(self, params: list) -> bool:
+        """Whether torch's fused AdamW kernel takes these parameters: one device that has it and
+        one real floating dtype (a group mixing them keeps the foreach path)."""
+        if getattr(torch, "_fused_adamw_", None) is None:
+            return False
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        first = params[0]
+        return (first.is_floating_point() and first.device.type in _get_fused_kernels_supported_devices()
+                and all(p.dtype == first.dtype and p.device == first.device for p in params))
+
+    def _fused_step(self, params, m, v, steps, lr, b1, b2, wd, eps) -> None:
+        scratch = self.__dict__.setdefault("_neg_inf", {})  # made lazily: pickling drops it
+        bufs = []
+        for p in params:
+            buf = scratch.get(p)
+            if buf is None:
+                buf = scratch[p] = torch.full_like(p, -math.inf)
+            bufs.append(buf)
+        device = params[0].device
+        if all(t == steps[0] for t in steps):  # the usual case: one step count for the group
+            counters = self.__dict__.setdefault("_step_counters", {})
+            t = counters.get(device)
+            if t is None:
+                t = counters[device] = torch.zeros((), dtype=torch.float32, device=device)
+            t.fill_(steps[0])  # exact: float32 holds integers up to 2**24
+            step_tensors = [t] * len(params)
+        else:
+            step_tensors = [torch.tensor(float(s), dtype=torch.float32, device=device) for s in steps]
+        torch._fused_adamw_(params, [p.grad for p in params], m, bufs, v, step_tensors, lr=lr, beta1=b1,
+                            beta2=b2, weight_decay=wd, eps=eps, amsgrad=True, maximize=False)
 
 
 def _full_square(d: Tensor, p: Tensor) -> Tensor:
