@@ -18,6 +18,7 @@ Targets (issue 3): adahessian/peer <= 1, adahessian/SGD <= 3, delayed(k)/SGD <= 
 from __future__ import annotations
 
 import argparse
+import gc
 import platform
 import statistics
 import sys
@@ -124,11 +125,20 @@ def measure(steppers, device, repeats, block, warmup=12):
     times = {name: [] for name in steppers}
     for _ in range(repeats):
         for name, (_, step) in steppers.items():
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(block):
-                step()
-            sync(device)
+            # As timeit does: garbage collected before each block, and the collector off inside it.
+            # The peer's loop (backward(create_graph=True)) leaves reference cycles through p.grad
+            # every step; collected whenever the collector fires, their cost would land in whichever
+            # optimizer's block runs next. (The peer is not charged for its own collections either.)
+            gc.collect()
+            gc.disable()
+            try:
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(block):
+                    step()
+                sync(device)
+            finally:
+                gc.enable()
             times[name].append((time.perf_counter() - t0) / block)
     return times
 
