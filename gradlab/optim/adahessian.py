@@ -39,7 +39,8 @@ import torch
 from torch import Tensor
 
 from gradlab.optim.hessian_diag import HessianDiagOptimizer, spatial_average
-from gradlab.optim.registry import OPTIMIZERS, OptimizerSpec, check_betas, check_range
+from gradlab.optim.registry import (OPTIMIZERS, OptimizerSpec, check_betas, check_range,
+                                    fused_kernel_takes)
 
 
 class AdaHessian(HessianDiagOptimizer):
@@ -113,7 +114,7 @@ class AdaHessian(HessianDiagOptimizer):
         m = [s["exp_avg"] for s in states]
         v = [s["exp_hessian_diag_sq"] for s in states]
         d2 = [s["hessian_diag_sq"] for s in states]
-        if k == 1.0 and self._fused_kernel_takes(params):
+        if k == 1.0 and fused_kernel_takes(params, one_device_and_dtype=True):
             torch._foreach_lerp_(v, d2, 1 - b2)  # v_t, then m_t and p in torch's fused AdamW kernel
             self._fused_step(params, m, v, [s["step"] for s in states], lr, b1, b2, wd, eps)
             return
@@ -141,7 +142,6 @@ class AdaHessian(HessianDiagOptimizer):
             torch._foreach_add_(denom, [eps * c for c in c2])
             torch._foreach_addcdiv_(params, m, denom, [-lr * c / (1 - b1 ** t) for c, t in zip(c2, steps)])
 
-
     # -- the fused path ----------------------------------------------------------------------------
     # torch's fused AdamW kernel does, per element and in one pass: p *= 1 - lr wd; m = lerp(m, g,
     # 1 - b1); s = b2 s + (1 - b2) g^2; with amsgrad, s_max = max(s_max, s); p -= lr/bc1 * m /
@@ -150,17 +150,6 @@ class AdaHessian(HessianDiagOptimizer):
     # max(v_t, s) = v_t exactly. The update then costs 2 passes over memory instead of 5 (a delayed
     # step 1.02x an SGD step instead of 1.06x on the digits MLP); float64 results agree with the
     # foreach path to rounding (tested). The -inf buffers and step tensors are scratch, not state.
-
-    def _fused_kernel_takes(self, params: list) -> bool:
-        """Whether torch's fused AdamW kernel takes these parameters: one device that has it and
-        one real floating dtype (a group mixing them keeps the foreach path)."""
-        if getattr(torch, "_fused_adamw_", None) is None:
-            return False
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-        first = params[0]
-        return (first.is_floating_point() and first.device.type in _get_fused_kernels_supported_devices()
-                and all(p.dtype == first.dtype and p.device == first.device for p in params))
 
     def _fused_step(self, params, m, v, steps, lr, b1, b2, wd, eps) -> None:
         scratch = self.__dict__.setdefault("_neg_inf", {})  # made lazily: pickling drops it

@@ -1,13 +1,14 @@
 """The first-order optimizers: torch.optim's own implementations, registered under gradlab names.
 
 gradlab does not re-implement these: torch.optim's versions are the reference the field uses and
-have vectorised (foreach) kernels. Adam and AdamW use torch's fused kernel (``fused=True``, one pass
-over each tensor instead of a dozen foreach calls) wherever torch has it for every parameter: on
-the default digits MLP that makes a whole training step 24% faster on CPU (15% on the CNN; see
-benchmarks/RESULTS.md), with the same update up to float rounding. Other parameters (complex,
-integer, or on a device without the kernel) keep the foreach path. The subclasses only add the
-attributes every gradlab optimizer has (``needs_loss_closure = False``: the training loop calls ``loss.backward(); opt.step()``, and an
-empty ``events`` list). What gradlab defines is the mapping from names and options:
+have vectorised (foreach) kernels. Adam and AdamW use torch's fused kernel (``fused=True``: one
+pass over each tensor instead of a dozen foreach calls) wherever it takes every parameter: on the
+default digits MLP a whole training step is 24% faster on CPU (15% on the CNN; see
+benchmarks/RESULTS.md), with the same update up to float rounding. Other parameters (complex, or on
+a device without the kernel) keep the foreach path. The subclasses only add the attributes every
+gradlab optimizer has (``needs_loss_closure = False``: the training loop calls ``loss.backward();
+opt.step()``, and an empty ``events`` list). What gradlab defines is the mapping from names and
+options:
 
 ============  ==================================================================  ==========
 name          update                                                              default lr
@@ -26,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from gradlab.errors import GradlabError
-from gradlab.optim.registry import OPTIMIZERS, OptimizerSpec
+from gradlab.optim.registry import OPTIMIZERS, OptimizerSpec, fused_kernel_takes
 
 
 class _GradlabFirstOrder:
@@ -58,16 +59,10 @@ def _or(value, default):
 
 
 def _fused_if_supported(params: list) -> dict:
-    """``{"fused": True}`` when torch's fused Adam/AdamW kernel takes every parameter (real
-    floating point, on a device that has the kernel), else ``{}`` (torch's default, foreach)."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    devices = _get_fused_kernels_supported_devices()
+    """``{"fused": True}`` when torch's fused Adam/AdamW kernel takes every parameter, else ``{}``
+    (torch's default, the foreach kernels)."""
     tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
-    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
-    if tensors and all(t.is_floating_point() and t.device.type in devices for t in tensors):
-        return {"fused": True}
-    return {}
+    return {"fused": True} if fused_kernel_takes(tensors) else {}
 
 
 def _momentum(o: dict, name: str) -> float:

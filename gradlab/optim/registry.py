@@ -75,3 +75,20 @@ def check_betas(value) -> tuple[float, float]:
     except (TypeError, ValueError):
         raise GradlabError(f"invalid betas: {value!r} (must be two numbers in [0, 1))") from None
     return check_range("beta1", b1, 0.0, 1.0), check_range("beta2", b2, 0.0, 1.0)
+
+
+def fused_kernel_takes(tensors: Iterable, *, one_device_and_dtype: bool = False) -> bool:
+    """Whether torch's fused Adam/AdamW kernels take every tensor: real floating point, on a device
+    that has them (and, with ``one_device_and_dtype``, all on one device in one dtype, for a direct
+    call of the kernel rather than through torch.optim, which groups them itself)."""
+    import torch
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if not tensors or getattr(torch, "_fused_adamw_", None) is None:
+        return False
+    devices = _get_fused_kernels_supported_devices()
+    first = tensors[0]
+    return all(t.is_floating_point() and t.device.type in devices
+               and (not one_device_and_dtype or (t.dtype == first.dtype and t.device == first.device))
+               for t in tensors)
