@@ -141,6 +141,14 @@ def test_adam_keeps_the_foreach_path_for_parameters_the_fused_kernel_does_not_ta
     assert build_optimizer("adamw", [{"params": [real]}]).defaults["fused"] is True
 
 
+def test_a_torch_without_the_fused_kernel_helpers_keeps_adam_on_the_foreach_path(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils._foreach_utils", None)  # import now fails
+    opt = build_optimizer("adam", [nn.Parameter(torch.randn(3))])
+    assert opt.defaults["fused"] is None
+
+
 def test_adam_resumes_from_a_state_saved_by_the_foreach_path(digits):
     """Checkpoints written before gradlab chose the fused kernel hold ``fused: None``; they load,
     and training continues (on the path the checkpoint names)."""

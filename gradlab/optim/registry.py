@@ -82,8 +82,11 @@ def fused_kernel_takes(tensors: Iterable, *, one_device_and_dtype: bool = False)
     that has them (and, with ``one_device_and_dtype``, all on one device in one dtype, for a direct
     call of the kernel rather than through torch.optim, which groups them itself)."""
     import torch
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
+    try:  # private helpers: a torch (pyproject allows >= 2.1) without them keeps the foreach path
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return False
     tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
     if not tensors or getattr(torch, "_fused_adamw_", None) is None:
         return False
