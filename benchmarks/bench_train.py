@@ -37,7 +37,7 @@ def bare_loop(cfg, same_optimizer: bool = True) -> tuple[float, int]:
     from gradlab.data import load_dataset
     from gradlab.models import build_model
     from gradlab.optim import OPTIM_DEFAULTS, build_optimizer
-    from gradlab.train import evaluate
+    from gradlab.training.loop import evaluate
 
     torch.manual_seed(cfg["seed"])
     data = load_dataset(cfg["dataset"], seed=cfg["seed"])
@@ -65,8 +65,8 @@ def bare_loop(cfg, same_optimizer: bool = True) -> tuple[float, int]:
 
 
 def gradlab_fit(cfg) -> tuple[float, int]:
-    from gradlab.rundir import RunDir
-    from gradlab.train import Trainer
+    from gradlab.runs.folder import RunDir
+    from gradlab.training.loop import Trainer
 
     trainer = Trainer(cfg)  # data/model built outside the timed part, as in the bare loop
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from gradlab.train import train_defaults, validate_train_config
+    from gradlab.training.loop import train_defaults, validate_train_config
 
     base = {**train_defaults(), "runs_dir": "unused", "name": None, "seed": 0, "device": "cpu",
             "epochs": args.epochs}

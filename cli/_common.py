@@ -32,7 +32,7 @@ COMMON_DEFAULTS = {"runs_dir": "runs", "name": None, "seed": 0, "device": "auto"
 
 def resolve_options(defaults: Mapping[str, Any], config_file: Optional[Path], flags: Mapping[str, Any]) -> dict:
     """defaults < --config file < flags typed on the command line (None = not typed)."""
-    from gradlab.config import load_yaml, resolve
+    from gradlab.core.config import load_yaml, resolve
 
     file_cfg = load_yaml(config_file) if config_file is not None else {}
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}
@@ -47,7 +47,7 @@ def is_rank0() -> bool:
 
 def start_run(command: str, cfg: Mapping[str, Any], enabled: bool = True):
     """Create the run folder for ``command`` from a resolved config (validated beforehand)."""
-    from gradlab.rundir import RunDir
+    from gradlab.runs.folder import RunDir
 
     return RunDir.create(cfg["runs_dir"], command, cfg.get("name"), cfg, argv=sys.argv, enabled=enabled)
 
@@ -80,7 +80,7 @@ def render_table(df, title: Optional[str] = None, quiet: bool = False, float_fmt
 
 def parse_float_list(text: str, what: str) -> list[float]:
     """``"0,0.01,0.03"`` -> floats; one clear error otherwise."""
-    from gradlab.errors import GradlabError
+    from gradlab.core.errors import GradlabError
 
     try:
         vals = [float(t) for t in str(text).split(",") if t.strip() != ""]

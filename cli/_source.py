@@ -32,7 +32,7 @@ LayersOpt = Annotated[Optional[str], typer.Option(help="Comma-separated layer na
 
 def parse_layers(value) -> Optional[list]:
     """``"blocks.0, head"`` (or a YAML list) -> names; None keeps every layer."""
-    from gradlab.errors import GradlabError
+    from gradlab.core.errors import GradlabError
 
     if value is None:
         return None
@@ -48,11 +48,11 @@ def load_source(cfg: dict):
     import torch
 
     from gradlab.data import load_dataset
-    from gradlab.device import resolve_device
-    from gradlab.errors import GradlabError
+    from gradlab.core.device import resolve_device
+    from gradlab.core.errors import GradlabError
     from gradlab.models import MODEL_DEFAULTS, build_model
     from gradlab.models.options import resolve_options as resolve_model_options
-    from gradlab.rundir import find_run, load_run
+    from gradlab.runs.folder import find_run, load_run
 
     if cfg["split"] not in ("train", "test"):
         raise GradlabError(f"invalid split {cfg['split']!r}; choose from: train, test")
@@ -83,7 +83,7 @@ def _used_keys(model_name) -> list:
     from gradlab.models.registry import used_options
 
     if isinstance(model_name, str) and model_name in MODELS:
-        used = used_options(MODELS.entry(model_name).options)
+        used = used_options(MODELS.entry(model_name).option_flags)
         return [k for k in MODEL_KEYS if k in used]
     return list(MODEL_KEYS)
 
@@ -91,7 +91,7 @@ def _used_keys(model_name) -> list:
 def split_tensors(data, split: str):
     x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
     if x.shape[0] == 0:
-        from gradlab.errors import GradlabError
+        from gradlab.core.errors import GradlabError
 
         raise GradlabError(f"the {split} split of {data.name} is empty")
     return x, y

@@ -64,7 +64,7 @@ def command(
 ) -> None:
     """Attack the model of a trained run (eval mode) at one or more eps; writes attack.csv, plots, TensorBoard."""
     from gradlab.attacks import ATTACKS, NORMS, attack_options
-    from gradlab.errors import GradlabError
+    from gradlab.core.errors import GradlabError
 
     ATTACKS.entry(attack)  # unknown name: one line listing the valid ones
     flags = dict(
@@ -102,8 +102,8 @@ def command(
 
     import torch
 
-    from gradlab.device import resolve_device
-    from gradlab.rundir import find_run, load_run
+    from gradlab.core.device import resolve_device
+    from gradlab.runs.folder import find_run, load_run
 
     source = find_run(cfg["runs_dir"], cfg["run"], require_checkpoint=True)
     dev = resolve_device(cfg["device"])
@@ -153,7 +153,7 @@ def command(
 
 
 def _eps_list(value) -> list:
-    from gradlab.errors import GradlabError
+    from gradlab.core.errors import GradlabError
 
     if isinstance(value, bool):
         raise GradlabError(f"invalid eps {value!r}: expected a number")

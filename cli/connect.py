@@ -48,13 +48,13 @@ def command(
     straight line (barrier heights): connect.csv, connect.pt (the bend), TensorBoard scalars, plot."""
     import pandas as pd
 
-    from gradlab.device import resolve_device
-    from gradlab.errors import GradlabError
+    from gradlab.core.device import resolve_device
+    from gradlab.core.errors import GradlabError
     from gradlab.landscape.connect import CURVES, evaluate_paths, train_curve
     from gradlab.landscape.directions import interp_direction
     from gradlab.landscape.grid import make_batches
     from gradlab.landscape.plots import connect_plot
-    from gradlab.rundir import load_run, save_checkpoint
+    from gradlab.runs.folder import load_run, save_checkpoint
 
     flags = dict(curve=curve, epochs=epochs, lr=lr, batch_size=batch_size, points=points, split=split,
                  bn_batches=bn_batches, runs_dir=runs_dir, name=name, seed=seed, device=device)

@@ -27,7 +27,7 @@ def command(
     import yaml
     from rich.markup import escape
 
-    from gradlab.experiment import PREVIOUS, load_experiment, log_hparams
+    from gradlab.training.experiment import PREVIOUS, load_experiment, log_hparams
 
     stages = load_experiment(file)
     results, previous = [], [None]

@@ -37,5 +37,5 @@ def command(kind: Annotated[Kind, typer.Argument(help="Which registry to list.")
     table.add_column("description")
     table.add_column("main options")
     for entry in registry:
-        table.add_row(entry.name, entry.description, entry.options)
+        table.add_row(entry.name, entry.description, entry.option_flags)
     console.print(table)

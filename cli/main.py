@@ -60,7 +60,7 @@ def _one_line(msg: str) -> str:
 
 def main(argv: list | None = None) -> None:
     """Console entry point: user mistakes become one line on stderr and exit code 2."""
-    from gradlab.errors import GradlabError
+    from gradlab.core.errors import GradlabError
 
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="gradlab")

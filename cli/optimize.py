@@ -50,7 +50,7 @@ def command(
     """Run optimizers from one start point on a 2-D test function: trajectories.csv, a contour plot of all
     paths, and per optimizer the final point, steps to tol, saddle escape and the final point's type
     (exact Hessian eigenvalues)."""
-    from gradlab.errors import GradlabError
+    from gradlab.core.errors import GradlabError
     from gradlab.landscape.functions import build_function
     from gradlab.landscape.plots import trajectories_gif, trajectories_plot
     from gradlab.landscape.trajectories import optimize

@@ -79,7 +79,7 @@ def command(
 
     Writes gradnorm.csv, TensorBoard scalars (x axis = depth) and histograms, and plots/gradnorm.png.
     """
-    from gradlab.errors import GradlabError
+    from gradlab.core.errors import GradlabError
 
     flags = dict(
         model=model, dataset=dataset, data_dir=data_dir, depth=depth, width=width, act=act, init=init,

@@ -50,7 +50,7 @@ SGD_LIKE = ("sgd", "momentum", "nesterov", "gd", "curvature-gd", "langevin")
 
 def parse_batches(value) -> Optional[int]:
     """``--batches``: a count >= 1, or 0 / "all" for the whole split (returned as None)."""
-    from gradlab.errors import GradlabError
+    from gradlab.core.errors import GradlabError
 
     text = str(value).strip().lower()
     if text in ("all", "0"):
@@ -129,7 +129,7 @@ def command(
 
     Writes hessian.csv (kind,index,value,stderr) and TensorBoard scalars; with --density also plots/hessian_density.png (logged as a TensorBoard image) and hessian_density.csv.
     """
-    from gradlab.errors import GradlabError
+    from gradlab.core.errors import GradlabError
 
     flags = dict(
         model=model, dataset=dataset, data_dir=data_dir, depth=depth, width=width, act=act, init=init,
@@ -154,7 +154,7 @@ def command(
     num_batches = parse_batches(cfg["batches"])
 
     from gradlab.probes.hessian import as_batches, hessian_probe
-    from gradlab.rundir import find_run, read_config
+    from gradlab.runs.folder import find_run, read_config
     from gradlab_cli._source import load_source, split_tensors
 
     net, data, dev, desc = load_source(cfg)

@@ -83,7 +83,7 @@ def command(
 
     Writes jacobian.csv (layer,example,index,singular_value), jacobian_summary.csv (one row per map), TensorBoard histograms of log10 singular values and per-layer statistics against depth, plots/jacobian_spectra.png and plots/jacobian_depth.png. The model runs in eval mode.
     """
-    from gradlab.errors import GradlabError
+    from gradlab.core.errors import GradlabError
     from gradlab.probes.jacobian import METHODS
 
     flags = dict(

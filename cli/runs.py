@@ -18,7 +18,7 @@ def command(
     all_columns: Annotated[bool, typer.Option("--all", help="Show every summary column, not just the key ones.")] = False,
 ) -> None:
     """List runs: id, command, model, dataset, optimizer, status and key final metrics."""
-    from gradlab.runs_table import KEY_COLUMNS, runs_table
+    from gradlab.runs.table import KEY_COLUMNS, runs_table
 
     df = runs_table(runs_dir)
     if command_filter:

@@ -52,12 +52,12 @@ def command(
     --plane-vertices`, TensorBoard scalars and plots."""
     import pandas as pd
 
-    from gradlab.device import resolve_device
-    from gradlab.errors import GradlabError
+    from gradlab.core.device import resolve_device
+    from gradlab.core.errors import GradlabError
     from gradlab.landscape.grid import make_batches
     from gradlab.landscape.plots import simplex_plot
     from gradlab.landscape.simplex import evaluate_simplex, train_simplex
-    from gradlab.rundir import load_run, save_checkpoint
+    from gradlab.runs.folder import load_run, save_checkpoint
 
     flags = dict(run=run, vertices=vertices, epochs=epochs, volume_reg=volume_reg, lr=lr, batch_size=batch_size,
                  samples=samples, init_scale=init_scale, split=split, bn_batches=bn_batches, runs_dir=runs_dir,

@@ -17,7 +17,7 @@ def command(
     port: Annotated[int, typer.Option(help="Port to serve on.")] = 6006,
 ) -> None:
     """Start TensorBoard on the runs folder (Ctrl-C stops it)."""
-    from gradlab.errors import GradlabError
+    from gradlab.core.errors import GradlabError
 
     if not runs_dir.is_dir():
         raise GradlabError(f"no runs folder {runs_dir}: run `gradlab train` first or pass --runs-dir")

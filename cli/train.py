@@ -35,7 +35,7 @@ def parse_set(items: Optional[List[str]]) -> dict:
     """``--set key=value`` pairs; values read as YAML scalars (``0.5``, ``true``, ``spirals``)."""
     import yaml
 
-    from gradlab.errors import GradlabError
+    from gradlab.core.errors import GradlabError
 
     out = {}
     for item in items or []:
@@ -85,8 +85,8 @@ def command(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model; log per-step loss, learning rate and gradient norm, per-epoch accuracy."""
-    from gradlab.rundir import RunDir, find_run, load_checkpoint, read_config
-    from gradlab.train import Trainer, train_defaults, validate_train_config
+    from gradlab.runs.folder import RunDir, find_run, load_checkpoint, read_config
+    from gradlab.training.loop import Trainer, train_defaults, validate_train_config
 
     flags = dict(
         model=model, dataset=dataset, data_dir=data_dir, depth=depth, width=width, act=act, init=init,
@@ -102,7 +102,7 @@ def command(
     if resume is not None:
         path = find_run(runs_dir or "runs", resume)
         doc = read_config(path)
-        from gradlab.errors import GradlabError
+        from gradlab.core.errors import GradlabError
 
         if doc.get("command") != "train":
             raise GradlabError(f"--resume {resume}: run {path.name} is a {doc.get('command')!r} run, not a train run")

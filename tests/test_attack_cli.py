@@ -97,7 +97,7 @@ def test_a_run_without_checkpoint_is_rejected(runs, capsys):
 def test_fgsm_eps_sweep_experiment_trains_both_ways_then_attacks_each_model():
     from pathlib import Path
 
-    from gradlab.experiment import PREVIOUS, load_experiment
+    from gradlab.training.experiment import PREVIOUS, load_experiment
 
     stages = load_experiment(Path(__file__).resolve().parents[1] / "experiments" / "fgsm_eps_sweep.yaml")
     train, attack = stages

@@ -15,7 +15,7 @@ from gradlab.attacks import ATTACKS, attack_batch, build_attack
 from gradlab.attacks.curvature import CurvatureAttack
 from gradlab.attacks.report import COLUMNS, robustness_report, robustness_sweep
 from gradlab.curvature.batched import batched_lanczos
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.models.base import GradlabNet, Normalize
 
 # Small settings so every attack stays cheap in property tests.

@@ -7,9 +7,9 @@ import csv
 import pandas as pd
 import pytest
 
-from gradlab.config import load_yaml, resolve
-from gradlab.errors import GradlabError
-from gradlab.rundir import METRIC_COLUMNS, RunDir, find_run, load_checkpoint, read_config, validate_run_name
+from gradlab.core.config import load_yaml, resolve
+from gradlab.core.errors import GradlabError
+from gradlab.runs.folder import METRIC_COLUMNS, RunDir, find_run, load_checkpoint, read_config, validate_run_name
 
 
 def test_resolve_precedence_and_unknown_keys():

@@ -21,7 +21,7 @@ from gradlab.curvature import (
     slq_density,
     xtrace,
 )
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.models.base import GradlabNet, Normalize
 
 

@@ -14,7 +14,7 @@ from gradlab.data import DATASET_DEFAULTS, DATASETS, load_dataset
 from gradlab.data.common import channel_stats
 from gradlab.data.idx import ALL_FILES, read_idx
 from gradlab.data.mnist1d import templates
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 
 def _check_bundle(b, input_shape, num_classes):

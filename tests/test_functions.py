@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.landscape.functions import FUNCTIONS, build_function
 from gradlab.landscape.trajectories import classify_point, run_trajectory, summarize
 

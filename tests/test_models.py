@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gradlab.data.base import DataSpec
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.models import MODEL_DEFAULTS, MODELS, GradlabNet, Normalize, build_model
 from gradlab.models.mlp import DenseBlock
 from gradlab.models.resnet import BasicBlock
@@ -28,7 +28,7 @@ def test_registry_lists_the_zoo():
         "logreg", "mlp", "cnn", "resnet20", "plain20", "resnet32", "plain32", "resnet56", "plain56"
     ]
     for entry in MODELS:
-        assert entry.description and entry.options.startswith("--")
+        assert entry.description and entry.option_flags.startswith("--")
     assert set(MODEL_DEFAULTS) >= {"depth", "width", "act", "init", "sigma_w", "sigma_b", "residual", "norm", "dropout"}
 
 

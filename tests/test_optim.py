@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.optim import OPTIM_DEFAULTS, OPTIMIZERS, build_optimizer, build_scheduler, default_lr
 from gradlab.optim.langevin import Langevin
 from gradlab.optim.swats import SWATS
@@ -54,7 +54,7 @@ def train_step(opt, model, x, y):
 def test_registry_holds_every_optimizer_with_a_description():
     assert sorted(OPTIMIZERS.names()) == sorted(ALL)
     for entry in OPTIMIZERS:
-        assert entry.description and entry.options.startswith("--lr")
+        assert entry.description and entry.option_flags.startswith("--lr")
         assert default_lr(entry.name) > 0
 
 

@@ -16,7 +16,7 @@ from torch.func import functional_call
 
 import gradlab.optim.adahessian as adahessian_module
 import gradlab.optim.hessian_diag as hessian_diag
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.optim import build_optimizer
 from gradlab.optim.adahessian import AdaHessian
 from gradlab.optim.curvature_gd import CurvatureGD

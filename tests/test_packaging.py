@@ -9,7 +9,7 @@ import pytest
 from clihelp import ROOT, gradlab_exe, run_proc
 
 CORE_MODULES = ["gradlab", "gradlab.models", "gradlab.data", "gradlab.optim", "gradlab.curvature",
-                "gradlab.probes", "gradlab.attacks", "gradlab.landscape", "gradlab.train", "gradlab.rundir"]
+                "gradlab.probes", "gradlab.attacks", "gradlab.landscape", "gradlab.training.loop", "gradlab.runs.folder"]
 
 
 def test_editable_install_exposes_console_script_and_module(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.models.base import GradlabNet, Normalize
 from gradlab.probes.gradnorm import fit_rate, gradnorm_probe, verdict_from_rate
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradlab.curvature import dense_hessian
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.probes import PROBES
 from gradlab.probes.critical import classify_function, classify_point
 from gradlab.probes.hessian import FRAME_COLUMNS, as_batches, hessian_probe, quick_curvature

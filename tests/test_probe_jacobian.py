@@ -8,7 +8,7 @@ from torch import nn
 from torch.autograd.functional import jacobian as dense_jacobian
 
 from gradlab.curvature.batched import batched_lanczos
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.models.base import GradlabNet, Normalize
 from gradlab.probes.jacobian import jacobian_probe
 

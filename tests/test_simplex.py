@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.landscape.connect import barrier, curve_point, evaluate_paths, train_curve
 from gradlab.landscape.directions import weights_of
 from gradlab.landscape.functional import evaluate_at, recompute_bn

@@ -78,7 +78,7 @@ def test_ctrl_c_writes_checkpoint_and_status_interrupted(tmp_path, reference):
 
 
 def test_resume_refuses_non_train_runs(tmp_path, capsys):
-    from gradlab.rundir import RunDir
+    from gradlab.runs.folder import RunDir
 
     probe = RunDir.create(tmp_path, "probe-hessian", None, {})
     probe.save_checkpoint({"step": 0})

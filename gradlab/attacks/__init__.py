@@ -11,8 +11,8 @@ import abc
 import functools
 import inspect
 
-from gradlab.errors import GradlabError
-from gradlab.registry import Registry
+from gradlab.core.errors import GradlabError
+from gradlab.core.registry import Registry
 
 ATTACKS = Registry("attack")
 

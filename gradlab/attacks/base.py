@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 NORMS = ("linf", "l2")
 

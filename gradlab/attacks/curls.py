@@ -41,7 +41,7 @@ from torch import Tensor
 
 from gradlab.attacks import ATTACKS
 from gradlab.attacks.base import Attack, flat_norm, per_example
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 
 @ATTACKS.register(

@@ -47,7 +47,7 @@ from gradlab.attacks import ATTACKS
 from gradlab.attacks.base import Attack, per_example
 from gradlab.curvature.batched import batched_lanczos
 from gradlab.curvature.hvp import hvp_from_grads
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 CANDIDATES = ("gradient", "+eigvec", "-eigvec", "quadratic")
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from gradlab.attacks import ATTACKS
 from gradlab.attacks.base import Attack, per_example
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 
 @ATTACKS.register(

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from gradlab.attacks import build_attack
 from gradlab.attacks.base import check_eps, flat_norm
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 COLUMNS = ["attack", "eps", "clean_acc", "robust_acc", "success_rate", "mean_linf", "mean_l2", "mean_confidence", "n"]
 

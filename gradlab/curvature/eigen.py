@@ -28,7 +28,7 @@ from torch import Tensor
 
 from gradlab.curvature.lanczos import Lanczos
 from gradlab.curvature.operator import as_operator, make_generator
-from gradlab.errors import GradlabError, check
+from gradlab.core.errors import GradlabError, check
 
 WHICH = ("LA", "SA")
 METHODS = ("lanczos", "scipy")

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from gradlab.curvature.hessian_op import HessianOperator
 from gradlab.curvature.trace import OPERATOR_TRACE_METHODS, TraceResult, _mean_stderr, xtrace
 from gradlab.curvature.operator import make_generator
-from gradlab.errors import GradlabError, check
+from gradlab.core.errors import GradlabError, check
 
 _BN = nn.modules.batchnorm._BatchNorm
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, _BN, nn.LayerNorm, nn.GroupNorm)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from gradlab.curvature.hvp import hvp_from_grads
 from gradlab.curvature.operator import CurvatureOperator
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 BACKENDS = ("double-backward", "func")
 MODES = ("eval", "train")

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 
 class CurvatureOperator(ABC):

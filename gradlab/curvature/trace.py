@@ -29,7 +29,7 @@ from torch import Tensor
 
 from gradlab.curvature.lanczos import Lanczos
 from gradlab.curvature.operator import as_operator, make_generator, rademacher
-from gradlab.errors import check
+from gradlab.core.errors import check
 
 
 @dataclass

@@ -15,7 +15,7 @@ import math
 from gradlab.data.base import DataBundle, DataSpec
 from gradlab.data.common import limit_train
 from gradlab.data.registry import DATASETS
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 # Registrations (import order = listing order).
 from gradlab.data import digits as _digits  # noqa: F401,E402
@@ -93,7 +93,7 @@ def load_dataset(name: str, seed: int = 0, data_dir=None, **opts) -> DataBundle:
     """
     entry = DATASETS.entry(name)
     full = resolve_options(opts)
-    used = {tok.lstrip("-").replace("-", "_") for tok in entry.options.split()}
+    used = {tok.lstrip("-").replace("-", "_") for tok in entry.option_flags.split()}
     for key, value in full.items():
         if key not in used and value != DATASET_DEFAULTS[key]:
             raise GradlabError(

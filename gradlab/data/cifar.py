@@ -26,7 +26,7 @@ import numpy as np
 from gradlab.data.common import make_bundle
 from gradlab.data.files import data_root, download_any, missing_files_error, read_bytes
 from gradlab.data.registry import DATASETS
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"

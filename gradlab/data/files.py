@@ -18,7 +18,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 TIMEOUT_S = 10.0  # per socket operation: fail fast when offline
 

@@ -20,7 +20,7 @@ import numpy as np
 from gradlab.data.common import make_bundle, stratified_split
 from gradlab.data.files import candidate_dirs, data_root, download_any, find_file, missing_files_error, read_bytes
 from gradlab.data.registry import DATASETS
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"

@@ -5,6 +5,6 @@ A loader is registered as ``DATASETS.add(name, loader, description, options)`` a
 flags, exactly the options it uses, so :func:`gradlab.data.load_dataset` can reject the rest.
 """
 
-from gradlab.registry import Registry
+from gradlab.core.registry import Registry
 
 DATASETS = Registry("dataset")

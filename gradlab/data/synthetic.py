@@ -22,7 +22,7 @@ import numpy as np
 
 from gradlab.data.common import make_bundle, stratified_split, unit_rescale
 from gradlab.data.registry import DATASETS
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 KINDS = ("moons", "spirals", "blobs", "teacher-student")
 

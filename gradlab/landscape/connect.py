@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.landscape.directions import interp_direction
 from gradlab.landscape.functional import evaluate_at, train_points
 

@@ -26,7 +26,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 Direction = dict  # name -> Tensor, the shapes of model.named_parameters()
 

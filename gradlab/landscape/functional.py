@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 
 def batchnorms(model: nn.Module) -> list:

@@ -26,8 +26,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from gradlab.errors import GradlabError, check_positive
-from gradlab.registry import Registry
+from gradlab.core.errors import GradlabError, check_positive
+from gradlab.core.registry import Registry
 
 FUNCTIONS = Registry("function")
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 
 @dataclass

@@ -15,8 +15,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from gradlab.errors import GradlabError
-from gradlab.rundir import load_checkpoint
+from gradlab.core.errors import GradlabError
+from gradlab.runs.folder import load_checkpoint
 from gradlab.landscape.directions import (
     eigen_directions,
     interp_direction,

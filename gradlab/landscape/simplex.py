@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.landscape.directions import random_directions, weights_of
 from gradlab.landscape.functional import evaluate_at, train_points
 

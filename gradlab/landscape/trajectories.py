@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import pandas as pd
 import torch
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.landscape.functions import TestFunction, build_function
 
 # Step sizes chosen for the 2-D functions' scale (curvatures of order 1-100, optima within a few

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.models.base import GradlabNet, Normalize
 from gradlab.models.options import ACTIVATIONS, INITS, MODEL_DEFAULTS, NORMS, SHORTCUTS, check_applicable, resolve_options
 from gradlab.models.registry import MODELS, used_options
@@ -59,5 +59,5 @@ def build_model(name: str, spec, **opts) -> nn.Module:
     if is_user_ref(name):
         return build_user_model(name, spec, full)
     entry = MODELS.entry(name)
-    check_applicable(name, full, used_options(entry.options))
+    check_applicable(name, full, used_options(entry.option_flags))
     return entry.obj(spec, full)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 
 def spatial_dims(model: str, input_shape) -> int:

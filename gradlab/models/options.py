@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 ACTIVATIONS = ("relu", "tanh", "linear", "gelu", "sigmoid")
 INITS = ("default", "xavier", "kaiming", "orthogonal", "gaussian")

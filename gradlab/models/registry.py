@@ -6,7 +6,7 @@ names, as CLI flags, exactly the options the model uses (``"--depth --width --ac
 ignored.
 """
 
-from gradlab.registry import Registry
+from gradlab.core.registry import Registry
 
 MODELS = Registry("model")
 

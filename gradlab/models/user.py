@@ -16,7 +16,7 @@ import sys
 
 from torch import nn
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.models.options import MODEL_DEFAULTS
 
 

@@ -1,7 +1,7 @@
 """Optimizers: one registry, one factory, one scheduler builder.
 
 ``build_optimizer(name, params, **opts)`` resolves the options against :data:`OPTIM_DEFAULTS`,
-validates every value (a :class:`~gradlab.errors.GradlabError` names the bad one) and builds the
+validates every value (a :class:`~gradlab.core.errors.GradlabError` names the bad one) and builds the
 registered ``torch.optim.Optimizer``; options that do not apply to the chosen optimizer are ignored.
 
 Two stepping conventions, told apart by the class attribute ``needs_loss_closure``:
@@ -26,7 +26,7 @@ from typing import Iterable
 
 from torch.optim import Optimizer
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 # Importing a module registers its optimizers; this order is the order `gradlab list` shows.
 from gradlab.optim import first_order  # noqa: F401  (registration)
 from gradlab.optim import adahessian, curvature_gd, langevin, swats  # noqa: F401,I001

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.optim.registry import OPTIMIZERS, OptimizerSpec, fused_kernel_takes
 
 

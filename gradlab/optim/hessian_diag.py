@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from gradlab.curvature.hvp import hvp_from_grads, rademacher_like
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.optim.registry import check_int
 
 

@@ -17,8 +17,8 @@ from typing import Callable, Iterable
 
 from torch.optim import Optimizer
 
-from gradlab.errors import GradlabError
-from gradlab.registry import Registry
+from gradlab.core.errors import GradlabError
+from gradlab.core.registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
 

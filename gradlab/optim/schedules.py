@@ -18,7 +18,7 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 SCHEDULES = ("constant", "cosine", "step")
 

@@ -5,7 +5,7 @@ its entry function with ``@PROBES.register(name, description, options=...)``; th
 imported below (after ``PROBES`` exists) so that listing the registry sees every probe.
 """
 
-from gradlab.registry import Registry
+from gradlab.core.registry import Registry
 
 PROBES = Registry("probe")
 

@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.models.base import GradlabNet
 from gradlab.probes import PROBES
 

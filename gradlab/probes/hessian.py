@@ -35,7 +35,7 @@ from gradlab.curvature import (
     slq_density,
 )
 from gradlab.curvature.gauss_newton import TRACE_METHODS
-from gradlab.errors import GradlabError, check
+from gradlab.core.errors import GradlabError, check
 from gradlab.probes import PROBES
 from gradlab.probes.critical import GRAD_TOL, CriticalPoint, classify_point
 

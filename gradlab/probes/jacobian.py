@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
 from gradlab.curvature.batched import batched_lanczos
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 from gradlab.models.base import GradlabNet
 from gradlab.probes import PROBES
 from gradlab.probes.gradnorm import DEFAULT_THRESHOLD, select_layers, verdict_from_rate

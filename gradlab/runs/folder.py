@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from gradlab import __version__
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 STATUSES = ("completed", "diverged", "interrupted", "failed")
 METRIC_COLUMNS = ["step", "epoch", "split", "metric", "value", "wall_time"]

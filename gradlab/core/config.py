@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gradlab.errors import GradlabError
+from gradlab.core.errors import GradlabError
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gradlab.config import load_yaml, normalise_keys
-from gradlab.errors import GradlabError
+from gradlab.core.config import load_yaml, normalise_keys
+from gradlab.core.errors import GradlabError
 
 PREVIOUS = "@previous"
 RESERVED = {"command", "args", "sweep"}  # a stage's own `steps: 25` is the command's --steps

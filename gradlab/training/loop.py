@@ -1,7 +1,7 @@
 """Training: the loop behind ``gradlab train``.
 
 One code path for one process and for ``torchrun`` (DistributedDataParallel over global batches,
-see :class:`gradlab.distributed.GlobalBatchSampler`). Checkpoints carry the position inside the
+see :class:`gradlab.core.distributed.GlobalBatchSampler`). Checkpoints carry the position inside the
 epoch and every RNG state, so ``--resume`` continues exactly where the checkpoint was written and
 a resumed run ends with the same metrics as an uninterrupted one.
 """
@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from gradlab.errors import GradlabError, check
+from gradlab.core.errors import GradlabError, check
 
 BASE_DEFAULTS = {
     "model": "mlp",
@@ -127,8 +127,8 @@ class Trainer:
 
     def __init__(self, cfg: dict, resume: Optional[dict] = None):
         from gradlab.data import DATASET_DEFAULTS, load_dataset
-        from gradlab.device import resolve_device
-        from gradlab.distributed import GlobalBatchSampler, init_from_env
+        from gradlab.core.device import resolve_device
+        from gradlab.core.distributed import GlobalBatchSampler, init_from_env
         from gradlab.models import MODEL_DEFAULTS, build_model
         from gradlab.optim import OPTIM_DEFAULTS, build_optimizer, build_scheduler, default_lr
 
@@ -283,7 +283,7 @@ class Trainer:
         self._outputs.clear()
         correct = float((out.argmax(1) == labels).sum())
         if self.dist.enabled:
-            from gradlab.distributed import all_reduce_sum
+            from gradlab.core.distributed import all_reduce_sum
 
             correct = all_reduce_sum([correct], self.dist, self.device)[0]
         self.epoch_sums[1] += correct
@@ -293,7 +293,7 @@ class Trainer:
         value = loss.item()
         bad = 0.0 if math.isfinite(value) else 1.0
         if self.dist.enabled:
-            from gradlab.distributed import all_reduce_sum
+            from gradlab.core.distributed import all_reduce_sum
 
             bad = all_reduce_sum([bad], self.dist, self.device)[0]
         if bad > 0:
@@ -303,7 +303,7 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, run, progress: Optional[Callable] = None) -> TrainResult:
         """Train into the run folder ``run``; ``progress(step, total, epoch, loss, acc)`` per step."""
-        from gradlab.distributed import shutdown
+        from gradlab.core.distributed import shutdown
 
         self.run, self.progress = run, progress
         with _DeferredInterrupt() as interrupt:
@@ -316,7 +316,7 @@ class Trainer:
                 shutdown(self.dist)
 
     def _fit(self) -> TrainResult:
-        from gradlab.distributed import all_reduce_sum
+        from gradlab.core.distributed import all_reduce_sum
 
         cfg, run = self.cfg, self.run
         start = time.time()
@@ -496,7 +496,7 @@ class _Diverged(Exception):
 
 
 def train(cfg: dict, run, progress: Optional[Callable] = None, resume: Optional[dict] = None) -> TrainResult:
-    """Train ``cfg`` into the run folder ``run`` (a :class:`gradlab.rundir.RunDir`).
+    """Train ``cfg`` into the run folder ``run`` (a :class:`gradlab.runs.folder.RunDir`).
 
     The CLI builds the :class:`Trainer` first and creates the run folder only once data, model
     and optimizer exist, so a configuration mistake leaves no folder behind.
