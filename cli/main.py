@@ -1,7 +1,7 @@
-"""The ``gradlab`` command. Every command module is imported here and registered in one line.
+"""The ``gradlab`` command: one line per command in :data:`COMMANDS`.
 
-Command modules import torch and the core only inside their functions, so ``gradlab --help``
-does not pay for torch (measured in benchmarks/bench_cli.py).
+Only the module of the command being run is imported, so ``gradlab --help`` does not pay for
+torch; a command's own ``--help`` does, since its flags come from the plug-ins' declarations.
 """
 
 from __future__ import annotations
@@ -16,42 +16,52 @@ try:  # typer >= 0.2x vendors click; older releases raise click's own exceptions
 except ImportError:  # pragma: no cover
     from click.exceptions import ClickException as _CliError
 
-app = typer.Typer(
-    name="gradlab",
-    help="See why neural-network training works or fails: train, probe gradients and curvature, "
-    "attack, and compare runs. Every command writes a run folder (TensorBoard + CSV).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
-probe_app = typer.Typer(
-    help="Probe a trained run or a fresh model: gradients, Jacobian spectra, Hessian, landscape.",
-    no_args_is_help=True,
-)
-app.add_typer(probe_app, name="probe")
+APP_HELP = ("See why neural-network training works or fails: train, probe gradients and curvature, "
+            "attack, and compare runs. Every command writes a run folder (TensorBoard + CSV).")
+
+# name -> (module of gradlab_cli holding `command` or a Typer sub-app `app`, one-line help). A
+# command's flags are made from the plug-ins' option declarations, which import torch, so only the
+# command being run is imported; the others are listed by these lines (a test checks that each
+# is the first line of the command's own help).
+COMMANDS = {
+    "train": ("train", "Train a model; log per-step loss, learning rate and gradient norm, per-epoch accuracy."),
+    "runs": ("runs", "List runs: id, command, model, dataset, optimizer, status and key final metrics."),
+    "list": ("listing", "List models, datasets, optimizers, probes or attacks with a one-line description and options."),
+    "run": ("experiment", "Run each combination of an experiment file as its own run; report failures at the end."),
+    "tensorboard": ("tb", "Start TensorBoard on the runs folder (Ctrl-C stops it)."),
+    "attack": ("attack", "Attack the model of a trained run (eval mode) at one or more eps; writes attack.csv, plots, TensorBoard."),
+    "optimize": ("optimize", "Run optimizers from one start point on a 2-D test function: trajectories.csv, a contour plot of all"),
+    "simplex": ("simplex", "Train a simplex of K vertices whose whole interior has low loss, starting from a trained run:"),
+    "connect": ("connect", "Train a Bezier or polychain curve between two runs' weights and compare its loss and accuracy with the"),
+    "probe": ("probe", "Probe a trained run or a fresh model: gradients, Jacobian spectra, Hessian, landscape."),
+}
+
+_SETTINGS = {"help_option_names": ["-h", "--help"]}
 
 
-def _cmd(module: str, attr: str = "command"):
-    """The command function ``attr`` of ``gradlab_cli.<module>`` (modules stay torch-free at import)."""
-    return getattr(importlib.import_module(f"gradlab_cli.{module}"), attr)
+def _placeholder() -> None:  # pragma: no cover - listed in --help, never dispatched
+    raise RuntimeError("placeholder command invoked")
 
 
-# --- commands: one registration line each -------------------------------------------------
-app.command("train")(_cmd("train"))
-app.command("runs")(_cmd("runs"))
-app.command("list")(_cmd("listing"))
-app.command("run")(_cmd("experiment"))
-app.command("tensorboard")(_cmd("tb"))
-app.command("attack")(_cmd("attack"))
-app.command("optimize")(_cmd("optimize"))
-app.command("simplex")(_cmd("simplex"))
-app.command("connect")(_cmd("connect"))
-probe_app.command("gradnorm")(_cmd("probe_gradnorm"))
-probe_app.command("landscape")(_cmd("probe_landscape"))
-probe_app.command("jacobian")(_cmd("probe_jacobian"))
-probe_app.command("hessian")(_cmd("probe_hessian"))
-# --- end of commands ------------------------------------------------------------------------
+def make_app(argv: list) -> typer.Typer:
+    """The ``gradlab`` app, with the command named in ``argv`` built for real and every other
+    command present only by name and help line (so ``gradlab --help`` does not import torch)."""
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    app = typer.Typer(name="gradlab", help=APP_HELP, no_args_is_help=True, add_completion=False,
+                      pretty_exceptions_enable=False, context_settings=_SETTINGS)
+    for name, (module, help_line) in COMMANDS.items():
+        if name != wanted:
+            if name == "probe":
+                app.add_typer(typer.Typer(help=help_line), name=name)
+            else:
+                app.command(name, help=help_line)(_placeholder)
+            continue
+        mod = importlib.import_module(f"gradlab_cli.{module}")
+        if hasattr(mod, "app"):  # a command group, e.g. `gradlab probe NAME`
+            app.add_typer(mod.app, name=name, help=help_line)
+        else:
+            app.command(name)(mod.command)
+    return app
 
 
 def _one_line(msg: str) -> str:
@@ -63,7 +73,8 @@ def main(argv: list | None = None) -> None:
     from gradlab.core.errors import GradlabError
 
     try:
-        rv = app(args=argv, standalone_mode=False, prog_name="gradlab")
+        argv = sys.argv[1:] if argv is None else argv
+        rv = make_app(argv)(args=argv, standalone_mode=False, prog_name="gradlab")
     except GradlabError as e:
         print(f"gradlab: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)

@@ -2,10 +2,42 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from gradlab.core.errors import GradlabError
+
+
+_LOADER = None
+
+
+def _loader():
+    """PyYAML's safe loader, reading ``1e-3``, ``3e4`` and ``1.0e6`` as numbers (YAML 1.2 does;
+    PyYAML's YAML 1.1 rules need a dot and a signed exponent, so it reads them as strings)."""
+    global _LOADER
+    if _LOADER is None:
+        import re
+
+        import yaml
+
+        class Loader(yaml.SafeLoader):
+            pass
+
+        Loader.add_implicit_resolver(
+            "tag:yaml.org,2002:float",
+            re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+            list("-+0123456789."),
+        )
+        _LOADER = Loader
+    return _LOADER
+
+
+def yaml_value(text: str) -> Any:
+    """One scalar as a YAML file would read it (``0.5``, ``1e-3``, ``true``, ``spirals``)."""
+    import yaml
+
+    return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -16,7 +48,7 @@ def load_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise GradlabError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -48,4 +80,84 @@ def resolve(defaults: Mapping[str, Any], file_cfg: Mapping[str, Any] | None, fla
                 f"valid keys: {', '.join(sorted(defaults))}"
             )
         out.update({k: v for k, v in source.items() if v is not None})
+    return out
+
+
+# -- a command's configuration: its own options plus the options of the plug-ins it chose ------
+@dataclass(frozen=True)
+class Slot:
+    """A plug-in choice inside a command's configuration, e.g. the optimizer of ``train``.
+
+    ``key`` is the config key that names the choice (``"opt"``); ``registry`` holds the choices.
+    ``options_for(name)`` may replace the registry's declarations for names it does not hold
+    (a user model ``package.module:factory`` takes the zoo's common options).
+    """
+
+    key: str
+    registry: Any
+    options_for: Optional[Callable[[str], Any]] = None
+
+    def options(self, name: str):
+        if self.options_for is not None and name not in self.registry:
+            return self.options_for(name)
+        return self.registry.entry(name).options
+
+
+def merge_sources(sources: Sequence[tuple[str, Mapping[str, Any]]]) -> tuple[dict, dict]:
+    """Layer ``[(where, values), ...]`` from lowest to highest precedence (``None``: not given).
+
+    Returns the merged values and, per key, where its value came from (``"in run.yaml"``,
+    ``"in --set"``, ``""`` for a typed flag), so a message can say which source was wrong.
+    """
+    merged: dict = {}
+    origin: dict = {}
+    for where, values in sources:
+        for k, v in normalise_keys(values or {}).items():
+            if v is None:
+                continue
+            merged[k], origin[k] = v, where
+    return merged, origin
+
+
+def resolve_config(own, slots: Sequence[Slot], sources: Sequence[tuple[str, Mapping[str, Any]]],
+                   *, command: str = "") -> dict:
+    """The full configuration of a command: every option with its checked value.
+
+    Args:
+        own: the command's own :class:`~gradlab.core.options.Options` (it declares the slot keys,
+            e.g. ``opt``, as ``str`` options).
+        slots: the plug-ins the command chooses; each chosen plug-in's options are resolved from
+            the same flat keys (``lr`` goes to the optimizer chosen by ``opt``).
+        sources: ``[(where, values), ...]``, lowest precedence first (defaults come from the
+            declarations): e.g. ``[("in exp.yaml", file), ("in --set", sets), ("", flags)]``.
+    Returns:
+        One flat dict: the command's options, then each slot's plug-in options, in order.
+    Raises:
+        GradlabError: one line for the first mistake: a bad value (naming its source), an unknown
+            plug-in name, a key that belongs to another plug-in ("'hessian_power' is an option of
+            optimizer adahessian, not of optimizer adam"), or an unknown key with a "did you mean".
+    """
+    from gradlab.core.options import check_keys
+
+    merged, origin = merge_sources(sources)
+    out = own.resolve({k: v for k, v in merged.items() if k in own}, where=origin)
+    claimed = set(own.names())
+    chosen = []
+    for slot in slots:
+        name = out[slot.key]
+        opts = slot.options(name)
+        label = f"{slot.registry.kind} {name}"
+        mine = {k: v for k, v in merged.items() if k in opts}
+        for k, v in opts.resolve(mine, owner=label, where=origin).items():
+            out.setdefault(k, v)
+        claimed.update(opts.names())
+        chosen.append((slot, name, label))
+    leftover = [k for k in merged if k not in claimed]
+    if leftover:
+        others: dict = {}
+        for slot, name, _ in chosen:
+            others.update(slot.registry.options_of_others(name))
+        labels = " and ".join(label for *_, label in chosen) or (f"gradlab {command}" if command else "")
+        key = leftover[0]
+        check_keys([key], sorted(claimed), owner=labels, where=origin.get(key, ""), others=others)
     return out

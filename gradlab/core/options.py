@@ -244,7 +244,7 @@ class Options:
     def without(self, *names: str) -> "Options":
         return Options(*(o for o in self if o.name not in names))
 
-    def resolve(self, given: Mapping[str, Any], *, owner: str = "", where: str = "",
+    def resolve(self, given: Mapping[str, Any], *, owner: str = "", where: Any = "",
                 others: Optional[Mapping[str, "Options"]] = None) -> dict:
         """Every option's value: ``given`` over the defaults, each checked.
 
@@ -252,18 +252,22 @@ class Options:
             given: option values (``None`` for an option whose default is not None means "not
                 given": the default stays).
             owner: who the options belong to, for messages (``"optimizer adam"``).
-            where: where the values come from, for messages (``"in run.yaml"``).
+            where: where the values come from, for messages (``"in run.yaml"``), or a mapping
+                of key -> where, when they come from several sources.
             others: the options of the other plug-ins of the same kind (name -> Options): a key
                 that is theirs gets "is an option of X, not of <owner>".
         Raises:
             GradlabError: for an unknown key (with a "did you mean") or a bad value.
         """
-        check_keys(given, self.names(), owner=owner, where=where, others=others)
+        at = where.get if isinstance(where, Mapping) else (lambda _key, _d="": where)
+        for key in given:
+            if key not in self:
+                check_keys([key], self.names(), owner=owner, where=at(key, ""), others=others)
         out = {}
         for opt in self:
             value = given.get(opt.name)
             if opt.name in given and (value is not None or opt.accepts_none):
-                out[opt.name] = opt.check(value, where)
+                out[opt.name] = opt.check(value, at(opt.name, ""))
             else:
                 out[opt.name] = opt.default
         return out
