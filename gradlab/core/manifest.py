@@ -1,0 +1,180 @@
+"""The registries' declarations, readable without importing the plug-ins (and so torch).
+
+A command's ``--help`` lists flags made from every plug-in's options, and a typo in a name or a
+number should be answered before torch is loaded (about two seconds). The plug-in modules import
+torch, so their declarations are written once to a cache file, a JSON *manifest*, the first time
+they are imported, and read from it afterwards. The manifest is derived data: its file name holds
+a key of the gradlab version and the size and modification time of every module of the package,
+so any edit makes a new one, and a missing, stale or unreadable manifest only means the plug-ins
+are imported for real (and the manifest written again).
+
+    >>> view = registry_view("optimizers")          # doctest: +SKIP
+    >>> view.entry("adam").options["lr"].default    # doctest: +SKIP
+    0.001
+
+The cache folder is ``$GRADLAB_CACHE``, else ``$XDG_CACHE_HOME/gradlab``, else
+``~/.cache/gradlab``; a folder that cannot be written is skipped silently (every call then
+imports the plug-ins, which is slower but correct).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from gradlab.core.options import Option, Options
+
+# kind -> (module, registry attribute). Importing the module registers every entry.
+REGISTRIES = {
+    "models": ("gradlab.models", "MODELS"),
+    "datasets": ("gradlab.data", "DATASETS"),
+    "optimizers": ("gradlab.optim", "OPTIMIZERS"),
+    "probes": ("gradlab.probes", "PROBES"),
+    "attacks": ("gradlab.attacks", "ATTACKS"),
+    "functions": ("gradlab.landscape.functions", "FUNCTIONS"),
+}
+_KIND_NAMES = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}
+_FORMAT = 1
+_loaded: dict = {}
+
+
+def real_registry(kind: str):
+    """The registry itself (imports its plug-ins)."""
+    module, attr = REGISTRIES[kind]
+    return getattr(importlib.import_module(module), attr)
+
+
+def cache_dir() -> Path:
+    if os.environ.get("GRADLAB_CACHE"):
+        return Path(os.environ["GRADLAB_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gradlab"
+
+
+def _key() -> str:
+    """A digest of the version and of every module file's size and mtime."""
+    from gradlab import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha1(f"{_FORMAT}:{__version__}:{root}".encode())
+    for p in sorted(root.rglob("*.py")):
+        st = p.stat()
+        h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def _option_to_json(o: Option) -> dict:
+    d = {f: getattr(o, f) for f in ("name", "default", "help", "low", "high", "low_open", "high_open",
+                                    "choices", "length", "paper", "nullable", "finite")}
+    d["kind"], d["item"] = o.kind.__name__, o.item.__name__
+    return d
+
+
+def _option_from_json(d: dict) -> Option:
+    d = dict(d)
+    d["kind"], d["item"] = _KIND_NAMES[d["kind"]], _KIND_NAMES[d["item"]]
+    if d["choices"] is not None:
+        d["choices"] = tuple(d["choices"])
+    if d["kind"] is tuple and d["default"] is not None:
+        d["default"] = tuple(d["default"])
+    return Option(**d)
+
+
+def _dump(kinds) -> dict:
+    doc = {}
+    for kind in kinds:
+        reg = real_registry(kind)
+        doc[kind] = {"kind": reg.kind, "entries": [
+            {"name": e.name, "description": e.description, "paper": e.paper, "legacy_flags": e.legacy_flags,
+             "options": [_option_to_json(o) for o in e.options]} for e in reg]}
+    return doc
+
+
+def _read_or_build() -> dict:
+    key = _key()
+    if key in _loaded:
+        return _loaded[key]
+    path = cache_dir() / f"manifest-{key}.json"
+    doc: Optional[dict] = None
+    try:
+        doc = json.loads(path.read_text())
+        if set(doc) != set(REGISTRIES):
+            doc = None
+    except (OSError, ValueError):
+        doc = None
+    if doc is None:
+        doc = _dump(REGISTRIES)
+        try:  # a temporary file and a rename: a concurrent reader never sees half a manifest
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    _loaded[key] = doc
+    return doc
+
+
+class EntryView:
+    """What :class:`gradlab.core.registry.Entry` says about a plug-in, without the object."""
+
+    def __init__(self, d: dict):
+        self.name, self.description, self.paper = d["name"], d["description"], d["paper"]
+        self.legacy_flags = d.get("legacy_flags", "")
+        self.options = Options(*(_option_from_json(o) for o in d["options"]))
+
+    @property
+    def option_flags(self) -> str:
+        return " ".join(o.flag for o in self.options) or self.legacy_flags
+
+
+class RegistryView:
+    """A torch-free stand-in for a registry: names, descriptions and declarations only. It has
+    the methods config resolution and the CLI use (``entry``, ``names``, ``declarations``,
+    ``options_of_others``); ``get`` is not among them: building needs the real registry."""
+
+    def __init__(self, kind: str, doc: dict):
+        self.kind = doc["kind"]
+        self.registry_kind = kind
+        self._entries = {d["name"]: EntryView(d) for d in doc["entries"]}
+
+    def entry(self, name: str) -> EntryView:
+        if name in self._entries:
+            return self._entries[name]
+        return real_registry(self.registry_kind).entry(name)  # the real one words the error
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[EntryView]:
+        return iter(self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def declarations(self) -> dict[str, list[tuple[str, Any]]]:
+        out: dict = {}
+        for e in self._entries.values():
+            for o in e.options:
+                out.setdefault(o.name, []).append((e.name, o))
+        return out
+
+    def options_of_others(self, name: str) -> dict[str, Options]:
+        return {f"{self.kind} {n}": e.options for n, e in self._entries.items() if n != name}
+
+
+def registry_view(kind: str) -> RegistryView:
+    """The declarations of registry ``kind`` (``"optimizers"``, ...) from the manifest."""
+    if kind not in REGISTRIES:
+        raise KeyError(f"no registry {kind!r}; known: {', '.join(REGISTRIES)}")
+    return RegistryView(kind, _read_or_build()[kind])
+
+
+__all__ = ["REGISTRIES", "EntryView", "RegistryView", "cache_dir", "real_registry", "registry_view"]
