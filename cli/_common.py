@@ -30,6 +30,31 @@ RunRefOpt = Annotated[Optional[str], typer.Option("--run", help="Source run: a r
 COMMON_DEFAULTS = {"runs_dir": "runs", "name": None, "seed": 0, "device": "auto"}
 
 
+def run_options():
+    """The options of every run-making command, declared once (flags: the aliases above)."""
+    from gradlab.core.options import Option, Options
+
+    return Options(
+        Option("runs_dir", str, "runs", "folder that holds run folders"),
+        Option("name", str, None, "suffix for the run folder name"),
+        Option("seed", int, 0, "random seed: data split, init, noise", low=0),
+        Option("device", str, "auto", "where to compute", choices=("auto", "cpu", "cuda")),
+    )
+
+
+def resolve_command(own, config_file: Optional[Path], flags: Mapping[str, Any], *, slots=(),
+                    sets: Optional[Mapping[str, Any]] = None, command: str = "") -> dict:
+    """A command's checked configuration: its declared options (and the run options, and the
+    options of the plug-ins its ``slots`` choose) from the declarations' defaults < ``--config``
+    file < ``--set`` < flags typed on the command line (None = not typed)."""
+    from gradlab.core.config import load_yaml, resolve_config
+
+    file_cfg = load_yaml(config_file) if config_file is not None else {}
+    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}
+    sources = [(f"in {config_file}", file_cfg), ("in --set", dict(sets or {})), ("", flags)]
+    return resolve_config(run_options() + own, list(slots), sources, command=command)
+
+
 def resolve_options(defaults: Mapping[str, Any], config_file: Optional[Path], flags: Mapping[str, Any]) -> dict:
     """defaults < --config file < flags typed on the command line (None = not typed)."""
     from gradlab.core.config import load_yaml, resolve

@@ -35,7 +35,8 @@ def _declarations(source) -> dict:
 def help_text(owners: list, kind: str = "") -> str:
     """One option's help: its sentence, its choices, who uses it and its default(s)."""
     opt = owners[0][1]
-    parts = [opt.help.rstrip(".") + "."]
+    sentence = opt.help.rstrip(".")
+    parts = [sentence[:1].upper() + sentence[1:] + "."]
     if opt.kind is str and opt.choices:
         parts.append(f"One of: {', '.join(opt.choices)}.")
     if opt.kind is tuple:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 from typing_extensions import Annotated
 
@@ -17,32 +15,32 @@ from gradlab_cli._common import (
     console,
     finish_and_print,
     render_table,
-    resolve_options,
+    resolve_command,
     start_run,
 )
+from gradlab_cli._options import with_flags
 
 PANEL = "Curve"
-DEFAULTS = {
-    "curve": "bezier", "epochs": 10, "lr": 0.05, "batch_size": 128, "points": 21, "split": "test", "bn_batches": 8,
-}
 
 
+def _options():
+    from gradlab.landscape.connect import CONNECT_OPTIONS
+
+    return CONNECT_OPTIONS
+
+
+@with_flags((PANEL, _options()))
 def command(
     run_a: Annotated[str, typer.Argument(help="First endpoint: a trained run (folder, id or 'last').", show_default=False)],
     run_b: Annotated[str, typer.Argument(help="Second endpoint: a trained run of the same model.", show_default=False)],
-    curve: Annotated[Optional[str], typer.Option(help="bezier (quadratic Bezier) or polychain (two segments). (default: bezier)", rich_help_panel=PANEL)] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs training the curve's bend. (default: 10)", rich_help_panel=PANEL)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="SGD learning rate (momentum 0.9, cosine schedule). (default: 0.05)", rich_help_panel=PANEL)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Training batch size. (default: 128)", rich_help_panel=PANEL)] = None,
-    points: Annotated[Optional[int], typer.Option(help="Evaluated values of t in [0, 1]. (default: 21)", rich_help_panel=PANEL)] = None,
-    split: Annotated[Optional[str], typer.Option(help="Evaluation split: train or test. (default: test)", rich_help_panel=PANEL)] = None,
-    bn_batches: Annotated[Optional[int], typer.Option(help="Training batches (of 512) for recomputing BatchNorm statistics at each t. (default: 8)", rich_help_panel=PANEL)] = None,
     runs_dir: RunsDirOpt = None,
     name: NameOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
+    *,
+    flags: dict,
 ) -> None:
     """Train a Bezier or polychain curve between two runs' weights and compare its loss and accuracy with the
     straight line (barrier heights): connect.csv, connect.pt (the bend), TensorBoard scalars, plot."""
@@ -50,24 +48,14 @@ def command(
 
     from gradlab.core.device import resolve_device
     from gradlab.core.errors import GradlabError
-    from gradlab.landscape.connect import CURVES, evaluate_paths, train_curve
+    from gradlab.landscape.connect import evaluate_paths, train_curve
     from gradlab.landscape.directions import interp_direction
     from gradlab.landscape.grid import make_batches
     from gradlab.landscape.plots import connect_plot
     from gradlab.runs.folder import load_run, save_checkpoint
 
-    flags = dict(curve=curve, epochs=epochs, lr=lr, batch_size=batch_size, points=points, split=split,
-                 bn_batches=bn_batches, runs_dir=runs_dir, name=name, seed=seed, device=device)
-    cfg = resolve_options(DEFAULTS, config, flags)
-    if cfg["curve"] not in CURVES:
-        raise GradlabError(f"unknown curve {cfg['curve']!r}; choose from: {', '.join(CURVES)}")
-    for key, low in (("epochs", 1), ("batch_size", 1), ("points", 2), ("bn_batches", 1)):
-        if cfg[key] < low:
-            raise GradlabError(f"invalid {key.replace('_', '-')}: {cfg[key]} (must be >= {low})")
-    if cfg["lr"] <= 0:
-        raise GradlabError(f"invalid lr: {cfg['lr']} (must be > 0)")
-    if cfg["split"] not in ("train", "test"):
-        raise GradlabError(f"unknown split {cfg['split']!r}; choose from: train, test")
+    flags = dict(flags, runs_dir=runs_dir, name=name, seed=seed, device=device)
+    cfg = resolve_command(_options(), config, flags, command="connect")
     dev = resolve_device(cfg["device"])
     a = load_run(run_a, cfg["runs_dir"], device=dev)
     b = load_run(run_b, cfg["runs_dir"], device=dev)

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
-
-import typer
-from typing_extensions import Annotated
 
 from gradlab_cli._common import (
     ConfigOpt,
@@ -19,53 +15,42 @@ from gradlab_cli._common import (
     finish_and_print,
     parse_float_list,
     render_table,
-    resolve_options,
+    resolve_command,
     start_run,
 )
+from gradlab_cli._options import with_flags
 
 PANEL = "Optimization"
-DEFAULTS = {
-    "fn": "saddle", "opt": "sgd,momentum,adam,adahessian,curvature-gd,langevin", "steps": 200, "start": None,
-    "lr": None, "tol": 1e-4, "escape_delta": 0.1, "cond": None, "gif": False,
-}
 
 
+def _options():
+    from gradlab.landscape.trajectories import OPTIMIZE_OPTIONS
+
+    return OPTIMIZE_OPTIONS
+
+
+@with_flags((PANEL, _options()))
 def command(
-    fn: Annotated[Optional[str], typer.Option("--fn", help="Test function: quadratic, saddle, monkey-saddle, rosenbrock, himmelblau, rastrigin, beale. (default: saddle)", rich_help_panel=PANEL)] = None,
-    opt: Annotated[Optional[str], typer.Option("--opt", help="Comma list of optimizers from the registry (`gradlab list optimizers`). (default: sgd,momentum,adam,adahessian,curvature-gd,langevin)", rich_help_panel=PANEL)] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Steps per optimizer. (default: 200)", rich_help_panel=PANEL)] = None,
-    start: Annotated[Optional[str], typer.Option(help="Start point x,y. (default: the function's usual start, e.g. -1.5,0.01 for saddle)", rich_help_panel=PANEL)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="One step size for every optimizer. (default: per optimizer, tuned for 2-D functions: sgd/momentum 0.01, adam 0.05, adahessian/curvature-gd 0.1, ...; smaller on rosenbrock and beale)", rich_help_panel=PANEL)] = None,
-    tol: Annotated[Optional[float], typer.Option(help="Report the first step with loss - global minimum <= tol. (default: 1e-4)", rich_help_panel=PANEL)] = None,
-    escape_delta: Annotated[Optional[float], typer.Option(help="Saddle escape = first step whose loss is this far below the saddle's value. (default: 0.1)", rich_help_panel=PANEL)] = None,
-    cond: Annotated[Optional[float], typer.Option(help="quadratic only: condition number (Hessian diag(1, cond)). (default: 10)", rich_help_panel=PANEL)] = None,
-    gif: Annotated[Optional[bool], typer.Option("--gif", help="Also write an animated trajectories.gif (needs pillow).", rich_help_panel=PANEL)] = None,
     runs_dir: RunsDirOpt = None,
     name: NameOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
+    *,
+    flags: dict,
 ) -> None:
     """Run optimizers from one start point on a 2-D test function: trajectories.csv, a contour plot of all
     paths, and per optimizer the final point, steps to tol, saddle escape and the final point's type
     (exact Hessian eigenvalues)."""
-    from gradlab.core.errors import GradlabError
     from gradlab.landscape.functions import build_function
     from gradlab.landscape.plots import trajectories_gif, trajectories_plot
     from gradlab.landscape.trajectories import optimize
 
-    flags = dict(fn=fn, opt=opt, steps=steps, start=start, lr=lr, tol=tol, escape_delta=escape_delta, cond=cond,
-                 gif=gif, runs_dir=runs_dir, name=name, seed=seed, device=device)
-    cfg = resolve_options(DEFAULTS, config, flags)
+    flags = dict(flags, runs_dir=runs_dir, name=name, seed=seed, device=device)
+    cfg = resolve_command(_options(), config, flags, command="optimize")
     start_pt = parse_float_list(cfg["start"], "start point") if cfg["start"] not in (None, "") else None
     names = [s.strip() for s in str(cfg["opt"]).split(",") if s.strip()]
-    if cfg["steps"] < 1:
-        raise GradlabError(f"invalid steps: {cfg['steps']} (must be >= 1)")
-    if cfg["lr"] is not None and cfg["lr"] <= 0:
-        raise GradlabError(f"invalid lr: {cfg['lr']} (must be > 0)")
-    if cfg["tol"] <= 0:
-        raise GradlabError(f"invalid tol: {cfg['tol']} (must be > 0)")
     build_function(cfg["fn"], start_pt, cond=cfg["cond"])  # bad function/start/cond: one line, no run folder
     from gradlab.landscape.trajectories import registry_optimizer_factory
 

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
-import typer
-from typing_extensions import Annotated
-
 from gradlab_cli._common import (
     ConfigOpt,
     DeviceOpt,
@@ -18,27 +13,22 @@ from gradlab_cli._common import (
     console,
     finish_and_print,
     render_table,
-    resolve_options,
+    resolve_command,
     start_run,
 )
+from gradlab_cli._options import with_flags
 
 PANEL = "Simplex"
-DEFAULTS = {
-    "run": None, "vertices": 3, "epochs": 5, "volume_reg": 0.01, "lr": 0.05, "batch_size": 128, "samples": 10,
-    "init_scale": 0.1, "split": "test", "bn_batches": 8,
-}
 
 
+def _options():
+    from gradlab.landscape.simplex import SIMPLEX_OPTIONS
+
+    return SIMPLEX_OPTIONS
+
+
+@with_flags((PANEL, _options()))
 def command(
-    vertices: Annotated[Optional[int], typer.Option(help="Vertices K >= 2; vertex 0 is the run's weights. (default: 3)", rich_help_panel=PANEL)] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs for each added vertex. (default: 5)", rich_help_panel=PANEL)] = None,
-    volume_reg: Annotated[Optional[float], typer.Option(help="R: weight of -log(volume) in the loss (pushes vertices apart). (default: 0.01)", rich_help_panel=PANEL)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="SGD learning rate (momentum 0.9, cosine schedule). (default: 0.05)", rich_help_panel=PANEL)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Training batch size. (default: 128)", rich_help_panel=PANEL)] = None,
-    samples: Annotated[Optional[int], typer.Option(help="M random interior points evaluated and ensembled. (default: 10)", rich_help_panel=PANEL)] = None,
-    init_scale: Annotated[Optional[float], typer.Option(help="Offset of a new vertex from the centroid, relative to each filter's norm. (default: 0.1)", rich_help_panel=PANEL)] = None,
-    split: Annotated[Optional[str], typer.Option(help="Evaluation split: train or test. (default: test)", rich_help_panel=PANEL)] = None,
-    bn_batches: Annotated[Optional[int], typer.Option(help="Training batches (of 512) for recomputing BatchNorm statistics at each point. (default: 8)", rich_help_panel=PANEL)] = None,
     run: RunRefOpt = None,
     runs_dir: RunsDirOpt = None,
     name: NameOpt = None,
@@ -46,6 +36,8 @@ def command(
     device: DeviceOpt = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
+    *,
+    flags: dict,
 ) -> None:
     """Train a simplex of K vertices whose whole interior has low loss, starting from a trained run:
     simplex.csv (vertices, centre, interior samples, ensemble), simplex.pt for `probe landscape
@@ -53,23 +45,13 @@ def command(
     import pandas as pd
 
     from gradlab.core.device import resolve_device
-    from gradlab.core.errors import GradlabError
     from gradlab.landscape.grid import make_batches
     from gradlab.landscape.plots import simplex_plot
     from gradlab.landscape.simplex import evaluate_simplex, train_simplex
     from gradlab.runs.folder import load_run, save_checkpoint
 
-    flags = dict(run=run, vertices=vertices, epochs=epochs, volume_reg=volume_reg, lr=lr, batch_size=batch_size,
-                 samples=samples, init_scale=init_scale, split=split, bn_batches=bn_batches, runs_dir=runs_dir,
-                 name=name, seed=seed, device=device)
-    cfg = resolve_options(DEFAULTS, config, flags)
-    for key, low in (("vertices", 2), ("epochs", 1), ("batch_size", 1), ("samples", 1), ("bn_batches", 1)):
-        if cfg[key] < low:
-            raise GradlabError(f"invalid {key.replace('_', '-')}: {cfg[key]} (must be >= {low})")
-    if cfg["volume_reg"] < 0 or cfg["lr"] <= 0 or cfg["init_scale"] <= 0:
-        raise GradlabError("invalid value: --volume-reg must be >= 0, --lr and --init-scale > 0")
-    if cfg["split"] not in ("train", "test"):
-        raise GradlabError(f"unknown split {cfg['split']!r}; choose from: train, test")
+    flags = dict(flags, runs_dir=runs_dir, name=name, seed=seed, device=device)
+    cfg = {"run": run, **resolve_command(_options(), config, flags, command="simplex")}
     dev = resolve_device(cfg["device"])
     loaded = load_run(cfg["run"], cfg["runs_dir"], device=dev)
     model, data = loaded.model, loaded.data

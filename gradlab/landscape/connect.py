@@ -24,10 +24,22 @@ import torch
 from torch import Tensor, nn
 
 from gradlab.core.errors import GradlabError
+from gradlab.core.options import Option, Options
 from gradlab.landscape.directions import interp_direction
-from gradlab.landscape.functional import evaluate_at, train_points
+from gradlab.landscape.functional import BN_BATCHES, EVAL_SPLIT, evaluate_at, train_points
 
 CURVES = ("bezier", "polychain")
+
+#: ``gradlab connect``'s options (Garipov et al. 2018).
+CONNECT_OPTIONS = Options(
+    Option("curve", str, "bezier", "bezier (quadratic Bezier) or polychain (two segments)", choices=CURVES),
+    Option("epochs", int, 10, "epochs training the curve's bend", low=1),
+    Option("lr", float, 0.05, "SGD learning rate (momentum 0.9, cosine schedule)", low=0, low_open=True),
+    Option("batch_size", int, 128, "training batch size", low=1),
+    Option("points", int, 21, "evaluated values of t in [0, 1]", low=2),
+    EVAL_SPLIT,
+    BN_BATCHES,
+)
 
 
 def curve_point(kind: str, t, w_a: Mapping[str, Tensor], w_b: Mapping[str, Tensor], bend: Mapping[str, Tensor]) -> dict:

@@ -22,6 +22,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from gradlab.core.errors import GradlabError
+from gradlab.core.options import Option
+
+# Options of the commands that train and evaluate points (simplex, connect).
+EVAL_SPLIT = Option("split", str, "test", "evaluation split", choices=("train", "test"))
+BN_BATCHES = Option("bn_batches", int, 8, "training batches (of 512) for recomputing BatchNorm statistics at "
+                    "each evaluated point", low=1)
 
 
 def batchnorms(model: nn.Module) -> list:

@@ -27,8 +27,24 @@ import torch
 from torch import Tensor, nn
 
 from gradlab.core.errors import GradlabError
+from gradlab.core.options import Option, Options
 from gradlab.landscape.directions import random_directions, weights_of
-from gradlab.landscape.functional import evaluate_at, train_points
+from gradlab.landscape.functional import BN_BATCHES, EVAL_SPLIT, evaluate_at, train_points
+
+#: ``gradlab simplex``'s options (Benton et al. 2021's SPRO recipe).
+SIMPLEX_OPTIONS = Options(
+    Option("vertices", int, 3, "vertices K; vertex 0 is the run's weights", low=2),
+    Option("epochs", int, 5, "training epochs for each added vertex", low=1),
+    Option("volume_reg", float, 0.01, "R: weight of -log(volume) in the loss (pushes vertices apart)", low=0,
+           paper="Benton et al. 2021"),
+    Option("lr", float, 0.05, "SGD learning rate (momentum 0.9, cosine schedule)", low=0, low_open=True),
+    Option("batch_size", int, 128, "training batch size", low=1),
+    Option("samples", int, 10, "M random interior points evaluated and ensembled", low=1),
+    Option("init_scale", float, 0.1, "offset of a new vertex from the centroid, relative to each filter's norm",
+           low=0, low_open=True),
+    EVAL_SPLIT,
+    BN_BATCHES,
+)
 
 
 def cayley_menger_log_volume(points: Tensor) -> Tensor:

@@ -27,7 +27,8 @@ import pandas as pd
 import torch
 
 from gradlab.core.errors import GradlabError
-from gradlab.landscape.functions import TestFunction, build_function
+from gradlab.core.options import Option, Options
+from gradlab.landscape.functions import FUNCTIONS, TestFunction, build_function
 
 # Step sizes chosen for the 2-D functions' scale (curvatures of order 1-100, optima within a few
 # units): large enough to move in ~100 steps, small enough that none of them diverges on the
@@ -53,6 +54,23 @@ DEFAULT_LRS = {
 DEFAULT_LR = 0.01
 SCALE_FREE = frozenset({"adam", "adamw", "rmsprop", "adagrad", "adahessian", "curvature-gd", "swats"})
 SHOWCASE = ("sgd", "momentum", "adam", "adahessian", "curvature-gd", "langevin")
+
+#: ``gradlab optimize``'s options.
+OPTIMIZE_OPTIONS = Options(
+    Option("fn", str, "saddle", "test function", choices=tuple(FUNCTIONS.names())),
+    Option("opt", str, ",".join(SHOWCASE), "comma list of optimizers from the registry (`gradlab list optimizers`)"),
+    Option("steps", int, 200, "steps per optimizer", low=1),
+    Option("start", str, None, "start point x,y (default: the function's usual start, e.g. -1.5,0.01 for saddle)"),
+    Option("lr", float, None, "one step size for every optimizer (default: per optimizer, tuned for 2-D functions: "
+           "sgd/momentum 0.01, adam 0.05, adahessian/curvature-gd 0.1, ...; smaller on rosenbrock and beale)",
+           low=0, low_open=True),
+    Option("tol", float, 1e-4, "report the first step with loss - global minimum <= tol", low=0, low_open=True),
+    Option("escape_delta", float, 0.1, "saddle escape = first step whose loss is this far below the saddle's value",
+           low=0, low_open=True),
+    Option("cond", float, None, "quadratic only: condition number (Hessian diag(1, cond)); default 10", low=0,
+           low_open=True),
+    Option("gif", bool, False, "also write an animated trajectories.gif (needs pillow)"),
+)
 
 
 @dataclass
