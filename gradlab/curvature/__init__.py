@@ -10,10 +10,11 @@ from gradlab.curvature.eigen import EigenResult, eigsh
 from gradlab.curvature.gauss_newton import TRACE_METHODS, gauss_newton_trace, is_piecewise_linear, trace_auto
 from gradlab.curvature.hessian_op import HessianOperator, dense_hessian, model_mode
 from gradlab.curvature.operator import CurvatureOperator, DenseOperator, as_operator
+from gradlab.curvature.diagonal import DiagonalResult, hutchinson_diag, hutchinson_diagonal
+from gradlab.curvature.lanczos import Lanczos
+from gradlab.curvature.sampling import gaussian, gaussian_like, make_generator, rademacher, rademacher_like
 from gradlab.curvature.trace import (
-    DiagonalResult,
     TraceResult,
-    hutchinson_diag,
     hutchinson_trace,
     hutchpp_trace,
     krylov_trace,
@@ -25,5 +26,6 @@ __all__ = [
     "model_mode", "EigenResult", "eigsh", "TraceResult", "DiagonalResult", "hutchinson_trace",
     "hutchpp_trace", "krylov_trace", "xtrace", "hutchinson_diag", "DensityResult", "slq_density",
     "BatchedEigenResult", "batched_lanczos", "TRACE_METHODS", "gauss_newton_trace", "trace_auto",
-    "is_piecewise_linear",
+    "is_piecewise_linear", "hutchinson_diagonal", "Lanczos", "gaussian", "gaussian_like", "make_generator",
+    "rademacher", "rademacher_like",
 ]

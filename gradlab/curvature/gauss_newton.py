@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from gradlab.curvature.hessian_op import HessianOperator
 from gradlab.curvature.trace import OPERATOR_TRACE_METHODS, TraceResult, _mean_stderr, xtrace
-from gradlab.curvature.operator import make_generator
+from gradlab.curvature.sampling import make_generator, rademacher
 from gradlab.core.errors import GradlabError, check
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -203,7 +203,7 @@ class _Layer:
         n, dt, dev = e.shape[0], e.dtype, e.device
 
         def rad(*shape):
-            return torch.randint(0, 2, shape, generator=gen, dtype=dt).to(dev).mul_(2).sub_(1)
+            return rademacher(shape, gen, dtype=dt, device=dev)
 
         if isinstance(m, nn.Linear):
             A = self._cache
