@@ -49,8 +49,9 @@ from gradlab.curvature.hessian_op import HessianOperator
 from gradlab.curvature.trace import OPERATOR_TRACE_METHODS, TraceResult, _mean_stderr, xtrace
 from gradlab.curvature.sampling import make_generator, rademacher
 from gradlab.core.errors import GradlabError, check
+from gradlab.core.modelstate import BATCH_NORMS
 
-_BN = nn.modules.batchnorm._BatchNorm
+_BN = BATCH_NORMS
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, _BN, nn.LayerNorm, nn.GroupNorm)
 
 #: Leaf modules whose output is piecewise linear in their input and in their own parameters.
