@@ -10,8 +10,9 @@ curvature engine and in the optimizers built on it comes from here, from an expl
 * :func:`rademacher_like` / :func:`gaussian_like`: one tensor per parameter, with each one's
   shape, dtype and device.
 
-Draws happen on the generator's device (CPU for a CPU generator, so a seed gives the same probes
-on CPU and GPU) and the result is moved to the requested device.
+Draws happen on the generator's device (without a generator: from torch's global CPU RNG), so a
+CPU generator or ``torch.manual_seed`` gives the same probes whether the model is on CPU or GPU;
+the result is then moved to the requested device. Pass a CUDA generator to draw on the GPU.
 
 Rademacher signs come from random bytes: one byte gives eight signs through a 256-row table, and
 all tensors of one dtype and device share one draw (returned as views of it). That is one eighth
@@ -36,8 +37,8 @@ def make_generator(seed: Optional[int], device="cpu") -> torch.Generator:
     return g
 
 
-def _draw_device(generator: Optional[torch.Generator], device) -> torch.device:
-    return torch.device(device if generator is None else generator.device)
+def _draw_device(generator: Optional[torch.Generator]) -> torch.device:
+    return torch.device("cpu") if generator is None else generator.device
 
 
 def _sign_table(dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -52,7 +53,7 @@ def _sign_table(dtype: torch.dtype, device: torch.device) -> Tensor:
 
 def _signs(n: int, generator: Optional[torch.Generator], dtype: torch.dtype, device) -> Tensor:
     """``n`` independent +-1 entries, flat, in ``dtype`` on ``device`` (the byte-table draw)."""
-    draw_device = _draw_device(generator, device)
+    draw_device = _draw_device(generator)
     byte = torch.randint(0, 256, ((n + 7) // 8,), generator=generator, device=draw_device)
     return torch.index_select(_sign_table(dtype, draw_device), 0, byte).view(-1)[:n].to(device)
 
@@ -63,14 +64,14 @@ def rademacher(shape, generator: Optional[torch.Generator] = None, *, dtype: tor
 
     Args:
         shape: an int or a tuple of ints.
-        generator: the source of randomness (None: the global RNG of ``device``).
+        generator: the source of randomness (None: torch's global CPU RNG).
         dtype: the result's dtype (a floating or integer dtype).
         device: the result's device (default: the generator's, else CPU).
     Returns:
         A tensor of ``shape``; ``E[z z^T] = I`` over its flattened entries.
     """
     shape = (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
-    device = _draw_device(generator, "cpu") if device is None else torch.device(device)
+    device = _draw_device(generator) if device is None else torch.device(device)
     return _signs(_numel(shape), generator, dtype, device).view(shape)
 
 
@@ -97,7 +98,7 @@ def gaussian(shape, generator: Optional[torch.Generator] = None, *, dtype: torch
     """Independent standard normal entries of shape ``shape``, drawn in ``dtype`` on the
     generator's device and moved to ``device`` (default: the generator's, else CPU)."""
     shape = (int(shape),) if isinstance(shape, int) else tuple(int(s) for s in shape)
-    draw_device = _draw_device(generator, "cpu" if device is None else device)
+    draw_device = _draw_device(generator)
     z = torch.randn(shape, generator=generator, dtype=dtype, device=draw_device)
     return z if device is None else z.to(device)
 
