@@ -1,7 +1,15 @@
 """The curvature engine: one operator abstraction, HVP backends, and the solvers built on them.
 
 Every curvature consumer (the Hessian probe, AdaHessian, curvature-aware GD, landscapes,
-curvature attacks, per-example Jacobian spectra) goes through this package.
+curvature attacks, per-example Jacobian spectra) goes through this package, and each primitive
+exists once:
+
+* probe vectors: :mod:`~gradlab.curvature.sampling` (Rademacher and Gaussian, from a generator);
+* Hessian-vector products: :mod:`~gradlab.curvature.hvp`, operators in
+  :mod:`~gradlab.curvature.operator` and :mod:`~gradlab.curvature.hessian_op`;
+* the Hutchinson diagonal: :mod:`~gradlab.curvature.diagonal`;
+* Lanczos (one or many operators at once): :mod:`~gradlab.curvature.lanczos`, under
+  :func:`eigsh`, :func:`slq_density`, :func:`krylov_trace` and :func:`batched_lanczos`.
 """
 
 from gradlab.curvature.batched import BatchedEigenResult, batched_lanczos
