@@ -294,7 +294,7 @@ def test_bad_backend_and_mode_rejected(case):
 
 def test_rademacher_like_draws_balanced_independent_signs():
     """One byte gives eight signs through a table: every bit position must be fair and independent."""
-    from gradlab.curvature.hvp import rademacher_like
+    from gradlab.curvature.sampling import rademacher_like
 
     shapes = [(3, 5), (7,), (2, 3, 3), (0,), (40_000,)]
     like = [torch.zeros(s, dtype=torch.float64 if i == 1 else torch.float32) for i, s in enumerate(shapes)]

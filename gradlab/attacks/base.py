@@ -18,7 +18,7 @@ way torchattacks' ``Attack`` does:
   is the mean of N forward/backward passes. Randomness comes from the model's dropout layers and
   from an optional random input transform (``eot_noise``: Gaussian noise of that std in pixel
   units, added before the forward pass). To sample dropout while keeping BatchNorm on its running
-  statistics, only the dropout modules (``torch.nn.modules.dropout._DropoutNd``: Dropout,
+  statistics, only the dropout modules (:data:`gradlab.core.modelstate.DROPOUTS`: Dropout,
   Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout) are switched to train mode during EOT passes
   (only when ``N > 1``); everything else stays in eval mode. Deciding whether an example is already
   adversarial always uses the deterministic eval-mode model.
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradlab.core.errors import GradlabError
+from gradlab.core.modelstate import DROPOUTS, model_state
 
 NORMS = ("linf", "l2")
 
@@ -323,34 +324,19 @@ class Attack(abc.ABC):
     def _eval_frozen(self) -> Iterator[None]:
         """Eval mode + frozen parameters for the call; restores each module and parameter flag.
 
-        Only what is changed gets restored (a model already in eval mode costs nothing): this runs
-        once per batch of adversarial training, so its Python overhead matters on small models.
+        Frozen: only input gradients are needed, so parameters' ``.grad`` stay untouched.
         """
-        training = [m for m in self.model.modules() if m.training]
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        try:
-            if training:
-                self.model.eval()
-            for p in trainable:
-                p.requires_grad_(False)  # only input gradients are needed; parameters' .grad stay untouched
+        with model_state(self.model, train=False, requires_grad=False):
             yield
-        finally:
-            for m in training:
-                m.training = True
-            for p in trainable:
-                p.requires_grad_(True)
 
     @contextlib.contextmanager
     def _eot_mode(self) -> Iterator[None]:
         """Dropout modules in train mode (sampling masks) while ``eot > 1``; BatchNorm stays eval."""
-        dropouts = [] if self.eot == 1 else [m for m in self.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        dropouts = [] if self.eot == 1 else [m for m in self.model.modules() if isinstance(m, DROPOUTS)]
         if not dropouts:
             yield
             return
-        try:
+        with model_state(self.model):  # nested in _eval_frozen: restores the eval flags it set
             for m in dropouts:
                 m.training = True
             yield
-        finally:
-            for m in dropouts:
-                m.training = False

@@ -47,6 +47,7 @@ from gradlab.attacks import ATTACKS
 from gradlab.attacks.base import Attack, per_example
 from gradlab.curvature.batched import batched_lanczos
 from gradlab.curvature.hvp import hvp_from_grads
+from gradlab.curvature.sampling import gaussian
 from gradlab.core.errors import GradlabError
 
 CANDIDATES = ("gradient", "+eigvec", "-eigvec", "quadratic")
@@ -98,7 +99,7 @@ class CurvatureAttack(Attack):
 
     def _eigenpairs(self, g: Tensor, hvp) -> tuple[Tensor, Tensor, Tensor]:
         flat_g = g.detach().reshape(g.shape[0], -1)
-        v0 = torch.randn(flat_g.shape, generator=self.generator, device=g.device, dtype=g.dtype)
+        v0 = gaussian(flat_g.shape, self.generator, dtype=g.dtype, device=g.device)
         # tol=0: always lanczos_iters HVPs, unless an example's spectrum is resolved exactly first
         eig = batched_lanczos(hvp, v0, 1, max_iter=self.lanczos_iters, tol=0.0, return_vectors=True,
                               generator=self.generator)

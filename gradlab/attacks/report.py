@@ -21,7 +21,6 @@ and one row summarises it:
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 from gradlab.attacks import build_attack
 from gradlab.attacks.base import check_eps, flat_norm
 from gradlab.core.errors import GradlabError
+from gradlab.core.modelstate import model_state
 
 COLUMNS = ["attack", "eps", "clean_acc", "robust_acc", "success_rate", "mean_linf", "mean_l2", "mean_confidence", "n"]
 
@@ -51,17 +51,6 @@ class RobustnessResult:
     adv: dict = field(default_factory=dict)
     adv_pred: dict = field(default_factory=dict)
     targets: Optional[Tensor] = None
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -122,7 +111,7 @@ def robustness_sweep(
     device = _device_of(model)
     x, y = x.detach().cpu(), y.detach().cpu().long()
     n = x.shape[0]
-    with _eval_mode(model):
+    with model_state(model, train=False):
         clean_pred, _, clean_logits = _predict(model, x, batch_size, device)
     correct = clean_pred == y
     targets = None
@@ -142,7 +131,7 @@ def robustness_sweep(
             if progress is not None:
                 progress(eps, min(i + batch_size, n), n)
         adv = torch.cat(chunks)
-        with _eval_mode(model):
+        with model_state(model, train=False):
             adv_pred, adv_conf, _ = _predict(model, adv, batch_size, device)
         fooled = (adv_pred == targets) if targets is not None else (adv_pred != y)
         # targeted: an example whose label already is the target cannot be pushed there

@@ -1,19 +1,28 @@
 """The curvature engine: one operator abstraction, HVP backends, and the solvers built on them.
 
 Every curvature consumer (the Hessian probe, AdaHessian, curvature-aware GD, landscapes,
-curvature attacks, per-example Jacobian spectra) goes through this package.
+curvature attacks, per-example Jacobian spectra) goes through this package, and each primitive
+exists once:
+
+* probe vectors: :mod:`~gradlab.curvature.sampling` (Rademacher and Gaussian, from a generator);
+* Hessian-vector products: :mod:`~gradlab.curvature.hvp`, operators in
+  :mod:`~gradlab.curvature.operator` and :mod:`~gradlab.curvature.hessian_op`;
+* the Hutchinson diagonal: :mod:`~gradlab.curvature.diagonal`;
+* Lanczos (one or many operators at once): :mod:`~gradlab.curvature.lanczos`, under
+  :func:`eigsh`, :func:`slq_density`, :func:`krylov_trace` and :func:`batched_lanczos`.
 """
 
 from gradlab.curvature.batched import BatchedEigenResult, batched_lanczos
 from gradlab.curvature.density import DensityResult, slq_density
 from gradlab.curvature.eigen import EigenResult, eigsh
 from gradlab.curvature.gauss_newton import TRACE_METHODS, gauss_newton_trace, is_piecewise_linear, trace_auto
-from gradlab.curvature.hessian_op import HessianOperator, dense_hessian, model_mode
+from gradlab.curvature.hessian_op import HessianOperator, dense_hessian
 from gradlab.curvature.operator import CurvatureOperator, DenseOperator, as_operator
+from gradlab.curvature.diagonal import DiagonalResult, hutchinson_diag, hutchinson_diagonal
+from gradlab.curvature.lanczos import Lanczos
+from gradlab.curvature.sampling import gaussian, gaussian_like, make_generator, rademacher, rademacher_like
 from gradlab.curvature.trace import (
-    DiagonalResult,
     TraceResult,
-    hutchinson_diag,
     hutchinson_trace,
     hutchpp_trace,
     krylov_trace,
@@ -22,8 +31,9 @@ from gradlab.curvature.trace import (
 
 __all__ = [
     "CurvatureOperator", "DenseOperator", "as_operator", "HessianOperator", "dense_hessian",
-    "model_mode", "EigenResult", "eigsh", "TraceResult", "DiagonalResult", "hutchinson_trace",
+    "EigenResult", "eigsh", "TraceResult", "DiagonalResult", "hutchinson_trace",
     "hutchpp_trace", "krylov_trace", "xtrace", "hutchinson_diag", "DensityResult", "slq_density",
     "BatchedEigenResult", "batched_lanczos", "TRACE_METHODS", "gauss_newton_trace", "trace_auto",
-    "is_piecewise_linear",
+    "is_piecewise_linear", "hutchinson_diagonal", "Lanczos", "gaussian", "gaussian_like", "make_generator",
+    "rademacher", "rademacher_like",
 ]

@@ -8,15 +8,13 @@ operators") runs for all ``B`` blocks side by side, each with its own tridiagona
 
     A_b Q_b = Q_b T_b + beta_b q_{b,m+1} e_m^T,    Q_b (D, m) orthonormal, T_b (m, m) tridiagonal.
 
-Every new vector is orthogonalised against the whole basis twice (classical Gram-Schmidt; "twice
-is enough", Giraud et al. 2005), the basis, dot products and norms are float64 whatever the
-operator's dtype (a float32 norm can be off by ~1e-4 on long vectors), so Ritz values do not
-duplicate and the residual estimate ``|beta_m s_{m,i}|`` of a Ritz pair stays reliable (Paige
-1971/1980: with orthogonality kept, converged Ritz pairs are accurate to their residual).
+The recurrence is the engine's one Lanczos core, :class:`gradlab.curvature.lanczos.Lanczos`, in
+its batched mode (full reorthogonalisation in float64 whatever the operator's dtype); this module
+adds what a per-example eigensolver needs on top: per-row stopping and exact resolution.
 
 Krylov-space exhaustion is handled per example. When ``beta`` of a row drops below
 ``breakdown_tol`` times the row's scale (the largest ``|alpha|, beta`` seen), its Krylov space is
-invariant; the row restarts from a fresh random vector orthogonal to its basis (``T_b`` gets a
+invariant; the core restarts the row from a fresh random vector orthogonal to its basis (``T_b`` gets a
 zero off-diagonal there, so it stays block diagonal), which is how further copies of repeated
 eigenvalues are found. If that random restart vector is itself an eigenvector (its block breaks
 down at once), the rest of the space is almost surely one eigenspace and the row is resolved
@@ -34,6 +32,9 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+
+from gradlab.curvature.lanczos import Lanczos, orthogonalise, tridiagonal, unit
+from gradlab.curvature.sampling import gaussian
 
 _F64 = torch.float64
 
@@ -96,49 +97,37 @@ def batched_lanczos(
         res.eigenvalues = -res.eigenvalues
         return res
     batch, dim = v0.shape
-    dtype, device = v0.dtype, v0.device
     k = max(1, min(int(k), dim))
     steps = min(dim, max(k, int(max_iter) if max_iter is not None else max(3 * k, 40)))
     if breakdown_tol is None:
-        breakdown_tol = max(tol, 100 * torch.finfo(dtype).eps)
-    basis = torch.zeros(batch, steps + 1, dim, dtype=_F64, device=device)
-    alpha = torch.zeros(batch, steps, dtype=_F64, device=device)
-    beta = torch.zeros(batch, steps, dtype=_F64, device=device)
-    basis[:, 0] = _unit(v0.to(_F64))
-    scale = torch.zeros(batch, dtype=_F64, device=device)  # largest |alpha|, beta seen per row
-    # First step of each row's current block; -1: the caller's start vector, which may be a
-    # chosen (non-random) eigenvector, so its breakdown proves nothing about the complement.
-    block_start = torch.full((batch,), -1, dtype=torch.long, device=device)
-    acc = _Accepted(batch, k, steps + 1, device)
+        breakdown_tol = max(tol, 100 * torch.finfo(v0.dtype).eps)
+    lz = Lanczos(matvec, v0, generator=generator, max_steps=steps, breakdown_tol=breakdown_tol)
+    acc = _Accepted(batch, k, steps + 1, lz.device)
 
     for j in range(steps):
-        q = basis[:, j]
-        w = matvec(q.to(dtype)).to(_F64)
-        alpha[:, j] = (w * q).sum(-1)
-        w = _orthogonalise(w, basis[:, : j + 1])
-        b = w.norm(dim=-1)
-        scale = torch.maximum(scale, torch.maximum(alpha[:, j].abs(), b))
-        broken = b <= breakdown_tol * scale
-        single = broken & (block_start == j) & ~acc.done
-        exhausted = j + 1 == dim  # the basis spans the space: Ritz values are eigenvalues
+        # A row whose block_start is -1 is still in the block of the caller's start vector, which
+        # may be a chosen (non-random) eigenvector: its breakdown proves nothing about the complement.
+        lz.expand()  # the product of step j; the basis is extended by commit() below
+        b, broken = lz.last_beta, lz.broken
+        single = broken & (lz.block_start == j) & ~acc.done
+        exhausted = lz.exhausted  # the basis spans the space: Ritz values are eigenvalues
         last = exhausted or j + 1 == steps
         if tol > 0 or last or bool(single.any()):
-            theta, s = torch.linalg.eigh(_tridiagonal(alpha[:, : j + 1], beta[:, :j]))  # ascending
-            resid = (b.unsqueeze(-1) * s[:, -1, :]).abs()  # (B, j+1): |beta_j s_{j,i}|
+            theta, s, resid = lz.ritz()  # ascending; resid (B, j+1) = |beta_j s_{j,i}|
             if exhausted:
                 acc.take(~acc.done, theta, s, resid.zero_())
                 break
             if bool(single.any()):  # the complement is one eigenspace with eigenvalue alpha_j
-                acc.take(single, theta, s, resid, fill=alpha[:, j], n_fill=dim - j - 1)
+                acc.take(single, theta, s, resid, fill=lz.alpha[:, j], n_fill=dim - j - 1)
             if j + 1 >= k:
                 order = theta.argsort(-1, descending=True)[:, :k]
                 bound = tol * theta.abs().amax(-1)
                 ok = (resid.gather(-1, order) <= bound.unsqueeze(-1)).all(-1)
-                if bool((block_start > 0).any()):
+                if bool((lz.block_start > 0).any()):
                     # After a restart, earlier blocks' Ritz pairs are exact (residual 0) but the
                     # complement may hold more copies above the k-th value: wait until the current
                     # block's top Ritz pair, which converges to the complement's top, has converged.
-                    ok &= _current_block_top_residual(alpha[:, : j + 1], beta[:, :j], block_start, b) <= bound
+                    ok &= _current_block_top_residual(lz.alpha, lz.beta, lz.block_start, b) <= bound
                 acc.take(ok & ~broken, theta, s, resid)
             if last:
                 converged = acc.done.clone()
@@ -147,18 +136,11 @@ def batched_lanczos(
         if bool(acc.done.all()):
             converged = acc.done.clone()
             break
-        if bool(broken.any()):  # restart those rows in the orthogonal complement of their basis
-            gen_device = generator.device if generator is not None else device
-            fresh = torch.randn(batch, dim, generator=generator, dtype=_F64, device=gen_device).to(device)
-            w = torch.where(broken.unsqueeze(-1), _orthogonalise(fresh, basis[:, : j + 1]), w)
-            b = torch.where(broken, torch.zeros_like(b), b)
-            block_start = torch.where(broken, torch.full_like(block_start, j + 1), block_start)
-        beta[:, j] = b
-        basis[:, j + 1] = _unit(w)
+        lz.commit()  # restarts broken rows in the orthogonal complement of their basis
     if exhausted:
-        converged = torch.ones(batch, dtype=torch.bool, device=device)
-    vectors = acc.vectors(basis, generator) if return_vectors else None
-    return BatchedEigenResult(acc.values, acc.resid, converged, j + 1, vectors)
+        converged = torch.ones(batch, dtype=torch.bool, device=lz.device)
+    vectors = acc.vectors(lz.basis(), generator) if return_vectors else None
+    return BatchedEigenResult(acc.values, acc.resid, converged, lz.products, vectors)
 
 
 class _Accepted:
@@ -203,27 +185,15 @@ class _Accepted:
     def vectors(self, basis: Tensor, generator: Optional[torch.Generator]) -> Tensor:
         """Eigenvectors (B, k, D): Ritz vectors, and for complement copies an orthonormal set
         orthogonal to the row's basis (any such set spans part of that eigenspace)."""
-        vec = torch.einsum("bkm,bmd->bkd", self.coef, basis[:, : self.coef.shape[-1]])
+        m = basis.shape[1]  # rows used; coefficients beyond them are zero padding
+        vec = torch.einsum("bkm,bmd->bkd", self.coef[..., :m], basis)
         for row in self.fill.any(-1).nonzero().flatten().tolist():
             slots = self.fill[row].nonzero().flatten()
             q = basis[row, : int(self.n_basis[row])]  # (n, D)
-            gen_device = generator.device if generator is not None else basis.device
-            r = torch.randn(len(slots), basis.shape[-1], generator=generator, dtype=_F64,
-                            device=gen_device).to(basis.device)
-            r = _orthogonalise(r.unsqueeze(0), q.unsqueeze(0))[0]
+            r = gaussian((len(slots), basis.shape[-1]), generator, device=basis.device)
+            r = orthogonalise(r.unsqueeze(0), q.unsqueeze(0))[0]
             vec[row, slots] = torch.linalg.qr(r.T)[0].T
-        return _unit(vec)
-
-
-def _unit(v: Tensor) -> Tensor:
-    return v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(_F64).tiny)
-
-
-def _orthogonalise(w: Tensor, basis: Tensor) -> Tensor:
-    """Remove from each row of ``w`` (B, ..., D) its components on ``basis`` (B, j, D); twice."""
-    for _ in range(2):
-        w = w - torch.einsum("b...j,bjd->b...d", torch.einsum("bjd,b...d->b...j", basis, w), basis)
-    return w
+        return unit(vec)
 
 
 def _current_block_top_residual(alpha: Tensor, beta: Tensor, block_start: Tensor, b: Tensor) -> Tensor:
@@ -237,13 +207,5 @@ def _current_block_top_residual(alpha: Tensor, beta: Tensor, block_start: Tensor
     off = torch.cat([beta.abs(), beta.new_zeros(beta.shape[0], 1)], -1)
     low = (alpha - off - torch.cat([beta.new_zeros(beta.shape[0], 1), beta.abs()], -1)).amin(-1, keepdim=True)
     diag = torch.where(before, low - 1.0, alpha)
-    _, s = torch.linalg.eigh(_tridiagonal(diag, torch.where(before[:, 1:], 0.0, beta)))
+    _, s = torch.linalg.eigh(tridiagonal(diag, torch.where(before[:, 1:], 0.0, beta)))
     return (b * s[:, -1, -1]).abs()
-
-
-def _tridiagonal(alpha: Tensor, beta: Tensor) -> Tensor:
-    """(B, m, m) from diagonals ``alpha`` (B, m) and off-diagonals ``beta`` (B, m - 1)."""
-    t = torch.diag_embed(alpha)
-    if beta.shape[-1]:
-        t = t + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
-    return t

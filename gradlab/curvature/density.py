@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from gradlab.curvature.lanczos import Lanczos
-from gradlab.curvature.operator import as_operator, make_generator, rademacher
+from gradlab.curvature.operator import as_operator
+from gradlab.curvature.sampling import make_generator, rademacher
 from gradlab.core.errors import check
 
 
@@ -72,12 +73,12 @@ def slq_density(
     start = op.num_matvecs
     nodes, weights = [], []
     for _ in range(num_starts):
-        v0 = rademacher(op.n, 1, gen, op.device)[:, 0]
+        v0 = rademacher(op.n, gen, device=op.device)
         # no restart on breakdown: the quadrature must stay the Krylov space of v0
-        lz = Lanczos(op, v0, generator=gen, restart_on_breakdown=False, max_steps=steps)
+        lz = Lanczos(op, v0.unsqueeze(0), generator=gen, restart_on_breakdown=False, max_steps=steps)
         while lz.steps < steps and not lz.exhausted:
             lz.step()
-        theta, S = torch.linalg.eigh(lz.tridiagonal())
+        theta, S = torch.linalg.eigh(lz.tridiagonal()[0])
         pad = steps - theta.numel()  # zero-weight padding keeps a rectangular array
         nodes.append(torch.cat([theta, theta[-1:].expand(pad)]))
         weights.append(torch.cat([S[0, :] ** 2, torch.zeros(pad, dtype=torch.float64)]))

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from gradlab.curvature.lanczos import Lanczos
-from gradlab.curvature.operator import as_operator, make_generator
+from gradlab.curvature.operator import as_operator
+from gradlab.curvature.sampling import gaussian, make_generator
 from gradlab.core.errors import GradlabError, check
 
 WHICH = ("LA", "SA")
@@ -92,19 +93,19 @@ def eigsh(
     check(max_iter >= k, f"invalid max_iter: {max_iter} (must be >= k={k})")
     gen = make_generator(seed)
     if v0 is None:
-        v0 = torch.randn(n, generator=gen, dtype=torch.float64)
+        v0 = gaussian(n, gen)
     if method == "scipy":
         return _eigsh_scipy(op, k, which, tol, max_iter, return_vectors, v0)
 
     start = op.num_matvecs
-    lz = Lanczos(op, v0, generator=gen, max_steps=max_iter)
+    lz = Lanczos(op, v0.reshape(1, -1), generator=gen, max_steps=max_iter)  # one row: B = 1
     sign = 1.0 if which == "LA" else -1.0
     converged = False
     min_steps = min(n, k + 2)  # a few steps before trusting a residual (early Ritz values mislead)
     while True:
         lz.step()
         if lz.steps >= k:
-            theta, S, res = lz.ritz()
+            theta, S, res = (t[0] for t in lz.ritz())
             order = torch.argsort(sign * theta, descending=True)[:k]  # extreme first
             floor = ZERO_FLOOR * max(float(theta.abs().max()), 1e-300)
             bound = tol * theta[order].abs().clamp_min(floor)
@@ -113,7 +114,7 @@ def eigsh(
             break
     if lz.steps < k:  # the space was exhausted before k steps (n < k is rejected above)
         raise GradlabError(f"found only {lz.steps} eigenvalues; k={k} is too many")
-    vectors = lz.basis() @ S[:, order] if return_vectors else None
+    vectors = lz.basis()[0].T @ S[:, order] if return_vectors else None
     return EigenResult(theta[order], vectors, op.num_matvecs - start, converged or lz.exhausted, res[order], which)
 
 

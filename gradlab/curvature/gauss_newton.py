@@ -47,15 +47,15 @@ from torch import Tensor, nn
 
 from gradlab.curvature.hessian_op import HessianOperator
 from gradlab.curvature.trace import OPERATOR_TRACE_METHODS, TraceResult, _mean_stderr, xtrace
-from gradlab.curvature.operator import make_generator
+from gradlab.curvature.sampling import make_generator, rademacher
 from gradlab.core.errors import GradlabError, check
+from gradlab.core.modelstate import BATCH_NORMS
 
-_BN = nn.modules.batchnorm._BatchNorm
-SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, _BN, nn.LayerNorm, nn.GroupNorm)
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, BATCH_NORMS, nn.LayerNorm, nn.GroupNorm)
 
 #: Leaf modules whose output is piecewise linear in their input and in their own parameters.
 PIECEWISE_LINEAR_LEAVES = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, _BN, nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.PReLU,
+    nn.Linear, nn.Conv1d, nn.Conv2d, BATCH_NORMS, nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh, nn.PReLU,
     nn.Identity, nn.Flatten, nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.ZeroPad2d,
@@ -78,7 +78,7 @@ def is_piecewise_linear(model: nn.Module, mode: str = "eval") -> bool:
     for m in model.modules():
         if getattr(type(m), PL_ATTR, False):
             continue
-        if isinstance(m, _BN) and mode != "eval":
+        if isinstance(m, BATCH_NORMS) and mode != "eval":
             return False
         children = next(m.children(), None) is not None
         if children and not isinstance(m, _CONTAINERS):
@@ -106,7 +106,7 @@ def _unfold(module, a: Tensor) -> Tensor:
 
 def _normalized(module, a: Tensor) -> Tensor:
     """The normalised input ``x_hat`` that a norm layer's weight multiplies."""
-    if isinstance(module, _BN):
+    if isinstance(module, BATCH_NORMS):
         shape = (1, -1) + (1,) * (a.dim() - 2)
         return (a - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
     if isinstance(module, nn.GroupNorm):
@@ -134,7 +134,7 @@ class _Layer:
         if isinstance(m, (nn.Conv1d, nn.Conv2d)):
             if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
                 raise Unsupported(f"{type(m).__name__} with groups/padding mode/string padding is not supported")
-        if isinstance(m, _BN) and (m.training or m.running_mean is None):
+        if isinstance(m, BATCH_NORMS) and (m.training or m.running_mean is None):
             raise Unsupported("BatchNorm in train mode couples the examples of a batch")
 
     # products with the per-example parameter Jacobian of this layer --------------------
@@ -142,7 +142,7 @@ class _Layer:
         m, a = self.module, self.a
         if isinstance(m, (nn.Conv1d, nn.Conv2d)):
             self._cache = _unfold(m, a)
-        elif isinstance(m, (_BN, nn.GroupNorm, nn.LayerNorm)):
+        elif isinstance(m, (BATCH_NORMS, nn.GroupNorm, nn.LayerNorm)):
             self._cache = _normalized(m, a)
         elif isinstance(m, nn.Linear):
             self._cache = a.reshape(a.shape[0], -1, a.shape[-1])  # (N, T, in)
@@ -203,7 +203,7 @@ class _Layer:
         n, dt, dev = e.shape[0], e.dtype, e.device
 
         def rad(*shape):
-            return torch.randint(0, 2, shape, generator=gen, dtype=dt).to(dev).mul_(2).sub_(1)
+            return rademacher(shape, gen, dtype=dt, device=dev)
 
         if isinstance(m, nn.Linear):
             A = self._cache

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from gradlab.curvature.hvp import hvp_from_grads
 from gradlab.curvature.operator import CurvatureOperator
 from gradlab.core.errors import GradlabError
+from gradlab.core.modelstate import model_state
 
 BACKENDS = ("double-backward", "func")
 MODES = ("eval", "train")
@@ -52,31 +53,6 @@ def split_batches(data) -> list[tuple[Tensor, Tensor]]:
     if not batches:
         raise GradlabError("no data batches given for the Hessian")
     return batches
-
-
-@contextlib.contextmanager
-def model_mode(model: nn.Module, mode: str):
-    """Put ``model`` in ``mode`` ("eval" or "train") and restore every module's flag afterwards.
-
-    In train mode BatchNorm uses batch statistics but its running statistics are NOT updated
-    (``track_running_stats`` is switched off for the duration): probing must not change the model.
-    """
-    if mode not in MODES:
-        raise GradlabError(f"unknown mode {mode!r}; choose from: {', '.join(MODES)}")
-    flags = [(m, m.training) for m in model.modules()]
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    tracked = [m.track_running_stats for m in bns]
-    model.train(mode == "train")
-    if mode == "train":
-        for m in bns:
-            m.track_running_stats = False
-    try:
-        yield model
-    finally:
-        for m, t in zip(bns, tracked):
-            m.track_running_stats = t
-        for m, was in flags:
-            m.training = was
 
 
 class HessianOperator(CurvatureOperator):
@@ -147,8 +123,12 @@ class HessianOperator(CurvatureOperator):
 
     @contextlib.contextmanager
     def _batch_context(self, i: int):
-        """Model mode, and in train mode a fixed RNG seed per batch so dropout masks repeat."""
-        with model_mode(self.model, self.mode):
+        """Model mode, and in train mode a fixed RNG seed per batch so dropout masks repeat.
+
+        In train mode BatchNorm normalises with batch statistics but its running statistics are
+        not updated (probing must not change the model; ``torch.func`` cannot update them either).
+        """
+        with model_state(self.model, train=self.mode == "train", keep_bn_stats=self.mode == "train"):
             if self.mode == "train":
                 devices = [self.device] if self.device.type == "cuda" else []
                 with torch.random.fork_rng(devices=devices):

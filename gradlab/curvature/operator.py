@@ -89,16 +89,3 @@ def as_operator(A) -> CurvatureOperator:
     if isinstance(A, Tensor):
         return DenseOperator(A)
     raise GradlabError(f"expected a CurvatureOperator or a square torch.Tensor, got {type(A).__name__}")
-
-
-def rademacher(n: int, k: int, generator: torch.Generator | None, device, dtype=torch.float64) -> Tensor:
-    """``(n, k)`` independent +-1 entries, drawn on CPU from ``generator`` (reproducible on any device)."""
-    r = torch.randint(0, 2, (n, k), generator=generator, dtype=torch.int8)
-    return (r.to(dtype=dtype) * 2 - 1).to(device)
-
-
-def make_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator seeded with ``seed`` (or from the global RNG when ``seed`` is None)."""
-    g = torch.Generator()
-    g.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-    return g

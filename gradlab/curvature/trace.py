@@ -1,4 +1,4 @@
-"""Stochastic trace and diagonal estimators, each with a standard error and its product count.
+"""Stochastic trace estimators, each with a standard error and its product count.
 
 * :func:`hutchinson_trace`: mean of ``z^T A z`` over Rademacher ``z`` (Hutchinson 1989); a fixed
   number of products or an adaptive stop on the relative standard error.
@@ -12,7 +12,6 @@
   goes to the Hutchinson estimate of the deflated rest. Measured on digits Hessians: the best
   of the four on a tanh MLP at 40 products (0.7% vs XTrace 1.2%, Hutchinson 2.9%), the worst on
   a small CNN at 60 (1.8% vs XTrace 1.1%): it pays only when a few eigenvalues dominate.
-* :func:`hutchinson_diag`: ``diag(A)`` as the mean of ``z * (A z)`` (Bekas, Kokiopoulou & Saad 2007).
 
 All arithmetic on the estimates is float64; products go through the operator (see
 :mod:`gradlab.curvature.operator`).
@@ -28,7 +27,8 @@ import torch
 from torch import Tensor
 
 from gradlab.curvature.lanczos import Lanczos
-from gradlab.curvature.operator import as_operator, make_generator, rademacher
+from gradlab.curvature.operator import as_operator
+from gradlab.curvature.sampling import gaussian, make_generator, rademacher
 from gradlab.core.errors import check
 
 
@@ -40,15 +40,6 @@ class TraceResult:
     stderr: float
     num_matvecs: int
     method: str
-
-
-@dataclass
-class DiagonalResult:
-    """``estimate`` (n,) of diag(A), per-entry ``stderr`` (n,), products used."""
-
-    estimate: Tensor
-    stderr: Tensor
-    num_matvecs: int
 
 
 def _mean_stderr(samples: Tensor) -> tuple[float, float]:
@@ -85,7 +76,7 @@ def hutchinson_trace(
     gen = make_generator(seed)
     if rel_tol is None:
         m = 100 if num_matvecs is None else int(num_matvecs)
-        Z = rademacher(op.n, m, gen, op.device)
+        Z = rademacher((op.n, m), gen, device=op.device)
         samples = (Z * op.matmat(Z)).sum(0)
         est, se = _mean_stderr(samples)
         return TraceResult(est, se, m, "hutchinson")
@@ -93,7 +84,7 @@ def hutchinson_trace(
     samples = torch.empty(0, dtype=torch.float64)
     while samples.numel() < cap:
         b = min(block, cap - samples.numel())
-        Z = rademacher(op.n, b, gen, op.device)
+        Z = rademacher((op.n, b), gen, device=op.device)
         samples = torch.cat([samples, (Z * op.matmat(Z)).sum(0).cpu()])
         est, se = _mean_stderr(samples)
         if samples.numel() >= min_matvecs and se <= rel_tol * abs(est):
@@ -114,10 +105,10 @@ def hutchpp_trace(A, num_matvecs: int = 99, *, seed: Optional[int] = 0) -> Trace
     gen = make_generator(seed)
     s = num_matvecs // 3
     g = num_matvecs - 2 * s
-    S = rademacher(op.n, s, gen, op.device)
+    S = rademacher((op.n, s), gen, device=op.device)
     Q, _ = torch.linalg.qr(op.matmat(S))  # (n, s)
     t_top = float(torch.trace(Q.T @ op.matmat(Q)))
-    G = rademacher(op.n, g, gen, op.device)
+    G = rademacher((op.n, g), gen, device=op.device)
     Gp = G - Q @ (Q.T @ G)  # project out the sketched subspace
     samples = (Gp * op.matmat(Gp)).sum(0)
     est, se = _mean_stderr(samples)
@@ -138,7 +129,7 @@ def xtrace(A, num_matvecs: int = 100, *, seed: Optional[int] = 0) -> TraceResult
     check(num_matvecs >= 4, f"invalid num_matvecs: {num_matvecs} (XTrace needs >= 4)")
     gen = make_generator(seed)
     s = num_matvecs // 2
-    Om = rademacher(op.n, s, gen, op.device)  # (n, s)
+    Om = rademacher((op.n, s), gen, device=op.device)  # (n, s)
     Y = op.matmat(Om)
     Q, R = torch.linalg.qr(Y)  # (n, s), (s, s)
     Z = op.matmat(Q)
@@ -174,26 +165,16 @@ def krylov_trace(A, num_matvecs: int = 60, *, krylov_fraction: float = 0.5, seed
     gen = make_generator(seed)
     k = min(op.n, max(1, round(krylov_fraction * num_matvecs)))
     k = min(k, num_matvecs - 2)  # keep at least two samples for a standard error
-    lz = Lanczos(op, torch.randn(op.n, generator=gen, dtype=torch.float64), generator=gen, max_steps=k)
+    lz = Lanczos(op, gaussian((1, op.n), gen), generator=gen, max_steps=k)
     while lz.steps < k and not lz.exhausted:
         lz.step()
-    Q = lz.basis()  # (n, k)
-    top = float(sum(lz.alphas))
-    G = rademacher(op.n, num_matvecs - lz.steps, gen, op.device)
+    Q = lz.basis()[0].T  # (n, k)
+    top = float(lz.alpha.sum())
+    G = rademacher((op.n, num_matvecs - lz.steps), gen, device=op.device)
     Gp = G - Q @ (Q.T @ G)
     samples = (Gp * op.matmat(Gp)).sum(0)
     est, se = _mean_stderr(samples)
     return TraceResult(top + est, se, lz.steps + G.shape[1], "krylov")
-
-
-def hutchinson_diag(A, num_matvecs: int = 100, *, seed: Optional[int] = 0) -> DiagonalResult:
-    """``diag(A)`` ~ mean over Rademacher ``z`` of ``z * (A z)`` (Bekas et al. 2007); float64."""
-    op = as_operator(A)
-    check(num_matvecs >= 2, f"invalid num_matvecs: {num_matvecs} (must be >= 2)")
-    gen = make_generator(seed)
-    Z = rademacher(op.n, num_matvecs, gen, op.device)
-    S = Z * op.matmat(Z)  # (n, m): one unbiased sample of the diagonal per column
-    return DiagonalResult(S.mean(1), S.std(1, unbiased=True) / math.sqrt(num_matvecs), num_matvecs)
 
 
 #: The estimators that need only products with the operator (see gauss_newton.TRACE_METHODS for all).

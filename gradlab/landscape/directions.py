@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from gradlab.core.errors import GradlabError
+from gradlab.curvature.sampling import gaussian_like
 
 Direction = dict  # name -> Tensor, the shapes of model.named_parameters()
 
@@ -95,7 +96,7 @@ def random_directions(
     weights = weights_of(model)
     dirs = []
     for _ in range(k):
-        g = {n: torch.randn(w.shape, generator=generator, dtype=torch.float64).to(w.device) for n, w in weights.items()}
+        g = dict(zip(weights, gaussian_like(list(weights.values()), generator, dtype=torch.float64)))
         dirs.append(filter_normalize(g, weights, include_bn))
     return dirs
 

@@ -13,7 +13,6 @@ buffers.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -23,6 +22,7 @@ from torch.func import functional_call
 
 from gradlab.core.errors import GradlabError
 from gradlab.core.options import Option
+from gradlab.core.modelstate import BATCH_NORMS, model_state
 
 # Options of the commands that train and evaluate points (simplex, connect).
 EVAL_SPLIT = Option("split", str, "test", "evaluation split", choices=("train", "test"))
@@ -31,19 +31,7 @@ BN_BATCHES = Option("bn_batches", int, 8, "training batches (of 512) for recompu
 
 
 def batchnorms(model: nn.Module) -> list:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-@contextlib.contextmanager
-def mode(model: nn.Module, train: bool):
-    """Set every submodule's ``training`` flag for the duration, then restore each one."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.train(train)
-    try:
-        yield model
-    finally:
-        for m, was in flags:
-            m.training = was
+    return [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
 
 
 def recompute_bn(model: nn.Module, params: Mapping[str, Tensor], batches: Sequence[tuple]) -> dict:
@@ -57,7 +45,7 @@ def recompute_bn(model: nn.Module, params: Mapping[str, Tensor], batches: Sequen
     bns = batchnorms(model)
     if not bns:
         return buffers
-    bn_names = {id(m): name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    bn_names = {id(m): name for name, m in model.named_modules() if isinstance(m, BATCH_NORMS)}
     fresh = dict(buffers)
     for m in bns:
         prefix = bn_names[id(m)] + "."
@@ -69,7 +57,7 @@ def recompute_bn(model: nn.Module, params: Mapping[str, Tensor], batches: Sequen
     try:
         for m in bns:
             m.momentum = None  # cumulative average over the passes below
-        with torch.no_grad(), mode(model, True):
+        with torch.no_grad(), model_state(model, train=True):
             for x, _ in batches:
                 functional_call(model, ({k: v.detach() for k, v in params.items()}, fresh), (x,))
     finally:
@@ -96,7 +84,7 @@ def evaluate_at(
     tot_l = tot_a = 0.0
     n = 0
     probs = []
-    with torch.no_grad(), mode(model, False):
+    with torch.no_grad(), model_state(model, train=False):
         for x, y in batches:
             out = functional_call(model, ({k: v.detach() for k, v in params.items()}, buffers), (x,))
             tot_l += float(F.cross_entropy(out, y, reduction="sum"))
@@ -150,7 +138,7 @@ def train_points(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     scratch = {n: b.clone() for n, b in model.named_buffers()}
     history = []
-    with mode(model, True):
+    with model_state(model, train=True):
         for epoch in range(epochs):
             sums: dict = {}
             count = 0

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from gradlab.core.errors import GradlabError
+from gradlab.core.modelstate import model_state
 
 
 @dataclass
@@ -95,18 +96,6 @@ def make_batches(x: Tensor, y: Tensor, batch_size: int, n_batches: Optional[int]
     if n_batches is not None:
         stops = stops[:n_batches]
     return [(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)) for i in stops]
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Eval mode for the duration, then every submodule's own flag restored."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, was in flags:
-            m.training = was
 
 
 @contextlib.contextmanager
@@ -238,7 +227,7 @@ def evaluate_grid(
     done = 0
     # per-point bookkeeping in Python floats: small tensor ops cost ~5-10 us each, which is
     # visible next to a sub-millisecond forward pass
-    with torch.no_grad(), eval_mode(model), _restored(live, saved):
+    with torch.no_grad(), model_state(model, train=False), _restored(live, saved):
         for start in range(0, len(mine), points_per_call):
             idx = mine[start : start + points_per_call]
             if len(idx) == 1:

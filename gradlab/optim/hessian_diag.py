@@ -4,8 +4,9 @@
 
 * **The closure contract.** ``step(closure)`` needs a closure that returns the loss *without*
   calling ``backward``. The optimizer itself takes ``grads = autograd.grad(loss, params,
-  create_graph=True)``, writes ``p.grad``, estimates ``diag(H)`` from Rademacher probes through
-  :func:`gradlab.curvature.hvp.hvp_from_grads` (Hutchinson; Bekas et al. 2007) and frees the graph.
+  create_graph=True)``, writes ``p.grad``, estimates ``diag(H)`` with the curvature engine's
+  :func:`gradlab.curvature.diagonal.hutchinson_diagonal` (Rademacher probes, products by
+  :func:`gradlab.curvature.hvp.hvp_from_grads`; Bekas et al. 2007) and frees the graph.
   The user never calls ``loss.backward(create_graph=True)`` (which also leaves a graph attached to
   ``p.grad``).
 * **Delayed Hessian update** (Yao et al. 2021, Sec. 3.4): with ``hessian_every=k`` the diagonal is
@@ -39,7 +40,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from gradlab.curvature.hvp import hvp_from_grads, rademacher_like
+from gradlab.curvature.diagonal import hutchinson_diagonal
+from gradlab.curvature.hvp import hvp_from_grads
 from gradlab.core.errors import GradlabError
 from gradlab.optim.registry import check_int
 
@@ -112,16 +114,8 @@ class HessianDiagOptimizer(Optimizer):
         if not any(g.requires_grad for g in grads):  # loss linear in every parameter: H = 0
             return [torch.zeros_like(p) for p in params]
         n = self.hessian_samples
-        diag = None
-        for i in range(n):
-            z = list(self.vecs_fn(params)) if self.vecs_fn is not None else rademacher_like(params, self._generator)
-            hz = hvp_from_grads(grads, params, z, retain_graph=i < n - 1)
-            if diag is None:
-                diag = list(torch._foreach_mul(z, hz))
-            else:
-                torch._foreach_addcmul_(diag, z, hz)
-        if n > 1:
-            torch._foreach_div_(diag, n)
+        diag = hutchinson_diagonal(lambda z, last: hvp_from_grads(grads, params, z, retain_graph=not last),
+                                   params, n, generator=self._generator, draw=self.vecs_fn)
         self.hvp_count += n
         return diag
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from gradlab.core.errors import GradlabError, check
+from gradlab.core.modelstate import model_state
 
 BASE_DEFAULTS = {
     "model": "mlp",
@@ -99,14 +100,12 @@ def _set_rng_state(state: dict) -> None:
 @torch.no_grad()
 def evaluate(model, x, y, batch_size: int = 1024) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over ``(x, y)`` in eval mode (mode restored after)."""
-    was_training = model.training
-    model.eval()
     loss_sum, correct = 0.0, 0
-    for i in range(0, len(x), batch_size):
-        out = model(x[i : i + batch_size])
-        loss_sum += F.cross_entropy(out, y[i : i + batch_size], reduction="sum").item()
-        correct += (out.argmax(1) == y[i : i + batch_size]).sum().item()
-    model.train(was_training)
+    with model_state(model, train=False):
+        for i in range(0, len(x), batch_size):
+            out = model(x[i : i + batch_size])
+            loss_sum += F.cross_entropy(out, y[i : i + batch_size], reduction="sum").item()
+            correct += (out.argmax(1) == y[i : i + batch_size]).sum().item()
     n = max(len(x), 1)
     return loss_sum / n, correct / n
 
