@@ -303,3 +303,21 @@ def test_adversarial_transform_is_the_mixed_loss(tmp_path, attack):
     want = (1 - 0.3) * clean + 0.3 * F.cross_entropy(trainer.model(x_adv), y)
     assert got.dtype == torch.float64 and got.item() == want.item()
     assert want.item() != clean.item()
+
+
+def test_resume_from_a_checkpoint_written_before_callbacks_existed(tmp_path):
+    """Old last.pt files kept history / last_epoch_metrics / events at the top level."""
+    from gradlab.runs.folder import load_checkpoint
+
+    cfg = _cfg(tmp_path, epochs=2, hessian_every=5)
+    done, run = _fit(cfg)
+    ckpt = load_checkpoint(run.path / "checkpoints" / "last.pt")
+    states = ckpt.pop("callbacks")
+    ckpt["last_epoch_metrics"] = states["evaluation"]["last"]
+    ckpt["history"] = dict(states["probe/hessian"]["last"])
+    ckpt["events"] = []
+    again, _ = _fit(cfg, resume=ckpt)
+    drop = ("seconds",)
+    assert {k: v for k, v in again.metrics.items() if k not in drop} == \
+        {k: v for k, v in done.metrics.items() if k not in drop}
+    assert "lambda_max" in again.metrics and again.metrics["steps"] == 14
