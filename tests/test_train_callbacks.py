@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import signal
 
 import pandas as pd
@@ -321,3 +322,51 @@ def test_resume_from_a_checkpoint_written_before_callbacks_existed(tmp_path):
     assert {k: v for k, v in again.metrics.items() if k not in drop} == \
         {k: v for k, v in done.metrics.items() if k not in drop}
     assert "lambda_max" in again.metrics and again.metrics["steps"] == 14
+
+
+def _optimizer_names():
+    from gradlab.optim import OPTIMIZERS
+
+    return OPTIMIZERS.names()
+
+
+@pytest.mark.parametrize("opt", _optimizer_names())
+def test_every_optimizer_resumes_exactly_after_ctrl_c_and_after_a_kill(tmp_path, opt):
+    """Ctrl-C mid-epoch, then --resume: the rows and final metrics of an uninterrupted run. Then
+    what a SIGKILL after the first epoch's checkpoint leaves (rows past it dropped, no summary),
+    resumed from that checkpoint through torch.save / load: the same again."""
+    from gradlab.runs.folder import RunDir, load_checkpoint
+
+    cfg = _cfg(tmp_path / "ref", opt=opt, epochs=2, max_train=200, dropout=0.2, checkpoint_seconds=0,
+               log_every_steps=1)
+    ref, ref_run = _fit(cfg)
+    captured = {}
+    from gradlab.training.loop import Trainer
+
+    trainer = Trainer(cfg, callbacks=[_ctrl_c_at(6)])  # 4 steps an epoch: step 6 is mid-epoch 1
+    run = RunDir.create(tmp_path / "cut", "train", None, cfg, argv=["gradlab", "train"])
+    real = run.save_checkpoint
+
+    def save(obj, name="last.pt", wait=True):
+        if name == "last.pt" and obj["epoch"] == 1 and obj["batch_in_epoch"] == 0:
+            captured["epoch1"] = copy.deepcopy(obj)
+        return real(obj, name, wait=wait)
+
+    run.save_checkpoint = save
+    result = trainer.fit(run)
+    run.finish(result.status, result.metrics)
+    assert result.status == "interrupted" and result.metrics["steps"] == 6
+
+    drop = ("seconds",)
+    final = lambda m: {k: v for k, v in m.items() if k not in drop}  # noqa: E731
+    ckpt = load_checkpoint(run.path / "checkpoints" / "last.pt")
+    resumed, _ = _fit(cfg, resume=ckpt, run=RunDir.reopen(run.path, ckpt["step"]))
+    assert final(resumed.metrics) == final(ref.metrics)
+    pd.testing.assert_frame_equal(_values(run), _values(ref_run))
+
+    torch.save(captured["epoch1"], tmp_path / "epoch1.pt")
+    ckpt = load_checkpoint(tmp_path / "epoch1.pt")
+    assert ckpt["step"] == 4
+    resumed, _ = _fit(cfg, resume=ckpt, run=RunDir.reopen(run.path, ckpt["step"]))
+    assert final(resumed.metrics) == final(ref.metrics)
+    pd.testing.assert_frame_equal(_values(run), _values(ref_run))

@@ -49,9 +49,11 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    # Cloned: a loaded tensor may be a view into a larger buffer (a nonzero storage offset), which
+    # torch.set_rng_state does not handle ("Invalid mt19937 state", or a crash).
+    torch.set_rng_state(state["torch"].clone())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.clone() for s in state["cuda"]])
 
 
 class Trainer:
