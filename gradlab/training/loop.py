@@ -259,6 +259,8 @@ class Trainer:
                 shutdown(self.dist)
 
     def _epochs(self, step_hooks, epoch_hooks) -> tuple[str, str]:
+        from gradlab.core.distributed import all_reduce_sum
+
         cfg, dist, interrupt, optimizer = self.cfg, self.dist, self._interrupt, self.optimizer
         # A constant schedule never changes the learning rate: its scheduler is not stepped.
         step_scheduler = cfg.get("schedule", "constant") != "constant"
@@ -275,8 +277,6 @@ class Trainer:
                 xb, yb = x_train[idx], y_train[idx]
                 loss_sum, out = self.train_step(xb, yb, n_global)
                 if dist.enabled:
-                    from gradlab.core.distributed import all_reduce_sum
-
                     # One small collective per step: the loss and whether any rank was asked
                     # to stop, so that every rank stops at the same step boundary.
                     loss_g, stop = all_reduce_sum([loss_sum, float(interrupt.requested)], dist, self.device)
