@@ -370,3 +370,41 @@ def test_every_optimizer_resumes_exactly_after_ctrl_c_and_after_a_kill(tmp_path,
     resumed, _ = _fit(cfg, resume=ckpt, run=RunDir.reopen(run.path, ckpt["step"]))
     assert final(resumed.metrics) == final(ref.metrics)
     pd.testing.assert_frame_equal(_values(run), _values(ref_run))
+
+
+def test_a_second_ctrl_c_stops_mid_step_and_keeps_the_last_checkpoint(tmp_path):
+    from gradlab.training.callbacks import Callback
+
+    class TwoCtrlC(Callback):
+        def on_step_end(self, trainer, info):
+            if info.step == 9:  # epoch 1 wrote last.pt at step 7 (checkpoint_seconds=0)
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGINT)  # the second one raises KeyboardInterrupt here
+
+    result, run, written = _run_with_spy(_cfg(tmp_path, checkpoint_seconds=0), [TwoCtrlC()])
+    assert result.status == "interrupted" and "last checkpoint is kept" in result.message
+    assert written == [("last.pt", 7, 1, 0)]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+@pytest.mark.parametrize("key, value, expect", [
+    ("epochs", True, "invalid epochs: True (must be an integer >= 1)"),
+    ("epochs", 1.5, "invalid epochs: 1.5 (must be an integer >= 1)"),
+    ("batch_size", "64", "invalid batch_size: '64' is text, not a number"),
+    ("batch_size", 0, "invalid batch size: 0 (must be an integer >= 1)"),
+    ("checkpoint_seconds", -1, "invalid checkpoint-seconds: -1 (must be a number >= 0)"),
+    ("adv", "curls", "invalid --adv 'curls': choose fgsm or pgd"),
+    ("adv_ratio", 1.5, "invalid adv-ratio: 1.5 (must be a number in (0, 1])"),
+    ("probe", 3, "invalid probe: 3 (must be text)"),
+])
+def test_train_options_check_types_and_ranges(tmp_path, key, value, expect):
+    from gradlab.core.errors import GradlabError
+    from gradlab.training.options import TRAIN_OPTIONS, train_defaults
+
+    with pytest.raises(GradlabError) as e:
+        _cfg(tmp_path, **{key: value})
+    assert str(e.value).startswith(expect), str(e.value)
+    assert set(TRAIN_OPTIONS.names()) <= set(train_defaults())
+    cfg = _cfg(tmp_path, epochs=2.0, checkpoint_seconds=5)  # an integral float is an integer; an int a float
+    assert (cfg["epochs"], cfg["checkpoint_seconds"]) == (2, 5.0)
+    assert type(cfg["epochs"]) is int and type(cfg["checkpoint_seconds"]) is float
