@@ -9,6 +9,7 @@ from typing import List, Optional
 import typer
 from typing_extensions import Annotated
 
+from gradlab.training.options import TRAIN_OPTIONS
 from gradlab_cli._common import (
     ConfigOpt,
     DeviceOpt,
@@ -29,6 +30,13 @@ OPT = "Optimizer"
 TRAIN = "Training"
 PROBES = "Probes during training"
 ADV = "Adversarial training"
+
+
+def _help(name: str) -> str:
+    """A flag's help from its declaration in TRAIN_OPTIONS, with the real default."""
+    opt = TRAIN_OPTIONS[name]
+    default = f" (default: {opt.default_text()})" if opt.default_text() else ""
+    return f"{opt.help[0].upper()}{opt.help[1:]}.{default}"
 
 
 def parse_set(items: Optional[List[str]]) -> dict:
@@ -69,9 +77,12 @@ def command(
     epochs: Annotated[Optional[int], typer.Option(help="Passes over the training set. (default: 15)", rich_help_panel=TRAIN)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (split across torchrun processes). (default: 64)", rich_help_panel=TRAIN)] = None,
     log_every: Annotated[Optional[int], typer.Option(help="Per-layer gradient histograms every N steps. (default: 50)", rich_help_panel=TRAIN)] = None,
+    log_every_steps: Annotated[Optional[int], typer.Option(help=_help("log_every_steps"), rich_help_panel=TRAIN)] = None,
+    checkpoint_seconds: Annotated[Optional[float], typer.Option(help=_help("checkpoint_seconds"), rich_help_panel=TRAIN)] = None,
     keep_checkpoints: Annotated[Optional[int], typer.Option(help="Keep N weight snapshots along training (for landscape PCA). (default: 0)", rich_help_panel=TRAIN)] = None,
     hessian_every: Annotated[Optional[int], typer.Option(help="Log the Hessian's lambda_max and trace every N steps (0: off).", rich_help_panel=PROBES)] = None,
     probe_every: Annotated[Optional[int], typer.Option(help="Log per-layer gradient and signal norms every N steps (0: off).", rich_help_panel=PROBES)] = None,
+    probe: Annotated[Optional[str], typer.Option(help=_help("probe"), rich_help_panel=PROBES)] = None,
     adv: Annotated[Optional[str], typer.Option(help="Adversarial training with fgsm or pgd.", rich_help_panel=ADV)] = None,
     adv_eps: Annotated[Optional[float], typer.Option(help="Adversarial training budget (L-inf, pixel units). (default: 0.1)", rich_help_panel=ADV)] = None,
     adv_ratio: Annotated[Optional[float], typer.Option(help="Weight of the adversarial loss (0.5: Goodfellow et al.; 1: Madry et al.). (default: 0.5)", rich_help_panel=ADV)] = None,
@@ -86,14 +97,15 @@ def command(
 ) -> None:
     """Train a model; log per-step loss, learning rate and gradient norm, per-epoch accuracy."""
     from gradlab.runs.folder import RunDir, find_run, load_checkpoint, read_config
-    from gradlab.training.loop import Trainer, train_defaults, validate_train_config
+    from gradlab.training.loop import Trainer
+    from gradlab.training.options import train_defaults, validate_train_config
 
     flags = dict(
         model=model, dataset=dataset, data_dir=data_dir, depth=depth, width=width, act=act, init=init,
         sigma_w=sigma_w, sigma_b=sigma_b, residual=residual, norm=norm, opt=opt, lr=lr, momentum=momentum,
         weight_decay=weight_decay, schedule=schedule, epochs=epochs, batch_size=batch_size,
-        log_every=log_every, keep_checkpoints=keep_checkpoints, hessian_every=hessian_every,
-        probe_every=probe_every, adv=adv, adv_eps=adv_eps, adv_ratio=adv_ratio,
+        log_every=log_every, log_every_steps=log_every_steps, checkpoint_seconds=checkpoint_seconds,
+        keep_checkpoints=keep_checkpoints, hessian_every=hessian_every, probe_every=probe_every, probe=probe, adv=adv, adv_eps=adv_eps, adv_ratio=adv_ratio,
         runs_dir=runs_dir, name=name, seed=seed, device=device,
     )
     flags.update(parse_set(set_))

@@ -66,7 +66,8 @@ def test_run_folder_holds_config_metrics_checkpoint_and_events(trained):
     m = pd.read_csv(trained / "metrics.csv")
     assert list(m.columns) == ["step", "epoch", "split", "metric", "value", "wall_time"]
     steps = m[(m.split == "train-step") & (m.metric == "loss")]
-    assert steps["step"].tolist() == list(range(1, len(steps) + 1))
+    total = int(pd.read_csv(trained / "summary.csv").loc[0, "steps"])
+    assert steps["step"].tolist() == list(range(10, total + 1, 10))  # every log_every_steps (default 10)
     assert set(m[m.split == "test"].metric) == {"loss", "acc"}
     assert set(m[m.split == "train-step"].metric) == {"loss", "lr", "grad_norm"}
     assert (trained / "checkpoints" / "last.pt").is_file()
@@ -95,7 +96,9 @@ def test_same_seed_same_metrics(tmp_path, capsys):
 
 
 def test_nan_loss_stops_with_status_diverged(tmp_path, capsys):
-    r = cli(capsys, "train", "--runs-dir", tmp_path, "--opt", "sgd", "--lr", "1e8", "--epochs", "3", *SMALL)
+    # Every step logged: no row of the steps before the NaN is skipped by the schedule.
+    r = cli(capsys, "train", "--runs-dir", tmp_path, "--opt", "sgd", "--lr", "1e8", "--epochs", "3",
+            "--log-every-steps", "1", *SMALL)
     assert r.code == 1
     lines = r.err.strip().splitlines()
     assert len(lines) == 1 and "diverged" in lines[0] and "step" in lines[0] and "lr 1e+08" in lines[0]

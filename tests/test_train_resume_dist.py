@@ -15,8 +15,11 @@ from clihelp import cli, gradlab_exe, run_proc
 
 pytestmark = pytest.mark.slow
 
-# Small but not trivial: 8 epochs of 400 examples, batch 32 -> 13 steps per epoch.
-ARGS = ["--epochs", "8", "--batch-size", "32", "--seed", "3", "--set", "max_train=400", "--width", "64"]
+# Small but not trivial: 8 epochs of 400 examples, batch 32 -> 13 steps per epoch. Every step
+# logged and last.pt written at every epoch's end: _start counts rows, and a SIGKILL needs an
+# epoch's checkpoint (tests/test_train_callbacks.py resumes with the default cadences).
+ARGS = ["--epochs", "8", "--batch-size", "32", "--seed", "3", "--set", "max_train=400", "--width", "64",
+        "--log-every-steps", "1", "--checkpoint-seconds", "0"]
 
 
 def _values(run: Path) -> pd.DataFrame:

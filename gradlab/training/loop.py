@@ -1,79 +1,36 @@
 """Training: the loop behind ``gradlab train``.
 
-One code path for one process and for ``torchrun`` (DistributedDataParallel over global batches,
-see :class:`gradlab.core.distributed.GlobalBatchSampler`). Checkpoints carry the position inside the
-epoch and every RNG state, so ``--resume`` continues exactly where the checkpoint was written and
-a resumed run ends with the same metrics as an uninterrupted one.
+The loop owns the data (global batches through :class:`gradlab.core.distributed.GlobalBatchSampler`),
+one optimizer step (``loss.backward(); step()``, or ``step(closure)`` for optimizers that take
+their own gradients), DDP, the position in training and a deferred Ctrl-C. Everything else --
+metric rows, TensorBoard, histograms, checkpoints, the NaN stop, probes, adversarial batches --
+is a callback (:mod:`gradlab.training.callbacks`).
+
+Checkpoints carry the position inside the epoch, every RNG state and the callbacks' states, so
+``--resume`` continues exactly where the checkpoint was written and a resumed run ends with the
+same metrics as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from gradlab.core.errors import GradlabError, check
-from gradlab.core.modelstate import model_state
+from gradlab.training.callbacks import Callback, EpochInfo, Progress, StepInfo, StopTraining, default_callbacks
+from gradlab.training.callbacks.base import overrides, sort_callbacks
+from gradlab.training.callbacks.metrics import evaluate
+from gradlab.training.options import TRAIN_OPTIONS, train_defaults, validate_train_config
 
-BASE_DEFAULTS = {
-    "model": "mlp",
-    "dataset": "digits",
-    "data_dir": None,
-    "opt": "adam",
-    "epochs": 15,
-    "batch_size": 64,
-    "log_every": 50,
-    "hessian_every": 0,
-    "probe_every": 0,
-    "adv": None,
-    "adv_eps": 0.1,
-    "adv_ratio": 0.5,
-    "keep_checkpoints": 0,
-}
-
-
-def train_defaults() -> dict:
-    """Every key ``gradlab train`` accepts, with its default (model, data and optimizer options too)."""
-    from gradlab.data import DATASET_DEFAULTS
-    from gradlab.models import MODEL_DEFAULTS
-    from gradlab.optim import OPTIM_DEFAULTS
-
-    return {**BASE_DEFAULTS, **MODEL_DEFAULTS, **DATASET_DEFAULTS, **OPTIM_DEFAULTS}
+_HOOKS = ("on_fit_start", "transform_loss", "on_loss", "on_step_end", "on_epoch_end", "summarize", "on_fit_end")
 
 
 def subset(cfg: dict, keys) -> dict:
     return {k: cfg[k] for k in keys if k in cfg}
-
-
-def validate_train_config(cfg: dict) -> dict:
-    """Check what can be checked before a run folder exists (names, ranges); fill in the
-    optimizer's own learning rate so config.yaml records the value actually used."""
-    from gradlab.data import DATASETS
-    from gradlab.optim import OPTIMIZERS, default_lr
-
-    check(cfg["epochs"] >= 1, f"invalid epochs: {cfg['epochs']} (must be >= 1)")
-    check(cfg["batch_size"] >= 1, f"invalid batch size: {cfg['batch_size']} (must be >= 1)")
-    check(cfg["log_every"] >= 1, f"invalid log-every: {cfg['log_every']} (must be >= 1)")
-    for k in ("hessian_every", "probe_every", "keep_checkpoints"):
-        check(cfg[k] >= 0, f"invalid {k.replace('_', '-')}: {cfg[k]} (must be >= 0)")
-    if cfg.get("lr") is not None:
-        check(cfg["lr"] > 0, f"invalid lr: {cfg['lr']} (must be > 0)")
-    DATASETS.entry(cfg["dataset"])
-    OPTIMIZERS.entry(cfg["opt"])
-    if cfg["adv"] is not None:
-        from gradlab.attacks import ATTACKS
-
-        check(cfg["adv"] in ("fgsm", "pgd"), f"invalid --adv {cfg['adv']!r}: choose fgsm or pgd")
-        ATTACKS.entry(cfg["adv"])
-        check(0 < cfg["adv_eps"] <= 1, f"invalid adv-eps: {cfg['adv_eps']} (must be in (0, 1])")
-        check(0 < cfg["adv_ratio"] <= 1, f"invalid adv-ratio: {cfg['adv_ratio']} (must be in (0, 1])")
-    if cfg.get("lr") is None:
-        cfg["lr"] = default_lr(cfg["opt"])
-    return cfg
 
 
 @dataclass
@@ -81,7 +38,7 @@ class TrainResult:
     status: str  # completed | diverged | interrupted
     metrics: dict
     message: str = ""
-    events: list = field(default_factory=list)
+    events: list = field(default_factory=list)  # the optimizer's (e.g. SWATS' switch to SGD)
 
 
 def _rng_state() -> dict:
@@ -92,51 +49,39 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    # Cloned: a loaded tensor may be a view into a larger buffer (a nonzero storage offset), which
+    # torch.set_rng_state does not handle ("Invalid mt19937 state", or a crash).
+    torch.set_rng_state(state["torch"].clone())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@torch.no_grad()
-def evaluate(model, x, y, batch_size: int = 1024) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over ``(x, y)`` in eval mode (mode restored after)."""
-    loss_sum, correct = 0.0, 0
-    with model_state(model, train=False):
-        for i in range(0, len(x), batch_size):
-            out = model(x[i : i + batch_size])
-            loss_sum += F.cross_entropy(out, y[i : i + batch_size], reduction="sum").item()
-            correct += (out.argmax(1) == y[i : i + batch_size]).sum().item()
-    n = max(len(x), 1)
-    return loss_sum / n, correct / n
-
-
-def _grad_norms(params) -> tuple[float, list]:
-    """Global L2 norm of the gradients and the per-tensor norms (of the parameters that have a
-    gradient, in order): one fused norm call, combined in float64 by hypot. (Reading the norms
-    one by one is cheaper than stacking them first: ~36 against ~48 us right after a step.)"""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0, []
-    norms = [n.item() for n in torch._foreach_norm(grads)]
-    return math.hypot(*norms), norms
+        torch.cuda.set_rng_state_all([s.clone() for s in state["cuda"]])
 
 
 class Trainer:
-    """Holds the state of one training run; :meth:`run` executes it."""
+    """Holds the state of one training run; :meth:`fit` executes it.
 
-    def __init__(self, cfg: dict, resume: Optional[dict] = None):
-        from gradlab.data import DATASET_DEFAULTS, load_dataset
+    Args:
+        cfg: a resolved train config (see :func:`gradlab.training.options.validate_train_config`);
+            options missing from it (a run made before they existed) take their defaults.
+        resume: a checkpoint (:meth:`state`) to continue from.
+        callbacks: added to :func:`~gradlab.training.callbacks.default_callbacks`; they run after
+            the built-in ones and before the checkpoint (see ``Callback.order``).
+    """
+
+    def __init__(self, cfg: dict, resume: Optional[dict] = None, callbacks: Sequence[Callback] = ()):
         from gradlab.core.device import resolve_device
         from gradlab.core.distributed import GlobalBatchSampler, init_from_env
+        from gradlab.data import DATASET_DEFAULTS, load_dataset
         from gradlab.models import MODEL_DEFAULTS, build_model
         from gradlab.optim import OPTIM_DEFAULTS, build_optimizer, build_scheduler, default_lr
 
-        self.cfg, self.run, self.progress = cfg, None, None
+        cfg = {**TRAIN_OPTIONS.defaults(), **cfg}
+        self.cfg, self.run = cfg, None
         device = resolve_device(cfg["device"])
         self.dist = init_from_env(device.type)
         if self.dist.enabled and device.type == "cuda":
             device = torch.device("cuda", self.dist.local_rank)
         self.device = device
+        self.is_main = self.dist.is_main
         check(
             cfg["batch_size"] >= self.dist.world_size,
             f"batch size {cfg['batch_size']} is smaller than the number of processes {self.dist.world_size}",
@@ -175,21 +120,21 @@ class Trainer:
 
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.epoch_sums = [0.0, 0.0, 0.0]  # loss sum, correct, count (this rank's share)
-        self.history = {"steps_to_95": None, "lambda_max": None, "trace": None}
-        self.events: list = []
-        self.layer_grad_norms: list = []  # of the last step, for the histogram of per-layer norms
         self._outputs: list = []  # (logits, labels) of steps whose correct predictions are not counted yet
-        self.ckpt_steps = self._checkpoint_schedule(cfg["keep_checkpoints"])
+        self._interrupt = _DeferredInterrupt()
+        self.callbacks = sort_callbacks([*default_callbacks(cfg), *callbacks])
+        keys = [cb.key for cb in self.callbacks]
+        dup = next((k for k in keys if keys.count(k) > 1), None)
+        check(dup is None, f"two training callbacks save their state as {dup!r}: give each its own key")
         if resume is not None:
             self._load_state(resume)
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def _checkpoint_schedule(self, n: int) -> set:
-        if n <= 0:
-            return set()
-        return {max(1, round(self.total_steps * (i + 1) / n)) for i in range(n)}
-
+    # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
+        """The exact position: what ``last.pt`` holds. Under torchrun, call it on every rank at
+        the same step (the epoch sums are completed across ranks first), or where the loop has
+        nothing pending: in ``on_epoch_end`` and ``on_fit_end``."""
+        self._count_correct()
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -199,9 +144,7 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "epoch_sums": list(self.epoch_sums),
-            "history": {k: v for k, v in self.history.items() if v is not None},
-            "last_epoch_metrics": dict(getattr(self, "last_epoch_metrics", {})),
-            "events": list(self.events),
+            "callbacks": {cb.key: s for cb in self.callbacks if (s := cb.state_dict())},
         }
 
     def _load_state(self, ckpt: dict) -> None:
@@ -211,70 +154,62 @@ class Trainer:
         _set_rng_state(ckpt["rng"])
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         self.epoch_sums = list(ckpt["epoch_sums"])
-        self.history.update(ckpt.get("history", {}))
-        self.events = list(ckpt.get("events", []))
-        if ckpt.get("last_epoch_metrics"):
-            self.last_epoch_metrics = dict(ckpt["last_epoch_metrics"])
+        states = ckpt["callbacks"] if "callbacks" in ckpt else _legacy_callback_states(ckpt)
+        for cb in self.callbacks:
+            cb.load_state_dict(states.get(cb.key, {}))
 
-    def save(self) -> None:
-        self._count_correct()  # on every rank: epoch_sums in the checkpoint must be complete
-        if self.dist.is_main:  # written in the background; fit() waits for it before returning
-            self.run.save_checkpoint(self.state(), "last.pt", wait=False)
+    def request_stop(self) -> None:
+        """Stop at the end of the current step with status ``interrupted``, a checkpoint written
+        (what the first Ctrl-C does). Under torchrun a request made during a step's callbacks is
+        honoured at the end of the next step, where every rank learns of it."""
+        self._interrupt.requested = True
 
     # -- one step ------------------------------------------------------------------------------
-    def _batch_loss(self, out, yb, n_global):
+    def batch_loss(self, out, yb, n_global):
         """This rank's share of the mean loss over the global batch (sum * W / B, see sampler);
         on one process the batch is the global batch and this is the plain mean."""
         if self.dist.world_size == 1:
             return F.cross_entropy(out, yb)
         return F.cross_entropy(out, yb, reduction="sum") * (self.dist.world_size / n_global)
 
-    def _loss_terms(self, xb, yb, n_global):
+    def _loss(self, xb, yb, n_global):
         out = self.net(xb)
-        loss = self._batch_loss(out, yb, n_global)
-        if self.cfg["adv"] is not None:
-            from gradlab.attacks import attack_batch
+        loss = self.batch_loss(out, yb, n_global)
+        for cb in self._transforms:
+            loss = cb.transform_loss(self, xb, yb, out, loss, n_global)
+        value = loss.item()
+        for cb in self._loss_checks:  # before any backward or update
+            cb.on_loss(self, value)
+        return loss, value, out.detach()
 
-            x_adv = attack_batch(self.cfg["adv"], self.model, xb, yb, self.cfg["adv_eps"])
-            adv_loss = self._batch_loss(self.net(x_adv), yb, n_global)
-            r = self.cfg["adv_ratio"]
-            loss = (1 - r) * loss + r * adv_loss
-        return loss, out
-
-    def train_step(self, idx, n_global) -> tuple[float, float]:
-        """One optimizer step on batch ``idx``: this rank's loss sum and the gradient norm."""
-        xb, yb = self.x_train[idx], self.y_train[idx]
+    def train_step(self, xb, yb, n_global) -> tuple[float, torch.Tensor]:
+        """One optimizer step on batch ``(xb, yb)``: this rank's loss sum and its logits."""
         if not self.model.training:  # evaluation and probes restore the mode; this is a guard
             self.model.train()
         optimizer = self.optimizer
         optimizer.zero_grad(set_to_none=True)
         if self.closure_step:
-            captured = {}
+            captured = []
 
             def closure():
-                loss, out = self._loss_terms(xb, yb, n_global)
-                # Checked before any backward or update, so a NaN never reaches the weights.
-                captured["loss"] = self._check_finite(loss)
-                captured["out"] = out.detach()
+                loss, value, out = self._loss(xb, yb, n_global)
+                captured[:] = [value, out]
                 return loss
 
             optimizer.step(closure)
-            loss_value, out = captured["loss"], captured["out"]
+            loss_value, out = captured
         else:
-            loss, out = self._loss_terms(xb, yb, n_global)
-            loss_value = self._check_finite(loss)  # before any backward or update
-            out = out.detach()
+            loss, loss_value, out = self._loss(xb, yb, n_global)
             loss.backward()
             optimizer.step()
         # Correct predictions are counted in bulk (_count_correct): keep this step's logits.
         self._outputs.append((out, yb))
-        gnorm, self.layer_grad_norms = _grad_norms(self.params)
-        return loss_value * n_global / self.dist.world_size, gnorm
+        return loss_value * n_global / self.dist.world_size, out
 
     def _count_correct(self) -> None:
         """Add the correct predictions of the steps since the last call to ``epoch_sums``: one
         argmax over all their logits instead of four small ops and a read-back per step. Called
-        on every rank at the same steps (epoch ends and saves), so the all-reduce matches."""
+        on every rank at the same steps (epoch ends and the end of fit), so the all-reduce matches."""
         if not self._outputs:
             return
         out = torch.cat([o for o, _ in self._outputs])
@@ -287,176 +222,107 @@ class Trainer:
             correct = all_reduce_sum([correct], self.dist, self.device)[0]
         self.epoch_sums[1] += correct
 
-    def _check_finite(self, loss: torch.Tensor) -> float:
-        """The loss as a float, or :class:`_Diverged` if it is NaN/inf on any rank."""
-        value = loss.item()
-        bad = 0.0 if math.isfinite(value) else 1.0
-        if self.dist.enabled:
-            from gradlab.core.distributed import all_reduce_sum
-
-            bad = all_reduce_sum([bad], self.dist, self.device)[0]
-        if bad > 0:
-            raise _Diverged(self.step + 1, self.epoch, self.optimizer.param_groups[0]["lr"])
-        return value
-
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, run, progress: Optional[Callable] = None) -> TrainResult:
-        """Train into the run folder ``run``; ``progress(step, total, epoch, loss, acc)`` per step."""
+        """Train into the run folder ``run``; ``progress(step, total, epoch, loss, acc)`` per step.
+        Returns once every checkpoint is written."""
         from gradlab.core.distributed import shutdown
 
-        self.run, self.progress = run, progress
-        with _DeferredInterrupt() as interrupt:
-            self._interrupt = interrupt
+        self.run = run
+        callbacks = self.callbacks
+        if progress is not None:  # just before the checkpoint
+            callbacks = sort_callbacks([*callbacks, Progress(progress)])
+        hooks = {h: [cb for cb in callbacks if overrides(cb, h)] for h in _HOOKS}
+        self._transforms, self._loss_checks = hooks["transform_loss"], hooks["on_loss"]
+        start = time.time()
+        with self._interrupt:
             try:
-                result = self._fit()
+                for cb in hooks["on_fit_start"]:
+                    cb.on_fit_start(self)
+                exact = True
+                try:
+                    status, message = self._epochs(hooks["on_step_end"], hooks["on_epoch_end"])
+                except StopTraining as stop:
+                    status, message = stop.status, stop.message
+                except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last checkpoint as it is
+                    status, message, exact = "interrupted", "interrupted: the last checkpoint is kept", False
+                if exact:
+                    self._count_correct()  # on every rank: the epoch sums of the end state are complete
+                for cb in hooks["on_fit_end"]:
+                    cb.on_fit_end(self, status, exact)
+                metrics = {"epochs": self.epoch, "steps": self.step, "seconds": round(time.time() - start, 3)}
+                for cb in hooks["summarize"]:
+                    metrics = cb.summarize(self, metrics)
                 run.wait_checkpoints()
-                return result
+                return TrainResult(status, metrics, message, [dict(e) for e in getattr(self.optimizer, "events", ())])
             finally:
                 shutdown(self.dist)
 
-    def _fit(self) -> TrainResult:
+    def _epochs(self, step_hooks, epoch_hooks) -> tuple[str, str]:
         from gradlab.core.distributed import all_reduce_sum
 
-        cfg, run = self.cfg, self.run
-        start = time.time()
+        cfg, dist, interrupt, optimizer = self.cfg, self.dist, self._interrupt, self.optimizer
         # A constant schedule never changes the learning rate: its scheduler is not stepped.
         step_scheduler = cfg.get("schedule", "constant") != "constant"
-        if self.step == 0 and self.ckpt_steps and self.dist.is_main:
-            run.save_checkpoint({"model": self.model.state_dict(), "step": 0}, "init.pt", wait=False)
-        # The per-step path runs right after a training step, when every Python call and object
-        # it touches costs several times its hot-loop time: what does not change is looked up
-        # once here, and one process skips the collective.
-        dist, interrupt, optimizer = self.dist, self._interrupt, self.optimizer
-        is_main, log_every, on_device = dist.is_main, cfg["log_every"], self.device.type != "cpu"
-        probing = bool(cfg["hessian_every"] or cfg["probe_every"])
-        log_step = run.step_logger("train-step", ["loss", "lr", "grad_norm"])
-        try:
-            while self.epoch < cfg["epochs"]:
-                batches = self.sampler.epoch_batches(self.epoch)
-                n_batches = len(batches)
-                for b in range(self.batch_in_epoch, n_batches):
-                    idx, n_global = batches[b]
-                    loss_sum, gnorm = self.train_step(idx.to(self.device) if on_device else idx, n_global)
-                    if dist.enabled:
-                        # One small collective per step: the loss and whether any rank was asked
-                        # to stop, so that every rank stops at the same step boundary.
-                        loss_g, stop = all_reduce_sum([loss_sum, float(interrupt.requested)], dist, self.device)
-                    else:
-                        loss_g, stop = loss_sum, interrupt.requested
-                    self.step = step = self.step + 1
-                    self.batch_in_epoch = b + 1
-                    sums = self.epoch_sums
-                    sums[0] += loss_g
-                    sums[2] += n_global
-                    lr = optimizer.param_groups[0]["lr"]
-                    if step_scheduler:
-                        self.scheduler.step()
-                    log_step(step, self.epoch, loss_g / n_global, float(lr), gnorm)
-                    # Histograms, curvature and gradient probes every N steps; optimizer events.
-                    if step % log_every == 0 and is_main:
-                        self._log_histograms(step)
-                    if probing:
-                        self._probes(idx)
-                    events = getattr(optimizer, "events", ())
-                    if len(events) > len(self.events):
-                        self._log_events(events)
-                    if self.progress is not None:  # this rank's accuracy on the step (rank 0 shows it)
-                        out, labels = self._outputs[-1]
-                        acc = float((out.argmax(1) == labels).sum()) / max(len(labels), 1)
-                        self.progress(step, self.total_steps, self.epoch, loss_g / n_global, acc)
-                    if step in self.ckpt_steps and is_main:
-                        run.save_checkpoint({"model": self.model.state_dict(), "step": step},
-                                            f"step-{step:08d}.pt", wait=False)
-                    if b + 1 == n_batches:
-                        self._end_epoch()  # evaluates and writes checkpoints/last.pt
-                    if stop:
-                        self.save()
-                        return TrainResult("interrupted", self._final_metrics(start),
-                                           f"interrupted at step {self.step}: checkpoint written; "
-                                           "continue with --resume", self.events)
-        except _Diverged as d:
-            msg = (f"loss became NaN/inf at step {d.step} (epoch {d.epoch}) with lr {d.lr:g}: "
-                   "the run diverged; try a smaller --lr")
-            return TrainResult("diverged", self._final_metrics(start, diverged=True), msg, self.events)
-        except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last checkpoint as it is
-            return TrainResult("interrupted", self._final_metrics(start),
-                               "interrupted: the last epoch's checkpoint is kept", self.events)
-        return TrainResult("completed", self._final_metrics(start), "", self.events)
+        on_device = self.device.type != "cpu"
+        x_train, y_train, params = self.x_train, self.y_train, self.params
+        while self.epoch < cfg["epochs"]:
+            batches = self.sampler.epoch_batches(self.epoch)
+            n_batches = len(batches)
+            while self.batch_in_epoch < n_batches:
+                b = self.batch_in_epoch
+                idx, n_global = batches[b]
+                if on_device:
+                    idx = idx.to(self.device)
+                xb, yb = x_train[idx], y_train[idx]
+                loss_sum, out = self.train_step(xb, yb, n_global)
+                if dist.enabled:
+                    # One small collective per step: the loss and whether any rank was asked
+                    # to stop, so that every rank stops at the same step boundary.
+                    loss_g, stop = all_reduce_sum([loss_sum, float(interrupt.requested)], dist, self.device)
+                else:
+                    loss_g, stop = loss_sum, False
+                self.step = step = self.step + 1
+                self.batch_in_epoch = b + 1
+                sums = self.epoch_sums
+                sums[0] += loss_g
+                sums[2] += n_global
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step used
+                if step_scheduler:
+                    self.scheduler.step()
+                if step_hooks:
+                    info = StepInfo(step, self.epoch, b, loss_g / n_global, lr, xb, yb, out, n_global, params)
+                    for cb in step_hooks:
+                        cb.on_step_end(self, info)
+                if stop or (interrupt.requested and not dist.enabled):
+                    if self.batch_in_epoch == n_batches:
+                        self._end_epoch(epoch_hooks)
+                    return "interrupted", (f"interrupted at step {self.step}: checkpoint written; "
+                                           "continue with --resume")
+            self._end_epoch(epoch_hooks)
+        return "completed", ""
 
-    def _end_epoch(self) -> None:
+    def _end_epoch(self, epoch_hooks) -> None:
+        """Close the epoch: the position moves to the next one, then the epoch-end callbacks run
+        (the checkpoint last), so a checkpoint written there resumes at the next epoch."""
         self._count_correct()
         loss_sum, correct, count = self.epoch_sums
-        train = {"loss": loss_sum / max(count, 1), "acc": correct / max(count, 1)}
-        test_loss, test_acc = evaluate(self.model, self.x_test, self.y_test)
-        self.run.log_metrics(self.step, self.epoch, "train", train)
-        self.run.log_metrics(self.step, self.epoch, "test", {"loss": test_loss, "acc": test_acc})
-        if test_acc >= 0.95 and self.history["steps_to_95"] is None:
-            self.history["steps_to_95"] = self.step
-        self.last_epoch_metrics = {"train_loss": train["loss"], "train_acc": train["acc"],
-                                   "test_loss": test_loss, "test_acc": test_acc}
+        info = EpochInfo(self.epoch, self.step, loss_sum / max(count, 1), correct / max(count, 1))
         self.epoch += 1
         self.batch_in_epoch = 0
         self.epoch_sums = [0.0, 0.0, 0.0]
-        self.save()
-
-    def _log_histograms(self, step: int) -> None:
-        """Histograms of each layer's gradient and of the per-layer gradient norms, in one pass."""
-        tensors = {f"grads/{name}": p.grad for name, p in self.model.named_parameters() if p.grad is not None}
-        if self.layer_grad_norms:  # of the same tensors, in the same order
-            tensors["grad_norm/per_layer"] = torch.tensor(self.layer_grad_norms)
-        self.run.log_histograms(tensors, step)
-
-    def _log_events(self, events) -> None:
-        """The optimizer's events since the last call: to TensorBoard text and metrics.csv."""
-        run, step = self.run, self.step
-        for ev in events[len(self.events):]:
-            self.events.append(dict(ev))
-            run.log_text("optimizer/events", str(ev))
-            for k, v in ev.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    run.log_metrics(step, self.epoch, "optimizer", {f"{ev.get('event', 'event')}_{k}": v})
-
-    def _probes(self, idx) -> None:
-        """Curvature and gradient-norm probes, when due."""
-        cfg, run, step = self.cfg, self.run, self.step
-        due = lambda every: bool(every) and step % every == 0 and self.dist.is_main  # noqa: E731
-        if due(cfg["hessian_every"]) or due(cfg["probe_every"]):
-            xb, yb = self.x_train[idx.to(self.device)], self.y_train[idx.to(self.device)]
-        if due(cfg["hessian_every"]):
-            from gradlab.probes.hessian import quick_curvature
-
-            with _own_rng(self.device):  # probes must not shift the training run's random stream
-                lam, tr = quick_curvature(self.model, F.cross_entropy, (xb, yb))
-            self.history["lambda_max"], self.history["trace"] = float(lam), float(tr)
-            run.log_metrics(step, self.epoch, "curvature", {"lambda_max": lam, "trace": tr,
-                                                             "stability_bound": 2.0 / lam if lam > 0 else float("inf")})
-        if due(cfg["probe_every"]):
-            from gradlab.probes.gradnorm import gradnorm_probe
-
-            with _own_rng(self.device):
-                df = gradnorm_probe(self.model, F.cross_entropy, [(xb, yb)]).to_frame()
-            for row in df.itertuples(index=False):
-                run.log_metrics(step, self.epoch, "gradnorm",
-                                {f"layer{row.layer}_grad_norm": row.grad_norm,
-                                 f"layer{row.layer}_signal_norm": row.signal_norm})
-
-    def _final_metrics(self, start: float, diverged: bool = False) -> dict:
-        m = dict(getattr(self, "last_epoch_metrics", {}))
-        if not m:
-            m = {"train_loss": float("nan"), "train_acc": float("nan"),
-                 "test_loss": float("nan"), "test_acc": float("nan")}
-        m.update({"epochs": self.epoch, "steps": self.step, "seconds": round(time.time() - start, 3)})
-        m.update({k: v for k, v in self.history.items() if v is not None})
-        for ev in self.events:
-            if ev.get("event") == "switch-to-sgd":
-                m["switch_step"], m["switch_sgd_lr"] = ev.get("step"), ev.get("sgd_lr")
-        return m
+        for cb in epoch_hooks:
+            cb.on_epoch_end(self, info)
 
 
-def _own_rng(device):
-    """Run a probe on a fork of the RNG state: with or without --hessian-every/--probe-every,
-    training draws the same dropout masks and noise."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+def _legacy_callback_states(ckpt: dict) -> dict:
+    """Callback states from a checkpoint written before training callbacks existed."""
+    history = ckpt.get("history", {})
+    states = {"events": {"events": ckpt.get("events", [])},
+              "evaluation": {"last": ckpt.get("last_epoch_metrics", {}), "steps_to_target": history.get("steps_to_95")}}
+    if "lambda_max" in history:
+        states["probe/hessian"] = {"last": {k: history[k] for k in ("lambda_max", "trace") if k in history}}
+    return states
 
 
 class _DeferredInterrupt:
@@ -485,22 +351,19 @@ class _DeferredInterrupt:
 
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
+            self._old = None
         return False
 
 
-class _Diverged(Exception):
-    def __init__(self, step: int, epoch: int, lr: float):
-        super().__init__(f"diverged at step {step}")
-        self.step, self.epoch, self.lr = step, epoch, lr
-
-
-def train(cfg: dict, run, progress: Optional[Callable] = None, resume: Optional[dict] = None) -> TrainResult:
+def train(cfg: dict, run, progress: Optional[Callable] = None, resume: Optional[dict] = None,
+          callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train ``cfg`` into the run folder ``run`` (a :class:`gradlab.runs.folder.RunDir`).
 
     The CLI builds the :class:`Trainer` first and creates the run folder only once data, model
     and optimizer exist, so a configuration mistake leaves no folder behind.
     """
-    return Trainer(cfg, resume).fit(run, progress)
+    return Trainer(cfg, resume, callbacks).fit(run, progress)
 
 
-__all__ = ["train", "train_defaults", "validate_train_config", "evaluate", "TrainResult", "GradlabError"]
+# train_defaults / validate_train_config / evaluate are importable from here as before.
+__all__ = ["train", "Trainer", "TrainResult", "train_defaults", "validate_train_config", "evaluate", "GradlabError"]

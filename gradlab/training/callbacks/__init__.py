@@ -1,0 +1,44 @@
+"""Training callbacks: everything the training loop does besides data, step, DDP and resume.
+
+See :mod:`gradlab.training.callbacks.base` for the hooks. :func:`default_callbacks` is what
+``gradlab train`` runs for a config; ``Trainer(cfg, callbacks=[...])`` adds more.
+"""
+
+from __future__ import annotations
+
+from gradlab.training.callbacks.adversarial import AdversarialLoss
+from gradlab.training.callbacks.base import Callback, EpochInfo, StepInfo, StopTraining, every
+from gradlab.training.callbacks.checkpoints import Checkpoints
+from gradlab.training.callbacks.metrics import (
+    DivergenceStop,
+    EpochEvaluation,
+    GradHistograms,
+    OptimizerEvents,
+    Progress,
+    StepMetrics,
+    evaluate,
+)
+from gradlab.training.callbacks.probes import (
+    TRAINING_PROBES,
+    ProbeCallback,
+    parse_probe_spec,
+    probe_callbacks,
+    probe_scalars,
+)
+
+
+def default_callbacks(cfg: dict) -> list[Callback]:
+    """The callbacks of a ``gradlab train`` config, in the order they run at each step."""
+    cbs: list[Callback] = [DivergenceStop()]
+    if cfg.get("adv") is not None:
+        cbs.append(AdversarialLoss(cfg["adv"], cfg["adv_eps"], cfg["adv_ratio"]))
+    cbs += [StepMetrics(cfg["log_every_steps"]), GradHistograms(cfg["log_every"]), *probe_callbacks(cfg),
+            OptimizerEvents(), EpochEvaluation(),
+            Checkpoints(cfg["checkpoint_seconds"], cfg["keep_checkpoints"])]
+    return cbs
+
+
+__all__ = ["Callback", "StepInfo", "EpochInfo", "StopTraining", "every", "default_callbacks", "AdversarialLoss",
+           "Checkpoints", "DivergenceStop", "EpochEvaluation", "GradHistograms", "OptimizerEvents", "Progress",
+           "StepMetrics", "evaluate", "TRAINING_PROBES", "ProbeCallback", "parse_probe_spec", "probe_callbacks",
+           "probe_scalars"]

@@ -1,0 +1,65 @@
+"""Checkpoints: ``checkpoints/last.pt`` to resume from, and weight snapshots along training."""
+
+from __future__ import annotations
+
+from time import monotonic
+
+from gradlab.training.callbacks.base import Callback, EpochInfo, StepInfo
+
+
+class Checkpoints(Callback):
+    """``last.pt`` with the trainer's whole position (:meth:`Trainer.state`: weights, optimizer,
+    scheduler, RNG states, step, epoch, batch in epoch, epoch sums, callback states):
+
+    * at an epoch's end, unless one was written less than ``every_seconds`` ago (the clock starts
+      when fit() starts, so with a large value a run writes it only when it stops);
+    * always when the run stops: completed, diverged (the weights before the step that diverged),
+      or interrupted by Ctrl-C (at the step boundary where it was honoured). After a second
+      Ctrl-C, which stops mid-step, the last one written is kept as it is.
+
+    Written in the background (the state is frozen first; fit() waits for the write before it
+    returns), so a kill meanwhile leaves the previous file. With ``keep > 0``: ``init.pt`` before
+    the first step and ``step-NNNNNNNN.pt`` (weights and step only) at ``keep`` steps spread
+    evenly over training, the last one at its final step.
+
+    ``order = 100``: it runs after every other callback, so the state includes what they did.
+    """
+
+    order = 100
+
+    def __init__(self, every_seconds: float = 30.0, keep: int = 0):
+        self.every_seconds, self.keep = every_seconds, keep
+        self.snapshot_steps: set = set()
+        self._last_write = 0.0
+        self._written = None  # the position last written: not written twice
+
+    def on_fit_start(self, trainer) -> None:
+        self._last_write = monotonic()
+        n, total = self.keep, trainer.total_steps
+        self.snapshot_steps = {max(1, round(total * (i + 1) / n)) for i in range(n)} if n > 0 else set()
+        if trainer.step == 0 and self.snapshot_steps and trainer.is_main:
+            trainer.run.save_checkpoint({"model": trainer.model.state_dict(), "step": 0}, "init.pt", wait=False)
+
+    def on_step_end(self, trainer, info: StepInfo) -> None:
+        if info.step in self.snapshot_steps and trainer.is_main:
+            trainer.run.save_checkpoint({"model": trainer.model.state_dict(), "step": info.step},
+                                        f"step-{info.step:08d}.pt", wait=False)
+
+    def on_epoch_end(self, trainer, info: EpochInfo) -> None:
+        if monotonic() - self._last_write >= self.every_seconds:
+            self.save(trainer)
+
+    def on_fit_end(self, trainer, status: str, exact: bool) -> None:
+        if exact and self._written != (trainer.step, trainer.epoch):
+            self.save(trainer)
+
+    def save(self, trainer) -> None:
+        """Write ``last.pt`` now (rank 0; the others have nothing pending at the loop's epoch
+        ends and fit end, where this is called, so no rank waits for another)."""
+        if trainer.is_main:
+            trainer.run.save_checkpoint(trainer.state(), "last.pt", wait=False)
+        self._last_write = monotonic()
+        self._written = (trainer.step, trainer.epoch)
+
+
+__all__ = ["Checkpoints"]
