@@ -57,7 +57,8 @@ def command(
     from gradlab.landscape.grid import make_batches
     from gradlab.landscape.plots import simplex_plot
     from gradlab.landscape.simplex import evaluate_simplex, train_simplex
-    from gradlab.runs.folder import load_run, save_checkpoint
+    from gradlab.runs.checkpoints import save_checkpoint
+    from gradlab.training.load import load_run
 
     flags = dict(run=run, vertices=vertices, epochs=epochs, volume_reg=volume_reg, lr=lr, batch_size=batch_size,
                  samples=samples, init_scale=init_scale, split=split, bn_batches=bn_batches, runs_dir=runs_dir,
