@@ -52,7 +52,8 @@ def load_source(cfg: dict):
     from gradlab.core.errors import GradlabError
     from gradlab.models import MODEL_DEFAULTS, build_model
     from gradlab.models.options import resolve_options as resolve_model_options
-    from gradlab.runs.folder import find_run, load_run
+    from gradlab.runs.records import find_run
+    from gradlab.training.load import load_run
 
     if cfg["split"] not in ("train", "test"):
         raise GradlabError(f"invalid split {cfg['split']!r}; choose from: train, test")

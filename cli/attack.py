@@ -103,7 +103,8 @@ def command(
     import torch
 
     from gradlab.core.device import resolve_device
-    from gradlab.runs.folder import find_run, load_run
+    from gradlab.runs.records import find_run
+    from gradlab.training.load import load_run
 
     source = find_run(cfg["runs_dir"], cfg["run"], require_checkpoint=True)
     dev = resolve_device(cfg["device"])

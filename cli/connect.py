@@ -52,7 +52,8 @@ def command(
     from gradlab.landscape.directions import interp_direction
     from gradlab.landscape.grid import make_batches
     from gradlab.landscape.plots import connect_plot
-    from gradlab.runs.folder import load_run, save_checkpoint
+    from gradlab.runs.checkpoints import save_checkpoint
+    from gradlab.training.load import load_run
 
     flags = dict(flags, runs_dir=runs_dir, name=name, seed=seed, device=device)
     cfg = resolve_command(_options(), config, flags, command="connect")

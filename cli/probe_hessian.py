@@ -154,7 +154,7 @@ def command(
     num_batches = parse_batches(cfg["batches"])
 
     from gradlab.probes.hessian import as_batches, hessian_probe
-    from gradlab.runs.folder import find_run, read_config
+    from gradlab.runs.records import find_run, read_config
     from gradlab_cli._source import load_source, split_tensors
 
     net, data, dev, desc = load_source(cfg)

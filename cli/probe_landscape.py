@@ -64,7 +64,8 @@ def command(
     from gradlab.landscape import plots
     from gradlab.landscape.grid import make_axes, make_batches
     from gradlab.landscape.probe import DIRECTIONS, choose_directions, landscape, simplex_plane
-    from gradlab.runs.folder import find_run, load_checkpoint, load_run, read_config, save_checkpoint
+    from gradlab.runs import find_run, load_checkpoint, read_config, save_checkpoint
+    from gradlab.training.load import load_run
 
     flags = dict(run=run, dims=dims, steps=steps, range=range_, directions=directions, to=to, batches=batches,
                  batch_size=batch_size, split=split, include_bn=include_bn, log_scale=log_scale,

@@ -48,7 +48,8 @@ def command(
     from gradlab.landscape.grid import make_batches
     from gradlab.landscape.plots import simplex_plot
     from gradlab.landscape.simplex import evaluate_simplex, train_simplex
-    from gradlab.runs.folder import load_run, save_checkpoint
+    from gradlab.runs.checkpoints import save_checkpoint
+    from gradlab.training.load import load_run
 
     flags = dict(flags, runs_dir=runs_dir, name=name, seed=seed, device=device)
     cfg = {"run": run, **resolve_command(_options(), config, flags, command="simplex")}

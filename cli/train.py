@@ -96,7 +96,7 @@ def command(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a model; log per-step loss, learning rate and gradient norm, per-epoch accuracy."""
-    from gradlab.runs.folder import RunDir, find_run, load_checkpoint, read_config
+    from gradlab.runs import RunDir, find_run, load_checkpoint, read_config
     from gradlab.training.loop import Trainer
     from gradlab.training.options import train_defaults, validate_train_config
 

@@ -257,7 +257,7 @@ def test_keep_checkpoints_spreads_snapshots_over_training(tmp_path, capsys):
     # 400 examples / batch 64 = 7 steps per epoch, 21 in all: 4 snapshots evenly spread.
     assert names == {"init.pt", "last.pt", "step-00000005.pt", "step-00000010.pt", "step-00000016.pt",
                      "step-00000021.pt"}
-    from gradlab.runs.folder import load_checkpoint
+    from gradlab.runs.checkpoints import load_checkpoint
 
     assert load_checkpoint(r.run_path / "checkpoints" / "init.pt")["step"] == 0
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+from fractions import Fraction
 
 import pandas as pd
 import pytest
 
 from gradlab.core.config import load_yaml, resolve
 from gradlab.core.errors import GradlabError
-from gradlab.runs.folder import METRIC_COLUMNS, RunDir, find_run, load_checkpoint, read_config, validate_run_name
+from gradlab.runs import METRIC_COLUMNS, RunDir, find_run, load_checkpoint, read_config, validate_run_name
 
 
 def test_resolve_precedence_and_unknown_keys():
@@ -106,9 +107,9 @@ def test_find_run(tmp_path):
         load_checkpoint(a.path / "checkpoints" / "bad.pt")
 
 
-# -- the fast paths under the run folder: same bytes as the slow ones -----------------------------
+# -- checkpoints: plain torch.save of cloned state ------------------------------------------------
 def _trainer_like_state():
-    """model, Adam and LambdaLR state dicts after a step, an RNG state, and plain values."""
+    """model, Adam and LambdaLR state dicts after a step, RNG states, and plain values."""
     import torch
 
     torch.manual_seed(0)
@@ -119,80 +120,113 @@ def _trainer_like_state():
     opt.step()
     sched.step()
     x = torch.arange(12.0)
+    gen = torch.Generator().manual_seed(5)
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": {"torch": torch.get_rng_state()}, "step": 7, "epoch_sums": [1.5, 3.0, 64],
-            "views": [x, x[2:5], x.view(3, 4).t()], "ints": torch.arange(3), "f16": torch.zeros(2, dtype=torch.float16),
-            "empty": torch.zeros(0), "misc": (None, True, "s", float("inf"), torch.float32, torch.Size([2]))}
+            "rng": {"torch": torch.get_rng_state(), "optimizer": gen.get_state()}, "step": 7,
+            "epoch_sums": [1.5, 3.0, 64], "views": [x, x[2:5], x.view(3, 4).t()], "ints": torch.arange(3),
+            "f16": torch.zeros(2, dtype=torch.float16), "empty": torch.zeros(0),
+            "misc": (None, True, "s", float("inf"), torch.float32, torch.Size([2]))}
 
 
-def test_checkpoint_bytes_are_torch_saves():
-    import io
-
-    import torch
-
-    from gradlab._serialize import _fast_dumps, dumps
-
-    def torch_save(obj):
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        return buf.getvalue()
-
-    state = _trainer_like_state()
-    assert _fast_dumps(state) == torch_save(state)  # the fast path itself, not the fallback
-    back = torch.load(io.BytesIO(dumps(state)), weights_only=True)
-    assert back["views"][2].stride() == (1, 4) and back["views"][1].tolist() == [2.0, 3.0, 4.0]
-    assert torch.equal(back["model"]["2.weight"], state["model"]["2.weight"])
-    # What the fast path does not write itself goes through torch.save.
-    for other in ([torch.nn.Parameter(torch.ones(2))], torch.ones(3).to_sparse(), torch.ones(2).untyped_storage()):
-        assert dumps(other) == torch_save(other)
-    t = torch.ones(2)
-    with pytest.raises(RuntimeError):  # as torch.save: one storage viewed as two dtypes
-        dumps([t, t.view(torch.int32)])
-
-
-def _same(a, b) -> bool:
+def _same_values(a, b) -> bool:
+    """Same containers (types, keys, order) and tensors equal in dtype, shape and values."""
     import torch
 
     if isinstance(a, torch.Tensor):
-        return (type(b) is torch.Tensor and a.dtype == b.dtype and a.shape == b.shape
-                and a.stride() == b.stride() and torch.equal(a, b))
+        return type(b) is torch.Tensor and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
     if isinstance(a, dict):
-        return (type(a) is type(b) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
-                and (type(a) is dict or _same(dict(vars(a)), dict(vars(b)))))
+        return type(a) is type(b) and list(a) == list(b) and all(_same_values(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return type(a) is type(b) and len(a) == len(b) and all(_same_values(x, y) for x, y in zip(a, b))
     return a == b or (a != a and b != b)
 
 
-def test_checkpoint_snapshot_loads_as_torch_save(tmp_path):
-    """A background checkpoint freezes the values when saved; the file loads as torch.save's."""
+def _tensors(obj):
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def test_clone_state_gives_every_tensor_its_own_contiguous_storage():
+    import torch
+
+    from gradlab.runs.checkpoints import clone_state
+
+    state = _trainer_like_state()
+    snap = clone_state(state)
+    assert _same_values(state, snap)
+    originals = {t.untyped_storage().data_ptr() for t in _tensors(state) if t.numel()}
+    for t in _tensors(snap):
+        assert t.is_contiguous() and t.storage_offset() == 0 and not t.requires_grad
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()  # no shared flat buffer
+        assert t.numel() == 0 or t.untyped_storage().data_ptr() not in originals
+    assert snap["model"]._metadata == state["model"]._metadata  # module versions, for load_state_dict
+    assert snap["epoch_sums"] is not state["epoch_sums"] and snap["optimizer"]["state"] is not state["optimizer"]["state"]
+    for t in state["model"].values():
+        t.add_(1.0)
+    assert not _same_values(state["model"], snap["model"])
+    torch.Generator().set_state(snap["rng"]["optimizer"])  # fails on a view into a shared buffer
+
+
+def test_checkpoint_is_a_plain_torch_save_taken_when_saved(tmp_path):
+    """A background checkpoint holds the values at the time it was saved and loads with
+    weights_only=True like the file torch.save writes; RNG states load back into generators."""
     import io
 
     import torch
 
-    from gradlab._serialize import Snapshots
-
     state = _trainer_like_state()
-    del state["views"]  # non-contiguous views: not snapshotted (below)
     buf = io.BytesIO()
     torch.save(state, buf)
     expected = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
     run = RunDir.create(tmp_path, "train", None, {})
-    for _ in range(2):  # the second reuses the first one's buffers
+    for _ in range(2):
         run.save_checkpoint(state, wait=False)
         for t in state["model"].values():
-            t.add_(1.0)  # after the snapshot: not in the file
+            t.add_(1.0)  # after the save: not in the file
         run.wait_checkpoints()
         back = load_checkpoint(run.path / "checkpoints" / "last.pt")
-        assert _same(expected, back)
+        assert _same_values(expected, back)
         for t in expected["model"].values():
             t.add_(1.0)
     assert back["model"]._metadata == state["model"]._metadata
-    snaps = Snapshots()
-    assert snaps.take(state) is not None
-    for other in ({"step": 1}, {"v": torch.arange(4.0)[::2]}, {"p": torch.nn.Parameter(torch.ones(2))},
-                  {"s": torch.ones(2).to_sparse()}, {"o": object()}, {(1, 2): torch.ones(1)}):
-        assert snaps.take(other) is None  # written by dumps(), as torch.save would
+    assert back["views"][1].tolist() == [2.0, 3.0, 4.0] and back["views"][2].tolist() == torch.arange(12.0).view(3, 4).t().tolist()
+    loaded, saved = torch.Generator(), torch.Generator()
+    loaded.set_state(back["rng"]["optimizer"])  # the resume crash: "Invalid mt19937 state"
+    saved.set_state(state["rng"]["optimizer"])
+    assert torch.equal(torch.rand(3, generator=loaded), torch.rand(3, generator=saved))
+
+
+def test_load_checkpoint_names_the_file_for_empty_truncated_and_foreign_files(tmp_path):
+    import torch
+
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.randn(100)}, good)
+    data = good.read_bytes()
+    cases = {"empty.pt": b"", "truncated.pt": data[: len(data) // 2], "foreign.pt": b"not a checkpoint"}
+    for name, payload in cases.items():
+        (tmp_path / name).write_bytes(payload)
+        with pytest.raises(GradlabError, match=f"cannot read checkpoint .*{name}") as e:
+            load_checkpoint(tmp_path / name)
+        assert "\n" not in str(e.value)
+    with pytest.raises(GradlabError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    import torch
+
+    path = tmp_path / "code.pt"
+    torch.save({"f": Fraction(1, 3)}, path)  # a pickled class: not tensors and plain values
+    with pytest.raises(GradlabError, match="cannot read checkpoint .*code.pt"):
+        load_checkpoint(path)
 
 
 def test_background_checkpoint_write(tmp_path):
@@ -206,20 +240,6 @@ def test_background_checkpoint_write(tmp_path):
     with pytest.raises(FileNotFoundError):  # a failed write surfaces at the next wait
         run.close()
     assert not list(run.path.rglob(".*.tmp"))
-
-
-def test_crc32c_matches_tensorboard():
-    import numpy as np
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference
-
-    from gradlab._crc32c import _B, _Q, masked_crc32c, masked_crc32c_many
-
-    rng = np.random.default_rng(0)
-    sizes = [0, 1, 3, 4, 5, 31, 32, 63, 64, 65, 100, 128, 129, 2000, _B * _Q, _B * _Q + 1]
-    messages = [rng.bytes(n) for n in sizes + sizes[::-1]]
-    expected = [reference(m) for m in messages]
-    assert [masked_crc32c(m) for m in messages] == expected
-    assert masked_crc32c_many(messages) == expected
 
 
 def test_event_file_is_tensorboards_format(tmp_path):
@@ -252,26 +272,7 @@ def test_event_file_is_tensorboards_format(tmp_path):
     assert "grads/bad" not in ea.Tags()["histograms"]
 
 
-def test_scalar_events_are_protobufs_bytes():
-    import random
-
-    from tensorboard.compat.proto import event_pb2
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    from gradlab._tbwriter import _scalar_event
-
-    rng = random.Random(0)
-    values = [0.0, -0.0, 1.0, 0.1, float("nan"), float("inf"), -float("inf"), 1e50, -1e50, 1e-50, 3.4028236e38]
-    for _ in range(300):
-        tags_values = [(rng.choice(["", "a", "train-step/loss", "x" * 200, "ü/é"]), rng.choice(values))
-                       for _ in range(rng.randint(0, 4))]
-        step, wall = rng.choice([0, 1, 127, 128, 2**40, -5]), rng.choice([0.0, 1795383777.091])
-        summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in tags_values])
-        expected = event_pb2.Event(wall_time=wall, step=step, summary=summary).SerializeToString()
-        assert _scalar_event(step, wall, tags_values) == expected, (step, wall, tags_values)
-
-
-def test_histograms_of_many_tensors_in_one_pass(tmp_path):
+def test_histograms_bin_each_tensor_as_histc(tmp_path):
     import torch
 
     run = RunDir.create(tmp_path, "train", None, {})
@@ -280,36 +281,17 @@ def test_histograms_of_many_tensors_in_one_pass(tmp_path):
                "inf": torch.tensor([1.0, float("inf")]), "nan": torch.tensor([float("nan"), 1.0]),
                "empty": torch.zeros(0), "tiny": torch.randn(7, dtype=torch.float64) * 1e-30}
     got = {}
-    run.tb.add_histogram_values = lambda tag, step, wall, **h: got.setdefault(tag, h)
+    run.tb.add_histogram_raw = lambda tag, global_step, walltime, **h: got.setdefault(tag, h)
     run.log_histograms(tensors, step=3)
     assert list(got) == ["w", "b", "const", "tiny"]  # non-finite and empty tensors are skipped
     for tag, h in got.items():
         x = tensors[tag].double().reshape(-1)
-        assert h["num"] == len(x) and h["min"] == x.min().item() and h["bucket_limit"][-1] == h["max"]
+        assert h["num"] == len(x) and h["min"] == x.min().item() and h["bucket_limits"][-1] == h["max"]
         assert h["sum"] == pytest.approx(x.sum().item(), rel=1e-9, abs=1e-9)
         assert h["sum_squares"] == pytest.approx(x.dot(x).item(), rel=1e-12)
-        assert h["bucket"] == torch.histc(x, 64, h["min"], h["max"]).tolist()
+        assert h["bucket_counts"] == torch.histc(x, 64, h["min"], h["max"]).tolist()
+        assert len(h["bucket_limits"]) == 64 and sum(h["bucket_counts"]) == len(x)
     run.close()
-
-
-def test_histogram_events_are_protobufs_bytes():
-    import random
-
-    from tensorboard.compat.proto import event_pb2
-    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
-
-    from gradlab._tbwriter import _histogram_event
-
-    rng = random.Random(0)
-    for _ in range(200):
-        n = rng.choice([0, 1, 64])
-        h = dict(min=rng.choice([0.0, -0.0, -1.5]), max=rng.choice([0.0, 2.5]), num=rng.choice([0, 1, 300]),
-                 sum=rng.choice([0.0, 1.25]), sum_squares=rng.choice([0.0, 4.0]),
-                 bucket_limit=[rng.uniform(-1, 1) for _ in range(n)], bucket=[rng.choice([0, 1, 5]) for _ in range(n)])
-        tag, step, wall = rng.choice(["", "grads/w", "x" * 300]), rng.choice([0, 5, -3]), rng.choice([0.0, 17.5])
-        summary = Summary(value=[Summary.Value(tag=tag, histo=HistogramProto(**h))])
-        expected = event_pb2.Event(wall_time=wall, step=step, summary=summary).SerializeToString()
-        assert _histogram_event(tag, step, wall, h) == expected, (tag, step, wall, h)
 
 
 def test_step_logger_writes_what_log_metrics_writes(tmp_path):

@@ -278,7 +278,7 @@ def test_probe_landscape_2d_outputs(trained_run, capsys):
     assert list(df.columns) == ["x", "y", "loss", "acc"] and len(df) == 25
     assert sorted(df["x"].unique()) == [-1.0, -0.5, 0.0, 0.5, 1.0]
     # the grid's centre is the run's own weights: its loss is the model's loss on that batch
-    from gradlab.runs.folder import load_run
+    from gradlab.training.load import load_run
 
     lr = load_run(str(path), runs)
     x, y = lr.data.x_train[:512], lr.data.y_train[:512]

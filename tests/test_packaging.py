@@ -9,7 +9,8 @@ import pytest
 from clihelp import ROOT, gradlab_exe, run_proc
 
 CORE_MODULES = ["gradlab", "gradlab.models", "gradlab.data", "gradlab.optim", "gradlab.curvature",
-                "gradlab.probes", "gradlab.attacks", "gradlab.landscape", "gradlab.training.loop", "gradlab.runs.folder"]
+                "gradlab.probes", "gradlab.attacks", "gradlab.landscape", "gradlab.training.loop", "gradlab.runs.folder",
+                "gradlab.runs", "gradlab.training.load"]
 
 
 def test_editable_install_exposes_console_script_and_module(tmp_path):

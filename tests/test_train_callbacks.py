@@ -84,7 +84,7 @@ def test_a_callback_from_a_test_file_sees_every_step_and_epoch_in_order(tmp_path
         expect.append(("epoch", e, (e + 1) * steps_per_epoch))
     expect.append(("fit_end", "completed", True))
     assert rec.seen == expect
-    from gradlab.runs.folder import load_checkpoint
+    from gradlab.runs import load_checkpoint
 
     ckpt = load_checkpoint(run.path / "checkpoints" / "last.pt")
     assert ckpt["callbacks"]["recorder"] == {"steps_seen": 21}
@@ -203,7 +203,7 @@ def test_ctrl_c_with_default_cadences_checkpoints_once_and_resumes_exactly(tmp_p
     """Defaults: rows every 10 steps, last.pt at most every 30 s (so not at the fast epochs' ends).
     Ctrl-C at step 12 (mid-epoch 1) writes last.pt there only; the resumed run ends with the same
     rows and final metrics as an uninterrupted one, dropout's random stream included."""
-    from gradlab.runs.folder import RunDir, load_checkpoint
+    from gradlab.runs import RunDir, load_checkpoint
 
     cfg = _cfg(tmp_path / "ref", dropout=0.2)
     ref, ref_run = _fit(cfg)
@@ -223,7 +223,7 @@ def test_ctrl_c_with_default_cadences_checkpoints_once_and_resumes_exactly(tmp_p
 
 
 def test_divergence_writes_the_last_finite_position(tmp_path):
-    from gradlab.runs.folder import load_checkpoint
+    from gradlab.runs import load_checkpoint
 
     result, run, written = _run_with_spy(_cfg(tmp_path, opt="sgd", lr=1e8))
     assert result.status == "diverged"
@@ -308,7 +308,7 @@ def test_adversarial_transform_is_the_mixed_loss(tmp_path, attack):
 
 def test_resume_from_a_checkpoint_written_before_callbacks_existed(tmp_path):
     """Old last.pt files kept history / last_epoch_metrics / events at the top level."""
-    from gradlab.runs.folder import load_checkpoint
+    from gradlab.runs import load_checkpoint
 
     cfg = _cfg(tmp_path, epochs=2, hessian_every=5)
     done, run = _fit(cfg)
@@ -335,7 +335,7 @@ def test_every_optimizer_resumes_exactly_after_ctrl_c_and_after_a_kill(tmp_path,
     """Ctrl-C mid-epoch, then --resume: the rows and final metrics of an uninterrupted run. Then
     what a SIGKILL after the first epoch's checkpoint leaves (rows past it dropped, no summary),
     resumed from that checkpoint through torch.save / load: the same again."""
-    from gradlab.runs.folder import RunDir, load_checkpoint
+    from gradlab.runs import RunDir, load_checkpoint
 
     cfg = _cfg(tmp_path / "ref", opt=opt, epochs=2, max_train=200, dropout=0.2, checkpoint_seconds=0,
                log_every_steps=1)

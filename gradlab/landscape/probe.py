@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from gradlab.core.errors import GradlabError
-from gradlab.runs.folder import load_checkpoint
+from gradlab.runs.checkpoints import load_checkpoint
 from gradlab.landscape.directions import (
     eigen_directions,
     interp_direction,

@@ -4,9 +4,9 @@
 
 * ``config.yaml``: the resolved configuration, versions and command line;
 * TensorBoard event files;
-* ``metrics.csv``: long format ``step,epoch,split,metric,value,wall_time``, flushed per row;
+* ``metrics.csv``: long format ``step,epoch,split,metric,value,wall_time``, flushed per call;
 * ``summary.csv``: one row ``run_id,command,status,...``, written atomically at the end;
-* ``checkpoints/`` and ``plots/``.
+* ``checkpoints/`` (plain ``torch.save`` files) and ``plots/``.
 
 A folder without ``summary.csv`` is a run that is still going or died without a word
 (``gradlab runs`` shows it as ``incomplete``); one that failed says ``failed``.
@@ -16,22 +16,26 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import math
+import io
 import os
 import platform
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from gradlab import __version__
 from gradlab.core.errors import GradlabError
+from gradlab.runs.checkpoints import CheckpointWriter
+from gradlab.runs.logging import (METRIC_COLUMNS, MetricsCSV, NullWriter, histogram_stats, open_summary_writer,
+                                  scalars_summary, truncate_metrics)
+from gradlab.runs.records import read_config
 
 STATUSES = ("completed", "diverged", "interrupted", "failed")
-METRIC_COLUMNS = ["step", "epoch", "split", "metric", "value", "wall_time"]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+-]*$")
+
+__all__ = ["RunDir", "STATUSES", "METRIC_COLUMNS", "validate_run_name"]
 
 
 def validate_run_name(name: Optional[str]) -> None:
@@ -45,108 +49,31 @@ def validate_run_name(name: Optional[str]) -> None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def save_checkpoint(obj: Any, path: Path) -> None:
-    """What ``torch.save`` writes (see :mod:`gradlab._serialize`), to a temporary file then
-    renamed, so a kill never leaves half a checkpoint."""
-    from gradlab._serialize import dumps
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, dumps(obj))
-
-
-def _atomic_write_snapshot(path: Path, snap) -> None:
-    from gradlab._serialize import write_snapshot
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        if not tmp.parent.is_dir():  # as open() would say it (torch's writer raises RuntimeError)
-            raise FileNotFoundError(2, "No such file or directory", str(tmp))
-        write_snapshot(str(tmp), snap)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-class _BackgroundWriter:
-    """Writes files atomically on one thread, in order, one at a time. The write and the rename
-    release the GIL; on ext4 the rename of a new file over an old one also starts writeback of
-    the new one, 0.3-1.5 ms here, so the training loop does not wait for it."""
-
-    def __init__(self):
-        self._pool = None
-        self._pending = None
-
-    def submit(self, fn, *args) -> None:
-        """Run ``fn(*args)`` on the writer thread, after the previous call has finished."""
-        self.wait()  # one write in flight: memory stays bounded, and a failure surfaces here
-        if self._pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="gradlab-checkpoint")
-        self._pending = self._pool.submit(fn, *args)
-
-    def wait(self) -> None:
-        """Block until the last submitted file is in place; re-raise its error, if any."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown()
-                self._pool = None
-
-
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``: tensors and plain containers, never code."""
-    import torch
-
-    if not Path(path).is_file():
-        raise GradlabError(f"no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which one
-        raise GradlabError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
 
 
 class RunDir:
     """One run folder. ``enabled=False`` gives an object that writes nothing (ranks > 0)."""
 
-    def __init__(self, path: Path, command: str, enabled: bool = True):
+    def __init__(self, path: Path, command: str, enabled: bool = True, purge_step: Optional[int] = None):
         self.path = Path(path)
         self.command = command
         self.enabled = enabled
         self.run_id = self.path.name
-        self._tb = None
-        self._metrics_file = None
-        self._finished = False
         self.status: Optional[str] = None
-        self._writer = _BackgroundWriter()
-        self._checkpoint_dir_made = False
-        self._snapshots = None  # gradlab._serialize.Snapshots, made at the first checkpoint
-        self._segments = None  # see _histogram_segments
+        self._finished = False
+        self._tb = None
+        self._purge_step = purge_step  # for the SummaryWriter of a resumed run
+        self._metrics = MetricsCSV(self.path / "metrics.csv")
+        self._checkpoints = CheckpointWriter()
 
     # -- creation --------------------------------------------------------------------------
     @classmethod
@@ -181,22 +108,18 @@ class RunDir:
         (path / "plots").mkdir()
         run = cls(path, command)
         run._write_config(config, argv if argv is not None else sys.argv)
+        run._metrics.open()
         return run
 
     @classmethod
     def reopen(cls, path: Path, keep_until_step: int) -> "RunDir":
-        """Continue an existing run (``--resume``): drop metric rows past the checkpoint."""
-        run = cls(Path(path), read_config(path)["command"])
-        mpath = run.path / "metrics.csv"
-        if mpath.exists():
-            with open(mpath, newline="") as f:
-                rows = list(csv.DictReader(f))
-            kept = [r for r in rows if _step_of(r) <= keep_until_step]
-            buf = [",".join(METRIC_COLUMNS)] + [",".join(str(r[c]) for c in METRIC_COLUMNS) for r in kept]
-            _atomic_write_text(mpath, "\n".join(buf) + "\n")
-        summary = run.path / "summary.csv"
-        if summary.exists():
-            summary.unlink()
+        """Continue an existing run (``--resume``) from a checkpoint at ``keep_until_step``:
+        metrics.csv rows past it are dropped, TensorBoard hides the events past it (the new
+        event file purges from ``keep_until_step + 1``), and summary.csv goes until the end."""
+        run = cls(Path(path), read_config(path)["command"], purge_step=keep_until_step + 1)
+        truncate_metrics(run.path / "metrics.csv", keep_until_step)
+        (run.path / "summary.csv").unlink(missing_ok=True)
+        (run.path / "checkpoints").mkdir(exist_ok=True)
         return run
 
     def _write_config(self, config: Mapping[str, Any], argv: list) -> None:
@@ -225,62 +148,28 @@ class RunDir:
     # -- logging ---------------------------------------------------------------------------
     @property
     def tb(self):
+        """The run's ``torch.utils.tensorboard.SummaryWriter`` (a no-op stand-in when disabled)."""
         if self._tb is None:
-            if not self.enabled:
-                self._tb = _NullWriter()
-            else:
-                from gradlab._tbwriter import BufferedSummaryWriter
-
-                self._tb = BufferedSummaryWriter(log_dir=str(self.path))
+            self._tb = NullWriter() if not self.enabled else open_summary_writer(self.path, self._purge_step)
         return self._tb
 
     def log_metrics(self, step: int, epoch: Optional[int], split: str, metrics: Mapping[str, float]) -> None:
-        """Each metric to TensorBoard (``split/metric``) and as one row of metrics.csv, written
-        straight to the file (one write per call)."""
-        if not self.enabled:
+        """One row of metrics.csv per metric and one TensorBoard event holding all of them
+        (tags ``split/metric``), both at the same wall time."""
+        if not self.enabled or not metrics:
             return
-        if self._metrics_file is None:
-            self._open_metrics()
         now = time.time()
-        key = (split, *metrics)
-        layout = _ROW_LAYOUTS.get(key)
-        if layout is None:
-            layout = _ROW_LAYOUTS[key] = _row_layout(split, list(metrics))
-        tags, rows = layout
-        values = [float(v) for v in metrics.values()]
-        self.tb.add_scalar_values(list(zip(tags, values)), step, now)
-        self._metrics_file.write(rows.format(step, "" if epoch is None else epoch, f"{now:.3f}", *values).encode())
-
-    def _open_metrics(self) -> None:
-        if self._metrics_file is None:
-            mpath = self.path / "metrics.csv"
-            new = not mpath.exists() or mpath.stat().st_size == 0
-            self._metrics_file = open(mpath, "ab", buffering=0)
-            if new:
-                self._metrics_file.write((",".join(METRIC_COLUMNS) + "\r\n").encode())
+        self._metrics.write(step, epoch, split, metrics, now)
+        summary = scalars_summary((f"{split}/{m}", v) for m, v in metrics.items())
+        self.tb.file_writer.add_summary(summary, step, now)
 
     def step_logger(self, split: str, metrics: list) -> Callable[..., None]:
-        """``log(step, epoch, *values)``: what ``log_metrics(step, epoch, split, dict(zip(metrics,
-        values)))`` does (same metrics.csv rows, same TensorBoard event), for float values, with
-        the per-call work done once here. For the per-step scalars of training, where each call
-        runs right after a training step with cold caches (~40 us for log_metrics there, ~7 us
-        in a loop of it alone). Valid until :meth:`close`."""
-        if not self.enabled:
-            return lambda *a: None
-        self._open_metrics()
-        tags, rows = _row_layout(split, list(metrics), wall="{2:.3f}")  # the wall time formatted by format()
-        add_event, write, now = self.tb.scalar_adder(tags), self._metrics_file.write, time.time
-
-        def log(step, epoch, *values):
-            wall = now()
-            add_event(step, wall, values)
-            write(rows.format(step, epoch, wall, *values).encode())
-
-        return log
+        """``log(step, epoch, *values)``: :meth:`log_metrics` for the metric names given here."""
+        names = list(metrics)
+        return lambda step, epoch, *values: self.log_metrics(step, epoch, split, dict(zip(names, values)))
 
     def flush_tb(self) -> None:
-        """Write buffered TensorBoard events to the event file (it happens at least once a
-        second anyway, see :mod:`gradlab._tbwriter`)."""
+        """Write pending TensorBoard events to the event file (the writer does it every second)."""
         if self._tb is not None:
             self._tb.flush()
 
@@ -290,66 +179,19 @@ class RunDir:
 
     def log_histograms(self, tensors: Mapping[str, Any], step: int, bins: int = 64) -> None:
         """A TensorBoard histogram of each tensor: ``bins`` equal-width buckets from its min to
-        its max (one holding inf or NaN is skipped).
-
-        All the tensors go through one pass of ~20 torch calls rather than ~12 calls each, and
-        the events are encoded when written (see :mod:`gradlab._tbwriter`): the per-layer
-        gradient histograms of the default model cost ~0.3 ms instead of ~1.5 ms. (SummaryWriter.
-        add_histogram bins with numpy into ~1,500 exponential buckets: 2.5 ms for one 16k-value
-        tensor.)
-        """
+        its max (see :func:`gradlab.runs.logging.histogram_stats`); an empty tensor or one
+        holding inf or NaN is skipped."""
         if not self.enabled:
             return
-        import torch
-
-        items = [(tag, t.detach().reshape(-1)) for tag, t in tensors.items() if t.numel() > 0]
-        if not items:
-            return
-        n = len(items)
-        lengths = [t.numel() for _, t in items]
-        x = torch.cat([t for _, t in items]).to("cpu", torch.float64)  # a copy: scaled in place below
-        parts = list(x.split(lengths))
-        bucket_base, segment_ends = self._histogram_segments(lengths, bins)
-        if hasattr(torch, "_foreach_max"):
-            maxima = torch._foreach_max(parts)
-            torch._foreach_neg_(parts)
-            neg_minima = torch._foreach_max(parts)
-            torch._foreach_neg_(parts)
-        else:  # pragma: no cover - torch < 2.4
-            maxima, neg_minima = [p.max() for p in parts], [-p.min() for p in parts]
-        stats = torch.stack([*maxima, *neg_minima, *torch._foreach_norm(parts)]).tolist()
-        his, los, norms = stats[:n], [-v for v in stats[n:2 * n]], stats[2 * n:]
-        finite = [math.isfinite(lo) and math.isfinite(hi) for lo, hi in zip(los, his)]
-        if not all(finite):  # zeroed, so that they neither spoil the running sums nor get binned
-            torch._foreach_zero_([p for p, ok in zip(parts, finite) if not ok])
-        ends = x.cumsum(0)[segment_ends].tolist()  # running sums at each tensor's last value
-        sums = [b - a for a, b in zip([0.0] + ends[:-1], ends)]
-        # A constant tensor gets one bucket that holds everything.
-        his = [hi if hi > lo else lo + max(abs(lo), 1.0) * 1e-6 for lo, hi in zip(los, his)]
-        torch._foreach_sub_(parts, [lo if ok else 0.0 for lo, ok in zip(los, finite)])
-        torch._foreach_mul_(parts, [bins / (hi - lo) if ok else 1.0 for lo, hi, ok in zip(los, his, finite)])
-        # Bucket i holds [lo + i w, lo + (i + 1) w), the last one also hi, as torch.histc.
-        counts = torch.bincount(x.long().clamp_(0, bins - 1).add_(bucket_base), minlength=n * bins).tolist()
         wall = time.time()
-        for i, (tag, _) in enumerate(items):
-            if finite[i]:
-                lo, hi = los[i], his[i]
-                width = (hi - lo) / bins
-                limits = [lo + width * (j + 1) for j in range(bins - 1)] + [hi]
-                self.tb.add_histogram_values(tag, step, wall, min=lo, max=hi, num=lengths[i], sum=sums[i],
-                                             sum_squares=norms[i] ** 2, bucket_limit=limits,
-                                             bucket=counts[i * bins:(i + 1) * bins])
+        for tag, values in tensors.items():
+            h = histogram_stats(values, bins)
+            if h is not None:
+                self.tb.add_histogram_raw(tag, **h, global_step=step, walltime=wall)
 
-    def _histogram_segments(self, lengths: list, bins: int):
-        """For each value the index of its tensor's first bucket, and the position of each
-        tensor's last value (kept for the next call: the layers' shapes repeat)."""
-        import torch
-
-        key = (tuple(lengths), bins)
-        if self._segments is None or self._segments[0] != key:
-            segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-            self._segments = (key, segment * bins, torch.tensor(lengths).cumsum(0) - 1)
-        return self._segments[1], self._segments[2]
+    def log_text(self, tag: str, text: str) -> None:
+        if self.enabled:
+            self.tb.add_text(tag, text)
 
     def write_csv(self, filename: str, df) -> Path:
         """Write a DataFrame atomically into the run folder."""
@@ -369,42 +211,21 @@ class RunDir:
         plt.close(fig)
         return path
 
-    def log_text(self, tag: str, text: str) -> None:
-        if self.enabled:
-            self.tb.add_text(tag, text)
-
+    # -- checkpoints -----------------------------------------------------------------------
     def save_checkpoint(self, obj: Any, name: str = "last.pt", wait: bool = True) -> None:
-        """Write ``checkpoints/<name>`` atomically. ``obj``'s values are frozen before this
-        returns; with ``wait=False`` the file is written on a background thread
-        (:meth:`wait_checkpoints` and :meth:`close` wait for it), so a kill meanwhile leaves the
-        previous file in place.
-
-        Plain CPU tensors are copied into reused flat buffers (a snapshot, see
-        :mod:`gradlab._serialize`) and the pickling and writing happen on that thread: for the
-        default model with Adam state ~0.1 ms here instead of ~1.2 ms, for an MLP 2x512 ~0.3
-        instead of ~3 ms. Anything else is serialised here with ``dumps``."""
+        """Write ``checkpoints/<name>`` atomically (see :mod:`gradlab.runs.checkpoints`).
+        ``obj`` is cloned before this returns; with ``wait=False`` the file is written on a
+        background thread (:meth:`wait_checkpoints` and :meth:`close` wait for it), so a kill
+        meanwhile leaves the previous file in place."""
         if not self.enabled:
             return
-        from gradlab._serialize import Snapshots, dumps
-
-        path = self.path / "checkpoints" / name
-        if not self._checkpoint_dir_made:
-            path.parent.mkdir(exist_ok=True)
-            self._checkpoint_dir_made = True
-        self._writer.wait()  # the previous write may still read the snapshot buffers
-        if self._snapshots is None:
-            self._snapshots = Snapshots()
-        snap = self._snapshots.take(obj)
-        if snap is not None:
-            self._writer.submit(_atomic_write_snapshot, path, snap)
-        else:
-            self._writer.submit(_atomic_write_bytes, path, dumps(obj))
+        self._checkpoints.submit(obj, self.path / "checkpoints" / name)
         if wait:
-            self._writer.wait()
+            self._checkpoints.wait()
 
     def wait_checkpoints(self) -> None:
         """Block until checkpoints saved with ``wait=False`` are written; raise a write error."""
-        self._writer.wait()
+        self._checkpoints.wait()
 
     # -- ending ----------------------------------------------------------------------------
     def finish(self, status: str, metrics: Optional[Mapping[str, Any]] = None) -> None:
@@ -416,18 +237,18 @@ class RunDir:
         if self.enabled:
             row = {"run_id": self.run_id, "command": self.command, "status": status}
             row.update({k: v for k, v in (metrics or {}).items() if k not in row})
-            buf = [",".join(row), ",".join(_csv_cell(v) for v in row.values())]
-            _atomic_write_text(self.path / "summary.csv", "\n".join(buf) + "\n")
+            buf = io.StringIO()
+            w = csv.writer(buf, lineterminator="\n")
+            w.writerow(row)
+            w.writerow(_plain(v) for v in row.values())
+            _atomic_write_text(self.path / "summary.csv", buf.getvalue())
         self.close()
 
     def close(self) -> None:
         try:
-            self._writer.close()
+            self._checkpoints.close()
         finally:
-            self.flush_tb()
-            if self._metrics_file is not None:
-                self._metrics_file.close()
-                self._metrics_file = None
+            self._metrics.close()
             if self._tb is not None:
                 self._tb.close()
                 self._tb = None
@@ -443,45 +264,6 @@ class RunDir:
                 self.finish("interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed",
                             {"error": str(exc).splitlines()[0] if str(exc) else exc_type.__name__})
         return False
-
-
-class _NullWriter:
-    """Stands in for a SummaryWriter on ranks that must not write."""
-
-    def __getattr__(self, _name):
-        return lambda *a, **k: None
-
-
-def _step_of(row: dict) -> float:
-    """A metrics row's step; a torn last line (killed mid-write) sorts after every step."""
-    if any(v is None or v == "" for k, v in row.items() if k != "epoch"):
-        return float("inf")
-    try:
-        return int(row["step"])
-    except (KeyError, TypeError, ValueError):
-        return float("inf")
-
-
-_ROW_LAYOUTS: dict = {}  # (split, metric, ...) -> what _row_layout returns
-
-
-def _row_layout(split: str, metrics: list, wall: str = "{2}") -> tuple[list, str]:
-    """TensorBoard tags, and a format string for the metrics.csv rows of one log_metrics call
-    (``{0}`` step, ``{1}`` epoch, ``{2}`` wall time, ``{3}...`` the values), as csv.writer would
-    write them (excel dialect: names quoted when they hold a comma, quote or newline)."""
-    tags = [f"{split}/{m}" for m in metrics]
-    cells = [_csv_cell(str(x)).replace("{", "{{").replace("}", "}}") for x in [split, *metrics]]
-    rows = "".join(f"{{0}},{{1}},{cells[0]},{cell},{{{i + 3}!r}},{wall}\r\n" for i, cell in enumerate(cells[1:]))
-    return tags, rows
-
-
-def _csv_cell(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return repr(v)
-    s = str(v)
-    return '"' + s.replace('"', '""') + '"' if any(c in s for c in ',"\r\n') else s
 
 
 def _plain(obj: Any) -> Any:
@@ -500,79 +282,3 @@ def _plain(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     return str(obj)
-
-
-# -- finding and loading runs ---------------------------------------------------------------
-def read_config(path: str | Path) -> dict:
-    """The whole ``config.yaml`` document of a run (keys run_id, command, versions, config, ...)."""
-    import yaml
-
-    p = Path(path) / "config.yaml"
-    if not p.is_file():
-        raise GradlabError(f"not a gradlab run folder (no config.yaml): {path}")
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except yaml.YAMLError:
-        raise GradlabError(f"corrupt config.yaml in run folder {path}") from None
-    if not isinstance(doc, dict) or "config" not in doc:
-        raise GradlabError(f"corrupt config.yaml in run folder {path}")
-    return doc
-
-
-def list_runs(runs_dir: str | Path) -> list[Path]:
-    """Run folders under ``runs_dir``, oldest first (folder names start with a timestamp)."""
-    d = Path(runs_dir)
-    if not d.is_dir():
-        return []
-    runs = [p for p in d.iterdir() if p.is_dir() and (p / "config.yaml").is_file()]
-    return sorted(runs, key=lambda p: ((p / "config.yaml").stat().st_mtime, p.name))
-
-
-def find_run(runs_dir: str | Path, ref: Optional[str] = "last", require_checkpoint: bool = False) -> Path:
-    """Resolve ``ref`` (a path, a run id under ``runs_dir``, or ``last``) to a run folder.
-
-    With ``require_checkpoint``, ``last`` means the newest run that has ``checkpoints/last.pt``
-    (a trained model), since probe and attack runs keep none.
-    """
-    ckpt = lambda p: (p / "checkpoints" / "last.pt").is_file()  # noqa: E731
-    if ref in (None, "", "last"):
-        runs = [p for p in list_runs(runs_dir) if not require_checkpoint or ckpt(p)]
-        if not runs:
-            what = "trained run (with checkpoints/last.pt)" if require_checkpoint else "run"
-            raise GradlabError(f"no {what} found under {runs_dir}: run `gradlab train` first")
-        return runs[-1]
-    for cand in (Path(ref), Path(runs_dir) / ref):
-        if cand.is_dir():
-            if not (cand / "config.yaml").is_file():
-                raise GradlabError(f"not a gradlab run folder (no config.yaml): {cand}")
-            if require_checkpoint and not ckpt(cand):
-                raise GradlabError(f"run {cand} has no checkpoint (checkpoints/last.pt): it is not a trained model")
-            return cand
-    raise GradlabError(f"no run {ref!r} (looked for the folder itself and under {runs_dir})")
-
-
-@dataclass
-class LoadedRun:
-    path: Path
-    config: dict
-    model: Any
-    data: Any
-    checkpoint: dict
-
-
-def load_run(ref: Optional[str] = "last", runs_dir: str | Path = "runs", device="cpu") -> LoadedRun:
-    """Rebuild a trained run's model (eval mode, weights from ``checkpoints/last.pt``) and its data."""
-    from gradlab.data import DATASET_DEFAULTS, load_dataset
-    from gradlab.models import MODEL_DEFAULTS, build_model
-
-    path = find_run(runs_dir, ref, require_checkpoint=True)
-    cfg = read_config(path)["config"]
-    data = load_dataset(
-        cfg["dataset"], seed=cfg.get("seed", 0), data_dir=cfg.get("data_dir"),
-        **{k: cfg[k] for k in DATASET_DEFAULTS if k in cfg},
-    )
-    model = build_model(cfg["model"], data.spec, **{k: cfg[k] for k in MODEL_DEFAULTS if k in cfg})
-    ckpt = load_checkpoint(path / "checkpoints" / "last.pt")
-    model.load_state_dict(ckpt["model"])
-    model.to(device).eval()
-    return LoadedRun(path, cfg, model, data, ckpt)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gradlab.runs.folder import list_runs, read_config
+from gradlab.runs.records import list_runs, read_config
 
 ID_COLUMNS = ["run_id", "command", "model", "dataset", "opt", "seed", "status"]
 KEY_COLUMNS = ID_COLUMNS + [
