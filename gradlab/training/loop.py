@@ -39,9 +39,11 @@ def train_defaults() -> dict:
     """Every key ``gradlab train`` accepts, with its default (model, data and optimizer options too)."""
     from gradlab.data import DATASET_DEFAULTS
     from gradlab.models import MODEL_DEFAULTS
-    from gradlab.optim import OPTIM_DEFAULTS
+    from gradlab.optim import OPTIMIZERS, SCHEDULE_OPTION
 
-    return {**BASE_DEFAULTS, **MODEL_DEFAULTS, **DATASET_DEFAULTS, **OPTIM_DEFAULTS}
+    # every optimizer's option names; None: the chosen optimizer's own default
+    optim = {name: None for name in OPTIMIZERS.declarations()}
+    return {**BASE_DEFAULTS, **MODEL_DEFAULTS, **DATASET_DEFAULTS, **optim, "schedule": SCHEDULE_OPTION.default}
 
 
 def subset(cfg: dict, keys) -> dict:
@@ -52,8 +54,9 @@ def validate_train_config(cfg: dict) -> dict:
     """Check what can be checked before a run folder exists (names, ranges); fill in the
     optimizer's own learning rate so config.yaml records the value actually used."""
     from gradlab.data import DATASETS
-    from gradlab.optim import OPTIMIZERS, default_lr
+    from gradlab.optim import OPTIMIZERS, SCHEDULE_OPTION, default_lr
 
+    SCHEDULE_OPTION.check(cfg.get("schedule", SCHEDULE_OPTION.default))
     check(cfg["epochs"] >= 1, f"invalid epochs: {cfg['epochs']} (must be >= 1)")
     check(cfg["batch_size"] >= 1, f"invalid batch size: {cfg['batch_size']} (must be >= 1)")
     check(cfg["log_every"] >= 1, f"invalid log-every: {cfg['log_every']} (must be >= 1)")
@@ -130,7 +133,7 @@ class Trainer:
         from gradlab.core.device import resolve_device
         from gradlab.core.distributed import GlobalBatchSampler, init_from_env
         from gradlab.models import MODEL_DEFAULTS, build_model
-        from gradlab.optim import OPTIM_DEFAULTS, build_optimizer, build_scheduler, default_lr
+        from gradlab.optim import OPTIMIZERS, build_optimizer, build_scheduler, default_lr
 
         self.cfg, self.run, self.progress = cfg, None, None
         device = resolve_device(cfg["device"])
@@ -151,8 +154,8 @@ class Trainer:
         self.x_test, self.y_test = self.data.x_test.to(device), self.data.y_test.to(device)
 
         self.lr = cfg["lr"] if cfg.get("lr") is not None else default_lr(cfg["opt"])
-        opt_opts = {**subset(cfg, OPTIM_DEFAULTS), "lr": self.lr, "seed": cfg["seed"]}
-        opt_opts.pop("schedule", None)
+        # the chosen optimizer's own options (a flat config may hold other optimizers' keys)
+        opt_opts = {**subset(cfg, OPTIMIZERS.entry(cfg["opt"]).options.names()), "lr": self.lr, "seed": cfg["seed"]}
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg["opt"], self.params, **opt_opts)
         self.closure_step = bool(getattr(self.optimizer, "needs_loss_closure", False))
