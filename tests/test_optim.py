@@ -535,3 +535,31 @@ def test_langevin_leaves_the_global_rng_alone_and_is_seeded():
         runs.append(p.detach().clone())
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+# -- through `gradlab train`: the declarations answer before any data loads -----------------------
+
+@pytest.mark.parametrize("args,expect", [
+    (["--opt", "adam", "--set", "hessian_power=0.5"],
+     "'hessian_power' is an option of optimizer adahessian, not of optimizer adam"),
+    (["--opt", "sgd", "--momentum", "0.9"], "'momentum' is an option of optimizer momentum, optimizer nesterov"),
+    (["--opt", "nesterov", "--momentum", "0"], "invalid momentum: 0.0 (must be a number in (0, 1))"),
+    (["--opt", "adahessian", "--set", "hessian_update_every=1.5"], "invalid hessian_update_every: 1.5"),
+    (["--opt", "swats", "--set", "switch_eps=fast"], "invalid switch_eps: 'fast'"),
+    (["--schedule", "linear"], "invalid schedule: 'linear'"),
+])
+def test_train_answers_optimizer_mistakes_in_one_line_before_loading_data(args, expect, tmp_path, capsys,
+                                                                          monkeypatch):
+    from clihelp import cli
+
+    import gradlab.data
+
+    def no_data(*a, **k):
+        raise AssertionError("data loaded before the options were checked")
+
+    monkeypatch.setattr(gradlab.data, "load_dataset", no_data)
+    runs = tmp_path / "runs"
+    r = cli(capsys, "train", "--runs-dir", runs, "--quiet", *args)
+    lines = r.err.strip().splitlines()
+    assert r.code == 2 and len(lines) == 1 and expect in lines[0], (args, r.err)
+    assert not runs.exists() or not any(runs.iterdir())

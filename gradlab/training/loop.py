@@ -54,9 +54,11 @@ def validate_train_config(cfg: dict) -> dict:
     """Check what can be checked before a run folder exists (names, ranges); fill in the
     optimizer's own learning rate so config.yaml records the value actually used."""
     from gradlab.data import DATASETS
-    from gradlab.optim import OPTIMIZERS, SCHEDULE_OPTION, default_lr
+    from gradlab.optim import OPTIMIZERS, SCHEDULE_OPTION, default_lr, resolve_options
 
     SCHEDULE_OPTION.check(cfg.get("schedule", SCHEDULE_OPTION.default))
+    # before any data loads: a bad optimizer value, or another optimizer's key, in one line
+    resolve_options(cfg["opt"], **subset(cfg, OPTIMIZERS.declarations()))
     check(cfg["epochs"] >= 1, f"invalid epochs: {cfg['epochs']} (must be >= 1)")
     check(cfg["batch_size"] >= 1, f"invalid batch size: {cfg['batch_size']} (must be >= 1)")
     check(cfg["log_every"] >= 1, f"invalid log-every: {cfg['log_every']} (must be >= 1)")
