@@ -92,8 +92,8 @@ def _listed(ps) -> list:
 def _momentum_option(default: float, what: str, paper: str, *, allow_zero: bool) -> Option:
     if allow_zero:
         return Option("momentum", float, default, what, low=0, high=1, high_open=True, paper=paper)
-    return Option("momentum", float, default, f"{what} (for none, use the sgd optimizer)", low=0, high=1,
-                  low_open=True, high_open=True, paper=paper)
+    return Option("momentum", float, default, what, low=0, high=1, low_open=True, high_open=True,  # 0: use sgd
+                  paper=paper)
 
 
 def _sgd(params, *, seed, lr, weight_decay):
@@ -126,13 +126,13 @@ OPTIMIZERS.add(
 )
 OPTIMIZERS.add(
     "momentum", _heavy_ball, "SGD with heavy-ball momentum (default 0.9)",
-    options=Options(lr_option(0.05), _momentum_option(0.9, "heavy-ball momentum coefficient", "Polyak 1964",
+    options=Options(lr_option(0.05), _momentum_option(0.9, "momentum coefficient (heavy ball)", "Polyak 1964",
                                                       allow_zero=False), weight_decay_option()),
     paper="Polyak 1964",
 )
 OPTIMIZERS.add(
     "nesterov", _nesterov, "SGD with Nesterov momentum (default 0.9)",
-    options=Options(lr_option(0.05), _momentum_option(0.9, "Nesterov momentum coefficient",
+    options=Options(lr_option(0.05), _momentum_option(0.9, "momentum coefficient (Nesterov)",
                                                       "Sutskever et al. 2013", allow_zero=False),
                     weight_decay_option()),
     paper="Sutskever et al. 2013",
@@ -150,7 +150,7 @@ OPTIMIZERS.add(
 )
 OPTIMIZERS.add(
     "rmsprop", _rmsprop, "RMSprop (Tieleman & Hinton 2012)",
-    options=Options(lr_option(1e-3), _momentum_option(0.0, "momentum of the RMSprop step", "", allow_zero=True),
-                    eps_option(1e-8), weight_decay_option()),
+    options=Options(lr_option(1e-3), _momentum_option(0.0, "momentum coefficient (of the RMSprop step)", "",
+                                                      allow_zero=True), eps_option(1e-8), weight_decay_option()),
     paper="Tieleman & Hinton 2012",
 )
