@@ -36,14 +36,14 @@ def bare_loop(cfg, same_optimizer: bool = True) -> tuple[float, int]:
     ``torch.optim.Adam`` with torch's defaults (the foreach kernel), what a hand-written loop gets."""
     from gradlab.data import load_dataset
     from gradlab.models import build_model
-    from gradlab.optim import OPTIM_DEFAULTS, build_optimizer
+    from gradlab.optim import OPTIMIZERS, build_optimizer
     from gradlab.training.loop import evaluate
 
     torch.manual_seed(cfg["seed"])
     data = load_dataset(cfg["dataset"], seed=cfg["seed"])
     model = build_model(cfg["model"], data.spec, **{k: cfg[k] for k in ("width",) if cfg["model"] == "mlp"})
     if same_optimizer:
-        opts = {k: cfg[k] for k in OPTIM_DEFAULTS if k in cfg and k != "schedule"}
+        opts = {k: cfg[k] for k in OPTIMIZERS.entry(cfg["opt"]).options.names() if k in cfg}
         opt = build_optimizer(cfg["opt"], model.parameters(), **{**opts, "lr": cfg["lr"]})
     else:
         opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])

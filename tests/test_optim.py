@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradlab.core.errors import GradlabError
-from gradlab.optim import OPTIM_DEFAULTS, OPTIMIZERS, build_optimizer, build_scheduler, default_lr
+import gradlab.optim.first_order as first_order
+from gradlab.core.options import Options
+from gradlab.optim import OPTIMIZERS, build_optimizer, build_scheduler, default_lr, resolve_options
 from gradlab.optim.langevin import Langevin
 from gradlab.optim.swats import SWATS
 
@@ -56,6 +58,61 @@ def test_registry_holds_every_optimizer_with_a_description():
     for entry in OPTIMIZERS:
         assert entry.description and entry.option_flags.startswith("--lr")
         assert default_lr(entry.name) > 0
+        assert default_lr(entry.name) == entry.options["lr"].default
+
+
+# The declarations: each optimizer's own options, defaults and papers ------------------------------
+
+OWN_OPTIONS = {
+    "sgd": {"lr": 0.1, "weight_decay": 0.0},
+    "momentum": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
+    "nesterov": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0},
+    "adam": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0},
+    "adamw": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2},
+    "rmsprop": {"lr": 1e-3, "momentum": 0.0, "eps": 1e-8, "weight_decay": 0.0},
+    "adahessian": {"lr": 0.15, "betas": (0.9, 0.999), "eps": 1e-4, "weight_decay": 0.0, "hessian_power": 1.0,
+                   "hessian_update_every": 1, "hessian_warmup": 10, "hessian_samples": 1},
+    "curvature-gd": {"lr": 0.1, "damping": 0.1, "hessian_ema": 0.9, "weight_decay": 0.0,
+                     "hessian_update_every": 1, "hessian_warmup": 10, "hessian_samples": 1},
+    "langevin": {"lr": 0.1, "noise_eta": 0.01, "noise_gamma": 0.55, "temperature": 0.0, "weight_decay": 0.0},
+    "swats": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "switch_eps": 1e-9},
+}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_each_optimizer_declares_exactly_its_options_with_help_and_its_defaults(name):
+    entry = OPTIMIZERS.entry(name)
+    assert isinstance(entry.options, Options) and entry.paper
+    assert entry.options.defaults() == OWN_OPTIONS[name]
+    for opt in entry.options:
+        assert len(opt.help.split()) >= 2, (name, opt.name)  # a phrase, not a blank or the name again
+    assert "seed" not in entry.options and "schedule" not in entry.options  # see gradlab.optim's docstring
+    assert resolve_options(name) == OWN_OPTIONS[name]
+
+
+def test_the_papers_behind_the_options_are_named():
+    papers = {(e.name, o.name): o.paper for e in OPTIMIZERS for o in e.options}
+    assert papers["adahessian", "hessian_power"] == "Yao et al. 2021"
+    assert papers["swats", "switch_eps"] == "Keskar & Socher 2017"
+    assert papers["langevin", "noise_eta"] == papers["langevin", "noise_gamma"] == "Neelakantan et al. 2015"
+    assert all(papers[n, "betas"] == "Kingma & Ba 2015" for n in ("adam", "adamw", "swats", "adahessian"))
+
+
+def test_one_option_name_has_one_type_across_optimizers():
+    for name, owners in OPTIMIZERS.declarations().items():
+        assert len({o.kind for _, o in owners}) == 1, name
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_each_optimizer_rejects_an_option_of_another_in_one_line_naming_the_owner(name):
+    own = set(OWN_OPTIONS[name])
+    for other, options in OWN_OPTIONS.items():
+        for key in set(options) - own:
+            with pytest.raises(GradlabError) as info:
+                build_optimizer(name, nn.Linear(2, 1).parameters(), **{key: options[key]})
+            msg = str(info.value)
+            assert f"{key!r} is an option of " in msg and f"optimizer {other}" in msg, msg
+            assert f"not of optimizer {name} " in msg and "\n" not in msg, msg
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -78,7 +135,7 @@ def test_each_optimizer_reduces_the_loss_on_digits(name, digits):
 
 TORCH_EQUIVALENTS = [
     ("sgd", {}, lambda p: torch.optim.SGD(p, lr=0.1)),
-    ("sgd", {"momentum": 0.5, "weight_decay": 1e-3}, lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-3)),
+    ("sgd", {"weight_decay": 1e-3}, lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=1e-3)),
     ("momentum", {}, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)),
     ("momentum", {"momentum": 0.5, "lr": 0.2}, lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.5)),
     ("nesterov", {"weight_decay": 1e-2}, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True,
@@ -141,12 +198,57 @@ def test_adam_keeps_the_foreach_path_for_parameters_the_fused_kernel_does_not_ta
     assert build_optimizer("adamw", [{"params": [real]}]).defaults["fused"] is True
 
 
-def test_a_torch_without_the_fused_kernel_helpers_keeps_adam_on_the_foreach_path(monkeypatch):
-    import sys
+@pytest.mark.parametrize("refuses_at", ["construction", "step"])
+@pytest.mark.parametrize("name,cls,reference", [
+    ("adam", first_order.Adam, lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=0.1)),
+    ("adamw", first_order.AdamW, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=1e-2)),
+])
+def test_a_torch_that_refuses_the_fused_kernel_gets_torchs_default_adam(name, cls, reference, refuses_at, digits,
+                                                                        monkeypatch):
+    """As on a torch without the fused kernel for these parameters (an older one raises at
+    construction, a newer one at the first step): gradlab builds torch's default implementation,
+    and its steps are bit for bit those of ``torch.optim.Adam``/``AdamW`` with torch's defaults."""
+    refused = []
+    message = "`fused=True` requires all the params to be floating point Tensors of supported devices: ['cuda']"
+    real_init, real_step = cls.__init__, cls.step
 
-    monkeypatch.setitem(sys.modules, "torch.utils._foreach_utils", None)  # import now fails
-    opt = build_optimizer("adam", [nn.Parameter(torch.randn(3))])
-    assert opt.defaults["fused"] is None
+    def init(self, params, *args, fused=None, **kwargs):
+        if fused and refuses_at == "construction":
+            refused.append(fused)
+            raise RuntimeError(message)
+        real_init(self, params, *args, fused=fused, **kwargs)
+
+    def step(self, closure=None):
+        if self.defaults["fused"]:
+            refused.append(True)
+            raise RuntimeError(message)
+        return real_step(self, closure)
+
+    x, y = digits[0][:64].double(), digits[1][:64]
+    ours, theirs = mlp(dtype=torch.float64), mlp(dtype=torch.float64)
+    opt_b = reference(theirs.parameters())
+    groups = [{"params": (p for p in ours.parameters())}]  # a generator: listed once
+    opts = {"weight_decay": 0.1} if name == "adam" else {}
+    monkeypatch.setattr(cls, "__init__", init)
+    monkeypatch.setattr(cls, "step", step)
+    before = [p.detach().clone() for p in ours.parameters()]
+    opt_a = build_optimizer(name, groups, **opts)
+    assert refused == [True]  # one trial, on a scratch tensor
+    assert all(torch.equal(a, b) for a, b in zip(before, ours.parameters()))  # the trial left them alone
+    assert opt_a.defaults["fused"] is None and opt_a.param_groups[0]["fused"] is None
+    assert len(opt_a.param_groups[0]["params"]) == 4
+    for _ in range(5):
+        train_step(opt_a, ours, x, y)
+        train_step(opt_b, theirs, x, y)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(before, ours.parameters()))
+
+
+def test_the_fused_trial_hides_no_other_mistake():
+    """An error that is not about ``fused`` still comes from the construction itself."""
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        first_order.fused_or_default(first_order.Adam, [nn.Parameter(torch.zeros(2))], lr=-1.0)
 
 
 def test_adam_resumes_from_a_state_saved_by_the_foreach_path(digits):
@@ -174,9 +276,9 @@ BAD = [
     ("sgd", {"lr": float("nan")}, "lr: nan"),
     ("momentum", {"momentum": 1.0}, "momentum: 1.0"),
     ("momentum", {"momentum": -0.1}, "momentum: -0.1"),
-    ("nesterov", {"momentum": 0.0}, "momentum for nesterov: 0"),
+    ("nesterov", {"momentum": 0.0}, "invalid momentum: 0.0 (must be a number in (0, 1))"),
     ("adamw", {"weight_decay": -1}, "weight_decay: -1"),
-    ("adam", {"betas": [1.0, 0.9]}, "beta1: 1.0"),
+    ("adam", {"betas": [1.0, 0.9]}, "invalid betas: 1.0 (must be 2 numbers, each in [0, 1))"),
     ("adam", {"betas": [0.9]}, "betas"),
     ("adam", {"eps": 0}, "eps: 0"),
     ("adahessian", {"hessian_power": 1.5}, "hessian_power: 1.5"),
@@ -189,7 +291,10 @@ BAD = [
     ("langevin", {"noise_eta": -0.1}, "noise_eta: -0.1"),
     ("langevin", {"temperature": -1}, "temperature: -1"),
     ("sgd", {"lr": "fast"}, "lr: 'fast'"),
-    ("sgd", {"learning_rate": 0.1}, "unknown optimizer option(s) learning_rate"),
+    ("sgd", {"learning_rate": 0.1}, "unknown option 'learning_rate' of optimizer sgd"),
+    ("sgd", {"lrr": 0.1}, "did you mean 'lr'?"),
+    ("adam", {"schedule": "cosine"}, "unknown option 'schedule' of optimizer adam"),
+    ("adam", {"seed": -1}, "invalid seed: -1"),
     ("adamm", {}, "unknown optimizer 'adamm'; choose from: sgd, momentum"),
 ]
 
@@ -209,22 +314,28 @@ def test_the_classes_validate_too_when_used_directly():
         Langevin(p, noise_gamma=-2)
 
 
-def test_options_that_do_not_apply_are_ignored(digits):
+def test_none_means_not_given_even_for_options_of_other_optimizers(digits):
     x, y = digits[0][:32].double(), digits[1][:32]
     a, b = mlp(dtype=torch.float64), mlp(dtype=torch.float64)
-    opt_a = build_optimizer("sgd", a.parameters(), damping=0.5, noise_eta=0.3, hessian_power=0.5, temperature=2.0)
+    opt_a = build_optimizer("sgd", a.parameters(), lr=None, damping=None, noise_eta=None, hessian_power=None)
     opt_b = build_optimizer("sgd", b.parameters())
     for _ in range(3):
         train_step(opt_a, a, x, y)
         train_step(opt_b, b, x, y)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(GradlabError, match="'damping' is an option of optimizer curvature-gd, not of optimizer sgd"):
+        build_optimizer("sgd", a.parameters(), damping=0.5)
 
 
-def test_defaults_dict_covers_every_option_and_none_means_per_optimizer_default():
-    assert OPTIM_DEFAULTS["lr"] is None and OPTIM_DEFAULTS["schedule"] == "constant"
-    opt = build_optimizer("adahessian", nn.Linear(2, 1).parameters(), **OPTIM_DEFAULTS)
+def test_a_declarations_defaults_given_explicitly_build_the_same_optimizer():
+    for name in ALL:
+        given = OPTIMIZERS.entry(name).options.defaults()
+        opt = build_optimizer(name, nn.Linear(2, 1).parameters(), **given)
+        plain = build_optimizer(name, nn.Linear(2, 1).parameters())
+        assert opt.defaults == plain.defaults, name
+    opt = build_optimizer("adahessian", nn.Linear(2, 1).parameters())
     assert opt.defaults["lr"] == 0.15 and opt.defaults["eps"] == 1e-4 and opt.defaults["hessian_power"] == 1.0
-    assert build_optimizer("adamw", nn.Linear(2, 1).parameters(), **OPTIM_DEFAULTS).defaults["weight_decay"] == 1e-2
+    assert build_optimizer("adamw", nn.Linear(2, 1).parameters()).defaults["weight_decay"] == 1e-2
 
 
 # -- schedules ------------------------------------------------------------------------------------
@@ -424,3 +535,31 @@ def test_langevin_leaves_the_global_rng_alone_and_is_seeded():
         runs.append(p.detach().clone())
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+# -- through `gradlab train`: the declarations answer before any data loads -----------------------
+
+@pytest.mark.parametrize("args,expect", [
+    (["--opt", "adam", "--set", "hessian_power=0.5"],
+     "'hessian_power' is an option of optimizer adahessian, not of optimizer adam"),
+    (["--opt", "sgd", "--momentum", "0.9"], "'momentum' is an option of optimizer momentum, optimizer nesterov"),
+    (["--opt", "nesterov", "--momentum", "0"], "invalid momentum: 0.0 (must be a number in (0, 1))"),
+    (["--opt", "adahessian", "--set", "hessian_update_every=1.5"], "invalid hessian_update_every: 1.5"),
+    (["--opt", "swats", "--set", "switch_eps=fast"], "invalid switch_eps: 'fast'"),
+    (["--schedule", "linear"], "invalid schedule: 'linear'"),
+])
+def test_train_answers_optimizer_mistakes_in_one_line_before_loading_data(args, expect, tmp_path, capsys,
+                                                                          monkeypatch):
+    from clihelp import cli
+
+    import gradlab.data
+
+    def no_data(*a, **k):
+        raise AssertionError("data loaded before the options were checked")
+
+    monkeypatch.setattr(gradlab.data, "load_dataset", no_data)
+    runs = tmp_path / "runs"
+    r = cli(capsys, "train", "--runs-dir", runs, "--quiet", *args)
+    lines = r.err.strip().splitlines()
+    assert r.code == 2 and len(lines) == 1 and expect in lines[0], (args, r.err)
+    assert not runs.exists() or not any(runs.iterdir())

@@ -368,14 +368,35 @@ def test_adahessian_parameters_at_different_step_counts_get_their_own_bias_corre
     assert not torch.allclose(model.fc.weight, twin.fc.weight, rtol=0, atol=1e-6)  # t=2 there
 
 
-def test_adahessian_fused_kernel_path_equals_the_foreach_path(monkeypatch):
-    """With hessian_power 1 on CPU, AdaHessian's update runs in torch's fused AdamW kernel (its
-    second moment fed through the amsgrad maximum against a -inf buffer). Over delayed and refreshed
-    steps, with a conv kernel and weight decay, it must equal the foreach path to float64 rounding;
-    hessian_power != 1 keeps the foreach path."""
-    calls = []
-    fused = torch._fused_adamw_
-    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: (calls.append(1), fused(*a, **k))[1])
+def reference_adahessian(params, grad_and_diag, steps, *, lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0,
+                         hessian_power=1.0, every=1, warmup=10):
+    """AdaHessian written per tensor, one formula of the module docstring per line (Yao et al.
+    2021, with the delayed update): ``grad_and_diag(t)`` gives the gradients and the raw z * Hz."""
+    b1, b2 = betas
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    d = [None] * len(params)
+    for t in range(steps):
+        grads, raw = grad_and_diag(t)
+        refresh = t < warmup or (t - warmup) % every == 0
+        assert (raw is not None) == refresh
+        for i, p in enumerate(params):
+            if refresh:
+                a = raw[i].abs()
+                d[i] = a.mean(dim=tuple(range(2, a.dim())), keepdim=True) if a.dim() >= 3 else a
+            m[i] = b1 * m[i] + (1 - b1) * grads[i]
+            v[i] = b2 * v[i] + (1 - b2) * d[i] * d[i]
+            m_hat, v_hat = m[i] / (1 - b1 ** (t + 1)), v[i] / (1 - b2 ** (t + 1))
+            p.mul_(1 - lr * weight_decay)
+            p.sub_(lr * m_hat / (v_hat.sqrt() ** hessian_power + eps))
+    return m, v
+
+
+@pytest.mark.parametrize("hessian_power", [1.0, 0.5])
+def test_adahessian_foreach_update_equals_a_per_tensor_reference_loop(hessian_power):
+    """Over 12 steps with weight decay, a conv kernel and delayed refreshes (warm-up 2, then every
+    3rd step), the whole-group foreach update equals the per-tensor formulas to float64 rounding:
+    parameters, first moments and second moments."""
     x = torch.randn(32, 1, 6, 6, generator=torch.Generator().manual_seed(0), dtype=D64)
     y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(1))
 
@@ -383,27 +404,52 @@ def test_adahessian_fused_kernel_path_equals_the_foreach_path(monkeypatch):
         torch.manual_seed(1)
         return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).double()
 
-    runs = []
-    for path in ("fused", "foreach"):
-        net = model()
-        opt = AdaHessian(net.parameters(), weight_decay=0.01, hessian_every=3, hessian_warmup=2)
-        with monkeypatch.context() as mp:
-            if path == "foreach":
-                mp.setattr(adahessian_module, "fused_kernel_takes", lambda *a, **k: False)
-            for _ in range(12):
-                opt.zero_grad()
-                opt.step(lambda: F.cross_entropy(net(x), y))
-        runs.append((net, opt))
-    assert len(calls) == 12
-    (a, opt_a), (b, opt_b) = runs
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-13, atol=1e-15)
-        for key in ("exp_avg", "exp_hessian_diag_sq"):
-            torch.testing.assert_close(opt_a.state[pa][key], opt_b.state[pb][key], rtol=1e-13, atol=1e-18)
-    assert not torch.equal(next(model().parameters()), next(a.parameters()))
+    net, ref = model(), model()
+    gen, drawn = torch.Generator().manual_seed(4), []
 
-    calls.clear()
-    net = model()
-    opt = AdaHessian(net.parameters(), hessian_power=0.5)
-    opt.step(lambda: F.cross_entropy(net(x), y))
-    assert calls == []
+    def probes(params):  # recorded, so that the reference uses the very same z
+        drawn.append([torch.randint(0, 2, p.shape, generator=gen, dtype=D64) * 2 - 1 for p in params])
+        return drawn[-1]
+
+    opt = AdaHessian(net.parameters(), weight_decay=0.01, hessian_every=3, hessian_warmup=2,
+                     hessian_power=hessian_power, vecs_fn=probes)
+    for _ in range(12):
+        opt.zero_grad()
+        opt.step(lambda: F.cross_entropy(net(x), y))
+    assert len(drawn) == 2 + 4  # steps 0, 1, then 2, 5, 8, 11
+
+    names = [n for n, _ in ref.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in ref.parameters()]
+    refreshes = iter(drawn)
+
+    def grad_and_diag(t):
+        """The gradient at the reference's own parameters, and z * Hz from a dense-free double backward."""
+        refresh = t < 2 or (t - 2) % 3 == 0
+        with torch.enable_grad():
+            loss = F.cross_entropy(functional_call(ref, dict(zip(names, params)), (x,)), y)
+            grads = torch.autograd.grad(loss, params, create_graph=refresh)
+            if not refresh:
+                return [g.detach() for g in grads], None
+            z = next(refreshes)
+            hz = torch.autograd.grad(grads, params, z)
+        return [g.detach() for g in grads], [zi * h for zi, h in zip(z, hz)]
+
+    with torch.no_grad():
+        m, v = reference_adahessian(params, grad_and_diag, 12, weight_decay=0.01, hessian_power=hessian_power,
+                                    every=3, warmup=2)
+    for p, q, mi, vi in zip(net.parameters(), params, m, v):
+        torch.testing.assert_close(p, q.detach(), rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(opt.state[p]["exp_avg"], mi, rtol=1e-12, atol=1e-18)
+        torch.testing.assert_close(opt.state[p]["exp_hessian_diag_sq"], vi, rtol=1e-12, atol=1e-24)
+    assert not torch.equal(next(model().parameters()), next(net.parameters()))
+
+
+def test_adahessian_source_uses_no_private_torch_names():
+    """Only torch._foreach_* (the ops torch.optim itself runs) may appear in gradlab/optim."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(adahessian_module.__file__).parent
+    for path in root.glob("*.py"):
+        for name in re.findall(r"torch(?:\.[a-z_]+)*\._[a-zA-Z]\w*", path.read_text()):
+            assert name.startswith("torch._foreach_"), (path.name, name)

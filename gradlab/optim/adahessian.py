@@ -17,8 +17,7 @@ Usage in a plain loop (the closure returns the loss, it does not call backward):
 
     >>> import torch
     >>> from gradlab.optim.adahessian import AdaHessian
-    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-    <torch._C.Generator object at ...>
+    >>> _ = torch.manual_seed(0)
     >>> model = torch.nn.Linear(4, 3)
     >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
     >>> opt = AdaHessian(model.parameters(), lr=0.05)
@@ -33,14 +32,25 @@ Usage in a plain loop (the closure returns the loss, it does not call backward):
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from gradlab.core.options import Option, Options
 from gradlab.optim.hessian_diag import HessianDiagOptimizer, spatial_average
-from gradlab.optim.registry import (OPTIMIZERS, OptimizerSpec, check_betas, check_range,
-                                    fused_kernel_takes)
+from gradlab.optim.registry import (HESSIAN_DIAG_OPTIONS, OPTIMIZERS, betas_option, eps_option, lr_option,
+                                    weight_decay_option)
+
+# The update's hyperparameters; the refresh schedule (hessian_update_every, hessian_warmup,
+# hessian_samples) is shared with curvature-GD.
+UPDATE_OPTIONS = Options(
+    lr_option(0.15),
+    betas_option("the squared Hessian diagonal"),
+    eps_option(1e-4, "Yao et al. 2021"),
+    weight_decay_option(decoupled=True),
+    Option("hessian_power", float, 1.0, "exponent k of the denominator sqrt(v)^k (1: the paper's; "
+           "torch-optimizer defaults to 0.5)", low=0, high=1, paper="Yao et al. 2021"),
+)
+OPTIONS = UPDATE_OPTIONS + HESSIAN_DIAG_OPTIONS
 
 
 class AdaHessian(HessianDiagOptimizer):
@@ -65,13 +75,8 @@ class AdaHessian(HessianDiagOptimizer):
                  weight_decay: float = 0.0, hessian_power: float = 1.0, hessian_every: int = 1,
                  hessian_warmup: int = 10,
                  hessian_samples: int = 1, seed: int = 0, vecs_fn=None):
-        defaults = dict(
-            lr=check_range("lr", lr, 0.0, None, low_open=True),
-            betas=check_betas(betas),
-            eps=check_range("eps", eps, 0.0, None, low_open=True),
-            weight_decay=check_range("weight_decay", weight_decay, 0.0),
-            hessian_power=check_range("hessian_power", hessian_power, 0.0, 1.0, high_open=False),
-        )
+        defaults = UPDATE_OPTIONS.resolve(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                               hessian_power=hessian_power), owner="optimizer adahessian")
         super().__init__(params, defaults, hessian_every=hessian_every, hessian_warmup=hessian_warmup,
                          hessian_samples=hessian_samples,
                          seed=seed, vecs_fn=vecs_fn)
@@ -114,23 +119,16 @@ class AdaHessian(HessianDiagOptimizer):
         m = [s["exp_avg"] for s in states]
         v = [s["exp_hessian_diag_sq"] for s in states]
         d2 = [s["hessian_diag_sq"] for s in states]
-        if k == 1.0 and fused_kernel_takes(params, one_device_and_dtype=True):
-            torch._foreach_lerp_(v, d2, 1 - b2)  # v_t, then m_t and p in torch's fused AdamW kernel
-            self._fused_step(params, m, v, [s["step"] for s in states], lr, b1, b2, wd, eps)
-            return
-        # Whole-group (foreach) kernels, and as few passes over memory as the update allows: the
-        # update runs right after the backward pass, with the caches cold, where each pass over a
-        # 26k-parameter MLP costs ~50 us (a fifth of a pass's cost when hot). Per step:
+        steps = [s["step"] for s in states]
+        # Whole-group foreach kernels (as torch.optim's Adam uses them), folded into as few passes
+        # over memory as the update allows, since the update runs right after the backward pass
+        # with the caches cold. Per step (bc_i = 1 - b_i^t):
         #   m <- m + (1 - b1)(g - m);  v <- v + (1 - b2)(D^2 - v)
         #   p <- p - lr/bc1 * m / ((v/bc2)^(k/2) + eps)
-        #      = p - (lr bc2^(k/2)/bc1) * m / (v^(k/2) + eps bc2^(k/2))   (bc_i = 1 - b_i^t)
+        #      = p - (lr bc2^(k/2)/bc1) * m / (v^(k/2) + eps bc2^(k/2))
         torch._foreach_lerp_(m, [p.grad for p in params], 1 - b1)
         torch._foreach_lerp_(v, d2, 1 - b2)
-        steps = [s["step"] for s in states]
-        if k == 1.0:
-            denom = torch._foreach_sqrt(v)
-        else:
-            denom = torch._foreach_pow(v, k / 2)
+        denom = torch._foreach_sqrt(v) if k == 1.0 else torch._foreach_pow(v, k / 2)
         if wd != 0:
             torch._foreach_mul_(params, 1 - lr * wd)
         if all(t == steps[0] for t in steps):  # the usual case: one scalar for the whole group
@@ -142,36 +140,6 @@ class AdaHessian(HessianDiagOptimizer):
             torch._foreach_add_(denom, [eps * c for c in c2])
             torch._foreach_addcdiv_(params, m, denom, [-lr * c / (1 - b1 ** t) for c, t in zip(c2, steps)])
 
-    # -- the fused path ----------------------------------------------------------------------------
-    # torch's fused AdamW kernel does, per element and in one pass: p *= 1 - lr wd; m = lerp(m, g,
-    # 1 - b1); s = b2 s + (1 - b2) g^2; with amsgrad, s_max = max(s_max, s); p -= lr/bc1 * m /
-    # (sqrt(s_max)/sqrt(bc2) + eps). That is AdaHessian's update (k = 1) once s_max is our v_t and s
-    # never exceeds it: s is a buffer of -inf, which b2 * -inf + (1 - b2) g^2 keeps at -inf, so
-    # max(v_t, s) = v_t exactly. The update then costs 2 passes over memory instead of 5 (a delayed
-    # step 1.02x an SGD step instead of 1.06x on the digits MLP); float64 results agree with the
-    # foreach path to rounding (tested). The -inf buffers and step tensors are scratch, not state.
-
-    def _fused_step(self, params, m, v, steps, lr, b1, b2, wd, eps) -> None:
-        scratch = self.__dict__.setdefault("_neg_inf", {})  # made lazily: pickling drops it
-        bufs = []
-        for p in params:
-            buf = scratch.get(p)
-            if buf is None:
-                buf = scratch[p] = torch.full_like(p, -math.inf)
-            bufs.append(buf)
-        device = params[0].device
-        if all(t == steps[0] for t in steps):  # the usual case: one step count for the group
-            counters = self.__dict__.setdefault("_step_counters", {})
-            t = counters.get(device)
-            if t is None:
-                t = counters[device] = torch.zeros((), dtype=torch.float32, device=device)
-            t.fill_(steps[0])  # exact: float32 holds integers up to 2**24
-            step_tensors = [t] * len(params)
-        else:
-            step_tensors = [torch.tensor(float(s), dtype=torch.float32, device=device) for s in steps]
-        torch._fused_adamw_(params, [p.grad for p in params], m, bufs, v, step_tensors, lr=lr, beta1=b1,
-                            beta2=b2, weight_decay=wd, eps=eps, amsgrad=True, maximize=False)
-
 
 def _full_square(d: Tensor, p: Tensor) -> Tensor:
     """``d * d`` at ``p``'s shape (a conv kernel's averaged ``d`` is broadcast over its taps), stored
@@ -179,17 +147,11 @@ def _full_square(d: Tensor, p: Tensor) -> Tensor:
     return (d * d).expand_as(p).contiguous()
 
 
-def _make(params, o: dict) -> AdaHessian:
-    return AdaHessian(
-        params, lr=o["lr"], betas=o["betas"], eps=o["eps"] if o["eps"] is not None else 1e-4,
-        weight_decay=o["weight_decay"] or 0.0, hessian_power=o["hessian_power"],
-        hessian_every=o["hessian_update_every"],
-        hessian_warmup=o["hessian_warmup"], hessian_samples=o["hessian_samples"], seed=o["seed"],
-    )
+def _make(params, *, seed: int, hessian_update_every: int, **options) -> AdaHessian:
+    return AdaHessian(params, hessian_every=hessian_update_every, seed=seed, **options)
 
 
 OPTIMIZERS.add(
-    "adahessian", OptimizerSpec(0.15, _make),
-    "AdaHessian: Adam with a Hutchinson Hessian diagonal (Yao et al. 2021)",
-    options="--lr --hessian-power --hessian-update-every --weight-decay",
+    "adahessian", _make, "AdaHessian: Adam with a Hutchinson Hessian diagonal (Yao et al. 2021)",
+    options=OPTIONS, paper="Yao et al. 2021",
 )

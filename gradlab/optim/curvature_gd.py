@@ -33,12 +33,25 @@ from __future__ import annotations
 
 import torch
 
+from gradlab.core.options import Option, Options
 from gradlab.optim.hessian_diag import HessianDiagOptimizer
-from gradlab.optim.registry import OPTIMIZERS, OptimizerSpec, check_range
+from gradlab.optim.registry import HESSIAN_DIAG_OPTIONS, OPTIMIZERS, lr_option, weight_decay_option
 
 DEFAULT_LR = 0.1
 DEFAULT_DAMPING = 0.1
 DEFAULT_EMA = 0.9
+
+# The update's hyperparameters (defaults: see the module docstring); the refresh schedule is
+# shared with AdaHessian.
+UPDATE_OPTIONS = Options(
+    lr_option(DEFAULT_LR),
+    Option("damping", float, DEFAULT_DAMPING, "added to |diag H|: bounds the step at lr / damping times the "
+           "gradient where the curvature is near zero", low=0, low_open=True, paper="Becker & LeCun 1988"),
+    Option("hessian_ema", float, DEFAULT_EMA, "EMA coefficient of the signed Hessian-diagonal estimate "
+           "(0: the fresh estimate only)", low=0, high=1, high_open=True),
+    weight_decay_option(decoupled=True),
+)
+OPTIONS = UPDATE_OPTIONS + HESSIAN_DIAG_OPTIONS
 
 
 class CurvatureGD(HessianDiagOptimizer):
@@ -58,12 +71,8 @@ class CurvatureGD(HessianDiagOptimizer):
                  hessian_ema: float = DEFAULT_EMA, weight_decay: float = 0.0, hessian_every: int = 1,
                  hessian_warmup: int = 10,
                  hessian_samples: int = 1, seed: int = 0, vecs_fn=None):
-        defaults = dict(
-            lr=check_range("lr", lr, 0.0, None, low_open=True),
-            damping=check_range("damping", damping, 0.0, None, low_open=True),
-            hessian_ema=check_range("hessian_ema", hessian_ema, 0.0, 1.0),
-            weight_decay=check_range("weight_decay", weight_decay, 0.0),
-        )
+        defaults = UPDATE_OPTIONS.resolve(dict(lr=lr, damping=damping, hessian_ema=hessian_ema,
+                                               weight_decay=weight_decay), owner="optimizer curvature-gd")
         super().__init__(params, defaults, hessian_every=hessian_every, hessian_warmup=hessian_warmup,
                          hessian_samples=hessian_samples,
                          seed=seed, vecs_fn=vecs_fn)
@@ -93,17 +102,11 @@ class CurvatureGD(HessianDiagOptimizer):
         return loss
 
 
-def _make(params, o: dict) -> CurvatureGD:
-    return CurvatureGD(
-        params, lr=o["lr"], damping=o["damping"], hessian_ema=o["hessian_ema"],
-        weight_decay=o["weight_decay"] or 0.0, hessian_every=o["hessian_update_every"],
-        hessian_warmup=o["hessian_warmup"],
-        hessian_samples=o["hessian_samples"], seed=o["seed"],
-    )
+def _make(params, *, seed: int, hessian_update_every: int, **options) -> CurvatureGD:
+    return CurvatureGD(params, hessian_every=hessian_update_every, seed=seed, **options)
 
 
 OPTIMIZERS.add(
-    "curvature-gd", OptimizerSpec(DEFAULT_LR, _make),
-    "damped diagonal Newton: step g / (|diag H| + damping), Hutchinson diagonal",
-    options="--lr --damping --hessian-ema --hessian-update-every",
+    "curvature-gd", _make, "damped diagonal Newton: step g / (|diag H| + damping), Hutchinson diagonal",
+    options=OPTIONS, paper="Becker & LeCun 1988",
 )

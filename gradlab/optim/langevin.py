@@ -26,7 +26,19 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from gradlab.optim.registry import OPTIMIZERS, OptimizerSpec, check_int, check_range
+from gradlab.core.options import Option, Options
+from gradlab.optim.registry import OPTIMIZERS, check_seed, lr_option, weight_decay_option
+
+OPTIONS = Options(
+    lr_option(0.1),
+    Option("noise_eta", float, 0.01, "initial gradient-noise variance eta", low=0,
+           paper="Neelakantan et al. 2015"),
+    Option("noise_gamma", float, 0.55, "decay exponent gamma of the noise variance eta / (1 + t)^gamma",
+           low=0, paper="Neelakantan et al. 2015"),
+    Option("temperature", float, 0.0, "SGLD temperature T (> 0 switches from annealed noise to SGLD)", low=0,
+           paper="Welling & Teh 2011"),
+    weight_decay_option(),
+)
 
 
 class Langevin(Optimizer):
@@ -46,16 +58,12 @@ class Langevin(Optimizer):
 
     def __init__(self, params, lr: float = 0.1, noise_eta: float = 0.01, noise_gamma: float = 0.55,
                  temperature: float = 0.0, weight_decay: float = 0.0, seed: int = 0):
-        defaults = dict(
-            lr=check_range("lr", lr, 0.0, None, low_open=True),
-            noise_eta=check_range("noise_eta", noise_eta, 0.0),
-            noise_gamma=check_range("noise_gamma", noise_gamma, 0.0),
-            temperature=check_range("temperature", temperature, 0.0),
-            weight_decay=check_range("weight_decay", weight_decay, 0.0),
-        )
+        defaults = OPTIONS.resolve(dict(lr=lr, noise_eta=noise_eta, noise_gamma=noise_gamma,
+                                        temperature=temperature, weight_decay=weight_decay),
+                                   owner="optimizer langevin")
         super().__init__(params, defaults)
         self._generator = torch.Generator(device="cpu")
-        self._generator.manual_seed(check_int("seed", seed, 0))
+        self._generator.manual_seed(check_seed(seed))
         self.t = 0  # steps taken; the schedule's t
 
     @property
@@ -103,13 +111,8 @@ class Langevin(Optimizer):
             self.t = int(extra["t"])
 
 
-def _make(params, o: dict) -> Langevin:
-    return Langevin(params, lr=o["lr"], noise_eta=o["noise_eta"], noise_gamma=o["noise_gamma"],
-                    temperature=o["temperature"], weight_decay=o["weight_decay"] or 0.0, seed=o["seed"])
-
-
 OPTIMIZERS.add(
-    "langevin", OptimizerSpec(0.1, _make),
+    "langevin", Langevin,
     "noisy SGD with annealed gradient noise (Neelakantan et al. 2015) or SGLD (--temperature)",
-    options="--lr --noise-eta --noise-gamma --temperature",
+    options=OPTIONS, paper="Neelakantan et al. 2015; Welling & Teh 2011",
 )

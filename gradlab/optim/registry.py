@@ -1,97 +1,81 @@
-"""The optimizer registry and the hyperparameter checks every optimizer shares.
+"""The optimizer registry, and the option declarations several optimizers share.
 
-An optimizer is one file that registers one :class:`OptimizerSpec`::
+An optimizer is one file that registers one factory with the options it takes, declared once::
 
-    OPTIMIZERS.add("adahessian", OptimizerSpec(0.15, _make), "AdaHessian (Yao et al. 2021)",
-                   options="--lr --hessian-power --hessian-update-every")
+    from gradlab.core.options import Option, Options
+    from gradlab.optim.registry import OPTIMIZERS, lr_option, weight_decay_option
 
-``make(params, opts)`` receives the fully resolved options (every key of
-:data:`gradlab.optim.OPTIM_DEFAULTS`, ``lr`` already filled in) and picks the ones it uses.
+    OPTIMIZERS.add(
+        "langevin", lambda params, *, seed, **o: Langevin(params, seed=seed, **o),
+        "noisy SGD (Neelakantan et al. 2015)",
+        options=Options(lr_option(0.1), Option("noise_eta", float, 0.01, "...", low=0), ...),
+        paper="Neelakantan et al. 2015",
+    )
+
+The factory is called as ``make(params, seed=seed, **resolved)``: ``params`` is a list of
+parameters or parameter groups, ``resolved`` holds every declared option, checked and with its
+default filled in (:func:`gradlab.optim.build_optimizer`), and ``seed`` seeds the optimizer's own
+random generator (ignored by deterministic optimizers). The entry's ``lr`` default is the
+optimizer's default learning rate (:func:`gradlab.optim.default_lr`). An option name means one
+thing across optimizers: ``momentum`` is a float everywhere, though its default differs.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Callable, Iterable
-
-from torch.optim import Optimizer
-
-from gradlab.core.errors import GradlabError
+from gradlab.core.options import Option, Options
 from gradlab.core.registry import Registry
 
 OPTIMIZERS = Registry("optimizer")
 
 
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """``default_lr``: the learning rate used when the user gives none (``lr: None``)."""
-
-    default_lr: float
-    make: Callable[[Iterable, dict], Optimizer]
+def lr_option(default: float) -> Option:
+    """The learning rate, with the optimizer's own default."""
+    return Option("lr", float, default, "learning rate", low=0, low_open=True)
 
 
-def _finite(name: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise GradlabError(f"invalid {name}: {value!r} (must be a number)") from None
-    if not math.isfinite(v):
-        raise GradlabError(f"invalid {name}: {value} (must be finite)")
-    return v
+def weight_decay_option(default: float = 0.0, *, decoupled: bool = False) -> Option:
+    """L2 weight decay: added to the gradient, or with ``decoupled`` subtracted from the weights
+    as ``lr * wd * p`` (Loshchilov & Hutter 2019)."""
+    if decoupled:
+        return Option("weight_decay", float, default, "decoupled weight decay: p -= lr * wd * p", low=0,
+                      paper="Loshchilov & Hutter 2019")
+    return Option("weight_decay", float, default, "L2 penalty: wd * p added to the gradient", low=0)
 
 
-def check_range(name: str, value, low: float, high: float | None = None, *, low_open: bool = False,
-                high_open: bool = True) -> float:
-    """Return ``value`` as a float, or raise GradlabError naming it and the allowed interval.
+def betas_option(second: str = "the squared gradient") -> Option:
+    """Adam's two EMA coefficients (b1 of the gradient, b2 of ``second``)."""
+    return Option("betas", tuple, (0.9, 0.999), f"EMA coefficients (b1, b2) of the gradient and of {second}",
+                  length=2, low=0, high=1, high_open=True, paper="Kingma & Ba 2015")
 
-    ``check_range("momentum", m, 0, 1)`` accepts ``0 <= m < 1``.
-    """
-    v = _finite(name, value)
-    ok_low = v > low if low_open else v >= low
-    ok_high = True if high is None else (v < high if high_open else v <= high)
-    if not (ok_low and ok_high):
-        lo = f"{'(' if low_open else '['}{low:g}"
-        hi = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
-        raise GradlabError(f"invalid {name}: {value} (must be in {lo}, {hi})")
-    return v
+
+def eps_option(default: float, paper: str = "") -> Option:
+    """The term added to an adaptive method's denominator."""
+    return Option("eps", float, default, "added to the denominator for numerical stability", low=0,
+                  low_open=True, paper=paper)
+
+
+# The schedule of the Hutchinson diagonal shared by AdaHessian and curvature-GD (the optimizers of
+# gradlab.optim.hessian_diag). `hessian_update_every` is named apart from `gradlab train
+# --hessian-every N` (the lambda_max probe); the classes take it as `hessian_every=k`.
+HESSIAN_DIAG_OPTIONS = Options(
+    Option("hessian_update_every", int, 1, "refresh the Hessian diagonal every k steps and reuse it in "
+           "between (the delayed update)", low=1, paper="Yao et al. 2021, Sec. 3.4"),
+    Option("hessian_warmup", int, 10, "refresh the diagonal every step for this many first steps before "
+           "delaying", low=0),
+    Option("hessian_samples", int, 1, "Rademacher probes z averaged in each Hutchinson estimate z * Hz",
+           low=1, paper="Bekas, Kokiopoulou & Saad 2007"),
+)
+
+_SEED = Option("seed", int, 0, "seed of the optimizer's own random generator", low=0)
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an integer >= 0 (one :class:`~gradlab.core.errors.GradlabError` line otherwise)."""
+    return _SEED.check(seed)
 
 
 def check_int(name: str, value, low: int) -> int:
-    """An integer ``>= low`` (``hessian_every``, ``hessian_samples``)."""
-    if isinstance(value, bool) or not isinstance(value, int) and not (
-        isinstance(value, float) and value.is_integer()
-    ):
-        raise GradlabError(f"invalid {name}: {value!r} (must be an integer >= {low})")
-    if int(value) < low:
-        raise GradlabError(f"invalid {name}: {value} (must be an integer >= {low})")
-    return int(value)
-
-
-def check_betas(value) -> tuple[float, float]:
-    """Two EMA coefficients, each in [0, 1)."""
-    try:
-        b1, b2 = value
-    except (TypeError, ValueError):
-        raise GradlabError(f"invalid betas: {value!r} (must be two numbers in [0, 1))") from None
-    return check_range("beta1", b1, 0.0, 1.0), check_range("beta2", b2, 0.0, 1.0)
-
-
-def fused_kernel_takes(tensors: Iterable, *, one_device_and_dtype: bool = False) -> bool:
-    """Whether torch's fused Adam/AdamW kernels take every tensor: real floating point, on a device
-    that has them (and, with ``one_device_and_dtype``, all on one device in one dtype, for a direct
-    call of the kernel rather than through torch.optim, which groups them itself)."""
-    import torch
-
-    try:  # private helpers: a torch (pyproject allows >= 2.1) without them keeps the foreach path
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-    except ImportError:
-        return False
-    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
-    if not tensors or getattr(torch, "_fused_adamw_", None) is None:
-        return False
-    devices = _get_fused_kernels_supported_devices()
-    first = tensors[0]
-    return all(t.is_floating_point() and t.device.type in devices
-               and (not one_device_and_dtype or (t.dtype == first.dtype and t.device == first.device))
-               for t in tensors)
+    """An integer ``>= low``, checked as a declared option would be (``hessian_every`` of
+    :class:`~gradlab.optim.hessian_diag.HessianDiagOptimizer`, whose keyword names differ from the
+    declared option names)."""
+    return Option(name, int, low, name, low=low).check(value)

@@ -27,7 +27,17 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from gradlab.optim.registry import OPTIMIZERS, OptimizerSpec, check_betas, check_range
+from gradlab.core.options import Option, Options
+from gradlab.optim.registry import OPTIMIZERS, betas_option, eps_option, lr_option, weight_decay_option
+
+OPTIONS = Options(
+    lr_option(1e-3),
+    betas_option(),
+    eps_option(1e-8, "Kingma & Ba 2015"),
+    weight_decay_option(),
+    Option("switch_eps", float, 1e-9, "tolerance of the Adam -> SGD switching test "
+           "|lambda_k / (1 - b2^k) - gamma_k| < switch_eps", low=0, low_open=True, paper="Keskar & Socher 2017"),
+)
 
 
 class SWATS(Optimizer):
@@ -46,14 +56,10 @@ class SWATS(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, switch_eps: float = 1e-9):
-        defaults = dict(
-            lr=check_range("lr", lr, 0.0, None, low_open=True),
-            betas=check_betas(betas),
-            eps=check_range("eps", eps, 0.0, None, low_open=True),
-            weight_decay=check_range("weight_decay", weight_decay, 0.0),
-        )
+        defaults = OPTIONS.resolve(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                        switch_eps=switch_eps), owner="optimizer swats")
+        self.switch_eps = defaults.pop("switch_eps")  # global (the switch is), not per group
         super().__init__(params, defaults)
-        self.switch_eps = check_range("switch_eps", switch_eps, 0.0, None, low_open=True)
         self.phase = "adam"
         self.k = 0  # global step
         self.lambda_ema = 0.0  # EMA of gamma_k (not bias-corrected)
@@ -149,13 +155,11 @@ class SWATS(Optimizer):
             self._events = [dict(e) for e in extra["events"]]
 
 
-def _make(params, o: dict) -> SWATS:
-    return SWATS(params, lr=o["lr"], betas=o["betas"], eps=o["eps"] if o["eps"] is not None else 1e-8,
-                 weight_decay=o["weight_decay"] or 0.0, switch_eps=o["switch_eps"])
+def _make(params, *, seed: int, **options) -> SWATS:
+    return SWATS(params, **options)  # deterministic: no generator to seed
 
 
 OPTIMIZERS.add(
-    "swats", OptimizerSpec(1e-3, _make),
-    "SWATS: Adam, switching to SGD at the projected lr (Keskar & Socher 2017)",
-    options="--lr --switch-eps --weight-decay",
+    "swats", _make, "SWATS: Adam, switching to SGD at the projected lr (Keskar & Socher 2017)",
+    options=OPTIONS, paper="Keskar & Socher 2017",
 )

@@ -72,7 +72,7 @@ class Trainer:
         from gradlab.core.distributed import GlobalBatchSampler, init_from_env
         from gradlab.data import DATASET_DEFAULTS, load_dataset
         from gradlab.models import MODEL_DEFAULTS, build_model
-        from gradlab.optim import OPTIM_DEFAULTS, build_optimizer, build_scheduler, default_lr
+        from gradlab.optim import OPTIMIZERS, build_optimizer, build_scheduler, default_lr
 
         cfg = {**TRAIN_OPTIONS.defaults(), **cfg}
         self.cfg, self.run = cfg, None
@@ -95,8 +95,8 @@ class Trainer:
         self.x_test, self.y_test = self.data.x_test.to(device), self.data.y_test.to(device)
 
         self.lr = cfg["lr"] if cfg.get("lr") is not None else default_lr(cfg["opt"])
-        opt_opts = {**subset(cfg, OPTIM_DEFAULTS), "lr": self.lr, "seed": cfg["seed"]}
-        opt_opts.pop("schedule", None)
+        # the chosen optimizer's own options (a flat config may hold other optimizers' keys)
+        opt_opts = {**subset(cfg, OPTIMIZERS.entry(cfg["opt"]).options.names()), "lr": self.lr, "seed": cfg["seed"]}
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg["opt"], self.params, **opt_opts)
         self.closure_step = bool(getattr(self.optimizer, "needs_loss_closure", False))

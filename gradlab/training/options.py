@@ -53,9 +53,11 @@ def train_defaults() -> dict:
     """Every key ``gradlab train`` accepts, with its default (model, data and optimizer options too)."""
     from gradlab.data import DATASET_DEFAULTS
     from gradlab.models import MODEL_DEFAULTS
-    from gradlab.optim import OPTIM_DEFAULTS
+    from gradlab.optim import OPTIMIZERS, SCHEDULE_OPTION
 
-    return {**BASE_DEFAULTS, **MODEL_DEFAULTS, **DATASET_DEFAULTS, **OPTIM_DEFAULTS}
+    # every optimizer's option names; None: the chosen optimizer's own default
+    optim = {name: None for name in OPTIMIZERS.declarations()}
+    return {**BASE_DEFAULTS, **MODEL_DEFAULTS, **DATASET_DEFAULTS, **optim, "schedule": SCHEDULE_OPTION.default}
 
 
 def check_train_option(name: str, value):
@@ -76,7 +78,7 @@ def validate_train_config(cfg: dict) -> dict:
     """Check what can be checked before a run folder exists (types, ranges, names, the probe
     spec); fill in the optimizer's own learning rate so config.yaml records the value used."""
     from gradlab.data import DATASETS
-    from gradlab.optim import OPTIMIZERS, default_lr
+    from gradlab.optim import OPTIMIZERS, SCHEDULE_OPTION, default_lr, resolve_options
     from gradlab.training.callbacks.probes import probe_callbacks
 
     for name in TRAIN_OPTIONS.names():
@@ -86,6 +88,9 @@ def validate_train_config(cfg: dict) -> dict:
         check(cfg["lr"] > 0, f"invalid lr: {cfg['lr']} (must be > 0)")
     DATASETS.entry(cfg["dataset"])
     OPTIMIZERS.entry(cfg["opt"])
+    SCHEDULE_OPTION.check(cfg.get("schedule", SCHEDULE_OPTION.default))
+    # before any data loads: a bad optimizer value, or another optimizer's key, in one line
+    resolve_options(cfg["opt"], **{k: cfg[k] for k in OPTIMIZERS.declarations() if k in cfg})
     if cfg["adv"] is not None:
         from gradlab.attacks import ATTACKS
 
