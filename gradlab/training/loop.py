@@ -37,11 +37,11 @@ BASE_DEFAULTS = {
 
 def train_defaults() -> dict:
     """Every key ``gradlab train`` accepts, with its default (model, data and optimizer options too)."""
-    from gradlab.data import DATASET_DEFAULTS
-    from gradlab.models import MODEL_DEFAULTS
+    from gradlab.data import ALL_OPTIONS as DATASET_OPTIONS
+    from gradlab.models import ZOO_OPTIONS
     from gradlab.optim import OPTIM_DEFAULTS
 
-    return {**BASE_DEFAULTS, **MODEL_DEFAULTS, **DATASET_DEFAULTS, **OPTIM_DEFAULTS}
+    return {**BASE_DEFAULTS, **ZOO_OPTIONS.defaults(), **DATASET_OPTIONS.defaults(), **OPTIM_DEFAULTS}
 
 
 def subset(cfg: dict, keys) -> dict:
@@ -126,10 +126,10 @@ class Trainer:
     """Holds the state of one training run; :meth:`run` executes it."""
 
     def __init__(self, cfg: dict, resume: Optional[dict] = None):
-        from gradlab.data import DATASET_DEFAULTS, load_dataset
+        from gradlab.data import dataset_options_in, load_dataset
         from gradlab.core.device import resolve_device
         from gradlab.core.distributed import GlobalBatchSampler, init_from_env
-        from gradlab.models import MODEL_DEFAULTS, build_model
+        from gradlab.models import build_model, model_options_in
         from gradlab.optim import OPTIM_DEFAULTS, build_optimizer, build_scheduler, default_lr
 
         self.cfg, self.run, self.progress = cfg, None, None
@@ -145,8 +145,8 @@ class Trainer:
 
         torch.manual_seed(cfg["seed"])
         self.data = load_dataset(cfg["dataset"], seed=cfg["seed"], data_dir=cfg.get("data_dir"),
-                                 **subset(cfg, DATASET_DEFAULTS))
-        self.model = build_model(cfg["model"], self.data.spec, **subset(cfg, MODEL_DEFAULTS)).to(device)
+                                 **dataset_options_in(cfg["dataset"], cfg))
+        self.model = build_model(cfg["model"], self.data.spec, **model_options_in(cfg["model"], cfg)).to(device)
         self.x_train, self.y_train = self.data.x_train.to(device), self.data.y_train.to(device)
         self.x_test, self.y_test = self.data.x_test.to(device), self.data.y_test.to(device)
 
