@@ -85,13 +85,13 @@ def _command(
 ) -> None:
     """Attack the model of a trained run (eval mode) at one or more eps; writes attack.csv, plots, TensorBoard."""
     from gradlab.attacks import attack_options
-    from gradlab.attacks.base import check_eps
+    from gradlab.attacks.base import DROPOUTS, check_eps
     from gradlab.core.config import Slot, load_yaml, normalise_keys, resolve_config
     from gradlab.core.errors import GradlabError
 
     file_cfg = normalise_keys(load_yaml(config)) if config is not None else {}
-    eps_value = eps if eps is not None else file_cfg.pop("eps", DEFAULT_EPS)
-    file_cfg.pop("eps", None)
+    file_eps = file_cfg.pop("eps", None)  # a sweep (text, number or list), not a declared option
+    eps_value = eps if eps is not None else file_eps if file_eps is not None else DEFAULT_EPS
     typed = {**flags, "run": run, "runs_dir": None if runs_dir is None else str(runs_dir), "name": name,
              "seed": seed, "device": device}
     cfg = resolve_config(OWN, [Slot("attack", ATTACKS)],
@@ -130,7 +130,7 @@ def _command(
         _log(run_dir, result, attack, cfg)
         if cfg["save_adv"]:
             _save_npz(run_dir.path / "adversarial.npz", result, eps_list)
-        has_dropout = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in loaded.model.modules())
+        has_dropout = any(isinstance(m, DROPOUTS) for m in loaded.model.modules())
         mode = "eval mode (BatchNorm on running statistics, dropout off)"
         if cfg["eot"] > 1 and has_dropout:
             mode += f"; dropout sampled in the {cfg['eot']} EOT passes per gradient"

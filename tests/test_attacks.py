@@ -376,3 +376,10 @@ def test_single_step_curvature_attack_fools_every_example_fgsm_fools(trained):
     fooled_curv = curv.adv_pred[0.08] != y
     assert (fooled_curv | ~fooled_fgsm).all()
     assert curv.table.loc[0, "robust_acc"] <= fgsm.table.loc[0, "robust_acc"]
+
+
+def test_eot_samples_every_public_dropout_module_of_torch():
+    from gradlab.attacks.base import DROPOUTS
+
+    public = {getattr(nn, n) for n in dir(nn) if "Dropout" in n and isinstance(getattr(nn, n), type)}
+    assert public == set(DROPOUTS)

@@ -96,6 +96,28 @@ def test_train_reads_model_and_dataset_options_from_disjoint_names():
     assert {o.kind for _, o in ATTACKS.declarations()["seed"]} == {OWN["seed"].kind}
 
 
+def test_model_and_dataset_declarations_resolve_a_train_config_and_make_its_flags():
+    from gradlab.core.config import Slot, resolve_config
+    from gradlab.models import ZOO_OPTIONS, model_options
+    from gradlab_cli._options import with_flags
+
+    own = Options(Option("model", str, "mlp", "the model"), Option("dataset", str, "digits", "the dataset"))
+    slots = [Slot("model", MODELS, options_for=model_options), Slot("dataset", DATASETS)]
+    cfg = resolve_config(own, slots, [("in f.yaml", {"model": "cnn", "act": "tanh"}), ("", {"max_train": 100})])
+    assert cfg == {"model": "cnn", "dataset": "digits", **MODELS.entry("cnn").options.defaults(), "act": "tanh",
+                   "test_fraction": 0.2, "max_train": 100}
+    with pytest.raises(GradlabError, match=r"^'depth' in f\.yaml is an option of model mlp, not of model cnn"):
+        resolve_config(own, slots, [("in f.yaml", {"model": "cnn", "depth": 3})])
+    user = resolve_config(own, slots, [("", {"model": "pkg.mod:make", "depth": 3})])  # a user model: the zoo's
+    assert set(user) == {"model", "dataset", *ZOO_OPTIONS.names(), "test_fraction", "max_train"}
+
+    @with_flags(("Model", MODELS), ("Data", DATASETS))
+    def command(*, flags: dict) -> None:
+        """Train."""
+
+    assert set(command.flag_names) == set(MODELS.declarations()) | set(DATASETS.declarations())
+
+
 def test_attack_classes_carry_their_registered_declaration():
     for entry in ATTACKS:
         assert entry.obj.options is entry.options, entry.name

@@ -18,7 +18,7 @@ way torchattacks' ``Attack`` does:
   is the mean of N forward/backward passes. Randomness comes from the model's dropout layers and
   from an optional random input transform (``eot_noise``: Gaussian noise of that std in pixel
   units, added before the forward pass). To sample dropout while keeping BatchNorm on its running
-  statistics, only the dropout modules (``torch.nn.modules.dropout._DropoutNd``: Dropout,
+  statistics, only the dropout modules (:data:`DROPOUTS`: Dropout,
   Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout) are switched to train mode during EOT passes
   (only when ``N > 1``); everything else stays in eval mode. Deciding whether an example is already
   adversarial always uses the deterministic eval-mode model.
@@ -55,6 +55,8 @@ from gradlab.core.errors import GradlabError
 from gradlab.core.options import Option, Options
 
 NORMS = ("linf", "l2")
+#: torch's dropout modules (their common base class is private): sampled during EOT passes.
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 # The options every attack takes (the base class implements them), then the shared iterative ones.
 ATTACK_OPTIONS = Options(
@@ -360,7 +362,7 @@ class Attack(abc.ABC):
     @contextlib.contextmanager
     def _eot_mode(self) -> Iterator[None]:
         """Dropout modules in train mode (sampling masks) while ``eot > 1``; BatchNorm stays eval."""
-        dropouts = [] if self.eot == 1 else [m for m in self.model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        dropouts = [] if self.eot == 1 else [m for m in self.model.modules() if isinstance(m, DROPOUTS)]
         if not dropouts:
             yield
             return
