@@ -165,6 +165,8 @@ def test_a_toy_attack_from_a_test_file_runs_through_the_cli(toy, runs, capsys):
     code, out, err = _cli(["attack", "--help"], capsys)
     flat = " ".join(out.replace("│", " ").split())
     assert code == 0 and "--scale" in flat and "(attack: toy) (default: 1)" in flat
+    assert "(attack: curls, curvature, pgd) (default: curls 20, curvature 1, pgd 10)" in flat  # --steps
+    assert "One of: linf, l2. (default: linf)" in flat  # --norm: every attack takes it
     code, out, err = _cli(["attack", "toy", "--eps", "0,0.1", "--scale", "0.5", "--n-examples", "30", "--grid", "0",
                            "--runs-dir", runs, "--quiet"], capsys)
     assert code == 0, err

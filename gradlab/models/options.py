@@ -40,6 +40,8 @@ SIGMA_W = Option("sigma_w", float, 1.0, "weight scale for init gaussian (W ~ N(0
                  "orthogonal (gain)", low=0, low_open=True, paper="Poole et al. 2016")
 SIGMA_B = Option("sigma_b", float, 0.0, "bias std for init gaussian or orthogonal", low=0,
                  paper="Poole et al. 2016")
+# Attacks have a `norm` of their own (the budget's, linf|l2): no command reads both (train's
+# adversarial training takes adv_* keys), which tests/test_plugin_options.py checks.
 NORM = Option("norm", str, "auto", "normalisation layers (auto: batch for the ResNets, none otherwise)",
               choices=NORMS, paper="Ioffe & Szegedy 2015; Ba et al. 2016")
 DROPOUT = Option("dropout", float, 0.0, "dropout probability after every hidden dense layer", low=0, high=1,
