@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradlab.data import ALL_OPTIONS, DATASETS, dataset_options_in, load_dataset
+from gradlab.data import DATASET_OPTIONS, DATASETS, dataset_options_in, load_dataset
 from gradlab.data.common import channel_stats
 from gradlab.data.idx import ALL_FILES, read_idx
 from gradlab.data.mnist1d import templates
@@ -37,13 +37,13 @@ def _same_split(a, b):
 
 def test_registry_and_defaults():
     assert DATASETS.names() == ["digits", "synthetic", "mnist", "fashion-mnist", "cifar10", "mnist1d"]
-    assert {"test_fraction", "n_samples", "noise", "kind"} <= set(ALL_OPTIONS.names())
+    assert {"test_fraction", "n_samples", "noise", "kind"} <= set(DATASET_OPTIONS.names())
     for entry in DATASETS:
         assert "max_train" in entry.options and all(o.help for o in entry.options), entry.name
-        assert all(ALL_OPTIONS[o.name] is o for o in entry.options), entry.name  # one meaning per name
+        assert all(DATASET_OPTIONS[o.name] is o for o in entry.options), entry.name  # one meaning per name
     assert DATASETS.entry("cifar10").options.names() == ["download", "max_train"]  # an official split
     # a flat config (a train run's config.yaml) gives each dataset its own options
-    flat = {**ALL_OPTIONS.defaults(), "dataset": "digits", "max_train": 50}
+    flat = {**DATASET_OPTIONS.defaults(), "dataset": "digits", "max_train": 50}
     assert dataset_options_in("digits", flat) == {"test_fraction": 0.2, "max_train": 50}
     assert dataset_options_in("digits", {**flat, "kind": "spirals"})["kind"] == "spirals"  # rejected by the loader
 

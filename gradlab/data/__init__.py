@@ -27,10 +27,10 @@ from gradlab.data import cifar as _cifar  # noqa: F401,E402
 from gradlab.data import mnist1d as _mnist1d  # noqa: F401,E402
 
 #: Every option a registered dataset declares (no two declare one name differently).
-ALL_OPTIONS = Options(*(opt for entry in DATASETS for opt in entry.options))
+DATASET_OPTIONS = Options(*(opt for entry in DATASETS for opt in entry.options))
 KINDS = _synthetic.KINDS
 
-__all__ = ["ALL_OPTIONS", "DATASETS", "DataBundle", "DataSpec", "dataset_option_names", "dataset_options",
+__all__ = ["DATASET_OPTIONS", "DATASETS", "DataBundle", "DataSpec", "dataset_option_names", "dataset_options",
            "dataset_options_in", "load_dataset"]
 
 
@@ -50,7 +50,7 @@ def dataset_options_in(name: str, cfg: Mapping) -> dict:
     away from its default, which :func:`load_dataset` then rejects naming its owner."""
     own = dataset_options(name)
     return {k: v for k, v in cfg.items()
-            if k in own or (k in ALL_OPTIONS and v is not None and v != ALL_OPTIONS[k].default)}
+            if k in own or (k in DATASET_OPTIONS and v is not None and v != DATASET_OPTIONS[k].default)}
 
 
 def load_dataset(name: str, seed: int = 0, data_dir=None, **opts) -> DataBundle:

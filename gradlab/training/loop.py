@@ -37,7 +37,7 @@ BASE_DEFAULTS = {
 
 def train_defaults() -> dict:
     """Every key ``gradlab train`` accepts, with its default (model, data and optimizer options too)."""
-    from gradlab.data import ALL_OPTIONS as DATASET_OPTIONS
+    from gradlab.data import DATASET_OPTIONS
     from gradlab.models import ZOO_OPTIONS
     from gradlab.optim import OPTIM_DEFAULTS
 
