@@ -88,7 +88,8 @@ def with_flags(*groups: tuple, skip: tuple = ()) -> Callable:
                 if name in taken:
                     continue
                 taken.add(name)
-                generated.append(flag_parameter(name, owners, panel, kind))
+                shared = kind and len(owners) == len(source)  # every entry takes it: no list of users
+                generated.append(flag_parameter(name, owners, panel, "" if shared else kind))
         names = [p.name for p in generated]
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind is p.VAR_KEYWORD else p for p in own]
 

@@ -50,8 +50,7 @@ def load_source(cfg: dict):
     from gradlab.data import load_dataset
     from gradlab.core.device import resolve_device
     from gradlab.core.errors import GradlabError
-    from gradlab.models import MODEL_DEFAULTS, build_model
-    from gradlab.models.options import resolve_options as resolve_model_options
+    from gradlab.models import build_model, model_options
     from gradlab.runs.records import find_run
     from gradlab.training.load import load_run
 
@@ -66,7 +65,8 @@ def load_source(cfg: dict):
         loaded = load_run(str(source), cfg["runs_dir"], device=dev)
         name = loaded.config.get("model")
         desc = {"source_run": source.name, "model": name, "dataset": loaded.config.get("dataset")}
-        desc.update({k: loaded.config.get(k, MODEL_DEFAULTS[k]) for k in _used_keys(name)})
+        defaults = model_options(name).defaults()
+        desc.update({k: loaded.config.get(k, defaults[k]) for k in _used_keys(name)})
         return loaded.model, loaded.data, dev, desc
     data = load_dataset(cfg["dataset"] or "digits", seed=cfg["seed"], data_dir=cfg["data_dir"])
     opts = {k: cfg[k] for k in MODEL_KEYS if cfg[k] is not None}
@@ -74,19 +74,16 @@ def load_source(cfg: dict):
     model = build_model(cfg["model"] or "mlp", data.spec, **opts).to(dev)
     desc = {"source_run": "", "model": cfg["model"] or "mlp", "dataset": data.name}
     used = _used_keys(desc["model"])
-    desc.update({k: v for k, v in resolve_model_options(opts).items() if k in used})
+    desc.update({k: v for k, v in model_options(desc["model"]).resolve(opts).items() if k in used})
     return model, data, dev, desc
 
 
 def _used_keys(model_name) -> list:
     """The model flags that ``model_name`` uses (all of MODEL_KEYS for a user model)."""
-    from gradlab.models import MODELS
-    from gradlab.models.registry import used_options
+    from gradlab.models import model_option_names
 
-    if isinstance(model_name, str) and model_name in MODELS:
-        used = used_options(MODELS.entry(model_name).option_flags)
-        return [k for k in MODEL_KEYS if k in used]
-    return list(MODEL_KEYS)
+    used = model_option_names(model_name)
+    return [k for k in MODEL_KEYS if k in used]
 
 
 def split_tensors(data, split: str):

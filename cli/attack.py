@@ -1,4 +1,10 @@
-"""``gradlab attack NAME --eps E``: attack a trained run's model over an eps sweep."""
+"""``gradlab attack NAME --eps E``: attack a trained run's model over an eps sweep.
+
+The attack's flags (``--norm``, ``--steps``, ...) are made from the attack registry's option
+declarations (:func:`gradlab_cli._options.with_flags`), so a new attack option is declared once,
+in its attack's file. What is specific to this command stays here: ``NAME`` as an argument,
+``--eps`` as a sweep (``0,0.03,0.1``), the source run and the outputs.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,9 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
+from gradlab.attacks import ATTACKS
+from gradlab.core.device import DEVICES
+from gradlab.core.options import Option, Options
 from gradlab_cli._common import (
     ConfigOpt,
     DeviceOpt,
@@ -18,42 +27,52 @@ from gradlab_cli._common import (
     RunsDirOpt,
     SeedOpt,
     console,
-    err_console,
     finish_and_print,
     parse_float_list,
     render_table,
-    resolve_options,
     start_run,
 )
+from gradlab_cli._options import with_flags
 
 ATTACK = "Attack"
 OUTPUT = "Output"
+DEFAULT_EPS = "0.03"
 
-# Config keys -> attack keyword options (None = the attack's own default).
-ATTACK_KEYS = ("norm", "steps", "alpha", "restarts", "random_start", "targeted", "target_class", "eot", "eot_noise")
-DEFAULTS = {
-    "run": None, "eps": "0.03", "n_examples": None, "norm": "linf", "steps": None, "alpha": None,
-    "restarts": None, "random_start": None, "targeted": False, "target_class": None, "eot": 1,
-    "eot_noise": 0.0, "batch_size": 256, "save_adv": False, "grid": 8,
-}
+SWEEP = Options(
+    Option("n_examples", int, None, "attack the first N test examples (unset: the whole test split)", low=1),
+    Option("batch_size", int, 256, "examples per attack batch", low=1),
+)
+OUTPUTS = Options(
+    Option("save_adv", bool, False, "also store clean and adversarial examples, labels and predictions in "
+           "adversarial.npz"),
+    Option("grid", int, 8, "examples shown in the clean/adversarial/perturbation grid (0: none)", low=0),
+)
+# Keys of the run folder and the source run: flags of their own (gradlab_cli._common), checked here.
+RUN_KEYS = Options(
+    Option("attack", str, None, "the attack (the NAME argument)"),
+    Option("run", str, None, "source run: a run folder, a run id under runs_dir, or 'last'"),
+    Option("runs_dir", str, "runs", "folder that holds run folders"),
+    Option("name", str, None, "suffix for the run folder name"),
+    Option("seed", int, 0, "random seed of the attack (random starts, EOT noise)"),
+    Option("device", str, "auto", "where the model runs", choices=DEVICES),
+)
+OWN = RUN_KEYS + SWEEP + OUTPUTS
+
+EpsOpt = Annotated[Optional[str], typer.Option(
+    help="Budget in pixel units, or a comma list for a sweep: 0,0.01,0.03,0.1. (default: 0.03)", rich_help_panel=ATTACK)]
 
 
-def command(
-    attack: Annotated[str, typer.Argument(help="Attack: fgsm, pgd, curvature or curls (`gradlab list attacks`).", show_default=False)],
-    eps: Annotated[Optional[str], typer.Option(help="Budget in pixel units, or a comma list for a sweep: 0,0.01,0.03,0.1. (default: 0.03)", rich_help_panel=ATTACK)] = None,
-    norm: Annotated[Optional[str], typer.Option(help="Budget norm: linf or l2. (default: linf)", rich_help_panel=ATTACK)] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Iterations (pgd, curvature, curls). (default: the attack's: pgd 10, curvature 1, curls 20)", rich_help_panel=ATTACK)] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="Step size in pixel units. (default: 2.5*eps/steps)", rich_help_panel=ATTACK)] = None,
-    restarts: Annotated[Optional[int], typer.Option(help="PGD restarts; the worst case per example is kept. (default: 1)", rich_help_panel=ATTACK)] = None,
-    random_start: Annotated[Optional[bool], typer.Option("--random-start/--no-random-start", help="PGD: start at a uniform point of the eps-ball. (default: on)", rich_help_panel=ATTACK)] = None,
-    targeted: Annotated[Optional[bool], typer.Option("--targeted", help="Push towards a target class (--target-class, else the least-likely class).", rich_help_panel=ATTACK)] = None,
-    target_class: Annotated[Optional[int], typer.Option(help="Target class of a targeted attack (implies --targeted).", rich_help_panel=ATTACK)] = None,
-    eot: Annotated[Optional[int], typer.Option(help="Expectation over transformation: average the gradient over N passes (dropout sampled). (default: 1)", rich_help_panel=ATTACK)] = None,
-    eot_noise: Annotated[Optional[float], typer.Option(help="EOT random transform: Gaussian input noise of this std (pixel units). (default: 0)", rich_help_panel=ATTACK)] = None,
-    n_examples: Annotated[Optional[int], typer.Option(help="Attack the first N test examples. (default: the whole test split)", rich_help_panel=ATTACK)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Examples per attack batch. (default: 256)", rich_help_panel=ATTACK)] = None,
-    save_adv: Annotated[Optional[bool], typer.Option("--save-adv", help="Also store clean and adversarial examples, labels and predictions in adversarial.npz.", rich_help_panel=OUTPUT)] = None,
-    grid: Annotated[Optional[int], typer.Option(help="Examples shown in the clean/adversarial/perturbation grid. (default: 8)", rich_help_panel=OUTPUT)] = None,
+def __getattr__(name: str):
+    # The command is made on each access, so an attack registered after this module was imported
+    # (a plug-in module, a test) has its flags too.
+    if name == "command":
+        return with_flags((ATTACK, ATTACKS), (ATTACK, SWEEP), (OUTPUT, OUTPUTS))(_command)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _command(
+    attack: Annotated[str, typer.Argument(help="The attack (`gradlab list attacks`).", show_default=False)],
+    eps: EpsOpt = None,
     run: RunRefOpt = None,
     runs_dir: RunsDirOpt = None,
     name: NameOpt = None,
@@ -61,44 +80,27 @@ def command(
     device: DeviceOpt = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
+    *,
+    flags: dict,
 ) -> None:
     """Attack the model of a trained run (eval mode) at one or more eps; writes attack.csv, plots, TensorBoard."""
-    from gradlab.attacks import ATTACKS, NORMS, attack_options
+    from gradlab.attacks import attack_options
+    from gradlab.attacks.base import DROPOUTS, check_eps
+    from gradlab.core.config import Slot, load_yaml, normalise_keys, resolve_config
     from gradlab.core.errors import GradlabError
 
-    ATTACKS.entry(attack)  # unknown name: one line listing the valid ones
-    flags = dict(
-        run=run, eps=eps, norm=norm, steps=steps, alpha=alpha, restarts=restarts, random_start=random_start,
-        targeted=targeted, target_class=target_class, eot=eot, eot_noise=eot_noise, n_examples=n_examples,
-        batch_size=batch_size, save_adv=save_adv, grid=grid, runs_dir=runs_dir, name=name, seed=seed, device=device,
-    )
-    cfg = resolve_options(DEFAULTS, config, flags)
-    eps_list = _eps_list(cfg["eps"])
-    if cfg["norm"] not in NORMS:
-        raise GradlabError(f"unknown norm {cfg['norm']!r}; choose from: {', '.join(NORMS)}")
-    from gradlab.attacks.base import check_eps
-
+    file_cfg = normalise_keys(load_yaml(config)) if config is not None else {}
+    file_eps = file_cfg.pop("eps", None)  # a sweep (text, number or list), not a declared option
+    eps_value = eps if eps is not None else file_eps if file_eps is not None else DEFAULT_EPS
+    typed = {**flags, "run": run, "runs_dir": None if runs_dir is None else str(runs_dir), "name": name,
+             "seed": seed, "device": device}
+    cfg = resolve_config(OWN, [Slot("attack", ATTACKS)],
+                         [(f"in {config}", file_cfg), ("", typed), ("", {"attack": attack})], command="attack")
+    eps_list = _eps_list(eps_value)
     for e in eps_list:
         check_eps(e, cfg["norm"])
-    for key in ("steps", "restarts", "eot", "batch_size", "n_examples"):
-        if cfg[key] is not None and (int(cfg[key]) != cfg[key] or cfg[key] < 1):
-            raise GradlabError(f"invalid {key.replace('_', '-')}: {cfg[key]} (must be an integer >= 1)")
-    if cfg["grid"] < 0:
-        raise GradlabError(f"invalid grid: {cfg['grid']} (must be >= 0)")
-    if cfg["target_class"] is not None:
-        cfg["targeted"] = True
-    accepted = set(attack_options(attack))
-    opts, ignored = {}, []
-    for key in ATTACK_KEYS:
-        value = cfg[key]
-        if value is None or (key in ("targeted",) and value is False) or (key == "eot" and value == 1) or (key == "eot_noise" and value == 0):
-            continue
-        if key in accepted:
-            opts[key] = value
-        else:
-            ignored.append("--" + key.replace("_", "-"))
-    if "norm" in accepted:
-        opts["norm"] = cfg["norm"]
+    # The attack takes its declared options; its seed is the run's (the same key).
+    opts = {k: cfg[k] for k in attack_options(attack).names()}
 
     import torch
 
@@ -120,11 +122,8 @@ def command(
         check_eps(e, cfg["norm"], x[0].numel())
     cfg["run"] = str(source)
     torch.manual_seed(cfg["seed"])
-    opts["seed"] = cfg["seed"]
 
-    if ignored and not quiet:
-        err_console.print(f"gradlab: note: {attack} does not use {', '.join(ignored)}; ignored", highlight=False)
-    run_dir = start_run("attack", {"attack": attack, **cfg, "eps": eps_list})
+    run_dir = start_run("attack", {**cfg, "eps": eps_list})
     with run_dir:
         result = _sweep_with_progress(loaded.model, x, y, attack, eps_list, cfg, opts, quiet)
         table = result.table
@@ -132,7 +131,7 @@ def command(
         _log(run_dir, result, attack, cfg)
         if cfg["save_adv"]:
             _save_npz(run_dir.path / "adversarial.npz", result, eps_list)
-        has_dropout = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in loaded.model.modules())
+        has_dropout = any(isinstance(m, DROPOUTS) for m in loaded.model.modules())
         mode = "eval mode (BatchNorm on running statistics, dropout off)"
         if cfg["eot"] > 1 and has_dropout:
             mode += f"; dropout sampled in the {cfg['eot']} EOT passes per gradient"

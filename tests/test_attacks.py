@@ -344,7 +344,11 @@ def test_curvature_attack_moves_where_the_gradient_vanishes():
         ("pgd", 0.1, {"norm": "l1"}, "norm"),
         ("pgd", 0.1, {"restarts": 0}, "restarts"),
         ("nope", 0.1, {}, "choose from"),
-        ("fgsm", 0.1, {"steps": 3}, "does not take"),
+        ("fgsm", 0.1, {"steps": 3}, r"'steps' is an option of attack curls, attack curvature, attack pgd, not of attack fgsm"),
+        ("pgd", 0.1, {"step": 3}, "unknown option 'step' of attack pgd; did you mean 'steps'"),
+        ("pgd", 0.1, {"steps": "3"}, "is text, not a number"),
+        ("pgd", 0.1, {"random_start": 1}, "invalid random_start: 1 .must be true or false"),
+        ("curls", 0.1, {"steps": 4, "descent_steps": 4}, "descent_steps"),
         ("fgsm", 0.1, {"eot": 0}, "eot"),
         ("curls", 0.1, {"steps": 0}, "steps"),
         ("curvature", 0.1, {"steps": 0}, "steps"),
@@ -372,3 +376,10 @@ def test_single_step_curvature_attack_fools_every_example_fgsm_fools(trained):
     fooled_curv = curv.adv_pred[0.08] != y
     assert (fooled_curv | ~fooled_fgsm).all()
     assert curv.table.loc[0, "robust_acc"] <= fgsm.table.loc[0, "robust_acc"]
+
+
+def test_eot_samples_every_public_dropout_module_of_torch():
+    from gradlab.attacks.base import DROPOUTS
+
+    public = {getattr(nn, n) for n in dir(nn) if "Dropout" in n and isinstance(getattr(nn, n), type)}
+    assert public == set(DROPOUTS)

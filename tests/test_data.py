@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradlab.data import DATASET_DEFAULTS, DATASETS, load_dataset
+from gradlab.data import DATASET_OPTIONS, DATASETS, dataset_options_in, load_dataset
 from gradlab.data.common import channel_stats
 from gradlab.data.idx import ALL_FILES, read_idx
 from gradlab.data.mnist1d import templates
@@ -37,7 +37,15 @@ def _same_split(a, b):
 
 def test_registry_and_defaults():
     assert DATASETS.names() == ["digits", "synthetic", "mnist", "fashion-mnist", "cifar10", "mnist1d"]
-    assert {"test_fraction", "n_samples", "noise", "kind"} <= set(DATASET_DEFAULTS)
+    assert {"test_fraction", "n_samples", "noise", "kind"} <= set(DATASET_OPTIONS.names())
+    for entry in DATASETS:
+        assert "max_train" in entry.options and all(o.help for o in entry.options), entry.name
+        assert all(DATASET_OPTIONS[o.name] is o for o in entry.options), entry.name  # one meaning per name
+    assert DATASETS.entry("cifar10").options.names() == ["download", "max_train"]  # an official split
+    # a flat config (a train run's config.yaml) gives each dataset its own options
+    flat = {**DATASET_OPTIONS.defaults(), "dataset": "digits", "max_train": 50}
+    assert dataset_options_in("digits", flat) == {"test_fraction": 0.2, "max_train": 50}
+    assert dataset_options_in("digits", {**flat, "kind": "spirals"})["kind"] == "spirals"  # rejected by the loader
 
 
 def test_digits(digits):
@@ -92,9 +100,13 @@ def test_teacher_student_noise_flips_labels():
         ("synthetic", {"n_samples": 5}, "n_samples"),
         ("digits", {"test_fraction": 1.0}, "test_fraction"),
         ("digits", {"test_fraction": 0}, "test_fraction"),
-        ("digits", {"kind": "spirals"}, "does not apply to dataset 'digits'"),
+        ("digits", {"kind": "spirals"}, r"'kind' is an option of dataset synthetic, not of dataset digits \(its options: test_fraction, max_train\)"),
+        ("cifar10", {"test_fraction": 0.5}, "'test_fraction' is an option of dataset digits, .*not of dataset cifar10"),
+        ("synthetic", {"n_samples": "500"}, "is text, not a number"),
+        ("mnist", {"download": 1}, r"invalid download: 1 \(must be true or false\)"),
         ("digits", {"max_train": -1}, "max_train"),
-        ("digits", {"n_sampels": 10}, "valid options"),
+        ("digits", {"n_sampels": 10}, "unknown option 'n_sampels' of dataset digits; valid: max_train, test_fraction"),
+        ("synthetic", {"n_sampels": 10}, "did you mean 'n_samples'"),
         ("imagenet", {}, "digits, synthetic, mnist, fashion-mnist, cifar10, mnist1d"),
     ],
 )

@@ -11,7 +11,7 @@ from torch import nn
 
 from gradlab.data.base import DataSpec
 from gradlab.core.errors import GradlabError
-from gradlab.models import MODEL_DEFAULTS, MODELS, GradlabNet, Normalize, build_model
+from gradlab.models import MODELS, ZOO_OPTIONS, GradlabNet, Normalize, build_model, model_options_in
 from gradlab.models.mlp import DenseBlock
 from gradlab.models.resnet import BasicBlock
 
@@ -29,7 +29,10 @@ def test_registry_lists_the_zoo():
     ]
     for entry in MODELS:
         assert entry.description and entry.option_flags.startswith("--")
-    assert set(MODEL_DEFAULTS) >= {"depth", "width", "act", "init", "sigma_w", "sigma_b", "residual", "norm", "dropout"}
+        assert len(entry.options) and all(o.help for o in entry.options), entry.name
+        assert all(ZOO_OPTIONS[o.name] is o for o in entry.options), entry.name  # one meaning per name
+    assert set(ZOO_OPTIONS.names()) >= {"depth", "width", "act", "init", "sigma_w", "sigma_b", "residual", "norm", "dropout"}
+    assert MODELS.entry("cnn").options.names() == ["act", "init", "sigma_w", "sigma_b", "norm", "dropout"]
 
 
 # Every model on every input kind (the deeper ResNets skip 32x32 CIFAR to keep the suite fast).
@@ -205,16 +208,32 @@ def test_activations_residual_norm_and_dropout():
         ("mlp", {"sigma_b": -1.0, "init": "gaussian"}, "sigma_b"),
         ("mlp", {"sigma_w": 2.0}, "init gaussian"),  # would be silently ignored with init=default
         ("mlp", {"residual": "yes"}, "residual"),
-        ("mlp", {"depht": 3}, "valid options"),
+        ("mlp", {"depht": 3}, "unknown option 'depht' of model mlp; did you mean 'depth'"),
+        ("mlp", {"depth": "3"}, "is text, not a number"),
         ("resnet21", {}, "resnet20"),
-        ("resnet20", {"depth": 5}, "does not apply"),
+        ("resnet20", {"depth": 5}, r"'depth' is an option of model mlp, not of model resnet20 \(its options: act, init"),
+        ("resnet20", {"depth": 2}, "'depth' is an option of model mlp"),  # the mlp's default still is not resnet20's
         ("resnet20", {"shortcut": "C"}, "A, B"),
-        ("logreg", {"width": 64}, "does not apply"),
+        ("logreg", {"width": 64}, "'width' is an option of model mlp, not of model logreg"),
+        ("cnn", {"shortcut": "B"}, r"is an option of model plain20, .*resnet56, not of model cnn"),
     ],
 )
 def test_bad_options_raise_a_clear_error(name, opts, needle):
     with pytest.raises(GradlabError, match=needle):
         build_model(name, SPECS["digits"], **opts)
+
+
+def test_a_flat_config_gives_each_model_its_own_options():
+    # a train run's config.yaml holds every zoo option; a cnn takes its own, and a foreign option
+    # away from its default is kept so that build_model names its owner instead of dropping it
+    cfg = {**ZOO_OPTIONS.defaults(), "model": "cnn", "epochs": 3, "act": "tanh"}
+    picked = model_options_in("cnn", cfg)
+    assert picked == {**MODELS.entry("cnn").options.defaults(), "act": "tanh"}
+    assert isinstance(build_model("cnn", SPECS["digits"], **picked).blocks[0][2], nn.Tanh)
+    cfg["depth"] = 4
+    with pytest.raises(GradlabError, match="'depth' is an option of model mlp, not of model cnn"):
+        build_model("cnn", SPECS["digits"], **model_options_in("cnn", cfg))
+    assert set(model_options_in("pkg.mod:factory", cfg)) == set(ZOO_OPTIONS.names())
 
 
 def test_conv_models_refuse_flat_inputs():
@@ -266,7 +285,7 @@ def test_user_model_from_module_factory(tmp_path, monkeypatch, digits_spec):
     build_model("gl_user_models:everything", digits_spec, depth=4)
     import gl_user_models
 
-    assert gl_user_models.everything.seen["depth"] == 4 and set(gl_user_models.everything.seen) == set(MODEL_DEFAULTS)
+    assert gl_user_models.everything.seen["depth"] == 4 and set(gl_user_models.everything.seen) == set(ZOO_OPTIONS.names())
     assert build_model("gl_user_models:no_args", digits_spec)(torch.rand(1, 1, 8, 8)).shape == (1, 10)
     with pytest.raises(GradlabError, match="not accepted"):
         build_model("gl_user_models:small", digits_spec, depth=3)

@@ -1,51 +1,40 @@
 """Adversarial attacks in pixel space: FGSM, PGD, a second-order curvature attack, Curls & Whey.
 
-Every attack is one file with one class registered in :data:`ATTACKS`; they share the budget,
-mode and EOT handling of :class:`gradlab.attacks.base.Attack`. :func:`attack_batch` is the one
+Every attack is one file with one class registered in :data:`ATTACKS` together with its options,
+declared once (:attr:`Attack.options`); they share the budget, mode and EOT handling of
+:class:`gradlab.attacks.base.Attack`. :func:`attack_batch` is the one
 call other code (adversarial training, the robustness report) needs.
 """
 
 from __future__ import annotations
 
-import abc
-import functools
-import inspect
-
-from gradlab.core.errors import GradlabError
+from gradlab.core.options import Options, check_keys
 from gradlab.core.registry import Registry
 
 ATTACKS = Registry("attack")
 
 # Registration happens on import of each attack module (one file, one decorator each).
 from gradlab.attacks import curls, curvature, fgsm, pgd  # noqa: E402,F401
-from gradlab.attacks.base import NORMS, Attack, check_eps, flat_norm  # noqa: E402
+from gradlab.attacks.base import ATTACK_OPTIONS, NORMS, Attack, check_eps, flat_norm  # noqa: E402
+
+
+def attack_options(name: str) -> Options:
+    """The declared options of attack ``name`` (GradlabError for an unknown name)."""
+    return ATTACKS.entry(name).options
 
 
 def build_attack(name: str, model, eps: float, **opts) -> Attack:
-    """The attack ``name`` configured with ``eps`` and its options (GradlabError on bad ones)."""
-    cls = ATTACKS.get(name)
-    allowed = attack_options(name)
-    unknown = sorted(set(opts) - set(allowed))
+    """The attack ``name`` configured with ``eps`` and its options.
+
+    Raises:
+        GradlabError: one line for an unknown attack, an option it does not declare (naming
+            the attacks that do, or with a "did you mean"), or a bad value.
+    """
+    entry = ATTACKS.entry(name)
+    unknown = [k for k in opts if k not in entry.options]
     if unknown:
-        raise GradlabError(f"attack {name!r} does not take option(s) {', '.join(unknown)}; it takes: {', '.join(allowed)}")
-    return cls(model, eps, **opts)
-
-
-def attack_options(name: str) -> list[str]:
-    """Keyword options the attack ``name`` accepts (its own and the base class's), sorted."""
-    return list(_options_of(ATTACKS.get(name)))
-
-
-@functools.lru_cache(maxsize=None)
-def _options_of(cls) -> tuple:
-    # cached: adversarial training builds an attack every step, and signatures are slow to read
-    allowed = set()
-    for klass in cls.__mro__:
-        if klass is not object and klass is not abc.ABC and "__init__" in vars(klass):
-            for p in inspect.signature(klass.__init__).parameters.values():
-                if p.kind is p.KEYWORD_ONLY:
-                    allowed.add(p.name)
-    return tuple(sorted(allowed))
+        check_keys(unknown, entry.options.names(), owner=f"attack {name}", others=ATTACKS.options_of_others(name))
+    return entry.obj(model, eps, **opts)
 
 
 def attack_batch(name: str, model, x, y, eps: float, **opts):
@@ -53,10 +42,10 @@ def attack_batch(name: str, model, x, y, eps: float, **opts):
 
     The model runs in eval mode during the attack and gets its previous per-module modes and
     ``requires_grad`` flags back afterwards, so adversarial training can call this between
-    training steps. ``opts`` are the attack's keyword options (``norm``, ``steps``, ``alpha``,
-    ``restarts``, ``random_start``, ``targeted``, ``target_class``, ``eot``, ``seed``, ...).
+    training steps. ``opts`` are the attack's declared options (:func:`attack_options`).
     """
     return build_attack(name, model, eps, **opts)(x, y).detach()
 
 
-__all__ = ["ATTACKS", "NORMS", "Attack", "attack_batch", "attack_options", "build_attack", "check_eps", "flat_norm"]
+__all__ = ["ATTACKS", "ATTACK_OPTIONS", "NORMS", "Attack", "attack_batch", "attack_options", "build_attack",
+           "check_eps", "flat_norm"]

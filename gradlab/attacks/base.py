@@ -23,8 +23,20 @@ way torchattacks' ``Attack`` does:
   (only when ``N > 1``); everything else stays in eval mode. Deciding whether an example is already
   adversarial always uses the deterministic eval-mode model.
 
-A subclass writes only :meth:`Attack.perturb`, using :meth:`grad`, :meth:`step_direction`,
-:meth:`project`, :meth:`objective` and :meth:`is_adversarial`.
+A subclass declares its options once (``options = ATTACK_OPTIONS + Options(...)``: every option
+becomes an attribute of the same name, checked when the attack is built) and writes only
+:meth:`Attack.perturb`, using :meth:`grad`, :meth:`step_direction`, :meth:`project`,
+:meth:`objective` and :meth:`is_adversarial`::
+
+    class Nudge(Attack):  # x + scale * eps * sign(g): a shortened FGSM step
+        name = "nudge"
+        options = ATTACK_OPTIONS + Options(Option("scale", float, 0.5, "fraction of eps", low=0, high=1))
+
+        def perturb(self, x, y):
+            g, _ = self.grad(x)
+            return x + self.scale * self.eps * self.step_direction(g)
+
+    ATTACKS.add("nudge", Nudge, "half an FGSM step", options=Nudge.options)
 """
 
 from __future__ import annotations
@@ -41,8 +53,26 @@ from torch import Tensor, nn
 
 from gradlab.core.errors import GradlabError
 from gradlab.core.modelstate import DROPOUTS, model_state
+from gradlab.core.options import Option, Options
 
 NORMS = ("linf", "l2")
+
+# The options every attack takes (the base class implements them), then the shared iterative ones.
+ATTACK_OPTIONS = Options(
+    Option("norm", str, "linf", "budget norm: eps bounds the perturbation in it", choices=NORMS),
+    Option("targeted", bool, False, "push towards a target class (target_class, else the least-likely clean "
+           "class) instead of away from the true label", paper="Kurakin et al. 2017"),
+    Option("target_class", int, None, "target class of a targeted attack (implies targeted)", low=0),
+    Option("eot", int, 1, "expectation over transformation: average the input gradient over N passes "
+           "(dropout sampled)", low=1, paper="Athalye et al. 2018"),
+    Option("eot_noise", float, 0.0, "EOT random transform: Gaussian input noise of this std (pixel units)", low=0),
+    Option("seed", int, None, "seeds the attack's own generator (random starts, masks); unset: drawn from "
+           "torch's global generator"),
+)
+#: Iterations of an iterative attack (each declares its own default with ``dataclasses.replace``).
+STEPS = Option("steps", int, 10, "iterations of the attack", low=1)
+ALPHA = Option("alpha", float, None, "step size in pixel units (unset: 2.5 * eps / steps)", low=0,
+               paper="Madry et al. 2018")
 
 
 def check_eps(eps: float, norm: str, n_features: Optional[int] = None) -> None:
@@ -77,54 +107,41 @@ class Attack(abc.ABC):
     Args:
         model: a classifier mapping ``(B, *input_shape)`` in [0, 1] to logits ``(B, C)``.
         eps: the budget, in the attack's norm, in pixel units.
-        norm: ``"linf"`` or ``"l2"``.
-        targeted: push towards ``target_class`` instead of away from the true label.
-        target_class: the class for targeted attacks (``None``: least-likely clean class).
-        eot: number of forward/backward passes averaged per input gradient (>= 1).
-        eot_noise: std of Gaussian input noise in EOT passes (0: none).
-        seed: seeds the attack's own generator (random starts, random masks); ``None`` draws one
-            from torch's global generator so runs under ``torch.manual_seed`` are reproducible.
+        **opts: the attack's declared :attr:`options` (:data:`ATTACK_OPTIONS`: ``norm``,
+            ``targeted``, ``target_class``, ``eot``, ``eot_noise``, ``seed``; plus its own), each
+            set as an attribute. ``seed=None`` draws a seed from torch's global generator, so
+            runs under ``torch.manual_seed`` are reproducible.
     Raises:
-        GradlabError: on a bad budget, norm, ``eot`` or target class.
+        GradlabError: one line for a bad budget, an option the attack does not declare, or a
+            value of the wrong type or out of range.
     """
 
     name = "attack"
-    #: norms the attack supports; FGSM/PGD/curvature/Curls support both.
-    norms: tuple = NORMS
+    #: The attack's options, declared once: validation, ``gradlab attack`` flags and
+    #: ``gradlab list attacks`` all come from it. A subclass adds its own to :data:`ATTACK_OPTIONS`.
+    options: Options = ATTACK_OPTIONS
 
     #: True for attacks whose result is ``x + eps * d`` with ``||d|| = 1`` (FGSM): always inside
     #: the eps-ball, so the call clamps to [0, 1] instead of projecting.
     single_step: bool = False
 
-    def __init__(
-        self,
-        model: nn.Module,
-        eps: float,
-        *,
-        norm: str = "linf",
-        targeted: bool = False,
-        target_class: Optional[int] = None,
-        eot: int = 1,
-        eot_noise: float = 0.0,
-        seed: Optional[int] = None,
-    ):
-        if norm not in self.norms:
-            raise GradlabError(f"unknown norm {norm!r} for {self.name}; choose from: {', '.join(self.norms)}")
-        check_eps(eps, norm)
-        if int(eot) != eot or eot < 1:
-            raise GradlabError(f"invalid eot: {eot} (must be an integer >= 1)")
-        if eot_noise < 0:
-            raise GradlabError(f"invalid eot_noise: {eot_noise} (must be >= 0)")
-        if target_class is not None and not targeted:
-            targeted = True  # naming a target class only makes sense for a targeted attack
+    # Declared in ATTACK_OPTIONS; set from the checked options in __init__.
+    norm: str
+    targeted: bool
+    target_class: Optional[int]
+    eot: int
+    eot_noise: float
+    seed: Optional[int]
+
+    def __init__(self, model: nn.Module, eps: float, **opts):
+        checked = self.options.resolve(opts, owner=f"attack {self.name}")
+        check_eps(eps, checked["norm"])
+        for key, value in checked.items():
+            setattr(self, key, value)
+        if self.target_class is not None:
+            self.targeted = True  # naming a target class only makes sense for a targeted attack
         self.model = model
         self.eps = float(eps)
-        self.norm = norm
-        self.targeted = bool(targeted)
-        self.target_class = None if target_class is None else int(target_class)
-        self.eot = int(eot)
-        self.eot_noise = float(eot_noise)
-        self.seed = seed
         self._generator: Optional[torch.Generator] = None
         self._box: Optional[tuple] = None
         # Set for the duration of one call; subclasses read them through the helpers.

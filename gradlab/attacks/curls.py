@@ -34,63 +34,54 @@ adversarial under the eval-mode model; every move shrinks |delta| elementwise, s
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from gradlab.attacks import ATTACKS
-from gradlab.attacks.base import Attack, flat_norm, per_example
+from gradlab.attacks.base import ALPHA, ATTACK_OPTIONS, STEPS, Attack, flat_norm, per_example
 from gradlab.core.errors import GradlabError
+from gradlab.core.options import Option, Options
+
+OPTIONS = ATTACK_OPTIONS + Options(
+    replace(STEPS, default=20),
+    ALPHA,
+    Option("descent_steps", int, None, "leading descent iterations of the curls trajectory (unset: steps // 4)",
+           low=0),
+    Option("search_steps", int, 10, "bisection steps of each binary search for the boundary", low=0),
+    Option("whey_groups", int, 16, "magnitude groups of the perturbation tried for dropping (0 skips)", low=0),
+    Option("whey_rounds", int, 20, "rounds that halve a random half of the perturbation (0 skips)", low=0),
+)
 
 
 @ATTACKS.register(
     "curls",
     "Curls & Whey: descend-then-ascend trajectories, then squeeze out superfluous noise (Shi et al. 2019)",
-    options="--eps --norm --steps --alpha --targeted --eot",
+    options=OPTIONS,
+    paper="Shi et al. 2019",
 )
 class CurlsWhey(Attack):
     """Curls iteration + whey optimisation; see the module docstring for the exact method.
-
-    Args:
-        steps: iterations per trajectory (>= 1, default 20).
-        alpha: step size in pixel units (default ``2.5 * eps / steps``).
-        descent_steps: leading descent iterations of the curls trajectory (default ``steps // 4``).
-        search_steps: bisection steps of each binary search (default 10).
-        whey_groups: magnitude groups tried for dropping (default 16; 0 skips).
-        whey_rounds: random halving rounds (default 20; 0 skips).
-        **kwargs: :class:`~gradlab.attacks.base.Attack` options.
-    """
+    Options: :data:`OPTIONS`."""
 
     name = "curls"
+    options = OPTIONS
+    steps: int
+    alpha: float
+    descent_steps: int
+    search_steps: int
+    whey_groups: int
+    whey_rounds: int
 
-    def __init__(
-        self,
-        model,
-        eps: float,
-        *,
-        steps: int = 20,
-        alpha: Optional[float] = None,
-        descent_steps: Optional[int] = None,
-        search_steps: int = 10,
-        whey_groups: int = 16,
-        whey_rounds: int = 20,
-        **kwargs,
-    ):
-        super().__init__(model, eps, **kwargs)
-        for label, value, low in (("steps", steps, 1), ("search_steps", search_steps, 0), ("whey_groups", whey_groups, 0), ("whey_rounds", whey_rounds, 0)):
-            if int(value) != value or value < low:
-                raise GradlabError(f"invalid {label}: {value} (must be an integer >= {low})")
-        if alpha is not None and alpha < 0:
-            raise GradlabError(f"invalid alpha: {alpha} (must be >= 0)")
-        self.steps = int(steps)
-        self.alpha = 2.5 * self.eps / self.steps if alpha is None else float(alpha)
-        self.descent_steps = self.steps // 4 if descent_steps is None else int(descent_steps)
-        if not 0 <= self.descent_steps < self.steps:
-            raise GradlabError(f"invalid descent_steps: {descent_steps} (must be in 0..steps-1 = {self.steps - 1})")
-        self.search_steps = int(search_steps)
-        self.whey_groups = int(whey_groups)
-        self.whey_rounds = int(whey_rounds)
+    def __init__(self, model, eps: float, **opts):
+        super().__init__(model, eps, **opts)
+        if self.alpha is None:
+            self.alpha = 2.5 * self.eps / self.steps
+        if self.descent_steps is None:
+            self.descent_steps = self.steps // 4
+        elif self.descent_steps >= self.steps:
+            raise GradlabError(f"invalid descent_steps: {self.descent_steps} (must be in 0..steps-1 = {self.steps - 1})")
 
     # ------------------------------------------------------------------ pieces --------------
     def _shrink_search(self, x0: Tensor, delta: Tensor, idx: Tensor) -> Tensor:

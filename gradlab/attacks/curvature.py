@@ -38,49 +38,47 @@ eigenvalues are kept in ``last_eigenvalues`` ``(B,)`` for reports.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from gradlab.attacks import ATTACKS
-from gradlab.attacks.base import Attack, per_example
+from gradlab.attacks.base import ALPHA, ATTACK_OPTIONS, STEPS, Attack, per_example
+from gradlab.core.options import Option, Options
 from gradlab.curvature.batched import batched_lanczos
 from gradlab.curvature.hvp import hvp_from_grads
 from gradlab.curvature.sampling import gaussian
-from gradlab.core.errors import GradlabError
 
 CANDIDATES = ("gradient", "+eigvec", "-eigvec", "quadratic")
+OPTIONS = ATTACK_OPTIONS + Options(
+    replace(STEPS, default=1),
+    ALPHA,
+    Option("lanczos_iters", int, 20, "Hessian-vector products per Lanczos solve (at most the input dimension)",
+           low=1),
+)
 
 
 @ATTACKS.register(
     "curvature",
     "second-order: top input-Hessian eigenvector (batched Lanczos on HVPs) combined with the gradient",
-    options="--eps --norm --steps --alpha --targeted --eot",
+    options=OPTIONS,
+    paper="Moosavi-Dezfooli et al. 2019",
 )
 class CurvatureAttack(Attack):
-    """Second-order attack; see the module docstring for the exact method.
-
-    Args:
-        steps: iterations (>= 1, default 1).
-        alpha: step size in pixel units (default ``2.5 * eps / steps``).
-        lanczos_iters: HVPs per Lanczos solve (default 20; clipped to the input dimension).
-        **kwargs: :class:`~gradlab.attacks.base.Attack` options.
-    """
+    """Second-order attack; see the module docstring for the exact method. Options: :data:`OPTIONS`."""
 
     name = "curvature"
+    options = OPTIONS
+    steps: int
+    alpha: float
+    lanczos_iters: int
 
-    def __init__(self, model, eps: float, *, steps: int = 1, alpha: Optional[float] = None, lanczos_iters: int = 20, **kwargs):
-        super().__init__(model, eps, **kwargs)
-        if int(steps) != steps or steps < 1:
-            raise GradlabError(f"invalid steps: {steps} (must be an integer >= 1)")
-        if int(lanczos_iters) != lanczos_iters or lanczos_iters < 1:
-            raise GradlabError(f"invalid lanczos_iters: {lanczos_iters} (must be an integer >= 1)")
-        if alpha is not None and alpha < 0:
-            raise GradlabError(f"invalid alpha: {alpha} (must be >= 0)")
-        self.steps = int(steps)
-        self.lanczos_iters = int(lanczos_iters)
-        self.alpha = 2.5 * self.eps / self.steps if alpha is None else float(alpha)
+    def __init__(self, model, eps: float, **opts):
+        super().__init__(model, eps, **opts)
+        if self.alpha is None:
+            self.alpha = 2.5 * self.eps / self.steps
         self.last_choices: dict = {}
         self.last_eigenvalues: Optional[Tensor] = None
 

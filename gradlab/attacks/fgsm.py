@@ -16,14 +16,16 @@ import torch
 from torch import Tensor
 
 from gradlab.attacks import ATTACKS
-from gradlab.attacks.base import Attack
+from gradlab.attacks.base import ATTACK_OPTIONS, Attack
 
 
-@ATTACKS.register("fgsm", "fast gradient sign method, one step (Goodfellow et al. 2015)", options="--eps --norm --targeted --eot")
+@ATTACKS.register("fgsm", "fast gradient sign method, one step (Goodfellow et al. 2015)", options=ATTACK_OPTIONS,
+                  paper="Goodfellow et al. 2015")
 class FGSM(Attack):
-    """One-step attack; see the module docstring."""
+    """One-step attack; see the module docstring. Options: :data:`~gradlab.attacks.base.ATTACK_OPTIONS`."""
 
     name = "fgsm"
+    options = ATTACK_OPTIONS
     single_step = True
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:

@@ -15,56 +15,44 @@ the higher loss wins. Shapes: ``(B, *input_shape)`` in [0, 1]; eps and alpha in 
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from gradlab.attacks import ATTACKS
-from gradlab.attacks.base import Attack, per_example
-from gradlab.core.errors import GradlabError
+from gradlab.attacks.base import ALPHA, ATTACK_OPTIONS, STEPS, Attack, per_example
+from gradlab.core.options import Option, Options
+
+OPTIONS = ATTACK_OPTIONS + Options(
+    replace(STEPS, default=10),
+    ALPHA,
+    Option("restarts", int, 1, "independent runs; the worst case per example is kept", low=1),
+    Option("random_start", bool, True, "start restart 0 at a uniform point of the eps-ball instead of at x",
+           paper="Madry et al. 2018"),
+)
 
 
 @ATTACKS.register(
     "pgd",
     "projected gradient descent, linf or l2, random start and restarts (Madry et al. 2018)",
-    options="--eps --norm --steps --alpha --restarts --random-start --targeted --eot",
+    options=OPTIONS,
+    paper="Madry et al. 2018",
 )
 class PGD(Attack):
-    """Iterative attack; see the module docstring.
-
-    Args:
-        steps: iterations per restart (>= 1).
-        alpha: step size in pixel units (default ``2.5 * eps / steps``).
-        restarts: independent runs; the worst case per example is kept (>= 1).
-        random_start: start restart 0 at a uniform point of the ball instead of at ``x``.
-        **kwargs: :class:`~gradlab.attacks.base.Attack` options (norm, targeted, eot, seed, ...).
-    """
+    """Iterative attack; see the module docstring. Options: :data:`OPTIONS`."""
 
     name = "pgd"
+    options = OPTIONS
+    steps: int
+    alpha: float
+    restarts: int
+    random_start: bool
 
-    def __init__(
-        self,
-        model,
-        eps: float,
-        *,
-        steps: int = 10,
-        alpha: Optional[float] = None,
-        restarts: int = 1,
-        random_start: bool = True,
-        **kwargs,
-    ):
-        super().__init__(model, eps, **kwargs)
-        if int(steps) != steps or steps < 1:
-            raise GradlabError(f"invalid steps: {steps} (must be an integer >= 1)")
-        if int(restarts) != restarts or restarts < 1:
-            raise GradlabError(f"invalid restarts: {restarts} (must be an integer >= 1)")
-        if alpha is not None and alpha < 0:
-            raise GradlabError(f"invalid alpha: {alpha} (must be >= 0)")
-        self.steps = int(steps)
-        self.restarts = int(restarts)
-        self.random_start = bool(random_start)
-        self.alpha = 2.5 * self.eps / self.steps if alpha is None else float(alpha)
+    def __init__(self, model, eps: float, **opts):
+        super().__init__(model, eps, **opts)
+        if self.alpha is None:
+            self.alpha = 2.5 * self.eps / self.steps
 
     def run_once(self, x: Tensor, start_random: bool) -> Tensor:
         """One PGD trajectory from ``x`` (or a random point of its ball); returns the last iterate."""

@@ -104,10 +104,9 @@ def robustness_sweep(
     eps_list = [float(e) for e in eps_list]
     if not eps_list:
         raise GradlabError("no eps given")
-    norm = opts.get("norm", "linf")
-    for eps in eps_list:
-        check_eps(eps, norm, x[0].numel())
     attacks = {eps: build_attack(attack_name, model, eps, **opts) for eps in eps_list}  # validates options
+    for eps, attack in attacks.items():
+        check_eps(eps, attack.norm, x[0].numel())
     device = _device_of(model)
     x, y = x.detach().cpu(), y.detach().cpu().long()
     n = x.shape[0]

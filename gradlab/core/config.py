@@ -154,10 +154,11 @@ def resolve_config(own, slots: Sequence[Slot], sources: Sequence[tuple[str, Mapp
         chosen.append((slot, name, label))
     leftover = [k for k in merged if k not in claimed]
     if leftover:
-        others: dict = {}
-        for slot, name, _ in chosen:
-            others.update(slot.registry.options_of_others(name))
+        key, where = leftover[0], origin.get(leftover[0], "")
+        for slot, name, label in chosen:  # another plug-in's key: the same line as the Python API's
+            theirs = slot.registry.options_of_others(name)
+            if any(key in opts for opts in theirs.values()):
+                check_keys([key], slot.options(name).names(), owner=label, where=where, others=theirs)
         labels = " and ".join(label for *_, label in chosen) or (f"gradlab {command}" if command else "")
-        key = leftover[0]
-        check_keys([key], sorted(claimed), owner=labels, where=origin.get(key, ""), others=others)
+        check_keys([key], sorted(claimed), owner=labels, where=where)
     return out

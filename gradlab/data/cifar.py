@@ -25,6 +25,8 @@ import numpy as np
 
 from gradlab.data.common import make_bundle
 from gradlab.data.files import data_root, download_any, missing_files_error, read_bytes
+from gradlab.core.options import Options
+from gradlab.data.options import DOWNLOAD, MAX_TRAIN
 from gradlab.data.registry import DATASETS
 from gradlab.core.errors import GradlabError
 
@@ -121,5 +123,6 @@ DATASETS.add(
     "cifar10",
     load_cifar10,
     "CIFAR-10 colour images, 3x32x32 (python batches from --data-dir or GRADLAB_DATA)",
-    "--download --max-train",
+    options=Options(DOWNLOAD, MAX_TRAIN),
+    paper="Krizhevsky 2009",
 )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from gradlab.data.common import make_bundle, stratified_split
+from gradlab.core.options import Options
+from gradlab.data.options import MAX_TRAIN, TEST_FRACTION
 from gradlab.data.registry import DATASETS
 
 
@@ -23,4 +25,5 @@ def load_digits(seed, data_dir, opts):
     return make_bundle("digits", x[tr], y[tr], x[te], y[te], 10)
 
 
-DATASETS.add("digits", load_digits, "scikit-learn's bundled 8x8 handwritten digits (offline default)", "--test-fraction --max-train")
+DATASETS.add("digits", load_digits, "scikit-learn's bundled 8x8 handwritten digits (offline default)",
+             options=Options(TEST_FRACTION, MAX_TRAIN), paper="Alpaydin & Kaynak 1998 (UCI optical digits)")

@@ -19,6 +19,8 @@ import numpy as np
 
 from gradlab.data.common import make_bundle, stratified_split
 from gradlab.data.files import candidate_dirs, data_root, download_any, find_file, missing_files_error, read_bytes
+from gradlab.core.options import Options
+from gradlab.data.options import DOWNLOAD, MAX_TRAIN, TEST_FRACTION
 from gradlab.data.registry import DATASETS
 from gradlab.core.errors import GradlabError
 
@@ -118,11 +120,14 @@ def _loader(name: str):
     return load
 
 
-_OPTIONS = "--test-fraction --download --max-train"
-DATASETS.add("mnist", _loader("mnist"), "MNIST handwritten digits, 28x28 (IDX files from --data-dir or GRADLAB_DATA)", _OPTIONS)
+# test_fraction splits a folder that holds only the t10k files (see load_idx_dataset).
+_OPTIONS = Options(TEST_FRACTION, DOWNLOAD, MAX_TRAIN)
+DATASETS.add("mnist", _loader("mnist"), "MNIST handwritten digits, 28x28 (IDX files from --data-dir or GRADLAB_DATA)",
+             options=_OPTIONS, paper="LeCun et al. 1998")
 DATASETS.add(
     "fashion-mnist",
     _loader("fashion-mnist"),
     "Fashion-MNIST clothing images, 28x28 (IDX files from --data-dir or GRADLAB_DATA)",
-    _OPTIONS,
+    options=_OPTIONS,
+    paper="Xiao et al. 2017",
 )

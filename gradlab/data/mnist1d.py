@@ -24,6 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 from gradlab.data.common import make_bundle, stratified_split, unit_rescale
+from gradlab.core.options import Options
+from gradlab.data.options import MAX_TRAIN, N_SAMPLES, TEST_FRACTION
 from gradlab.data.registry import DATASETS
 
 # Published template values (Greydanus 2020), digits 0..9, before standardisation.
@@ -103,5 +105,6 @@ DATASETS.add(
     "mnist1d",
     load_mnist1d,
     "MNIST-1D (Greydanus 2020): 10 classes of length-40 signals, generated from the seed",
-    "--n-samples --test-fraction --max-train",
+    options=Options(N_SAMPLES, TEST_FRACTION, MAX_TRAIN),
+    paper="Greydanus 2020",
 )

@@ -21,6 +21,8 @@ from __future__ import annotations
 import numpy as np
 
 from gradlab.data.common import make_bundle, stratified_split, unit_rescale
+from gradlab.core.options import Option, Options
+from gradlab.data.options import MAX_TRAIN, N_SAMPLES, TEST_FRACTION
 from gradlab.data.registry import DATASETS
 from gradlab.core.errors import GradlabError
 
@@ -82,9 +84,19 @@ def load_synthetic(seed, data_dir, opts):
     return make_bundle("synthetic", x_train, y[tr], x_test, y[te], k)
 
 
+OPTIONS = Options(
+    Option("kind", str, "moons", "synthetic problem", choices=KINDS),
+    N_SAMPLES,
+    Option("noise", float, 0.1, "jitter std (moons, spirals), cluster std (blobs) or label-flip probability "
+           "(teacher-student)", low=0),
+    Option("n_classes", int, 2, "classes: spiral arms, blobs or teacher outputs (moons: 2)", low=2),
+    Option("n_features", int, 2, "input dimension of blobs and teacher-student (moons, spirals: 2)", low=1),
+    TEST_FRACTION,
+    MAX_TRAIN,
+)
 DATASETS.add(
     "synthetic",
     load_synthetic,
     "2-D/low-dim toy problems: moons, spirals, blobs, teacher-student (generated from the seed)",
-    "--kind --n-samples --noise --n-classes --n-features --test-fraction --max-train",
+    options=OPTIONS,
 )

@@ -17,7 +17,8 @@ from torch import nn
 from gradlab.models.base import GradlabNet, Normalize
 from gradlab.models.convs import conv, max_pool, spatial_dims
 from gradlab.models.mlp import DenseBlock
-from gradlab.models.options import init_weights, make_act, make_norm
+from gradlab.core.options import Options
+from gradlab.models.options import ACT, DROPOUT, INIT, NORM, SIGMA_B, SIGMA_W, init_weights, make_act, make_norm
 from gradlab.models.registry import MODELS
 
 
@@ -54,5 +55,6 @@ MODELS.add(
     "cnn",
     build_cnn,
     "LeNet-5 style CNN: two 5x5 conv stages, two hidden dense layers (images or 1-D sequences)",
-    "--act --init --sigma-w --sigma-b --norm --dropout",
+    options=Options(ACT, INIT, SIGMA_W, SIGMA_B, NORM, DROPOUT),
+    paper="LeCun et al. 1998",
 )

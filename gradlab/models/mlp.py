@@ -12,7 +12,8 @@ import math
 from torch import Tensor, nn
 
 from gradlab.models.base import GradlabNet, Normalize
-from gradlab.models.options import init_weights, make_act, make_norm
+from gradlab.core.options import Option, Options
+from gradlab.models.options import ACT, DROPOUT, INIT, NORM, SIGMA_B, SIGMA_W, init_weights, make_act, make_norm
 from gradlab.models.registry import MODELS
 
 
@@ -70,10 +71,12 @@ def build_mlp(spec, opts: dict) -> GradlabNet:
     return net
 
 
-MODELS.add("logreg", build_logreg, "multinomial logistic regression (a single linear layer)", "--init --sigma-w --sigma-b")
-MODELS.add(
-    "mlp",
-    build_mlp,
-    "fully connected net: depth hidden layers of width units",
-    "--depth --width --act --init --sigma-w --sigma-b --residual --norm --dropout",
-)
+DEPTH = Option("depth", int, 2, "MLP hidden layers", low=1)
+WIDTH = Option("width", int, 128, "MLP hidden units per layer", low=1)
+RESIDUAL = Option("residual", bool, False, "MLP skip connections h + f(h) for every hidden block whose widths match",
+                  paper="He et al. 2016")
+
+MODELS.add("logreg", build_logreg, "multinomial logistic regression (a single linear layer)",
+           options=Options(INIT, SIGMA_W, SIGMA_B))
+MODELS.add("mlp", build_mlp, "fully connected net: depth hidden layers of width units",
+           options=Options(DEPTH, WIDTH, ACT, INIT, SIGMA_W, SIGMA_B, RESIDUAL, NORM, DROPOUT))

@@ -1,7 +1,10 @@
-"""Model options: their defaults, validation, and the layers/initialisations they select.
+"""Options several zoo models share, declared once, and the layers/initialisations they select.
 
-Every zoo builder receives the full, validated option dict (:data:`MODEL_DEFAULTS` filled in).
-Initialisations (applied to every ``Linear``/``Conv`` weight of a model, head included):
+Each model declares its options (``MODELS.register(..., options=Options(...))``) from the
+:class:`~gradlab.core.options.Option` objects below plus its own (``depth`` and ``width`` in
+:mod:`gradlab.models.mlp`, ``shortcut`` in :mod:`gradlab.models.resnet`), so a name has one
+meaning across the zoo. Initialisations (applied to every ``Linear``/``Conv`` weight of a model,
+head included):
 
 * ``default``: PyTorch's own (uniform, Kaiming-style with ``a=sqrt(5)``).
 * ``xavier``: Glorot & Bengio 2010, uniform, gain 1; biases 0.
@@ -23,83 +26,38 @@ import torch
 from torch import nn
 
 from gradlab.core.errors import GradlabError
+from gradlab.core.options import Option
 
 ACTIVATIONS = ("relu", "tanh", "linear", "gelu", "sigmoid")
 INITS = ("default", "xavier", "kaiming", "orthogonal", "gaussian")
 # "auto" = the model's standard normalisation: batch norm for the ResNets, none otherwise.
 NORMS = ("auto", "none", "batch", "layer")
-SHORTCUTS = ("A", "B")  # He et al. 2016: A = identity + zero-padding, B = 1x1 projection
 
-MODEL_DEFAULTS: dict = {
-    "depth": 2,  # MLP hidden layers
-    "width": 128,  # MLP hidden units per layer
-    "act": "relu",
-    "init": "default",
-    "sigma_w": 1.0,  # weight scale for init=gaussian|orthogonal
-    "sigma_b": 0.0,  # bias std for init=gaussian|orthogonal
-    "residual": False,  # MLP: h + f(h) for every hidden block whose shapes match
-    "norm": "auto",
-    "dropout": 0.0,
-    "shortcut": "A",  # ResNets: option A (parameter-free) or B (1x1 projections)
-}
-
-_CHOICES = {"act": ACTIVATIONS, "init": INITS, "norm": NORMS, "shortcut": SHORTCUTS}
+ACT = Option("act", str, "relu", "activation after every hidden layer", choices=ACTIVATIONS)
+INIT = Option("init", str, "default", "weight initialisation of every linear and conv layer", choices=INITS,
+              paper="Glorot & Bengio 2010; He et al. 2015; Saxe et al. 2014; Poole et al. 2016")
+SIGMA_W = Option("sigma_w", float, 1.0, "weight scale for init gaussian (W ~ N(0, sigma_w^2/fan_in)) or "
+                 "orthogonal (gain)", low=0, low_open=True, paper="Poole et al. 2016")
+SIGMA_B = Option("sigma_b", float, 0.0, "bias std for init gaussian or orthogonal", low=0,
+                 paper="Poole et al. 2016")
+# Attacks have a `norm` of their own (the budget's, linf|l2): no command reads both (train's
+# adversarial training takes adv_* keys), which tests/test_plugin_options.py checks.
+NORM = Option("norm", str, "auto", "normalisation layers (auto: batch for the ResNets, none otherwise)",
+              choices=NORMS, paper="Ioffe & Szegedy 2015; Ba et al. 2016")
+DROPOUT = Option("dropout", float, 0.0, "dropout probability after every hidden dense layer", low=0, high=1,
+                 high_open=True, paper="Srivastava et al. 2014")
 
 
-def _check_int(key: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) and not (
-        isinstance(value, float) and value.is_integer()
-    ):
-        raise GradlabError(f"invalid {key}: {value!r} (must be an integer >= {low})")
-    if int(value) < low:
-        raise GradlabError(f"invalid {key}: {value} (must be >= {low})")
-    return int(value)
-
-
-def _check_float(key: str, value, *, low: float, low_inclusive: bool, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise GradlabError(f"invalid {key}: {value!r} (must be a finite number)")
-    ok_low = value >= low if low_inclusive else value > low
-    ok_high = high is None or value < high
-    if not (ok_low and ok_high):
-        rng = f"{'>=' if low_inclusive else '>'} {low}" + (f" and < {high}" if high is not None else "")
-        raise GradlabError(f"invalid {key}: {value} (must be {rng})")
-    return float(value)
-
-
-def resolve_options(opts: dict) -> dict:
-    """Fill defaults into ``opts`` and validate every value; GradlabError on the first bad one."""
-    unknown = sorted(set(opts) - set(MODEL_DEFAULTS))
-    if unknown:
-        raise GradlabError(
-            f"unknown model option {unknown[0]!r}; valid options: {', '.join(MODEL_DEFAULTS)}"
-        )
-    out = {**MODEL_DEFAULTS, **opts}
-    for key, choices in _CHOICES.items():
-        if out[key] not in choices:
-            raise GradlabError(f"invalid {key}: {out[key]!r}; choose from: {', '.join(choices)}")
-    out["depth"] = _check_int("depth", out["depth"], 1)
-    out["width"] = _check_int("width", out["width"], 1)
-    out["sigma_w"] = _check_float("sigma_w", out["sigma_w"], low=0.0, low_inclusive=False)
-    out["sigma_b"] = _check_float("sigma_b", out["sigma_b"], low=0.0, low_inclusive=True)
-    out["dropout"] = _check_float("dropout", out["dropout"], low=0.0, low_inclusive=True, high=1.0)
-    if not isinstance(out["residual"], bool):
-        raise GradlabError(f"invalid residual: {out['residual']!r} (must be true or false)")
-    if out["init"] not in ("gaussian", "orthogonal"):
-        for key in ("sigma_w", "sigma_b"):
-            if out[key] != MODEL_DEFAULTS[key]:
-                raise GradlabError(
-                    f"{key}={out[key]} only applies with init gaussian or orthogonal (init is {out['init']!r})"
-                )
-    return out
-
-
-def check_applicable(model: str, opts: dict, used: set[str]) -> None:
-    """Reject an option the model would silently ignore (set away from its default)."""
-    for key, value in opts.items():
-        if key not in used and value != MODEL_DEFAULTS[key]:
-            valid = ", ".join(sorted(used)) or "none"
-            raise GradlabError(f"option {key}={value!r} does not apply to model {model!r} (its options: {valid})")
+def check_init_scale(opts: dict) -> None:
+    """``sigma_w``/``sigma_b`` set away from their defaults with an init that ignores them: the
+    user meant something else (they scale only the gaussian and orthogonal initialisations)."""
+    if opts.get("init", INIT.default) in ("gaussian", "orthogonal"):
+        return
+    for opt in (SIGMA_W, SIGMA_B):
+        value = opts.get(opt.name, opt.default)
+        if value != opt.default:
+            raise GradlabError(f"{opt.name}={value} only applies with init gaussian or orthogonal "
+                               f"(init is {opts.get('init', INIT.default)!r})")
 
 
 def make_act(name: str) -> nn.Module:

@@ -1,16 +1,15 @@
 """The model registry: one entry per zoo model (``gradlab list models`` reads it).
 
-A builder is registered as ``MODELS.add(name, builder, description, options)`` where ``options``
-names, as CLI flags, exactly the options the model uses (``"--depth --width --act"``):
-:func:`gradlab.models.build_model` reads that string to reject options that would be silently
-ignored.
+A builder is registered with its options declared once::
+
+    MODELS.add(name, builder, description, options=Options(ACT, INIT, ...), paper="...")
+
+and called as ``builder(spec, opts)`` with exactly its declared options, checked and with the
+defaults filled in (:func:`gradlab.models.build_model`). Options several models share (``act``,
+``init``, ``sigma_w``, ...) are the :class:`~gradlab.core.options.Option` objects of
+:mod:`gradlab.models.options`, so a name means the same in every model.
 """
 
 from gradlab.core.registry import Registry
 
 MODELS = Registry("model")
-
-
-def used_options(options: str) -> set[str]:
-    """``"--sigma-w --depth"`` -> ``{"sigma_w", "depth"}`` (flag spelling -> option key)."""
-    return {tok.lstrip("-").replace("-", "_") for tok in options.split() if tok.startswith("--")}

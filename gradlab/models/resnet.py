@@ -24,10 +24,14 @@ from torch import Tensor, nn
 
 from gradlab.models.base import GradlabNet, Normalize
 from gradlab.models.convs import conv, global_avg_pool, spatial_dims
-from gradlab.models.options import init_weights, make_act, make_norm
+from gradlab.core.options import Option, Options
+from gradlab.models.options import ACT, INIT, NORM, SIGMA_B, SIGMA_W, init_weights, make_act, make_norm
 from gradlab.models.registry import MODELS
 
 WIDTHS = (16, 32, 64)
+SHORTCUT = Option("shortcut", str, "A", "ResNet shortcut when the shape changes: A = identity + zero channels, "
+                  "B = 1x1 conv projection", choices=("A", "B"), paper="He et al. 2016")
+OPTIONS = Options(ACT, INIT, SIGMA_W, SIGMA_B, NORM, SHORTCUT)
 
 
 class ShortcutA(nn.Module):
@@ -121,7 +125,6 @@ def build_resnet(spec, opts: dict, *, layers: int, skip: bool) -> GradlabNet:
 
 
 def _register() -> None:
-    options = "--act --init --sigma-w --sigma-b --norm --shortcut"
     for layers in (20, 32, 56):
         n = (layers - 2) // 6
         for skip, prefix, what in ((True, "resnet", "CIFAR ResNet"), (False, "plain", "plain twin (no skips) of resnet")):
@@ -129,7 +132,8 @@ def _register() -> None:
                 return build_resnet(spec, opts, layers=_layers, skip=_skip)
 
             label = f"{what}{layers}" if not skip else f"{what}-{layers} (He et al. 2016)"
-            MODELS.add(f"{prefix}{layers}", builder, f"{label}: 3 stages x {n} blocks, widths 16/32/64", options)
+            MODELS.add(f"{prefix}{layers}", builder, f"{label}: 3 stages x {n} blocks, widths 16/32/64",
+                       options=OPTIONS, paper="He et al. 2016")
 
 
 _register()

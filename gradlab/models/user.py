@@ -17,7 +17,6 @@ import sys
 from torch import nn
 
 from gradlab.core.errors import GradlabError
-from gradlab.models.options import MODEL_DEFAULTS
 
 
 def is_user_ref(name: str) -> bool:
@@ -48,8 +47,10 @@ def _import_factory(ref: str):
     return obj
 
 
-def build_user_model(ref: str, spec, opts: dict) -> nn.Module:
-    """Import and call the factory; GradlabError if that fails or it returns a non-Module."""
+def build_user_model(ref: str, spec, opts: dict, defaults: dict) -> nn.Module:
+    """Import and call the factory with the checked ``opts`` (every zoo option) it accepts;
+    GradlabError if one it does not accept is set away from its ``defaults``, if the call fails
+    or if it returns a non-Module."""
     factory = _import_factory(ref)
     try:
         params = inspect.signature(factory).parameters
@@ -63,7 +64,7 @@ def build_user_model(ref: str, spec, opts: dict) -> nn.Module:
         accepted = set(opts) if takes_all else set(opts) & set(params)
         args, kwargs = (spec,), {k: opts[k] for k in accepted}
     for key, value in opts.items():
-        if key not in accepted and value != MODEL_DEFAULTS[key]:
+        if key not in accepted and value != defaults[key]:
             raise GradlabError(f"option {key}={value!r} is not accepted by user model {ref!r}")
     try:
         model = factory(*args, **kwargs)

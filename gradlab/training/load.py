@@ -22,16 +22,16 @@ class LoadedRun:
 
 def load_run(ref: Optional[str] = "last", runs_dir: str | Path = "runs", device="cpu") -> LoadedRun:
     """Rebuild a trained run's model (eval mode, weights from ``checkpoints/last.pt``) and its data."""
-    from gradlab.data import DATASET_DEFAULTS, load_dataset
-    from gradlab.models import MODEL_DEFAULTS, build_model
+    from gradlab.data import dataset_options_in, load_dataset
+    from gradlab.models import build_model, model_options_in
 
     path = find_run(runs_dir, ref, require_checkpoint=True)
     cfg = read_config(path)["config"]
     data = load_dataset(
         cfg["dataset"], seed=cfg.get("seed", 0), data_dir=cfg.get("data_dir"),
-        **{k: cfg[k] for k in DATASET_DEFAULTS if k in cfg},
+        **dataset_options_in(cfg["dataset"], cfg),
     )
-    model = build_model(cfg["model"], data.spec, **{k: cfg[k] for k in MODEL_DEFAULTS if k in cfg})
+    model = build_model(cfg["model"], data.spec, **model_options_in(cfg["model"], cfg))
     ckpt = load_checkpoint(path / "checkpoints" / "last.pt")
     model.load_state_dict(ckpt["model"])
     model.to(device).eval()

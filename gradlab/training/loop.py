@@ -70,8 +70,8 @@ class Trainer:
     def __init__(self, cfg: dict, resume: Optional[dict] = None, callbacks: Sequence[Callback] = ()):
         from gradlab.core.device import resolve_device
         from gradlab.core.distributed import GlobalBatchSampler, init_from_env
-        from gradlab.data import DATASET_DEFAULTS, load_dataset
-        from gradlab.models import MODEL_DEFAULTS, build_model
+        from gradlab.data import dataset_options_in, load_dataset
+        from gradlab.models import build_model, model_options_in
         from gradlab.optim import OPTIMIZERS, build_optimizer, build_scheduler, default_lr
 
         cfg = {**TRAIN_OPTIONS.defaults(), **cfg}
@@ -89,8 +89,8 @@ class Trainer:
 
         torch.manual_seed(cfg["seed"])
         self.data = load_dataset(cfg["dataset"], seed=cfg["seed"], data_dir=cfg.get("data_dir"),
-                                 **subset(cfg, DATASET_DEFAULTS))
-        self.model = build_model(cfg["model"], self.data.spec, **subset(cfg, MODEL_DEFAULTS)).to(device)
+                                 **dataset_options_in(cfg["dataset"], cfg))
+        self.model = build_model(cfg["model"], self.data.spec, **model_options_in(cfg["model"], cfg)).to(device)
         self.x_train, self.y_train = self.data.x_train.to(device), self.data.y_train.to(device)
         self.x_test, self.y_test = self.data.x_test.to(device), self.data.y_test.to(device)
 

@@ -51,13 +51,13 @@ _LABELS = {"batch_size": "batch size", "log_every": "log-every", "log_every_step
 
 def train_defaults() -> dict:
     """Every key ``gradlab train`` accepts, with its default (model, data and optimizer options too)."""
-    from gradlab.data import DATASET_DEFAULTS
-    from gradlab.models import MODEL_DEFAULTS
+    from gradlab.data import DATASET_OPTIONS
+    from gradlab.models import ZOO_OPTIONS
     from gradlab.optim import OPTIMIZERS, SCHEDULE_OPTION
 
     # every optimizer's option names; None: the chosen optimizer's own default
     optim = {name: None for name in OPTIMIZERS.declarations()}
-    return {**BASE_DEFAULTS, **MODEL_DEFAULTS, **DATASET_DEFAULTS, **optim, "schedule": SCHEDULE_OPTION.default}
+    return {**BASE_DEFAULTS, **ZOO_OPTIONS.defaults(), **DATASET_OPTIONS.defaults(), **optim, "schedule": SCHEDULE_OPTION.default}
 
 
 def check_train_option(name: str, value):
