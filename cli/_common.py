@@ -51,7 +51,7 @@ def resolve_command(own, config_file: Optional[Path], flags: Mapping[str, Any], 
 
     file_cfg = load_yaml(config_file) if config_file is not None else {}
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}
-    sources = [(f"in {config_file}", file_cfg), ("in --set", dict(sets or {})), ("", flags)]
+    sources = [("in config file", file_cfg), ("in --set", dict(sets or {})), ("", flags)]
     return resolve_config(run_options() + own, list(slots), sources, command=command)
 
 

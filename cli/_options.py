@@ -46,6 +46,8 @@ def help_text(owners: list, kind: str = "") -> str:
     names = [o for o, _ in owners if o is not None]
     if names and kind:
         parts.append(f"({kind}: {', '.join(names)})")
+    if len({o.help for _, o in owners}) > 1 and kind:
+        parts.append(f"Its meaning differs by {kind}: `gradlab list {kind}s NAME`.")
     defaults = {o.default_text() for _, o in owners}
     if len(defaults) == 1:
         d = defaults.pop()
@@ -71,11 +73,12 @@ def flag_parameter(name: str, owners: list, panel: str, kind: str = "") -> inspe
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 
 
-def with_flags(*groups: tuple, skip: tuple = ()) -> Callable:
+def with_flags(*groups: tuple, skip: tuple = (), panels: Optional[dict] = None) -> Callable:
     """Decorator: a flag for every option of ``groups`` (``(panel, Options or Registry)``; a
     registry's flags are the union of its entries' options, labelled with their users). Options
     the function declares itself, or named in ``skip``, are left to the function. The function
-    must take a keyword-only ``flags`` parameter."""
+    must take a keyword-only ``flags`` parameter. ``panels`` moves single options to another
+    help panel (``{"opt": "Optimizer"}``)."""
 
     def deco(fn: Callable) -> Callable:
         sig = inspect.signature(fn, eval_str=True)
@@ -89,7 +92,7 @@ def with_flags(*groups: tuple, skip: tuple = ()) -> Callable:
                     continue
                 taken.add(name)
                 shared = kind and len(owners) == len(source)  # every entry takes it: no list of users
-                generated.append(flag_parameter(name, owners, panel, "" if shared else kind))
+                generated.append(flag_parameter(name, owners, (panels or {}).get(name, panel), "" if shared else kind))
         names = [p.name for p in generated]
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind is p.VAR_KEYWORD else p for p in own]
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 import typer
 from typing_extensions import Annotated
 
-from gradlab.training.options import TRAIN_OPTIONS
 from gradlab_cli._common import (
     ConfigOpt,
     DeviceOpt,
@@ -21,28 +19,29 @@ from gradlab_cli._common import (
     err_console,
     finish_and_print,
     is_rank0,
-    resolve_options,
+    resolve_command,
     start_run,
 )
+from gradlab_cli._options import with_flags
 
 MODEL = "Model"
+DATA = "Data"
 OPT = "Optimizer"
 TRAIN = "Training"
 PROBES = "Probes during training"
 ADV = "Adversarial training"
-
-
-def _help(name: str) -> str:
-    """A flag's help from its declaration in TRAIN_OPTIONS, with the real default."""
-    opt = TRAIN_OPTIONS[name]
-    default = f" (default: {opt.default_text()})" if opt.default_text() else ""
-    return f"{opt.help[0].upper()}{opt.help[1:]}.{default}"
+# Panels of the training options that are not about the training run itself.
+_PANELS = {"model": MODEL, "dataset": DATA, "data_dir": DATA, "opt": OPT, "schedule": OPT,
+           "hessian_every": PROBES, "probe_every": PROBES, "probe": PROBES,
+           "adv": ADV, "adv_eps": ADV, "adv_ratio": ADV}
 
 
 def parse_set(items: Optional[List[str]]) -> dict:
-    """``--set key=value`` pairs; values read as YAML scalars (``0.5``, ``true``, ``spirals``)."""
+    """``--set key=value`` pairs; values read as YAML scalars (``0.5``, ``1e-3``, ``true``,
+    ``spirals``); names and values are checked with everything else."""
     import yaml
 
+    from gradlab.core.config import yaml_value
     from gradlab.core.errors import GradlabError
 
     out = {}
@@ -51,42 +50,37 @@ def parse_set(items: Optional[List[str]]) -> dict:
             raise GradlabError(f"invalid --set {item!r}: expected key=value")
         k, v = item.split("=", 1)
         try:
-            out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+            out[k.strip().replace("-", "_")] = yaml_value(v)
         except yaml.YAMLError:
             raise GradlabError(f"invalid --set {item!r}: cannot read the value") from None
     return out
 
 
+def train_slots():
+    """The plug-ins a train config chooses, by their torch-free declarations (the manifest), so
+    every name and number is checked before torch or any data is loaded."""
+    from gradlab.core.config import Slot
+    from gradlab.core.manifest import registry_view
+    from gradlab.core.options import Options
+
+    models = registry_view("models")
+    # a user model (package.module:factory) takes the zoo's common options
+    zoo = Options(*(owners[0][1] for owners in models.declarations().values()))
+    return [Slot("model", models, options_for=lambda _name: zoo), Slot("dataset", registry_view("datasets")),
+            Slot("opt", registry_view("optimizers"))]
+
+
+def _flag_groups():
+    from gradlab.core.manifest import registry_view
+    from gradlab.training.options import TRAIN_OPTIONS
+
+    return ((TRAIN, TRAIN_OPTIONS), (MODEL, registry_view("models")), (DATA, registry_view("datasets")),
+            (OPT, registry_view("optimizers")))
+
+
+@with_flags(*_flag_groups(), panels=_PANELS)
 def command(
-    model: Annotated[Optional[str], typer.Option(help="Model name (see `gradlab list models`) or package.module:factory. (default: mlp)", rich_help_panel=MODEL)] = None,
-    dataset: Annotated[Optional[str], typer.Option(help="Dataset (see `gradlab list datasets`). (default: digits)", rich_help_panel=TRAIN)] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Folder with dataset files (else $GRADLAB_DATA, else downloads into ~/.cache/gradlab).", rich_help_panel=TRAIN)] = None,
-    depth: Annotated[Optional[int], typer.Option(help="MLP hidden layers.", rich_help_panel=MODEL)] = None,
-    width: Annotated[Optional[int], typer.Option(help="MLP hidden width.", rich_help_panel=MODEL)] = None,
-    act: Annotated[Optional[str], typer.Option(help="Activation: relu, tanh, linear, gelu, sigmoid.", rich_help_panel=MODEL)] = None,
-    init: Annotated[Optional[str], typer.Option(help="Init: default, xavier, kaiming, orthogonal, gaussian.", rich_help_panel=MODEL)] = None,
-    sigma_w: Annotated[Optional[float], typer.Option(help="Gaussian init weight scale (W ~ N(0, sigma_w^2/fan_in)).", rich_help_panel=MODEL)] = None,
-    sigma_b: Annotated[Optional[float], typer.Option(help="Gaussian init bias std.", rich_help_panel=MODEL)] = None,
-    residual: Annotated[Optional[bool], typer.Option("--residual/--no-residual", help="Skip connections in the MLP.", rich_help_panel=MODEL)] = None,
-    norm: Annotated[Optional[str], typer.Option(help="Normalisation layers: auto (ResNets: batch, else none), none, batch, layer.", rich_help_panel=MODEL)] = None,
-    opt: Annotated[Optional[str], typer.Option("--opt", help="Optimizer (see `gradlab list optimizers`). (default: adam)", rich_help_panel=OPT)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate. (default: the optimizer's own)", rich_help_panel=OPT)] = None,
-    momentum: Annotated[Optional[float], typer.Option(help="Momentum (momentum, nesterov, rmsprop).", rich_help_panel=OPT)] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay.", rich_help_panel=OPT)] = None,
-    schedule: Annotated[Optional[str], typer.Option(help="Learning-rate schedule: constant, cosine, step.", rich_help_panel=OPT)] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training set. (default: 15)", rich_help_panel=TRAIN)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (split across torchrun processes). (default: 64)", rich_help_panel=TRAIN)] = None,
-    log_every: Annotated[Optional[int], typer.Option(help="Per-layer gradient histograms every N steps. (default: 50)", rich_help_panel=TRAIN)] = None,
-    log_every_steps: Annotated[Optional[int], typer.Option(help=_help("log_every_steps"), rich_help_panel=TRAIN)] = None,
-    checkpoint_seconds: Annotated[Optional[float], typer.Option(help=_help("checkpoint_seconds"), rich_help_panel=TRAIN)] = None,
-    keep_checkpoints: Annotated[Optional[int], typer.Option(help="Keep N weight snapshots along training (for landscape PCA). (default: 0)", rich_help_panel=TRAIN)] = None,
-    hessian_every: Annotated[Optional[int], typer.Option(help="Log the Hessian's lambda_max and trace every N steps (0: off).", rich_help_panel=PROBES)] = None,
-    probe_every: Annotated[Optional[int], typer.Option(help="Log per-layer gradient and signal norms every N steps (0: off).", rich_help_panel=PROBES)] = None,
-    probe: Annotated[Optional[str], typer.Option(help=_help("probe"), rich_help_panel=PROBES)] = None,
-    adv: Annotated[Optional[str], typer.Option(help="Adversarial training with fgsm or pgd.", rich_help_panel=ADV)] = None,
-    adv_eps: Annotated[Optional[float], typer.Option(help="Adversarial training budget (L-inf, pixel units). (default: 0.1)", rich_help_panel=ADV)] = None,
-    adv_ratio: Annotated[Optional[float], typer.Option(help="Weight of the adversarial loss (0.5: Goodfellow et al.; 1: Madry et al.). (default: 0.5)", rich_help_panel=ADV)] = None,
-    set_: Annotated[Optional[List[str]], typer.Option("--set", help="Any other config key (repeatable): e.g. --set max_train=500, --set kind=spirals, --set hessian_power=0.5, --set dropout=0.2.")] = None,
+    set_: Annotated[Optional[List[str]], typer.Option("--set", help="Any config key (repeatable), e.g. --set max_train=500, --set kind=spirals, --set hessian_power=0.5; checked like the flags.")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue a run from its checkpoints/last.pt (run folder or id).")] = None,
     runs_dir: RunsDirOpt = None,
     name: NameOpt = None,
@@ -94,21 +88,16 @@ def command(
     device: DeviceOpt = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
+    *,
+    flags: dict,
 ) -> None:
     """Train a model; log per-step loss, learning rate and gradient norm, per-epoch accuracy."""
     from gradlab.runs import RunDir, find_run, load_checkpoint, read_config
     from gradlab.training.loop import Trainer
-    from gradlab.training.options import train_defaults, validate_train_config
+    from gradlab.training.options import TRAIN_OPTIONS, validate_train_config
 
-    flags = dict(
-        model=model, dataset=dataset, data_dir=data_dir, depth=depth, width=width, act=act, init=init,
-        sigma_w=sigma_w, sigma_b=sigma_b, residual=residual, norm=norm, opt=opt, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, schedule=schedule, epochs=epochs, batch_size=batch_size,
-        log_every=log_every, log_every_steps=log_every_steps, checkpoint_seconds=checkpoint_seconds,
-        keep_checkpoints=keep_checkpoints, hessian_every=hessian_every, probe_every=probe_every, probe=probe, adv=adv, adv_eps=adv_eps, adv_ratio=adv_ratio,
-        runs_dir=runs_dir, name=name, seed=seed, device=device,
-    )
-    flags.update(parse_set(set_))
+    flags = dict(flags, runs_dir=runs_dir, name=name, seed=seed, device=device)
+    sets = parse_set(set_)
     rank0 = is_rank0()
 
     if resume is not None:
@@ -123,8 +112,8 @@ def command(
         trainer = Trainer(cfg, resume=ckpt)
         run = RunDir.reopen(path, ckpt["step"]) if rank0 else RunDir(path, "train", enabled=False)
     else:
-        cfg = resolve_options(train_defaults(), config, flags)
-        validate_train_config(cfg)
+        cfg = resolve_command(TRAIN_OPTIONS, config, flags, slots=train_slots(), sets=sets, command="train")
+        validate_train_config(cfg)  # what needs more than one value: the --probe spec
         trainer = Trainer(cfg)  # data, model and optimizer built before any folder exists
         run = start_run("train", cfg, enabled=rank0)
 

@@ -244,7 +244,7 @@ def test_adversarial_training_options(tmp_path, capsys):
         cfg = yaml.safe_load((r.run_path / "config.yaml").read_text())["config"]
         assert (cfg["adv"], cfg["adv_eps"], cfg["adv_ratio"]) == (adv, 0.05, 1.0)
         assert pd.read_csv(r.run_path / "summary.csv").loc[0, "status"] == "completed"
-    for args, msg in ((["--adv", "curls"], "choose fgsm or pgd"), (["--adv", "fgsm", "--adv-eps", "0"], "adv-eps"),
+    for args, msg in ((["--adv", "curls"], "must be one of: fgsm, pgd"), (["--adv", "fgsm", "--adv-eps", "0"], "adv-eps"),
                       (["--adv", "fgsm", "--adv-ratio", "1.5"], "adv-ratio")):
         r = cli(capsys, "train", "--runs-dir", tmp_path / "bad", *args)
         assert r.code == 2 and msg in r.err and len(r.err.strip().splitlines()) == 1

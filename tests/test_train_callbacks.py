@@ -390,10 +390,10 @@ def test_a_second_ctrl_c_stops_mid_step_and_keeps_the_last_checkpoint(tmp_path):
 @pytest.mark.parametrize("key, value, expect", [
     ("epochs", True, "invalid epochs: True (must be an integer >= 1)"),
     ("epochs", 1.5, "invalid epochs: 1.5 (must be an integer >= 1)"),
-    ("batch_size", "64", "invalid batch_size: '64' is text, not a number"),
+    ("batch_size", "64", "invalid batch size: '64' is text, not a number"),
     ("batch_size", 0, "invalid batch size: 0 (must be an integer >= 1)"),
     ("checkpoint_seconds", -1, "invalid checkpoint-seconds: -1 (must be a number >= 0)"),
-    ("adv", "curls", "invalid --adv 'curls': choose fgsm or pgd"),
+    ("adv", "curls", "invalid adv: 'curls' (must be one of: fgsm, pgd)"),
     ("adv_ratio", 1.5, "invalid adv-ratio: 1.5 (must be a number in (0, 1])"),
     ("probe", 3, "invalid probe: 3 (must be text)"),
 ])

@@ -159,6 +159,5 @@ def resolve_config(own, slots: Sequence[Slot], sources: Sequence[tuple[str, Mapp
             theirs = slot.registry.options_of_others(name)
             if any(key in opts for opts in theirs.values()):
                 check_keys([key], slot.options(name).names(), owner=label, where=where, others=theirs)
-        labels = " and ".join(label for *_, label in chosen) or (f"gradlab {command}" if command else "")
-        check_keys([key], sorted(claimed), owner=labels, where=where)
+        check_keys([key], sorted(claimed), where=where, command=True)
     return out

@@ -56,6 +56,7 @@ class Option:
         paper: where the option (or its default) comes from, e.g. ``"Yao et al. 2021"``.
         nullable: accept ``None`` even when the default is not ``None``.
         finite: numbers must be finite (``inf`` is rejected) unless this is False.
+        label: how messages name the option, when not by its key (``"batch size"``).
     """
 
     name: str
@@ -72,6 +73,7 @@ class Option:
     paper: str = ""
     nullable: bool = False
     finite: bool = True
+    label: str = ""
 
     def __post_init__(self):
         if self.kind not in _KINDS:
@@ -85,6 +87,11 @@ class Option:
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def what(self) -> str:
+        """The option's name in messages."""
+        return self.label or self.name
 
     @property
     def accepts_none(self) -> bool:
@@ -145,7 +152,7 @@ class Option:
             if self.choices and value not in self.choices:
                 close = difflib.get_close_matches(value, self.choices, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise GradlabError(f"invalid {self.name}: {value!r}{_where(where)} (must be one of: "
+                raise GradlabError(f"invalid {self.what}: {value!r}{_where(where)} (must be one of: "
                                    f"{', '.join(self.choices)}){hint}")
             return value
         return self._check_number(value, self.kind, where)
@@ -158,7 +165,7 @@ class Option:
             except ValueError:
                 looks_numeric = False
             if looks_numeric:
-                raise GradlabError(f"invalid {self.name}: {value!r}{_where(where)} is text, not a number "
+                raise GradlabError(f"invalid {self.what}: {value!r}{_where(where)} is text, not a number "
                                    f"(write it without quotes; must be {self.describe_range()})")
             self._fail(value, where)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -169,6 +176,7 @@ class Option:
             self._fail(value, where)
         if self.finite and isinstance(value, float) and math.isinf(value):
             self._fail(value, where)
+        given = value
         if kind is int:
             if isinstance(value, float):
                 if not value.is_integer():
@@ -178,9 +186,9 @@ class Option:
             value = float(value)
         lo, hi = self.low, self.high
         if lo is not None and (value <= lo if self.low_open else value < lo):
-            self._fail(value, where)
+            self._fail(given, where)
         if hi is not None and (value >= hi if self.high_open else value > hi):
-            self._fail(value, where)
+            self._fail(given, where)
         return value
 
     def _check_tuple(self, value: Any, where: str) -> tuple:
@@ -197,7 +205,7 @@ class Option:
         return tuple(self._check_number(v, self.item, where) for v in value)
 
     def _fail(self, value: Any, where: str):
-        raise GradlabError(f"invalid {self.name}: {value!r}{_where(where)} (must be {self.describe_range()})")
+        raise GradlabError(f"invalid {self.what}: {value!r}{_where(where)} (must be {self.describe_range()})")
 
 
 def _where(where: str) -> str:
@@ -274,8 +282,9 @@ class Options:
 
 
 def check_keys(given: Iterable[str], valid: Sequence[str], *, owner: str = "", where: str = "",
-               others: Optional[Mapping[str, Options]] = None) -> None:
-    """Raise one :class:`GradlabError` for the first key of ``given`` not in ``valid``."""
+               others: Optional[Mapping[str, Options]] = None, command: bool = False) -> None:
+    """Raise one :class:`GradlabError` for the first key of ``given`` not in ``valid``
+    (``command``: the keys of a whole command's configuration, not of one plug-in)."""
     valid_set = set(valid)
     for key in given:
         if key in valid_set:
@@ -285,10 +294,12 @@ def check_keys(given: Iterable[str], valid: Sequence[str], *, owner: str = "", w
         whose = sorted(name for name, opts in (others or {}).items() if key in opts)
         of = f" of {owner}" if owner else ""
         if whose:
-            raise GradlabError(f"{key!r}{_where(where)} is an option of {', '.join(whose)}, not{of} "
-                               f"(its options: {', '.join(valid) or 'none'})")
+            raise GradlabError(f"{key!r} is an option of {', '.join(whose)}, not{of} "
+                               f"(its options: {', '.join(valid) or 'none'})" + (f"; {where}" if where else ""))
         close = difflib.get_close_matches(key, list(valid), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(sorted(valid))}"
+        if command:  # a command's configuration: "unknown key in config file: epochz"
+            raise GradlabError(f"unknown key{_where(where)}: {key}{hint}")
         raise GradlabError(f"unknown option {key!r}{of}{_where(where)}{hint}")
 
 

@@ -23,7 +23,7 @@ bit-identically.
 
 The learning-rate schedule is not an optimizer option: it wraps any optimizer and needs the run's
 total number of steps, which only the training loop knows, so the train command declares it
-(:data:`gradlab.optim.schedules.SCHEDULE_OPTION`) and calls :func:`build_scheduler`.
+(``schedule`` in :data:`gradlab.training.options.TRAIN_OPTIONS`) and calls :func:`build_scheduler`.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from gradlab.core.errors import GradlabError
 from gradlab.optim import first_order  # noqa: F401  (registration)
 from gradlab.optim import adahessian, curvature_gd, langevin, swats  # noqa: F401,I001
 from gradlab.optim.registry import OPTIMIZERS, check_seed
-from gradlab.optim.schedules import SCHEDULE_OPTION, SCHEDULES, build_scheduler
+from gradlab.optim.schedules import SCHEDULES, build_scheduler
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "SCHEDULE_OPTION", "build_optimizer", "build_scheduler", "default_lr",
+__all__ = ["OPTIMIZERS", "SCHEDULES", "build_optimizer", "build_scheduler", "default_lr",
            "resolve_options"]
 
 

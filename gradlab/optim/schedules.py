@@ -10,8 +10,9 @@ update accumulating rounding, no callable pickled into the checkpoint):
 * ``step``: 0.1 after 50% and again (0.01) after 75% of the total steps (the ResNet recipe, He et
   al. 2016).
 
-The schedule is an option of the train command, not of each optimizer (:data:`SCHEDULE_OPTION`):
-it wraps any optimizer's parameter groups and needs the run's total number of steps.
+The schedule is an option of the train command (``gradlab.training.options.TRAIN_OPTIONS``), not
+of each optimizer: it wraps any optimizer's parameter groups and needs the run's total number of
+steps.
 """
 
 from __future__ import annotations
@@ -22,11 +23,8 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
 from gradlab.core.errors import GradlabError
-from gradlab.core.options import Option
 
 SCHEDULES = ("constant", "cosine", "step")
-SCHEDULE_OPTION = Option("schedule", str, "constant", "learning-rate schedule over the run's steps",
-                         choices=SCHEDULES, paper="cosine: Loshchilov & Hutter 2017; step: He et al. 2016")
 
 
 def schedule_factor(schedule: str, total_steps: int):
