@@ -23,17 +23,13 @@ on the end-to-end norm that grows or shrinks exponentially with depth unless eve
 Every statistic is computed per example over its ``r = min(m, n)`` singular values and then
 averaged over the examples. Singular values are unitless (output units per input unit).
 
-Methods. ``dense``: ``vmap`` over a one-hot basis of a VJP (m <= n, as ``jacrev``) or a JVP
-(m > n, as ``jacfwd``) of the batched map, then ``svdvals`` (or the eigenvalues of the small
-Gram matrix when J is very rectangular): all r singular values. ``lanczos``: the top ``k``
-singular values from the curvature engine's batched Lanczos iteration with full
-reorthogonalisation (:func:`gradlab.curvature.batched.batched_lanczos`; Lanczos 1950; Golub &
-Van Loan, Matrix Computations, 4th ed., sec. 10.1) on the Gram matrix ``G = J^T J`` (or
-``J J^T``, whichever is smaller), applied matrix-free as a Jacobian-vector product followed by a vector-Jacobian product
-of the batched map (block-diagonal over examples, so one product serves all examples at once).
-In that mode the moments ``tr(G)/r`` and ``tr(G^2)/r`` are Hutchinson estimates (Hutchinson
-1990) and the statistics that need the whole spectrum (min, condition number, fraction near 1,
-spectral radius) are NaN. ``auto`` picks ``dense`` while ``B * m * n <= max_dense``.
+Methods (:mod:`gradlab.curvature.jacobian_gram`). ``dense``: every per-example Jacobian, then
+all ``r`` singular values. ``lanczos``: the top ``k`` from batched Lanczos (Lanczos 1950;
+:func:`gradlab.curvature.batched.batched_lanczos`) on the matrix-free Gram operator
+:class:`~gradlab.curvature.JacobianGram`; there ``tr(G)/r`` and ``tr(G^2)/r`` are Hutchinson
+estimates (Hutchinson 1990) and the statistics that need the whole spectrum (min, condition
+number, fraction near 1, spectral radius) are NaN. ``auto`` picks ``dense`` while
+``B * m * n <= max_dense``.
 
 The model is run in eval mode (per-example maps are only defined without batch statistics) and
 its training flags are restored afterwards; no parameter or ``.grad`` is touched. In eval mode a
