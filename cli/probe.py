@@ -54,7 +54,7 @@ class _ProbeGroup(TyperGroup):
         if cmd_name in self.commands:
             return self.commands[cmd_name]
         if cmd_name not in PROBES:
-            return None
+            PROBES.entry(cmd_name)  # raises: unknown probe, the choices and a "did you mean"
         if self._listing:  # `gradlab probe --help`: the name and its line, nothing imported
             return TyperCommand(cmd_name, help=PROBES.description(cmd_name))
         sub = typer.Typer(add_completion=False)

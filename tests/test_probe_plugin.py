@@ -92,6 +92,8 @@ def test_toy_probe_config_file_help_and_listing(tmp_path, capsys):
     for args in (("probe", "--help"), ("list", "probes")):
         r = cli(capsys, *args)
         assert r.code == 0 and "toy" in r.out and "mean logit per batch" in r.out
+    r = cli(capsys, "probe", "toyy")
+    assert r.code == 2 and "unknown probe 'toyy'" in r.err and "did you mean 'toy'" in r.err
 
 
 @pytest.mark.parametrize("args, words", [
