@@ -78,19 +78,17 @@ def make_command(name: str):
     """The Typer command of probe ``name``: its flags, its help, and :func:`run_probe`."""
     from gradlab.probes import PROBES
     from gradlab.probes.base import as_probe
-    from gradlab.probes.source import SOURCE_OPTIONS
     from gradlab_cli._options import with_flags
 
     entry = PROBES.entry(name)
     probe = as_probe(entry)
-    source_options = probe.source_options if probe.source_options is not None else SOURCE_OPTIONS
 
     def command(config: ConfigOpt = None, quiet: QuietOpt = False, *, flags: dict) -> None:
         run_probe(name, flags, config, quiet)
 
     command.__doc__ = "\n\n".join(p for p in (entry.description[:1].upper() + entry.description[1:] + ".",
                                               probe.help_text()) if p)
-    wrapped = with_flags((SOURCE_PANEL, source_options), (f"{name} probe", entry.options),
+    wrapped = with_flags((SOURCE_PANEL, probe.model_source_options()), (f"{name} probe", entry.options),
                          (RUN_PANEL, _run_options()))(command)
     _apply_off_names(wrapped, probe.flag_off_names)
     return wrapped
@@ -122,15 +120,13 @@ def run_probe(name: str, flags: dict, config_file, quiet: bool) -> None:
     from gradlab.core.device import resolve_device
     from gradlab.probes import PROBES
     from gradlab.probes.base import ProbeContext, as_probe
-    from gradlab.probes.source import SOURCE_OPTIONS
 
     entry = PROBES.entry(name)
     probe = as_probe(entry)
-    source_options = probe.source_options if probe.source_options is not None else SOURCE_OPTIONS
     sources = [("", flags)]
     if config_file is not None:
         sources.insert(0, (f"in {config_file}", load_yaml(config_file)))
-    cfg = resolve_config(source_options + entry.options + _run_options(), [], sources, command=f"probe {name}")
+    cfg = resolve_config(probe.model_source_options() + entry.options + _run_options(), [], sources, command=f"probe {name}")
     options = {k: cfg[k] for k in entry.options.names()}
     device = resolve_device(cfg["device"])
     source = probe.load(cfg, device)

@@ -131,6 +131,14 @@ class Probe:
         self.name = entry.name
         self.options = entry.options
 
+    def model_source_options(self) -> Options:
+        """:attr:`source_options`, or the shared :data:`~gradlab.probes.source.SOURCE_OPTIONS`."""
+        if self.source_options is not None:
+            return self.source_options
+        from gradlab.probes.source import SOURCE_OPTIONS
+
+        return SOURCE_OPTIONS
+
     # -- the hooks, in the order the CLI calls them ----------------------------------------
     def load(self, cfg: Mapping[str, Any], device):
         """The :class:`~gradlab.probes.source.ModelSource` for the resolved config ``cfg``."""
