@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from gradlab.probes.gradnorm import GradnormReport
-from gradlab.probes.jacobian import JacobianReport
+from gradlab.probes.jacobian_spectra import JacobianReport
 
 
 def gradnorm_figure(report: GradnormReport) -> Figure:
