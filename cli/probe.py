@@ -1,9 +1,10 @@
 """``gradlab probe NAME``: one command per registered probe, made from its declaration.
 
 Every probe goes through :func:`run_probe`: its flags come from its options (plus the shared
-model-source options and the run-folder options), the configuration is resolved and checked,
-the model is loaded and the probe's own checks run, and only then is the run folder created;
-the probe's :class:`~gradlab.probes.base.ProbeReport` is rendered, written and logged here.
+model-source options and the run options); :func:`gradlab.probes.runner.prepare_probe` resolves
+and checks the configuration, loads the model and runs the probe's own checks, and only then is
+the run folder created; the probe's :class:`~gradlab.probes.base.ProbeReport` is rendered,
+written and logged here.
 
 Commands are built on demand (:class:`_ProbeGroup`): ``gradlab probe --help`` lists the probes
 from the registry's catalogue without importing torch; ``gradlab probe hessian`` imports only
@@ -26,16 +27,11 @@ SOURCE_PANEL = "Model source"
 HELP = "Probe a trained run or a fresh model: gradients, Jacobian spectra, Hessian, landscape."
 
 
-def _run_options():
-    """The run-folder options every run-making command takes (``cli/_common.py`` flags' keys)."""
+def _name_option():
+    """The run-folder suffix: the one option of a probe run that only the CLI has."""
     from gradlab.core.options import Option, Options
 
-    return Options(
-        Option("runs_dir", str, "runs", "Folder that holds run folders"),
-        Option("name", str, None, "Suffix for the run folder name (no path separators)"),
-        Option("seed", int, 0, "Random seed: data split, init, noise", low=0),
-        Option("device", str, "auto", "auto, cpu or cuda"),
-    )
+    return Options(Option("name", str, None, "Suffix for the run folder name (no path separators)"))
 
 
 class _ProbeGroup(TyperGroup):
@@ -78,6 +74,7 @@ def make_command(name: str):
     """The Typer command of probe ``name``: its flags, its help, and :func:`run_probe`."""
     from gradlab.probes import PROBES
     from gradlab.probes.base import as_probe
+    from gradlab.probes.runner import CONTEXT_OPTIONS
     from gradlab_cli._options import with_flags
 
     entry = PROBES.entry(name)
@@ -89,7 +86,7 @@ def make_command(name: str):
     command.__doc__ = "\n\n".join(p for p in (entry.description[:1].upper() + entry.description[1:] + ".",
                                               probe.help_text()) if p)
     wrapped = with_flags((SOURCE_PANEL, probe.model_source_options()), (f"{name} probe", entry.options),
-                         (RUN_PANEL, _run_options()))(command)
+                         (RUN_PANEL, CONTEXT_OPTIONS + _name_option()))(command)
     _apply_off_names(wrapped, probe.flag_off_names)
     return wrapped
 
@@ -114,33 +111,21 @@ def _apply_off_names(fn, off_names: dict) -> None:
 
 def run_probe(name: str, flags: dict, config_file, quiet: bool) -> None:
     """Resolve, load, check, then create the run folder, run the probe and write its report."""
-    import torch.nn.functional as F
+    from gradlab.core.config import load_yaml
+    from gradlab.probes.runner import prepare_probe
 
-    from gradlab.core.config import load_yaml, resolve_config
-    from gradlab.core.device import resolve_device
-    from gradlab.probes import PROBES
-    from gradlab.probes.base import ProbeContext, as_probe
-
-    entry = PROBES.entry(name)
-    probe = as_probe(entry)
     sources = [("", flags)]
     if config_file is not None:
         sources.insert(0, (f"in {config_file}", load_yaml(config_file)))
-    cfg = resolve_config(probe.model_source_options() + entry.options + _run_options(), [], sources, command=f"probe {name}")
-    options = {k: cfg[k] for k in entry.options.names()}
-    device = resolve_device(cfg["device"])
-    source = probe.load(cfg, device)
-    ctx = ProbeContext(source.model, F.cross_entropy, probe.draw(source, options, cfg["seed"]), device,
-                       cfg["seed"], options, source)
-    extra = probe.prepare(ctx) or {}
-    for note in ctx.state.pop("notes", []):
+    prepared = prepare_probe(name, sources, extra=_name_option())
+    for note in prepared.ctx.notes:
         err_console.print(f"gradlab: note: {note}", highlight=False)
 
-    run_dir = start_run(f"probe-{name}", {**cfg, **source.description, **extra})
+    run_dir = start_run(f"probe-{name}", prepared.config)
     with run_dir:
         with _Progress(quiet) as bar:
-            ctx.progress = bar
-            report = probe.run(ctx)
+            prepared.ctx.progress = bar
+            report = prepared.run()
         write_report(run_dir, name, report)
         for note in report.notes:
             err_console.print(f"gradlab: note: {note}", highlight=False)
@@ -148,7 +133,7 @@ def run_probe(name: str, flags: dict, config_file, quiet: bool) -> None:
             render_table(report.table if report.view is None else report.view, title=report.title or name)
         for line in report.summary_lines:
             console.print(line, highlight=False)
-        finish_and_print(run_dir, "completed", {**report.metrics, **source.description})
+        finish_and_print(run_dir, "completed", {**report.metrics, **prepared.ctx.source.description})
 
 
 def write_report(run_dir, name: str, report) -> None:

@@ -197,3 +197,18 @@ def test_recalibrate_batchnorm_sets_the_batch_statistics_and_keeps_flags():
     torch.testing.assert_close(bn.running_var, h.var(0, unbiased=True), rtol=1e-12, atol=1e-12)
     assert bn.momentum == 0.1 and [m.training for m in net] == [False, False, True, False]
     assert not recalibrate_batchnorm(nn.Linear(3, 2), x)
+
+
+def test_run_probe_from_python_gives_the_cli_report_without_a_folder(tmp_path, monkeypatch):
+    from gradlab.probes import run_probe
+
+    monkeypatch.chdir(tmp_path)
+    rep = run_probe("toy", depth=1, width=4, batches=3, scale=2.0)
+    assert rep.table["mean_logit"].tolist() == pytest.approx(_reference_means(1, 4, 3, 16, 2.0), rel=1e-6)
+    rep = run_probe("hessian", depth=1, width=8, batches=1, batch_size=32, top_k=1, trace=False, lr=1e3)
+    assert rep.summary_lines[0].startswith("point: ") and "ABOVE the gradient-descent stability bound" in rep.summary_lines[1]
+    assert not list(tmp_path.iterdir())  # no run folder, no runs/ created
+    with pytest.raises(GradlabError, match="invalid top_k: 0"):
+        run_probe("hessian", top_k=0)
+    with pytest.raises(GradlabError, match="unknown option 'scael'.*did you mean 'scale'"):
+        run_probe("toy", scael=2.0)

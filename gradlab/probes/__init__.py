@@ -5,7 +5,8 @@ probe is one module that registers a :class:`~gradlab.probes.base.Probe` (or a f
 :class:`~gradlab.probes.base.ProbeContext`) with ``@PROBES.register(name, description,
 options=Options(...), paper=...)`` and returns a :class:`~gradlab.probes.base.ProbeReport`;
 see :mod:`gradlab.probes.base`. :func:`probe_scalars` runs any probe that supports it on one
-batch, as a training loop does.
+batch, as a training loop does; :func:`run_probe` runs one from Python as ``gradlab probe NAME``
+does, without a run folder.
 
 The built-in probes are listed in the catalogue below by module and one-line description, so
 that their names are known without importing torch; each is imported on first use.
@@ -24,4 +25,6 @@ PROBES = ProbeRegistry("probe", {
                 "Hessian eigenvalues, trace, density, stability bound 2/lambda_max, point type"),
 })
 
-__all__ = ["PROBES", "Probe", "ProbeContext", "ProbeReport", "probe_scalars"]
+from gradlab.probes.runner import run_probe  # noqa: E402  (after PROBES: it looks probes up there)
+
+__all__ = ["PROBES", "Probe", "ProbeContext", "ProbeReport", "probe_scalars", "run_probe"]

@@ -93,6 +93,7 @@ class ProbeContext:
             a description for ``config.yaml``); None when a training loop calls the probe.
         progress: ``progress(done, total)`` for long probes (no-op unless the CLI shows a bar).
         state: the probe's own scratch space between :meth:`Probe.prepare` and :meth:`Probe.run`.
+        notes: caveats found by :meth:`Probe.prepare` (printed before the run starts).
     """
 
     model: Any
@@ -104,6 +105,7 @@ class ProbeContext:
     source: Any = None
     progress: Optional[Callable[[int, int], None]] = None
     state: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
 
     def report_progress(self, done: int, total: int) -> None:
         if self.progress is not None:

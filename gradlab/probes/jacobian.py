@@ -217,7 +217,7 @@ class JacobianProbe(Probe):
             x = ctx.source.data.x_train
             idx = sample_indices(x.shape[0], min(RECALIBRATION_EXAMPLES, x.shape[0]), ctx.seed)
             if recalibrate_batchnorm(model, x[idx].to(ctx.device)):
-                ctx.state.setdefault("notes", []).append(
+                ctx.notes.append(
                     f"fresh model: BatchNorm running statistics set from {len(idx)} training examples, "
                     "so eval mode normalises as training would")
         return {}
