@@ -14,7 +14,7 @@ the Hessian probe.
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import get_args
 
 import typer
 from typer.core import TyperCommand, TyperGroup
@@ -99,7 +99,7 @@ def _apply_off_names(fn, off_names: dict) -> None:
     params = []
     for p in sig.parameters.values():
         if p.name in off_names:
-            base, info = p.annotation.__origin__, p.annotation.__metadata__[0]
+            base, info = get_args(p.annotation)[:2]
             on = "--" + p.name.replace("_", "-")
             info = typer.Option(f"{on}/{off_names[p.name]}", help=info.help, rich_help_panel=info.rich_help_panel,
                                 show_default=False)

@@ -212,3 +212,12 @@ def test_run_probe_from_python_gives_the_cli_report_without_a_folder(tmp_path, m
         run_probe("hessian", top_k=0)
     with pytest.raises(GradlabError, match="unknown option 'scael'.*did you mean 'scale'"):
         run_probe("toy", scael=2.0)
+
+
+def test_a_probe_may_name_the_off_spelling_of_a_boolean_flag(tmp_path, capsys):
+    r = cli(capsys, "probe", "gradnorm", "--runs-dir", tmp_path, "--eval-mode", "--depth", "1", "--width", "4",
+            "--batches", "1", "--quiet")
+    assert r.code == 0, r.err
+    assert yaml.safe_load((r.run_path / "config.yaml").read_text())["config"]["train_mode"] is False
+    r = cli(capsys, "probe", "jacobian", "--help")
+    assert r.code == 0 and "--normalized-space" in r.out and "--no-pixel-space" not in r.out
