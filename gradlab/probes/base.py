@@ -16,13 +16,16 @@ validation, loading the model, the run folder, the terminal table, CSVs, figures
     class MeanLogit(Probe):
         def run(self, ctx):
             import pandas as pd
-            means = [float(ctx.model(x).mean()) for x, _ in ctx.batches]
+            import torch
+            with torch.no_grad():
+                means = [float(ctx.model(x).mean()) for x, _ in ctx.batches]
             return ProbeReport(table=pd.DataFrame({"batch": range(len(means)), "mean_logit": means}),
                                scalars={"mean_logit": sum(means) / len(means)})
 
 A plain function ``fn(ctx) -> ProbeReport`` may be registered instead of a class. A probe that
 makes sense during training (one batch, every N steps) keeps ``training = True`` and may
-override :meth:`Probe.scalars`; the training loop calls :func:`probe_scalars`.
+override :meth:`Probe.scalars`; the training loop calls :func:`probe_scalars`. From Python,
+``gradlab.probes.run_probe("meanlogit", run="last")`` returns the report without a run folder.
 
 This module imports no torch at import time, so ``gradlab probe --help`` can list the probes of
 the :class:`ProbeRegistry` catalogue without loading them.
