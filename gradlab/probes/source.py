@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional
 
 from gradlab.core.errors import GradlabError
 from gradlab.core.options import Option, Options
+from gradlab.models.options import ACTIVATIONS, INITS, NORMS
 
 #: Model options a fresh model takes (None: the model's own default; not allowed with ``run``).
 MODEL_KEYS = ("depth", "width", "act", "init", "sigma_w", "sigma_b", "residual", "norm")
@@ -29,14 +30,13 @@ SOURCE_OPTIONS = Options(
     Option("data_dir", str, None, "Folder with dataset files (else $GRADLAB_DATA)"),
     Option("depth", int, None, "MLP hidden layers (default: 2)", low=1),
     Option("width", int, None, "MLP hidden width (default: 128)", low=1),
-    Option("act", str, None, "Activation (default: relu)", choices=("relu", "tanh", "linear", "gelu", "sigmoid")),
-    Option("init", str, None, "Initialisation (default: default)",
-           choices=("default", "xavier", "kaiming", "orthogonal", "gaussian")),
+    Option("act", str, None, "Activation (default: relu)", choices=ACTIVATIONS),
+    Option("init", str, None, "Initialisation (default: default)", choices=INITS),
     Option("sigma_w", float, None, "Weight scale for init gaussian (W ~ N(0, sigma_w^2/fan_in)) or orthogonal (gain) (default: 1)",
            low=0, low_open=True, paper="Poole et al. 2016"),
     Option("sigma_b", float, None, "Bias std for init gaussian|orthogonal (default: 0)", low=0),
     Option("residual", bool, None, "Skip connections h + f(h) in the MLP"),
-    Option("norm", str, None, "Normalisation layers (default: auto)", choices=("auto", "none", "batch", "layer")),
+    Option("norm", str, None, "Normalisation layers (default: auto)", choices=NORMS),
     SPLIT_OPTION,
 )
 
