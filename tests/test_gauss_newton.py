@@ -186,6 +186,6 @@ def test_refusals_and_auto_fallback(batches):
 
 
 def test_cli_names_match_the_registry():
-    from gradlab_cli.probe_hessian import TRACE_METHOD_NAMES
+    from gradlab.probes import PROBES
 
-    assert list(TRACE_METHOD_NAMES) == list(TRACE_METHODS)
+    assert list(PROBES.entry("hessian").options["trace_method"].choices) == list(TRACE_METHODS)

@@ -163,7 +163,10 @@ def test_bad_values_raise_gradlab_error(kwargs, match):
 
 
 def test_registered():
-    assert PROBES.get("hessian") is hessian_probe
+    from gradlab.probes.hessian import HessianProbe
+
+    assert PROBES.get("hessian") is HessianProbe
+    assert PROBES.entry("hessian").options["top_k"].default == 5
 
 
 # ------------------------------------------------------------------ CLI
@@ -201,8 +204,9 @@ def test_cli_trained_run_uses_its_lr(capsys, tmp_path):
 
 @pytest.mark.parametrize(
     "args, match",
-    [(["--top-k", "0"], "invalid top-k"), (["--tol", "0"], "invalid tol"), (["--batches", "x"], "invalid batches"),
-     (["--backend", "magic"], "unknown backend"), (["--mode", "test"], "unknown mode")],
+    [(["--top-k", "0"], "invalid top_k: 0"), (["--tol", "0"], "invalid tol"), (["--batches", "-1"], "invalid batches"),
+     (["--batches", "x"], "Invalid value for '--batches'"), (["--backend", "magic"], "invalid backend: 'magic'"),
+     (["--mode", "test"], "invalid mode: 'test'")],
 )
 def test_cli_bad_values_exit_2_with_one_line(capsys, tmp_path, args, match):
     from clihelp import cli

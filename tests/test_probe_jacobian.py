@@ -261,7 +261,7 @@ def test_cli_jacobian_bad_input_is_one_line(tmp_path, capsys):
 
     base = ["probe", "jacobian", "--runs-dir", tmp_path, "--depth", "2", "--width", "8", "--quiet"]
     for extra, expect in [(["--examples", "0"], "invalid examples: 0"), (["--layers", "blocks.5"], "unknown layer"),
-                          (["--method", "svd"], "unknown method 'svd'")]:
+                          (["--method", "svd"], "invalid method: 'svd'")]:
         r = cli(capsys, *base, *extra)
         assert r.code == 2 and expect in r.err and len(r.err.strip().splitlines()) == 1, r.err
     assert not list(tmp_path.iterdir())

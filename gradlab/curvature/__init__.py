@@ -17,6 +17,7 @@ from gradlab.curvature.density import DensityResult, slq_density
 from gradlab.curvature.eigen import EigenResult, eigsh
 from gradlab.curvature.gauss_newton import TRACE_METHODS, gauss_newton_trace, is_piecewise_linear, trace_auto
 from gradlab.curvature.hessian_op import HessianOperator, dense_hessian
+from gradlab.curvature.jacobian_gram import JacobianGram, per_example_jacobian, singular_values
 from gradlab.curvature.operator import CurvatureOperator, DenseOperator, as_operator
 from gradlab.curvature.diagonal import DiagonalResult, hutchinson_diag, hutchinson_diagonal
 from gradlab.curvature.lanczos import Lanczos
@@ -35,5 +36,6 @@ __all__ = [
     "hutchpp_trace", "krylov_trace", "xtrace", "hutchinson_diag", "DensityResult", "slq_density",
     "BatchedEigenResult", "batched_lanczos", "TRACE_METHODS", "gauss_newton_trace", "trace_auto",
     "is_piecewise_linear", "hutchinson_diagonal", "Lanczos", "gaussian", "gaussian_like", "make_generator",
-    "rademacher", "rademacher_like",
+    "rademacher", "rademacher_like", "JacobianGram", "per_example_jacobian",
+    "singular_values",
 ]

@@ -1,13 +1,16 @@
-"""The core of ``gradlab probe landscape``: choose the directions, then evaluate the grid.
+"""The landscape probe (``gradlab probe landscape``): choose the directions, then evaluate the grid.
 
 :func:`choose_directions` returns the directions plus what the plot needs (the projected training
 trajectory for ``pca``, marked points for ``interp`` and simplex planes) and the range to use
 when the user gave none. :func:`landscape` evaluates the grid (:mod:`gradlab.landscape.grid`).
+:class:`LandscapeProbe` is the registered probe (Li et al. 2018, "Visualizing the Loss Landscape
+of Neural Nets"; Goodfellow et al. 2015 for the 1-D interpolation).
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -16,7 +19,12 @@ import torch
 from torch import nn
 
 from gradlab.core.errors import GradlabError
-from gradlab.runs.checkpoints import load_checkpoint
+from gradlab.core.options import Option, Options
+from gradlab.probes import PROBES
+from gradlab.probes.base import Probe, ProbeContext, ProbeReport
+from gradlab.probes.source import TRAINED_SOURCE_OPTIONS, batch_options, load_source
+from gradlab.runs import find_run, load_checkpoint, read_config
+from gradlab.training.load import load_run
 from gradlab.landscape.directions import (
     eigen_directions,
     interp_direction,
@@ -27,7 +35,7 @@ from gradlab.landscape.directions import (
     random_directions,
     weights_of,
 )
-from gradlab.landscape.grid import GridResult, evaluate_grid, grid_coords, make_axes
+from gradlab.landscape.grid import GridResult, evaluate_grid, grid_coords, make_axes, make_batches
 
 DIRECTIONS = ("random", "pca", "eigen", "interp")
 
@@ -162,3 +170,137 @@ def landscape(
     axes = make_axes(lo, hi, steps, len(dset.directions))
     return evaluate_grid(model, dset.directions, grid_coords(axes), batches, centre=dset.centre,
                          points_per_call=points_per_call, progress=progress, axes=axes)
+
+
+# -- the registered probe ---------------------------------------------------------------------
+OPTIONS = Options(
+    Option("dims", int, 2, "1 (a line) or 2 (a plane)", low=1, high=2),
+    Option("steps", int, 25, "Grid points per axis; odd puts the weights exactly on the grid", low=2),
+    Option("range", str, None, "Coordinate range lo,hi on every axis (default: -1,1; interp -1.5,0.5 or -0.5,1.5; "
+           "pca and --plane-vertices: fitted to the trajectory/vertices)"),
+    Option("directions", str, "random", "random (filter-normalised Gaussian), pca (training trajectory), eigen (top "
+           "Hessian eigenvectors) or interp (straight line to init or --to)", choices=DIRECTIONS),
+    Option("to", str, None, "interp: the other end, a second run (RUN_B) (default: this run's initial weights)"),
+) + batch_options(None, 512, "Evaluate on the first N batches (default: the whole split)") + Options(
+    Option("include_bn", bool, False, "random: also move biases and BatchNorm parameters (default: they stay put, "
+           "as in Li et al.)"),
+    Option("log_scale", bool, False, "Plot log10 of the loss"),
+    Option("plane_vertices", str, None, "i,j,k: draw the plane through three vertices of the simplex saved by "
+           "`gradlab simplex` (--run is the simplex run)"),
+    Option("points_per_call", int, 1, "Grid points per vmapped call (faster on a GPU; 1 is fastest on a CPU)", low=1),
+    Option("lambda_max", bool, False, "Also report the Hessian's largest eigenvalue at the weights (Lanczos, "
+           "first 4 batches)"),
+)
+
+
+def _numbers(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(t) for t in str(text).split(",") if t.strip() != ""]
+    except ValueError:
+        raise GradlabError(f"invalid {what} {text!r}: expected a number or a comma-separated list of numbers") from None
+    if not vals:
+        raise GradlabError(f"invalid {what} {text!r}: empty")
+    return vals
+
+
+@PROBES.register("landscape", "loss and accuracy on a 1-D line or 2-D plane around a trained run's weights",
+                 options=OPTIONS, paper="Li et al. 2018; Goodfellow et al. 2015")
+class LandscapeProbe(Probe):
+    """Loss landscape of a trained run: landscape.csv (x,y,loss,acc), contour and 3-D surface plots, directions.pt.
+
+    The grid is centred on the run's weights and leaves the model untouched.
+    """
+
+    training = False  # a grid of forward passes: an analysis of one point, not a training signal
+    source_options = TRAINED_SOURCE_OPTIONS
+
+    def load(self, cfg, device):
+        """The run's model; with ``plane_vertices``, ``run`` is a simplex run and the model is its source's."""
+        if not cfg["plane_vertices"]:
+            return super().load(cfg, device)
+        spath = find_run(cfg["runs_dir"], cfg["run"])
+        if not (spath / "simplex.pt").is_file():
+            raise GradlabError(f"run {spath} has no simplex.pt: --plane-vertices needs a `gradlab simplex` run")
+        simplex = load_checkpoint(spath / "simplex.pt")
+        source = load_source({**cfg, "run": read_config(spath)["config"].get("source_run")}, device=device)
+        source.extras["simplex"] = simplex
+        return source
+
+    def draw(self, source, options, seed: int) -> list:
+        x, y = source.split()
+        return make_batches(x, y, options["batch_size"], options["batches"], source.device)
+
+    def prepare(self, ctx: ProbeContext) -> dict:
+        o, src = ctx.options, ctx.source
+        if o["to"] and o["directions"] != "interp":
+            raise GradlabError(f"--to applies to --directions interp, not {o['directions']!r}")
+        rng = None
+        if o["range"] not in (None, ""):
+            vals = _numbers(o["range"], "range")
+            if len(vals) != 2:
+                raise GradlabError(f"invalid range {o['range']!r}: expected lo,hi")
+            rng = (vals[0], vals[1])
+        make_axes(*(rng or (-1.0, 1.0)), o["steps"], o["dims"])  # steps/range/dims checked before any work
+        ctx.state["range"] = rng
+        simplex = src.extras.get("simplex")
+        if simplex is not None:
+            if o["dims"] != 2:
+                raise GradlabError("--plane-vertices draws a plane: use --dims 2")
+            which = [int(v) for v in _numbers(o["plane_vertices"], "plane vertices")]
+            verts = [{n: t.to(ctx.device) for n, t in v.items()} for v in simplex["vertices"]]
+            ctx.state["dset"] = simplex_plane(verts, which)
+        else:
+            to_w = None
+            if o["to"]:
+                other = load_run(o["to"], src.runs_dir, device=ctx.device)
+                to_w = {n: p.detach() for n, p in other.model.named_parameters()}
+            ctx.state["dset"] = choose_directions(o["directions"], ctx.model, dims=o["dims"], run_path=src.run_path,
+                                                  to_weights=to_w, batches=ctx.batches[:4], include_bn=o["include_bn"],
+                                                  seed=ctx.seed, device=ctx.device)
+        return {"source_run": str(src.run_path)}
+
+    def run(self, ctx: ProbeContext) -> ProbeReport:
+        import pandas as pd
+
+        from gradlab.landscape import plots
+
+        o, dset, dims = ctx.options, ctx.state["dset"], ctx.options["dims"]
+        t0 = time.perf_counter()
+        res = landscape(ctx.model, dset, ctx.batches, steps=o["steps"], range_=ctx.state["range"],
+                        points_per_call=o["points_per_call"], progress=ctx.report_progress)
+        seconds = time.perf_counter() - t0
+        table = res.frame()
+        saved = {f"d{i + 1}": {n: t.detach().cpu() for n, t in d.items()} for i, d in enumerate(dset.directions)}
+        saved["axes"] = torch.stack(res.axes) if dims == 2 else res.axes[0]
+        if dset.centre is not None:
+            saved["centre"] = {n: t.detach().cpu() for n, t in dset.centre.items()}
+        if dset.path is not None:
+            saved["trajectory"] = dset.path.detach().cpu()
+        kind = "simplex plane" if "simplex" in ctx.source.extras else o["directions"]
+        title = f"{kind} directions, {ctx.source.split_name} split"
+        if dims == 1:
+            marks = {k: v[0] for k, v in dset.points.items()}
+            figures = {"landscape_1d": plots.landscape_line(res.axes[0], res.loss, res.acc, log_scale=o["log_scale"],
+                                                            title=title, marks=marks)}
+        else:
+            figures = {"contour": plots.landscape_contour(res.axes, res.loss, log_scale=o["log_scale"], title=title,
+                                                          path=dset.path, points=dset.points),
+                       "surface": plots.landscape_surface(res.axes, res.loss, log_scale=o["log_scale"], title=title)}
+        at0 = (res.coords == 0).all(dim=1)
+        metrics = {"grid_points": len(table), "seconds": round(seconds, 3),
+                   "ms_per_point": round(1e3 * seconds / len(table), 4),
+                   "loss_min": float(res.loss.min()), "loss_max": float(res.loss.max())}
+        if bool(at0.any()):
+            metrics["centre_loss"] = float(res.loss[at0][0])
+            metrics["centre_acc"] = float(res.acc[at0][0])
+        metrics.update(dset.info)
+        if o["lambda_max"]:
+            from gradlab.curvature.eigen import eigsh
+            from gradlab.curvature.hessian_op import HessianOperator
+
+            top = eigsh(HessianOperator(ctx.model, data=ctx.batches[:4]), k=1, which="LA", tol=1e-4, seed=ctx.seed)
+            metrics["lambda_max"] = float(top.values[0])
+            metrics["lambda_max_converged"] = bool(top.converged)
+        return ProbeReport(table=table, view=pd.DataFrame([metrics]), title="landscape",
+                           histograms={"landscape/loss": res.loss.float()}, figures=figures,
+                           artifacts={"directions.pt": saved}, metrics=metrics)

@@ -1,13 +1,30 @@
-"""Probes: measurements of a model at a point (Hessian, Jacobians, gradient norms, ...).
+"""Probes: measurements of a model at a point (Hessian, Jacobians, gradient norms, landscapes).
 
-``PROBES`` is the registry ``gradlab list probes`` reads. A probe is one module that registers
-its entry function with ``@PROBES.register(name, description, options=...)``; the modules are
-imported below (after ``PROBES`` exists) so that listing the registry sees every probe.
+``PROBES`` is the one registry that ``gradlab list probes`` and ``gradlab probe NAME`` read. A
+probe is one module that registers a :class:`~gradlab.probes.base.Probe` (or a function of a
+:class:`~gradlab.probes.base.ProbeContext`) with ``@PROBES.register(name, description,
+options=Options(...), paper=...)`` and returns a :class:`~gradlab.probes.base.ProbeReport`;
+see :mod:`gradlab.probes.base`. :func:`probe_scalars` runs any probe that supports it on one
+batch, as a training loop does; :func:`run_probe` runs one from Python as ``gradlab probe NAME``
+does, without a run folder.
+
+The built-in probes are listed in the catalogue below by module and one-line description, so
+that their names are known without importing torch; each is imported on first use.
 """
 
-from gradlab.core.registry import Registry
+from gradlab.probes.base import Probe, ProbeContext, ProbeRegistry, ProbeReport, probe_scalars
 
-PROBES = Registry("probe")
+PROBES = ProbeRegistry("probe", {
+    "gradnorm": ("gradlab.probes.gradnorm",
+                 "per-layer gradient, weight and backward-signal norms; vanishing/exploding verdict"),
+    "landscape": ("gradlab.landscape.probe",
+                  "loss and accuracy on a 1-D line or 2-D plane around a trained run's weights"),
+    "jacobian": ("gradlab.probes.jacobian",
+                 "per-example input-output and per-layer Jacobian spectra, dynamical isometry"),
+    "hessian": ("gradlab.probes.hessian",
+                "Hessian eigenvalues, trace, density, stability bound 2/lambda_max, point type"),
+})
 
-from gradlab.probes import hessian  # noqa: E402,F401  (registers "hessian")
-from gradlab.probes import gradnorm, jacobian  # noqa: E402,F401  (register "gradnorm", "jacobian")
+from gradlab.probes.runner import run_probe  # noqa: E402  (after PROBES: it looks probes up there)
+
+__all__ = ["PROBES", "Probe", "ProbeContext", "ProbeReport", "probe_scalars", "run_probe"]

@@ -36,8 +36,11 @@ from gradlab.curvature import (
 )
 from gradlab.curvature.gauss_newton import TRACE_METHODS
 from gradlab.core.errors import GradlabError, check
+from gradlab.core.options import Option, Options
 from gradlab.probes import PROBES
+from gradlab.probes.base import Probe, ProbeContext, ProbeReport
 from gradlab.probes.critical import GRAD_TOL, CriticalPoint, classify_point
+from gradlab.probes.source import batch_options
 
 FRAME_COLUMNS = ["kind", "index", "value", "stderr"]
 
@@ -113,8 +116,6 @@ def stability_bound(lambda_max: float) -> float:
     return 2.0 / lambda_max if lambda_max > 0 else math.inf
 
 
-@PROBES.register("hessian", "Hessian eigenvalues, trace, density, stability bound 2/lambda_max, point type",
-                 options="--top-k --bottom-k --trace --density --batches --tol")
 def hessian_probe(
     model: nn.Module,
     data_batches,
@@ -247,3 +248,130 @@ def as_batches(x: Tensor, y: Tensor, batch_size: int, num_batches: Optional[int]
     n = len(x)
     stop = n if not num_batches else min(n, num_batches * batch_size)
     return [(x[i : min(i + batch_size, stop)], y[i : min(i + batch_size, stop)]) for i in range(0, stop, batch_size)]
+
+
+# -- the registered probe: options, checks, report -------------------------------------------
+#: Optimizers whose step is plain (S)GD-like, so that 2/lambda_max bounds their learning rate.
+SGD_LIKE = ("sgd", "momentum", "nesterov", "gd", "curvature-gd", "langevin")
+
+OPTIONS = Options(
+    Option("top_k", int, 5, "Number of largest eigenvalues", low=1),
+    Option("bottom_k", int, 1, "Number of smallest eigenvalues (>= 1 is needed to tell a minimum from a saddle)", low=0),
+    Option("trace", bool, True, "Estimate the trace with a standard error"),
+    Option("density", bool, False, "Spectral density by stochastic Lanczos quadrature (plot + density rows)",
+           paper="Ghorbani et al. 2019"),
+) + batch_options(4, 512, "Batches of --batch-size to average the loss over; 0 = the whole split", low=0) + Options(
+    Option("tol", float, 1e-3, "Eigen-solver relative residual tolerance", low=0, low_open=True),
+    Option("backend", str, "auto", "HVP backend (auto = double-backward)", choices=("auto", "double-backward", "func")),
+    Option("mode", str, "eval", "Model mode for the products: eval (dropout off, BatchNorm running stats) or train "
+           "(batch stats, fixed dropout masks); the model is restored", choices=("eval", "train")),
+    Option("trace_method", str, "auto", "Trace method: auto (gauss-newton where the layers allow, else xtrace), "
+           "gauss-newton (exact for ReLU-type nets), xtrace, krylov, hutch++, hutchinson", choices=tuple(TRACE_METHODS)),
+    Option("trace_matvecs", int, 60, "Budget for the trace: Hessian-vector products, or gauss-newton residual "
+           "samples (about one HVP each)", low=4),
+    Option("lr", float, None, "Learning rate to compare with 2/lambda_max (default: the --run's lr)", low=0, low_open=True),
+    Option("grad_tol", float, GRAD_TOL, "Gradient norm above which the point is 'not a critical point'", low=0, low_open=True),
+    Option("exact", bool, False, "Eigenvalues and trace from the dense Hessian (small models only, see --dense-max)"),
+    Option("dense_max", int, 5000, "Largest parameter count for --exact (the dense Hessian needs n^2 memory and n products)", low=1),
+)
+
+
+@PROBES.register("hessian", "Hessian eigenvalues, trace, density, stability bound 2/lambda_max, point type",
+                 options=OPTIONS, paper="Ghorbani et al. 2019; Cohen et al. 2021")
+class HessianProbe(Probe):
+    """Hessian of the training loss: top-k/bottom-k eigenvalues, trace, density, stability bound.
+
+    Compares the gradient-descent stability bound 2/lambda_max with the learning rate (the run's, or --lr).
+
+    Classifies the point: minimum, saddle, maximum, degenerate, or not a critical point (gradient norm above --grad-tol).
+
+    Writes hessian.csv (kind,index,value,stderr) and TensorBoard scalars; with --density also plots/hessian_density.png (logged as a TensorBoard image) and hessian_density.csv.
+    """
+
+    def draw(self, source, options, seed: int) -> list:
+        x, y = source.split()
+        return [(xb.to(source.device), yb.to(source.device))
+                for xb, yb in as_batches(x, y, options["batch_size"], options["batches"] or None)]
+
+    def prepare(self, ctx: ProbeContext) -> dict:
+        o = ctx.options
+        run_cfg = ctx.source.run_config if ctx.source is not None else {}
+        ctx.state["lr"] = o["lr"] if o["lr"] is not None else run_cfg.get("lr")
+        n_params = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
+        if o["top_k"] > n_params or o["bottom_k"] > n_params:
+            raise GradlabError(f"invalid top-k/bottom-k: the model has only {n_params} parameters")
+        if o["exact"] and n_params > o["dense_max"]:
+            raise GradlabError(f"--exact: model too large for the dense Hessian ({n_params} parameters > "
+                               f"--dense-max {o['dense_max']}); drop --exact to use the HVP solvers")
+        return {"lr_compared": ctx.state["lr"]}
+
+    def run(self, ctx: ProbeContext) -> ProbeReport:
+        from gradlab.probes.spectra_plots import hessian_density_figure
+
+        o = ctx.options
+        rep = hessian_probe(
+            ctx.model, ctx.batches, top_k=o["top_k"], bottom_k=o["bottom_k"], trace=o["trace"], density=o["density"],
+            tol=o["tol"], lr=ctx.state.get("lr"), loss_fn=ctx.loss_fn,
+            backend=None if o["backend"] == "auto" else o["backend"], mode=o["mode"], trace_method=o["trace_method"],
+            trace_matvecs=o["trace_matvecs"], grad_tol=o["grad_tol"], exact=o["exact"], dense_max=o["dense_max"],
+            seed=ctx.seed,
+        )
+        metrics = rep.metrics()
+        opt = ctx.source.run_config.get("opt") if ctx.source is not None else None
+        title = ""
+        if ctx.source is not None:
+            title = (f"Hessian: {ctx.source.where}, {rep.num_samples} {ctx.source.split_name} examples, "
+                     f"{rep.num_params} parameters, mode={rep.mode}, backend={rep.backend}")
+        report = ProbeReport(
+            table=rep.to_frame(), view=overview_frame(rep), title=title, scalars=metrics,
+            series={"hessian/top_eigenvalue": [(i + 1, v) for i, v in enumerate(rep.top)],
+                    "hessian/bottom_eigenvalue": [(i + 1, v) for i, v in enumerate(rep.bottom)]},
+            summary_lines=summary_lines(rep, opt), metrics={**metrics, "classification": rep.classification.kind},
+        )
+        if rep.density is not None:
+            report.tables["hessian_density"] = rep.density_frame()
+            report.figures["hessian_density"] = hessian_density_figure(rep)
+        return report
+
+    def scalars(self, model, loss_fn, batch, **options) -> dict:
+        """``lambda_max``, ``trace`` and ``stability_bound`` on one batch (:func:`quick_curvature`;
+        the trace budget defaults to 20 products here)."""
+        lam, tr = quick_curvature(model, loss_fn, tuple(batch), tol=options.get("tol", 1e-3),
+                                  trace_matvecs=options.get("trace_matvecs", 20), mode=options.get("mode", "eval"),
+                                  seed=0)
+        return {"lambda_max": lam, "trace": tr, "stability_bound": stability_bound(lam)}
+
+
+def overview_frame(rep: HessianReport):
+    """The terminal table: one row per quantity (the full long table is hessian.csv)."""
+    import pandas as pd
+
+    rows = [(f"lambda_{i + 1} (top)", v, None) for i, v in enumerate(rep.top)]
+    rows += [(f"lambda_min{'' if i == 0 else f'+{i}'} (bottom)", v, None) for i, v in enumerate(rep.bottom)]
+    if rep.trace is not None:
+        rows.append((f"trace ({rep.trace_method})", rep.trace, rep.trace_stderr))
+    rows += [("gradient norm", rep.grad_norm, None), ("loss", rep.loss, None),
+             ("stability bound 2/lambda_max", rep.stability_bound, None)]
+    if rep.lr is not None:
+        rows.append(("learning rate", rep.lr, None))
+    rows.append(("Hessian-vector products", float(rep.num_matvecs), None))
+    return pd.DataFrame(rows, columns=["quantity", "value", "stderr"]).astype({"stderr": float})
+
+
+def summary_lines(rep: HessianReport, opt: Optional[str]) -> list:
+    """The point's type, the learning rate against 2/lambda_max, and caveats, as sentences."""
+    lines = [f"point: {rep.classification.line()}"]
+    bound = rep.stability_bound
+    if rep.lr is None:
+        lines.append(f"stability: gradient descent is stable on this quadratic model for lr < 2/lambda_max = {bound:.4g}")
+    elif rep.lr_above_bound:
+        lines.append(f"WARNING: lr {rep.lr:g} is ABOVE the gradient-descent stability bound 2/lambda_max = {bound:.4g} "
+                     f"(x{rep.lr / bound:.3g}): plain GD would diverge along the top eigenvector here "
+                     f"(or sit at the edge of stability)")
+    else:
+        lines.append(f"stability: lr {rep.lr:g} is below the bound 2/lambda_max = {bound:.4g} (x{rep.lr / bound:.3g})")
+    if rep.lr is not None and opt is not None and opt not in SGD_LIKE:
+        lines.append(f"note: the run used --opt {opt}; 2/lambda_max bounds plain (S)GD steps, an adaptive "
+                     f"optimizer's effective step differs per coordinate")
+    lines += [f"note: {n}" for n in rep.notes]
+    return lines

@@ -21,19 +21,16 @@ on the end-to-end norm that grows or shrinks exponentially with depth unless eve
 (a residual block ``I + eps*A`` keeps its factor near 1).
 
 Every statistic is computed per example over its ``r = min(m, n)`` singular values and then
-averaged over the examples. Singular values are unitless (output units per input unit).
+averaged over the examples (the result types are in :mod:`gradlab.probes.jacobian_spectra`).
+Singular values are unitless (output units per input unit).
 
-Methods. ``dense``: ``vmap`` over a one-hot basis of a VJP (m <= n, as ``jacrev``) or a JVP
-(m > n, as ``jacfwd``) of the batched map, then ``svdvals`` (or the eigenvalues of the small
-Gram matrix when J is very rectangular): all r singular values. ``lanczos``: the top ``k``
-singular values from the curvature engine's batched Lanczos iteration with full
-reorthogonalisation (:func:`gradlab.curvature.batched.batched_lanczos`; Lanczos 1950; Golub &
-Van Loan, Matrix Computations, 4th ed., sec. 10.1) on the Gram matrix ``G = J^T J`` (or
-``J J^T``, whichever is smaller), applied matrix-free as a Jacobian-vector product followed by a vector-Jacobian product
-of the batched map (block-diagonal over examples, so one product serves all examples at once).
-In that mode the moments ``tr(G)/r`` and ``tr(G^2)/r`` are Hutchinson estimates (Hutchinson
-1990) and the statistics that need the whole spectrum (min, condition number, fraction near 1,
-spectral radius) are NaN. ``auto`` picks ``dense`` while ``B * m * n <= max_dense``.
+Methods (:mod:`gradlab.curvature.jacobian_gram`). ``dense``: every per-example Jacobian, then
+all ``r`` singular values. ``lanczos``: the top ``k`` from batched Lanczos (Lanczos 1950;
+:func:`gradlab.curvature.batched.batched_lanczos`) on the matrix-free Gram operator
+:class:`~gradlab.curvature.JacobianGram`; there ``tr(G)/r`` and ``tr(G^2)/r`` are Hutchinson
+estimates (Hutchinson 1990) and the statistics that need the whole spectrum (min, condition
+number, fraction near 1, spectral radius) are NaN. ``auto`` picks ``dense`` while
+``B * m * n <= max_dense``.
 
 The model is run in eval mode (per-example maps are only defined without batch statistics) and
 its training flags are restored afterwards; no parameter or ``.grad`` is touched. In eval mode a
@@ -44,200 +41,25 @@ its forward pass in eval mode is outside this probe's contract).
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+import contextlib
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import jvp, vjp, vmap
 
 from gradlab.curvature.batched import batched_lanczos
+from gradlab.curvature.jacobian_gram import JacobianGram, per_example_jacobian, singular_values
 from gradlab.core.errors import GradlabError
+from gradlab.core.options import Option, Options
 from gradlab.models.base import GradlabNet
 from gradlab.probes import PROBES
-from gradlab.probes.gradnorm import DEFAULT_THRESHOLD, select_layers, verdict_from_rate
+from gradlab.probes.base import Probe, ProbeContext, ProbeReport
+from gradlab.probes.gradnorm import DEFAULT_THRESHOLD, select_layers
+from gradlab.probes.jacobian_spectra import NEAR_ONE, SUMMARY_COLUMNS, JacobianReport, LayerSpectrum  # noqa: F401
+from gradlab.probes.source import LAYER_OPTIONS, parse_layers, recalibrate_batchnorm, sample_indices
 
 METHODS = ("auto", "dense", "lanczos")
 INPUT_OUTPUT = "input-output"
-NEAR_ONE = 0.1  # "within 10% of 1"
-
-SUMMARY_COLUMNS = [
-    "layer", "depth", "in_dim", "out_dim", "method", "n_sv", "mean_sq_sv", "var_sq_sv", "max_sv",
-    "min_sv", "condition_number", "frac_near_one", "spectral_radius", "cum_spectral_norm", "converged",
-]
-
-
-@dataclass
-class LayerSpectrum:
-    """Spectra of one map for every example.
-
-    ``singular_values`` (B, r_or_k) float64, descending; ``spectral_radius`` (B,) or None;
-    ``moments`` (B, 2) = per-example (tr G / r, tr G^2 / r) Hutchinson estimates in Lanczos mode,
-    None when dense; ``jacobian`` (B, m, n) only when asked for (``keep_jacobians``).
-    """
-
-    name: str
-    depth: Optional[int]  # block index (head = number of blocks); None for the input-output map
-    in_dim: int
-    out_dim: int
-    method: str
-    singular_values: Tensor = field(repr=False)
-    converged: bool = True
-    iterations: int = 0
-    spectral_radius: Optional[Tensor] = field(default=None, repr=False)
-    moments: Optional[Tensor] = field(default=None, repr=False)
-    jacobian: Optional[Tensor] = field(default=None, repr=False)
-
-    @property
-    def full(self) -> bool:
-        return self.method == "dense"
-
-    def stats(self) -> dict:
-        """Per-example statistics averaged over examples (see the module docstring)."""
-        s = self.singular_values
-        nan = float("nan")
-        out = {"n_sv": s.shape[1], "max_sv": float(s[:, 0].mean())}
-        if self.full:
-            sq = s.pow(2)
-            smin = s[:, -1]
-            cond = torch.where(smin > 0, s[:, 0] / smin, torch.full_like(smin, math.inf))
-            out.update(
-                mean_sq_sv=float(sq.mean(1).mean()),
-                var_sq_sv=float(sq.var(1, unbiased=False).mean()),
-                min_sv=float(smin.mean()),
-                condition_number=float(cond.mean()),
-                frac_near_one=float(((s - 1).abs() <= NEAR_ONE).double().mean(1).mean()),
-            )
-        else:
-            m1, m2 = self.moments[:, 0], self.moments[:, 1]
-            out.update(
-                mean_sq_sv=float(m1.mean()),
-                var_sq_sv=float((m2 - m1.pow(2)).clamp_min(0).mean()),
-                min_sv=nan, condition_number=nan, frac_near_one=nan,
-            )
-        out["spectral_radius"] = nan if self.spectral_radius is None else float(self.spectral_radius.mean())
-        return out
-
-
-@dataclass
-class JacobianReport:
-    """What :func:`jacobian_probe` returns: the input-output map first, then the layers by depth."""
-
-    layers: list[LayerSpectrum]
-    space: str  # "normalized" or "pixel"
-    n_examples: int
-    notes: list[str] = field(default_factory=list)
-
-    def cumulative_spectral_norm(self) -> dict[str, float]:
-        """``name -> mean over examples of prod_{j <= l} ||J_j||_2`` over the probed layers."""
-        out, running = {}, None
-        for ls in self.layers:
-            if ls.depth is None:
-                continue
-            top = ls.singular_values[:, 0]
-            running = top if running is None else running * top
-            out[ls.name] = float(running.mean())
-        return out
-
-    def summary(self):
-        """``jacobian_summary.csv``: one row per map with the columns of ``SUMMARY_COLUMNS``."""
-        import pandas as pd
-
-        cum = self.cumulative_spectral_norm()
-        rows = []
-        for ls in self.layers:
-            row = {"layer": ls.name, "depth": ls.depth, "in_dim": ls.in_dim, "out_dim": ls.out_dim,
-                   "method": ls.method, "converged": ls.converged}
-            row.update(ls.stats())
-            row["cum_spectral_norm"] = cum.get(ls.name, float("nan"))
-            rows.append(row)
-        return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
-
-    def spectra_frame(self):
-        """``jacobian.csv``: long format ``layer,example,index,singular_value`` (index 0 = largest)."""
-        import pandas as pd
-
-        parts = []
-        for ls in self.layers:
-            b, r = ls.singular_values.shape
-            parts.append(pd.DataFrame({
-                "layer": ls.name,
-                "example": torch.arange(b).repeat_interleave(r).numpy(),
-                "index": torch.arange(r).repeat(b).numpy(),
-                "singular_value": ls.singular_values.reshape(-1).numpy(),
-            }))
-        return pd.concat(parts, ignore_index=True)
-
-    def to_frames(self):
-        """``(jacobian.csv frame, jacobian_summary.csv frame)``."""
-        return self.spectra_frame(), self.summary()
-
-    def gain_rate(self, threshold: float = DEFAULT_THRESHOLD) -> tuple[float, str]:
-        """Typical gain per layer and its verdict: ``(rate, vanishing|exploding|stable|undetermined)``.
-
-        ``sqrt(mean_sq_sv)`` of a layer map is the factor by which it scales the norm of a random
-        direction (``mean_sq_sv`` is the mean-field ``chi_1`` of Poole et al. 2016 / Schoenholz
-        et al. 2017); the rate is its geometric mean over the probed per-layer maps, and the
-        verdict uses the rule of :mod:`gradlab.probes.gradnorm` (``|log rate| > log(1 + t)``).
-        """
-        chi = [ls.stats()["mean_sq_sv"] for ls in self.layers if ls.depth is not None]
-        if not chi:
-            return float("nan"), "undetermined"
-        log_rate = 0.5 * sum(math.log(max(c, 1e-300)) for c in chi) / len(chi)
-        return math.exp(log_rate), verdict_from_rate(log_rate, threshold)
-
-    def metrics(self, threshold: float = DEFAULT_THRESHOLD) -> dict:
-        """The input-output statistics (prefixed ``io_``), gain rate and verdict for ``summary.csv``."""
-        io = self.layers[0].stats()
-        keys = ["mean_sq_sv", "var_sq_sv", "max_sv", "min_sv", "condition_number", "frac_near_one"]
-        out = {f"io_{k}": io[k] for k in keys}
-        cum = self.cumulative_spectral_norm()
-        if cum:
-            out["cum_spectral_norm"] = list(cum.values())[-1]
-            out["gain_rate"], out["verdict"] = self.gain_rate(threshold)
-        return out
-
-
-def per_example_jacobian(fn: Callable[[Tensor], Tensor], h: Tensor) -> Tensor:
-    """Dense per-example Jacobians ``(B, m, n)`` of a batched map ``fn`` at ``h`` (B, ...).
-
-    ``fn`` must treat examples independently (every zoo model in eval mode does), so the
-    Jacobian of the batched map is block-diagonal. Then ``vmap`` over the one-hot basis of the
-    output of one vector-Jacobian product of the *batched* map (the rows of every example's
-    Jacobian at once: ``jacrev``'s construction, m products) or, when the input is the smaller
-    side, over the input basis of a Jacobian-vector product (``jacfwd``'s, n products). Running
-    the batched map instead of ``vmap`` over single examples keeps convolutions batched (about
-    5x faster on a ResNet block on CPU).
-    """
-    b = h.shape[0]
-    with torch.no_grad():
-        out = fn(h[:1])
-    m, n = out[0].numel(), h[0].numel()
-    if m <= n:
-        out, pullback = vjp(fn, h)
-        basis = torch.eye(m, dtype=out.dtype, device=out.device).view(m, 1, *out.shape[1:])
-        rows = vmap(lambda u: pullback(u)[0])(basis.expand(m, *out.shape))  # (m, B, *in)
-        return rows.reshape(m, b, n).transpose(0, 1).contiguous()  # contiguous: later casts are 5x cheaper
-    basis = torch.eye(n, dtype=h.dtype, device=h.device).view(n, 1, *h.shape[1:])
-    cols = vmap(lambda v: jvp(fn, (h,), (v,))[1])(basis.expand(n, *h.shape))  # (n, B, *out)
-    return cols.reshape(n, b, m).permute(1, 2, 0).contiguous()
-
-
-def singular_values(jac: Tensor) -> Tensor:
-    """Singular values (B, min(m, n)) float64, descending, of per-example Jacobians (B, m, n).
-
-    A very rectangular Jacobian (the end-to-end map: classes x input pixels) goes through the
-    float64 eigenvalues of its small Gram matrix, ~10x cheaper than an SVD; the Gram's float64
-    rounding (~1e-16 of the largest squared value) is far below the float32 Jacobian's own.
-    Near-square maps use ``svdvals`` directly.
-    """
-    m, n = jac.shape[-2:]
-    if 4 * min(m, n) > max(m, n):
-        return torch.linalg.svdvals(jac).double()
-    j64 = jac.double()
-    gram = j64 @ j64.transpose(-1, -2) if m <= n else j64.transpose(-1, -2) @ j64
-    return torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().flip(-1)
 
 
 def jacobian_probe(
@@ -278,9 +100,7 @@ def jacobian_probe(
         raise GradlabError(f"x must be a non-empty batch (B, *input_shape); got shape {tuple(x.shape)}")
     notes: list[str] = []
     gen = torch.Generator().manual_seed(seed)
-    flags = [(mod, mod.training) for mod in model.modules()]
-    model.eval()
-    try:
+    with _eval_mode(model):
         with torch.no_grad():
             _check_tensor(model(x[:1]), "model")  # one example: eval mode makes the rest alike
             is_net = isinstance(model, GradlabNet)
@@ -304,9 +124,6 @@ def jacobian_probe(
                 _spectrum(name, depth, fn, h, method, k, max_dense, n_probes, keep_jacobians, gen)
                 for name, depth, fn, h in maps
             ]
-    finally:
-        for mod, flag in flags:
-            mod.training = flag
     return JacobianReport(spectra, "pixel" if pixel_space else "normalized", x.shape[0], notes)
 
 
@@ -322,51 +139,14 @@ def _spectrum(name, depth, fn, h, method, k, max_dense, n_probes, keep, gen) -> 
             radius = torch.linalg.eigvals(jac).abs().amax(-1).double()
         return LayerSpectrum(name, depth, n, m, "dense", sv, spectral_radius=radius,
                              jacobian=jac if keep else None)
-    gram, p = _gram_operator(fn, h)
+    gram = JacobianGram(fn, h)
     tol = max(1e-10, 1000 * torch.finfo(h.dtype).eps)  # float32: 1.2e-4; |eigenvalue error| <= residual
-    v0 = torch.randn(b, p, generator=gen, dtype=torch.float64).to(h.device)
+    v0 = torch.randn(b, gram.size, generator=gen, dtype=torch.float64).to(h.device)
     eig = batched_lanczos(gram, v0, k, tol=tol, generator=gen)
     sv = eig.eigenvalues.clamp_min(0).sqrt()
-    moments = torch.zeros(b, 2, dtype=torch.float64, device=h.device)
-    for _ in range(n_probes):  # Hutchinson: E[z'Gz] = tr G, E[|Gz|^2] = tr G^2, z Rademacher
-        z = (torch.randint(0, 2, (b, p), generator=gen) * 2 - 1).to(torch.float64).to(h.device)
-        gz = gram(z)
-        moments[:, 0] += (z * gz).sum(-1)
-        moments[:, 1] += gz.pow(2).sum(-1)
-    moments /= n_probes * p
+    moments = gram.moments(n_probes, gen)
     return LayerSpectrum(name, depth, n, m, "lanczos", sv.cpu(), converged=bool(eig.converged.all()),
                          iterations=eig.products, moments=moments.cpu())
-
-
-def _gram_operator(fn, h: Tensor):
-    """Matrix-free per-example Gram ``G`` on the smaller side, float64 in and out, and its size.
-
-    One forward pass is recorded and reused by every product: ``J^T u`` is a backward pass, and
-    ``J v`` is the derivative of the (linear in ``u``) map ``u -> J^T u`` in direction ``v``
-    (the double-backward trick), which on CPU is far cheaper than re-running ``torch.func.jvp``.
-    The map is block-diagonal over examples, so one product serves every example at once.
-    """
-    with torch.enable_grad():
-        h_in = h.detach().requires_grad_(True)
-        out = fn(h_in)
-        dummy = torch.zeros_like(out, requires_grad=True)
-        jt_dummy = torch.autograd.grad(out, h_in, dummy, create_graph=True)[0]
-    b, m, n = h.shape[0], out[0].numel(), h[0].numel()
-    dtype = h.dtype
-
-    def jv(v):  # (B, n) -> (B, m)
-        with torch.enable_grad():
-            r = torch.autograd.grad(jt_dummy, dummy, v.to(dtype).view_as(h), retain_graph=True)[0]
-        return r.reshape(b, m).double()
-
-    def jtu(u):  # (B, m) -> (B, n)
-        with torch.enable_grad():
-            r = torch.autograd.grad(out, h_in, u.to(dtype).view_as(out), retain_graph=True)[0]
-        return r.reshape(b, n).double()
-
-    if n <= m:
-        return (lambda v: jtu(jv(v))), n
-    return (lambda u: jv(jtu(u))), m
 
 
 def _check_tensor(out, what: str) -> Tensor:
@@ -377,5 +157,125 @@ def _check_tensor(out, what: str) -> Tensor:
     return out
 
 
-PROBES.add("jacobian", jacobian_probe, "per-example input-output and per-layer Jacobian spectra, dynamical isometry",
-           "--examples --pixel-space --method --k --layers")
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Eval mode for the probe; every module's train/eval flag restored afterwards."""
+    flags = [(mod, mod.training) for mod in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for mod, flag in flags:
+            mod.training = flag
+
+
+TABLE_COLUMNS = ["layer", "method", "n_sv", "mean_sq_sv", "var_sq_sv", "max_sv", "min_sv",
+                 "condition_number", "frac_near_one", "spectral_radius", "cum_spectral_norm"]
+RECALIBRATION_EXAMPLES = 256
+
+OPTIONS = Options(
+    Option("examples", int, 32, "Examples whose Jacobians are taken, one by one", low=1),
+) + LAYER_OPTIONS + Options(
+    Option("pixel_space", bool, False, "Differentiate w.r.t. the raw [0, 1] pixels instead of the input after the "
+           "model's fixed normalisation layer"),
+    Option("per_layer", bool, True, "Also take every block's (and the head's) own Jacobian"),
+    Option("method", str, "auto", "dense (all singular values: vmap over jacrev/jacfwd), lanczos (top k by Lanczos "
+           "on J^T J with JVP/VJP products), or auto = dense while examples x outputs x inputs <= --max-dense",
+           choices=METHODS),
+    Option("k", int, 8, "Top singular values computed per map by Lanczos", low=1),
+    Option("max_dense", int, 2**24, "Largest examples x outputs x inputs that auto computes densely", low=1),
+    Option("threshold", float, DEFAULT_THRESHOLD, "Verdict threshold t on the typical gain per layer (geometric "
+           "mean over layers of the rms singular value): below 1/(1+t) 'vanishing', above 1+t 'exploding'",
+           low=0, low_open=True),
+)
+
+
+@PROBES.register("jacobian", "per-example input-output and per-layer Jacobian spectra, dynamical isometry",
+                 options=OPTIONS, paper="Saxe et al. 2014; Pennington, Schoenholz & Ganguli 2017")
+class JacobianProbe(Probe):
+    """Jacobian singular values per example and dynamical-isometry statistics, end to end and per layer.
+
+    Statistics (Saxe et al. 2014, Pennington et al. 2017), per example then averaged: mean and variance of the squared singular values, max (spectral norm) and min singular value, condition number, fraction within 10% of 1; per layer also the spectral radius (square maps) and the cumulative product of spectral norms over depth. Verdict: the geometric mean over layers of each layer's rms singular value; below 1/(1+t) 'vanishing', above 1+t 'exploding' (t = --threshold).
+
+    Writes jacobian.csv (layer,example,index,singular_value), jacobian_summary.csv (one row per map), TensorBoard histograms of log10 singular values and per-layer statistics against depth, plots/jacobian_spectra.png and plots/jacobian_depth.png. The model runs in eval mode; a fresh model's BatchNorm running statistics are first set from 256 training examples.
+    """
+
+    training = False  # per-example Jacobians of every layer: far too costly every N steps
+    flag_off_names = {"pixel_space": "--normalized-space"}
+
+    def draw(self, source, options, seed: int) -> list:
+        x, y = source.split()
+        idx = sample_indices(x.shape[0], min(options["examples"], x.shape[0]), seed)
+        return [(x[idx].to(source.device), y[idx].to(source.device))]
+
+    def prepare(self, ctx: ProbeContext) -> dict:
+        model, names = ctx.model, parse_layers(ctx.options["layers"])
+        if names is not None and isinstance(model, GradlabNet):  # unknown layer: fail now
+            units = [f"blocks.{i}" for i in range(len(model.blocks))] + ["head"]
+            select_layers([(i, n, None) for i, n in enumerate(units)], names)
+        if ctx.source is not None and ctx.source.fresh:
+            x = ctx.source.data.x_train
+            idx = sample_indices(x.shape[0], min(RECALIBRATION_EXAMPLES, x.shape[0]), ctx.seed)
+            if recalibrate_batchnorm(model, x[idx].to(ctx.device)):
+                ctx.notes.append(
+                    f"fresh model: BatchNorm running statistics set from {len(idx)} training examples, "
+                    "so eval mode normalises as training would")
+        return {}
+
+    def run(self, ctx: ProbeContext) -> ProbeReport:
+        from gradlab.probes.spectra_plots import depth_figure, spectra_figure
+
+        o, t = ctx.options, ctx.options["threshold"]
+        rep = jacobian_probe(ctx.model, ctx.batches[0][0], pixel_space=o["pixel_space"], per_layer=o["per_layer"],
+                             layers=parse_layers(o["layers"]), method=o["method"], k=o["k"],
+                             max_dense=o["max_dense"], seed=ctx.seed)
+        spectra, summary = rep.to_frames()
+        metrics = rep.metrics(t)
+        lines = report_lines(rep, summary, metrics, t)
+        figures = {"jacobian_spectra": spectra_figure(rep)}
+        if summary["depth"].notna().any():
+            figures["jacobian_depth"] = depth_figure(rep)
+        io = summary.iloc[0]
+        keys = ("mean_sq_sv", "var_sq_sv", "max_sv", "min_sv", "condition_number", "frac_near_one")
+        series: dict = {}
+        for row in summary[summary["depth"].notna()].itertuples(index=False):
+            for key in ("max_sv", "mean_sq_sv", "min_sv", "cum_spectral_norm"):
+                value = getattr(row, key)
+                if value == value:  # NaN (Lanczos mode) is left out rather than drawn as a gap
+                    series.setdefault(f"jacobian_depth/{key}", []).append((int(row.depth), value))
+        histograms = {}
+        for ls in rep.layers:
+            sv = ls.singular_values.flatten()
+            if bool((sv > 0).any()):
+                histograms[f"jacobian_log10_sv/{ls.name}"] = torch.log10(sv[sv > 0])
+        title = ""
+        if ctx.source is not None:
+            title = (f"Jacobian spectra: {ctx.source.where}, {rep.n_examples} {ctx.source.split_name} examples, "
+                     f"{rep.space} input (statistics averaged over examples)")
+        return ProbeReport(
+            table=spectra, tables={"jacobian_summary": summary}, view=summary[TABLE_COLUMNS], title=title,
+            scalars={k: io[k] for k in keys if io[k] == io[k]}, scalar_group="jacobian_io", series=series,
+            histograms=histograms, figures=figures, summary_lines=lines, notes=list(rep.notes),
+            text={"jacobian/report": "\n\n".join(lines)},
+            metrics={**metrics, "space": rep.space, "n_examples": rep.n_examples},
+        )
+
+
+def report_lines(rep: JacobianReport, summary, metrics: dict, t: float) -> list[str]:
+    """The input-output statistics, the verdict and a Lanczos convergence warning, as sentences."""
+    io = summary.iloc[0]
+    lines = [
+        f"input-output ({rep.space} input): mean squared singular value {io['mean_sq_sv']:.4g}, variance "
+        f"{io['var_sq_sv']:.4g}, max {io['max_sv']:.4g}, min {io['min_sv']:.4g}, condition number "
+        f"{io['condition_number']:.4g}, within 10% of 1: {io['frac_near_one']:.1%}"
+    ]
+    if "verdict" in metrics:
+        lines.append(
+            f"verdict: {metrics['verdict']}: typical gain x{metrics['gain_rate']:.3g} per layer (geometric mean of "
+            f"per-layer rms singular values; threshold t={t:g}: vanishing below {1 / (1 + t):.3g}, exploding above "
+            f"{1 + t:.3g}); product of spectral norms over depth {metrics['cum_spectral_norm']:.4g}"
+        )
+    if not summary["converged"].all():
+        bad = ", ".join(summary.loc[~summary["converged"], "layer"])
+        lines.append(f"warning: Lanczos did not converge for {bad}; their top singular values are estimates")
+    return lines

@@ -1,4 +1,4 @@
-"""Figures for the gradient-norm and Jacobian probes (matplotlib ``Figure`` objects, no pyplot state).
+"""Figures for the gradient-norm, Jacobian and Hessian probes (matplotlib ``Figure`` objects, no pyplot state).
 
 * :func:`gradnorm_figure`: gradient, weight and backward-signal norms against depth (log y) with
   the fitted signal-norm line behind the verdict.
@@ -6,6 +6,8 @@
   maps, evenly spread over depth, the input-output map first).
 * :func:`depth_figure`: per-layer spectral statistics against depth (log y): spectral norm,
   root-mean-square singular value, smallest singular value, cumulative product of spectral norms.
+* :func:`hessian_density_figure`: the Hessian's SLQ spectral density (log y) with the computed
+  extreme eigenvalues marked.
 * :func:`sweep_figure`: the experiment figure: a panel per (statistic, activation), the
   statistic against depth, a line per (init, residual) pair.
 """
@@ -18,7 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from gradlab.probes.gradnorm import GradnormReport
-from gradlab.probes.jacobian import JacobianReport
+from gradlab.probes.jacobian_spectra import JacobianReport
 
 
 def gradnorm_figure(report: GradnormReport) -> Figure:
@@ -96,6 +98,25 @@ def depth_figure(report: JacobianReport) -> Figure:
                  f"within 10% of 1: {io['frac_near_one']:.2f}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def hessian_density_figure(report) -> Figure:
+    """Log-scale SLQ density of a :class:`~gradlab.probes.hessian.HessianReport` with the computed
+    extreme eigenvalues marked (Ghorbani et al. 2019 draw it the same way)."""
+    d = report.density
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
+    ax.semilogy(d.grid.numpy(), d.density.clamp_min(1e-12).numpy(), lw=1.2, label="SLQ density")
+    for i, v in enumerate(report.top + report.bottom):
+        ax.axvline(v, color="tab:red", lw=0.6, alpha=0.6, label="computed eigenvalues" if i == 0 else None)
+    ax.set_ylim(bottom=max(1e-8, float(d.density.max()) * 1e-7))
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (log scale)")
+    ax.set_title(f"Hessian spectral density ({d.weights.shape[0]} starts x {d.weights.shape[1]} Lanczos steps, "
+                 f"sigma={d.sigma:.2g})")
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -1,0 +1,157 @@
+"""Per-example Jacobian spectra and their dynamical-isometry statistics (the result types of
+:func:`gradlab.probes.jacobian.jacobian_probe`; see that module for what is measured).
+
+A :class:`LayerSpectrum` holds one map's singular values for every example; a
+:class:`JacobianReport` the maps of one probe, with the per-example statistics averaged over
+examples (Saxe et al. 2014; Pennington, Schoenholz & Ganguli 2017), the cumulative product of
+spectral norms over depth and the gain-per-layer verdict.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from gradlab.probes.gradnorm import DEFAULT_THRESHOLD, verdict_from_rate
+
+NEAR_ONE = 0.1  # "within 10% of 1"
+
+SUMMARY_COLUMNS = [
+    "layer", "depth", "in_dim", "out_dim", "method", "n_sv", "mean_sq_sv", "var_sq_sv", "max_sv",
+    "min_sv", "condition_number", "frac_near_one", "spectral_radius", "cum_spectral_norm", "converged",
+]
+
+
+@dataclass
+class LayerSpectrum:
+    """Spectra of one map for every example.
+
+    ``singular_values`` (B, r_or_k) float64, descending; ``spectral_radius`` (B,) or None;
+    ``moments`` (B, 2) = per-example (tr G / r, tr G^2 / r) Hutchinson estimates in Lanczos mode,
+    None when dense; ``jacobian`` (B, m, n) only when asked for (``keep_jacobians``).
+    """
+
+    name: str
+    depth: Optional[int]  # block index (head = number of blocks); None for the input-output map
+    in_dim: int
+    out_dim: int
+    method: str
+    singular_values: Tensor = field(repr=False)
+    converged: bool = True
+    iterations: int = 0
+    spectral_radius: Optional[Tensor] = field(default=None, repr=False)
+    moments: Optional[Tensor] = field(default=None, repr=False)
+    jacobian: Optional[Tensor] = field(default=None, repr=False)
+
+    @property
+    def full(self) -> bool:
+        return self.method == "dense"
+
+    def stats(self) -> dict:
+        """Per-example statistics averaged over examples (see the module docstring)."""
+        s = self.singular_values
+        nan = float("nan")
+        out = {"n_sv": s.shape[1], "max_sv": float(s[:, 0].mean())}
+        if self.full:
+            sq = s.pow(2)
+            smin = s[:, -1]
+            cond = torch.where(smin > 0, s[:, 0] / smin, torch.full_like(smin, math.inf))
+            out.update(
+                mean_sq_sv=float(sq.mean(1).mean()),
+                var_sq_sv=float(sq.var(1, unbiased=False).mean()),
+                min_sv=float(smin.mean()),
+                condition_number=float(cond.mean()),
+                frac_near_one=float(((s - 1).abs() <= NEAR_ONE).double().mean(1).mean()),
+            )
+        else:
+            m1, m2 = self.moments[:, 0], self.moments[:, 1]
+            out.update(
+                mean_sq_sv=float(m1.mean()),
+                var_sq_sv=float((m2 - m1.pow(2)).clamp_min(0).mean()),
+                min_sv=nan, condition_number=nan, frac_near_one=nan,
+            )
+        out["spectral_radius"] = nan if self.spectral_radius is None else float(self.spectral_radius.mean())
+        return out
+
+
+@dataclass
+class JacobianReport:
+    """What :func:`jacobian_probe` returns: the input-output map first, then the layers by depth."""
+
+    layers: list[LayerSpectrum]
+    space: str  # "normalized" or "pixel"
+    n_examples: int
+    notes: list[str] = field(default_factory=list)
+
+    def cumulative_spectral_norm(self) -> dict[str, float]:
+        """``name -> mean over examples of prod_{j <= l} ||J_j||_2`` over the probed layers."""
+        out, running = {}, None
+        for ls in self.layers:
+            if ls.depth is None:
+                continue
+            top = ls.singular_values[:, 0]
+            running = top if running is None else running * top
+            out[ls.name] = float(running.mean())
+        return out
+
+    def summary(self):
+        """``jacobian_summary.csv``: one row per map with the columns of ``SUMMARY_COLUMNS``."""
+        import pandas as pd
+
+        cum = self.cumulative_spectral_norm()
+        rows = []
+        for ls in self.layers:
+            row = {"layer": ls.name, "depth": ls.depth, "in_dim": ls.in_dim, "out_dim": ls.out_dim,
+                   "method": ls.method, "converged": ls.converged}
+            row.update(ls.stats())
+            row["cum_spectral_norm"] = cum.get(ls.name, float("nan"))
+            rows.append(row)
+        return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+    def spectra_frame(self):
+        """``jacobian.csv``: long format ``layer,example,index,singular_value`` (index 0 = largest)."""
+        import pandas as pd
+
+        parts = []
+        for ls in self.layers:
+            b, r = ls.singular_values.shape
+            parts.append(pd.DataFrame({
+                "layer": ls.name,
+                "example": torch.arange(b).repeat_interleave(r).numpy(),
+                "index": torch.arange(r).repeat(b).numpy(),
+                "singular_value": ls.singular_values.reshape(-1).numpy(),
+            }))
+        return pd.concat(parts, ignore_index=True)
+
+    def to_frames(self):
+        """``(jacobian.csv frame, jacobian_summary.csv frame)``."""
+        return self.spectra_frame(), self.summary()
+
+    def gain_rate(self, threshold: float = DEFAULT_THRESHOLD) -> tuple[float, str]:
+        """Typical gain per layer and its verdict: ``(rate, vanishing|exploding|stable|undetermined)``.
+
+        ``sqrt(mean_sq_sv)`` of a layer map is the factor by which it scales the norm of a random
+        direction (``mean_sq_sv`` is the mean-field ``chi_1`` of Poole et al. 2016 / Schoenholz
+        et al. 2017); the rate is its geometric mean over the probed per-layer maps, and the
+        verdict uses the rule of :mod:`gradlab.probes.gradnorm` (``|log rate| > log(1 + t)``).
+        """
+        chi = [ls.stats()["mean_sq_sv"] for ls in self.layers if ls.depth is not None]
+        if not chi:
+            return float("nan"), "undetermined"
+        log_rate = 0.5 * sum(math.log(max(c, 1e-300)) for c in chi) / len(chi)
+        return math.exp(log_rate), verdict_from_rate(log_rate, threshold)
+
+    def metrics(self, threshold: float = DEFAULT_THRESHOLD) -> dict:
+        """The input-output statistics (prefixed ``io_``), gain rate and verdict for ``summary.csv``."""
+        io = self.layers[0].stats()
+        keys = ["mean_sq_sv", "var_sq_sv", "max_sv", "min_sv", "condition_number", "frac_near_one"]
+        out = {f"io_{k}": io[k] for k in keys}
+        cum = self.cumulative_spectral_norm()
+        if cum:
+            out["cum_spectral_norm"] = list(cum.values())[-1]
+            out["gain_rate"], out["verdict"] = self.gain_rate(threshold)
+        return out
