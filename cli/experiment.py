@@ -13,8 +13,6 @@ from typing_extensions import Annotated
 
 from gradlab_cli._common import console, err_console, render_table
 
-# Final metrics worth putting in TensorBoard's HParams table: summary column -> scalar tag.
-HPARAM_METRICS = {"test_acc": "test/acc", "test_loss": "test/loss", "train_loss": "train/loss"}
 
 
 def command(
@@ -61,7 +59,7 @@ def command(
                                     "folder": path or "", "error": err})
                     if path:
                         made.append(path)
-                        if stage.sweep:
+                        if stage.sweep and stage.command != ["train"]:  # a train run logs its own
                             _hparams(log_hparams, path, {k: combo[k] for k in stage.sweep})
             previous = made if not dry_run else [f"<each run of step {si}>"]
     if dry_run:
@@ -99,6 +97,8 @@ def _run_one(cmd: list, args: list, cfg_path: Path):
 
 def _hparams(log_hparams, path: str, hparams: dict) -> None:
     import pandas as pd
+
+    from gradlab.training.experiment import HPARAM_METRICS
 
     summary = Path(path) / "summary.csv"
     if not summary.is_file():

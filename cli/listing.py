@@ -59,7 +59,7 @@ def option_defaults(entry) -> str:
     """``depth=2 width=128 act=relu ...``: the entry's options with their defaults, as ``--set``
     and config files spell them (an option without a default shows its name alone)."""
     if not len(entry.options):
-        return entry.legacy_flags  # TRANSITION: an entry that lists its flags as a string
+        return ""
     return " ".join(f"{o.name}={o.default_text()}" if o.default is not None else o.name for o in entry.options)
 
 
@@ -94,5 +94,5 @@ def entry_table(entry):
         help_ = o.help + (f" ({o.paper})" if o.paper else "")
         table.add_row(o.flag, accepts, o.default_text() or "-", help_)
     if not len(entry.options):
-        table.add_row(entry.legacy_flags or "(none)", "", "", "")
+        table.add_row("(none)", "", "", "")
     return table

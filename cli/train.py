@@ -129,6 +129,9 @@ def command(
         )
     if result.message:
         err_console.print(f"gradlab: {result.message}", highlight=False, soft_wrap=True)
+    from gradlab.training.experiment import hparams_of
+
+    run.log_hparams(*hparams_of(cfg, result.metrics))  # every declared option, for TensorBoard's HParams
     finish_and_print(run, result.status, result.metrics)
     if result.status != "completed":
         raise typer.Exit(130 if result.status == "interrupted" else 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,11 @@ import torch
 # The test machine has 2 cores shared by many processes: torch's default intra-op thread pool
 # oversubscribes them and makes small-model tests an order of magnitude slower.
 torch.set_num_threads(1)
+
+# The plug-in manifest (gradlab.core.manifest) of this test session lives in a folder of its own,
+# never in the user's cache.
+if "GRADLAB_CACHE" not in os.environ:
+    os.environ["GRADLAB_CACHE"] = tempfile.mkdtemp(prefix="gradlab-test-cache-")
 
 MNIST_DIR = Path("/work/shared/data/mnist")
 

@@ -70,3 +70,22 @@ def test_top_level_help_lines_are_the_commands_own_and_help_skips_torch():
     code = "import sys; from gradlab_cli.main import main\ntry:\n main(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
+
+
+def test_a_train_run_logs_its_declared_options_as_hparams(tmp_path, capsys):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from clihelp import cli
+
+    r = cli(capsys, "train", "--runs-dir", tmp_path, "--epochs", "1", "--width", "8", "--set", "max_train=64",
+            "--opt", "adamw", "--quiet")
+    assert r.code == 0, r.err
+    ea = EventAccumulator(str(r.run_path))
+    ea.Reload()
+    content = ea.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    info = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    hp = {k: v for k, v in info.hparams.items()}
+    assert hp["opt"].string_value == "adamw" and hp["width"].number_value == 8
+    assert hp["weight_decay"].number_value == 0.01  # adamw's own default, from its declaration
+    assert "hessian_power" not in hp and "runs_dir" not in hp  # another optimizer's; where, not what

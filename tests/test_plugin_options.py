@@ -30,6 +30,7 @@ class Toy(Attack):
     """One step of ``scale * eps`` along the sign of the gradient (a shortened FGSM)."""
 
     name = "toy"
+    trainable = True  # cheap enough for `gradlab train --adv toy`
     options = ATTACK_OPTIONS + Options(Option("scale", float, 1.0, "fraction of eps to step", low=0, high=1))
 
     def perturb(self, x, y):
@@ -66,7 +67,7 @@ def runs(tmp_path_factory):
 def test_every_entry_declares_typed_options_with_help(kind):
     for entry in REGISTRIES[kind]:
         assert isinstance(entry.options, Options) and len(entry.options), entry.name
-        assert not entry.legacy_flags, entry.name  # no "--a --b" string left
+        assert not hasattr(entry, "legacy_flags"), entry.name  # no "--a --b" string left
         for opt in entry.options:
             assert len(opt.help.split()) >= 2, (entry.name, opt.name)  # a phrase, not just a word
 
@@ -205,3 +206,22 @@ def test_list_shows_the_declared_options_within_80_columns(argv, capsys):
 def test_list_of_an_unknown_entry_is_one_line(capsys):
     code, out, err = _cli(["list", "models", "mpl"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "did you mean 'mlp'" in err
+
+
+def test_a_toy_attack_from_a_test_file_trains_adversarially(toy, tmp_path, capsys):
+    """The same toy attack through the training loop's adversarial batch transform (--adv)."""
+    base = ["train", "--epochs", "1", "--batch-size", "32", "--width", "8", "--set", "max_train=160", "--quiet",
+            "--runs-dir", tmp_path, "--log-every-steps", "1"]
+    code, out, err = _cli([*base, "--adv", "toy", "--adv-eps", "0.2", "--adv-ratio", "1"], capsys)
+    assert code == 0, err
+    adv = Path(out.strip().splitlines()[-1].removeprefix("run: "))
+    code, out, err = _cli(base, capsys)
+    plain = Path(out.strip().splitlines()[-1].removeprefix("run: "))
+    cfg = yaml.safe_load((adv / "config.yaml").read_text())["config"]
+    assert cfg["adv"] == "toy" and cfg["adv_eps"] == 0.2
+    m_adv, m_plain = pd.read_csv(adv / "metrics.csv"), pd.read_csv(plain / "metrics.csv")
+    loss = lambda m: m[(m.split == "train-step") & (m.metric == "loss")]["value"].tolist()  # noqa: E731
+    assert len(loss(m_adv)) == len(loss(m_plain)) == 5
+    assert loss(m_adv)[0] > loss(m_plain)[0]  # the same first batch, attacked: a higher loss
+    code, out, err = _cli([*base, "--adv", "curls"], capsys)
+    assert code == 2 and "must be one of: fgsm, pgd, toy" in err

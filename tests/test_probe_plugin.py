@@ -221,3 +221,17 @@ def test_a_probe_may_name_the_off_spelling_of_a_boolean_flag(tmp_path, capsys):
     assert yaml.safe_load((r.run_path / "config.yaml").read_text())["config"]["train_mode"] is False
     r = cli(capsys, "probe", "jacobian", "--help")
     assert r.code == 0 and "--normalized-space" in r.out and "--no-pixel-space" not in r.out
+
+
+def test_toy_probe_runs_during_training_as_a_callback(tmp_path, capsys):
+    """The same toy probe, from this file, through `gradlab train --probe`: rows of its own split
+    every N steps, in metrics.csv and TensorBoard; the training loop knows nothing of it."""
+    r = cli(capsys, "train", "--runs-dir", tmp_path, "--epochs", "1", "--batch-size", "32", "--width", "8",
+            "--set", "max_train=192", "--probe", "toy:every=2:scale=2", "--quiet")
+    assert r.code == 0, r.err
+    m = pd.read_csv(r.run_path / "metrics.csv")
+    rows = m[(m.split == "toy") & (m.metric == "mean_logit")]
+    assert rows["step"].tolist() == [2, 4, 6]
+    assert rows["value"].notna().all() and (rows["value"] != 0).any()
+    r = cli(capsys, "train", "--runs-dir", tmp_path, "--probe", "toy:every=2:scael=2", "--quiet")
+    assert r.code == 2 and "did you mean 'scale'?" in r.err

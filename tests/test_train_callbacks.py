@@ -243,7 +243,8 @@ def test_probe_spec_parsing():
     cbs = probe_callbacks({"probe": "gradnorm:every=4", "hessian_every": 6, "probe_every": 0})
     assert [(cb.name, cb.every, cb.key) for cb in cbs] == [("gradnorm", 4, "probe/gradnorm"),
                                                            ("hessian", 6, "probe/hessian")]
-    assert cbs[1].options == {"tol": 1e-3, "trace_matvecs": 20}
+    assert cbs[1].options == {}  # not given: the probe's own training defaults apply
+    assert probe_callbacks({"probe": "hessian:every=2:tol=1e-4"})[0].options == {"tol": 1e-4}
 
 
 @pytest.mark.parametrize("args, expect", [

@@ -125,6 +125,10 @@ class Attack(abc.ABC):
     #: the eps-ball, so the call clamps to [0, 1] instead of projecting.
     single_step: bool = False
 
+    #: True for attacks cheap and strong enough to craft a batch every training step
+    #: (``gradlab train --adv NAME``): FGSM and PGD, not the minimum-norm searches.
+    trainable: bool = False
+
     # Declared in ATTACK_OPTIONS; set from the checked options in __init__.
     norm: str
     targeted: bool

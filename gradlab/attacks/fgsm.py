@@ -27,6 +27,7 @@ class FGSM(Attack):
     name = "fgsm"
     options = ATTACK_OPTIONS
     single_step = True
+    trainable = True
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         g, _ = self.grad(x)

@@ -43,6 +43,7 @@ class PGD(Attack):
     """Iterative attack; see the module docstring. Options: :data:`OPTIONS`."""
 
     name = "pgd"
+    trainable = True
     options = OPTIONS
     steps: int
     alpha: float

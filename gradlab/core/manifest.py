@@ -6,7 +6,8 @@ torch, so their declarations are written once to a cache file, a JSON *manifest*
 they are imported, and read from it afterwards. The manifest is derived data: its file name holds
 a key of the gradlab version and the size and modification time of every module of the package,
 so any edit makes a new one, and a missing, stale or unreadable manifest only means the plug-ins
-are imported for real (and the manifest written again).
+are imported once more, in a fresh process (so that nothing registered at run time gets into
+it). A process that has imported a registry already reads it directly.
 
     >>> view = registry_view("optimizers")          # doctest: +SKIP
     >>> view.entry("adam").options["lr"].default    # doctest: +SKIP
@@ -89,9 +90,29 @@ def _dump(kinds) -> dict:
     for kind in kinds:
         reg = real_registry(kind)
         doc[kind] = {"kind": reg.kind, "entries": [
-            {"name": e.name, "description": e.description, "paper": e.paper, "legacy_flags": e.legacy_flags,
+            {"name": e.name, "description": e.description, "paper": e.paper,
              "options": [_option_to_json(o) for o in e.options]} for e in reg]}
     return doc
+
+
+def write_manifest(path: str | Path) -> None:
+    """Import every registry and write their declarations to ``path`` (a temporary file and a
+    rename: a concurrent reader never sees half a manifest). Run in a fresh process (see
+    :func:`_read_or_build`), so that no plug-in registered at run time gets into it."""
+    path = Path(path)
+    doc = _dump(REGISTRIES)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+
+
+def _read(path: Path) -> Optional[dict]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and set(doc) == set(REGISTRIES) else None
 
 
 def _read_or_build() -> dict:
@@ -99,24 +120,26 @@ def _read_or_build() -> dict:
     if key in _loaded:
         return _loaded[key]
     path = cache_dir() / f"manifest-{key}.json"
-    doc: Optional[dict] = None
-    try:
-        doc = json.loads(path.read_text())
-        if set(doc) != set(REGISTRIES):
-            doc = None
-    except (OSError, ValueError):
-        doc = None
+    doc = _read(path)
     if doc is None:
-        doc = _dump(REGISTRIES)
-        try:  # a temporary file and a rename: a concurrent reader never sees half a manifest
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(doc))
-            os.replace(tmp, path)
-        except OSError:
-            pass
+        import subprocess
+        import sys
+
+        code = f"from gradlab.core.manifest import write_manifest; write_manifest({str(path)!r})"
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        doc = _read(path) if done.returncode == 0 else None
+        if doc is None:  # the cache cannot be written: this process imports the plug-ins itself
+            doc = _dump(REGISTRIES)
     _loaded[key] = doc
     return doc
+
+
+def _live(kind: str) -> bool:
+    """Whether this process has imported registry ``kind`` already: then it is read directly,
+    with whatever was registered at run time (a user's plug-in, a test's toy)."""
+    import sys
+
+    return REGISTRIES[kind][0] in sys.modules
 
 
 class EntryView:
@@ -124,12 +147,11 @@ class EntryView:
 
     def __init__(self, d: dict):
         self.name, self.description, self.paper = d["name"], d["description"], d["paper"]
-        self.legacy_flags = d.get("legacy_flags", "")
         self.options = Options(*(_option_from_json(o) for o in d["options"]))
 
     @property
     def option_flags(self) -> str:
-        return " ".join(o.flag for o in self.options) or self.legacy_flags
+        return " ".join(o.flag for o in self.options)
 
 
 class RegistryView:
@@ -174,7 +196,9 @@ def registry_view(kind: str) -> RegistryView:
     """The declarations of registry ``kind`` (``"optimizers"``, ...) from the manifest."""
     if kind not in REGISTRIES:
         raise KeyError(f"no registry {kind!r}; known: {', '.join(REGISTRIES)}")
+    if _live(kind):
+        return RegistryView(kind, _dump([kind])[kind])
     return RegistryView(kind, _read_or_build()[kind])
 
 
-__all__ = ["REGISTRIES", "EntryView", "RegistryView", "cache_dir", "real_registry", "registry_view"]
+__all__ = ["REGISTRIES", "EntryView", "RegistryView", "cache_dir", "real_registry", "registry_view", "write_manifest"]

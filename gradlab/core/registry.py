@@ -33,12 +33,11 @@ class Entry:
     description: str
     options: Options = field(default_factory=Options)
     paper: str = ""
-    legacy_flags: str = ""  # TRANSITION: a plain "--a --b" string of an entry not yet declared
 
     @property
     def option_flags(self) -> str:
         """``--depth --width ...``: the entry's options as flags, for ``gradlab list``."""
-        return " ".join(o.flag for o in self.options) or self.legacy_flags
+        return " ".join(o.flag for o in self.options)
 
 
 class Registry:
@@ -50,16 +49,13 @@ class Registry:
 
     def register(self, name: str, description: str, options: Union[Options, None] = None,
                  paper: str = "") -> Callable:
-        legacy = ""
-        if isinstance(options, str):  # TRANSITION: removed once every plug-in declares Options
-            legacy, options = options, None
-        elif options is not None and not isinstance(options, Options):
+        if options is not None and not isinstance(options, Options):
             raise TypeError(f"{self.kind} {name!r}: options must be an Options declaration")
 
         def deco(obj):
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} registered twice")
-            self._entries[name] = Entry(name, obj, description, options or Options(), paper, legacy)
+            self._entries[name] = Entry(name, obj, description, options or Options(), paper)
             return obj
 
         return deco

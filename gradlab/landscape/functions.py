@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from gradlab.core.errors import GradlabError, check_positive
+from gradlab.core.options import Option, Options
 from gradlab.core.registry import Registry
 
 FUNCTIONS = Registry("function")
@@ -85,7 +86,8 @@ def _t(*rows) -> Tensor:
     return torch.tensor(rows, dtype=torch.float64)
 
 
-@FUNCTIONS.register("quadratic", "(x^2 + cond*y^2)/2, an ill-conditioned bowl", options="--cond")
+@FUNCTIONS.register("quadratic", "(x^2 + cond*y^2)/2, an ill-conditioned bowl", options=Options(
+    Option("cond", float, 10.0, "condition number: the Hessian is diag(1, cond)", low=0, low_open=True)))
 class Quadratic(TestFunction):
     name = "quadratic"
     minima = ((0.0, 0.0),)

@@ -121,6 +121,8 @@ class Probe:
 
     Class attributes:
         training: whether the probe runs on one batch during training (:func:`probe_scalars`).
+        training_split, training_summary: where its training-time rows go, and which of its
+            scalars the run's final metrics keep.
         source_options: the model-source options it takes (default: a trained ``--run`` or a
             fresh model from the model flags, see :mod:`gradlab.probes.source`).
         flag_off_names: ``{option: "--off-flag"}``: the "off" spelling of a boolean flag when it
@@ -128,6 +130,8 @@ class Probe:
     """
 
     training: ClassVar[bool] = True
+    training_split: ClassVar[str] = ""  # metrics.csv split of its rows during training ("": its name)
+    training_summary: ClassVar[tuple] = ()  # scalars whose last value goes into summary.csv
     source_options: ClassVar[Optional[Options]] = None  # None: gradlab.probes.source.SOURCE_OPTIONS
     flag_off_names: ClassVar[dict] = {}
 

@@ -288,6 +288,9 @@ class HessianProbe(Probe):
     Writes hessian.csv (kind,index,value,stderr) and TensorBoard scalars; with --density also plots/hessian_density.png (logged as a TensorBoard image) and hessian_density.csv.
     """
 
+    training_split = "curvature"  # metrics.csv split of its rows during training
+    training_summary = ("lambda_max", "trace")  # their last values go into summary.csv
+
     def draw(self, source, options, seed: int) -> list:
         x, y = source.split()
         return [(xb.to(source.device), yb.to(source.device))

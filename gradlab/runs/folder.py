@@ -193,6 +193,15 @@ class RunDir:
         if self.enabled:
             self.tb.add_text(tag, text)
 
+    def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        """The run's options and final metrics for TensorBoard's HParams dashboard (``metrics``:
+        scalar tags of this run, e.g. ``{"test/acc": 0.97}``)."""
+        from gradlab.runs.logging import hparams_summaries
+
+        if self.enabled:
+            for summary in hparams_summaries(hparams, metrics):
+                self.tb.file_writer.add_summary(summary)
+
     def write_csv(self, filename: str, df) -> Path:
         """Write a DataFrame atomically into the run folder."""
         path = self.path / filename

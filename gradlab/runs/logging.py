@@ -155,3 +155,14 @@ class NullWriter:
 
     def __getattr__(self, _name: str) -> Any:
         return lambda *a, **k: None
+
+
+def hparams_summaries(hparams: Mapping, metrics: Mapping) -> list:
+    """The three summaries of TensorBoard's HParams dashboard for one run: ``hparams`` (values
+    that are not numbers, text or booleans are written as text; ``None`` as ``"none"``) and
+    ``metrics`` (scalar tags of the run, e.g. ``test/acc``, with their final values)."""
+    from torch.utils.tensorboard.summary import hparams as hp_summary
+
+    clean = {k: ("none" if v is None else v if isinstance(v, (int, float, str, bool)) else str(v))
+             for k, v in hparams.items()}
+    return list(hp_summary(clean, {k: float(v) for k, v in metrics.items()}))

@@ -96,15 +96,30 @@ def load_experiment(path: str | Path) -> list[Stage]:
     return stages
 
 
+# Final metrics of a train run worth a column in TensorBoard's HParams table: summary.csv column ->
+# the run's scalar tag.
+HPARAM_METRICS = {"test_acc": "test/acc", "test_loss": "test/loss", "train_loss": "train/loss"}
+# Config keys that say where a run lives, not what it is.
+NOT_HPARAMS = ("runs_dir", "name", "data_dir", "device")
+
+
+def hparams_of(cfg: dict, metrics: dict) -> tuple[dict, dict]:
+    """``(hparams, metrics)`` for the HParams dashboard from a run's resolved config (every
+    declared option of the command and of the plug-ins it chose) and its final metrics."""
+    hp = {k: v for k, v in cfg.items() if k not in NOT_HPARAMS}
+    final = {tag: metrics[col] for col, tag in HPARAM_METRICS.items()
+             if isinstance(metrics.get(col), (int, float)) and metrics[col] == metrics[col]}
+    return hp, final
+
+
 def log_hparams(run_path: str | Path, hparams: dict, metrics: dict) -> None:
     """Write TensorBoard hparams into a finished run's own folder, so sweeps compare in the
     HParams dashboard. ``metrics`` maps scalar tags already in the run (``test/acc``) to values."""
     from torch.utils.tensorboard import SummaryWriter
-    from torch.utils.tensorboard.summary import hparams as hp_summary
 
-    clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-    exp, ssi, sei = hp_summary(clean, metrics)
+    from gradlab.runs.logging import hparams_summaries
+
     w = SummaryWriter(log_dir=str(run_path))
-    for s in (exp, ssi, sei):
+    for s in hparams_summaries(hparams, metrics):
         w.file_writer.add_summary(s)
     w.close()

@@ -35,7 +35,8 @@ TRAIN_OPTIONS = Options(
                                   "the same as --probe gradnorm:every=N", low=0, label="probe-every"),
     Option("probe", str, None, "probes during training, comma-separated NAME:every=N[:KEY=VALUE...], "
                                "e.g. hessian:every=100,gradnorm:every=50"),
-    Option("adv", str, None, "adversarial training with this attack", choices=("fgsm", "pgd")),
+    Option("adv", str, None, "adversarial training with this attack: fgsm, pgd, or any registered attack that "
+                             "declares itself trainable"),
     Option("adv_eps", float, 0.1, "adversarial training budget (L-inf, pixel units)", low=0, low_open=True,
            high=1, label="adv-eps"),
     Option("adv_ratio", float, 0.5, "weight of the adversarial loss (0.5: Goodfellow et al.; 1: Madry et al.)",
@@ -79,7 +80,10 @@ def validate_train_config(cfg: dict) -> dict:
     if cfg["adv"] is not None:
         from gradlab.attacks import ATTACKS
 
-        ATTACKS.entry(cfg["adv"])
+        able = [e.name for e in ATTACKS if getattr(e.obj, "trainable", False)]
+        if cfg["adv"] not in able:
+            raise GradlabError(f"invalid adv: {cfg['adv']!r} (must be one of: {', '.join(able)}): only attacks "
+                               f"declared trainable craft a batch every training step")
     probe_callbacks(cfg)  # a bad --probe spec fails here, before any data loads
     if cfg.get("lr") is None:
         cfg["lr"] = default_lr(cfg["opt"])

@@ -18,13 +18,7 @@ from gradlab.training.callbacks.metrics import (
     StepMetrics,
     evaluate,
 )
-from gradlab.training.callbacks.probes import (
-    TRAINING_PROBES,
-    ProbeCallback,
-    parse_probe_spec,
-    probe_callbacks,
-    probe_scalars,
-)
+from gradlab.training.callbacks.probes import ProbeCallback, parse_probe_spec, probe_callbacks, training_probe
 
 
 def default_callbacks(cfg: dict) -> list[Callback]:
@@ -40,5 +34,5 @@ def default_callbacks(cfg: dict) -> list[Callback]:
 
 __all__ = ["Callback", "StepInfo", "EpochInfo", "StopTraining", "every", "default_callbacks", "AdversarialLoss",
            "Checkpoints", "DivergenceStop", "EpochEvaluation", "GradHistograms", "OptimizerEvents", "Progress",
-           "StepMetrics", "evaluate", "TRAINING_PROBES", "ProbeCallback", "parse_probe_spec", "probe_callbacks",
-           "probe_scalars"]
+           "StepMetrics", "evaluate", "ProbeCallback", "parse_probe_spec", "probe_callbacks",
+           "training_probe"]

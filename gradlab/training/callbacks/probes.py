@@ -1,4 +1,4 @@
-"""Probes during training: a registered probe run every N steps on the current batch.
+"""Probes during training: any registered probe run every N steps on the current batch.
 
 ``--probe`` takes a comma-separated list of probes, each ``NAME`` followed by ``:KEY=VALUE``
 options, one of which must be ``every=N``::
@@ -6,87 +6,51 @@ options, one of which must be ``every=N``::
     --probe hessian:every=100,gradnorm:every=50
     --probe hessian:every=20:tol=1e-4:trace_matvecs=40
 
-Values are numbers, ``true``/``false`` or words; each is checked against the probe's declared
-options. ``--hessian-every N`` and ``--probe-every N`` are the same as ``hessian:every=N`` and
+Every probe of the registry (``gradlab list probes``) whose class keeps ``training = True`` can
+run here, a user's own too: the training loop knows none of them. Values are numbers,
+``true``/``false`` or words; each is checked against the probe's declared options.
+``--hessian-every N`` and ``--probe-every N`` are the same as ``hessian:every=N`` and
 ``gradnorm:every=N``. A probe runs on rank 0, on a fork of the RNG state (training draws the same
-dropout masks with or without it), and logs its scalars as rows of its own split.
-
-:func:`probe_scalars` is the one place that knows how a probe turns into scalars.
+dropout masks with or without it), and logs its scalars (:func:`gradlab.probes.probe_scalars`)
+as rows of its split: the probe's ``training_split`` (``curvature`` for hessian), else its name.
+Its ``training_summary`` scalars also go into the run's final metrics (their last value).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from gradlab.core.errors import GradlabError
-from gradlab.core.options import Option, Options
+from gradlab.core.options import Option
 from gradlab.training.callbacks.base import Callback, StepInfo, every
 
 _FORM = "NAME:every=N[:KEY=VALUE...], comma-separated"
+EVERY = Option("every", int, 1, "steps between runs", low=1)
 
 
-@dataclass(frozen=True)
-class TrainingProbe:
-    """How a probe runs during training: the metrics.csv split its scalars go to, its options,
-    and the scalars that also go into the run's final metrics (their last value)."""
+def training_probe(name: str):
+    """The registered probe ``name`` if it runs during training; GradlabError naming the ones
+    that do otherwise."""
+    from gradlab.probes import PROBES
+    from gradlab.probes.base import as_probe
 
-    split: str
-    options: Options
-    summary: tuple = ()
-
-
-TRAINING_PROBES = {
-    "hessian": TrainingProbe("curvature", Options(
-        Option("tol", float, 1e-3, "Lanczos tolerance for lambda_max", low=0, low_open=True),
-        Option("trace_matvecs", int, 20, "Hessian-vector products for the trace estimate", low=1),
-    ), summary=("lambda_max", "trace")),
-    "gradnorm": TrainingProbe("gradnorm", Options(
-        Option("train_mode", bool, True, "forward pass in training mode (dropout, BatchNorm batch statistics)"),
-    )),
-}
-
-
-def probe_scalars(name: str, model, loss_fn, batch, **opts) -> dict[str, float]:
-    """The scalars of probe ``name`` on one batch ``(x, y)``: ``x`` (B, *input_shape), ``y`` (B,).
-
-    * ``hessian``: ``lambda_max`` and ``trace`` of the loss Hessian (Lanczos and Hutchinson, see
-      :func:`gradlab.probes.hessian.quick_curvature`) and ``stability_bound`` = 2 / lambda_max,
-      the largest learning rate gradient descent is stable with on the local quadratic model
-      (Cohen et al. 2021).
-    * ``gradnorm``: ``layer<i>_grad_norm`` and ``layer<i>_signal_norm`` for each layer (see
-      :func:`gradlab.probes.gradnorm.gradnorm_probe`).
-
-    The model's mode flags and ``.grad`` are left as they were.
-    """
-    if name == "hessian":
-        from gradlab.probes.hessian import quick_curvature
-
-        lam, tr = quick_curvature(model, loss_fn, batch, **opts)
-        return {"lambda_max": lam, "trace": tr, "stability_bound": 2.0 / lam if lam > 0 else float("inf")}
-    if name == "gradnorm":
-        from gradlab.probes.gradnorm import gradnorm_probe
-
-        out: dict = {}
-        for row in gradnorm_probe(model, loss_fn, [batch], **opts).to_frame().itertuples(index=False):
-            out[f"layer{row.layer}_grad_norm"] = row.grad_norm
-            out[f"layer{row.layer}_signal_norm"] = row.signal_norm
-        return out
-    raise GradlabError(_unknown(name))
-
-
-def _unknown(name: str) -> str:
-    return f"unknown probe {name!r} for training; choose from: {', '.join(sorted(TRAINING_PROBES))}"
+    able = lambda: [e.name for e in PROBES if as_probe(e).training]  # noqa: E731
+    if name not in PROBES:
+        raise GradlabError(f"unknown probe {name!r} for training; choose from: {', '.join(able())}")
+    probe = as_probe(PROBES.entry(name))
+    if not probe.training:
+        raise GradlabError(f"probe {name!r} does not run during training; probes that do: {', '.join(able())}")
+    return probe
 
 
 class ProbeCallback(Callback):
     """Run probe ``name`` every ``every`` steps on the step's batch and log its scalars.
 
     Args:
-        name: a key of :data:`TRAINING_PROBES`.
+        name: a registered probe that runs during training.
         every: steps between runs (steps ``every``, ``2 every``, ...).
         options: the probe's options (checked against its declaration).
     Raises:
@@ -94,11 +58,14 @@ class ProbeCallback(Callback):
     """
 
     def __init__(self, name: str, every: int, **options):
-        if name not in TRAINING_PROBES:
-            raise GradlabError(_unknown(name))
-        self.name, self.probe = name, TRAINING_PROBES[name]
-        self.every = Option("every", int, 1, "steps between runs", low=1).check(every)
-        self.options = self.probe.options.resolve(options, owner=f"probe {name}")
+        from gradlab.core.options import check_keys
+
+        probe = training_probe(name)
+        self.name, self.every = name, EVERY.check(every)
+        check_keys(list(options), probe.options.names(), owner=f"probe {name}")
+        self.options = {k: probe.options[k].check(v) for k, v in options.items()}
+        self.split = getattr(probe, "training_split", "") or name
+        self.summary = tuple(getattr(probe, "training_summary", ()))
         self.last: dict = {}
 
     @property
@@ -108,11 +75,13 @@ class ProbeCallback(Callback):
     def on_step_end(self, trainer, info: StepInfo) -> None:
         if not (every(self.every, info.step) and trainer.is_main):
             return
+        from gradlab.probes import probe_scalars
+
         device = trainer.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             scalars = probe_scalars(self.name, trainer.model, F.cross_entropy, (info.x, info.y), **self.options)
-        trainer.run.log_metrics(info.step, info.epoch, self.probe.split, scalars)
-        self.last = {k: float(scalars[k]) for k in self.probe.summary}
+        trainer.run.log_metrics(info.step, info.epoch, self.split, scalars)
+        self.last = {k: float(scalars[k]) for k in self.summary if k in scalars}
 
     def summarize(self, trainer, metrics: dict) -> dict:
         metrics.update(self.last)
@@ -138,8 +107,8 @@ def parse_probe_spec(spec: Optional[str]) -> list[tuple[str, dict]]:
     for item in spec.split(","):
         name, *pairs = [p.strip() for p in item.strip().split(":")]
         bad = lambda why: GradlabError(f"invalid --probe {item.strip()!r}: {why}")  # noqa: E731
-        if name not in TRAINING_PROBES:
-            raise bad(_unknown(name) if name else f"expected {_FORM}")
+        if not name:
+            raise bad(f"expected {_FORM}")
         opts: dict = {}
         for pair in pairs:
             key, eq, value = pair.partition("=")
@@ -189,5 +158,4 @@ def probe_callbacks(cfg: dict) -> list[ProbeCallback]:
     return [ProbeCallback(name, **opts) for name, opts in items]
 
 
-__all__ = ["TRAINING_PROBES", "TrainingProbe", "ProbeCallback", "probe_scalars", "parse_probe_spec",
-           "probe_callbacks", "ALIASES"]
+__all__ = ["ProbeCallback", "parse_probe_spec", "probe_callbacks", "training_probe", "ALIASES"]
