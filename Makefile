@@ -7,7 +7,7 @@ PIP      := $(BIN)/python -m pip install -q -c constraints-cpu.txt
 STAMP    := $(VENV)/.installed
 RUNS     ?= runs/demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench docs clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PIP) -e '.[bench]' || echo "some peer libraries could not be installed; benchmarks report gradlab alone where a peer is missing"
 	@set -e; for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f; done
+
+# The options reference, made from the declarations (a test checks that it is current).
+docs: $(STAMP)
+	$(BIN)/python -m gradlab_cli.docs > docs/OPTIONS.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

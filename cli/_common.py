@@ -31,15 +31,11 @@ COMMON_DEFAULTS = {"runs_dir": "runs", "name": None, "seed": 0, "device": "auto"
 
 
 def run_options():
-    """The options of every run-making command, declared once (flags: the aliases above)."""
-    from gradlab.core.options import Option, Options
+    """The options of every run-making command (:data:`gradlab.runs.options.RUN_OPTIONS`; their
+    flags are the aliases above)."""
+    from gradlab.runs.options import RUN_OPTIONS
 
-    return Options(
-        Option("runs_dir", str, "runs", "folder that holds run folders"),
-        Option("name", str, None, "suffix for the run folder name"),
-        Option("seed", int, 0, "random seed: data split, init, noise", low=0),
-        Option("device", str, "auto", "where to compute", choices=("auto", "cpu", "cuda")),
-    )
+    return RUN_OPTIONS
 
 
 def resolve_command(own, config_file: Optional[Path], flags: Mapping[str, Any], *, slots=(),

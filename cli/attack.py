@@ -16,7 +16,7 @@ import typer
 from typing_extensions import Annotated
 
 from gradlab.attacks import ATTACKS
-from gradlab.core.device import DEVICES
+from gradlab.runs.options import RUN_OPTIONS
 from gradlab.core.options import Option, Options
 from gradlab_cli._common import (
     ConfigOpt,
@@ -51,11 +51,7 @@ OUTPUTS = Options(
 RUN_KEYS = Options(
     Option("attack", str, None, "the attack (the NAME argument)"),
     Option("run", str, None, "source run: a run folder, a run id under runs_dir, or 'last'"),
-    Option("runs_dir", str, "runs", "folder that holds run folders"),
-    Option("name", str, None, "suffix for the run folder name"),
-    Option("seed", int, 0, "random seed of the attack (random starts, EOT noise)"),
-    Option("device", str, "auto", "where the model runs", choices=DEVICES),
-)
+) + RUN_OPTIONS
 OWN = RUN_KEYS + SWEEP + OUTPUTS
 
 EpsOpt = Annotated[Optional[str], typer.Option(

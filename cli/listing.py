@@ -21,29 +21,47 @@ class Kind(str, Enum):
     attacks = "attacks"
 
 
-REGISTRIES = {
-    Kind.models: ("gradlab.models", "MODELS"),
-    Kind.datasets: ("gradlab.data", "DATASETS"),
-    Kind.optimizers: ("gradlab.optim", "OPTIMIZERS"),
-    Kind.probes: ("gradlab.probes", "PROBES"),
-    Kind.attacks: ("gradlab.attacks", "ATTACKS"),
-}
-
-
 def command(
     kind: Annotated[Kind, typer.Argument(help="Which registry to list.")],
     name: Annotated[Optional[str], typer.Argument(help="One entry: every option with its type, range, default and help.",
                                                   show_default=False)] = None,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the options as a Markdown reference "
+                                           "(what docs/OPTIONS.md is made of).")] = False,
 ) -> None:
     """List models, datasets, optimizers, probes or attacks with a one-line description and options."""
-    import importlib
+    from gradlab.core.manifest import real_registry
 
-    module, attr = REGISTRIES[kind]
-    registry = getattr(importlib.import_module(module), attr)
-    if name is None:
+    registry = real_registry(kind.value)
+    entries = list(registry) if name is None else [registry.entry(name)]
+    if markdown:
+        print(markdown_reference(kind.value, entries), end="")
+    elif name is None:
         console.print(summary_table(registry, kind.value))
     else:
-        console.print(entry_table(registry.entry(name)))
+        console.print(entry_table(entries[0]))
+
+
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def options_markdown(options) -> str:
+    """One Markdown table of declared options: flag, accepted values, default, help (paper)."""
+    rows = ["| option | accepts | default | help |", "|---|---|---|---|"]
+    for o in options:
+        accepts = o.describe_range() + (" or unset" if o.accepts_none else "")
+        help_ = o.help + (f" ({o.paper})" if o.paper else "")
+        rows.append(f"| `{o.flag}` | {_cell(accepts)} | {_cell(o.default_text() or '-')} | {_cell(help_)} |")
+    return "\n".join(rows) + "\n"
+
+
+def markdown_reference(title: str, entries) -> str:
+    """A Markdown section per entry: its description, paper and options."""
+    out = [f"## {title}\n"]
+    for e in entries:
+        out.append(f"### `{e.name}`\n\n{_described(e)}\n")
+        out.append(options_markdown(e.options) if len(e.options) else "No options.\n")
+    return "\n".join(out) + "\n"
 
 
 def _width() -> int:

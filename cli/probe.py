@@ -29,9 +29,10 @@ HELP = "Probe a trained run or a fresh model: gradients, Jacobian spectra, Hessi
 
 def _name_option():
     """The run-folder suffix: the one option of a probe run that only the CLI has."""
-    from gradlab.core.options import Option, Options
+    from gradlab.core.options import Options
+    from gradlab.runs.options import NAME
 
-    return Options(Option("name", str, None, "Suffix for the run folder name (no path separators)"))
+    return Options(NAME)
 
 
 class _ProbeGroup(TyperGroup):

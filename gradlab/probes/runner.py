@@ -17,13 +17,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 from gradlab.core.options import Option, Options
 from gradlab.probes.base import Probe, ProbeContext, ProbeReport, as_probe
+from gradlab.runs.options import DEVICE, RUNS_DIR, SEED
 
 #: What every probe run needs besides its own and its model source's options.
-CONTEXT_OPTIONS = Options(
-    Option("runs_dir", str, "runs", "Folder that holds run folders"),
-    Option("seed", int, 0, "Random seed: data split, init, noise", low=0),
-    Option("device", str, "auto", "auto, cpu or cuda"),
-)
+CONTEXT_OPTIONS = Options(RUNS_DIR, SEED, DEVICE)
 
 
 @dataclass
