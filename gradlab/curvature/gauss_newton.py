@@ -139,7 +139,7 @@ class _Batch:
         """``tr(G)`` of this batch's mean loss, exactly."""
         S, sign = self._factor()
         # one feature-space backward pass per factor column (a vmapped, is_grads_batched pass
-        # measured 1.1-2x slower on CPU; so was stacking the columns into one product per layer)
+        # was slower on CPU in bench_curvature.py; so was stacking the columns into one product per layer)
         total = torch.zeros((), dtype=torch.float64, device=S.device)
         for c in range(S.shape[0]):
             grads = torch.autograd.grad(self.logits, self.eps, grad_outputs=S[c], retain_graph=True, allow_unused=True)
