@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradlab.curvature import HessianOperator, TRACE_METHODS, dense_hessian, gauss_newton_trace, is_piecewise_linear, trace_auto
+from gradlab.core.modelstate import BATCH_NORMS
 from gradlab.curvature.gauss_newton import Unsupported, _Batch, _loss_hessians
 from gradlab.models import build_model
 from gradlab.models.base import GradlabNet, Normalize
@@ -41,7 +42,7 @@ def _prepare(model):
     torch.manual_seed(1)
     model = model.double()
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, BATCH_NORMS):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
             with torch.no_grad():

@@ -146,6 +146,57 @@ def test_model_state_is_restored():
     assert all(m.training for m in model.modules())
 
 
+def _state(model):
+    return ({n: m.training for n, m in model.named_modules()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            {n: b.clone() for n, b in model.named_buffers()})
+
+
+def test_trained_norm_statistics_and_mixed_modes_survive_the_probe():
+    """Running statistics off their defaults (momentum 0.1 and cumulative), an InstanceNorm that
+    tracks too, modes mixed per module: all identical afterwards, also when the probe fails."""
+    import copy
+
+    torch.manual_seed(0)
+    bn, cum = nn.BatchNorm1d(5), nn.BatchNorm1d(5, momentum=None)
+    inorm = nn.InstanceNorm1d(1, track_running_stats=True)
+    blocks = [nn.Sequential(nn.Linear(6, 5), bn, nn.ReLU()), nn.Sequential(nn.Linear(5, 5), cum, nn.Tanh()),
+              nn.Sequential(nn.Unflatten(1, (1, 5)), inorm, nn.Flatten())]
+    model = GradlabNet(Normalize([0.5], [0.25]), blocks, nn.Linear(5, 3)).double().train()
+    for seed in range(3):  # move every running buffer off its initial value
+        model(data(seed=10 + seed)[0])
+    model.eval()
+    bn.train()  # a mode mix the probe must give back as it was
+    model.head.weight.requires_grad_(False)
+    before = _state(model)
+    assert int(bn.num_batches_tracked) == 3 and int(cum.num_batches_tracked) == 3
+
+    rep = gradnorm_probe(model, nn.CrossEntropyLoss(), [data(), data(seed=2)], train_mode=True)
+    modes, flags, bufs = _state(model)
+    assert modes == before[0] and flags == before[1]
+    assert bufs.keys() == before[2].keys()
+    for k, v in bufs.items():
+        assert torch.equal(v, before[2][k]), k
+    assert all(p.grad is None for p in model.parameters())
+    assert bn.track_running_stats and cum.track_running_stats and inorm.track_running_stats
+
+    # the probe saw what training sees: batch statistics in train mode (same gradient as a copy
+    # that is free to update its statistics)
+    ref = copy.deepcopy(model).train()
+    ref.head.weight.requires_grad_(True)
+    x, y = data()
+    g = torch.autograd.grad(nn.CrossEntropyLoss()(ref(x), y), list(ref.blocks[0].parameters()))
+    first = gradnorm_probe(model, nn.CrossEntropyLoss(), [(x, y)], train_mode=True).layers[0].grad_norm
+    assert first == pytest.approx(math.sqrt(sum(float(t.pow(2).sum()) for t in g)), rel=1e-12)
+    assert rep.layers[-1].grad_norm > 0  # the frozen head is measured
+
+    with pytest.raises(GradlabError):
+        gradnorm_probe(model, lambda logits, y: logits.sum(0), [data()], train_mode=True)
+    modes, flags, bufs = _state(model)
+    assert modes == before[0] and flags == before[1]
+    assert all(torch.equal(v, before[2][k]) for k, v in bufs.items())
+
+
 def test_works_under_no_grad_and_on_plain_modules():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()

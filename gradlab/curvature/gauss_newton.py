@@ -33,7 +33,9 @@ parameter-space Hutchinson sample, with traces of about 25 and 22, at about the 
 Supported layers (those with parameters): ``Linear``, ``Conv1d``/``Conv2d`` (groups 1, zero
 padding), ``BatchNorm`` in eval mode, ``LayerNorm``, ``GroupNorm``; each called once per forward,
 logits of shape ``(N, C)`` and a loss that is the mean of per-example losses. Anything else
-raises :class:`Unsupported` and :func:`trace_auto` falls back to XTrace.
+raises :class:`Unsupported` and :func:`trace_auto` falls back to XTrace. The per-layer products
+(ghost norms, perturbations) live in :mod:`gradlab.curvature.gauss_newton_layers`; this module
+runs the batch and sums them.
 """
 
 from __future__ import annotations
@@ -45,13 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gradlab.curvature.gauss_newton_layers import SUPPORTED, Layer, Unsupported
 from gradlab.curvature.hessian_op import HessianOperator
 from gradlab.curvature.trace import OPERATOR_TRACE_METHODS, TraceResult, _mean_stderr, xtrace
-from gradlab.curvature.sampling import make_generator, rademacher
-from gradlab.core.errors import GradlabError, check
+from gradlab.curvature.sampling import make_generator
+from gradlab.core.errors import check
 from gradlab.core.modelstate import BATCH_NORMS
-
-SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, BATCH_NORMS, nn.LayerNorm, nn.GroupNorm)
 
 #: Leaf modules whose output is piecewise linear in their input and in their own parameters.
 PIECEWISE_LINEAR_LEAVES = (
@@ -65,10 +66,6 @@ _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 #: A module class sets this attribute to True to declare that its own ``forward`` combines its
 #: children's outputs only by piecewise-linear operations (sums, slicing, padding, flattening).
 PL_ATTR = "gradlab_piecewise_linear"
-
-
-class Unsupported(GradlabError):
-    """The model or loss falls outside what the Gauss-Newton trace handles (the message says why)."""
 
 
 def is_piecewise_linear(model: nn.Module, mode: str = "eval") -> bool:
@@ -88,168 +85,6 @@ def is_piecewise_linear(model: nn.Module, mode: str = "eval") -> bool:
     return True
 
 
-# --------------------------------------------------------------------- per-layer pieces
-def _trained(module: nn.Module, name: str, wanted: set) -> bool:
-    p = getattr(module, name, None)
-    return isinstance(p, nn.Parameter) and id(p) in wanted
-
-
-def _unfold(module, a: Tensor) -> Tensor:
-    """Patches ``(N, K, L)`` of a Conv1d/Conv2d input (Conv1d as a 1 x k Conv2d)."""
-    if isinstance(module, nn.Conv1d):
-        ks, st, pd, dl = (1,) + module.kernel_size, (1,) + module.stride, (0,) + module.padding, (1,) + module.dilation
-        a = a.unsqueeze(2)
-    else:
-        ks, st, pd, dl = module.kernel_size, module.stride, module.padding, module.dilation
-    return F.unfold(a, ks, dilation=dl, padding=pd, stride=st)
-
-
-def _normalized(module, a: Tensor) -> Tensor:
-    """The normalised input ``x_hat`` that a norm layer's weight multiplies."""
-    if isinstance(module, BATCH_NORMS):
-        shape = (1, -1) + (1,) * (a.dim() - 2)
-        return (a - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
-    if isinstance(module, nn.GroupNorm):
-        return F.group_norm(a, module.num_groups, eps=module.eps)
-    return F.layer_norm(a, module.normalized_shape, eps=module.eps)
-
-
-class _Layer:
-    """One parameterised layer: its input, the zero perturbation added to its output, and
-    which of its weight/bias are differentiated."""
-
-    def __init__(self, module: nn.Module, wanted: set):
-        self.module = module
-        self.w = _trained(module, "weight", wanted)
-        self.b = _trained(module, "bias", wanted)
-        self.a: Optional[Tensor] = None
-        self.eps: Optional[Tensor] = None
-        self.calls = 0
-        self._cache: Optional[Tensor] = None  # patches (conv) or x_hat (norms)
-        self._utu: Optional[Tensor] = None  # conv: patch Gram matrices, for the ghost norm
-        self._sqrt_cov: Optional[Tensor] = None  # conv: square root of the output covariance
-
-    def check(self) -> None:
-        m = self.module
-        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
-                raise Unsupported(f"{type(m).__name__} with groups/padding mode/string padding is not supported")
-        if isinstance(m, BATCH_NORMS) and (m.training or m.running_mean is None):
-            raise Unsupported("BatchNorm in train mode couples the examples of a batch")
-
-    # products with the per-example parameter Jacobian of this layer --------------------
-    def prepare(self) -> None:
-        m, a = self.module, self.a
-        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            self._cache = _unfold(m, a)
-        elif isinstance(m, (BATCH_NORMS, nn.GroupNorm, nn.LayerNorm)):
-            self._cache = _normalized(m, a)
-        elif isinstance(m, nn.Linear):
-            self._cache = a.reshape(a.shape[0], -1, a.shape[-1])  # (N, T, in)
-            self._a2 = self._cache[:, 0].pow(2).sum(1)  # |a_n|^2, used when T == 1
-
-    def sqnorm(self, g: Tensor) -> Tensor:
-        """Per-example ``|d(g_n . out_n) / d theta|^2`` for an output gradient ``g`` of shape
-        ``(N, *out)``: shape ``(N,)``."""
-        m, n = self.module, g.shape[0]
-        out = g.new_zeros(n)
-        if isinstance(m, nn.Linear):
-            A = self._cache
-            G = g.reshape(n, -1, g.shape[-1])
-            if A.shape[1] == 1:  # the usual (N, in) input: ghost norm, nothing per example is formed
-                g2 = G[:, 0].pow(2).sum(1)
-                if self.w:
-                    out += g2 * self._a2
-                if self.b:
-                    out += g2
-                return out
-            if self.w:  # per-example weight gradients: (N, out, T) @ (N, T, in)
-                out += torch.bmm(G.transpose(1, 2), A).pow(2).sum((1, 2))
-            if self.b:
-                out += G.sum(1).pow(2).sum(1)
-            return out
-        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            G = g.reshape(n, g.shape[1], -1)  # (N, O, L)
-            U = self._cache  # (N, K, L)
-            o, kk, ll = G.shape[1], U.shape[1], U.shape[2]
-            if self.w and ll * (o + kk) < o * kk:
-                # ghost norm |G U^T|_F^2 = <G^T G, U^T U>: L x L Gram matrices, cheaper when the
-                # output has few positions (the same choice as Opacus' ghost clipping)
-                if self._utu is None:
-                    self._utu = torch.bmm(U.transpose(1, 2), U)  # (N, L, L)
-                out += (torch.bmm(G.transpose(1, 2), G) * self._utu).sum((1, 2))
-            elif self.w:  # per-example weight gradients: (N, O, L) @ (N, L, K)
-                out += torch.bmm(G, U.transpose(1, 2)).pow(2).sum((1, 2))
-            if self.b:
-                out += G.sum(2).pow(2).sum(1)
-            return out
-        # norm layers: per-channel (BatchNorm, GroupNorm) or elementwise (LayerNorm) affine,
-        # shared across the dimensions summed here
-        if isinstance(m, nn.LayerNorm):
-            dims = tuple(range(1, g.dim() - len(m.normalized_shape)))
-        else:
-            dims = tuple(range(2, g.dim()))
-        if self.w:
-            t = g * self._cache
-            out += (t.sum(dims) if dims else t).pow(2).flatten(1).sum(1)
-        if self.b:
-            out += (g.sum(dims) if dims else g).pow(2).flatten(1).sum(1)
-        return out
-
-    def perturbation(self, gen: torch.Generator) -> Tensor:
-        """A random output perturbation whose per-example covariance equals that of
-        ``J_theta v`` for a Rademacher parameter vector ``v`` drawn independently per example."""
-        m, e = self.module, self.eps
-        n, dt, dev = e.shape[0], e.dtype, e.device
-
-        def rad(*shape):
-            return rademacher(shape, gen, dtype=dt, device=dev)
-
-        if isinstance(m, nn.Linear):
-            A = self._cache
-            if A.shape[1] == 1:
-                scale = (self._a2 if self.w else 0.0) + (1.0 if self.b else 0.0)
-                return rad(*e.shape) * torch.as_tensor(scale, dtype=dt, device=dev).sqrt().reshape(-1, 1)
-            d = torch.zeros(n, A.shape[1], m.out_features, dtype=dt, device=dev)
-            if self.w:
-                d += torch.bmm(A, rad(n, m.in_features, m.out_features))
-            if self.b:
-                d += rad(n, 1, m.out_features)
-            return d.reshape(e.shape)
-        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            U = self._cache  # (N, K, L)
-            k, ll = U.shape[1], U.shape[2]
-            if self.w and ll < k:
-                # fewer positions than patch entries: draw Rademacher in output space and shape it
-                # by S = (U^T U [+ 1 1^T])^(1/2), the same covariance from L instead of K draws per
-                # channel (random numbers dominate the cost here; the spread also drops, 0.38 -> 0.21-0.27 on
-                # the benchmark CNN)
-                if self._sqrt_cov is None:
-                    cov = torch.bmm(U.transpose(1, 2), U)
-                    if self.b:
-                        cov += 1.0
-                    lam, q = torch.linalg.eigh(cov)  # symmetric root: 10% less spread than Cholesky's
-                    self._sqrt_cov = (q * lam.clamp_min(0).sqrt().unsqueeze(1)) @ q.transpose(1, 2)
-                return torch.bmm(rad(n, m.out_channels, ll), self._sqrt_cov).reshape(e.shape)
-            d = torch.zeros(n, m.out_channels, ll, dtype=dt, device=dev)
-            if self.w:
-                d += torch.bmm(rad(n, m.out_channels, k), U)
-            if self.b:
-                d += rad(n, m.out_channels, 1)
-            return d.reshape(e.shape)
-        if isinstance(m, nn.LayerNorm):
-            k = len(m.normalized_shape)
-            shape = (n,) + (1,) * (e.dim() - 1 - k) + tuple(m.normalized_shape)
-        else:
-            shape = (n, e.shape[1]) + (1,) * (e.dim() - 2)
-        d = torch.zeros_like(e)
-        if self.w:
-            d += rad(*shape) * self._cache
-        if self.b:
-            d += rad(*shape)
-        return d
-
-
 # --------------------------------------------------------------------- one batch
 class _Batch:
     """Forward pass of one batch with a zero perturbation added to every supported layer's output."""
@@ -265,7 +100,7 @@ class _Batch:
                 if not isinstance(m, SUPPORTED):
                     raise Unsupported(f"parameters of {type(m).__name__} layers are not supported")
                 owners.setdefault(id(m), m)
-        self.layers = [_Layer(m, wanted) for m in owners.values()]
+        self.layers = [Layer(m, wanted) for m in owners.values()]
         covered = {id(getattr(l.module, nm)) for l in self.layers for nm, used in (("weight", l.w), ("bias", l.b)) if used}
         if covered != wanted:
             raise Unsupported("some parameters are not weights or biases of supported layers")
@@ -304,7 +139,7 @@ class _Batch:
         """``tr(G)`` of this batch's mean loss, exactly."""
         S, sign = self._factor()
         # one feature-space backward pass per factor column (a vmapped, is_grads_batched pass
-        # measured 1.1-2x slower on CPU; so was stacking the columns into one product per layer)
+        # was slower on CPU in bench_curvature.py; so was stacking the columns into one product per layer)
         total = torch.zeros((), dtype=torch.float64, device=S.device)
         for c in range(S.shape[0]):
             grads = torch.autograd.grad(self.logits, self.eps, grad_outputs=S[c], retain_graph=True, allow_unused=True)

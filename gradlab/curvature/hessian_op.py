@@ -7,12 +7,10 @@ Two backends compute the Hessian-vector product (HVP) ``H v``:
 * ``"func"``: ``torch.func`` forward-over-reverse, ``jvp(grad(L), (params,), (v,))``
   (functional_call keeps the module untouched); ``matmat`` vmaps over the columns.
 
-Measured on this machine's CPU (1 thread on 2 shared cores, torch 2.13,
-``benchmarks/bench_curvature.py``; digits MLP 26k / CNN 6k / MLP 564k parameters), one HVP costs,
-in gradients: double-backward with the graph kept 1.0 / 2.0 / 2.1x, rebuilt per product
-3.0 / 3.5 / 3.0x, func 3.8 / 3.0 / 2.8x, func vmapped over 10 vectors 1.5 / 2.3 / 2.2x per vector.
-So the default backend is ``double-backward`` on CPU. No GPU was available to measure the CUDA
-default; it is also ``double-backward`` there until measured (``backend="func"`` vmaps products).
+On CPU the double backward with its graph kept is the cheapest of these in every run of
+``benchmarks/bench_curvature.py`` (costs per product in ``benchmarks/RESULTS.md``), so it is the
+default there. No GPU was available to measure the CUDA default; it is also ``double-backward``
+there until measured (``backend="func"`` vmaps products).
 """
 
 from __future__ import annotations
@@ -69,8 +67,8 @@ class HessianOperator(CurvatureOperator):
         params: the parameters to differentiate (default: all with ``requires_grad``); the flat
             vector is their concatenation in this order.
         keep_graphs: double-backward only. True keeps each batch's gradient graph for the whole
-            life of the operator (fast: ~1-2x a gradient per product); False rebuilds it per
-            product (~3x, memory of one batch). Default: keep when there are at most
+            life of the operator (the cheapest products); False rebuilds it per product (about
+            one gradient more each, memory of one batch). Default: keep when there are at most
             :data:`MAX_KEPT_GRAPHS` batches.
         seed: seeds the dropout masks in train mode so every product sees the same function.
 

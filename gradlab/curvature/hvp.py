@@ -2,7 +2,7 @@
 
 Double backward (Pearlmutter 1994): with ``g = grad(L, params, create_graph=True)`` built once,
 ``H v = grad(g . v, params)``. Keeping ``g``'s graph and reusing it for every product of a solve
-costs about 1.4-2x one gradient on CPU; rebuilding it per product costs 2.4-2.8x.
+saves rebuilding it (about one gradient) per product; costs in ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def hvp_from_grads(
         One tensor per parameter; a parameter the gradient does not depend on gets zeros.
     """
     # grad_outputs = v computes d(g . v)/d(params) without adding the product g * v to the graph
-    # (measured on digits: ~2x cheaper on a 26k-parameter MLP, equal on a CNN; identical results)
+    # (identical results, never slower than building g . v on the benchmarks' models)
     pairs = [(g, v) for g, v in zip(grads, vecs) if g.requires_grad]  # constant blocks add nothing
     if not pairs:
         return [torch.zeros_like(p) for p in params]

@@ -37,10 +37,6 @@ class CurvatureOperator(ABC):
         self.device = torch.device(device)
         self.num_matvecs = 0
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n, self.n)
-
     @abstractmethod
     def _matmat(self, V: Tensor) -> Tensor:
         """``A @ V`` for ``V`` of shape ``(n, k)`` already in the operator's dtype and device."""
@@ -58,9 +54,6 @@ class CurvatureOperator(ABC):
         if v.ndim != 1:
             raise ValueError(f"matvec expects shape ({self.n},), got {tuple(v.shape)}")
         return self.matmat(v.unsqueeze(1)).squeeze(1)
-
-    def __matmul__(self, x: Tensor) -> Tensor:
-        return self.matvec(x) if x.ndim == 1 else self.matmat(x)
 
     def to_dense(self) -> Tensor:
         """The full matrix from ``n`` products (small operators only; used by tests and debugging)."""

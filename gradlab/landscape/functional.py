@@ -53,6 +53,8 @@ def recompute_bn(model: nn.Module, params: Mapping[str, Tensor], batches: Sequen
             fresh[prefix + "running_mean"] = torch.zeros_like(m.running_mean)
             fresh[prefix + "running_var"] = torch.ones_like(m.running_var)
             fresh[prefix + "num_batches_tracked"] = torch.zeros_like(m.num_batches_tracked)
+    # model_state saves modes, requires_grad and running buffers, not hyperparameters such as
+    # momentum, so the momenta are saved and restored here (the one place that changes them)
     momenta = [m.momentum for m in bns]
     try:
         for m in bns:

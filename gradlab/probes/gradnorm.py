@@ -27,8 +27,11 @@ rescaled by ``B``; with ``reduction == "sum"`` rows are taken as they are.
 with parameters, in registration order.
 
 The probe is cheap (one forward and one backward per batch) and leaves the model as it found
-it: training flags, buffers (e.g. BatchNorm running statistics), ``requires_grad`` flags and the
-parameters' ``.grad`` are all untouched, so a training loop may call it every N steps.
+it (:func:`gradlab.core.modelstate.model_state`): every module's training flag, the running
+statistics of norm layers (``running_mean``, ``running_var``, ``num_batches_tracked``), the
+``requires_grad`` flags and the parameters' ``.grad`` are all untouched, so a training loop may
+call it every N steps. (A custom module that writes other buffers of its own in ``forward`` keeps
+what it wrote.)
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from gradlab.core.errors import GradlabError
+from gradlab.core.modelstate import model_state
 from gradlab.core.options import Option, Options
 from gradlab.models.base import GradlabNet
 from gradlab.probes import PROBES
@@ -193,7 +197,10 @@ def gradnorm_probe(
     signals: list[list[Tensor]] = [[] for _ in chosen]
     losses: list[float] = []
     n_examples = 0
-    with _PreservedState(model, train_mode):
+    # requires_grad on so frozen layers are measured too; keep_bn_stats because a training-mode
+    # forward would move the running statistics (BatchNorm's and any other norm layer's). The
+    # gradients come from autograd.grad, so no parameter's .grad is written.
+    with model_state(model, train=train_mode, requires_grad=True, keep_bn_stats=True):
         params = [list(m.parameters()) for _, _, m in chosen]
         for batch in batches:
             x, y = batch
@@ -288,37 +295,6 @@ def _capture(store: dict, j: int):
             store[j] = output  # a module called twice keeps its last output
 
     return hook
-
-
-class _PreservedState:
-    """Set the probe's mode and ``requires_grad``; restore flags and buffers on exit.
-
-    Buffers are snapshotted because a training-mode forward updates BatchNorm running statistics;
-    parameters' ``requires_grad`` is switched on so frozen layers are measured too.
-    """
-
-    def __init__(self, model: nn.Module, train_mode: bool):
-        self.model, self.train_mode = model, train_mode
-
-    def __enter__(self):
-        m = self.model
-        self.flags = [(mod, mod.training) for mod in m.modules()]
-        self.req = [(p, p.requires_grad) for p in m.parameters()]
-        self.buffers = [(b, b.detach().clone()) for b in m.buffers()]
-        m.train(self.train_mode)
-        for p, _ in self.req:
-            p.requires_grad_(True)
-        return self
-
-    def __exit__(self, *exc):
-        for mod, flag in self.flags:
-            mod.training = flag
-        for p, flag in self.req:
-            p.requires_grad_(flag)
-        with torch.no_grad():
-            for b, saved in self.buffers:
-                b.copy_(saved)
-        return False
 
 
 def verdict_line(rep: GradnormReport) -> str:

@@ -41,7 +41,6 @@ its forward pass in eval mode is outside this probe's contract).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -50,6 +49,7 @@ from torch import Tensor, nn
 from gradlab.curvature.batched import batched_lanczos
 from gradlab.curvature.jacobian_gram import JacobianGram, per_example_jacobian, singular_values
 from gradlab.core.errors import GradlabError
+from gradlab.core.modelstate import model_state
 from gradlab.core.options import Option, Options
 from gradlab.models.base import GradlabNet
 from gradlab.probes import PROBES
@@ -100,7 +100,7 @@ def jacobian_probe(
         raise GradlabError(f"x must be a non-empty batch (B, *input_shape); got shape {tuple(x.shape)}")
     notes: list[str] = []
     gen = torch.Generator().manual_seed(seed)
-    with _eval_mode(model):
+    with model_state(model, train=False):
         with torch.no_grad():
             _check_tensor(model(x[:1]), "model")  # one example: eval mode makes the rest alike
             is_net = isinstance(model, GradlabNet)
@@ -155,18 +155,6 @@ def _check_tensor(out, what: str) -> Tensor:
             f"{what} output is a {type(out).__name__}, not a tensor; the Jacobian probe needs maps Tensor -> Tensor"
         )
     return out
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """Eval mode for the probe; every module's train/eval flag restored afterwards."""
-    flags = [(mod, mod.training) for mod in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for mod, flag in flags:
-            mod.training = flag
 
 
 TABLE_COLUMNS = ["layer", "method", "n_sv", "mean_sq_sv", "var_sq_sv", "max_sv", "min_sv",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from gradlab.core.errors import GradlabError
+from gradlab.core.modelstate import BATCH_NORMS, model_state
 from gradlab.core.options import Option, Options
 from gradlab.models.options import ACTIVATIONS, INITS, NORMS
 
@@ -187,16 +188,10 @@ def recalibrate_batchnorm(model, inputs) -> bool:
     same for averaged weights). Every module's train/eval flag is restored. Returns whether the
     model had BatchNorm layers that track statistics.
     """
-    from torch import nn
     from torch.optim.swa_utils import update_bn
 
-    kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-    if not any(isinstance(m, kinds) and m.track_running_stats for m in model.modules()):
+    if not any(isinstance(m, BATCH_NORMS) and m.track_running_stats for m in model.modules()):
         return False
-    flags = [(m, m.training) for m in model.modules()]  # update_bn restores only the top module's
-    try:
+    with model_state(model):  # update_bn restores only the top module's flag
         update_bn([inputs], model)
-    finally:
-        for m, was in flags:
-            m.training = was
     return True
