@@ -25,9 +25,10 @@ import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Optional
 
 from gradlab.core.options import Option, Options
+from gradlab.core.registry import Registry
 
 # kind -> (module, registry attribute). Importing the module registers every entry.
 REGISTRIES = {
@@ -154,42 +155,22 @@ class EntryView:
         return " ".join(o.flag for o in self.options)
 
 
-class RegistryView:
-    """A torch-free stand-in for a registry: names, descriptions and declarations only. It has
-    the methods config resolution and the CLI use (``entry``, ``names``, ``declarations``,
-    ``options_of_others``); ``get`` is not among them: building needs the real registry."""
+class RegistryView(Registry):
+    """A torch-free stand-in for a registry: names, descriptions and declarations only (every
+    method of :class:`~gradlab.core.registry.Registry` but ``get``: building needs the real one)."""
 
     def __init__(self, kind: str, doc: dict):
-        self.kind = doc["kind"]
+        super().__init__(doc["kind"])
         self.registry_kind = kind
         self._entries = {d["name"]: EntryView(d) for d in doc["entries"]}
 
     def entry(self, name: str) -> EntryView:
-        if name in self._entries:
+        if isinstance(name, str) and name in self._entries:
             return self._entries[name]
         return real_registry(self.registry_kind).entry(name)  # the real one words the error
 
-    def names(self) -> list[str]:
-        return list(self._entries)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
-
-    def __iter__(self) -> Iterator[EntryView]:
-        return iter(self._entries.values())
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def declarations(self) -> dict[str, list[tuple[str, Any]]]:
-        out: dict = {}
-        for e in self._entries.values():
-            for o in e.options:
-                out.setdefault(o.name, []).append((e.name, o))
-        return out
-
-    def options_of_others(self, name: str) -> dict[str, Options]:
-        return {f"{self.kind} {n}": e.options for n, e in self._entries.items() if n != name}
+    def get(self, name: str):
+        raise TypeError("a RegistryView holds declarations only: build from the real registry")
 
 
 def registry_view(kind: str) -> RegistryView:

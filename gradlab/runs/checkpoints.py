@@ -52,11 +52,18 @@ def save_checkpoint(obj: Any, path: str | Path) -> None:
     is: clone it first (:func:`clone_state`) if another thread may change it meanwhile."""
     import torch
 
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+
+
+def atomic_write(path: str | Path, write, *, binary: bool) -> None:
+    """``write(file)`` into a temporary file beside ``path``, fsynced, then renamed over
+    ``path``: a kill leaves the old file or the new one, never half of one; the temporary file
+    is removed if anything fails."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:  # open() names a missing folder as FileNotFoundError
-            torch.save(obj, f)
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+            write(f)  # open() above names a missing folder as FileNotFoundError
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

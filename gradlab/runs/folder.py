@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import io
-import os
 import platform
 import re
 import sys
@@ -27,7 +26,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from gradlab import __version__
 from gradlab.core.errors import GradlabError
-from gradlab.runs.checkpoints import CheckpointWriter
+from gradlab.runs.checkpoints import CheckpointWriter, atomic_write
 from gradlab.runs.logging import (METRIC_COLUMNS, MetricsCSV, NullWriter, histogram_stats, open_summary_writer,
                                   scalars_summary, truncate_metrics)
 from gradlab.runs.records import read_config
@@ -48,16 +47,7 @@ def validate_run_name(name: Optional[str]) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 class RunDir:
