@@ -100,13 +100,7 @@ def render_table(df, title: Optional[str] = None, quiet: bool = False, float_fmt
 
 
 def parse_float_list(text: str, what: str) -> list[float]:
-    """``"0,0.01,0.03"`` -> floats; one clear error otherwise."""
-    from gradlab.core.errors import GradlabError
+    """``"0,0.01,0.03"`` -> floats (:func:`gradlab.core.options.parse_numbers`)."""
+    from gradlab.core.options import parse_numbers
 
-    try:
-        vals = [float(t) for t in str(text).split(",") if t.strip() != ""]
-    except ValueError:
-        raise GradlabError(f"invalid {what} {text!r}: expected a number or a comma-separated list of numbers") from None
-    if not vals:
-        raise GradlabError(f"invalid {what} {text!r}: empty")
-    return vals
+    return parse_numbers(text, what)

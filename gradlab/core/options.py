@@ -303,4 +303,16 @@ def check_keys(given: Iterable[str], valid: Sequence[str], *, owner: str = "", w
         raise GradlabError(f"unknown option {key!r}{of}{_where(where)}{hint}")
 
 
-__all__ = ["Option", "Options", "check_keys"]
+def parse_numbers(text: Any, what: str) -> list[float]:
+    """``"0,0.01,0.03"`` -> ``[0.0, 0.01, 0.03]``: a comma list of numbers (an ``--eps`` sweep, a
+    start point); one clear error naming ``what`` otherwise."""
+    try:
+        vals = [float(t) for t in str(text).split(",") if t.strip() != ""]
+    except ValueError:
+        raise GradlabError(f"invalid {what} {text!r}: expected a number or a comma-separated list of numbers") from None
+    if not vals:
+        raise GradlabError(f"invalid {what} {text!r}: empty")
+    return vals
+
+
+__all__ = ["Option", "Options", "check_keys", "parse_numbers"]

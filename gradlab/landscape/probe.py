@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from gradlab.core.errors import GradlabError
-from gradlab.core.options import Option, Options
+from gradlab.core.options import Option, Options, parse_numbers
 from gradlab.probes import PROBES
 from gradlab.probes.base import Probe, ProbeContext, ProbeReport
 from gradlab.probes.source import TRAINED_SOURCE_OPTIONS, batch_options, load_source
@@ -193,16 +193,6 @@ OPTIONS = Options(
 )
 
 
-def _numbers(text: str, what: str) -> list[float]:
-    try:
-        vals = [float(t) for t in str(text).split(",") if t.strip() != ""]
-    except ValueError:
-        raise GradlabError(f"invalid {what} {text!r}: expected a number or a comma-separated list of numbers") from None
-    if not vals:
-        raise GradlabError(f"invalid {what} {text!r}: empty")
-    return vals
-
-
 @PROBES.register("landscape", "loss and accuracy on a 1-D line or 2-D plane around a trained run's weights",
                  options=OPTIONS, paper="Li et al. 2018; Goodfellow et al. 2015")
 class LandscapeProbe(Probe):
@@ -236,7 +226,7 @@ class LandscapeProbe(Probe):
             raise GradlabError(f"--to applies to --directions interp, not {o['directions']!r}")
         rng = None
         if o["range"] not in (None, ""):
-            vals = _numbers(o["range"], "range")
+            vals = parse_numbers(o["range"], "range")
             if len(vals) != 2:
                 raise GradlabError(f"invalid range {o['range']!r}: expected lo,hi")
             rng = (vals[0], vals[1])
@@ -246,7 +236,7 @@ class LandscapeProbe(Probe):
         if simplex is not None:
             if o["dims"] != 2:
                 raise GradlabError("--plane-vertices draws a plane: use --dims 2")
-            which = [int(v) for v in _numbers(o["plane_vertices"], "plane vertices")]
+            which = [int(v) for v in parse_numbers(o["plane_vertices"], "plane vertices")]
             verts = [{n: t.to(ctx.device) for n, t in v.items()} for v in simplex["vertices"]]
             ctx.state["dset"] = simplex_plane(verts, which)
         else:
