@@ -267,31 +267,52 @@ def test_event_file_is_tensorboards_format(tmp_path):
     ea.Reload()
     assert [s.value for s in ea.Scalars("train-step/loss")] == pytest.approx([1.0, 0.5, 1 / 3])
     h = ea.Histograms("grads/w")[0].histogram_value
-    assert h.num == 2000 and sum(h.bucket) == 2000 and len(h.bucket_limit) == 64
+    assert h.num == 2000 and sum(h.bucket) == 2000 and len(h.bucket_limit) == 30  # TensorBoard's default
     assert ea.Histograms("grads/const")[0].histogram_value.bucket[0] == 5
     assert "grads/bad" not in ea.Tags()["histograms"]
 
 
 def test_histograms_bin_each_tensor_as_histc(tmp_path):
+    """One call's histograms are one event; each is torch.histc's binning of its tensor, with
+    exact moments; empty and non-finite tensors are skipped."""
     import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
+
+    from gradlab.runs.logging import histogram_stats, histograms_stats
 
     run = RunDir.create(tmp_path, "train", None, {})
     torch.manual_seed(0)
     tensors = {"w": torch.randn(40, 30), "b": torch.randn(30), "const": torch.full((5,), 3.0),
                "inf": torch.tensor([1.0, float("inf")]), "nan": torch.tensor([float("nan"), 1.0]),
                "empty": torch.zeros(0), "tiny": torch.randn(7, dtype=torch.float64) * 1e-30}
-    got = {}
-    run.tb.add_histogram_raw = lambda tag, global_step, walltime, **h: got.setdefault(tag, h)
-    run.log_histograms(tensors, step=3)
+    got = histograms_stats(tensors, 64)
     assert list(got) == ["w", "b", "const", "tiny"]  # non-finite and empty tensors are skipped
     for tag, h in got.items():
         x = tensors[tag].double().reshape(-1)
+        assert h == histogram_stats(tensors[tag], 64)
         assert h["num"] == len(x) and h["min"] == x.min().item() and h["bucket_limits"][-1] == h["max"]
         assert h["sum"] == pytest.approx(x.sum().item(), rel=1e-9, abs=1e-9)
         assert h["sum_squares"] == pytest.approx(x.dot(x).item(), rel=1e-12)
         assert h["bucket_counts"] == torch.histc(x, 64, h["min"], h["max"]).tolist()
         assert len(h["bucket_limits"]) == 64 and sum(h["bucket_counts"]) == len(x)
+    run.log_histograms(tensors, step=3)
     run.close()
+    files = list(run.path.glob("events.out.tfevents.*"))
+    reader, records = PyRecordReader_New(str(files[0])), 0
+    with pytest.raises(Exception, match="No more events"):
+        while True:
+            reader.GetNext()
+            records += 1
+    assert records == 1 + 1  # the file-version header, then one event for all four histograms
+    ea = EventAccumulator(str(run.path), size_guidance={"histograms": 0})
+    ea.Reload()
+    assert sorted(ea.Tags()["histograms"]) == sorted(got)
+    for tag in got:
+        (event,) = ea.Histograms(tag)
+        h, x = event.histogram_value, tensors[tag].double().reshape(-1)
+        assert event.step == 3 and h.num == len(x) and h.min == x.min().item()
+        assert list(h.bucket) == torch.histc(x, 30, h.min, h.max).tolist()
 
 
 def test_step_logger_writes_what_log_metrics_writes(tmp_path):

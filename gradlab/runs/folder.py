@@ -27,8 +27,8 @@ from typing import Any, Callable, Mapping, Optional
 from gradlab import __version__
 from gradlab.core.errors import GradlabError
 from gradlab.runs.checkpoints import CheckpointWriter, atomic_write
-from gradlab.runs.logging import (METRIC_COLUMNS, MetricsCSV, NullWriter, histogram_stats, open_summary_writer,
-                                  scalars_summary, truncate_metrics)
+from gradlab.runs.logging import (HISTOGRAM_BINS, METRIC_COLUMNS, MetricsCSV, NullWriter, histograms_stats,
+                                  histograms_summary, open_summary_writer, scalars_summary, truncate_metrics)
 from gradlab.runs.records import read_config
 
 STATUSES = ("completed", "diverged", "interrupted", "failed")
@@ -163,21 +163,19 @@ class RunDir:
         if self._tb is not None:
             self._tb.flush()
 
-    def log_histogram(self, tag: str, values, step: int, bins: int = 64) -> None:
+    def log_histogram(self, tag: str, values, step: int, bins: int = HISTOGRAM_BINS) -> None:
         """A TensorBoard histogram of ``values`` (see :meth:`log_histograms`)."""
         self.log_histograms({tag: values}, step, bins)
 
-    def log_histograms(self, tensors: Mapping[str, Any], step: int, bins: int = 64) -> None:
-        """A TensorBoard histogram of each tensor: ``bins`` equal-width buckets from its min to
-        its max (see :func:`gradlab.runs.logging.histogram_stats`); an empty tensor or one
-        holding inf or NaN is skipped."""
+    def log_histograms(self, tensors: Mapping[str, Any], step: int, bins: int = HISTOGRAM_BINS) -> None:
+        """One TensorBoard event holding a histogram of each tensor: ``bins`` equal-width buckets
+        from its min to its max (see :func:`gradlab.runs.logging.histogram_stats`); an empty
+        tensor or one holding inf or NaN is skipped."""
         if not self.enabled:
             return
-        wall = time.time()
-        for tag, values in tensors.items():
-            h = histogram_stats(values, bins)
-            if h is not None:
-                self.tb.add_histogram_raw(tag, **h, global_step=step, walltime=wall)
+        stats = histograms_stats(tensors, bins)
+        if stats:
+            self.tb.file_writer.add_summary(histograms_summary(stats), step, time.time())
 
     def log_text(self, tag: str, text: str) -> None:
         if self.enabled:

@@ -3,8 +3,12 @@
 * ``metrics.csv`` is long format, ``step,epoch,split,metric,value,wall_time``, written with the
   :mod:`csv` module and flushed after every call, so a killed run keeps every row it logged.
 * TensorBoard goes through :class:`torch.utils.tensorboard.SummaryWriter`: the scalars of one
-  call are one event (one ``Summary`` holding all of them), histograms are binned by torch into
-  equal-width buckets and written with ``add_histogram_raw``.
+  call are one event (one ``Summary`` holding all of them); so are the histograms of one call,
+  binned by :func:`torch.histc` into equal-width buckets (30 by default, TensorBoard's own
+  default bucket count).
+
+TensorBoard's stock writer checksums every record in pure Python on its writer thread, so the cost
+of an event grows with its bytes: fewer buckets and one event per call keep it small.
 """
 
 from __future__ import annotations
@@ -127,27 +131,48 @@ def scalars_summary(tags_values):
     return Summary(value=[Summary.Value(tag=t, simple_value=float(v)) for t, v in tags_values])
 
 
-def histogram_stats(values, bins: int = 64) -> Optional[dict]:
+HISTOGRAM_BINS = 30  # tensorboard.plugins.histogram.summary_v2.DEFAULT_BUCKET_COUNT
+
+
+def histogram_stats(values, bins: int = HISTOGRAM_BINS) -> Optional[dict]:
     """What ``SummaryWriter.add_histogram_raw`` takes for ``values`` (any shape): ``bins``
     equal-width buckets from its min to its max (bucket i holds ``[lo + i w, lo + (i + 1) w)``,
     the last one also ``hi``, as :func:`torch.histc`), and min, max, count, sum and sum of
     squares in float64. None for an empty tensor or one holding inf or NaN. A constant tensor
     gets a range of width ``max(|v|, 1) * 1e-6`` above its value, all of it in the first bucket."""
+    return histograms_stats({"": values}, bins).get("")
+
+
+def histograms_stats(tensors: Mapping[str, Any], bins: int = HISTOGRAM_BINS) -> dict:
+    """:func:`histogram_stats` of each tensor (tag -> stats, tags of skipped tensors left out),
+    with one read-back from the device for the min, max, sum and sum of squares of all of them."""
     import torch
 
-    x = values.detach().reshape(-1).to("cpu", torch.float64)
-    if x.numel() == 0:
-        return None
-    lo, hi = torch.aminmax(x)
-    lo, hi, total, squares = torch.stack([lo, hi, x.sum(), x.dot(x)]).tolist()
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return None
-    if hi <= lo:
-        hi = lo + max(abs(lo), 1.0) * 1e-6
-    width = (hi - lo) / bins
-    return dict(min=lo, max=hi, num=x.numel(), sum=total, sum_squares=squares,
-                bucket_limits=[lo + width * (j + 1) for j in range(bins - 1)] + [hi],
-                bucket_counts=torch.histc(x, bins, lo, hi).tolist())
+    flat = {tag: v.detach().reshape(-1).to("cpu", torch.float64) for tag, v in tensors.items()}
+    flat = {tag: x for tag, x in flat.items() if x.numel()}
+    if not flat:
+        return {}
+    moments = torch.stack([torch.stack([x.min(), x.max(), x.sum(), x.dot(x)]) for x in flat.values()]).tolist()
+    out = {}
+    for (tag, x), (lo, hi, total, squares) in zip(flat.items(), moments):
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            continue
+        if hi <= lo:
+            hi = lo + max(abs(lo), 1.0) * 1e-6
+        width = (hi - lo) / bins
+        out[tag] = dict(min=lo, max=hi, num=x.numel(), sum=total, sum_squares=squares,
+                        bucket_limits=[lo + width * (j + 1) for j in range(bins - 1)] + [hi],
+                        bucket_counts=torch.histc(x, bins, lo, hi).tolist())
+    return out
+
+
+def histograms_summary(stats: Mapping[str, Mapping]):
+    """One TensorBoard ``Summary`` holding a histogram per tag (``stats``: tag -> what
+    :func:`histograms_stats` gives), so that a step's histograms are one event."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from torch.utils.tensorboard.summary import histogram_raw
+
+    return Summary(value=[v for tag, h in stats.items() for v in histogram_raw(tag, **h).value])
 
 
 class NullWriter:
