@@ -7,7 +7,7 @@ the run folder created; the probe's :class:`~gradlab.probes.base.ProbeReport` is
 written and logged here.
 
 Commands are built on demand (:class:`_ProbeGroup`): ``gradlab probe --help`` lists the probes
-from the registry's catalogue without importing torch; ``gradlab probe hessian`` imports only
+from the manifest (names and descriptions) without importing torch; ``gradlab probe hessian`` imports only
 the Hessian probe.
 """
 
@@ -41,19 +41,21 @@ class _ProbeGroup(TyperGroup):
     _listing = False
 
     def list_commands(self, ctx) -> list[str]:
-        from gradlab.probes import PROBES
+        from gradlab.core.manifest import registry_view
 
-        return PROBES.names()
+        return registry_view("probes").names()  # from the manifest unless the probes are loaded
 
     def get_command(self, ctx, cmd_name: str):
-        from gradlab.probes import PROBES
-
         if cmd_name in self.commands:
             return self.commands[cmd_name]
+        if self._listing:  # `gradlab probe --help`: the name and its line, nothing imported
+            from gradlab.core.manifest import registry_view
+
+            return TyperCommand(cmd_name, help=registry_view("probes").entry(cmd_name).description)
+        from gradlab.probes import PROBES
+
         if cmd_name not in PROBES:
             PROBES.entry(cmd_name)  # raises: unknown probe, the choices and a "did you mean"
-        if self._listing:  # `gradlab probe --help`: the name and its line, nothing imported
-            return TyperCommand(cmd_name, help=PROBES.description(cmd_name))
         sub = typer.Typer(add_completion=False)
         sub.command(cmd_name)(make_command(cmd_name))
         cmd = typer.main.get_command(sub)

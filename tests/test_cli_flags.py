@@ -67,9 +67,11 @@ def test_top_level_help_lines_are_the_commands_own_and_help_skips_torch():
         mod = importlib.import_module(f"gradlab_cli.{module}")
         doc = (mod.app.info.help if hasattr(mod, "app") else mod.command.__doc__).strip().splitlines()[0]
         assert doc == line, name
-    code = "import sys; from gradlab_cli.main import main\ntry:\n main(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "False"
+    for args in (["--help"], ["probe", "--help"], ["train", "--help"]):
+        code = (f"import sys; from gradlab_cli.main import main\ntry:\n main({args!r})\nexcept SystemExit: pass\n"
+                "print('torch' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.strip().splitlines()[-1] == "False", args
 
 
 def test_a_train_run_logs_its_declared_options_as_hparams(tmp_path, capsys):

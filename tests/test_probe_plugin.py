@@ -151,13 +151,17 @@ def test_probe_scalars_runs_probes_as_the_training_loop_does():
 def test_catalogue_matches_what_the_modules_register():
     import importlib
 
-    for name, (module, description) in PROBES.catalog.items():
+    from gradlab.core.manifest import registry_view
+
+    view = registry_view("probes")
+    for name, module in PROBES.catalog.items():
         importlib.import_module(module)
         entry = PROBES.entry(name)
-        assert entry.description == description and len(entry.options) > 0, name
+        assert entry.obj.__module__ == module and entry.description and len(entry.options) > 0, name
+        assert view.entry(name).description == entry.description  # what `gradlab probe --help` shows
     assert set(PROBES.catalog) <= set(PROBES.names()) and "toy" in PROBES.names()
-    with pytest.raises(TypeError, match="differs from the catalogue"):
-        PROBES.register("hessian", "something else")
+    with pytest.raises(ValueError, match="registered twice"):  # a built-in name cannot be taken over
+        PROBES.register("hessian", "something else")(lambda ctx: None)
 
 
 def test_jacobian_gram_matches_dense_per_example_jacobians():

@@ -8,21 +8,19 @@ see :mod:`gradlab.probes.base`. :func:`probe_scalars` runs any probe that suppor
 batch, as a training loop does; :func:`run_probe` runs one from Python as ``gradlab probe NAME``
 does, without a run folder.
 
-The built-in probes are listed in the catalogue below by module and one-line description, so
-that their names are known without importing torch; each is imported on first use.
+The built-in probes are listed in the catalogue below by name and module, so that their names
+are known without importing torch; each is imported on first use. Their descriptions and
+options are declared once, where each registers itself (the CLI reads them from the manifest,
+:mod:`gradlab.core.manifest`).
 """
 
 from gradlab.probes.base import Probe, ProbeContext, ProbeRegistry, ProbeReport, probe_scalars
 
 PROBES = ProbeRegistry("probe", {
-    "gradnorm": ("gradlab.probes.gradnorm",
-                 "per-layer gradient, weight and backward-signal norms; vanishing/exploding verdict"),
-    "landscape": ("gradlab.landscape.probe",
-                  "loss and accuracy on a 1-D line or 2-D plane around a trained run's weights"),
-    "jacobian": ("gradlab.probes.jacobian",
-                 "per-example input-output and per-layer Jacobian spectra, dynamical isometry"),
-    "hessian": ("gradlab.probes.hessian",
-                "Hessian eigenvalues, trace, density, stability bound 2/lambda_max, point type"),
+    "gradnorm": "gradlab.probes.gradnorm",
+    "landscape": "gradlab.landscape.probe",
+    "jacobian": "gradlab.probes.jacobian",
+    "hessian": "gradlab.probes.hessian",
 })
 
 from gradlab.probes.runner import run_probe  # noqa: E402  (after PROBES: it looks probes up there)

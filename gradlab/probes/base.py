@@ -214,31 +214,21 @@ def as_probe(entry: Entry) -> Probe:
 class ProbeRegistry(Registry):
     """The probes: a :class:`Registry` whose built-in entries are imported on first use.
 
-    ``catalog`` maps a built-in probe's name to ``(module, one-line description)``: names and
-    descriptions are known without importing torch (``gradlab probe --help``), and a probe's
+    ``catalog`` maps a built-in probe's name to its module: names are known without importing
+    torch (``gradlab probe --help`` takes the descriptions from the manifest), and a probe's
     module is imported when the probe is looked up, so ``gradlab probe hessian`` does not load
-    the landscape code. The module registers the entry itself, with the same description
-    (checked). Probes registered from anywhere else (user code, tests) are entries like any.
+    the landscape code. The module registers the entry itself; probes registered from anywhere
+    else (user code, tests) are entries like any.
     """
 
-    def __init__(self, kind: str, catalog: Mapping[str, tuple]):
+    def __init__(self, kind: str, catalog: Mapping[str, str]):
         super().__init__(kind)
         self.catalog = dict(catalog)
 
-    def register(self, name: str, description: str, options=None, paper: str = "") -> Callable:
-        listed = self.catalog.get(name)
-        if listed is not None and listed[1] != description:
-            raise TypeError(f"probe {name!r}: description {description!r} differs from the catalogue's {listed[1]!r}")
-        return super().register(name, description, options, paper)
-
     def _load(self, name: Optional[str] = None) -> None:
-        for n, (module, _) in self.catalog.items():
+        for n, module in self.catalog.items():
             if (name is None or n == name) and not super().__contains__(n):
                 importlib.import_module(module)
-
-    def description(self, name: str) -> str:
-        """A probe's one-line description, without importing it when it is catalogued."""
-        return self.catalog[name][1] if name in self.catalog else self.entry(name).description
 
     def entry(self, name: str) -> Entry:
         if isinstance(name, str) and name in self.catalog:
