@@ -21,6 +21,7 @@ PROBES = ProbeRegistry("probe", {
     "landscape": "gradlab.landscape.probe",
     "jacobian": "gradlab.probes.jacobian",
     "hessian": "gradlab.probes.hessian",
+    "gradstats": "gradlab.probes.gradstats",
 })
 
 from gradlab.probes.runner import run_probe  # noqa: E402  (after PROBES: it looks probes up there)
