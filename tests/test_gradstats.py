@@ -180,3 +180,4 @@ def test_gradstats_runs_during_training(tmp_path, capsys):
     rows = m[m["metric"] == "b_simple"]
     assert len(rows) >= 2 and rows["step"].is_monotonic_increasing
     assert set(m["metric"]) >= {"snr", "norm_test", "inner_product_test", "orthogonality_test"}
+

@@ -42,6 +42,43 @@ class DensityResult:
         """Mean eigenvalue of the quadrature measure (an estimate of tr(A)/n)."""
         return float((self.nodes * self.weights).sum() / self.weights.sum())
 
+    def fraction_below(self, threshold: float = 0.0, zero_tol: float = 0.0) -> "SpectralFraction":
+        """The fraction of eigenvalues below ``threshold`` (with 0: the Morse index as a fraction
+        of the dimension, the share of descent directions of negative curvature).
+
+        Each start's quadrature gives ``v^T 1(A < t) v``, an unbiased estimate of that fraction
+        for a random unit ``v`` once Lanczos has resolved the spectrum around ``t``; the estimate
+        is their mean and ``std_error`` their standard error over the starts. Nodes within
+        ``zero_tol`` of ``threshold`` cannot be told apart from it (the quadrature's resolution
+        there, or eigenvalues that are numerically zero): their weight is ``ambiguous``, counted
+        half in the estimate, and ``low``/``high`` bound the fraction by counting it wholly out
+        or in (each widened by two standard errors)."""
+        w = self.weights
+        below = (w * (self.nodes < threshold - zero_tol)).sum(1)
+        near = (w * ((self.nodes - threshold).abs() <= zero_tol)).sum(1)
+        per_start = below + 0.5 * near
+        k = per_start.numel()
+        est = float(per_start.mean())
+        se = float(per_start.std(unbiased=True) / math.sqrt(k)) if k > 1 else math.nan
+        amb = float(near.mean())
+        spread = 2 * se if math.isfinite(se) else 0.0
+        return SpectralFraction(est, se, amb, max(0.0, float(below.mean()) - spread),
+                                min(1.0, float((below + near).mean()) + spread), k)
+
+
+@dataclass
+class SpectralFraction:
+    """The fraction of a spectrum below a threshold, estimated by stochastic Lanczos quadrature:
+    ``value`` with its ``std_error`` over ``starts`` random starts, the ``ambiguous`` weight of
+    nodes within the zero tolerance, and bounds ``low <= value <= high``."""
+
+    value: float
+    std_error: float
+    ambiguous: float
+    low: float
+    high: float
+    starts: int
+
 
 def slq_density(
     A,
