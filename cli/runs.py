@@ -47,6 +47,7 @@ def command(
             shown = columns_for(group, cmd, chosen)
         # crop=False: where the numbers need more than the width, the lines get longer, not cut
         out.print(fit_table(group[shown], title=f"{cmd or 'unknown'} runs in {runs_dir}", width=out.width), crop=False)
+        out.print()
     for row in df[df["status"] == "corrupt"].itertuples(index=False):
         problem = getattr(row, "problem", "")
         err_console.print(f"gradlab: note: run {row.run_id} is corrupt: {problem}", highlight=False, soft_wrap=True)
@@ -83,33 +84,41 @@ def _console():
 
 
 def _cell(v) -> str:
+    """A table cell: whole numbers in full (a float column holds the ints of runs beside runs
+    without that column), others to 4 significant digits, without an exponent below 1e9."""
     if v is None or (isinstance(v, float) and v != v):
         return ""
     if isinstance(v, float):
-        return f"{v:.4g}"
+        if v.is_integer() and abs(v) < 1e15:
+            return str(int(v))
+        return f"{v:.0f}" if 1e4 <= abs(v) < 1e9 else f"{v:.4g}"
     return str(v)
 
 
 def fit_table(df, title: str, width: int):
-    """A rich table of ``df`` that fits ``width`` where it can: number columns keep the width of
-    their longest value (never cut), text columns fold their long values onto more lines; if
-    the numbers alone need more than ``width``, the table is as wide as they need."""
+    """A rich table of ``df`` within ``width`` columns where it can be: number columns keep the
+    width of their longest value (never cut); the widest text column gives way first, down to
+    its header's width (at least 8), and folds its long values onto more lines. If the numbers
+    alone need more than ``width``, the table is as wide as they need."""
     from rich import box
     from rich.table import Table
 
     cells = [[_cell(v) for v in row] for row in df.itertuples(index=False)]
     numeric = [df[c].dtype.kind in "fiu" for c in df.columns]
     widths = [max([len(str(c))] + [len(r[i]) for r in cells]) for i, c in enumerate(df.columns)]
-    pad = 2  # rich's padding of one space each side; SIMPLE_HEAD draws no vertical rules
-    natural = sum(widths) + pad * len(widths)
-    fixed = sum(w + pad for w, num in zip(widths, numeric) if num)
-    table = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False,
-                  width=None if natural <= width else max(width, fixed + 8 * (len(widths) - sum(numeric))))
+    floor = [w if num else min(w, max(len(str(c)), 8)) for w, num, c in zip(widths, numeric, df.columns)]
+    room = width - 3 * (len(widths) - 1)  # per column boundary: its padding either side and the rule
+    while sum(widths) > room:
+        shrinkable = [i for i, w in enumerate(widths) if w > floor[i]]
+        if not shrinkable:
+            break
+        widths[max(shrinkable, key=lambda i: widths[i])] -= 1
+    need = sum(widths) + 3 * (len(widths) - 1)
+    table = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False,
+                  width=need if need > width else None)
     for i, col in enumerate(df.columns):
-        if numeric[i]:
-            table.add_column(str(col), justify="right", no_wrap=True, min_width=widths[i])
-        else:
-            table.add_column(str(col), overflow="fold", min_width=min(widths[i], 8))
+        table.add_column(str(col), justify="right" if numeric[i] else "left", width=widths[i],
+                         no_wrap=numeric[i], overflow="ellipsis" if numeric[i] else "fold")
     for row in cells:
         table.add_row(*row)
     return table
