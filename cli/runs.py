@@ -97,16 +97,17 @@ def _cell(v) -> str:
 
 def fit_table(df, title: str, width: int):
     """A rich table of ``df`` within ``width`` columns where it can be: number columns keep the
-    width of their longest value (never cut); the widest text column gives way first, down to
-    its header's width (at least 8), and folds its long values onto more lines. If the numbers
-    alone need more than ``width``, the table is as wide as they need."""
+    width of their longest value (never cut), and so does ``status``; the widest other text
+    column gives way first, down to its header's width (at least 8), and folds its long values
+    onto more lines. If that is still wider than ``width``, the table is as wide as it needs."""
     from rich import box
     from rich.table import Table
 
     cells = [[_cell(v) for v in row] for row in df.itertuples(index=False)]
     numeric = [df[c].dtype.kind in "fiu" for c in df.columns]
     widths = [max([len(str(c))] + [len(r[i]) for r in cells]) for i, c in enumerate(df.columns)]
-    floor = [w if num else min(w, max(len(str(c)), 8)) for w, num, c in zip(widths, numeric, df.columns)]
+    # the status, like a number, is never folded; other text down to its header's width
+    floor = [w if num or c == "status" else min(w, max(len(str(c)), 8)) for w, num, c in zip(widths, numeric, df.columns)]
     room = width - 3 * (len(widths) - 1)  # per column boundary: its padding either side and the rule
     while sum(widths) > room:
         shrinkable = [i for i, w in enumerate(widths) if w > floor[i]]
@@ -118,7 +119,7 @@ def fit_table(df, title: str, width: int):
                   width=need if need > width else None)
     for i, col in enumerate(df.columns):
         table.add_column(str(col), justify="right" if numeric[i] else "left", width=widths[i],
-                         no_wrap=numeric[i], overflow="ellipsis" if numeric[i] else "fold")
+                         overflow="fold")  # were a width ever short, a value folds: it is never cut
     for row in cells:
         table.add_row(*row)
     return table
