@@ -9,11 +9,6 @@ from gradlab.runs.records import (REBUILT_FROM, RunFolderError, check_metrics, l
                                   require_config_keys)
 
 ID_COLUMNS = ["run_id", "command", "model", "dataset", "opt", "seed", "status"]
-KEY_COLUMNS = ID_COLUMNS + [
-    "test_acc", "test_loss", "train_acc", "steps_to_95", "lambda_max", "trace", "epochs", "seconds",
-    "verdict", "classification", "clean_acc", "robust_acc", "eps",
-]
-
 #: The headline columns of each command's runs (after ``run_id``): what a glance at 80 columns
 #: should tell. A command not named here (a plug-in probe) shows its status and first numbers.
 HEADLINES = {
