@@ -83,7 +83,7 @@ def make_command(name: str):
 
     def command(config: ConfigOpt = None, quiet: QuietOpt = False, trust_code: TrustCodeOpt = False, *,
                 flags: dict) -> None:
-        run_probe(name, {**flags, "trust_code": trust_code}, config, quiet)
+        run_probe(name, {**flags, "trust_code": trust_code or None}, config, quiet)  # None: --config may say
 
     command.__doc__ = "\n\n".join(p for p in (entry.description[:1].upper() + entry.description[1:] + ".",
                                               probe.help_text()) if p)

@@ -211,6 +211,16 @@ def test_foreign_user_model_run_needs_trust_code(capsys, user_model_run, tmp_pat
         assert marker.read_text() == "imported\n"
 
 
+def test_probe_config_file_may_trust_code(capsys, user_model_run, tmp_path, monkeypatch):
+    run, marker = user_model_run
+    monkeypatch.setenv("GRADLAB_STATE_DIR", str(tmp_path / "state-other"))
+    cfg = tmp_path / "probe.yaml"
+    cfg.write_text("trust_code: true\nbatches: 1\n")
+    r = cli(capsys, "probe", "gradnorm", "--run", run, "--runs-dir", run.parent, "--config", cfg, "--quiet")
+    assert r.code == 0, r.err
+    assert marker.read_text() == "imported\n"
+
+
 def test_edited_config_loses_trust(capsys, user_model_run):
     run, marker = user_model_run
     with open(run / "config.yaml", "a") as f:
