@@ -25,6 +25,8 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed: dat
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda. (default: auto)", rich_help_panel=RUN_PANEL)]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file with the same keys as the flags; flags win.", rich_help_panel=RUN_PANEL)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables; still prints the run path.", rich_help_panel=RUN_PANEL)]
+# Every command that rebuilds a model from a run folder (gradlab.runs.trust says why).
+TrustCodeOpt = Annotated[bool, typer.Option("--trust-code", help="Import the user model (package.module:factory) that a run folder's config.yaml names even if you did not create that run with it: importing runs its code.", rich_help_panel=RUN_PANEL)]
 RunRefOpt = Annotated[Optional[str], typer.Option("--run", help="Source run: a run folder, a run id under --runs-dir, or 'last' (the newest).")]
 
 COMMON_DEFAULTS = {"runs_dir": "runs", "name": None, "seed": 0, "device": "auto"}

@@ -26,6 +26,7 @@ from gradlab_cli._common import (
     RunRefOpt,
     RunsDirOpt,
     SeedOpt,
+    TrustCodeOpt,
     console,
     finish_and_print,
     parse_float_list,
@@ -76,6 +77,7 @@ def _command(
     device: DeviceOpt = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
+    trust_code: TrustCodeOpt = False,
     *,
     flags: dict,
 ) -> None:
@@ -106,7 +108,7 @@ def _command(
 
     source = find_run(cfg["runs_dir"], cfg["run"], require_checkpoint=True)
     dev = resolve_device(cfg["device"])
-    loaded = load_run(str(source), cfg["runs_dir"], device=dev)
+    loaded = load_run(str(source), cfg["runs_dir"], device=dev, trust_code=trust_code)
     data = loaded.data
     x, y = data.x_test, data.y_test
     n_total = x.shape[0]

@@ -12,6 +12,7 @@ from gradlab_cli._common import (
     QuietOpt,
     RunsDirOpt,
     SeedOpt,
+    TrustCodeOpt,
     console,
     finish_and_print,
     render_table,
@@ -39,6 +40,7 @@ def command(
     device: DeviceOpt = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
+    trust_code: TrustCodeOpt = False,
     *,
     flags: dict,
 ) -> None:
@@ -58,8 +60,8 @@ def command(
     flags = dict(flags, runs_dir=runs_dir, name=name, seed=seed, device=device)
     cfg = resolve_command(_options(), config, flags, command="connect")
     dev = resolve_device(cfg["device"])
-    a = load_run(run_a, cfg["runs_dir"], device=dev)
-    b = load_run(run_b, cfg["runs_dir"], device=dev)
+    a = load_run(run_a, cfg["runs_dir"], device=dev, trust_code=trust_code)
+    b = load_run(run_b, cfg["runs_dir"], device=dev, trust_code=trust_code)
     if a.path.resolve() == b.path.resolve():
         raise GradlabError(f"RUN_A and RUN_B are the same run ({a.path}): connect two different runs")
     wa = {n: p.detach() for n, p in a.model.named_parameters()}

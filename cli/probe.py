@@ -20,7 +20,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 from typing_extensions import Annotated
 
-from gradlab_cli._common import ConfigOpt, QuietOpt, RUN_PANEL, console, err_console, finish_and_print, render_table, start_run
+from gradlab_cli._common import ConfigOpt, QuietOpt, RUN_PANEL, TrustCodeOpt, console, err_console, finish_and_print, render_table, start_run
 
 SOURCE_PANEL = "Model source"
 
@@ -83,8 +83,9 @@ def make_command(name: str):
     entry = PROBES.entry(name)
     probe = as_probe(entry)
 
-    def command(config: ConfigOpt = None, quiet: QuietOpt = False, *, flags: dict) -> None:
-        run_probe(name, flags, config, quiet)
+    def command(config: ConfigOpt = None, quiet: QuietOpt = False, trust_code: TrustCodeOpt = False, *,
+                flags: dict) -> None:
+        run_probe(name, {**flags, "trust_code": trust_code or None}, config, quiet)  # None: --config may say
 
     command.__doc__ = "\n\n".join(p for p in (entry.description[:1].upper() + entry.description[1:] + ".",
                                               probe.help_text()) if p)
@@ -120,7 +121,10 @@ def run_probe(name: str, flags: dict, config_file, quiet: bool) -> None:
     sources = [("", flags)]
     if config_file is not None:
         sources.insert(0, (f"in {config_file}", load_yaml(config_file)))
-    prepared = prepare_probe(name, sources, extra=_name_option())
+    from gradlab.core.options import Options
+    from gradlab.runs.trust import TRUST_CODE
+
+    prepared = prepare_probe(name, sources, extra=_name_option() + Options(TRUST_CODE))
     for note in prepared.ctx.notes:
         err_console.print(f"gradlab: note: {note}", highlight=False)
 

@@ -10,6 +10,7 @@ from gradlab_cli._common import (
     RunRefOpt,
     RunsDirOpt,
     SeedOpt,
+    TrustCodeOpt,
     console,
     finish_and_print,
     render_table,
@@ -36,6 +37,7 @@ def command(
     device: DeviceOpt = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
+    trust_code: TrustCodeOpt = False,
     *,
     flags: dict,
 ) -> None:
@@ -54,7 +56,7 @@ def command(
     flags = dict(flags, runs_dir=runs_dir, name=name, seed=seed, device=device)
     cfg = {"run": run, **resolve_command(_options(), config, flags, command="simplex")}
     dev = resolve_device(cfg["device"])
-    loaded = load_run(cfg["run"], cfg["runs_dir"], device=dev)
+    loaded = load_run(cfg["run"], cfg["runs_dir"], device=dev, trust_code=trust_code)
     model, data = loaded.model, loaded.data
     cfg["source_run"] = str(loaded.path)
     ex, ey = (data.x_train, data.y_train) if cfg["split"] == "train" else (data.x_test, data.y_test)

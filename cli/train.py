@@ -15,6 +15,7 @@ from gradlab_cli._common import (
     QuietOpt,
     RunsDirOpt,
     SeedOpt,
+    TrustCodeOpt,
     console,
     err_console,
     finish_and_print,
@@ -88,11 +89,12 @@ def command(
     device: DeviceOpt = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
+    trust_code: TrustCodeOpt = False,
     *,
     flags: dict,
 ) -> None:
     """Train a model; log per-step loss, learning rate and gradient norm, per-epoch accuracy."""
-    from gradlab.runs import RunDir, find_run, load_checkpoint, read_config
+    from gradlab.runs import RunDir
     from gradlab.training.loop import Trainer
     from gradlab.training.options import TRAIN_OPTIONS, validate_train_config
 
@@ -101,16 +103,12 @@ def command(
     rank0 = is_rank0()
 
     if resume is not None:
-        path = find_run(runs_dir or "runs", resume)
-        doc = read_config(path)
-        from gradlab.core.errors import GradlabError
+        from gradlab.training.load import open_resume, resume_trainer
 
-        if doc.get("command") != "train":
-            raise GradlabError(f"--resume {resume}: run {path.name} is a {doc.get('command')!r} run, not a train run")
-        ckpt = load_checkpoint(path / "checkpoints" / "last.pt")
-        cfg = doc["config"]
-        trainer = Trainer(cfg, resume=ckpt)
-        run = RunDir.reopen(path, ckpt["step"]) if rank0 else RunDir(path, "train", enabled=False)
+        point = open_resume(resume, runs_dir or "runs", trust_code)  # every record checked first
+        cfg, path = point.config, point.path
+        trainer = resume_trainer(point)
+        run = RunDir.reopen(path, point.checkpoint["step"]) if rank0 else RunDir(path, "train", enabled=False)
     else:
         cfg = resolve_command(TRAIN_OPTIONS, config, flags, slots=train_slots(), sets=sets, command="train")
         validate_train_config(cfg)  # what needs more than one value: the --probe spec

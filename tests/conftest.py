@@ -17,6 +17,8 @@ torch.set_num_threads(1)
 # never in the user's cache.
 if "GRADLAB_CACHE" not in os.environ:
     os.environ["GRADLAB_CACHE"] = tempfile.mkdtemp(prefix="gradlab-test-cache-")
+# So does the record of trusted user-model runs (gradlab.runs.trust); tests may point it elsewhere.
+os.environ["GRADLAB_STATE_DIR"] = tempfile.mkdtemp(prefix="gradlab-test-state-")
 
 MNIST_DIR = Path("/work/shared/data/mnist")
 

@@ -242,7 +242,7 @@ class LandscapeProbe(Probe):
         else:
             to_w = None
             if o["to"]:
-                other = load_run(o["to"], src.runs_dir, device=ctx.device)
+                other = load_run(o["to"], src.runs_dir, device=ctx.device, trust_code=src.trust_code)
                 to_w = {n: p.detach() for n, p in other.model.named_parameters()}
             ctx.state["dset"] = choose_directions(o["directions"], ctx.model, dims=o["dims"], run_path=src.run_path,
                                                   to_weights=to_w, batches=ctx.batches[:4], include_bn=o["include_bn"],

@@ -78,6 +78,7 @@ class ModelSource:
     run_path: Optional[Path] = None
     run_config: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
+    trust_code: bool = False  # --trust-code: other runs it loads (landscape --to) may import user models
 
     @property
     def fresh(self) -> bool:
@@ -117,12 +118,13 @@ def load_source(cfg: Mapping[str, Any], *, device) -> ModelSource:
         if fresh:
             raise GradlabError(f"--{fresh[0].replace('_', '-')} describes a fresh model; it cannot be combined with --run {cfg['run']}")
         path = find_run(runs_dir, cfg.get("run") or "last", require_checkpoint=True)
-        loaded = load_run(str(path), runs_dir, device=device)
+        loaded = load_run(str(path), runs_dir, device=device, trust_code=bool(cfg.get("trust_code")))
         name = loaded.config.get("model")
         desc = {"source_run": path.name, "model": name, "dataset": loaded.config.get("dataset")}
         defaults = model_options(name).defaults()
         desc.update({k: loaded.config.get(k, defaults[k]) for k in _used_keys(name)})
-        return ModelSource(loaded.model, loaded.data, device, desc, split, seed, runs_dir, loaded.path, dict(loaded.config))
+        return ModelSource(loaded.model, loaded.data, device, desc, split, seed, runs_dir, loaded.path, dict(loaded.config),
+                           trust_code=bool(cfg.get("trust_code")))
     data = load_dataset(cfg.get("dataset") or "digits", seed=seed, data_dir=cfg.get("data_dir"))
     opts = {k: cfg[k] for k in MODEL_KEYS if cfg.get(k) is not None}
     torch.manual_seed(seed)  # the initialisation is reproducible from the seed

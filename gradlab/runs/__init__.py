@@ -8,7 +8,7 @@ This layer knows no model, dataset or optimizer; rebuilding a trained model from
 
 from gradlab.runs.checkpoints import load_checkpoint, save_checkpoint
 from gradlab.runs.folder import METRIC_COLUMNS, STATUSES, RunDir, validate_run_name
-from gradlab.runs.records import find_run, list_runs, read_config
+from gradlab.runs.records import RunFolderError, find_run, list_runs, read_config
 
 __all__ = ["RunDir", "METRIC_COLUMNS", "STATUSES", "validate_run_name", "find_run", "list_runs", "read_config",
-           "load_checkpoint", "save_checkpoint"]
+           "RunFolderError", "load_checkpoint", "save_checkpoint"]

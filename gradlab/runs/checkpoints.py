@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from gradlab.core.errors import GradlabError
 
@@ -72,21 +72,37 @@ def atomic_write(path: str | Path, write, *, binary: bool) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``. A missing, empty, truncated or foreign file
-    raises one :class:`GradlabError` line that names it."""
+def load_checkpoint(path: str | Path, map_location="cpu", keys: Sequence[str] = ()) -> dict:
+    """Load a checkpoint with ``weights_only=True``: a dict holding at least ``keys``.
+
+    Raises:
+        GradlabError: no file at ``path``.
+        RunFolderError: the file is empty, truncated or foreign (not a torch file, or holding
+            more than tensors and plain values), is not a dict, or lacks one of ``keys``; one
+            line that names the file and what is wrong.
+    """
     import torch
+
+    from gradlab.runs.records import RunFolderError
 
     path = Path(path)
     if not path.is_file():
         raise GradlabError(f"no checkpoint at {path}")
     if path.stat().st_size == 0:
-        raise GradlabError(f"cannot read checkpoint {path}: the file is empty (0 bytes)")
+        raise RunFolderError(path, "the file is empty (0 bytes)", prefix="cannot read checkpoint")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, foreign or holding more than tensors and plain values
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise GradlabError(f"cannot read checkpoint {path}: {first}") from None
+        raise RunFolderError(path, first, prefix="cannot read checkpoint") from None
+    if not isinstance(ckpt, dict):
+        raise RunFolderError(path, f"holds a {type(ckpt).__name__}, not a dict of states",
+                             prefix="cannot read checkpoint")
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        held = ", ".join(map(str, ckpt)) or "nothing"
+        raise RunFolderError(path, f"missing key {missing[0]!r} (it holds: {held})", prefix="cannot read checkpoint")
+    return ckpt
 
 
 class CheckpointWriter:

@@ -29,9 +29,9 @@ from gradlab.core.errors import GradlabError
 from gradlab.runs.checkpoints import CheckpointWriter, atomic_write
 from gradlab.runs.logging import (HISTOGRAM_BINS, METRIC_COLUMNS, MetricsCSV, NullWriter, histograms_stats,
                                   histograms_summary, open_summary_writer, scalars_summary, truncate_metrics)
-from gradlab.runs.records import read_config
+from gradlab.runs.records import STATUSES, read_config
+from gradlab.runs.trust import names_code, record_trusted
 
-STATUSES = ("completed", "diverged", "interrupted", "failed")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+-]*$")
 
 __all__ = ["RunDir", "STATUSES", "METRIC_COLUMNS", "validate_run_name"]
@@ -98,6 +98,8 @@ class RunDir:
         (path / "plots").mkdir()
         run = cls(path, command)
         run._write_config(config, argv if argv is not None else sys.argv)
+        if names_code(config.get("model")):  # this user chose that code: rebuilding the run may import it
+            record_trusted(path, config["model"])
         run._metrics.open()
         return run
 
