@@ -81,20 +81,16 @@ def _command(
 ) -> None:
     """Attack the model of a trained run (eval mode) at one or more eps; writes attack.csv, plots, TensorBoard."""
     from gradlab.attacks import attack_options
-    from gradlab.attacks.base import DROPOUTS, check_eps
-    from gradlab.core.config import Slot, load_yaml, normalise_keys, resolve_config
+    from gradlab.attacks.base import DROPOUTS, check_eps, check_target_class
+    from gradlab.core.config import load_yaml, normalise_keys
     from gradlab.core.errors import GradlabError
 
     file_cfg = normalise_keys(load_yaml(config)) if config is not None else {}
     file_eps = file_cfg.pop("eps", None)  # a sweep (text, number or list), not a declared option
-    eps_value = eps if eps is not None else file_eps if file_eps is not None else DEFAULT_EPS
     typed = {**flags, "run": run, "runs_dir": None if runs_dir is None else str(runs_dir), "name": name,
              "seed": seed, "device": device}
-    cfg = resolve_config(OWN, [Slot("attack", ATTACKS)],
-                         [(f"in {config}", file_cfg), ("", typed), ("", {"attack": attack})], command="attack")
-    eps_list = _eps_list(eps_value)
-    for e in eps_list:
-        check_eps(e, cfg["norm"])
+    cfg, eps_list = resolve_attack(attack, [(f"in {config}", file_cfg), ("", typed)],
+                                   eps if eps is not None else file_eps)
     # The attack takes its declared options; its seed is the run's (the same key).
     opts = {k: cfg[k] for k in attack_options(attack).names()}
 
@@ -116,6 +112,7 @@ def _command(
         raise GradlabError(f"run {source.name} has an empty test split: nothing to attack")
     for e in eps_list:
         check_eps(e, cfg["norm"], x[0].numel())
+    check_target_class(cfg["target_class"], data.spec.num_classes)  # before the run folder, not in it
     cfg["run"] = str(source)
     torch.manual_seed(cfg["seed"])
 
@@ -146,6 +143,20 @@ def _command(
                 "model_mode": "eval",
             },
         )
+
+
+def resolve_attack(attack: str, sources: list, eps=None) -> tuple[dict, list]:
+    """The checked configuration of ``gradlab attack ATTACK`` from ``[(where, values), ...]``
+    (lowest precedence first) and its eps sweep (``None``: the default), every budget checked
+    against the norm: what the command and ``gradlab run`` check before anything runs."""
+    from gradlab.attacks.base import check_eps
+    from gradlab.core.config import Slot, resolve_config
+
+    cfg = resolve_config(OWN, [Slot("attack", ATTACKS)], [*sources, ("", {"attack": attack})], command="attack")
+    eps_list = _eps_list(eps if eps is not None else DEFAULT_EPS)
+    for e in eps_list:
+        check_eps(e, cfg["norm"])
+    return cfg, eps_list
 
 
 def _eps_list(value) -> list:
