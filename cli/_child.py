@@ -4,10 +4,10 @@ Each combination of an experiment runs as ``python -m gradlab COMMAND ...`` in a
 own, so a crash or a divergence cannot take the sweep down. The child starts in a process group
 of its own: a Ctrl-C at the terminal then reaches it once, forwarded by :class:`Children`, not
 twice (a second SIGINT tells a train run to stop at once rather than at its next step). SIGINT
-and SIGTERM sent to ``gradlab run`` go to the running child's process group (its own children,
-e.g. torchrun's ranks, included); the child finishes its own clean stop (a train run writes its
-checkpoint and exits 130 or 143), the experiment starts no further run, and its caller removes
-the temporary files and exits with that code. A child still running when the experiment leaves
+and SIGTERM sent to ``gradlab run`` (and a hang-up, as SIGTERM) go to the running child's
+process group (its own children, e.g. torchrun's ranks, included); the child finishes its own
+clean stop (a train run writes its checkpoint and exits 130 or 143), the experiment starts no
+further run, and its caller removes the temporary files and exits with 128 + the signal. A child still running when the experiment leaves
 for any other reason is stopped and waited for: none is left behind.
 """
 
@@ -16,17 +16,23 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from typing import Optional
 
 #: The exit code of a process stopped by each signal it handles (128 + the signal's number).
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
+# What the child is sent for each: a closed terminal's hang-up asks it to stop as SIGTERM does
+# (its own process group is not the terminal's job, so the hang-up would not reach it).
+_FORWARD_AS = {signal.SIGHUP: signal.SIGTERM}
+# A process group of its own (Python 3.10 has no process_group argument).
+_OWN_GROUP = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 # How long a child gets for its own clean stop when the experiment leaves on an error.
 _GRACE_SECONDS = 60
 
 
 class Children:
-    """Context manager: while open, SIGINT and SIGTERM are forwarded to the child :meth:`run`
-    is waiting for; :attr:`received` holds the first one (``None``: none came)."""
+    """Context manager: while open, SIGINT, SIGTERM and SIGHUP are forwarded to the child
+    :meth:`run` is waiting for; :attr:`received` holds the first one (``None``: none came)."""
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
@@ -60,7 +66,7 @@ class Children:
         child = self._child
         if child is not None and child.poll() is None:
             try:
-                os.killpg(child.pid, signum)
+                os.killpg(child.pid, _FORWARD_AS.get(signum, signum))
             except ProcessLookupError:  # it has just ended
                 return
             self._told = child.pid
@@ -68,8 +74,7 @@ class Children:
     def run(self, argv: list) -> tuple[int, str, str]:
         """Run ``argv`` to its end; ``(exit code, stdout, stderr)``. A child ended by a signal
         it did not handle reports 128 + the signal's number, as a shell does."""
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                process_group=0)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **_OWN_GROUP)
         self._child = proc
         if self.received is not None and self._told != proc.pid:  # came while it was starting
             self._forward(self.received)
