@@ -147,6 +147,7 @@ def _run_all(file: Path, stages: list, plans: list, total: int, *, resume: bool,
         for si, (stage, stage_plans) in enumerate(zip(stages, plans), 1):
             made = []
             sources = previous if stage.base.get("run") == PREVIOUS else [None]
+            check = checker(stage.command) if done is not None and sources != [None] else None
             for source in sources:
                 for plan in stage_plans:
                     if stop or children.received is not None:
@@ -155,7 +156,7 @@ def _run_all(file: Path, stages: list, plans: list, total: int, *, resume: bool,
                     cfg = dict(plan.cfg, **({"run": source} if source is not None else {}))
                     what = _what(stage, plan, source)
                     if done is not None:
-                        resolved = plan.resolved or deep_check(stage.command, checker(stage.command)(stage.args, cfg))
+                        resolved = plan.resolved or deep_check(stage.command, check(stage.args, cfg))
                         found = done.take("-".join(stage.command), resolved)
                         if found is not None:
                             made.append(str(found))
