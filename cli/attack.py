@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from gradlab.attacks import ATTACKS
+from gradlab.core.manifest import registry_view
 from gradlab.runs.options import RUN_OPTIONS
 from gradlab.core.options import Option, Options
 from gradlab_cli._common import (
@@ -62,7 +62,8 @@ def __getattr__(name: str):
     # The command is made on each access, so an attack registered after this module was imported
     # (a plug-in module, a test) has its flags too.
     if name == "command":
-        return with_flags((ATTACK, ATTACKS), (ATTACK, SWEEP), (OUTPUT, OUTPUTS))(_command)
+        # the declarations (the manifest), so a typo is answered before torch is imported
+        return with_flags((ATTACK, registry_view("attacks")), (ATTACK, SWEEP), (OUTPUT, OUTPUTS))(_command)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -80,8 +81,6 @@ def _command(
     flags: dict,
 ) -> None:
     """Attack the model of a trained run (eval mode) at one or more eps; writes attack.csv, plots, TensorBoard."""
-    from gradlab.attacks import attack_options
-    from gradlab.attacks.base import DROPOUTS, check_eps, check_target_class
     from gradlab.core.config import load_yaml, normalise_keys
     from gradlab.core.errors import GradlabError
 
@@ -91,6 +90,9 @@ def _command(
              "seed": seed, "device": device}
     cfg, eps_list = resolve_attack(attack, [(f"in {config}", file_cfg), ("", typed)],
                                    eps if eps is not None else file_eps)
+    from gradlab.attacks import attack_options
+    from gradlab.attacks.base import DROPOUTS, check_eps, check_target_class
+
     # The attack takes its declared options; its seed is the run's (the same key).
     opts = {k: cfg[k] for k in attack_options(attack).names()}
 
@@ -149,11 +151,13 @@ def resolve_attack(attack: str, sources: list, eps=None) -> tuple[dict, list]:
     """The checked configuration of ``gradlab attack ATTACK`` from ``[(where, values), ...]``
     (lowest precedence first) and its eps sweep (``None``: the default), every budget checked
     against the norm: what the command and ``gradlab run`` check before anything runs."""
-    from gradlab.attacks.base import check_eps
     from gradlab.core.config import Slot, resolve_config
 
-    cfg = resolve_config(OWN, [Slot("attack", ATTACKS)], [*sources, ("", {"attack": attack})], command="attack")
+    cfg = resolve_config(OWN, [Slot("attack", registry_view("attacks"))], [*sources, ("", {"attack": attack})],
+                         command="attack")
     eps_list = _eps_list(eps if eps is not None else DEFAULT_EPS)
+    from gradlab.attacks.base import check_eps  # names and numbers above are checked without torch
+
     for e in eps_list:
         check_eps(e, cfg["norm"])
     return cfg, eps_list

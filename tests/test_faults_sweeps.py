@@ -128,7 +128,8 @@ def test_a_typo_is_answered_without_importing_torch(tmp_path):
     bad = _write(tmp_path / "bad.yaml", {"command": "train", "epochs": 1, "sweep": {"opt": ["sgd", "adamm"]}})
     key = _write(tmp_path / "key.yaml", {"command": "train", "epochz": 1})
     for argv in (["train", "--opt", "adamm"], ["train", "--lr", "fast"], ["train", "--set", "lr=fast"],
-                 ["run", str(bad)], ["run", str(key)], ["--help"]):
+                 ["attack", "fgsmm"], ["attack", "fgsm", "--norm", "l3"], ["run", str(bad)], ["run", str(key)],
+                 ["--help"]):
         p = subprocess.run([sys.executable, "-c", _NO_TORCH, *argv], capture_output=True, text=True, cwd=tmp_path,
                            timeout=300)
         assert p.stdout.split()[-2:] == ["imported:", "False"], (argv, p.stdout, p.stderr)
