@@ -42,7 +42,7 @@ def command(
     runs_dir: Annotated[Optional[Path], typer.Option("--runs-dir", help="Put every run here (overrides the file).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Check the file and list the runs without starting them.")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help=f"Start more than {MAX_UNASKED:,} runs without asking.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Skip every combination whose run (same resolved config in its config.yaml) completed already.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip every combination whose run (same resolved config in its config.yaml) completed already; continue an interrupted train run from its checkpoint.")] = False,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first run that does not complete (default: go on, report at the end).")] = False,
 ) -> None:
     """Run each combination of an experiment file as its own run; report failures at the end."""
@@ -136,11 +136,11 @@ def _run_all(file: Path, stages: list, plans: list, total: int, *, resume: bool,
     import pandas as pd
     from rich.markup import escape
 
-    from gradlab.training.experiment import PREVIOUS, CompletedRuns, log_hparams
+    from gradlab.training.experiment import PREVIOUS, EarlierRuns, log_hparams
     from gradlab_cli._checks import checker, deep_check
     from gradlab_cli._child import Children
 
-    done = CompletedRuns() if resume else None
+    done = EarlierRuns() if resume else None
     results, previous, n, stop = [], [None], 0, False
     with tempfile.TemporaryDirectory(prefix="gradlab-exp-") as tmp, Children() as children, \
             _Bar(total) as bar:
@@ -155,17 +155,20 @@ def _run_all(file: Path, stages: list, plans: list, total: int, *, resume: bool,
                     n += 1
                     cfg = dict(plan.cfg, **({"run": source} if source is not None else {}))
                     what = _what(stage, plan, source)
+                    earlier = None
                     if done is not None:
                         resolved = plan.resolved or deep_check(stage.command, check(stage.args, cfg))
-                        found = done.take("-".join(stage.command), resolved)
-                        if found is not None:
-                            made.append(str(found))
+                        earlier = done.take("-".join(stage.command), resolved)
+                        if earlier is not None and earlier[1] == "completed":
+                            made.append(str(earlier[0]))
                             results.append({"#": n, "run": what, "status": "completed (earlier run)",
-                                            "folder": str(found), "error": ""})
+                                            "folder": str(earlier[0]), "error": ""})
                             bar.advance(ran=False)
                             continue
-                    console.print(f"[bold]{n}.[/bold] {escape(what)}", highlight=False)
-                    status, path, err = _run_one(children, stage, cfg, Path(tmp) / f"{n}.yaml")
+                    resumed = earlier[0] if earlier is not None else None  # an interrupted train run
+                    console.print(f"[bold]{n}.[/bold] {escape(what)}"
+                                  + (f" (continuing {escape(resumed.name)})" if resumed else ""), highlight=False)
+                    status, path, err = _run_one(children, stage, cfg, Path(tmp) / f"{n}.yaml", resumed)
                     if children.received is not None:
                         status = "interrupted"
                     results.append({"#": n, "run": what, "status": status, "folder": path or "", "error": err})
@@ -186,7 +189,8 @@ def _run_all(file: Path, stages: list, plans: list, total: int, *, resume: bool,
     left = total - len(df)
     if children.received is not None:
         err_console.print(f"gradlab: stopped by {_signal_name(children.received)}; {left:,} of {total:,} runs not "
-                          f"started; `gradlab run {file} --resume` skips the completed ones", highlight=False)
+                          f"started; `gradlab run {file} --resume` skips the completed ones and continues "
+                          f"an interrupted train run", highlight=False)
         raise typer.Exit(children.exit_code)
     if stop and left:
         err_console.print(f"gradlab: --fail-fast: stopped at the first run that did not complete; {left:,} of "
@@ -201,17 +205,21 @@ def _signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-def _run_one(children, stage, cfg: dict, cfg_path: Path):
-    """Run one combination in its own process; ``(status, run folder or None, last error line)``."""
+def _run_one(children, stage, cfg: dict, cfg_path: Path, resume: Optional[Path] = None):
+    """Run one combination in its own process (``resume``: continue this interrupted train run
+    from its checkpoint); ``(status, run folder or None, last error line)``."""
     import yaml
 
-    cfg = dict(cfg)
-    extra = []
-    if "run" in cfg and stage.command[0] in ("attack", "simplex", "probe"):
-        extra = ["--run", str(cfg.pop("run"))]  # the source run is a flag of each (simplex has no key)
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    code, out, err = children.run([sys.executable, "-m", "gradlab", *stage.command, *stage.args, *extra,
-                                   "--config", str(cfg_path), "--quiet"])
+    if resume is not None:
+        argv = ["train", "--resume", str(resume.resolve())]
+    else:
+        cfg = dict(cfg)
+        extra = []
+        if "run" in cfg and stage.command[0] in ("attack", "simplex", "probe"):
+            extra = ["--run", str(cfg.pop("run"))]  # the source run is a flag of each (simplex has no key)
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        argv = [*stage.command, *stage.args, *extra, "--config", str(cfg_path)]
+    code, out, err = children.run([sys.executable, "-m", "gradlab", *argv, "--quiet"])
     path = None
     for line in out.splitlines():
         if line.startswith("run: "):

@@ -308,3 +308,34 @@ def test_a_signal_to_gradlab_run_stops_its_child_cleanly_and_leaves_nothing(tmp_
             if pid is not None and _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         parent.wait(30)
+
+
+def test_resume_continues_an_interrupted_train_run_of_the_sweep(tmp_path, capsys, monkeypatch):
+    """A combination whose train run was interrupted (checkpoint kept) is continued with
+    `gradlab train --resume`, not started again; the others run as usual."""
+    from gradlab.runs import RunDir
+
+    runs = tmp_path / "runs"
+    log_metrics = RunDir.log_metrics
+    sent = []
+
+    def interrupt_in_second_epoch(self, step, epoch, split, metrics):
+        log_metrics(self, step, epoch, split, metrics)
+        if epoch is not None and epoch >= 1 and not sent:
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGINT)  # one Ctrl-C: the run checkpoints at its next step
+
+    monkeypatch.setattr(RunDir, "log_metrics", interrupt_in_second_epoch)
+    r = cli(capsys, "train", "--epochs", "3", "--set", "max_train=200", "--seed", "1", "--runs-dir", runs, "--quiet")
+    monkeypatch.setattr(RunDir, "log_metrics", log_metrics)
+    assert r.code == 130, r.err
+    stopped = r.run_path
+    assert pd.read_csv(stopped / "summary.csv").loc[0, "status"] == "interrupted"
+    assert (stopped / "checkpoints" / "last.pt").is_file()
+    f = _write(tmp_path / "seeds.yaml", {"command": "train", "epochs": 3, "max_train": 200, "runs_dir": str(runs),
+                                         "sweep": {"seed": [0, 1]}})
+    r = cli(capsys, "run", f, "--resume")
+    assert r.code == 0, r.err
+    assert f"(continuing {stopped.name})" in r.out
+    assert len(_folders(runs)) == 2  # seed 0 made its run; seed 1 went on in its own folder
+    assert pd.read_csv(stopped / "summary.csv").loc[0, "status"] == "completed"

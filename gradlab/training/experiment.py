@@ -158,38 +158,46 @@ def run_status(path: Path) -> str | None:
     return (row or {}).get("status")
 
 
-class CompletedRuns:
-    """The completed runs of a runs folder, for ``gradlab run --resume``: :meth:`take` finds one
-    whose command and stored config match a combination and never hands the same run out twice
-    (a sweep that repeats a combination runs it again)."""
+class EarlierRuns:
+    """The runs of a runs folder that ``gradlab run --resume`` can use: completed runs, and
+    interrupted train runs with a checkpoint (continued with ``gradlab train --resume``).
+    :meth:`take` finds one whose command and stored config match a combination, a completed
+    one first, and never hands the same run out twice (a sweep that repeats a combination runs
+    it again)."""
 
     def __init__(self):
-        self._by_dir: dict[Path, list[tuple[Path, str, dict]]] = {}
+        self._by_dir: dict[Path, list[tuple[Path, str, str, dict]]] = {}
         self._taken: set[Path] = set()
 
     def _runs(self, runs_dir: str | Path) -> list:
         key = Path(runs_dir).resolve()
         if key not in self._by_dir:
-            from gradlab.runs.records import list_runs, read_config
+            from gradlab.runs.records import has_checkpoint, list_runs, read_config
 
             found = []
             for path in list_runs(runs_dir):
-                if run_status(path) != "completed":
+                status = run_status(path)
+                if status not in ("completed", "interrupted"):
                     continue
                 try:
                     doc = read_config(path)
-                except GradlabError:  # a damaged folder is not a completed run
+                except GradlabError:  # a damaged folder is not a run to reuse
                     continue
+                command = str(doc.get("command"))
+                if status == "interrupted" and (command != "train" or not has_checkpoint(path)):
+                    continue  # only a train run continues where it stopped
                 if isinstance(doc.get("config"), dict):
-                    found.append((path, str(doc.get("command")), doc["config"]))
+                    found.append((path, status, command, doc["config"]))
+            found.sort(key=lambda r: r[1] != "completed")  # stable: oldest first within each
             self._by_dir[key] = found
         return self._by_dir[key]
 
-    def take(self, command: str, resolved: dict) -> Path | None:
-        for path, cmd, stored in self._runs(resolved.get("runs_dir") or "runs"):
+    def take(self, command: str, resolved: dict) -> tuple[Path, str] | None:
+        """``(run folder, "completed" or "interrupted")`` for a combination, or None."""
+        for path, status, cmd, stored in self._runs(resolved.get("runs_dir") or "runs"):
             if cmd == command and path not in self._taken and config_matches(resolved, stored):
                 self._taken.add(path)
-                return path
+                return path, status
         return None
 
 
