@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from gradlab.attacks import ATTACKS
+from gradlab.core.manifest import registry_view
 from gradlab.runs.options import RUN_OPTIONS
 from gradlab.core.options import Option, Options
 from gradlab_cli._common import (
@@ -63,7 +63,8 @@ def __getattr__(name: str):
     # The command is made on each access, so an attack registered after this module was imported
     # (a plug-in module, a test) has its flags too.
     if name == "command":
-        return with_flags((ATTACK, ATTACKS), (ATTACK, SWEEP), (OUTPUT, OUTPUTS))(_command)
+        # the declarations (the manifest), so a typo is answered before torch is imported
+        return with_flags((ATTACK, registry_view("attacks")), (ATTACK, SWEEP), (OUTPUT, OUTPUTS))(_command)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -82,21 +83,18 @@ def _command(
     flags: dict,
 ) -> None:
     """Attack the model of a trained run (eval mode) at one or more eps; writes attack.csv, plots, TensorBoard."""
-    from gradlab.attacks import attack_options
-    from gradlab.attacks.base import DROPOUTS, check_eps
-    from gradlab.core.config import Slot, load_yaml, normalise_keys, resolve_config
+    from gradlab.core.config import load_yaml, normalise_keys
     from gradlab.core.errors import GradlabError
 
     file_cfg = normalise_keys(load_yaml(config)) if config is not None else {}
     file_eps = file_cfg.pop("eps", None)  # a sweep (text, number or list), not a declared option
-    eps_value = eps if eps is not None else file_eps if file_eps is not None else DEFAULT_EPS
     typed = {**flags, "run": run, "runs_dir": None if runs_dir is None else str(runs_dir), "name": name,
              "seed": seed, "device": device}
-    cfg = resolve_config(OWN, [Slot("attack", ATTACKS)],
-                         [(f"in {config}", file_cfg), ("", typed), ("", {"attack": attack})], command="attack")
-    eps_list = _eps_list(eps_value)
-    for e in eps_list:
-        check_eps(e, cfg["norm"])
+    cfg, eps_list = resolve_attack(attack, [(f"in {config}", file_cfg), ("", typed)],
+                                   eps if eps is not None else file_eps)
+    from gradlab.attacks import attack_options
+    from gradlab.attacks.base import DROPOUTS, check_eps, check_target_class
+
     # The attack takes its declared options; its seed is the run's (the same key).
     opts = {k: cfg[k] for k in attack_options(attack).names()}
 
@@ -118,6 +116,7 @@ def _command(
         raise GradlabError(f"run {source.name} has an empty test split: nothing to attack")
     for e in eps_list:
         check_eps(e, cfg["norm"], x[0].numel())
+    check_target_class(cfg["target_class"], data.spec.num_classes)  # before the run folder, not in it
     cfg["run"] = str(source)
     torch.manual_seed(cfg["seed"])
 
@@ -148,6 +147,22 @@ def _command(
                 "model_mode": "eval",
             },
         )
+
+
+def resolve_attack(attack: str, sources: list, eps=None) -> tuple[dict, list]:
+    """The checked configuration of ``gradlab attack ATTACK`` from ``[(where, values), ...]``
+    (lowest precedence first) and its eps sweep (``None``: the default), every budget checked
+    against the norm: what the command and ``gradlab run`` check before anything runs."""
+    from gradlab.core.config import Slot, resolve_config
+
+    cfg = resolve_config(OWN, [Slot("attack", registry_view("attacks"))], [*sources, ("", {"attack": attack})],
+                         command="attack")
+    eps_list = _eps_list(eps if eps is not None else DEFAULT_EPS)
+    from gradlab.attacks.base import check_eps  # names and numbers above are checked without torch
+
+    for e in eps_list:
+        check_eps(e, cfg["norm"])
+    return cfg, eps_list
 
 
 def _eps_list(value) -> list:

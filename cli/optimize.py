@@ -29,6 +29,21 @@ def _options():
     return OPTIMIZE_OPTIONS
 
 
+def check_optimize(cfg: dict) -> tuple:
+    """``(start point or None, optimizer names)`` of a resolved config, after every check that
+    needs more than one option (the function, its start point and cond, the optimizer names),
+    so that a mistake is one line and no run folder; ``gradlab run`` calls it too."""
+    from gradlab.landscape.functions import build_function
+    from gradlab.landscape.trajectories import registry_optimizer_factory
+
+    start_pt = parse_float_list(cfg["start"], "start point") if cfg["start"] not in (None, "") else None
+    names = [s.strip() for s in str(cfg["opt"]).split(",") if s.strip()]
+    build_function(cfg["fn"], start_pt, cond=cfg["cond"])  # bad function/start/cond: one line, no run folder
+    for n in names:
+        registry_optimizer_factory(n, cfg["lr"])  # unknown optimizer: one line, no run folder
+    return start_pt, names
+
+
 @with_flags((PANEL, _options()))
 def command(
     runs_dir: RunsDirOpt = None,
@@ -43,19 +58,12 @@ def command(
     """Run optimizers from one start point on a 2-D test function: trajectories.csv, a contour plot of all
     paths, and per optimizer the final point, steps to tol, saddle escape and the final point's type
     (exact Hessian eigenvalues)."""
-    from gradlab.landscape.functions import build_function
     from gradlab.landscape.plots import trajectories_gif, trajectories_plot
     from gradlab.landscape.trajectories import optimize
 
     flags = dict(flags, runs_dir=runs_dir, name=name, seed=seed, device=device)
     cfg = resolve_command(_options(), config, flags, command="optimize")
-    start_pt = parse_float_list(cfg["start"], "start point") if cfg["start"] not in (None, "") else None
-    names = [s.strip() for s in str(cfg["opt"]).split(",") if s.strip()]
-    build_function(cfg["fn"], start_pt, cond=cfg["cond"])  # bad function/start/cond: one line, no run folder
-    from gradlab.landscape.trajectories import registry_optimizer_factory
-
-    for n in names:
-        registry_optimizer_factory(n, cfg["lr"])  # unknown optimizer: one line, no run folder
+    start_pt, names = check_optimize(cfg)
     # 2-D functions are tiny: the CPU is always the right device; --device is accepted for uniformity
 
     with start_run("optimize", cfg) as run:
@@ -82,9 +90,11 @@ def command(
                     if c in summary.columns]
             shown = summary[cols].astype(object).where(summary[cols].notna(), None)
             render_table(shown, title=f"{cfg['fn']} from {tuple(fn_obj.point.tolist())}, {cfg['steps']} steps")
-        best = summary.loc[summary["final_loss"].astype(float).idxmin()]
-        metrics = {"fn": cfg["fn"], "optimizers": len(names), "best_optimizer": best["optimizer"],
-                   "best_final_loss": float(best["final_loss"])}
+        final = summary["final_loss"].astype(float)
+        finite = final[final.abs() < float("inf")]  # a diverged path (nan, inf) is never the best
+        metrics = {"fn": cfg["fn"], "optimizers": len(names),
+                   "best_optimizer": summary.loc[finite.idxmin(), "optimizer"] if len(finite) else "none",
+                   "best_final_loss": float(finite.min()) if len(finite) else float("nan")}
         if "escaped" in summary.columns:
             metrics["escaped"] = int(summary["escaped"].sum())
         finish_and_print(run, "completed", metrics)

@@ -94,13 +94,15 @@ def command(
     flags: dict,
 ) -> None:
     """Train a model; log per-step loss, learning rate and gradient norm, per-epoch accuracy."""
-    from gradlab.runs import RunDir
-    from gradlab.training.loop import Trainer
     from gradlab.training.options import TRAIN_OPTIONS, validate_train_config
 
     flags = dict(flags, runs_dir=runs_dir, name=name, seed=seed, device=device)
     sets = parse_set(set_)
     rank0 = is_rank0()
+    if resume is None:  # names and numbers checked before torch is imported
+        cfg = resolve_command(TRAIN_OPTIONS, config, flags, slots=train_slots(), sets=sets, command="train")
+    from gradlab.runs import RunDir, find_run, load_checkpoint, read_config
+    from gradlab.training.loop import Trainer
 
     if resume is not None:
         from gradlab.training.load import open_resume, resume_trainer
@@ -110,7 +112,6 @@ def command(
         trainer = resume_trainer(point)
         run = RunDir.reopen(path, point.checkpoint["step"]) if rank0 else RunDir(path, "train", enabled=False)
     else:
-        cfg = resolve_command(TRAIN_OPTIONS, config, flags, slots=train_slots(), sets=sets, command="train")
         validate_train_config(cfg)  # what needs more than one value: the --probe spec
         trainer = Trainer(cfg)  # data, model and optimizer built before any folder exists
         run = start_run("train", cfg, enabled=rank0)

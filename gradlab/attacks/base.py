@@ -89,6 +89,14 @@ def check_eps(eps: float, norm: str, n_features: Optional[int] = None) -> None:
         )
 
 
+def check_target_class(target_class: Optional[int], n_classes: int) -> None:
+    """A target class must be one of the model's ``n_classes`` outputs (checked before a run
+    folder exists, from the source run's data, and again on the logits of every call)."""
+    if target_class is not None and not 0 <= target_class < n_classes:
+        raise GradlabError(f"invalid target class: {target_class} (the model has {n_classes} classes: "
+                           f"must be in 0..{n_classes - 1})")
+
+
 def flat_norm(t: Tensor, norm: str) -> Tensor:
     """Per-example norm of ``t`` (``(B, ...)`` -> ``(B,)``), accumulated in float64."""
     flat = t.reshape(t.shape[0], -1).double()
@@ -330,8 +338,7 @@ class Attack(abc.ABC):
             logits = self.model(x0)
         n_classes = logits.shape[1]
         if self.target_class is not None:
-            if not 0 <= self.target_class < n_classes:
-                raise GradlabError(f"invalid target class: {self.target_class} (must be in 0..{n_classes - 1})")
+            check_target_class(self.target_class, n_classes)
             return torch.full_like(y0, self.target_class)
         return logits.argmin(dim=1)
 

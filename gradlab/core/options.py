@@ -303,15 +303,19 @@ def check_keys(given: Iterable[str], valid: Sequence[str], *, owner: str = "", w
         raise GradlabError(f"unknown option {key!r}{of}{_where(where)}{hint}")
 
 
-def parse_numbers(text: Any, what: str) -> list[float]:
+def parse_numbers(text: Any, what: str, finite: bool = True) -> list[float]:
     """``"0,0.01,0.03"`` -> ``[0.0, 0.01, 0.03]``: a comma list of numbers (an ``--eps`` sweep, a
-    start point); one clear error naming ``what`` otherwise."""
+    start point); one clear error naming ``what`` otherwise. ``nan`` is never a number here, and
+    ``inf`` only with ``finite=False`` (as for :class:`Option`)."""
     try:
         vals = [float(t) for t in str(text).split(",") if t.strip() != ""]
     except ValueError:
         raise GradlabError(f"invalid {what} {text!r}: expected a number or a comma-separated list of numbers") from None
     if not vals:
         raise GradlabError(f"invalid {what} {text!r}: empty")
+    for v in vals:
+        if math.isnan(v) or (finite and math.isinf(v)):
+            raise GradlabError(f"invalid {what} {text!r}: {v} is not a finite number")
     return vals
 
 

@@ -96,6 +96,111 @@ def load_experiment(path: str | Path) -> list[Stage]:
     return stages
 
 
+def runs_per_stage(stages: list[Stage]) -> list[int]:
+    """How many runs each stage makes if every run before it completes: a ``@previous`` stage
+    makes its combinations once for every run of the stage before it."""
+    counts: list[int] = []
+    for stage in stages:
+        n = len(stage.combinations())
+        counts.append(n * counts[-1] if stage.base.get("run") == PREVIOUS and counts else n)
+    return counts
+
+
+def eta_seconds(elapsed: float, ran: int, remaining: int) -> float | None:
+    """Time left for ``remaining`` runs at the mean pace of the ``ran`` runs made so far in
+    ``elapsed`` seconds (runs skipped by ``--resume`` do not count); None before the first."""
+    if ran <= 0:
+        return None
+    return elapsed / ran * remaining
+
+
+# -- --resume: which combinations have a completed run already ---------------------------------
+# Keys that say where a run lives or what it is called, not what it computes.
+NOT_COMPARED = ("runs_dir", "name", "data_dir", "device")
+# Keys holding a run folder: compared as resolved paths.
+PATH_KEYS = ("run", "run_a", "run_b", "source_run")
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def config_matches(want: dict, stored: dict) -> bool:
+    """Whether a run's stored ``config.yaml`` config holds every value of the resolved ``want``
+    (keys of :data:`NOT_COMPARED` and values still ``None``, decided by the command, aside)."""
+    for key, value in want.items():
+        if key in NOT_COMPARED or value is None:
+            continue
+        if key not in stored:
+            return False
+        have = stored[key]
+        if key in PATH_KEYS and isinstance(value, str) and isinstance(have, str):
+            if Path(value).resolve() != Path(have).resolve():
+                return False
+        elif _plain(value) != _plain(have):
+            return False
+    return True
+
+
+def run_status(path: Path) -> str | None:
+    """The ``status`` of a run's ``summary.csv``; None when it has none or it is unreadable."""
+    import csv
+
+    try:
+        with open(Path(path) / "summary.csv", newline="") as f:
+            row = next(csv.DictReader(f), None)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    return (row or {}).get("status")
+
+
+class EarlierRuns:
+    """The runs of a runs folder that ``gradlab run --resume`` can use: completed runs, and
+    interrupted train runs with a checkpoint (continued with ``gradlab train --resume``).
+    :meth:`take` finds one whose command and stored config match a combination, a completed
+    one first, and never hands the same run out twice (a sweep that repeats a combination runs
+    it again)."""
+
+    def __init__(self):
+        self._by_dir: dict[Path, list[tuple[Path, str, str, dict]]] = {}
+        self._taken: set[Path] = set()
+
+    def _runs(self, runs_dir: str | Path) -> list:
+        key = Path(runs_dir).resolve()
+        if key not in self._by_dir:
+            from gradlab.runs.records import has_checkpoint, list_runs, read_config
+
+            found = []
+            for path in list_runs(runs_dir):
+                status = run_status(path)
+                if status not in ("completed", "interrupted"):
+                    continue
+                try:
+                    doc = read_config(path)
+                except GradlabError:  # a damaged folder is not a run to reuse
+                    continue
+                command = str(doc.get("command"))
+                if status == "interrupted" and (command != "train" or not has_checkpoint(path)):
+                    continue  # only a train run continues where it stopped
+                if isinstance(doc.get("config"), dict):
+                    found.append((path, status, command, doc["config"]))
+            found.sort(key=lambda r: r[1] != "completed")  # stable: oldest first within each
+            self._by_dir[key] = found
+        return self._by_dir[key]
+
+    def take(self, command: str, resolved: dict) -> tuple[Path, str] | None:
+        """``(run folder, "completed" or "interrupted")`` for a combination, or None."""
+        for path, status, cmd, stored in self._runs(resolved.get("runs_dir") or "runs"):
+            if cmd == command and path not in self._taken and config_matches(resolved, stored):
+                self._taken.add(path)
+                return path, status
+        return None
+
+
 # Final metrics of a train run worth a column in TensorBoard's HParams table: summary.csv column ->
 # the run's scalar tag.
 HPARAM_METRICS = {"test_acc": "test/acc", "test_loss": "test/loss", "train_loss": "train/loss"}
