@@ -101,7 +101,7 @@ def command(
     rank0 = is_rank0()
     if resume is None:  # names and numbers checked before torch is imported
         cfg = resolve_command(TRAIN_OPTIONS, config, flags, slots=train_slots(), sets=sets, command="train")
-    from gradlab.runs import RunDir, find_run, load_checkpoint, read_config
+    from gradlab.runs import RunDir
     from gradlab.training.loop import Trainer
 
     if resume is not None:

@@ -67,7 +67,7 @@ def test_top_level_help_lines_are_the_commands_own_and_help_skips_torch():
         mod = importlib.import_module(f"gradlab_cli.{module}")
         doc = (mod.app.info.help if hasattr(mod, "app") else mod.command.__doc__).strip().splitlines()[0]
         assert doc == line, name
-    for args in (["--help"], ["probe", "--help"], ["train", "--help"]):
+    for args in (["--help"], ["probe", "--help"], ["train", "--help"], ["attack", "--help"]):
         code = (f"import sys; from gradlab_cli.main import main\ntry:\n main({args!r})\nexcept SystemExit: pass\n"
                 "print('torch' in sys.modules)")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
