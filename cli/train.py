@@ -165,6 +165,7 @@ def _finish(run, cfg, result, quiet: bool, rank0: bool) -> int:
     except OSError as e:
         if result.status != "failed":  # else the cause is said already; the summary could not be written
             report_write_error(e, run.path)
+        print(f"run: {run.path}", flush=True)
         return code or 1
     return code
 

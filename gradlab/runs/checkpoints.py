@@ -71,7 +71,7 @@ def atomic_write(path: str | Path, write, *, binary: bool) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        named = with_filename(e, path)  # a full disk fails in write() or fsync(), which name no file
+        named = with_filename(e, path, tmp)  # a full disk fails in write() or fsync(), which name no file
         if named is e:
             raise
         raise named from None

@@ -47,11 +47,12 @@ def write_error_message(exc: BaseException, folder: Optional[Path] = None) -> Op
     return f"cannot write {where}: {reason}"
 
 
-def with_filename(exc: BaseException, path: Path) -> BaseException:
-    """``exc`` itself if it names its file or holds no ``OSError``; else an ``OSError`` of the
-    same kind that names ``path`` (a failed ``write`` or ``fsync`` names none)."""
+def with_filename(exc: BaseException, path: Path, temporary: Optional[Path] = None) -> BaseException:
+    """``exc`` itself if it names a file other than ``temporary`` or holds no ``OSError``; else
+    an ``OSError`` of the same kind that names ``path`` (a failed ``write`` or ``fsync`` names no
+    file, and the temporary file of an atomic write is not the one a user knows)."""
     e = os_error_in(exc)
-    if e is None or (e is exc and e.filename):
+    if e is None or (e is exc and e.filename and str(e.filename) != str(temporary)):
         return exc
     new = OSError(e.errno, e.strerror or os.strerror(e.errno), str(path))
     new.__cause__ = exc
