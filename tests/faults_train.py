@@ -28,6 +28,7 @@ def _install(pause: float, kill_rank: int, kill_step: int) -> None:
 
     def step_and_pause(self, *args):
         if rank == kill_rank and self.step + 1 >= kill_step:
+            print(f"killed at {time.time():.3f}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         out = train_step(self, *args)
         time.sleep(pause)

@@ -1,0 +1,54 @@
+"""A rank that dies under torchrun: the surviving rank ends within seconds with one line naming
+the dead rank, status ``failed`` in summary.csv and the last checkpoint kept to resume from;
+no traceback from it and no hang."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from clihelp import cli
+from gradlab.runs import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+# 2 epochs of 16 global steps; last.pt at each epoch's end. Rank 1 dies in step 24 (epoch 2).
+ARGS = ["--epochs", "2", "--batch-size", "16", "--seed", "5", "--width", "16", "--set", "max_train=256",
+        "--checkpoint-seconds", "0", "--log-every-steps", "1"]
+HELPER = Path(__file__).with_name("faults_train.py")
+
+
+def _rank_logs(logs: Path) -> dict:
+    """torchrun --redirects 3 --log-dir: each local rank's stderr, by rank."""
+    return {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
+
+
+def test_a_dead_rank_ends_the_survivor_with_one_line_and_a_resumable_run(tmp_path, capsys):
+    runs, logs = tmp_path / "runs", tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--redirects", "3",
+           "--log-dir", str(logs), str(HELPER), "0.02", "1:24", "--", "--runs-dir", str(runs), "--quiet",
+           "--device", "cpu", *ARGS]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode != 0
+    err = _rank_logs(logs)
+    assert set(err) == {0, 1}, p.stderr[-3000:]
+    killed_at = float(re.search(r"killed at ([0-9.]+)", err[1]).group(1))
+    lines = err[0].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradlab: rank 1 of 2 exited: "), err[0][-3000:]
+    assert "Traceback" not in err[0]
+    (run,) = [d for d in runs.iterdir() if d.is_dir()]
+    summary = pd.read_csv(run / "summary.csv").iloc[0]
+    assert summary["status"] == "failed"
+    assert (run / "summary.csv").stat().st_mtime - killed_at < 15  # ended within seconds, not at a timeout
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 16)
+    r = cli(capsys, "train", "--resume", run, "--quiet")  # one process continues the run
+    assert r.code == 0, r.err
+    done = pd.read_csv(run / "summary.csv").iloc[0]
+    assert (done["status"], done["steps"]) == ("completed", 32)
