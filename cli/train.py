@@ -135,6 +135,7 @@ def command(
     # stopping its workers after one died) cannot cut the run folder's last records short.
     with trainer.interrupts:
         result = _fit_with_progress(trainer, run, quiet or not rank0)
+        trainer.interrupts.escalate = False  # training has stopped: a signal now waits for the summary
         code = _finish(run, cfg, result, quiet, rank0)
     if code:
         raise typer.Exit(code)

@@ -116,10 +116,10 @@ def test_folder_turning_read_only_during_training(tmp_path, capsys, monkeypatch,
     r = cli(capsys, "train", "--runs-dir", tmp_path / "runs", *ARGS)
     run = r.run_path
     line = _assert_one_line(r, f"gradlab: runs folder {run} is not writable (read-only file system)")
+    assert line.endswith(f"writing {run / 'checkpoints' / 'last.pt'}")  # the file, not its temporary
     assert not (run / "summary.csv").exists()  # it cannot be written: the one line says why
     monkeypatch.undo()
     _assert_resumes_like(run, reference, capsys)
-    assert line
 
 
 def _refuse_probe(monkeypatch):

@@ -310,3 +310,20 @@ def test_training_bar_says_epoch_k_of_n_prints_each_epoch_and_no_nan(tmp_path, c
     monkeypatch.undo()
     r = cli(capsys, "train", "--runs-dir", tmp_path / "piped", *ARGS[:-2])
     assert [int(m.group(1)) for m in map(line.match, r.out.splitlines()) if m] == [1, 2], r.out
+
+
+def test_deferred_interrupt_records_the_first_signal_raises_on_the_second_and_restores_handlers():
+    from gradlab.training.interrupts import DeferredInterrupt
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    di = DeferredInterrupt()
+    with di:
+        with di:  # re-entrant: the inner block keeps the outer one's handlers
+            signal.raise_signal(signal.SIGTERM)
+        assert di.requested and di.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        di.escalate = False  # training has stopped: later signals only wait
+        signal.raise_signal(signal.SIGTERM)
+        assert di.signum == signal.SIGTERM
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

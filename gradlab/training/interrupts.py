@@ -37,6 +37,8 @@ class DeferredInterrupt:
     Attributes:
         requested: a stop was asked for (by a signal or by :meth:`request`).
         signum: the first signal received, or None.
+        escalate: whether a second signal raises ``KeyboardInterrupt``; set False once training
+            has stopped, so that no signal cuts the writing of the last records short.
     """
 
     def __init__(self):
@@ -44,6 +46,7 @@ class DeferredInterrupt:
         self.signum: Optional[int] = None
         self._old: dict = {}
         self._depth = 0
+        self.escalate = True
 
     def request(self, signum: Optional[int] = None) -> None:
         self.requested = True
@@ -51,7 +54,7 @@ class DeferredInterrupt:
             self.signum = signum
 
     def _handler(self, signum, frame):
-        if self.requested and self.signum is not None:
+        if self.requested and self.signum is not None and self.escalate:
             raise KeyboardInterrupt
         self.request(signum)
 
