@@ -1,13 +1,15 @@
-"""A rank that dies under torchrun: the surviving rank ends within seconds with one line naming
-the dead rank, status ``failed`` in summary.csv and the last checkpoint kept to resume from;
-no traceback from it and no hang."""
+"""Faults under torchrun. A rank that dies: the surviving rank ends within seconds with one line
+naming the dead rank, status ``failed`` in summary.csv and the last checkpoint kept to resume
+from; no traceback from it and no hang. SIGTERM to the launcher: every rank stops cleanly."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -49,6 +51,41 @@ def test_a_dead_rank_ends_the_survivor_with_one_line_and_a_resumable_run(tmp_pat
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert (ckpt["epoch"], ckpt["step"]) == (1, 16)
     r = cli(capsys, "train", "--resume", run, "--quiet")  # one process continues the run
+    assert r.code == 0, r.err
+    done = pd.read_csv(run / "summary.csv").iloc[0]
+    assert (done["status"], done["steps"]) == ("completed", 32)
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(tmp_path, capsys):
+    """A scheduler stops the launcher: torchrun passes SIGTERM to its workers, which stop at the
+    same step boundary, write last.pt there and status interrupted, and say how to resume."""
+    runs, logs = tmp_path / "runs", tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--redirects", "3",
+           "--log-dir", str(logs), str(HELPER), "0.1", "--", "--runs-dir", str(runs), "--quiet", "--device", "cpu",
+           *ARGS]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        found = [d for d in runs.iterdir() if d.is_dir()] if runs.exists() else []
+        if found and (found[0] / "metrics.csv").exists() and "train-step" in (found[0] / "metrics.csv").read_text():
+            break
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        time.sleep(0.02)
+    else:
+        p.kill()
+        raise AssertionError("no step logged")
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=120)
+    err = _rank_logs(logs)
+    lines = err[0].strip().splitlines()
+    assert len(lines) == 1 and "SIGTERM" in lines[0] and "--resume" in lines[0], err[0][-3000:]
+    assert "Traceback" not in err[0] + err[1]
+    run = found[0]
+    stopped = pd.read_csv(run / "summary.csv").iloc[0]
+    assert stopped["status"] == "interrupted" and 1 <= stopped["steps"] < 32
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == stopped["steps"]
+    r = cli(capsys, "train", "--resume", run, "--quiet")
     assert r.code == 0, r.err
     done = pd.read_csv(run / "summary.csv").iloc[0]
     assert (done["status"], done["steps"]) == ("completed", 32)

@@ -133,6 +133,7 @@ class Trainer:
         self.interrupts = DeferredInterrupt()  # SIGINT/SIGTERM become a stop at a step boundary
         self.checkpoint_requested = False  # a callback asks for a checkpoint (see request_checkpoint)
         self.checkpoint_due = False  # every rank writes one at this step
+        self._transforms, self._loss_checks, self._grad_checks = [], [], []  # fit() sets the hooks
         self.callbacks = sort_callbacks([*default_callbacks(cfg), *callbacks])
         keys = [cb.key for cb in self.callbacks]
         dup = next((k for k in keys if keys.count(k) > 1), None)
