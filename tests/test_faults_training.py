@@ -251,6 +251,19 @@ def test_divergence_stops_at_the_step_it_happens(tmp_path, how, step, over, word
     assert _summary(run)["status"] == "diverged"
 
 
+def test_a_rise_from_near_zero_loss_is_not_divergence(tmp_path):
+    """A run whose first epoch's losses are tiny (a pretrained model) may rise to a plain
+    cross-entropy: the default bound is at least 1e3 x ln C, the loss of a uniform guess."""
+    from gradlab.training.callbacks import Callback
+
+    class TinyLossButAtStep20(Callback):
+        def transform_loss(self, trainer, x, y, out, loss, n_global):
+            return loss if trainer.step + 1 == 20 else loss * 1e-4
+
+    result, run = _fit(_config(tmp_path), [TinyLossButAtStep20()])
+    assert result.status == "completed", result.message
+
+
 def test_a_huge_learning_rate_never_ends_completed(tmp_path, capsys):
     r = cli(capsys, "train", "--runs-dir", tmp_path, "--lr", "1e6", "--epochs", "3", "--set", "max_train=400",
             "--quiet")

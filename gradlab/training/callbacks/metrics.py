@@ -32,7 +32,9 @@ class DivergenceStop(Callback):
 
     * the batch loss is NaN or inf, or above a bound: ``max_loss`` when given, else ``factor``
       (1e3) times the mean batch loss of the first epoch (while the first epoch runs: of its steps
-      so far; the first step has no bound). Checked before any backward or update, so the loss
+      so far; the first step has no bound), or times ln C if that is larger: the cross-entropy of
+      a uniform guess over C classes, so that a run starting near zero loss (a pretrained model)
+      is not stopped by a small rise. Checked before any backward or update, so the loss
       of a run whose weights ran off (``--lr 1e6``) is caught while still finite, not a few steps
       later as NaN, and the run never ends ``completed`` at chance accuracy.
     * the gradient norm is NaN or inf (after backward, before the update; optimizers that take
@@ -48,10 +50,12 @@ class DivergenceStop(Callback):
         self.max_loss, self.factor = max_loss, factor
         self.ref_sum, self.ref_count = 0.0, 0  # the first epoch's batch losses so far
 
-    def bound(self) -> float:
+    def bound(self, num_classes: int = 2) -> float:
         if self.max_loss is not None:
             return self.max_loss
-        return self.factor * self.ref_sum / self.ref_count if self.ref_count else math.inf
+        if not self.ref_count:
+            return math.inf
+        return self.factor * max(self.ref_sum / self.ref_count, math.log(max(num_classes, 2)))
 
     def on_loss(self, trainer, value: float) -> None:
         if trainer.dist.enabled:  # every rank must stop at the same step
@@ -63,7 +67,7 @@ class DivergenceStop(Callback):
             value = total / trainer.dist.world_size if bad == 0 else math.nan  # shares sum to W x the mean
         if not math.isfinite(value):
             self._stop(trainer, "loss became NaN/inf")
-        bound = self.bound()
+        bound = self.bound(trainer.data.spec.num_classes)
         if value > bound:
             why = "--max-loss" if self.max_loss is not None else f"{self.factor:g} x the first epoch's mean loss"
             self._stop(trainer, f"loss {value:.4g} exceeded {bound:.4g} ({why})")
