@@ -11,17 +11,18 @@ class Checkpoints(Callback):
     """``last.pt`` with the trainer's whole position (:meth:`Trainer.state`: weights, optimizer,
     scheduler, RNG states, step, epoch, batch in epoch, epoch sums, callback states):
 
-    * at the end of the first epoch of every fit(), so a run killed early can be resumed;
+    * at the end of the first epoch of every fit(), unless one was written during it, so a run
+      killed early can be resumed;
     * every ``every_seconds`` (when > 0), also inside an epoch: once that much time has passed
-      since fit() started or since the last write, at the next step (under torchrun at the step
-      after, where every rank learns of it: rank 0's clock decides);
+      since fit() started or since the last write, at the step after the one that noticed, so
+      that under torchrun every rank writes at the same step (rank 0's clock decides);
     * at an epoch's end, unless one was written less than ``every_seconds`` ago (0: every epoch);
     * always when the run stops: completed, diverged (the weights before the step that diverged),
-      or interrupted by Ctrl-C (at the step boundary where it was honoured). After a second
-      Ctrl-C, which stops mid-step, the last one written is kept as it is.
+      or interrupted by Ctrl-C or SIGTERM (at the step boundary where it was honoured). After a
+      second signal, which stops mid-step, or a failure, the last one written is kept as it is.
 
     Written in the background (the state is frozen first; fit() waits for the write before it
-    returns), so a kill meanwhile leaves the previous file. With ``keep > 0``: ``init.pt`` before
+    reports the epoch and before it returns), so a kill meanwhile leaves the previous file. With ``keep > 0``: ``init.pt`` before
     the first step and ``step-NNNNNNNN.pt`` (weights and step only) at ``keep`` steps spread
     evenly over training, the last one at its final step.
 
