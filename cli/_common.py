@@ -82,6 +82,17 @@ def finish_and_print(run, status: str = "completed", metrics: Optional[Mapping[s
         print(f"run: {run.path}", flush=True)
 
 
+def report_write_error(exc: BaseException, folder) -> None:
+    """One stderr line for a write into the runs folder that failed (disk full, read-only,
+    permissions; :func:`gradlab.runs.write_errors.write_error_message`); re-raise anything else."""
+    from gradlab.runs.write_errors import write_error_message
+
+    message = write_error_message(exc, Path(folder))
+    if message is None:
+        raise exc
+    err_console.print(f"gradlab: {message}", highlight=False, soft_wrap=True)
+
+
 def render_table(df, title: Optional[str] = None, quiet: bool = False, float_fmt: str = "{:.4g}") -> None:
     """Print a DataFrame as a rich table."""
     if quiet:

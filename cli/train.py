@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+from contextlib import contextmanager
 from typing import List, Optional
 
 import typer
@@ -20,6 +20,7 @@ from gradlab_cli._common import (
     err_console,
     finish_and_print,
     is_rank0,
+    report_write_error,
     resolve_command,
     start_run,
 )
@@ -102,24 +103,52 @@ def command(
     if resume is None:  # names and numbers checked before torch is imported
         cfg = resolve_command(TRAIN_OPTIONS, config, flags, slots=train_slots(), sets=sets, command="train")
     from gradlab.runs import RunDir
+    from gradlab.runs.write_errors import check_writable
     from gradlab.training.loop import Trainer
 
     if resume is not None:
         from gradlab.training.load import open_resume, resume_trainer
 
         point = open_resume(resume, runs_dir or "runs", trust_code)  # every record checked first
-        cfg, path = point.config, point.path
+        cfg, path, ckpt = point.config, point.path, point.checkpoint
+        if ckpt["epoch"] >= cfg.get("epochs", TRAIN_OPTIONS["epochs"].default):  # nothing left to train
+            if rank0:
+                err_console.print(f"gradlab: run {path} already completed ({ckpt['epoch']} epochs, {ckpt['step']} "
+                                  f"steps): nothing to resume, nothing changed", highlight=False, soft_wrap=True)
+                print(f"run: {path}", flush=True)
+            return
+        if rank0:
+            check_writable(path, "run folder")
         trainer = resume_trainer(point)
-        run = RunDir.reopen(path, point.checkpoint["step"]) if rank0 else RunDir(path, "train", enabled=False)
+        with _one_line_on_write_error(path):
+            run = RunDir.reopen(path, ckpt["step"]) if rank0 else RunDir(path, "train", enabled=False)
     else:
         validate_train_config(cfg)  # what needs more than one value: the --probe spec
+        if rank0:
+            check_writable(cfg["runs_dir"])  # a read-only folder is named before any data loads
         trainer = Trainer(cfg)  # data, model and optimizer built before any folder exists
-        run = start_run("train", cfg, enabled=rank0)
+        with _one_line_on_write_error(cfg["runs_dir"]):
+            run = start_run("train", cfg, enabled=rank0)
 
-    result = _fit_with_progress(trainer, run, quiet or not rank0)
+    # SIGINT/SIGTERM stay deferred until summary.csv is written: a stop asked for meanwhile (torchrun
+    # stopping its workers after one died) cannot cut the run folder's last records short.
+    with trainer.interrupts:
+        result = _fit_with_progress(trainer, run, quiet or not rank0)
+        trainer.interrupts.escalate = False  # training has stopped: a signal now waits for the summary
+        code = _finish(run, cfg, result, quiet, rank0)
+    if code:
+        raise typer.Exit(code)
+
+
+def _finish(run, cfg, result, quiet: bool, rank0: bool) -> int:
+    """Write the run's last records and say how it ended; the exit code (128 + the signal
+    for a run stopped by one, as a shell reports it)."""
+    code = 0 if result.status == "completed" else (128 + result.signal if result.signal else 1)
     if not rank0:
+        if result.message and result.status == "failed":
+            err_console.print(f"gradlab: {result.message}", highlight=False, soft_wrap=True)
         run.finish(result.status, result.metrics)
-        raise typer.Exit(0 if result.status == "completed" else 1)
+        return code
     if result.status == "completed" and not quiet:
         m = result.metrics
         console.print(
@@ -130,31 +159,57 @@ def command(
         err_console.print(f"gradlab: {result.message}", highlight=False, soft_wrap=True)
     from gradlab.training.experiment import hparams_of
 
-    run.log_hparams(*hparams_of(cfg, result.metrics))  # every declared option, for TensorBoard's HParams
-    finish_and_print(run, result.status, result.metrics)
-    if result.status != "completed":
-        raise typer.Exit(130 if result.status == "interrupted" else 1)
+    try:
+        run.log_hparams(*hparams_of(cfg, result.metrics))  # every declared option, for TensorBoard's HParams
+        finish_and_print(run, result.status, result.metrics)
+    except OSError as e:
+        if result.status != "failed":  # else the cause is said already; the summary could not be written
+            report_write_error(e, run.path)
+        print(f"run: {run.path}", flush=True)
+        return code or 1
+    return code
 
 
-def _fit_with_progress(trainer, run, quiet: bool):
-    """Run training under a rich progress bar with live loss and accuracy (only on a terminal)."""
-    if quiet or not sys.stdout.isatty():
+@contextmanager
+def _one_line_on_write_error(folder):
+    """An OSError while creating or reopening the run folder: one line and exit 1."""
+    try:
+        yield
+    except OSError as e:
+        report_write_error(e, folder)
+        raise typer.Exit(1) from None
+
+
+def _fit_with_progress(trainer, run, quiet: bool, out=None):
+    """Train with ``epoch k/N`` progress: on a terminal a bar with the last step's loss and batch
+    accuracy (blank before the first step) and, as each epoch is done, a line with its train and
+    test loss and accuracy; elsewhere (a pipe, a log file) only those lines; nothing with --quiet."""
+    out = out if out is not None else console
+    if quiet:
         return trainer.fit(run)
+    epochs = trainer.cfg["epochs"]
+
+    def epoch_line(epoch, n, m):
+        out.print(f"epoch {epoch + 1}/{n}  train loss {m['train_loss']:.4f} acc {m['train_acc']:.4f}  "
+                  f"test loss {m['test_loss']:.4f} acc {m['test_acc']:.4f}", highlight=False)
+
+    if not out.is_terminal:
+        return trainer.fit(run, on_epoch=epoch_line)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(
-        TextColumn("[bold]train[/bold] epoch {task.fields[epoch]}"),
+        TextColumn("[bold]train[/bold] epoch {task.fields[epoch]}/{task.fields[epochs]}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.3f}"),
+        TextColumn("{task.fields[stats]}"),
         TimeRemainingColumn(),
-        console=console,
+        console=out,
         transient=True,
     ) as bar:
         task = bar.add_task("train", total=trainer.total_steps, completed=trainer.step,
-                            epoch=trainer.epoch, loss=float("nan"), acc=float("nan"))
+                            epoch=min(trainer.epoch + 1, epochs), epochs=epochs, stats="")
 
         def progress(step, total, epoch, loss, acc):
-            bar.update(task, completed=step, epoch=epoch, loss=loss, acc=acc)
+            bar.update(task, completed=step, epoch=epoch + 1, stats=f"loss {loss:.4f}  acc {acc:.3f}")
 
-        return trainer.fit(run, progress)
+        return trainer.fit(run, progress, epoch_line)

@@ -174,12 +174,14 @@ def test_checkpoint_seconds_limits_epoch_checkpoints_by_the_clock(tmp_path, monk
         def on_epoch_end(self, trainer, info):
             clock.now += 10.0
 
-    # A large value: last.pt only when the run stops (the clock still moves 10 s an epoch).
+    # A large value: last.pt at the first epoch's end (so an early kill can resume) and when the
+    # run stops (the clock still moves 10 s an epoch).
     result, _, written = _run_with_spy(_cfg(tmp_path / "a", checkpoint_seconds=1e6), [TenSecondEpochs()])
-    assert result.status == "completed" and written == [("last.pt", 21, 3, 0)]
-    # Every 20 s, epochs of 10 s: after epochs 2 and 4, and not again at the end (same position).
+    assert result.status == "completed" and written == [("last.pt", 7, 1, 0), ("last.pt", 21, 3, 0)]
+    # Every 20 s, epochs of 10 s: after epoch 1 (the first), 20 s later after epoch 3, and at the
+    # end (a new position).
     result, _, written = _run_with_spy(_cfg(tmp_path / "b", checkpoint_seconds=20, epochs=4), [TenSecondEpochs()])
-    assert written == [("last.pt", 14, 2, 0), ("last.pt", 28, 4, 0)]
+    assert written == [("last.pt", 7, 1, 0), ("last.pt", 21, 3, 0), ("last.pt", 28, 4, 0)]
     # 0: every epoch, as before the option existed.
     result, _, written = _run_with_spy(_cfg(tmp_path / "c", checkpoint_seconds=0), [TenSecondEpochs()])
     assert [w[1] for w in written] == [7, 14, 21]
@@ -200,8 +202,9 @@ def _ctrl_c_at(step: int):
 
 
 def test_ctrl_c_with_default_cadences_checkpoints_once_and_resumes_exactly(tmp_path):
-    """Defaults: rows every 10 steps, last.pt at most every 30 s (so not at the fast epochs' ends).
-    Ctrl-C at step 12 (mid-epoch 1) writes last.pt there only; the resumed run ends with the same
+    """Defaults: rows every 10 steps, last.pt at the first epoch's end and then at most every 30 s
+    (so not at the other fast epochs' ends). Ctrl-C at step 12 (mid-epoch 1) writes last.pt there;
+    the resumed run ends with the same
     rows and final metrics as an uninterrupted one, dropout's random stream included."""
     from gradlab.runs import RunDir, load_checkpoint
 
@@ -210,7 +213,7 @@ def test_ctrl_c_with_default_cadences_checkpoints_once_and_resumes_exactly(tmp_p
     cfg = _cfg(tmp_path / "cut", dropout=0.2)
     result, run, written = _run_with_spy(cfg, [_ctrl_c_at(12)])
     assert result.status == "interrupted" and "step 12" in result.message
-    assert written == [("last.pt", 12, 1, 5)]
+    assert written == [("last.pt", 7, 1, 0), ("last.pt", 12, 1, 5)]
     ckpt = load_checkpoint(run.path / "checkpoints" / "last.pt")
     resumed, _ = _fit(cfg, resume=ckpt, run=RunDir.reopen(run.path, ckpt["step"]))
     assert resumed.status == "completed"

@@ -47,7 +47,38 @@ def shutdown(info: DistInfo) -> None:
     import torch.distributed as dist
 
     if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except RuntimeError:  # a peer that died leaves a group that cannot be torn down cleanly
+            pass
+
+
+# What gloo and NCCL say when the process at the other end of a connection is gone.
+_PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken pipe", "connection refused",
+              "socket closed", "remote process exited", "nccl communicator was aborted")
+
+
+def rank_failure_message(exc: BaseException, info: DistInfo) -> str | None:
+    """One line for a collective that failed because another rank exited (killed, crashed,
+    out of memory), or None when ``exc`` is something else or the run is not distributed.
+
+    Which rank: with two processes, the other one; with more, the error does not say (gloo
+    names an address, not a rank), and neither does this line.
+    """
+    if not info.enabled or not isinstance(exc, RuntimeError):
+        return None
+    import torch.distributed as dist
+
+    text = str(exc).lower()
+    backend = isinstance(exc, getattr(dist, "DistBackendError", ())) or "gloo" in text or "nccl" in text
+    if not backend or not any(p in text for p in _PEER_GONE):
+        return None
+    who = f"rank {1 - info.rank}" if info.world_size == 2 else "another rank"
+    first = str(exc).strip().splitlines()[0]
+    # gloo's message starts with its source position in brackets; the part after it says what happened
+    detail = first.split("] ", 1)[-1].split(". ")[0].strip()
+    return (f"{who} of {info.world_size} exited: its connection closed ({detail}); rank {info.rank} "
+            f"stopped, the last checkpoint is kept")
 
 
 class GlobalBatchSampler:

@@ -6,7 +6,8 @@ training loop may change its tensors in place as soon as :meth:`CheckpointWriter
 returns, and so that no saved tensor is a view into a buffer it shares with another (a view
 is saved with its whole storage and loads with an offset into it). The file is written to a
 hidden temporary file in the same folder and renamed over the old one: a kill at any moment
-leaves either the previous checkpoint or the new one, never half of one.
+leaves either the previous checkpoint or the new one, never half of one; the temporary file a
+kill leaves behind is removed when the run starts again (:func:`remove_stale_temporaries`).
 
 Loading uses ``weights_only=True``: tensors and plain containers, never code.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gradlab.core.errors import GradlabError
+from gradlab.runs.write_errors import with_filename
 
 
 def clone_state(obj: Any) -> Any:
@@ -67,9 +69,23 @@ def atomic_write(path: str | Path, write, *, binary: bool) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise
+        named = with_filename(e, path, tmp)  # a full disk fails in write() or fsync(), which name no file
+        if named is e:
+            raise
+        raise named from None
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files (``.NAME.tmp``) that :func:`atomic_write` leaves in ``folder``
+    when the process is killed mid-write; they are never read. Returns those removed."""
+    gone = []
+    for p in Path(folder).glob(".*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
 
 
 def load_checkpoint(path: str | Path, map_location="cpu", keys: Sequence[str] = ()) -> dict:

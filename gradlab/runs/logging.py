@@ -83,6 +83,15 @@ def _step_of(row: dict) -> float:
         return float("inf")
 
 
+def splits_logged_at(path: Path, step: int) -> set:
+    """The splits of the ``metrics.csv`` rows at ``step`` (read once, when a run resumes)."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    with open(path, newline="") as f:
+        return {r["split"] for r in csv.DictReader(f) if _step_of(r) == step}
+
+
 def open_summary_writer(log_dir: Path, purge_step: Optional[int] = None):
     """A ``SummaryWriter`` on ``log_dir``. With ``purge_step`` (a resumed run), TensorBoard drops
     the events of earlier files at that step and after, so each step shows once.

@@ -2,9 +2,15 @@
 
 The loop owns the data (global batches through :class:`gradlab.core.distributed.GlobalBatchSampler`),
 one optimizer step (``loss.backward(); step()``, or ``step(closure)`` for optimizers that take
-their own gradients), DDP, the position in training and a deferred Ctrl-C. Everything else --
-metric rows, TensorBoard, histograms, checkpoints, the NaN stop, probes, adversarial batches --
-is a callback (:mod:`gradlab.training.callbacks`).
+their own gradients), DDP, the position in training and a deferred Ctrl-C or SIGTERM
+(:mod:`gradlab.training.interrupts`). Everything else -- metric rows, TensorBoard, histograms,
+checkpoints, the divergence stop, probes, adversarial batches -- is a callback
+(:mod:`gradlab.training.callbacks`).
+
+A run that cannot go on ends with a status and one line, never a traceback: ``interrupted``
+(a signal; a checkpoint at the step boundary), ``diverged``, or ``failed`` when the run folder
+cannot be written (disk full, read-only) or, under torchrun, another rank died; a failed run
+keeps its last checkpoint as it is, to resume from.
 
 Checkpoints carry the position inside the epoch, every RNG state and the callbacks' states, so
 ``--resume`` continues exactly where the checkpoint was written and a resumed run ends with the
@@ -24,9 +30,11 @@ from gradlab.core.errors import GradlabError, check
 from gradlab.training.callbacks import Callback, EpochInfo, Progress, StepInfo, StopTraining, default_callbacks
 from gradlab.training.callbacks.base import overrides, sort_callbacks
 from gradlab.training.callbacks.metrics import evaluate
+from gradlab.training.interrupts import DeferredInterrupt, signal_name
 from gradlab.training.options import TRAIN_OPTIONS, train_defaults, validate_train_config
 
-_HOOKS = ("on_fit_start", "transform_loss", "on_loss", "on_step_end", "on_epoch_end", "summarize", "on_fit_end")
+_HOOKS = ("on_fit_start", "transform_loss", "on_loss", "on_gradients", "on_step_end", "on_epoch_end",
+          "on_epoch_report", "summarize", "on_fit_end")
 
 
 def subset(cfg: dict, keys) -> dict:
@@ -35,10 +43,11 @@ def subset(cfg: dict, keys) -> dict:
 
 @dataclass
 class TrainResult:
-    status: str  # completed | diverged | interrupted
+    status: str  # completed | diverged | interrupted | failed
     metrics: dict
     message: str = ""
     events: list = field(default_factory=list)  # the optimizer's (e.g. SWATS' switch to SGD)
+    signal: Optional[int] = None  # the signal that interrupted the run (SIGINT, SIGTERM)
 
 
 def _rng_state() -> dict:
@@ -121,7 +130,10 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.epoch_sums = [0.0, 0.0, 0.0]  # loss sum, correct, count (this rank's share)
         self._outputs: list = []  # (logits, labels) of steps whose correct predictions are not counted yet
-        self._interrupt = _DeferredInterrupt()
+        self.interrupts = DeferredInterrupt()  # SIGINT/SIGTERM become a stop at a step boundary
+        self.checkpoint_requested = False  # a callback asks for a checkpoint (see request_checkpoint)
+        self.checkpoint_due = False  # every rank writes one at this step
+        self._transforms, self._loss_checks, self._grad_checks = [], [], []  # fit() sets the hooks
         self.callbacks = sort_callbacks([*default_callbacks(cfg), *callbacks])
         keys = [cb.key for cb in self.callbacks]
         dup = next((k for k in keys if keys.count(k) > 1), None)
@@ -160,9 +172,14 @@ class Trainer:
 
     def request_stop(self) -> None:
         """Stop at the end of the current step with status ``interrupted``, a checkpoint written
-        (what the first Ctrl-C does). Under torchrun a request made during a step's callbacks is
+        (what the first Ctrl-C or SIGTERM does). Under torchrun a request made during a step's callbacks is
         honoured at the end of the next step, where every rank learns of it."""
-        self._interrupt.requested = True
+        self.interrupts.request()
+
+    def request_checkpoint(self) -> None:
+        """Ask for a checkpoint at a step boundary every rank agrees on: ``checkpoint_due`` is
+        True in the ``on_step_end`` of the next step, on every rank (one process: the same)."""
+        self.checkpoint_requested = True
 
     # -- one step ------------------------------------------------------------------------------
     def batch_loss(self, out, yb, n_global):
@@ -198,13 +215,22 @@ class Trainer:
 
             optimizer.step(closure)
             loss_value, out = captured
+            self._check_gradients()  # the optimizer took its own gradients (p.grad) inside step
         else:
             loss, loss_value, out = self._loss(xb, yb, n_global)
             loss.backward()
+            self._check_gradients()
             optimizer.step()
         # Correct predictions are counted in bulk (_count_correct): keep this step's logits.
         self._outputs.append((out, yb))
         return loss_value * n_global / self.dist.world_size, out
+
+    def _check_gradients(self) -> None:
+        if self._grad_checks:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = float(torch.stack(torch._foreach_norm(grads)).double().square().sum().sqrt()) if grads else 0.0
+            for cb in self._grad_checks:
+                cb.on_gradients(self, norm)
 
     def _count_correct(self) -> None:
         """Add the correct predictions of the steps since the last call to ``epoch_sums``: one
@@ -223,45 +249,87 @@ class Trainer:
         self.epoch_sums[1] += correct
 
     # -- the loop ------------------------------------------------------------------------------
-    def fit(self, run, progress: Optional[Callable] = None) -> TrainResult:
-        """Train into the run folder ``run``; ``progress(step, total, epoch, loss, acc)`` per step.
-        Returns once every checkpoint is written."""
+    def fit(self, run, progress: Optional[Callable] = None, on_epoch: Optional[Callable] = None) -> TrainResult:
+        """Train into the run folder ``run``; ``progress(step, total, epoch, loss, acc)`` after
+        each step, ``on_epoch(epoch, epochs, metrics)`` once each epoch's checkpoint is on disk.
+        Returns once every checkpoint is written (or, for a ``failed`` run, has failed)."""
         from gradlab.core.distributed import shutdown
 
         self.run = run
         callbacks = self.callbacks
-        if progress is not None:  # just before the checkpoint
-            callbacks = sort_callbacks([*callbacks, Progress(progress)])
+        if progress is not None or on_epoch is not None:  # just before the checkpoint
+            callbacks = sort_callbacks([*callbacks, Progress(progress, on_epoch)])
         hooks = {h: [cb for cb in callbacks if overrides(cb, h)] for h in _HOOKS}
         self._transforms, self._loss_checks = hooks["transform_loss"], hooks["on_loss"]
+        self._grad_checks = hooks["on_gradients"]
         start = time.time()
-        with self._interrupt:
+        with self.interrupts:
             try:
-                for cb in hooks["on_fit_start"]:
-                    cb.on_fit_start(self)
-                exact = True
                 try:
-                    status, message = self._epochs(hooks["on_step_end"], hooks["on_epoch_end"])
-                except StopTraining as stop:
-                    status, message = stop.status, stop.message
-                except KeyboardInterrupt:  # a second Ctrl-C: stop now, keep the last checkpoint as it is
-                    status, message, exact = "interrupted", "interrupted: the last checkpoint is kept", False
-                if exact:
-                    self._count_correct()  # on every rank: the epoch sums of the end state are complete
-                for cb in hooks["on_fit_end"]:
-                    cb.on_fit_end(self, status, exact)
+                    for cb in hooks["on_fit_start"]:
+                        cb.on_fit_start(self)
+                    status, message, exact = self._epochs(hooks)
+                    if exact:
+                        self._count_correct()  # on every rank: the epoch sums of the end state are complete
+                    for cb in hooks["on_fit_end"]:
+                        cb.on_fit_end(self, status, exact)
+                    run.wait_checkpoints()
+                except Exception as e:  # noqa: BLE001 - only the failures _failure names are caught
+                    status, message = "failed", self._failure(e)
+                    if message is None:
+                        raise
+                    self._after_failure(hooks["on_fit_end"])
                 metrics = {"epochs": self.epoch, "steps": self.step, "seconds": round(time.time() - start, 3)}
                 for cb in hooks["summarize"]:
                     metrics = cb.summarize(self, metrics)
-                run.wait_checkpoints()
-                return TrainResult(status, metrics, message, [dict(e) for e in getattr(self.optimizer, "events", ())])
+                signum = self.interrupts.signum if status == "interrupted" else None
+                events = [dict(e) for e in getattr(self.optimizer, "events", ())]
+                return TrainResult(status, metrics, message, events, signum)
             finally:
                 shutdown(self.dist)
 
-    def _epochs(self, step_hooks, epoch_hooks) -> tuple[str, str]:
+    def _failure(self, exc: BaseException) -> Optional[str]:
+        """One line for a failure that ends the run as ``failed`` (a write into the run folder,
+        another rank's death), or None for anything else (a bug: its traceback is kept)."""
+        from gradlab.core.distributed import rank_failure_message
+        from gradlab.runs.write_errors import write_error_message
+
+        return rank_failure_message(exc, self.dist) or write_error_message(exc, getattr(self.run, "path", None))
+
+    def _after_failure(self, fit_end_hooks) -> None:
+        """The last checkpoint stays as it is: no new one (``exact=False``); a write still in
+        flight is waited for, and its error, already reported, dropped."""
+        for cb in fit_end_hooks:
+            try:
+                cb.on_fit_end(self, "failed", False)
+            except Exception:  # noqa: BLE001 - the run has failed already; its first cause is reported
+                pass
+        try:
+            self.run.wait_checkpoints()
+        except Exception:  # noqa: BLE001 - the same
+            pass
+
+    def _stop_message(self) -> str:
+        by = signal_name(self.interrupts.signum) if self.interrupts.signum is not None else "a stop request"
+        where = getattr(self.run, "path", None)
+        how = f"gradlab train --resume {where}" if where is not None else "--resume"
+        return f"interrupted by {by} at step {self.step}: checkpoint written; continue with: {how}"
+
+    def _epochs(self, hooks) -> tuple[str, str, bool]:
+        """Train until the end or a stop: (status, message, exact), ``exact`` False when the
+        position is not a step boundary (a second signal)."""
+        try:
+            return (*self._train_epochs(hooks["on_step_end"], hooks), True)
+        except StopTraining as stop:
+            return stop.status, stop.message, stop.exact
+        except KeyboardInterrupt:  # a second signal: stop now, keep the last checkpoint as it is
+            by = signal_name(self.interrupts.signum)
+            return "interrupted", f"interrupted by {by} twice: the last checkpoint is kept", False
+
+    def _train_epochs(self, step_hooks, hooks) -> tuple[str, str]:
         from gradlab.core.distributed import all_reduce_sum
 
-        cfg, dist, interrupt, optimizer = self.cfg, self.dist, self._interrupt, self.optimizer
+        cfg, dist, interrupt, optimizer = self.cfg, self.dist, self.interrupts, self.optimizer
         # A constant schedule never changes the learning rate: its scheduler is not stepped.
         step_scheduler = cfg.get("schedule", "constant") != "constant"
         on_device = self.device.type != "cpu"
@@ -277,11 +345,13 @@ class Trainer:
                 xb, yb = x_train[idx], y_train[idx]
                 loss_sum, out = self.train_step(xb, yb, n_global)
                 if dist.enabled:
-                    # One small collective per step: the loss and whether any rank was asked
-                    # to stop, so that every rank stops at the same step boundary.
-                    loss_g, stop = all_reduce_sum([loss_sum, float(interrupt.requested)], dist, self.device)
+                    # One small collective per step: the loss, whether any rank was asked to stop,
+                    # and whether rank 0 asked for a checkpoint, so every rank acts at the same step.
+                    loss_g, stop, due = all_reduce_sum([loss_sum, float(interrupt.requested),
+                                                        float(self.checkpoint_requested)], dist, self.device)
                 else:
-                    loss_g, stop = loss_sum, False
+                    loss_g, stop, due = loss_sum, False, self.checkpoint_requested
+                self.checkpoint_due = due > 0
                 self.step = step = self.step + 1
                 self.batch_in_epoch = b + 1
                 sums = self.epoch_sums
@@ -294,25 +364,30 @@ class Trainer:
                     info = StepInfo(step, self.epoch, b, loss_g / n_global, lr, xb, yb, out, n_global, params)
                     for cb in step_hooks:
                         cb.on_step_end(self, info)
+                self.checkpoint_due = False
                 if stop or (interrupt.requested and not dist.enabled):
                     if self.batch_in_epoch == n_batches:
-                        self._end_epoch(epoch_hooks)
-                    return "interrupted", (f"interrupted at step {self.step}: checkpoint written; "
-                                           "continue with --resume")
-            self._end_epoch(epoch_hooks)
+                        self._end_epoch(hooks)
+                    return "interrupted", self._stop_message()
+            self._end_epoch(hooks)
         return "completed", ""
 
-    def _end_epoch(self, epoch_hooks) -> None:
+    def _end_epoch(self, hooks) -> None:
         """Close the epoch: the position moves to the next one, then the epoch-end callbacks run
-        (the checkpoint last), so a checkpoint written there resumes at the next epoch."""
+        (the checkpoint last), so a checkpoint written there resumes at the next epoch; once it is
+        on disk, the epoch is reported (its rows, the progress line)."""
         self._count_correct()
         loss_sum, correct, count = self.epoch_sums
         info = EpochInfo(self.epoch, self.step, loss_sum / max(count, 1), correct / max(count, 1))
         self.epoch += 1
         self.batch_in_epoch = 0
         self.epoch_sums = [0.0, 0.0, 0.0]
-        for cb in epoch_hooks:
+        for cb in hooks["on_epoch_end"]:
             cb.on_epoch_end(self, info)
+        if hooks["on_epoch_report"]:
+            self.run.wait_checkpoints()
+            for cb in hooks["on_epoch_report"]:
+                cb.on_epoch_report(self, info)
 
 
 def _legacy_callback_states(ckpt: dict) -> dict:
@@ -323,36 +398,6 @@ def _legacy_callback_states(ckpt: dict) -> dict:
     if "lambda_max" in history:
         states["probe/hessian"] = {"last": {k: history[k] for k in ("lambda_max", "trace") if k in history}}
     return states
-
-
-class _DeferredInterrupt:
-    """Turn the first Ctrl-C into a request honoured at the next step boundary, so the checkpoint
-    never holds a half-applied update; a second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def _handler(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-            self._old = None
-        return False
 
 
 def train(cfg: dict, run, progress: Optional[Callable] = None, resume: Optional[dict] = None,

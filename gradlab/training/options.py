@@ -25,9 +25,13 @@ TRAIN_OPTIONS = Options(
     Option("log_every", int, 50, "per-layer gradient histograms every N steps", low=1, label="log-every"),
     Option("log_every_steps", int, 10, "per-step loss, learning rate and gradient norm (metrics.csv and "
                                        "TensorBoard) every N steps; 1 logs every step", low=1, label="log-every-steps"),
-    Option("checkpoint_seconds", float, 30.0, "write checkpoints/last.pt at an epoch's end at most once per "
-                                              "this many seconds (always at the end, on Ctrl-C and on "
-                                              "divergence; 0: every epoch)", low=0, label="checkpoint-seconds"),
+    Option("checkpoint_seconds", float, 30.0, "write checkpoints/last.pt every this many seconds (also inside "
+                                              "an epoch) and at the first epoch's end (always at the end, on "
+                                              "Ctrl-C/SIGTERM and on divergence; 0: every epoch)", low=0,
+           label="checkpoint-seconds"),
+    Option("max_loss", float, None, "stop as diverged when a step's loss exceeds this (default: 1000 x the "
+                                    "first epoch's mean loss; NaN/inf loss or gradient norm always stops)",
+           low=0, low_open=True, label="max-loss"),
     Option("keep_checkpoints", int, 0, "keep N weight snapshots along training (for landscape PCA)", low=0, label="keep-checkpoints"),
     Option("hessian_every", int, 0, "log the Hessian's lambda_max and trace every N steps (0: off); "
                                     "the same as --probe hessian:every=N", low=0, label="hessian-every"),

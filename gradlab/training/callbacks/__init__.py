@@ -23,7 +23,7 @@ from gradlab.training.callbacks.probes import ProbeCallback, parse_probe_spec, p
 
 def default_callbacks(cfg: dict) -> list[Callback]:
     """The callbacks of a ``gradlab train`` config, in the order they run at each step."""
-    cbs: list[Callback] = [DivergenceStop()]
+    cbs: list[Callback] = [DivergenceStop(cfg.get("max_loss"))]
     if cfg.get("adv") is not None:
         cbs.append(AdversarialLoss(cfg["adv"], cfg["adv_eps"], cfg["adv_ratio"]))
     cbs += [StepMetrics(cfg["log_every_steps"]), GradHistograms(cfg["log_every"]), *probe_callbacks(cfg),

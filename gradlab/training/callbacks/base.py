@@ -11,8 +11,12 @@ Hooks, in the order the loop calls them::
     per step:
         transform_loss(trainer, x, y, out, loss, n_global) -> loss   may replace or mix the loss
         on_loss(trainer, value)                before any backward or update; may raise StopTraining
+        on_gradients(trainer, grad_norm)       after backward, before the update (after it for
+                                               optimizers that take their own gradients); may raise StopTraining
         on_step_end(trainer, info)             after the update, with a StepInfo
     on_epoch_end(trainer, info)                with an EpochInfo; the position is already the next epoch's
+    on_epoch_report(trainer, info)             once the epoch's checkpoint (if one was written) is on
+                                               disk: what tells a reader the epoch is done (its rows, a line)
     summarize(trainer, metrics) -> metrics     the run's final metrics (summary.csv)
     on_fit_end(trainer, status, exact)         once, whatever the status
 
@@ -34,12 +38,13 @@ import torch
 
 class StopTraining(Exception):
     """Raised by a hook to end the run at once with ``status`` (``diverged``, ``interrupted``,
-    ``completed``) and a one-line ``message``. Under torchrun it must be raised on every rank at
+    ``completed``) and a one-line ``message``; ``exact=False``: the position is not one to save
+    (the last checkpoint is kept as it is). Under torchrun it must be raised on every rank at
     the same step (see :class:`~gradlab.training.callbacks.metrics.DivergenceStop`)."""
 
-    def __init__(self, status: str, message: str = ""):
+    def __init__(self, status: str, message: str = "", exact: bool = True):
         super().__init__(message or status)
-        self.status, self.message = status, message
+        self.status, self.message, self.exact = status, message, exact
 
 
 class Callback:
@@ -64,11 +69,18 @@ class Callback:
     def on_loss(self, trainer, value: float) -> None:
         pass
 
+    def on_gradients(self, trainer, grad_norm: float) -> None:
+        """``grad_norm``: the global L2 norm of the step's gradients (float64 sum of squares)."""
+
     def on_step_end(self, trainer, info: "StepInfo") -> None:
         pass
 
     def on_epoch_end(self, trainer, info: "EpochInfo") -> None:
-        pass
+        """Measure and update state: the checkpoint (``order = 100``) saves it after this."""
+
+    def on_epoch_report(self, trainer, info: "EpochInfo") -> None:
+        """Report the epoch (``info.metrics`` holds what the epoch-end hooks measured): a run
+        killed after this resumes from this epoch's end or later, never from before it."""
 
     def summarize(self, trainer, metrics: dict) -> dict:
         """The final metrics with this callback's added; return a new dict to put keys first
@@ -128,13 +140,15 @@ class StepInfo:
 
 
 class EpochInfo:
-    """An epoch that has just ended: its index, the global step at its end, and the training loss
-    and accuracy over its batches (all ranks together)."""
+    """An epoch that has just ended: its index, the global step at its end, the training loss
+    and accuracy over its batches (all ranks together), and ``metrics``, where epoch-end hooks
+    put what they measured for ``on_epoch_report`` (``test_loss``, ``test_acc``)."""
 
-    __slots__ = ("epoch", "step", "train_loss", "train_acc")
+    __slots__ = ("epoch", "step", "train_loss", "train_acc", "metrics")
 
     def __init__(self, epoch: int, step: int, train_loss: float, train_acc: float):
         self.epoch, self.step, self.train_loss, self.train_acc = epoch, step, train_loss, train_acc
+        self.metrics = {"train_loss": train_loss, "train_acc": train_acc}
 
 
 def sort_callbacks(callbacks) -> list:

@@ -11,14 +11,18 @@ class Checkpoints(Callback):
     """``last.pt`` with the trainer's whole position (:meth:`Trainer.state`: weights, optimizer,
     scheduler, RNG states, step, epoch, batch in epoch, epoch sums, callback states):
 
-    * at an epoch's end, unless one was written less than ``every_seconds`` ago (the clock starts
-      when fit() starts, so with a large value a run writes it only when it stops);
+    * at the end of the first epoch of every fit(), unless one was written during it, so a run
+      killed early can be resumed;
+    * every ``every_seconds`` (when > 0), also inside an epoch: once that much time has passed
+      since fit() started or since the last write, at the step after the one that noticed, so
+      that under torchrun every rank writes at the same step (rank 0's clock decides);
+    * at an epoch's end, unless one was written less than ``every_seconds`` ago (0: every epoch);
     * always when the run stops: completed, diverged (the weights before the step that diverged),
-      or interrupted by Ctrl-C (at the step boundary where it was honoured). After a second
-      Ctrl-C, which stops mid-step, the last one written is kept as it is.
+      or interrupted by Ctrl-C or SIGTERM (at the step boundary where it was honoured). After a
+      second signal, which stops mid-step, or a failure, the last one written is kept as it is.
 
     Written in the background (the state is frozen first; fit() waits for the write before it
-    returns), so a kill meanwhile leaves the previous file. With ``keep > 0``: ``init.pt`` before
+    reports the epoch and before it returns), so a kill meanwhile leaves the previous file. With ``keep > 0``: ``init.pt`` before
     the first step and ``step-NNNNNNNN.pt`` (weights and step only) at ``keep`` steps spread
     evenly over training, the last one at its final step.
 
@@ -34,7 +38,13 @@ class Checkpoints(Callback):
         self._written = None  # the position last written: not written twice
 
     def on_fit_start(self, trainer) -> None:
+        if trainer.is_main:  # the temporary files of writes a kill cut short
+            from gradlab.runs.checkpoints import remove_stale_temporaries
+
+            for folder in (trainer.run.path, trainer.run.path / "checkpoints"):
+                remove_stale_temporaries(folder)
         self._last_write = monotonic()
+        self._written = None
         n, total = self.keep, trainer.total_steps
         self.snapshot_steps = {max(1, round(total * (i + 1) / n)) for i in range(n)} if n > 0 else set()
         if trainer.step == 0 and self.snapshot_steps and trainer.is_main:
@@ -44,9 +54,13 @@ class Checkpoints(Callback):
         if info.step in self.snapshot_steps and trainer.is_main:
             trainer.run.save_checkpoint({"model": trainer.model.state_dict(), "step": info.step},
                                         f"step-{info.step:08d}.pt", wait=False)
+        if trainer.checkpoint_due:  # asked for at an earlier step, agreed by every rank at this one
+            self.save(trainer)
+        elif self.every_seconds > 0 and trainer.is_main and monotonic() - self._last_write >= self.every_seconds:
+            trainer.request_checkpoint()
 
     def on_epoch_end(self, trainer, info: EpochInfo) -> None:
-        if monotonic() - self._last_write >= self.every_seconds:
+        if self._written is None or monotonic() - self._last_write >= self.every_seconds:
             self.save(trainer)
 
     def on_fit_end(self, trainer, status: str, exact: bool) -> None:
@@ -54,10 +68,15 @@ class Checkpoints(Callback):
             self.save(trainer)
 
     def save(self, trainer) -> None:
-        """Write ``last.pt`` now (rank 0; the others have nothing pending at the loop's epoch
-        ends and fit end, where this is called, so no rank waits for another)."""
+        """Write ``last.pt`` now (rank 0). Called at the same step on every rank: the state
+        completes the epoch's sums across ranks first."""
+        state = trainer.state()
+        trainer.checkpoint_requested = False  # this write is the one asked for
         if trainer.is_main:
-            trainer.run.save_checkpoint(trainer.state(), "last.pt", wait=False)
+            # TensorBoard's events up to this step go to their file first: a resumed run purges
+            # the events after it, so none before it may still sit in the writer's queue.
+            trainer.run.flush_tb()
+            trainer.run.save_checkpoint(state, "last.pt", wait=False)
         self._last_write = monotonic()
         self._written = (trainer.step, trainer.epoch)
 

@@ -4,7 +4,7 @@ epoch-end evaluation, the NaN stop and a progress function."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,19 +27,73 @@ def evaluate(model, x, y, batch_size: int = 1024) -> tuple[float, float]:
 
 
 class DivergenceStop(Callback):
-    """Stop with status ``diverged`` when the batch loss is NaN or inf on any rank, checked before
-    any backward or update, so a NaN never reaches the weights (nor a metric row)."""
+    """Stop with status ``diverged`` at the step where training blows up, before that step's
+    update reaches the weights:
+
+    * the batch loss is NaN or inf, or above a bound: ``max_loss`` when given, else ``factor``
+      (1e3) times the mean batch loss of the first epoch (while the first epoch runs: of its steps
+      so far; the first step has no bound), or times ln C if that is larger: the cross-entropy of
+      a uniform guess over C classes, so that a run starting near zero loss (a pretrained model)
+      is not stopped by a small rise. Checked before any backward or update, so the loss
+      of a run whose weights ran off (``--lr 1e6``) is caught while still finite, not a few steps
+      later as NaN, and the run never ends ``completed`` at chance accuracy.
+    * the gradient norm is NaN or inf (after backward, before the update; optimizers that take
+      their own gradients have applied theirs by then, so such a run keeps its last checkpoint).
+
+    Under torchrun every rank checks the mean loss of the global batch (one all-reduce), so all
+    stop at the same step.
+    """
+
+    key = "divergence"
+
+    def __init__(self, max_loss: Optional[float] = None, factor: float = 1e3):
+        self.max_loss, self.factor = max_loss, factor
+        self.ref_sum, self.ref_count = 0.0, 0  # the first epoch's batch losses so far
+
+    def bound(self, num_classes: int = 2) -> float:
+        if self.max_loss is not None:
+            return self.max_loss
+        if not self.ref_count:
+            return math.inf
+        return self.factor * max(self.ref_sum / self.ref_count, math.log(max(num_classes, 2)))
 
     def on_loss(self, trainer, value: float) -> None:
-        bad = 0.0 if math.isfinite(value) else 1.0
         if trainer.dist.enabled:  # every rank must stop at the same step
             from gradlab.core.distributed import all_reduce_sum
 
-            bad = all_reduce_sum([bad], trainer.dist, trainer.device)[0]
-        if bad > 0:
-            lr = trainer.optimizer.param_groups[0]["lr"]
-            raise StopTraining("diverged", f"loss became NaN/inf at step {trainer.step + 1} (epoch "
-                                           f"{trainer.epoch}) with lr {lr:g}: the run diverged; try a smaller --lr")
+            finite = math.isfinite(value)
+            bad, total = all_reduce_sum([0.0 if finite else 1.0, value if finite else 0.0], trainer.dist,
+                                        trainer.device)
+            value = total / trainer.dist.world_size if bad == 0 else math.nan  # shares sum to W x the mean
+        if not math.isfinite(value):
+            self._stop(trainer, "loss became NaN/inf")
+        bound = self.bound(trainer.data.spec.num_classes)
+        if value > bound:
+            why = "--max-loss" if self.max_loss is not None else f"{self.factor:g} x the first epoch's mean loss"
+            self._stop(trainer, f"loss {value:.4g} exceeded {bound:.4g} ({why})")
+        if trainer.epoch == 0:
+            self.ref_sum += value
+            self.ref_count += 1
+
+    def on_gradients(self, trainer, grad_norm: float) -> None:
+        if not math.isfinite(grad_norm):
+            raise StopTraining("diverged", self._message(trainer, "gradient norm became NaN/inf"),
+                               exact=not trainer.closure_step)
+
+    def _stop(self, trainer, what: str) -> None:
+        raise StopTraining("diverged", self._message(trainer, what))
+
+    @staticmethod
+    def _message(trainer, what: str) -> str:
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        return (f"{what} at step {trainer.step + 1} (epoch {trainer.epoch}) with lr {lr:g}: the run "
+                f"diverged; try a smaller --lr")
+
+    def state_dict(self) -> dict:
+        return {"ref_sum": self.ref_sum, "ref_count": self.ref_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ref_sum, self.ref_count = float(state.get("ref_sum", 0.0)), int(state.get("ref_count", 0))
 
 
 class StepMetrics(Callback):
@@ -117,7 +171,12 @@ _NO_EPOCH = {"train_loss": float("nan"), "train_acc": float("nan"), "test_loss":
 class EpochEvaluation(Callback):
     """At each epoch's end: ``train`` rows (loss, acc over the epoch's batches) and ``test`` rows
     (the whole test split, eval mode); the last epoch's four values lead the final metrics, with
-    ``steps_to_95``, the first step whose test accuracy reached ``target_acc``."""
+    ``steps_to_95``, the first step whose test accuracy reached ``target_acc``.
+
+    The test split is evaluated in ``on_epoch_end`` (so the epoch's checkpoint holds the result)
+    and the rows are written in ``on_epoch_report``, once that checkpoint is on disk. A checkpoint
+    carries the rows it has not seen written (``pending``): a run killed between the checkpoint
+    and its rows writes them when it resumes, unless metrics.csv already has them."""
 
     key = "evaluation"
 
@@ -125,15 +184,35 @@ class EpochEvaluation(Callback):
         self.target_acc = target_acc
         self.last: dict = {}
         self.steps_to_target = None
+        self.pending: Optional[dict] = None  # {"step", "epoch", "train": {...}, "test": {...}}
+
+    def on_fit_start(self, trainer) -> None:
+        if self.pending is not None and trainer.is_main:
+            from gradlab.runs.logging import splits_logged_at
+
+            if "test" not in splits_logged_at(trainer.run.path / "metrics.csv", self.pending["step"]):
+                self._write(trainer)
+        self.pending = None
 
     def on_epoch_end(self, trainer, info: EpochInfo) -> None:
         test_loss, test_acc = evaluate(trainer.model, trainer.x_test, trainer.y_test)
-        trainer.run.log_metrics(info.step, info.epoch, "train", {"loss": info.train_loss, "acc": info.train_acc})
-        trainer.run.log_metrics(info.step, info.epoch, "test", {"loss": test_loss, "acc": test_acc})
         if test_acc >= self.target_acc and self.steps_to_target is None:
             self.steps_to_target = info.step
         self.last = {"train_loss": info.train_loss, "train_acc": info.train_acc,
                      "test_loss": test_loss, "test_acc": test_acc}
+        info.metrics.update(test_loss=test_loss, test_acc=test_acc)
+        self.pending = {"step": info.step, "epoch": info.epoch, "train": {"loss": info.train_loss, "acc": info.train_acc},
+                        "test": {"loss": test_loss, "acc": test_acc}}
+
+    def on_epoch_report(self, trainer, info: EpochInfo) -> None:
+        if self.pending is not None:
+            self._write(trainer)
+            self.pending = None
+
+    def _write(self, trainer) -> None:
+        p = self.pending
+        trainer.run.log_metrics(p["step"], p["epoch"], "train", p["train"])
+        trainer.run.log_metrics(p["step"], p["epoch"], "test", p["test"])
 
     def summarize(self, trainer, metrics: dict) -> dict:
         out = {**(self.last or _NO_EPOCH), **metrics}
@@ -145,23 +224,32 @@ class EpochEvaluation(Callback):
         state = {"last": dict(self.last)}
         if self.steps_to_target is not None:
             state["steps_to_target"] = self.steps_to_target
+        if self.pending is not None:
+            state["pending"] = {k: dict(v) if isinstance(v, dict) else v for k, v in self.pending.items()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.last = dict(state.get("last", {}))
         self.steps_to_target = state.get("steps_to_target")
+        self.pending = state.get("pending")
 
 
 class Progress(Callback):
-    """Calls ``fn(step, total, epoch, loss, acc)`` after every step: this rank's accuracy on
-    the step's batch (a progress bar shows rank 0's)."""
+    """Calls ``fn(step, total, epoch, loss, acc)`` after every step (this rank's accuracy on the
+    step's batch: a progress bar shows rank 0's), and ``epoch_fn(epoch, epochs, metrics)`` when
+    an epoch is reported (``metrics``: train_loss, train_acc, test_loss, test_acc)."""
 
-    def __init__(self, fn: Callable):
-        self.fn = fn
+    def __init__(self, fn: Optional[Callable] = None, epoch_fn: Optional[Callable] = None):
+        self.fn, self.epoch_fn = fn, epoch_fn
 
     def on_step_end(self, trainer, info: StepInfo) -> None:
-        acc = float((info.out.argmax(1) == info.y).sum()) / max(len(info.y), 1)
-        self.fn(info.step, trainer.total_steps, info.epoch, info.loss, acc)
+        if self.fn is not None:
+            acc = float((info.out.argmax(1) == info.y).sum()) / max(len(info.y), 1)
+            self.fn(info.step, trainer.total_steps, info.epoch, info.loss, acc)
+
+    def on_epoch_report(self, trainer, info: EpochInfo) -> None:
+        if self.epoch_fn is not None:
+            self.epoch_fn(info.epoch, trainer.cfg["epochs"], dict(info.metrics))
 
 
 __all__ = ["evaluate", "DivergenceStop", "StepMetrics", "GradHistograms", "OptimizerEvents", "EpochEvaluation",
