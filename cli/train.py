@@ -111,6 +111,7 @@ def command(
 
         point = open_resume(resume, runs_dir or "runs", trust_code)  # every record checked first
         cfg, path, ckpt = point.config, point.path, point.checkpoint
+        trainer = resume_trainer(point)  # the checkpoint's states fit its config, even when nothing is left
         if ckpt["epoch"] >= cfg.get("epochs", TRAIN_OPTIONS["epochs"].default):  # nothing left to train
             if rank0:
                 err_console.print(f"gradlab: run {path} already completed ({ckpt['epoch']} epochs, {ckpt['step']} "
@@ -119,7 +120,6 @@ def command(
             return
         if rank0:
             check_writable(path, "run folder")
-        trainer = resume_trainer(point)
         with _one_line_on_write_error(path):
             run = RunDir.reopen(path, ckpt["step"]) if rank0 else RunDir(path, "train", enabled=False)
     else:
