@@ -195,6 +195,13 @@ class Attack(abc.ABC):
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         """The algorithm: adversarial inputs for clean ``x`` (``(B, ...)``) and labels ``y`` (``(B,)``)."""
 
+    def summary(self) -> dict:
+        """Extra columns for the robustness table, accumulated over this object's calls (none here).
+
+        An ensemble (:mod:`gradlab.attacks.autoattack`) reports how many examples each member broke.
+        """
+        return {}
+
     # ------------------------------------------------------------------ helpers -------------
     @property
     def generator(self) -> torch.Generator:

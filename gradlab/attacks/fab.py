@@ -1,0 +1,169 @@
+"""FAB-T: the targeted fast adaptive boundary attack (Croce & Hein, ICML 2020b).
+
+"Minimally distorted adversarial examples with a fast adaptive boundary attack", in the targeted
+form AutoAttack runs (Croce & Hein 2020, Section 5). For a target class ``t`` (in turn each of the
+``n_target_classes`` most likely clean classes after the top one) the decision boundary between
+``t`` and the label ``y`` is linearised at the iterate ``x^(i)``::
+
+    pi(z):  f_t(x^(i)) - f_y(x^(i)) + w . (z - x^(i)) = 0,      w = grad (f_t - f_y)(x^(i))
+
+and both the iterate and the clean input are projected onto ``pi ∩ [0, 1]^D`` in the attack's
+norm (:func:`project_hyperplane_box`, exact), giving steps ``d_i`` and ``d_0``. With
+``a = min(||d_i|| / (||d_i|| + ||d_0||), alpha_max)`` the next iterate is the convex combination::
+
+    x^(i+1) = clip_[0,1]( (1 - a) (x^(i) + eta d_i) + a (x + eta d_0) )
+
+which leans towards the clean input, so the iterate tracks the *closest* boundary point. Once
+``x^(i+1)`` is misclassified it is stored if it is the smallest perturbation so far and pulled
+back, ``x^(i+1) <- x + beta (x^(i+1) - x)``. Restarts after the first start at a random point at
+half the distance of the best adversarial found (at most eps). An example counts as broken once
+its smallest adversarial lies within eps (success = misclassified, as in the paper's FAB-T); for
+the others the result is the eps-ball's projection of the best point, which may still fool the
+model. Shapes: ``(B, *input_shape)`` in [0, 1]; eps in pixel units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from gradlab.attacks import ATTACKS
+from gradlab.attacks.base import ATTACK_OPTIONS, STEPS, Attack, flat_norm, per_example
+from gradlab.core.options import Option, Options
+
+OPTIONS = ATTACK_OPTIONS.without("targeted", "target_class", "eot", "eot_noise") + Options(
+    replace(STEPS, default=100),
+    Option("n_target_classes", int, 9, "target classes, the most likely clean ones after the top one", low=1),
+    Option("restarts", int, 1, "runs per target class; after the first, from random starts", low=1),
+    Option("alpha_max", float, 0.1, "largest weight of the step from the clean input", low=0, high=1,
+           paper="Croce & Hein 2020b"),
+    Option("eta", float, 1.05, "overshoot of each projection step", low=1, paper="Croce & Hein 2020b"),
+    Option("beta", float, 0.9, "pull-back towards the clean input after a success", low=0, high=1,
+           paper="Croce & Hein 2020b"),
+)
+
+
+def project_hyperplane_box(w: Tensor, c: Tensor, lo: Tensor, hi: Tensor, norm: str) -> Tensor:
+    """Smallest ``delta`` (in ``norm``) with ``w . delta = c`` and ``lo <= delta <= hi``, row by row.
+
+    Args:
+        w: ``(B, D)`` normals; c: ``(B,)`` offsets; lo, hi: ``(B, D)`` box with ``lo <= 0 <= hi``.
+        norm: ``"linf"`` or ``"l2"``.
+    Returns:
+        ``(B, D)``. The minimiser is ``clip(lam * d, lo, hi)`` with ``d = sign(w)`` (linf) or
+        ``d = w`` (l2) (KKT conditions); ``w . delta`` is piecewise linear and nondecreasing in
+        ``lam``, so its breakpoints are sorted and the segment reaching ``c`` is solved exactly.
+        When the box cannot reach the hyperplane every coordinate is saturated towards it.
+    """
+    s = torch.where(c < 0, -1.0, 1.0).to(w.dtype)
+    w = w * s[:, None]
+    c = c.abs() * (c != 0)
+    d = w.sign() if norm == "linf" else w
+    bound = torch.where(d > 0, hi, -lo)  # (B, D) >= 0: how far each coordinate may move along d
+    rate = (w * d).abs()  # slope of w . delta in lam while the coordinate is free
+    free = d != 0
+    big = torch.finfo(w.dtype).max / 4
+    bp = torch.where(free, bound / d.abs().clamp_min(torch.finfo(w.dtype).tiny), big)  # saturation points
+    bp, order = bp.sort(dim=1)
+    rate_s = rate.gather(1, order)
+    sat_s = (w.abs() * bound).gather(1, order) * free.gather(1, order)
+    done = sat_s.cumsum(dim=1)  # sum of saturated contributions up to and including k
+    left = rate_s.sum(dim=1, keepdim=True) - rate_s.cumsum(dim=1)  # slope after k
+    g = done + bp * left  # w . delta at lam = bp_k
+    reach = g >= c[:, None]
+    k = reach.int().argmax(dim=1)  # first breakpoint at or beyond c
+    feasible = reach.any(dim=1)
+    prev_done = torch.where(k > 0, done.gather(1, (k - 1).clamp_min(0)[:, None])[:, 0], torch.zeros_like(c))
+    prev_left = torch.where(k > 0, left.gather(1, (k - 1).clamp_min(0)[:, None])[:, 0], rate_s.sum(dim=1))
+    lam = (c - prev_done) / prev_left.clamp_min(torch.finfo(w.dtype).tiny)
+    lam = torch.where(feasible, lam, bp.masked_fill(bp >= big, 0).amax(dim=1))
+    return torch.minimum(torch.maximum(lam[:, None] * d, lo), hi)
+
+
+@ATTACKS.register(
+    "fab",
+    "FAB-T: targeted fast adaptive boundary attack, minimum-norm, linf or l2 (Croce & Hein 2020b)",
+    options=OPTIONS,
+    paper="Croce & Hein 2020b",
+)
+class FAB(Attack):
+    """Targeted FAB; see the module docstring. Options: :data:`OPTIONS`."""
+
+    name = "fab"
+    options = OPTIONS
+    targeted = False  # success is misclassification (FAB-T in the paper's sense)
+    target_class = None
+    eot = 1
+    eot_noise = 0.0
+    steps: int
+    n_target_classes: int
+    restarts: int
+    alpha_max: float
+    eta: float
+    beta: float
+
+    def perturb(self, x: Tensor, y: Tensor) -> Tensor:
+        with torch.no_grad():
+            clean = self.logits(x)
+        robust = clean.argmax(dim=1) == y
+        best = x.clone()
+        dist = torch.full((x.shape[0],), math.inf, device=x.device, dtype=torch.float64)
+        order = clean.argsort(dim=1, descending=True)
+        for k in range(1, min(self.n_target_classes, clean.shape[1] - 1) + 1):
+            for r in range(self.restarts):
+                idx = robust.nonzero()[:, 0]
+                if idx.numel() == 0:
+                    return best
+                adv, d = self.run_once(x[idx], y[idx], order[idx, k], dist[idx], random_start=r > 0)
+                closer = d < dist[idx]
+                best[idx[closer]] = adv[closer]
+                dist[idx[closer]] = d[closer]
+                robust[idx[closer & (d <= self.eps * (1 + 1e-6))]] = False
+        return best
+
+    def run_once(self, x: Tensor, y: Tensor, t: Tensor, dist: Tensor, random_start: bool) -> tuple[Tensor, Tensor]:
+        """One FAB run towards targets ``t`` ``(b,)``: ``(x_adv, norm)``, norm ``inf`` where none was found."""
+        b = x.shape[0]
+        flat0 = x.reshape(b, -1)
+        x1 = self._start(x, dist) if random_start else x.clone()
+        best = x.clone()
+        best_d = torch.full((b,), math.inf, device=x.device, dtype=torch.float64)
+        rows = torch.arange(b, device=x.device)
+
+        def gap(z: Tensor) -> Tensor:  # f_t - f_y: positive beyond the boundary
+            return z[rows, t] - z[rows, y]
+
+        for _ in range(self.steps):
+            g, df = self.input_grad(x1, gap)
+            w = g.reshape(b, -1)
+            p = x1.reshape(b, -1)
+            # the linearised boundary w . z = w . x1 - df, from the iterate and from the clean input
+            d1 = project_hyperplane_box(w, -df, -p, 1 - p, self.norm)
+            d0 = project_hyperplane_box(w, (w * (p - flat0)).sum(dim=1) - df, -flat0, 1 - flat0, self.norm)
+            n1 = flat_norm(d1, self.norm).to(x.dtype).clamp_min(1e-8)
+            n0 = flat_norm(d0, self.norm).to(x.dtype).clamp_min(1e-8)
+            a = per_example((n1 / (n1 + n0)).clamp(0, self.alpha_max), x)
+            x1 = ((1 - a) * (x1 + self.eta * d1.reshape(x.shape)) + a * (x + self.eta * d0.reshape(x.shape))).clamp(0, 1)
+            with torch.no_grad():
+                fooled = self.logits(x1).argmax(dim=1) != y
+            if fooled.any():
+                n = flat_norm(x1 - x, self.norm)
+                closer = fooled & (n < best_d)
+                best[closer] = x1[closer]
+                best_d = torch.where(closer, n, best_d)
+                x1 = torch.where(per_example(fooled, x1), x + self.beta * (x1 - x), x1)
+        return best, best_d
+
+    def _start(self, x: Tensor, dist: Tensor) -> Tensor:
+        """A random point at half of min(best distance so far, eps) from ``x`` (the reference's restart)."""
+        gen = self.generator
+        if self.norm == "linf":
+            t = 2 * torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) - 1
+        else:
+            t = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        radius = dist.clamp(max=self.eps).to(x.dtype)
+        t = t / per_example(flat_norm(t, self.norm).to(x.dtype).clamp_min(1e-12), t)
+        return (x + 0.5 * per_example(radius, t) * t).clamp(0.0, 1.0)
