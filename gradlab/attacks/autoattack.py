@@ -32,6 +32,7 @@ from gradlab.attacks.base import ATTACK_OPTIONS, STEPS, Attack
 from gradlab.core.options import Option, Options
 
 VERSIONS = ("standard", "rand")
+RAND_EOT = 20  # the reference's eot_iter for the rand version
 
 OPTIONS = ATTACK_OPTIONS.without("targeted", "target_class", "eot") + Options(
     Option("version", str, "standard", "standard: APGD-CE, APGD-T, FAB-T, Square; rand: APGD-CE and APGD-DLR "
@@ -77,11 +78,16 @@ class AutoAttack(Attack):
     n_queries: int
     n_target_classes: int
 
+    @classmethod
+    def eot_passes(cls, opts: dict) -> int:
+        if opts.get("eot") is not None:
+            return opts["eot"]
+        return RAND_EOT if opts.get("version") == "rand" else 1
+
     def __init__(self, model, eps: float, **opts):
         super().__init__(model, eps, **opts)
-        default_eot = 20 if self.version == "rand" else 1
         # The members' EOT happens inside them: the ensemble's own calls stay deterministic.
-        self.member_eot, self.eot = (self.eot if self.eot is not None else default_eot), 1
+        self.member_eot, self.eot = self.eot_passes(opts), 1
         self.plan = members(self.version, self.steps, self.n_queries, self.n_target_classes, self.member_eot,
                             self.eot_noise)
         self.eot_noise = 0.0

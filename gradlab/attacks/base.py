@@ -195,6 +195,11 @@ class Attack(abc.ABC):
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         """The algorithm: adversarial inputs for clean ``x`` (``(B, ...)``) and labels ``y`` (``(B,)``)."""
 
+    @classmethod
+    def eot_passes(cls, opts: dict) -> int:
+        """EOT passes per gradient an attack built with ``opts`` makes (for the CLI's mode line)."""
+        return opts.get("eot") or 1
+
     def summary(self) -> dict:
         """Extra columns for the robustness table, accumulated over this object's calls (none here).
 
