@@ -25,9 +25,20 @@ def test_standard_runs_the_reference_members_in_order_with_their_settings():
     opts = [o for _, _, o in aa.plan]
     assert opts[0]["loss"] == "ce" and opts[0]["steps"] == 100 and opts[0]["eot"] == 1
     assert opts[1]["targeted"] and opts[1]["loss"] == "dlr" and opts[1]["n_target_classes"] == 9
-    assert opts[2]["n_target_classes"] == 9 and opts[2]["steps"] == 100 and opts[3]["n_queries"] == 5000
+    assert opts[2]["targeted"] and opts[2]["n_target_classes"] == 9 and opts[2]["steps"] == 100
+    assert opts[3]["n_queries"] == 5000
     rand = build_attack("autoattack", model, 0.1, version="rand")
     assert [(c, o["loss"], o["eot"]) for c, _, o in rand.plan] == [("apgd_ce", "ce", 20), ("apgd_dlr", "dlr", 20)]
+
+
+def test_autoattack_refuses_a_targeted_run_in_one_line():
+    from gradlab.core.errors import GradlabError
+
+    model, _, _ = trained_mlp()
+    for opts in ({"targeted": True}, {"target_class": 2}):
+        with pytest.raises(GradlabError, match="autoattack is untargeted") as exc:
+            build_attack("autoattack", model, 0.1, **opts)
+        assert "\n" not in str(exc.value)
 
 
 def test_each_member_attacks_only_the_survivors_and_the_breakdown_adds_up(monkeypatch):

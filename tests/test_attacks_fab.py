@@ -58,26 +58,27 @@ def test_projection_onto_hyperplane_and_box_matches_a_solver_in_float64(norm):
     assert checked >= 30
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 10_000), norm=st.sampled_from(["linf", "l2"]), eps=st.sampled_from([0.05, 0.3, 1.0]))
-def test_fab_stays_in_the_eps_ball_and_the_unit_box(seed, norm, eps):
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), norm=st.sampled_from(["linf", "l2"]), eps=st.sampled_from([0.05, 0.3, 1.0]),
+       mode=st.sampled_from([{}, {"targeted": True}, {"target_class": 3}]))
+def test_fab_stays_in_the_eps_ball_and_the_unit_box(seed, norm, eps, mode):
     model = tiny_model(seed)
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(12, 1, 4, 4, generator=g)
     x[:3] = x[:3].round()
     y = torch.randint(0, 10, (12,), generator=g)
-    adv = build_attack("fab", model, eps, norm=norm, steps=10, n_target_classes=3, restarts=2, seed=seed)(x, y)
+    adv = build_attack("fab", model, eps, norm=norm, steps=10, n_target_classes=3, restarts=2, seed=seed, **mode)(x, y)
     assert adv.shape == x.shape and adv.min() >= 0 and adv.max() <= 1
     assert (flat_norm(adv - x, norm) <= eps * (1 + 1e-5) + 1e-6).all()
 
 
-@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
-def test_fab_t_robust_accuracy_close_to_torchattacks_fab_multi_targeted(norm, eps):
+@pytest.mark.parametrize("norm,eps,targeted", [("linf", 0.1, True), ("l2", 0.5, True), ("linf", 0.1, False)])
+def test_fab_robust_accuracy_close_to_torchattacks_fab(norm, eps, targeted):
     torchattacks = pytest.importorskip("torchattacks")
     model, x, y = trained_mlp()
     x, y = x[:200], y[:200]
-    ours = accuracy(model, build_attack("fab", model, eps, norm=norm, steps=30, seed=0)(x, y), y)
-    ref = torchattacks.FAB(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, steps=30, multi_targeted=True,
+    ours = accuracy(model, build_attack("fab", model, eps, norm=norm, steps=30, targeted=targeted, seed=0)(x, y), y)
+    ref = torchattacks.FAB(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, steps=30, multi_targeted=targeted,
                            n_classes=10, seed=0)(x, y)
     theirs = accuracy(model, ref, y)
     # ours may also keep an adversarial found beyond eps once projected into the ball: never weaker
@@ -98,7 +99,16 @@ def test_fab_finds_small_perturbations_on_a_linear_model():
     gap = (z.gather(1, y[:, None]) - z)  # (B, C) >= 0
     closest = (gap / wd.norm(dim=2).clamp_min(1e-12)).masked_fill(torch.nn.functional.one_hot(y, 10).bool(), 1e9)
     need = closest.min(dim=1).values
-    adv = build_attack("fab", model, 1.0, norm="l2", steps=20, seed=0)(x, y)
+    for mode in ({}, {"targeted": True}):  # the closest boundary, and FAB-T trying the top classes in turn
+        adv = build_attack("fab", model, 1.0, norm="l2", steps=20, seed=0, **mode)(x, y)
+        with torch.no_grad():
+            assert (model(adv).argmax(dim=1) != y).all()
+        assert (flat_norm(adv - x, "l2") <= need.double() * 1.06 + 1e-6).all(), mode  # eta = 1.05 overshoot at most
+
+
+def test_fab_with_a_target_class_reaches_it():
+    model, x, y = trained_mlp()
+    adv = build_attack("fab", model, 1.0, norm="linf", steps=30, target_class=5, seed=0)(x[:30], y[:30])
     with torch.no_grad():
-        assert (model(adv).argmax(dim=1) != y).all()
-    assert (flat_norm(adv - x, "l2") <= need.double() * 1.06 + 1e-6).all()  # eta = 1.05 overshoot at most
+        pred = model(adv).argmax(dim=1)
+    assert ((pred == 5) | (y[:30] == 5)).float().mean() > 0.9

@@ -54,10 +54,26 @@ def test_square_uses_outputs_only_never_backward_and_keeps_its_query_budget(norm
     assert 2 <= wrapped.calls <= 1 + 40
 
 
-def test_square_has_no_eot_and_needs_images():
-    assert "eot" not in ATTACKS.entry("square").options and "n_queries" in ATTACKS.entry("square").options
-    with pytest.raises(GradlabError, match="image inputs"):
-        build_attack("square", nn.Linear(5, 3), 0.1)(torch.rand(4, 5), torch.zeros(4, dtype=torch.long))
+def test_square_on_vectors_searches_strips_and_rejects_5d_inputs():
+    model = nn.Sequential(nn.Linear(5, 3))
+    x, y = torch.rand(4, 5), torch.zeros(4, dtype=torch.long)
+    adv = build_attack("square", model, 0.2, n_queries=20, seed=0)(x, y)
+    assert adv.shape == x.shape and (adv - x).abs().max() <= 0.2 + 1e-6
+    with pytest.raises(GradlabError, match="square needs inputs"):
+        build_attack("square", model, 0.1)(torch.rand(2, 1, 1, 1, 5), torch.zeros(2, dtype=torch.long))
+
+
+def test_square_with_eot_scores_by_the_mean_margin_over_dropout_draws():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 20), nn.ReLU(), nn.Dropout(0.5), nn.Linear(20, 10)).eval()
+    modes = []
+    model[3].register_forward_hook(lambda m, i, o: modes.append(m.training))
+    with torch.no_grad():
+        model[4].bias[0] += 50.0  # class 0 wins by far under every dropout draw: no example is fooled
+    x, y = torch.rand(6, 1, 4, 4), torch.zeros(6, dtype=torch.long)
+    build_attack("square", model, 0.01, n_queries=5, eot=3, seed=0)(x, y)
+    # three draws for each of: the clean batch, the start point, four proposals
+    assert modes == [True] * (3 * 6) and not model.training
 
 
 def test_p_schedule_is_the_papers_halving_rescaled_to_the_budget():

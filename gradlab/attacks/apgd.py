@@ -28,7 +28,7 @@ paper, counts an example as broken when it is misclassified (so its report is un
 With ``target_class`` the attack is targeted in the base's sense (success = that class).
 
 Every run (restart or target class) attacks only the examples not yet broken; the result of an
-example is its first adversarial iterate found, else its highest-loss point. Differences from the
+example is the last adversarial iterate of the run that broke it, else its highest-loss point. Differences from the
 reference code, both documented choices: condition 1 counts the first step against the start
 point's loss (the code compares it with an unfilled zero entry), and the ball's projection
 is exact for l2 (the code adds 1e-12 to the radius). Shapes: ``(B, *input_shape)`` in [0, 1].

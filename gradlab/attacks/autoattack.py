@@ -14,7 +14,9 @@ Each attack runs only on the examples still robust after the attacks before it (
 ones to begin with), so an example counts as robust only when it survives all of them.
 The number of examples each attack broke is added to the robustness table (``broken_by_*``
 columns of ``attack.csv``, summed over the batches of one eps). Where no attack succeeds the
-result is APGD-CE's highest-loss point. Shapes: ``(B, C, H, W)`` in [0, 1]; eps in pixel units.
+result is APGD-CE's highest-loss point. On models with fewer classes than the DLR losses need
+(3; targeted: 4) those members use the cross-entropy (targeted: towards each target).
+Shapes: ``(B, *input_shape)`` in [0, 1]; eps in pixel units.
 
 This differs from torchattacks' ``AutoAttack``, which runs APGD, APGD-T and FAB with 10 steps
 (its defaults), not the reference's 100.
@@ -29,15 +31,19 @@ from torch import Tensor
 
 from gradlab.attacks import ATTACKS
 from gradlab.attacks.base import ATTACK_OPTIONS, STEPS, Attack
+from gradlab.core.errors import GradlabError
 from gradlab.core.options import Option, Options
 
 VERSIONS = ("standard", "rand")
 RAND_EOT = 20  # the reference's eot_iter for the rand version
 
 OPTIONS = ATTACK_OPTIONS.without("targeted", "target_class", "eot") + Options(
+    Option("targeted", bool, False, "refused: AutoAttack is untargeted; its APGD-T and FAB-T members pick their "
+           "targets (one target class: apgd --target-class)"),
+    Option("target_class", int, None, "refused, as targeted", low=0),
     Option("version", str, "standard", "standard: APGD-CE, APGD-T, FAB-T, Square; rand: APGD-CE and APGD-DLR "
            "with EOT, for randomised models", choices=VERSIONS, paper="Croce & Hein 2020"),
-    replace(STEPS, default=100, help="iterations of APGD, APGD-T and FAB-T"),
+    replace(STEPS, default=100),  # of APGD-CE, APGD-T and FAB-T
     Option("n_queries", int, 5000, "query budget of Square", low=1, paper="Andriushchenko et al. 2020"),
     Option("n_target_classes", int, 9, "target classes of APGD-T and FAB-T", low=1),
     Option("eot", int, None, "EOT passes of the APGD members (unset: 20 for rand, the reference's eot_iter; 1 for standard)", low=1,
@@ -56,7 +62,7 @@ def members(version: str, steps: int, n_queries: int, n_targets: int, eot: int,
         return [("apgd_ce", "apgd", {"loss": "ce", **grads}), ("apgd_dlr", "apgd", {"loss": "dlr", **grads})]
     return [("apgd_ce", "apgd", {"loss": "ce", **grads}),
             ("apgd_t", "apgd", {"loss": "dlr", "targeted": True, "n_target_classes": n_targets, **grads}),
-            ("fab_t", "fab", {"n_target_classes": n_targets, "steps": steps}),
+            ("fab_t", "fab", {"targeted": True, "n_target_classes": n_targets, "steps": steps}),
             ("square", "square", {"n_queries": n_queries})]
 
 
@@ -71,8 +77,6 @@ class AutoAttack(Attack):
 
     name = "autoattack"
     options = OPTIONS
-    targeted = False
-    target_class = None
     version: str
     steps: int
     n_queries: int
@@ -86,6 +90,9 @@ class AutoAttack(Attack):
 
     def __init__(self, model, eps: float, **opts):
         super().__init__(model, eps, **opts)
+        if self.targeted:
+            raise GradlabError("invalid targeted: true (autoattack is untargeted; for one target class use apgd "
+                               "--target-class C)")
         # The members' EOT happens inside them: the ensemble's own calls stay deterministic.
         self.member_eot, self.eot = self.eot_passes(opts), 1
         self.plan = members(self.version, self.steps, self.n_queries, self.n_target_classes, self.member_eot,
@@ -98,9 +105,12 @@ class AutoAttack(Attack):
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
-            robust = self.logits(x).argmax(dim=1) == y
+            clean = self.logits(x)
+        robust = clean.argmax(dim=1) == y
         out = x.clone()
         for i, (col, attack, opts) in enumerate(self.plan):
+            if opts.get("loss") == "dlr" and clean.shape[1] < (4 if opts.get("targeted") else 3):
+                opts = {**opts, "loss": "ce"}  # the DLR losses need 3 (targeted: 4) classes
             idx = robust.nonzero()[:, 0]
             if idx.numel() == 0:
                 break

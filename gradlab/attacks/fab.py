@@ -1,11 +1,15 @@
-"""FAB-T: the targeted fast adaptive boundary attack (Croce & Hein, ICML 2020b).
+"""FAB and FAB-T: the fast adaptive boundary attack (Croce & Hein, ICML 2020b).
 
-"Minimally distorted adversarial examples with a fast adaptive boundary attack", in the targeted
-form AutoAttack runs (Croce & Hein 2020, Section 5). For a target class ``t`` (in turn each of the
-``n_target_classes`` most likely clean classes after the top one) the decision boundary between
-``t`` and the label ``y`` is linearised at the iterate ``x^(i)``::
+"Minimally distorted adversarial examples with a fast adaptive boundary attack". At the iterate
+``x^(i)`` the decision boundary between a class ``l`` and the label ``y`` is linearised::
 
-    pi(z):  f_t(x^(i)) - f_y(x^(i)) + w . (z - x^(i)) = 0,      w = grad (f_t - f_y)(x^(i))
+    pi(z):  f_l(x^(i)) - f_y(x^(i)) + w . (z - x^(i)) = 0,      w = grad (f_l - f_y)(x^(i))
+
+with ``l`` the class of the closest linearised boundary (untargeted; one gradient per class),
+or, in FAB-T (``targeted``, the form AutoAttack runs, Croce & Hein 2020 Section 5), the target:
+in turn each of the ``n_target_classes`` most likely clean classes after the top one (success =
+misclassified, as in the paper), or ``target_class`` alone (success = that class; the boundary
+is then the one between ``t`` and the strongest other class at the iterate).
 
 and both the iterate and the clean input are projected onto ``pi ∩ [0, 1]^D`` in the attack's
 norm (:func:`project_hyperplane_box`, exact), giving steps ``d_i`` and ``d_0``. With
@@ -17,15 +21,16 @@ which leans towards the clean input, so the iterate tracks the *closest* boundar
 ``x^(i+1)`` is misclassified it is stored if it is the smallest perturbation so far and pulled
 back, ``x^(i+1) <- x + beta (x^(i+1) - x)``. Restarts after the first start at a random point at
 half the distance of the best adversarial found (at most eps). An example counts as broken once
-its smallest adversarial lies within eps (success = misclassified, as in the paper's FAB-T); for
-the others the result is the eps-ball's projection of the best point, which may still fool the
-model. Shapes: ``(B, *input_shape)`` in [0, 1]; eps in pixel units.
+its smallest adversarial lies within eps; for the others the result is the eps-ball's projection of the best point, which may still fool the
+model. With ``eot > 1`` the boundary's normal is the EOT-averaged gradient (success is judged on
+the deterministic model). Shapes: ``(B, *input_shape)`` in [0, 1]; eps in pixel units.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -34,9 +39,12 @@ from gradlab.attacks import ATTACKS
 from gradlab.attacks.base import ATTACK_OPTIONS, STEPS, Attack, flat_norm, per_example
 from gradlab.core.options import Option, Options
 
-OPTIONS = ATTACK_OPTIONS.without("targeted", "target_class", "eot", "eot_noise") + Options(
+OPTIONS = ATTACK_OPTIONS.without("targeted") + Options(
+    Option("targeted", bool, False, "FAB-T: towards each of the top n_target_classes classes in turn, success = "
+           "misclassified (with target_class: that class only, success = the target); false: the closest boundary",
+           paper="Croce & Hein 2020"),
     replace(STEPS, default=100),
-    Option("n_target_classes", int, 9, "target classes, the most likely clean ones after the top one", low=1),
+    Option("n_target_classes", int, 9, "FAB-T: target classes, the most likely clean ones after the top one", low=1),
     Option("restarts", int, 1, "runs per target class; after the first, from random starts", low=1),
     Option("alpha_max", float, 0.1, "largest weight of the step from the clean input", low=0, high=1,
            paper="Croce & Hein 2020b"),
@@ -94,10 +102,6 @@ class FAB(Attack):
 
     name = "fab"
     options = OPTIONS
-    targeted = False  # success is misclassification (FAB-T in the paper's sense)
-    target_class = None
-    eot = 1
-    eot_noise = 0.0
     steps: int
     n_target_classes: int
     restarts: int
@@ -105,40 +109,82 @@ class FAB(Attack):
     eta: float
     beta: float
 
+    def __init__(self, model, eps: float, **opts):
+        super().__init__(model, eps, **opts)
+        # FAB-T's success is misclassification: for the base (and the report) it is untargeted.
+        self.multi_target = self.targeted and self.target_class is None
+        if self.multi_target:
+            self.targeted = False
+
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
             clean = self.logits(x)
-        robust = clean.argmax(dim=1) == y
+        robust = ~self.is_adversarial(clean)
         best = x.clone()
         dist = torch.full((x.shape[0],), math.inf, device=x.device, dtype=torch.float64)
-        order = clean.argsort(dim=1, descending=True)
-        for k in range(1, min(self.n_target_classes, clean.shape[1] - 1) + 1):
+        if self.multi_target:
+            order = clean.argsort(dim=1, descending=True)
+            runs = [order[:, k] for k in range(1, min(self.n_target_classes, clean.shape[1] - 1) + 1)]
+        else:
+            runs = [self.target]  # None: untargeted, the closest boundary at every step
+        for target in runs:
             for r in range(self.restarts):
                 idx = robust.nonzero()[:, 0]
                 if idx.numel() == 0:
                     return best
-                adv, d = self.run_once(x[idx], y[idx], order[idx, k], dist[idx], random_start=r > 0)
+                t = None if target is None else target[idx]
+                adv, d = self.run_once(x[idx], y[idx], t, dist[idx], random_start=r > 0)
                 closer = d < dist[idx]
                 best[idx[closer]] = adv[closer]
                 dist[idx[closer]] = d[closer]
                 robust[idx[closer & (d <= self.eps * (1 + 1e-6))]] = False
         return best
 
-    def run_once(self, x: Tensor, y: Tensor, t: Tensor, dist: Tensor, random_start: bool) -> tuple[Tensor, Tensor]:
-        """One FAB run towards targets ``t`` ``(b,)``: ``(x_adv, norm)``, norm ``inf`` where none was found."""
+    def _boundary(self, x1: Tensor, y: Tensor, t: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """Normal ``w`` ``(b, D)`` and gap ``f_l - f_y`` ``(b,)`` of the boundary to aim at.
+
+        FAB-T: ``l = t`` against ``y``; with ``target_class``, ``t`` against the strongest other
+        class at ``x1`` (crossing only the boundary to ``y`` need not make ``t`` win). Untargeted: per example the class whose linearised boundary is the
+        closest, ``argmin_l |f_l - f_y| / ||grad (f_l - f_y)||_*`` (dual norm: l1 for linf, l2
+        for l2), from one gradient per class.
+        """
+        b = x1.shape[0]
+        rows = torch.arange(b, device=x1.device)
+        if t is not None:
+            ref = y
+            if self.targeted:  # reaching t means beating every class: aim at t against the strongest other one
+                with torch.no_grad():
+                    ref = self.logits(x1).scatter(1, t[:, None], -math.inf).argmax(dim=1)
+            g, df = self.input_grad(x1, lambda z: z[rows, t] - z[rows, ref])
+            return g.reshape(b, -1), df
+        with torch.no_grad():
+            n_classes = self.logits(x1[:1]).shape[1]
+        best_w, best_df = None, None
+        best_dist = torch.full((b,), math.inf, device=x1.device, dtype=x1.dtype)
+        for cls in range(n_classes):
+            g, df = self.input_grad(x1, lambda z: z[:, cls] - z[rows, y])
+            w = g.reshape(b, -1)
+            dual = w.abs().sum(dim=1) if self.norm == "linf" else w.norm(dim=1)
+            dist = torch.where(y == cls, math.inf, df.abs() / (dual + 1e-12))
+            take = dist < best_dist
+            best_w = w if best_w is None else torch.where(take[:, None], w, best_w)
+            best_df = df if best_df is None else torch.where(take, df, best_df)
+            best_dist = torch.where(take, dist, best_dist)
+        return best_w, best_df
+
+    def run_once(self, x: Tensor, y: Tensor, t: Optional[Tensor], dist: Tensor,
+                 random_start: bool) -> tuple[Tensor, Tensor]:
+        """One FAB run (towards targets ``t`` ``(b,)``, or untargeted when ``None``).
+
+        Returns ``(x_adv, norm)``: the smallest adversarial found and its norm (``inf`` where none).
+        """
         b = x.shape[0]
         flat0 = x.reshape(b, -1)
         x1 = self._start(x, dist) if random_start else x.clone()
         best = x.clone()
         best_d = torch.full((b,), math.inf, device=x.device, dtype=torch.float64)
-        rows = torch.arange(b, device=x.device)
-
-        def gap(z: Tensor) -> Tensor:  # f_t - f_y: positive beyond the boundary
-            return z[rows, t] - z[rows, y]
-
         for _ in range(self.steps):
-            g, df = self.input_grad(x1, gap)
-            w = g.reshape(b, -1)
+            w, df = self._boundary(x1, y, t)  # f_l - f_y: positive beyond the boundary
             p = x1.reshape(b, -1)
             # the linearised boundary w . z = w . x1 - df, from the iterate and from the clean input
             d1 = project_hyperplane_box(w, -df, -p, 1 - p, self.norm)
@@ -148,7 +194,8 @@ class FAB(Attack):
             a = per_example((n1 / (n1 + n0)).clamp(0, self.alpha_max), x)
             x1 = ((1 - a) * (x1 + self.eta * d1.reshape(x.shape)) + a * (x + self.eta * d0.reshape(x.shape))).clamp(0, 1)
             with torch.no_grad():
-                fooled = self.logits(x1).argmax(dim=1) != y
+                pred = self.logits(x1).argmax(dim=1)
+            fooled = pred == t if self.targeted else pred != y
             if fooled.any():
                 n = flat_norm(x1 - x, self.norm)
                 closer = fooled & (n < best_d)

@@ -16,10 +16,12 @@ starts at ``p_init`` and is halved at the paper's iterations 10, 50, 200, 500, 1
   a proposal moves the mass of a second square into the first, adds a fresh ``eta`` and
   rescales so that ``||delta||_2 = eps``.
 
-The budget ``n_queries`` counts every forward pass of an example, the start point included.
+The budget ``n_queries`` counts every proposal of an example, the start point included (with
+``eot > 1`` each is scored by the mean margin over ``eot`` forward passes, EOT for a black box).
+Inputs ``(B, D)`` and ``(B, C, L)`` are searched as images of height 1 (strips, not squares).
 Positions run over all ``h - s + 1`` offsets (the reference code's ``randint(0, h - s)`` never
 picks the last one), and every example draws its own square (as in the paper; the AutoAttack code
-shares one square per batch). Inputs ``(B, C, H, W)`` in [0, 1]; eps in pixel units.
+shares one square per batch). Inputs in [0, 1]; eps in pixel units.
 """
 
 from __future__ import annotations
@@ -34,8 +36,7 @@ from gradlab.attacks.base import ATTACK_OPTIONS, Attack, flat_norm, per_example
 from gradlab.core.errors import GradlabError
 from gradlab.core.options import Option, Options
 
-# Score-based: EOT averages gradients, which this attack never takes.
-OPTIONS = ATTACK_OPTIONS.without("eot", "eot_noise") + Options(
+OPTIONS = ATTACK_OPTIONS + Options(
     Option("n_queries", int, 5000, "query budget: forward passes per example, the start point included", low=1,
            paper="Andriushchenko et al. 2020"),
     Option("p_init", float, 0.8, "initial fraction of the image a square covers (halved on the paper's schedule)",
@@ -79,26 +80,35 @@ class Square(Attack):
 
     name = "square"
     options = OPTIONS
-    eot = 1  # not an option here: a score-based attack has no gradient to average
-    eot_noise = 0.0
     n_queries: int
     p_init: float
     restarts: int
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
-        if x.dim() != 4:
-            raise GradlabError(f"square needs image inputs (B, C, H, W), got shape {tuple(x.shape)}")
+        if x.dim() > 4:
+            raise GradlabError(f"square needs inputs (B, D), (B, C, L) or (B, C, H, W), got shape {tuple(x.shape)}")
+        self._shape = x.shape  # the model's input shape; the search works on (B, C, H, W)
+        # vectors and sequences are images of height 1, so the squares become strips
+        img = x.reshape(x.shape[0], *((1, 1, -1) if x.dim() == 2 else (x.shape[1], 1, -1) if x.dim() == 3 else x.shape[1:]))
         with torch.no_grad():
-            out = x.clone()
-            margin = self._margin(self.logits(x), torch.arange(x.shape[0], device=x.device))
+            out = img.clone()
+            margin = self._scores(img, torch.arange(x.shape[0], device=x.device))
             for _ in range(self.restarts):
                 idx = (margin > 0).nonzero()[:, 0]
                 if idx.numel() == 0:
                     break
-                adv, m = self.run_once(x[idx], idx)
+                adv, m = self.run_once(img[idx], idx)
                 out[idx] = adv
                 margin[idx] = m
-        return out
+        return out.reshape(x.shape)
+
+    def _scores(self, cand: Tensor, idx: Tensor) -> Tensor:
+        """Margin ``(b,)`` of candidates ``(b, C, H, W)``; with EOT the mean over ``eot`` random draws."""
+        z = cand.reshape(cand.shape[0], *self._shape[1:])
+        if self.eot == 1 and self.eot_noise == 0:
+            return self._margin(self.logits(z), idx)
+        with self._eot_mode():
+            return sum(self._margin(self.model(self._transform(z)), idx) for _ in range(self.eot)) / self.eot
 
     def _margin(self, z: Tensor, idx: Tensor) -> Tensor:
         """``(b,)`` margin of logits ``z`` for the rows ``idx`` of the batch; <= 0 means fooled."""
@@ -112,7 +122,7 @@ class Square(Attack):
         gen = self.generator
         b, c, h, w = x.shape
         best = self._start(x)
-        margin = self._margin(self.logits(best), idx)
+        margin = self._scores(best, idx)
         rows = torch.arange(h, device=x.device)
         cols = torch.arange(w, device=x.device)
         for i in range(self.n_queries - 1):
@@ -134,7 +144,7 @@ class Square(Attack):
                 cand = self.project(cand, xl)
             else:
                 cand = self._l2_proposal(xl, bl, s, r0, c0)
-            m = self._margin(self.logits(cand), idx[live])
+            m = self._scores(cand, idx[live])
             take = m < margin[live]
             best[live] = torch.where(per_example(take, cand), cand, bl)
             margin[live] = torch.where(take, m, margin[live])
