@@ -8,9 +8,10 @@ reference code), with step ``eta = 2 eps`` and ``P`` the projection onto the bal
     z^(k+1) = P( x^(k) + eta * d(grad f(x^(k))) )                 d = sign (linf), g/||g||_2 (l2)
     x^(k+1) = P( x^(k) + alpha (z^(k+1) - x^(k)) + (1 - alpha)(x^(k) - x^(k-1)) )   alpha = 0.75
 
-(alpha = 1 on the first step). At the checkpoints ``w_j = ceil(p_j N)``, ``p_0 = 0``,
-``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``, the step of an example is
-halved and its iterate restarted from its best point when
+(alpha = 1 on the first step). At the checkpoints ``w_j = p_j N`` (``p_0 = 0``, ``p_1 = 0.22``,
+``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``, in the reference code's whole steps: see
+:func:`checkpoints`), the step of an example is halved and its iterate restarted from its best
+point when
 
 1. at most ``rho * (w_j - w_{j-1})`` of the steps since ``w_{j-1}`` raised the loss (the
    reference code's ``<=``; the paper writes ``<``), or
