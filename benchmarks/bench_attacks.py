@@ -1,6 +1,7 @@
-"""FGSM and 10-step PGD: gradlab against torchattacks on the same trained model and batch.
+"""FGSM, 10-step PGD, APGD and AutoAttack: gradlab against torchattacks on the same model and batch.
 
-Run: ``python benchmarks/bench_attacks.py [--batch 512] [--repeats 15] [--threads 1]``.
+Run: ``python benchmarks/bench_attacks.py [--batch 512] [--repeats 15] [--threads 1]
+[--rounds 3 --strong-batch 256 --queries 5000 | --no-strong | --only-strong]``.
 Needs the ``bench`` extra for the comparison (``pip install -c constraints-cpu.txt torchattacks``);
 without torchattacks it reports gradlab alone.
 
@@ -10,7 +11,13 @@ For each model (an MLP and a small CNN, trained here on sklearn's 8x8 digits, se
   libraries alternate call by call so machine noise hits both alike) and the ratio
   gradlab / torchattacks (>= 1 means gradlab is at least as fast);
 * the max abs difference between the two libraries' FGSM examples (should be <= 1e-6), and
-  between their PGD examples without random start (same arithmetic, so also ~0).
+  between their PGD examples without random start (same arithmetic, so also ~0);
+* for APGD (CE, 100 steps) and AutoAttack (standard: APGD-CE, APGD-T, FAB-T at 100 steps, Square
+  with ``--queries``), ``--rounds`` alternating timed calls of each library on ``--strong-batch``
+  examples: throughput medians, the median and the min-max spread of the per-round ratios, and
+  both libraries' robust accuracy (the same work: survivors decide what the later members cost).
+  torchattacks' ``AutoAttack`` runs its members with 10 steps (its defaults), so it is compared
+  as a ``MultiAttack`` of the same members at the reference's 100 steps.
 """
 
 from __future__ import annotations
@@ -64,12 +71,54 @@ def timed(fn, repeats):
     return out
 
 
+def strong_pairs(model, eps: float, queries: int, torchattacks):
+    """``{name: (gradlab call, torchattacks call)}`` for APGD-CE and AutoAttack, like for like."""
+    g_apgd = build_attack("apgd", model, eps, seed=0)
+    g_aa = build_attack("autoattack", model, eps, n_queries=queries, seed=0)
+    t_apgd = torchattacks.APGD(model, eps=eps, steps=100, seed=0)
+    t_aa = torchattacks.MultiAttack([
+        torchattacks.APGD(model, eps=eps, steps=100, seed=0),
+        torchattacks.APGDT(model, eps=eps, steps=100, n_classes=10, seed=0),
+        torchattacks.FAB(model, eps=eps, steps=100, multi_targeted=True, n_classes=10, seed=0),
+        torchattacks.Square(model, eps=eps, n_queries=queries, seed=0)])
+    return {"apgd": (g_apgd, t_apgd), "autoattack": (g_aa, t_aa)}
+
+
+def strong_rounds(models: dict, x, y, eps: float, rounds: int, queries: int, torchattacks) -> None:
+    """Print the APGD / AutoAttack table: ex/s medians, ratio median [min, max], robust accuracies."""
+    print(f"\nAPGD-CE and AutoAttack (100 steps, Square {queries} queries), batch {len(y)}, eps {eps}, "
+          f"{rounds} alternating rounds")
+    header = (f"{'model':5} {'attack':10} {'gradlab ex/s':>13} {'torchattacks ex/s':>18} {'ratio':>6} "
+              f"{'[min, max]':>13}  robust acc gradlab / torchattacks")
+    print(header)
+    print("-" * len(header))
+    for mname, model in models.items():
+        for aname, (ours, theirs) in strong_pairs(model, eps, queries, torchattacks).items():
+            t_ours, t_theirs, acc = [], [], {}
+            for _ in range(rounds):  # alternate so both see the same machine load
+                for who, fn, times in (("ours", ours, t_ours), ("theirs", theirs, t_theirs)):
+                    t0 = time.perf_counter()
+                    adv = fn(x, y)
+                    times.append(time.perf_counter() - t0)
+                    with torch.no_grad():
+                        acc[who] = (model(adv).argmax(dim=1) == y).float().mean().item()
+            ratios = sorted(b / a for a, b in zip(t_ours, t_theirs))
+            r_ours, r_theirs = len(y) / statistics.median(t_ours), len(y) / statistics.median(t_theirs)
+            print(f"{mname:5} {aname:10} {r_ours:13.0f} {r_theirs:18.0f} {statistics.median(ratios):6.2f} "
+                  f"[{ratios[0]:.2f}, {ratios[-1]:.2f}]  {acc['ours']:.4f} / {acc['theirs']:.4f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared CPU)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating timed rounds of APGD and AutoAttack")
+    ap.add_argument("--strong-batch", type=int, default=256, help="examples per APGD / AutoAttack call")
+    ap.add_argument("--queries", type=int, default=5000, help="Square's budget inside AutoAttack")
+    ap.add_argument("--no-strong", action="store_true", help="FGSM and PGD only")
+    ap.add_argument("--only-strong", action="store_true", help="APGD and AutoAttack only")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -84,11 +133,18 @@ def main() -> None:
     alpha = 2.5 * eps / steps
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {len(y)}, eps {eps}, "
           f"PGD {steps} steps alpha {alpha:g}" + (f", torchattacks {torchattacks.__version__}" if torchattacks else ""))
+    models = make_models()
+    for model in models.values():
+        train(model, x_all, y_all)
+    if args.only_strong:
+        if torchattacks is None:
+            raise SystemExit("--only-strong compares with torchattacks, which is unavailable")
+        return strong_rounds(models, x_all[: args.strong_batch], y_all[: args.strong_batch], eps, args.rounds,
+                             args.queries, torchattacks)
     header = f"{'model':5} {'attack':5} {'gradlab ex/s':>13} {'torchattacks ex/s':>18} {'ratio':>6}  note"
     print(header)
     print("-" * len(header))
-    for mname, model in make_models().items():
-        train(model, x_all, y_all)
+    for mname, model in models.items():
         # Both libraries' attack objects are built once and called per batch, as in a loop.
         g_fgsm = build_attack("fgsm", model, eps)
         g_pgd = build_attack("pgd", model, eps, steps=steps, alpha=alpha, random_start=True, seed=0)
@@ -121,6 +177,9 @@ def main() -> None:
                 print(f"{mname:5} {aname:5} {r_ours:13.0f} {r_theirs:18.0f} {r_ours / r_theirs:6.2f}  {note}")
             else:
                 print(f"{mname:5} {aname:5} {r_ours:13.0f} {'-':>18} {'-':>6}")
+    if not args.no_strong and torchattacks is not None:
+        strong_rounds(models, x_all[: args.strong_batch], y_all[: args.strong_batch], eps, args.rounds, args.queries,
+                      torchattacks)
 
 
 if __name__ == "__main__":

@@ -130,8 +130,9 @@ def _command(
             _save_npz(run_dir.path / "adversarial.npz", result, eps_list)
         has_dropout = any(isinstance(m, DROPOUTS) for m in loaded.model.modules())
         mode = "eval mode (BatchNorm on running statistics, dropout off)"
-        if cfg["eot"] > 1 and has_dropout:
-            mode += f"; dropout sampled in the {cfg['eot']} EOT passes per gradient"
+        eot = ATTACKS.entry(attack).obj.eot_passes(opts)  # an attack without EOT, or autoattack's rand default
+        if eot > 1 and has_dropout:
+            mode += f"; dropout sampled in the {eot} EOT passes per gradient"
         if not quiet:
             render_table(table, title=f"{attack} on {source.name} ({x.shape[0]} of {n_total} test examples, norm {cfg['norm']})")
             console.print(f"model ran in {mode}", highlight=False)

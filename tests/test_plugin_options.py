@@ -158,7 +158,7 @@ def test_an_unknown_attack_option_is_one_line_with_did_you_mean(runs, tmp_path, 
         build_attack("fgsm", model, 0.1, restarts=2)
     code, out, err = _cli(["attack", "fgsm", "--restarts", "2", "--runs-dir", runs], capsys)
     assert code == 2 and err.strip() == f"gradlab: error: {exc.value}"
-    assert "'restarts' is an option of attack pgd, not of attack fgsm" in err
+    assert "'restarts' is an option of attack apgd, attack fab, attack pgd, attack square, not of attack fgsm" in err
 
 
 # ------------------------------------------------------------------ a plug-in end to end -------
@@ -166,7 +166,7 @@ def test_a_toy_attack_from_a_test_file_runs_through_the_cli(toy, runs, capsys):
     code, out, err = _cli(["attack", "--help"], capsys)
     flat = " ".join(out.replace("│", " ").split())
     assert code == 0 and "--scale" in flat and "(attack: toy) (default: 1)" in flat
-    assert "(attack: curls, curvature, pgd) (default: curls 20, curvature 1, pgd 10)" in flat  # --steps
+    assert "(attack: apgd, autoattack, curls, curvature, fab, pgd) (default: apgd 100, autoattack 100, curls 20, curvature 1, ...)" in flat  # --steps
     assert "One of: linf, l2. (default: linf)" in flat  # --norm: every attack takes it
     code, out, err = _cli(["attack", "toy", "--eps", "0,0.1", "--scale", "0.5", "--n-examples", "30", "--grid", "0",
                            "--runs-dir", runs, "--quiet"], capsys)

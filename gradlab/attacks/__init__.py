@@ -14,7 +14,7 @@ from gradlab.core.registry import Registry
 ATTACKS = Registry("attack")
 
 # Registration happens on import of each attack module (one file, one decorator each).
-from gradlab.attacks import curls, curvature, fgsm, pgd  # noqa: E402,F401
+from gradlab.attacks import apgd, autoattack, curls, curvature, fab, fgsm, pgd, square  # noqa: E402,F401
 from gradlab.attacks.base import ATTACK_OPTIONS, NORMS, Attack, check_eps, flat_norm  # noqa: E402
 
 

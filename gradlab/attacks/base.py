@@ -45,7 +45,7 @@ import abc
 import contextlib
 import itertools
 import math
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -203,6 +203,18 @@ class Attack(abc.ABC):
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         """The algorithm: adversarial inputs for clean ``x`` (``(B, ...)``) and labels ``y`` (``(B,)``)."""
 
+    @classmethod
+    def eot_passes(cls, opts: dict) -> int:
+        """EOT passes per gradient an attack built with ``opts`` makes (for the CLI's mode line)."""
+        return opts.get("eot") or 1
+
+    def summary(self) -> dict:
+        """Extra columns for the robustness table, accumulated over this object's calls (none here).
+
+        An ensemble (:mod:`gradlab.attacks.autoattack`) reports how many examples each member broke.
+        """
+        return {}
+
     # ------------------------------------------------------------------ helpers -------------
     @property
     def generator(self) -> torch.Generator:
@@ -262,9 +274,17 @@ class Attack(abc.ABC):
         Returns:
             ``(g, obj)``: ``g`` has ``x``'s shape; ``obj`` is ``(B,)`` (averaged over draws).
         """
+        return self.input_grad(x, self.objective)
+
+    def input_grad(self, x: Tensor, loss: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """EOT-averaged input gradient of a per-example ``loss(logits) -> (B,)`` and its mean.
+
+        :meth:`grad` with the attack's own objective; attacks with another loss (APGD's DLR) or
+        running on a subset of the batch pass a closure. Returns ``(g, obj)`` as :meth:`grad`.
+        """
         if self.eot == 1 and self.eot_noise == 0:  # the common case, without accumulation buffers
             xr = x.detach().requires_grad_(True)
-            o = self.objective(self.model(xr))
+            o = loss(self.model(xr))
             (g,) = torch.autograd.grad(o.sum(), xr)
             return g, o.detach()
         g = torch.zeros_like(x)
@@ -272,7 +292,7 @@ class Attack(abc.ABC):
         with self._eot_mode():
             for _ in range(self.eot):
                 xr = x.detach().requires_grad_(True)
-                o = self.objective(self.model(self._transform(xr)))
+                o = loss(self.model(self._transform(xr)))
                 (gi,) = torch.autograd.grad(o.sum(), xr)
                 g += gi
                 obj += o.detach()

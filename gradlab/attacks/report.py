@@ -17,6 +17,9 @@ and one row summarises it:
                     the adversarial input
 ``n``               number of examples
 ==================  ==========================================================================
+
+An attack may add columns of its own after these (:meth:`Attack.summary`): AutoAttack's
+``broken_by_*`` counts of the examples each member broke.
 """
 
 from __future__ import annotations
@@ -147,12 +150,13 @@ def robustness_sweep(
                 "mean_l2": flat_norm(delta, "l2").mean().item(),
                 "mean_confidence": adv_conf.mean().item(),
                 "n": n,
+                **attack.summary(),  # an ensemble's per-member counts (broken_by_*)
             }
         )
         result.adv_pred[eps] = adv_pred
         if keep_adv:
             result.adv[eps] = adv
-    result.table = pd.DataFrame(rows, columns=COLUMNS)
+    result.table = pd.DataFrame(rows, columns=COLUMNS + [k for k in rows[0] if k not in COLUMNS])
     return result
 
 
