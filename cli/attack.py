@@ -130,6 +130,8 @@ def _command(
             _save_npz(run_dir.path / "adversarial.npz", result, eps_list)
         has_dropout = any(isinstance(m, DROPOUTS) for m in loaded.model.modules())
         mode = "eval mode (BatchNorm on running statistics, dropout off)"
+        from gradlab.attacks import ATTACKS
+
         eot = ATTACKS.entry(attack).obj.eot_passes(opts)  # an attack without EOT, or autoattack's rand default
         if eot > 1 and has_dropout:
             mode += f"; dropout sampled in the {eot} EOT passes per gradient"
