@@ -220,8 +220,8 @@ OPTIONS = Options(
     Option("k", int, 8, "Top singular values computed per map by Lanczos", low=1),
     Option("max_dense", int, 2**24, "Largest examples x outputs x inputs that auto computes densely", low=1),
     Option("threshold", float, DEFAULT_THRESHOLD, "Verdict threshold t on the typical gain per layer (geometric "
-           "mean over layers of the rms singular value): below 1/(1+t) 'vanishing', above 1+t 'exploding'",
-           low=0, low_open=True),
+           "mean of the rms singular values of the square hidden layer maps): below 1/(1+t) 'vanishing', above 1+t "
+           "'exploding'", low=0, low_open=True),
 )
 
 
@@ -230,7 +230,7 @@ OPTIONS = Options(
 class JacobianProbe(Probe):
     """Jacobian singular values per example and dynamical-isometry statistics, end to end and per layer.
 
-    Statistics (Saxe et al. 2014, Pennington et al. 2017), per example then averaged: mean and variance of the squared singular values, max (spectral norm) and min singular value, condition number, fraction within 10% of 1; per layer also the spectral radius (square maps) and the cumulative product of spectral norms over depth. Verdict: the geometric mean over layers of each layer's rms singular value; below 1/(1+t) 'vanishing', above 1+t 'exploding' (t = --threshold).
+    Statistics (Saxe et al. 2014, Pennington et al. 2017), per example then averaged: mean and variance of the squared singular values, max (spectral norm) and min singular value, condition number, fraction within 10% of 1; per layer also the spectral radius (square maps) and the cumulative product of spectral norms over depth. Maps: input-output (classes x inputs), hidden-to-hidden (the width x width product of the hidden blocks, the map Pennington et al. study) and every block and the head. Verdict: the geometric mean of the rms singular values of the square hidden layer maps (the first and last maps carry their shape); below 1/(1+t) 'vanishing', above 1+t 'exploding' (t = --threshold).
 
     Writes jacobian.csv (layer,example,index,singular_value), jacobian_summary.csv (one row per map), TensorBoard histograms of log10 singular values and per-layer statistics against depth, plots/jacobian_spectra.png and plots/jacobian_depth.png. The model runs in eval mode; a fresh model's BatchNorm running statistics are first set from 256 training examples.
     """
