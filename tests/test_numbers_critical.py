@@ -106,3 +106,26 @@ def test_float32_bounds_are_wider_than_float64_ones():
     r32 = hessian_probe(model32, batch32, top_k=1, bottom_k=1, trace=False, loss_fn=mse, exact=True)
     assert r32.classification.zero_tol > 1e6 * r64.classification.zero_tol
     assert r32.classification.kind == r64.classification.kind == "minimum"
+
+
+class _Point(nn.Module):
+    """A 2-D point as a model: its output is the point itself, whatever the input."""
+
+    def __init__(self, xy):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(xy, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.p.expand(x.shape[0], 2)
+
+
+@pytest.mark.parametrize("name, point", [("rosenbrock", (1.0, 1.0)), ("saddle", (0.0, 0.0)),
+                                         ("monkey-saddle", (0.0, 0.0))])
+@pytest.mark.parametrize("exact", [False, True])
+def test_probe_hessian_and_trajectories_agree_on_the_same_point(name, point, exact):
+    fn = build_function(name)
+    kind, _ = trajectories.classify_point(fn, point, grad_norm=0.0)
+    batch = (torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1))
+    rep = hessian_probe(_Point(point), batch, top_k=1, bottom_k=1, trace=False, exact=exact, tol=1e-8,
+                        loss_fn=lambda out, _t: fn.value(out[0, 0], out[0, 1]))
+    assert rep.classification.kind == kind
