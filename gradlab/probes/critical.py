@@ -29,14 +29,14 @@ Where the error bounds come from:
 
 * **dense** (:func:`dense_eigenvalues`): a symmetric eigensolver is backward stable, so by
   Weyl's perturbation theorem each computed eigenvalue is within ``||E||_2 <= n eps ||H||_2`` of
-  an exact one (Golub & Van Loan 2013, sec. 8.1 and 8.4; ``eps`` of the solver's float64). The
+  an exact one (Golub & Van Loan 2013, ch. 8; ``eps`` of the solver's float64). The
   matrix's own rounding (formed in float32 or float64 by autograd) adds ``sqrt(n) eps_formed
   ||H||`` (the probabilistic bound of an n-term sum, Higham & Mary 2019) plus the measured
   antisymmetric part ``||(H - H^T) / 2||_2``, a direct sample of that rounding.
 * **Lanczos** (:func:`lanczos_errors`): for a symmetric operator, some eigenvalue lies within
-  the Ritz pair's residual ``||A y - theta y||`` of ``theta`` (Parlett 1998, thm. 4.5.1); the
-  products' rounding adds ``sqrt(n) eps_formed max|theta|`` and the float64 arithmetic
-  ``n eps64 max|theta|``, the same terms as the dense bound.
+  the Ritz pair's residual ``||A y - theta y||`` of ``theta`` (Parlett 1998, ch. 4, residual
+  bounds); the products' rounding adds ``sqrt(n) eps_formed max|theta|`` and the float64
+  arithmetic ``n eps64 max|theta|``, the same terms as the dense bound.
 
 Only the extremes of the spectrum matter for rule 2: ``lambda_max`` and ``lambda_min`` decide;
 the counts are over the eigenvalues actually computed (top-k and bottom-k), so the number of

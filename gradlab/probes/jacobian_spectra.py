@@ -195,12 +195,11 @@ def spectral_radius(jac: Tensor) -> Tensor:
     ``torch.linalg.eigvals`` (LAPACK ``geev``: balancing, which already permutes zero rows and
     columns out, Hessenberg reduction, then the sequential QR iteration) run with ONE intra-op
     thread, restored afterwards: the QR iteration gains nothing from threads, and with several
-    threads its many small BLAS-2 calls make the threads wait for each other. Measured in
-    ``benchmarks/bench_jacobian.py --radius``: 32 tanh-layer Jacobians 256 x 256 took 29 s with 2
-    threads on a shared 2-core machine and 0.9 s with one, against 2.1 s for their ``svdvals``.
-    Krylov methods were measured and rejected: the spectrum of a random-like layer Jacobian fills
-    a disk (the circular law), so ARPACK's ``eigs(k=1)`` stops at a non-dominant eigenvalue (0.3%
-    off) and an unrestarted Arnoldi needs ~n/3 steps, slower than LAPACK at these sizes.
+    threads its many small BLAS-2 calls make the threads wait for each other (measured in
+    ``benchmarks/bench_jacobian.py --radius``, figures in ``benchmarks/RESULTS.md``). Krylov
+    methods were measured and rejected: the spectrum of a random-like layer Jacobian fills a disk
+    (the circular law), so ARPACK's ``eigs(k=1)`` stops at a non-dominant eigenvalue and an
+    unrestarted Arnoldi needs ~n/3 steps, slower than LAPACK at these sizes.
     """
     if jac.shape[-1] == 0:
         return torch.zeros(jac.shape[0], dtype=torch.float64)
