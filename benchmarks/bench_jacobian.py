@@ -16,6 +16,18 @@ alternating call by call so machine noise hits them alike):
   per-example Jacobian approaches: the Jacobian needs ``classes`` backward passes' worth of work).
 
 It also checks that both routes give the same singular values (max relative difference).
+
+``--radius`` times the spectral radius of square layer Jacobians instead (``probe jacobian``
+reports ``max |eig(J_l)|`` for every square map): per-example Jacobians (B, width, width) of a
+ReLU and a tanh hidden layer of the same MLP, through
+
+* ``gradlab``: :func:`gradlab.probes.jacobian_spectra.spectral_radius` (``torch.linalg.eigvals``
+  with one intra-op thread);
+* ``eigvals``: ``torch.linalg.eigvals`` with the process's threads (what the probe did before);
+* ``svdvals``: ``torch.linalg.svdvals`` of the same matrices (the cost the probe pays anyway);
+
+with medians and the spread (min-max) over ``--repeats``, the ratios to ``eigvals`` and to
+``svdvals``, and the largest relative difference from ``eigvals`` in float64.
 """
 
 from __future__ import annotations
@@ -67,14 +79,53 @@ def main() -> None:
     ap.add_argument("--inputs", default="784,64", help="input sizes to run (MNIST-like 784, digits-like 64)")
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (0: torch's default; 1 keeps timings stable on a shared machine)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (0: torch's default; default 1, or torch's default with --radius, "
+                         "whose point is what threads do to eigvals)")
+    ap.add_argument("--radius", action="store_true", help="time the spectral radius of square layer maps instead")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads if args.threads is not None else (0 if args.radius else 1)
+    if threads:
+        torch.set_num_threads(threads)
 
+    if args.radius:
+        for act in (nn.ReLU, nn.Tanh):
+            bench_radius(act, args)
+        return
     for d_in in (int(v) for v in args.inputs.split(",")):
         bench(d_in, args)
+
+
+def bench_radius(act, args) -> None:
+    """Spectral radius of (B, width, width) per-example Jacobians of one hidden layer."""
+    from gradlab.curvature.jacobian_gram import per_example_jacobian
+    from gradlab.probes.jacobian_spectra import spectral_radius
+
+    torch.manual_seed(0)
+    lin = nn.Linear(args.width, args.width)
+    nn.init.normal_(lin.weight, std=(2.0 / args.width) ** 0.5)  # criticality for ReLU
+    layer = nn.Sequential(lin, act()).eval()
+    h = torch.randn(args.batch, args.width, generator=torch.Generator().manual_seed(1))
+    jac = per_example_jacobian(layer, h).detach()  # (B, width, width) float32
+    ref64 = torch.linalg.eigvals(jac.double()).abs().amax(-1)
+    rel = float(((spectral_radius(jac.double()) - ref64).abs() / ref64).max())
+    runs = {"gradlab": lambda: spectral_radius(jac), "eigvals": lambda: torch.linalg.eigvals(jac).abs().amax(-1),
+            "svdvals": lambda: torch.linalg.svdvals(jac)}
+    times = {k: [] for k in runs}
+    for _ in range(args.repeats):
+        for key, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    zero_rows = float((jac.abs().sum(-1) == 0).double().mean())
+    print(f"spectral radius: {args.batch} per-example Jacobians {args.width}x{args.width} of a {act.__name__} layer "
+          f"({zero_rows:.0%} zero rows), float32, {torch.get_num_threads()} thread(s), median [min-max] of {args.repeats}")
+    for key in runs:
+        print(f"  {key:8s} {med[key] * 1e3:9.1f} ms  [{min(times[key]) * 1e3:.1f}-{max(times[key]) * 1e3:.1f}]")
+    print(f"  gradlab / eigvals: {med['gradlab'] / med['eigvals']:.2f}x   gradlab / svdvals: "
+          f"{med['gradlab'] / med['svdvals']:.2f}x   eigvals / svdvals: {med['eigvals'] / med['svdvals']:.2f}x")
+    print(f"  max relative difference from eigvals (float64): {rel:.1e}")
 
 
 def bench(d_in: int, args) -> None:

@@ -49,7 +49,7 @@ def command(
     from gradlab.core.device import resolve_device
     from gradlab.landscape.grid import make_batches
     from gradlab.landscape.plots import simplex_plot
-    from gradlab.landscape.simplex import evaluate_simplex, train_simplex
+    from gradlab.landscape.simplex import ensemble_verdict, evaluate_simplex, train_simplex
     from gradlab.runs.checkpoints import save_checkpoint
     from gradlab.training.load import load_run
 
@@ -91,4 +91,5 @@ def command(
         if not quiet:
             render_table(table, title="simplex points")
             render_table(pd.DataFrame([metrics]), title="simplex summary")
+        print(ensemble_verdict(metrics), flush=True)  # even with --quiet: it says whether the simplex helped
         finish_and_print(rd, "completed", {"vertices": cfg["vertices"], **metrics})

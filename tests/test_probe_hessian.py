@@ -57,8 +57,9 @@ def test_not_critical_still_describes_curvature():
 def test_thresholds_are_arguments():
     assert classify_point(5e-3, [2.0], [1.0]).kind == "not-critical"
     assert classify_point(5e-3, [2.0], [1.0], grad_tol=1e-2).kind == "minimum"
-    assert classify_point(0.0, [2.0], [-1e-4]).kind == "degenerate"  # |-1e-4| <= 1e-3 * 2
-    assert classify_point(0.0, [2.0], [-1e-4], eig_rtol=1e-6).kind == "saddle"
+    # an eigenvalue's sign counts only beyond its error bound
+    assert classify_point(0.0, [2.0], [-1e-4], bottom_errors=[2e-4]).kind == "degenerate"
+    assert classify_point(0.0, [2.0], [-1e-4], bottom_errors=[1e-6]).kind == "saddle"
     assert classify_point(0.0, [2.0]).kind == "unknown"  # lambda_min not computed
 
 

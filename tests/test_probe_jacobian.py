@@ -141,7 +141,9 @@ def test_orthogonal_linear_network_is_isometric():
     nn.init.orthogonal_(head.weight)
     model = GradlabNet(Normalize([0.0], [1.0]), blocks, head).double()
     summary = jacobian_probe(model, _x((3, 8)), method="dense").summary()
-    assert summary["frac_near_one"].tolist() == [1.0] * 8
+    # input-output, hidden-to-hidden (blocks.1..5: a product of orthogonal maps), 6 blocks, head
+    assert summary["layer"].tolist()[:2] == ["input-output", "hidden-to-hidden"]
+    assert summary["frac_near_one"].tolist() == [1.0] * 9
     assert summary["var_sq_sv"].abs().max() < 1e-10
     assert summary["spectral_radius"].iloc[1:].sub(1).abs().max() < 1e-6
 
@@ -219,7 +221,9 @@ def test_plain_module_gets_input_output_only_with_a_note():
 def test_gain_rate_verdict():
     model = mlp([6, 6, 6, 6, 4])
     rep = jacobian_probe(model, _x((3, 6)), method="dense")
-    chi = [ls.stats()["mean_sq_sv"] for ls in rep.layers[1:]]
+    # the verdict rests on the square hidden maps: blocks.0-2 (6x6), not the 6 -> 4 head
+    chi = [ls.stats()["mean_sq_sv"] for ls in rep.layers if ls.depth is not None and ls.in_dim == ls.out_dim]
+    assert len(chi) == 3
     rate, verdict = rep.gain_rate(0.1)
     assert rate == pytest.approx(math.prod(chi) ** (0.5 / len(chi)), rel=1e-12)
     assert verdict == ("vanishing" if rate < 1 / 1.1 else "exploding" if rate > 1.1 else "stable")
@@ -253,7 +257,7 @@ def test_cli_jacobian_on_a_trained_run(tmp_path, capsys):
         assert (path / "plots" / png).stat().st_size > 0
     s = pd.read_csv(path / "summary.csv")
     assert s.loc[0, "status"] == "completed" and s.loc[0, "source_run"].endswith("-train")
-    assert "input-output (normalized input)" in r.out
+    assert "input-output map (10x64: logits per normalized input)" in r.out
 
 
 def test_cli_jacobian_bad_input_is_one_line(tmp_path, capsys):

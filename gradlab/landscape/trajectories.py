@@ -11,10 +11,11 @@ the per-optimizer report:
   ``t`` with ``f(p_t) <= f(s) - escape_delta``, i.e. once it is ``escape_delta`` below the
   saddle's level; it never returns to the saddle's neighbourhood after that, because every
   optimizer here is a descent method up to noise. ``min_dist_to_saddle`` is how close it came.
-* point type: eigenvalues of the EXACT Hessian at the final point
-  (``torch.autograd.functional.hessian``, float64) classify it as ``minimum`` (all > eps),
-  ``maximum`` (all < -eps), ``saddle`` (both signs) or ``degenerate`` (an eigenvalue within eps of
-  0), if the gradient norm there is at most ``stationary_tol``; otherwise ``not stationary``.
+* point type: the EXACT Hessian at the final point (``torch.autograd.functional.hessian``,
+  float64) and the gradient norm there go through gradlab's one classifier,
+  :func:`gradlab.probes.critical.classify_point` (the one ``probe hessian`` uses): ``minimum``,
+  ``maximum``, ``saddle`` or ``degenerate``, each eigenvalue's sign decided against the dense
+  solver's error bound; ``not-critical`` when the gradient norm is above ``stationary_tol``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import torch
 from gradlab.core.errors import GradlabError
 from gradlab.core.options import Option, Options
 from gradlab.landscape.functions import FUNCTIONS, TestFunction, build_function
+from gradlab.probes.critical import GRAD_TOL, dense_eigenvalues
+from gradlab.probes.critical import classify_point as critical_point
 
 # Step sizes chosen for the 2-D functions' scale (curvatures of order 1-100, optima within a few
 # units): large enough to move in ~100 steps, small enough that none of them diverges on the
@@ -151,27 +154,22 @@ def run_trajectory(
     return Trajectory(name, points, losses, gnorms, lr, diverged)
 
 
-def classify_point(fn: TestFunction, point: Sequence[float], *, eps: float = 1e-6, grad_norm: float = 0.0,
-                   stationary_tol: float = 1e-3) -> tuple[str, list[float]]:
-    """Type of ``point`` from the exact Hessian's eigenvalues (ascending); see the module docstring."""
+def classify_point(fn: TestFunction, point: Sequence[float], *, grad_norm: float = 0.0,
+                   stationary_tol: float = GRAD_TOL) -> tuple[str, list[float]]:
+    """Type of ``point`` and the exact Hessian's eigenvalues (ascending); see the module docstring."""
     p = torch.tensor([float(v) for v in point], dtype=torch.float64)
     if not bool(torch.isfinite(p).all()):
         return "diverged", [float("nan"), float("nan")]
     hess = torch.autograd.functional.hessian(lambda q: fn.value(q[0], q[1]), p)
-    eig = torch.linalg.eigvalsh(hess).tolist()
-    if grad_norm > stationary_tol:
-        return "not stationary", eig
-    if any(abs(e) <= eps for e in eig):
-        return "degenerate", eig
-    if all(e > 0 for e in eig):
-        return "minimum", eig
-    if all(e < 0 for e in eig):
-        return "maximum", eig
-    return "saddle", eig
+    ev, err = dense_eigenvalues(hess)
+    eig = ev.tolist()
+    bounds = [err] * len(eig)
+    kind = critical_point(grad_norm, eig, eig, top_errors=bounds, bottom_errors=bounds, grad_tol=stationary_tol).kind
+    return kind, eig
 
 
 def summarize(fn: TestFunction, traj: Trajectory, *, tol: float = 1e-4, escape_delta: float = 0.1,
-              stationary_tol: float = 1e-3) -> dict:
+              stationary_tol: float = GRAD_TOL) -> dict:
     """One report row for ``traj`` (see the module docstring for each definition)."""
     x, y = traj.points[-1]
     row = {

@@ -17,6 +17,17 @@ norm is multiplied by each layer it travels towards the input). With threshold `
 ``vanishing`` if ``rate < 1 / (1 + t)``, ``exploding`` if ``rate > 1 + t``, else ``stable``
 (``undetermined`` when fewer than two layers are probed).
 
+The verdict states its evidence (how many layers the fit used, its ``R^2``, the slope's
+standard error) and is ``inconclusive`` instead when
+
+* the fit rests on :data:`MIN_FIT_LAYERS` - 1 = 3 layers or fewer (two free parameters on three
+  points leave one degree of freedom: any three norms fit some line, the trend is not tested);
+* a trend verdict (vanishing/exploding) has ``R^2 <`` :data:`MIN_R2` ``= 0.5``: depth explains
+  less of the variance of ``log signal_norm`` than the layer-to-layer scatter does;
+* a ``stable`` verdict has a slope whose 2-standard-error band reaches beyond ``log(1 + t)``:
+  the data do not rule out a trend past the threshold (``R^2`` is no test of a flat line, whose
+  explained variance is zero by definition).
+
 Per-example signal: ``loss_fn(logits, y)`` returns the batch loss. If it averages over the batch
 (``reduction == "mean"``, torch's default and what is assumed for a plain function), the row of
 ``dL/dh`` for example ``n`` is ``1/B`` times the gradient of that example's own loss, so it is
@@ -49,9 +60,18 @@ from gradlab.core.options import Option, Options
 from gradlab.models.base import GradlabNet
 from gradlab.probes import PROBES
 from gradlab.probes.base import Probe, ProbeContext, ProbeReport
+from gradlab.probes.signal_fit import (  # noqa: F401  (re-exported: the verdict rule of this probe)
+    MIN_FIT_LAYERS,
+    MIN_R2,
+    VERDICTS,
+    SignalFit,
+    fit_rate,
+    fit_signal,
+    verdict_from_fit,
+    verdict_from_rate,
+)
 from gradlab.probes.source import LAYER_OPTIONS, batch_options, parse_layers
 
-VERDICTS = ("vanishing", "exploding", "stable", "undetermined")
 DEFAULT_THRESHOLD = 0.1
 
 _FRAME_COLUMNS = ["layer", "name", "grad_norm", "grad_norm_std", "weight_norm", "ratio", "signal_norm"]
@@ -87,6 +107,7 @@ class GradnormReport:
     loss: float
     n_batches: int
     n_examples: int
+    fit: Optional[SignalFit] = None
 
     def to_frame(self):
         """One row per layer: ``layer,name,grad_norm,grad_norm_std,weight_norm,ratio,signal_norm``."""
@@ -103,6 +124,9 @@ class GradnormReport:
             "threshold": self.threshold,
             "loss": self.loss,
             "n_layers": len(self.layers),
+            "fit_layers": self.fit.n_layers if self.fit else 0,
+            "fit_r2": self.fit.r2 if self.fit else float("nan"),
+            "fit_slope_stderr": self.fit.slope_stderr if self.fit else float("nan"),
         }
 
 
@@ -129,35 +153,6 @@ def select_layers(available: Sequence[tuple], names: Optional[Sequence[str]]) ->
         raise GradlabError("no layers selected; choose from: " + ", ".join(by_name))
     wanted = set(names)
     return [entry for entry in available if entry[1] in wanted]  # keep depth order
-
-
-def fit_rate(depths: Sequence[int], signal_norms: Sequence[float]) -> float:
-    """Natural log of the backward growth factor per layer from a log-linear least-squares fit.
-
-    Returns ``-b`` for ``log s = a + b * depth``; NaN for fewer than two distinct depths. Norms
-    that are exactly zero (dead units) are clamped to the smallest positive float64 so that they
-    read as strongly vanishing instead of poisoning the fit.
-    """
-    d = torch.as_tensor(list(depths), dtype=torch.float64)
-    if d.numel() < 2 or torch.unique(d).numel() < 2:
-        return float("nan")
-    s = torch.as_tensor(list(signal_norms), dtype=torch.float64)
-    y = torch.log(s.clamp_min(torch.finfo(torch.float64).tiny))
-    dc = d - d.mean()
-    slope = (dc * (y - y.mean())).sum() / (dc * dc).sum()
-    return float(-slope)
-
-
-def verdict_from_rate(log_rate: float, threshold: float) -> str:
-    """``vanishing`` / ``exploding`` / ``stable`` by ``|log rate| > log(1 + threshold)``."""
-    if math.isnan(log_rate):
-        return "undetermined"
-    bound = math.log1p(threshold)
-    if log_rate < -bound:
-        return "vanishing"
-    if log_rate > bound:
-        return "exploding"
-    return "stable"
 
 
 def gradnorm_probe(
@@ -272,16 +267,18 @@ def gradnorm_probe(
                 signal_norm_per_example=sig,
             )
         )
-    log_rate = fit_rate([lg.layer for lg in layer_stats], [lg.signal_norm for lg in layer_stats])
+    fit = fit_signal([lg.layer for lg in layer_stats], [lg.signal_norm for lg in layer_stats])
+    log_rate = fit.log_rate
     return GradnormReport(
         layers=layer_stats,
         rate=math.exp(log_rate) if not math.isnan(log_rate) else float("nan"),
         log_rate=log_rate,
         threshold=threshold,
-        verdict=verdict_from_rate(log_rate, threshold),
+        verdict=verdict_from_fit(fit, threshold),
         loss=sum(losses) / len(losses),
         n_batches=len(losses),
         n_examples=n_examples,
+        fit=fit,
     )
 
 
@@ -302,9 +299,21 @@ def verdict_line(rep: GradnormReport) -> str:
     t = rep.threshold
     if rep.verdict == "undetermined":
         return "verdict: undetermined (a growth rate needs at least two layers)"
+    fit = rep.fit
+    evidence = (f"log-linear fit over {fit.n_layers} layers, R^2 = {fit.r2:.3f}"
+                + (f", slope standard error {fit.slope_stderr:.2g}" if fit.slope_stderr == fit.slope_stderr else ""))
+    band = f"threshold t={t:g}: vanishing below {1 / (1 + t):.3g}, exploding above {1 + t:.3g}"
+    if rep.verdict == "inconclusive":
+        if fit.n_layers < MIN_FIT_LAYERS:
+            why = f"{fit.n_layers} layers are too few to test a trend (at least {MIN_FIT_LAYERS} needed)"
+        elif verdict_from_rate(fit.log_rate, t) == "stable":
+            why = "the slope's 2-standard-error band reaches past the threshold"
+        else:
+            why = f"R^2 below {MIN_R2:g}: the layer-to-layer scatter is larger than the trend"
+        return (f"verdict: inconclusive: backward signal norm x{rep.rate:.3g} per layer towards the input, but "
+                f"{why} ({evidence}; {band})")
     return (f"verdict: {rep.verdict}: backward signal norm x{rep.rate:.3g} per layer towards the input "
-            f"(log-linear fit over {len(rep.layers)} layers; threshold t={t:g}: vanishing below "
-            f"{1 / (1 + t):.3g}, exploding above {1 + t:.3g})")
+            f"({evidence}; {band})")
 
 
 OPTIONS = batch_options(4, 128, "Batches to average over; the spread across them is grad_norm_std") + LAYER_OPTIONS + Options(

@@ -55,11 +55,18 @@ from gradlab.models.base import GradlabNet
 from gradlab.probes import PROBES
 from gradlab.probes.base import Probe, ProbeContext, ProbeReport
 from gradlab.probes.gradnorm import DEFAULT_THRESHOLD, select_layers
-from gradlab.probes.jacobian_spectra import NEAR_ONE, SUMMARY_COLUMNS, JacobianReport, LayerSpectrum  # noqa: F401
+from gradlab.probes.jacobian_spectra import (  # noqa: F401
+    NEAR_ONE,
+    SUMMARY_COLUMNS,
+    JacobianReport,
+    LayerSpectrum,
+    spectral_radius,
+)
 from gradlab.probes.source import LAYER_OPTIONS, parse_layers, recalibrate_batchnorm, sample_indices
 
 METHODS = ("auto", "dense", "lanczos")
 INPUT_OUTPUT = "input-output"
+HIDDEN = "hidden-to-hidden"
 
 
 def jacobian_probe(
@@ -99,6 +106,7 @@ def jacobian_probe(
     if x.ndim < 2 or x.shape[0] < 1:
         raise GradlabError(f"x must be a non-empty batch (B, *input_shape); got shape {tuple(x.shape)}")
     notes: list[str] = []
+    span = None
     gen = torch.Generator().manual_seed(seed)
     with model_state(model, train=False):
         with torch.no_grad():
@@ -114,6 +122,9 @@ def jacobian_probe(
                 acts = model.block_inputs(x) if (is_net and per_layer) else None
                 maps = [(INPUT_OUTPUT, None, model, x)]
             if per_layer and is_net:
+                span = hidden_span([tuple(a.shape) for a in acts])
+                if span is not None:
+                    maps.append((HIDDEN, None, _chain(model.blocks[span[0]:span[1]]), acts[span[0]]))
                 units = [(i, f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
                 units.append((len(model.blocks), "head", model.head))
                 for depth, name, mod in select_layers(units, layers):
@@ -124,7 +135,39 @@ def jacobian_probe(
                 _spectrum(name, depth, fn, h, method, k, max_dense, n_probes, keep_jacobians, gen)
                 for name, depth, fn, h in maps
             ]
-    return JacobianReport(spectra, "pixel" if pixel_space else "normalized", x.shape[0], notes)
+    rep = JacobianReport(spectra, "pixel" if pixel_space else "normalized", x.shape[0], notes)
+    rep.hidden_span = span
+    return rep
+
+
+def hidden_span(shapes: Sequence[tuple]) -> Optional[tuple[int, int]]:
+    """``(a, b)``: blocks ``a .. b-1`` form the hidden-to-hidden map, or None.
+
+    ``shapes`` are those of the block inputs ``[h_0, h_1, ..., h_L]`` (``h_L`` enters the head).
+    The span is the longest run of consecutive shape-preserving blocks after the first one (the
+    first maps the input to the first hidden layer), and only a product of at least two blocks is
+    a map of its own: Pennington, Schoenholz & Ganguli (2017, 2018) study this width x width
+    product, whose spectrum broadens with depth, not the classes x inputs end-to-end map.
+    """
+    best, start = None, None
+    for i in range(1, len(shapes) - 1):
+        square = shapes[i] == shapes[i + 1]
+        if square and start is None:
+            start = i
+        if start is not None and (not square or i == len(shapes) - 2):
+            stop = i + 1 if square else i
+            if best is None or stop - start > best[1] - best[0]:
+                best = (start, stop)
+            start = None
+    return best if best is not None and best[1] - best[0] >= 2 else None
+
+
+def _chain(blocks):
+    def fn(h):
+        for block in blocks:
+            h = block(h)
+        return h
+    return fn
 
 
 def _spectrum(name, depth, fn, h, method, k, max_dense, n_probes, keep, gen) -> LayerSpectrum:
@@ -134,9 +177,7 @@ def _spectrum(name, depth, fn, h, method, k, max_dense, n_probes, keep, gen) -> 
     if use_dense:
         jac = per_example_jacobian(fn, h)
         sv = singular_values(jac)
-        radius = None
-        if m == n:
-            radius = torch.linalg.eigvals(jac).abs().amax(-1).double()
+        radius = spectral_radius(jac) if m == n else None
         return LayerSpectrum(name, depth, n, m, "dense", sv, spectral_radius=radius,
                              jacobian=jac if keep else None)
     gram = JacobianGram(fn, h)
@@ -147,6 +188,12 @@ def _spectrum(name, depth, fn, h, method, k, max_dense, n_probes, keep, gen) -> 
     moments = gram.moments(n_probes, gen)
     return LayerSpectrum(name, depth, n, m, "lanczos", sv.cpu(), converged=bool(eig.converged.all()),
                          iterations=eig.products, moments=moments.cpu())
+
+
+def _stat_text(row) -> str:
+    return (f"mean squared singular value {row['mean_sq_sv']:.4g}, variance {row['var_sq_sv']:.4g}, max "
+            f"{row['max_sv']:.4g}, min {row['min_sv']:.4g}, condition number {row['condition_number']:.4g}, "
+            f"within 10% of 1: {row['frac_near_one']:.1%}")
 
 
 def _check_tensor(out, what: str) -> Tensor:
@@ -173,8 +220,8 @@ OPTIONS = Options(
     Option("k", int, 8, "Top singular values computed per map by Lanczos", low=1),
     Option("max_dense", int, 2**24, "Largest examples x outputs x inputs that auto computes densely", low=1),
     Option("threshold", float, DEFAULT_THRESHOLD, "Verdict threshold t on the typical gain per layer (geometric "
-           "mean over layers of the rms singular value): below 1/(1+t) 'vanishing', above 1+t 'exploding'",
-           low=0, low_open=True),
+           "mean of the rms singular values of the square hidden layer maps): below 1/(1+t) 'vanishing', above 1+t "
+           "'exploding'", low=0, low_open=True),
 )
 
 
@@ -183,7 +230,7 @@ OPTIONS = Options(
 class JacobianProbe(Probe):
     """Jacobian singular values per example and dynamical-isometry statistics, end to end and per layer.
 
-    Statistics (Saxe et al. 2014, Pennington et al. 2017), per example then averaged: mean and variance of the squared singular values, max (spectral norm) and min singular value, condition number, fraction within 10% of 1; per layer also the spectral radius (square maps) and the cumulative product of spectral norms over depth. Verdict: the geometric mean over layers of each layer's rms singular value; below 1/(1+t) 'vanishing', above 1+t 'exploding' (t = --threshold).
+    Statistics (Saxe et al. 2014, Pennington et al. 2017), per example then averaged: mean and variance of the squared singular values, max (spectral norm) and min singular value, condition number, fraction within 10% of 1; per layer also the spectral radius (square maps) and the cumulative product of spectral norms over depth. Maps: input-output (classes x inputs), hidden-to-hidden (the width x width product of the hidden blocks, the map Pennington et al. study) and every block and the head. Verdict: the geometric mean of the rms singular values of the square hidden layer maps (the first and last maps carry their shape); below 1/(1+t) 'vanishing', above 1+t 'exploding' (t = --threshold).
 
     Writes jacobian.csv (layer,example,index,singular_value), jacobian_summary.csv (one row per map), TensorBoard histograms of log10 singular values and per-layer statistics against depth, plots/jacobian_spectra.png and plots/jacobian_depth.png. The model runs in eval mode; a fresh model's BatchNorm running statistics are first set from 256 training examples.
     """
@@ -250,18 +297,28 @@ class JacobianProbe(Probe):
 
 
 def report_lines(rep: JacobianReport, summary, metrics: dict, t: float) -> list[str]:
-    """The input-output statistics, the verdict and a Lanczos convergence warning, as sentences."""
+    """The input-output and hidden-to-hidden statistics (each naming its map and shape), the verdict
+    with the maps it rests on, and a Lanczos convergence warning, as sentences."""
     io = summary.iloc[0]
+    inp = "input pixels" if rep.space == "pixel" else "normalized input"
     lines = [
-        f"input-output ({rep.space} input): mean squared singular value {io['mean_sq_sv']:.4g}, variance "
-        f"{io['var_sq_sv']:.4g}, max {io['max_sv']:.4g}, min {io['min_sv']:.4g}, condition number "
-        f"{io['condition_number']:.4g}, within 10% of 1: {io['frac_near_one']:.1%}"
+        f"input-output map ({int(io['out_dim'])}x{int(io['in_dim'])}: logits per {inp}): "
+        + _stat_text(io)
     ]
+    hidden = summary[summary["layer"] == HIDDEN]
+    if len(hidden) and rep.hidden_span is not None:
+        hh, (a, b) = hidden.iloc[0], rep.hidden_span
+        lines.append(
+            f"hidden-to-hidden map ({int(hh['out_dim'])}x{int(hh['in_dim'])}: blocks.{a}..blocks.{b - 1}, the product "
+            f"Pennington et al. 2017 study): " + _stat_text(hh)
+            + (f", spectral radius {hh['spectral_radius']:.4g}" if hh["spectral_radius"] == hh["spectral_radius"] else "")
+        )
     if "verdict" in metrics:
         lines.append(
-            f"verdict: {metrics['verdict']}: typical gain x{metrics['gain_rate']:.3g} per layer (geometric mean of "
-            f"per-layer rms singular values; threshold t={t:g}: vanishing below {1 / (1 + t):.3g}, exploding above "
-            f"{1 + t:.3g}); product of spectral norms over depth {metrics['cum_spectral_norm']:.4g}"
+            f"verdict: {metrics['verdict']}: typical gain x{metrics['gain_rate']:.3g} per layer (geometric mean of the "
+            f"rms singular values of {metrics['verdict_basis']}: {metrics['verdict_layers']}; threshold t={t:g}: "
+            f"vanishing below {1 / (1 + t):.3g}, exploding above {1 + t:.3g}); product of spectral norms over depth "
+            f"{metrics['cum_spectral_norm']:.4g}"
         )
     if not summary["converged"].all():
         bad = ", ".join(summary.loc[~summary["converged"], "layer"])

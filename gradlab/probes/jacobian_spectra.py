@@ -86,6 +86,11 @@ class JacobianReport:
     space: str  # "normalized" or "pixel"
     n_examples: int
     notes: list[str] = field(default_factory=list)
+    hidden_span: Optional[tuple[int, int]] = None  # blocks a..b-1 of the "hidden-to-hidden" map
+
+    def map(self, name: str) -> Optional[LayerSpectrum]:
+        """The map called ``name`` (``input-output``, ``hidden-to-hidden``, ``blocks.3``, ``head``), or None."""
+        return next((ls for ls in self.layers if ls.name == name), None)
 
     def cumulative_spectral_norm(self) -> dict[str, float]:
         """``name -> mean over examples of prod_{j <= l} ||J_j||_2`` over the probed layers."""
@@ -131,27 +136,76 @@ class JacobianReport:
         """``(jacobian.csv frame, jacobian_summary.csv frame)``."""
         return self.spectra_frame(), self.summary()
 
+    def verdict_basis(self) -> tuple[list[LayerSpectrum], list[float], str]:
+        """The per-layer maps the verdict rests on, their gains ``chi`` and the basis in words.
+
+        The square (width x width) per-layer maps when there are any: for them ``mean_sq_sv =
+        ||J||_F^2 / n`` is the mean-field ``chi_1`` of Poole et al. 2016 / Schoenholz et al. 2017
+        (``sigma_w^2 E[phi'(h)^2]``; 1 at criticality, e.g. ReLU with ``sigma_w^2 = 2``). The first
+        (inputs -> width) and last (width -> classes) maps are left out: their mean squared singular
+        value carries their shape (``||J||_F^2 / min(m, n)`` of a 256 x 64 map at criticality is ~4)
+        and the head has no nonlinearity (its gain is ``sigma_w^2``). Without square maps every
+        per-layer map is normalised by its shape, ``chi = ||J||_F^2 / out_dim`` (the gain of the mean
+        squared activation per unit).
+        """
+        per_layer = [ls for ls in self.layers if ls.depth is not None]
+        square = [ls for ls in per_layer if ls.in_dim == ls.out_dim]
+        if square:
+            return square, [ls.stats()["mean_sq_sv"] for ls in square], f"{len(square)} square hidden layer map(s)"
+        chi = [ls.stats()["mean_sq_sv"] * min(ls.in_dim, ls.out_dim) / ls.out_dim for ls in per_layer]
+        return per_layer, chi, f"{len(per_layer)} layer map(s), each normalised by its shape (no square maps)"
+
     def gain_rate(self, threshold: float = DEFAULT_THRESHOLD) -> tuple[float, str]:
         """Typical gain per layer and its verdict: ``(rate, vanishing|exploding|stable|undetermined)``.
 
-        ``sqrt(mean_sq_sv)`` of a layer map is the factor by which it scales the norm of a random
-        direction (``mean_sq_sv`` is the mean-field ``chi_1`` of Poole et al. 2016 / Schoenholz
-        et al. 2017); the rate is its geometric mean over the probed per-layer maps, and the
+        ``sqrt(chi)`` of a layer map is the factor by which it scales the norm of a random
+        direction; the rate is its geometric mean over the maps of :meth:`verdict_basis`, and the
         verdict uses the rule of :mod:`gradlab.probes.gradnorm` (``|log rate| > log(1 + t)``).
         """
-        chi = [ls.stats()["mean_sq_sv"] for ls in self.layers if ls.depth is not None]
+        _, chi, _ = self.verdict_basis()
         if not chi:
             return float("nan"), "undetermined"
         log_rate = 0.5 * sum(math.log(max(c, 1e-300)) for c in chi) / len(chi)
         return math.exp(log_rate), verdict_from_rate(log_rate, threshold)
 
     def metrics(self, threshold: float = DEFAULT_THRESHOLD) -> dict:
-        """The input-output statistics (prefixed ``io_``), gain rate and verdict for ``summary.csv``."""
+        """The input-output statistics (prefixed ``io_``), the hidden-to-hidden ones (``hh_``), gain
+        rate, verdict and the maps it rests on, for ``summary.csv``."""
         io = self.layers[0].stats()
         keys = ["mean_sq_sv", "var_sq_sv", "max_sv", "min_sv", "condition_number", "frac_near_one"]
         out = {f"io_{k}": io[k] for k in keys}
+        hidden = self.map("hidden-to-hidden")
+        if hidden is not None:
+            hs = hidden.stats()
+            out.update({f"hh_{k}": hs[k] for k in keys + ["spectral_radius"]})
         cum = self.cumulative_spectral_norm()
         if cum:
             out["cum_spectral_norm"] = list(cum.values())[-1]
             out["gain_rate"], out["verdict"] = self.gain_rate(threshold)
+            maps, _, basis = self.verdict_basis()
+            out["verdict_basis"] = basis
+            out["verdict_layers"] = " ".join(ls.name for ls in maps)
         return out
+
+
+
+def spectral_radius(jac: Tensor) -> Tensor:
+    """``max |eig(J_b)|`` (B,) float64 of square per-example Jacobians ``jac`` (B, n, n).
+
+    ``torch.linalg.eigvals`` (LAPACK ``geev``: balancing, which already permutes zero rows and
+    columns out, Hessenberg reduction, then the sequential QR iteration) run with ONE intra-op
+    thread, restored afterwards: the QR iteration gains nothing from threads, and with several
+    threads its many small BLAS-2 calls make the threads wait for each other (measured in
+    ``benchmarks/bench_jacobian.py --radius``, figures in ``benchmarks/RESULTS.md``). Krylov
+    methods were measured and rejected: the spectrum of a random-like layer Jacobian fills a disk
+    (the circular law), so ARPACK's ``eigs(k=1)`` stops at a non-dominant eigenvalue and an
+    unrestarted Arnoldi needs ~n/3 steps, slower than LAPACK at these sizes.
+    """
+    if jac.shape[-1] == 0:
+        return torch.zeros(jac.shape[0], dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.eigvals(jac).abs().amax(-1).double()
+    finally:
+        torch.set_num_threads(threads)
