@@ -22,6 +22,7 @@ from gradlab.curvature.eigen import EigenResult, eigsh
 from gradlab.curvature.fisher import EmpiricalFisherOperator, FisherOperator
 from gradlab.curvature.ggn import GGNOperator, OutputCurvatureOperator
 from gradlab.curvature.kfac import KFACInverseOperator, KFACOperator
+from gradlab.curvature.matrices import MATRICES, curvature_matrix
 from gradlab.curvature.model_op import ModelOperator
 from gradlab.curvature.params import select_params
 from gradlab.curvature.gauss_newton import TRACE_METHODS, gauss_newton_trace, is_piecewise_linear, trace_auto
@@ -48,4 +49,5 @@ __all__ = [
     "rademacher", "rademacher_like", "JacobianGram", "per_example_jacobian",
     "singular_values", "ModelOperator", "select_params", "OutputCurvatureOperator", "GGNOperator",
     "FisherOperator", "EmpiricalFisherOperator", "KFACOperator", "KFACInverseOperator",
+    "MATRICES", "curvature_matrix",
 ]
