@@ -26,8 +26,15 @@ def mlp() -> nn.Module:
 
 def cnn() -> nn.Module:
     torch.manual_seed(1)
-    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.Tanh(), nn.Conv2d(3, 2, 2), nn.Tanh(),
-                         nn.Flatten(), nn.Linear(2 * 2 * 2, 3)).double()
+    # conv 2 has more output channels (5) than output positions (4), conv 1 fewer (3 < 9)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.Tanh(), nn.Conv2d(3, 5, 2), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(5 * 2 * 2, 3)).double()
+
+
+def wide_cnn() -> nn.Module:
+    """Patches shorter (K = 8) than the positions they slide over (L = 25)."""
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv2d(2, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 5 * 5, 3)).double()
 
 
 def data(model: nn.Module, n: int = 9, seed: int = 0, soft: bool = False):
@@ -148,6 +155,21 @@ def test_true_fisher_exact_expectation_is_the_ggn_and_monte_carlo_converges_to_i
     assert not torch.allclose(a.to_dense(), FisherOperator(model, None, (x, y), mc_samples=3, seed=2).to_dense())
 
 
+@pytest.mark.parametrize("loss_fn", [None, F.mse_loss])
+def test_true_fisher_backends_draw_the_same_labels(loss_fn):
+    model = cnn()
+    x, y = data(model)
+    if loss_fn is not None:
+        y = torch.randn(len(x), 3, dtype=torch.float64)
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    per, jac = (FisherOperator(model, loss_fn, batches, mc_samples=3, seed=7, backend=b, chunk_size=5)
+                for b in ("per-example", "jacobian"))
+    assert torch.allclose(per.to_dense(), jac.to_dense(), atol=1e-12)
+    assert per.per_example_gradients().shape == (3 * len(x), per.n)  # rank at most N M
+    assert FisherOperator(model, loss_fn, batches, mc_samples=3).backend == "per-example"
+    assert FisherOperator(model, loss_fn, batches, mc_samples=9).backend == "jacobian"  # many labels: through J
+
+
 def test_true_fisher_of_squared_error_converges_to_its_ggn():
     model = mlp()
     x, _ = data(model)
@@ -233,10 +255,10 @@ def kfac_reference(model, x, y, fisher_type):
     return torch.block_diag(*blocks)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", [*MODELS, "wide"])
 @pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
 def test_kfac_equals_the_kronecker_formula_built_by_hand(name, fisher_type):
-    model = MODELS[name]()
+    model = wide_cnn() if name == "wide" else MODELS[name]()
     x, y = data(model)
     op = KFACOperator(model, None, (x, y), fisher_type=fisher_type)
     assert [type(b.module) for b in op.blocks] == [type(m) for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]

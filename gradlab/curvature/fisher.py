@@ -16,11 +16,19 @@ With the loss read as a negative log-likelihood ``L = c sum_n l_n``, ``l_n = -lo
   Balles & Hennig 2019, "Limitations of the empirical Fisher approximation for natural gradient
   descent"). Adam's second moment and many "Fisher" pruning scores are this matrix.
 
-Both are ``J^T Lambda J`` with ``Lambda_n = c * (1/M) sum_m s_m s_m^T`` built from output
-gradients ``s`` (N, C) (:class:`~gradlab.curvature.ggn.OutputCurvatureOperator`). The empirical
-Fisher is also computed, by default when it fits in memory, from per-example parameter gradients
-``R`` (N, n) (``torch.func.vmap`` over ``grad``, in chunks): then ``EF v = R^T (R v)`` is two
-matrix products with no pass through the network.
+Both are sums of outer products of per-example gradients at given labels (``M`` labels per
+example: the Fisher's samples, or the one observed label), computed one of two ways
+(``backend``):
+
+* ``"per-example"``: the gradients ``R`` (N M, n), each row ``sqrt(c / M) g_n(y_nm)``, from
+  ``torch.func.vmap`` over ``grad`` in chunks; then ``F v = R^T (R v)`` is two matrix products
+  with no pass through the network (the default when ``M <= MAX_PER_EXAMPLE_SAMPLES``, the rows
+  fit in ``MAX_PER_EXAMPLE_ENTRIES`` and the mode is eval);
+* ``"jacobian"``: ``J^T Lambda J`` with ``Lambda_n = (c / M) sum_m s_nm s_nm^T`` from the output
+  gradients ``s_nm = d l_n(y_nm) / d z_n`` (:class:`~gradlab.curvature.ggn.OutputCurvatureOperator`),
+  two passes per product whatever ``M``.
+
+Both backends draw the same labels from the same seed, so they are the same matrix.
 """
 
 from __future__ import annotations
@@ -37,11 +45,12 @@ from gradlab.curvature.likelihood import check_outputs, require_likelihood
 from gradlab.curvature.params import ParamSpec
 from gradlab.curvature.sampling import make_generator
 
-EF_BACKENDS = ("per-example", "jacobian")
+BACKENDS = ("per-example", "jacobian")
 
-#: The per-example backend stores ``num_samples x n`` gradient entries; above this the empirical
-#: Fisher falls back to products through the network (``backend="jacobian"``).
+#: The per-example backend stores ``N M x n`` gradient entries; above this it is not the default.
 MAX_PER_EXAMPLE_ENTRIES = 2**26
+#: Above this many labels per example the per-example gradients cost more than typical solves save.
+MAX_PER_EXAMPLE_SAMPLES = 8
 
 
 def _outer_product(S: Tensor, W: Tensor, factor: float) -> Tensor:
@@ -50,91 +59,61 @@ def _outer_product(S: Tensor, W: Tensor, factor: float) -> Tensor:
     return torch.einsum("kmn,mnc->knc", coef, S) * (factor / S.shape[0])
 
 
-class FisherOperator(OutputCurvatureOperator):
-    """The true Fisher ``F = c sum_n E_{y ~ p(y|x_n)}[g_n g_n^T]``, Monte Carlo over model labels.
-
-    ``F ~ J^T Lambda J`` with ``Lambda_n = c/M sum_m s_nm s_nm^T``, ``s_nm = d l_n / d z_n`` at a
-    label ``y_nm`` drawn from the model (cross-entropy: ``y ~ softmax(z_n)``, ``s = p - e_y``;
-    squared error: ``y ~ N(z_n, I/2)``, ``s = 2 (z - y)``). Unbiased for every ``mc_samples``;
-    the labels are drawn once, at the first product, from ``make_generator(seed)``, so the
-    matrix is fixed. Module docstring: how it differs from :class:`EmpiricalFisherOperator`.
-
-    Args:
-        model, loss_fn, data, mode, params, keep_graphs: see :class:`~gradlab.curvature.GGNOperator`;
-            the loss must be cross-entropy or squared error and the outputs (N, C).
-        mc_samples: labels drawn per example (>= 1).
-        seed: seeds the labels (and train-mode dropout).
-    Paper: Amari 1998; Martens 2020 ("New insights and perspectives on the natural gradient method").
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None, data=None, *,
-                 mc_samples: int = 1, mode: str = "eval", params: ParamSpec = None,
-                 keep_graphs: Optional[bool] = None, seed: int = 0):
-        if not isinstance(mc_samples, int) or mc_samples < 1:
-            raise GradlabError(f"invalid mc_samples: {mc_samples} (must be an integer >= 1)")
-        super().__init__(model, loss_fn, data, mode=mode, params=params, keep_graphs=keep_graphs, seed=seed)
-        self.likelihood = require_likelihood(self.loss_fn, "the Fisher")
-        self.mc_samples = mc_samples
-        self._generator = make_generator(seed)
-        self._samples: dict[int, Tensor] = {}
-
-    def sampled_output_gradients(self, i: int) -> Tensor:
-        """Batch ``i``'s ``s`` (M, N, C), drawn on first use (batches are first used in order)."""
-        if i not in self._samples:
-            z = self.linearization(i).z.detach()
-            check_outputs(z, "the Fisher")
-            self._samples[i] = self.likelihood.sampled_gradients(z, self.mc_samples, self._generator)
-        return self._samples[i]
-
-    def _output_product(self, i: int, z: Tensor, W: Tensor) -> Tensor:
-        return _outer_product(self.sampled_output_gradients(i), W, self.likelihood.factor(z))
-
-
-class EmpiricalFisherOperator(OutputCurvatureOperator):
-    """The empirical Fisher ``EF = c sum_n g_n(y_n) g_n(y_n)^T`` at the observed labels.
-
-    Not the Fisher information (module docstring; Kunstner et al. 2019): it uses the data's
-    labels, not the model's, and is rank at most ``N``.
+class GradientOuterProducts(OutputCurvatureOperator):
+    """``c / M sum_n sum_m g_n(y_nm) g_n(y_nm)^T`` for labels given by :meth:`labels` (module docstring).
 
     Args:
         model, loss_fn, data, mode, params, keep_graphs, seed: see :class:`~gradlab.curvature.GGNOperator`;
-            the loss must be cross-entropy (hard or soft labels) or squared error.
-        backend: ``"per-example"``: the per-example gradients ``R`` (num_samples, n), scaled by
-            ``sqrt(c w_i)``, from ``torch.func.vmap(grad)`` over ``chunk_size`` examples at a
-            time, so ``EF v = R^T (R v)``; needs eval mode, registered parameters and examples
-            that the model treats independently. ``"jacobian"``: ``J^T Lambda J`` through the
-            network with ``Lambda_n = c s_n s_n^T``, ``s_n = d l_n / d z_n``. Default: per-example
-            when ``num_samples * n <= MAX_PER_EXAMPLE_ENTRIES`` and mode is eval.
+            the loss must be cross-entropy (hard or soft labels) or squared error, outputs (N, C).
+        backend: ``"per-example"`` or ``"jacobian"``; None chooses (module docstring). The
+            per-example one needs eval mode, registered parameters and examples that the model
+            treats independently.
         chunk_size: examples per vmapped gradient call (memory of that many gradients at once).
     """
 
+    what = "the Fisher"
+
     def __init__(self, model: nn.Module, loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None, data=None, *,
                  backend: Optional[str] = None, chunk_size: int = 64, mode: str = "eval", params: ParamSpec = None,
-                 keep_graphs: Optional[bool] = None, seed: int = 0):
-        if backend is not None and backend not in EF_BACKENDS:
-            raise GradlabError(f"unknown empirical Fisher backend {backend!r}; choose from: {', '.join(EF_BACKENDS)}")
+                 keep_graphs: Optional[bool] = None, seed: int = 0, samples_per_example: int = 1):
+        if backend is not None and backend not in BACKENDS:
+            raise GradlabError(f"unknown {self.what} backend {backend!r}; choose from: {', '.join(BACKENDS)}")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise GradlabError(f"invalid chunk_size: {chunk_size} (must be an integer >= 1)")
         super().__init__(model, loss_fn, data, mode=mode, params=params, keep_graphs=keep_graphs, seed=seed)
-        self.likelihood = require_likelihood(self.loss_fn, "the empirical Fisher")
+        self.likelihood = require_likelihood(self.loss_fn, self.what)
         if backend is None:
-            fits = self.num_samples * self.n <= MAX_PER_EXAMPLE_ENTRIES
-            backend = "per-example" if fits and mode == "eval" and None not in self.param_names else "jacobian"
+            fits = self.num_samples * samples_per_example * self.n <= MAX_PER_EXAMPLE_ENTRIES
+            per_example = fits and samples_per_example <= MAX_PER_EXAMPLE_SAMPLES and mode == "eval"
+            backend = "per-example" if per_example and None not in self.param_names else "jacobian"
         if backend == "per-example" and mode != "eval":
-            raise GradlabError("the per-example empirical Fisher needs mode 'eval' (train mode couples a batch's "
-                               "examples through BatchNorm); use backend 'jacobian'")
+            raise GradlabError(f"per-example gradients of {self.what} need mode 'eval' (train mode couples a "
+                               f"batch's examples through BatchNorm); use backend 'jacobian'")
         self.backend, self.chunk_size = backend, chunk_size
-        self._rows: Optional[Tensor] = None
+        self._labels: dict[int, tuple[Tensor, Tensor]] = {}
         self._grads: dict[int, Tensor] = {}
+        self._rows: Optional[Tensor] = None
+
+    def labels(self, i: int, z: Tensor) -> Tensor:
+        """Batch ``i``'s labels (M, N) or (M, N, C), given its outputs ``z`` (N, C)."""
+        raise NotImplementedError
+
+    def batch_labels(self, i: int) -> tuple[Tensor, Tensor]:
+        """``(z, labels)`` of batch ``i``, computed once (batches are first used in order)."""
+        if i not in self._labels:
+            with torch.no_grad(), self._batch_context(i):
+                z = self.model(self.batches[i][0])
+            check_outputs(z, self.what)
+            self._labels[i] = (z, self.labels(i, z))
+        return self._labels[i]
 
     def _output_product(self, i: int, z: Tensor, W: Tensor) -> Tensor:
         if i not in self._grads:
-            check_outputs(z, "the empirical Fisher")
-            self._grads[i] = self.likelihood.output_gradients(z, self.batches[i][1]).unsqueeze(0)  # (1, N, C)
+            self._grads[i] = torch.stack([self.likelihood.output_gradients(z, lab) for lab in self.batch_labels(i)[1]])
         return _outer_product(self._grads[i], W, self.likelihood.factor(z))
 
     def per_example_gradients(self) -> Tensor:
-        """``R`` (num_samples, n): row ``n`` is ``sqrt(c w_i) d l_n / d theta``, so ``EF = R^T R``."""
+        """``R`` (num_samples M, n) with ``R^T R`` this matrix: rows ``sqrt(c w_i / M) g_n(y_nm)``."""
         if self._rows is None:
             self._rows = torch.cat([self._batch_rows(i) for i in range(len(self.batches))])
         return self._rows
@@ -142,10 +121,13 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
     def _batch_rows(self, i: int) -> Tensor:
         from torch.func import functional_call, grad, vmap
 
-        x, y = self.batches[i]
-        names = self.registered_names("the per-example empirical Fisher")
+        names = self.registered_names(f"per-example gradients of {self.what}")
         primals = {nm: p.detach() for nm, p in zip(names, self.params)}
         lik = self.likelihood
+        z, labels = self.batch_labels(i)
+        m = labels.shape[0]
+        x = self.batches[i][0].repeat(m, *([1] * (self.batches[i][0].dim() - 1)))  # (M N, ...): sample-major
+        y = labels.reshape(m * z.shape[0], *labels.shape[2:])
 
         def nll_one(pd, xi, yi):
             return lik.nll(functional_call(self.model, pd, (xi.unsqueeze(0),)), yi.unsqueeze(0))
@@ -153,17 +135,59 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
         per_example = vmap(grad(nll_one), in_dims=(None, 0, 0))
         rows = []
         with self._batch_context(i):
-            with torch.no_grad():
-                z = self.model(x[: min(len(x), 2)])  # the output shape fixes the reduction factor
-            check_outputs(z, "the empirical Fisher")
-            factor = lik.factor(torch.empty(len(x), z.shape[1]))
             for s in range(0, len(x), self.chunk_size):
                 g = per_example(primals, x[s : s + self.chunk_size], y[s : s + self.chunk_size])
                 rows.append(torch.cat([g[nm].reshape(g[nm].shape[0], -1) for nm in names], dim=1))
-        return torch.cat(rows).mul_(math.sqrt(factor * self.weights[i]))
+        return torch.cat(rows).mul_(math.sqrt(lik.factor(z) * self.weights[i] / m))
 
     def _matmat(self, V: Tensor) -> Tensor:
         if self.backend == "jacobian":
             return super()._matmat(V)
         R = self.per_example_gradients()
         return R.T @ (R @ V)
+
+
+class FisherOperator(GradientOuterProducts):
+    """The true Fisher ``F = c sum_n E_{y ~ p(y|x_n)}[g_n g_n^T]``, Monte Carlo over model labels.
+
+    ``F ~ (c/M) sum_n sum_m g_n(y_nm) g_n(y_nm)^T`` with ``y_nm`` drawn from the model
+    (cross-entropy: ``y ~ softmax(z_n)``; squared error: ``y ~ N(z_n, I/2)``): unbiased for every
+    ``mc_samples``, positive semi-definite, rank at most ``N M``. The labels are drawn once per
+    batch, at its first use, from ``make_generator(seed)``, so the matrix is fixed. Module
+    docstring: how it differs from :class:`EmpiricalFisherOperator`, and the backends.
+
+    Args:
+        model, loss_fn, data, mode, params, keep_graphs, backend, chunk_size: see
+            :class:`GradientOuterProducts`.
+        mc_samples: labels drawn per example (>= 1).
+        seed: seeds the labels (and train-mode dropout).
+    Paper: Amari 1998; Martens 2020 ("New insights and perspectives on the natural gradient method").
+    """
+
+    what = "the Fisher"
+
+    def __init__(self, model: nn.Module, loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None, data=None, *,
+                 mc_samples: int = 1, backend: Optional[str] = None, chunk_size: int = 64, mode: str = "eval",
+                 params: ParamSpec = None, keep_graphs: Optional[bool] = None, seed: int = 0):
+        if not isinstance(mc_samples, int) or mc_samples < 1:
+            raise GradlabError(f"invalid mc_samples: {mc_samples} (must be an integer >= 1)")
+        super().__init__(model, loss_fn, data, backend=backend, chunk_size=chunk_size, mode=mode, params=params,
+                         keep_graphs=keep_graphs, seed=seed, samples_per_example=mc_samples)
+        self.mc_samples = mc_samples
+        self._generator = make_generator(seed)
+
+    def labels(self, i: int, z: Tensor) -> Tensor:
+        return self.likelihood.sample_labels(z, self.mc_samples, self._generator)
+
+
+class EmpiricalFisherOperator(GradientOuterProducts):
+    """The empirical Fisher ``EF = c sum_n g_n(y_n) g_n(y_n)^T`` at the observed labels.
+
+    Not the Fisher information (module docstring; Kunstner et al. 2019): it uses the data's
+    labels, not the model's, and is rank at most ``N``. Arguments: see :class:`GradientOuterProducts`.
+    """
+
+    what = "the empirical Fisher"
+
+    def labels(self, i: int, z: Tensor) -> Tensor:
+        return self.batches[i][1].unsqueeze(0)

@@ -53,6 +53,18 @@ FISHER_TYPES = ("type-2", "mc", "empirical")
 LAYERS = (nn.Linear, nn.Conv2d)
 
 
+def _sum_outer(u: Tensor) -> Tensor:
+    """``sum_n U_n U_n^T`` (K, K) for ``u`` (N, K, L).
+
+    Batched products write ``N K^2`` partial sums, so they pay only when each has at least ``K``
+    terms; otherwise one ``(K, N L)`` copy and a single product (on 128 x 288 x 64 patches 3x
+    faster; on 128 x 27 x 1024 the batched products are 1.2x faster)."""
+    if u.shape[2] >= u.shape[1]:
+        return torch.matmul(u, u.transpose(1, 2)).sum(0)
+    r = u.transpose(0, 1).reshape(u.shape[1], -1)
+    return r @ r.T
+
+
 class _Block:
     """One layer: its module, which of the operator's parameters are its weight and bias, and factors."""
 
@@ -62,22 +74,38 @@ class _Block:
         self.G: Optional[Tensor] = None
         self._eig: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
 
-    def rows(self, a: Tensor) -> Tensor:
-        """The layer input as rows ``a_bar`` (R, K [+1]) that share the weight."""
+    def input_moment(self, a: Tensor) -> Tensor:
+        """``(1/R) sum_r a_bar_r a_bar_r^T`` of the layer input over the ``R`` rows sharing the weight.
+
+        A convolution's rows are the patches of ``F.unfold`` (N, K, L), summed by :func:`_sum_outer`;
+        the bias column enters as the row sums, not as a concatenated column (a copy of the rows)."""
         m = self.module
         if isinstance(m, nn.Conv2d):
-            a = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # (N, K, L)
-            a = a.transpose(1, 2).reshape(-1, a.shape[1])
+            u = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # (N, K, L)
+            rows = u.shape[0] * u.shape[2]
+            if self.w is None:  # bias alone: a_bar = [1]
+                return a.new_ones(1, 1)
+            core, total = _sum_outer(u), u.sum((0, 2))
         else:
             a = a.reshape(-1, a.shape[-1])
-        if self.w is None:  # bias alone: a_bar = [1]
-            return a.new_ones(a.shape[0], 1)
-        return torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1) if self.b is not None else a
+            rows = a.shape[0]
+            if self.w is None:
+                return a.new_ones(1, 1)
+            core, total = a.T @ a, a.sum(0)
+        if self.b is None:
+            return core / rows
+        k = core.shape[0]
+        out = core.new_empty(k + 1, k + 1)
+        out[:k, :k], out[:k, k], out[k, :k], out[k, k] = core, total, total, rows
+        return out / rows
 
     @staticmethod
-    def output_rows(g: Tensor) -> Tensor:
-        """Output gradients as rows (R, O): channels last for a convolution."""
-        return g.flatten(2).transpose(1, 2).reshape(-1, g.shape[1]) if g.dim() == 4 else g.reshape(-1, g.shape[-1])
+    def output_moment(g: Tensor) -> Tensor:
+        """``sum_r b_r b_r^T`` of output gradients (N, O) or (N, O, H, W) over all rows, (O, O)."""
+        if g.dim() == 4:
+            return _sum_outer(g.flatten(2))  # (N, O, L)
+        g = g.reshape(-1, g.shape[-1])
+        return g.T @ g
 
     def to_matrix(self, vs: list[Tensor], k: int) -> Tensor:
         """This layer's part of ``k`` vectors as ``V_bar`` (k, O, K [+1])."""
@@ -195,12 +223,12 @@ class KFACOperator(ModelOperator):
             for k in range(S.shape[0]):
                 grads = torch.autograd.grad(z, outs, S[k], retain_graph=k < S.shape[0] - 1, allow_unused=True)
                 for j, g in enumerate(grads):
-                    r = _Block.output_rows(torch.zeros_like(outs[j]) if g is None else g)
-                    G[j] = G[j] + r.T @ r
+                    if g is not None:  # None: the outputs do not depend on this layer
+                        G[j] = G[j] + _Block.output_moment(g)
             for blk, g in zip(self.blocks, G):
-                rows = blk.rows(seen[id(blk.module)][0])
-                blk.A = blk.A + (rows.T @ rows) * (weight / rows.shape[0])
-                blk.G = blk.G + g * weight
+                blk.A = blk.A + blk.input_moment(seen[id(blk.module)][0]) * weight
+                o = blk.module.weight.shape[0]
+                blk.G = blk.G + (g if torch.is_tensor(g) else torch.zeros(o, o, dtype=self.dtype, device=self.device)) * weight
 
     # ------------------------------------------------------------------ products
     def _apply(self, V: Tensor, fn) -> Tensor:

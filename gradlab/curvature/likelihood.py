@@ -61,21 +61,24 @@ class Likelihood:
             return p - target
         return 2 * (z - y)
 
-    def sampled_gradients(self, z: Tensor, mc_samples: int, generator: torch.Generator) -> Tensor:
-        """``d l_n / d z_n`` at labels drawn from the model, ``y ~ p(y | z_n)``: (M, N, C).
+    def sample_labels(self, z: Tensor, mc_samples: int, generator: torch.Generator) -> Tensor:
+        """Labels drawn from the model, ``y ~ p(y | z_n)``: (M, N) classes for cross-entropy,
+        (M, N, C) targets ``z + eps``, ``eps ~ N(0, I/2)``, for squared error.
 
         Draws on the generator's device (CPU unless given a CUDA generator), so a seed gives
         the same labels on every device."""
         zc = z.detach().to(generator.device)
         if self.kind == "cross-entropy":
-            p = zc.softmax(-1)
-            labels = torch.multinomial(p, mc_samples, replacement=True, generator=generator)  # (N, M)
-            onehot = F.one_hot(labels.T, z.shape[1]).to(z.dtype)  # (M, N, C)
-            out = p.unsqueeze(0) - onehot
-        else:  # y = z + eps, eps ~ N(0, I/2): gradient 2 (z - y) = -2 eps
+            labels = torch.multinomial(zc.softmax(-1), mc_samples, replacement=True, generator=generator).T
+        else:
             eps = torch.randn((mc_samples, *zc.shape), generator=generator, dtype=zc.dtype, device=zc.device)
-            out = -2 * math.sqrt(0.5) * eps
-        return out.to(z.device)
+            labels = zc.unsqueeze(0) + math.sqrt(0.5) * eps
+        return labels.to(z.device)
+
+    def sampled_gradients(self, z: Tensor, mc_samples: int, generator: torch.Generator) -> Tensor:
+        """``d l_n / d z_n`` at labels from :meth:`sample_labels`: (M, N, C)."""
+        labels = self.sample_labels(z, mc_samples, generator)
+        return torch.stack([self.output_gradients(z, lab) for lab in labels])
 
     def hessian_factor(self, z: Tensor) -> Tensor:
         """``S`` (K, N, C) with ``sum_k S[k, n] S[k, n]^T = d^2 l_n / d z_n^2`` (no factor ``c``).

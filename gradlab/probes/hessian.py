@@ -163,8 +163,9 @@ def hessian_probe(
             loss and gradient are always the loss's; the point type needs the Hessian's signs, so
             for any other matrix it is left "unknown" (those matrices are positive semi-definite).
     Raises:
-        GradlabError: top_k < 1, bottom_k < 0, tol <= 0, unknown trace method, k > n, or
-            ``exact`` with more than ``dense_max`` parameters.
+        GradlabError: top_k < 1, bottom_k < 0, tol <= 0, unknown trace method or matrix, k > n,
+            ``exact`` with more than ``dense_max`` parameters, or the Gauss-Newton trace of a matrix
+            other than the Hessian.
     """
     check(isinstance(top_k, int) and top_k >= 1, f"invalid top_k: {top_k} (must be >= 1)")
     check(isinstance(bottom_k, int) and bottom_k >= 0, f"invalid bottom_k: {bottom_k} (must be >= 0)")
