@@ -100,13 +100,15 @@ def empirical_fisher_loop(model, x, y, nll, factor):
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("loss_fn", [None, F.mse_loss, MSE_SUM, lambda z, y: F.cross_entropy(z, y) ** 2],
                          ids=["ce", "mse-mean", "mse-sum", "generic"])
-def test_ggn_equals_explicit_jacobian_product(name, loss_fn):
+@pytest.mark.parametrize("jvp", ["double-backward", "forward"])
+def test_ggn_equals_explicit_jacobian_product(name, loss_fn, jvp):
     model = MODELS[name]()
     x, y = data(model)
     if loss_fn in (F.mse_loss, MSE_SUM):
         y = torch.randn(len(x), 3, dtype=torch.float64)
     ref = ggn_reference(model, loss_fn or F.cross_entropy, x, y)
-    op = GGNOperator(model, loss_fn, (x, y))
+    op = GGNOperator(model, loss_fn, (x, y), jvp=jvp)
+    assert op.jvp_method == jvp
     assert torch.allclose(op.to_dense(), ref, atol=1e-12, rtol=1e-9)
     # the closed-form output Hessian is not used for the generic loss: the autograd path is checked too
     assert (op.likelihood is None) == (loss_fn is not None and loss_fn not in (F.mse_loss, MSE_SUM))
@@ -133,9 +135,26 @@ def test_ggn_over_batches_and_without_kept_graphs_is_the_size_weighted_mean():
     whole = ggn_reference(model, F.cross_entropy, x, y)
     batches = [(x[:3], y[:3]), (x[3:], y[3:])]
     for keep in (True, False):
-        op = GGNOperator(model, None, batches, keep_graphs=keep)
-        assert torch.allclose(op.to_dense(), whole, atol=1e-12)
-        assert len(op._lins) == (2 if keep else 0)
+        for jvp in ("double-backward", "forward"):
+            op = GGNOperator(model, None, batches, keep_graphs=keep, jvp=jvp)
+            assert torch.allclose(op.to_dense(), whole, atol=1e-12)
+            assert len(op._lins) == (2 if keep else 0)
+    # forward mode by default for convolutional models only
+    assert GGNOperator(model, None, batches).jvp_method == "forward"
+    assert GGNOperator(mlp(), None, data(mlp())).jvp_method == "double-backward"
+
+
+def test_ggn_in_train_mode_sees_one_dropout_mask_and_batch_statistics():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
+    x, y = data(mlp(), n=12)
+    stats = model[1].running_mean.clone()
+    ops = [GGNOperator(model, None, (x, y), mode="train", seed=3, jvp=j) for j in ("double-backward", "forward")]
+    dense = [op.to_dense() for op in ops]
+    assert torch.allclose(dense[0], dense[1], atol=1e-12)
+    assert torch.allclose(dense[0], dense[0].T, atol=1e-12)  # the same function in every product
+    assert not torch.allclose(dense[0], GGNOperator(model, None, (x, y)).to_dense())  # eval mode differs
+    assert torch.equal(model[1].running_mean, stats) and model.training  # state restored, stats untouched
 
 
 # ------------------------------------------------------------------ Fisher
@@ -323,6 +342,8 @@ def test_each_operator_restricted_to_a_parameter_subset_is_the_sub_block(kind):
 
 
 def test_parameter_patterns_and_their_errors():
+    with pytest.raises(GradlabError, match="unknown jvp method 'reverse'; choose from: double-backward, forward"):
+        GGNOperator(mlp(), None, data(mlp()), jvp="reverse")
     model = cnn()
     ps, names = select_params(model, "0, 5.weight")
     assert names == ["0.weight", "0.bias", "5.weight"] and ps[0] is model[0].weight

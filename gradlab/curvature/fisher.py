@@ -63,7 +63,7 @@ class GradientOuterProducts(OutputCurvatureOperator):
     """``c / M sum_n sum_m g_n(y_nm) g_n(y_nm)^T`` for labels given by :meth:`labels` (module docstring).
 
     Args:
-        model, loss_fn, data, mode, params, keep_graphs, seed: see :class:`~gradlab.curvature.GGNOperator`;
+        model, loss_fn, data, mode, params, keep_graphs, seed, jvp: see :class:`~gradlab.curvature.GGNOperator`;
             the loss must be cross-entropy (hard or soft labels) or squared error, outputs (N, C).
         backend: ``"per-example"`` or ``"jacobian"``; None chooses (module docstring). The
             per-example one needs eval mode, registered parameters and examples that the model
@@ -75,12 +75,13 @@ class GradientOuterProducts(OutputCurvatureOperator):
 
     def __init__(self, model: nn.Module, loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None, data=None, *,
                  backend: Optional[str] = None, chunk_size: int = 64, mode: str = "eval", params: ParamSpec = None,
-                 keep_graphs: Optional[bool] = None, seed: int = 0, samples_per_example: int = 1):
+                 keep_graphs: Optional[bool] = None, seed: int = 0, jvp: Optional[str] = None,
+                 samples_per_example: int = 1):
         if backend is not None and backend not in BACKENDS:
             raise GradlabError(f"unknown {self.what} backend {backend!r}; choose from: {', '.join(BACKENDS)}")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise GradlabError(f"invalid chunk_size: {chunk_size} (must be an integer >= 1)")
-        super().__init__(model, loss_fn, data, mode=mode, params=params, keep_graphs=keep_graphs, seed=seed)
+        super().__init__(model, loss_fn, data, mode=mode, params=params, keep_graphs=keep_graphs, seed=seed, jvp=jvp)
         self.likelihood = require_likelihood(self.loss_fn, self.what)
         if backend is None:
             fits = self.num_samples * samples_per_example * self.n <= MAX_PER_EXAMPLE_ENTRIES
@@ -157,7 +158,7 @@ class FisherOperator(GradientOuterProducts):
     docstring: how it differs from :class:`EmpiricalFisherOperator`, and the backends.
 
     Args:
-        model, loss_fn, data, mode, params, keep_graphs, backend, chunk_size: see
+        model, loss_fn, data, mode, params, keep_graphs, jvp, backend, chunk_size: see
             :class:`GradientOuterProducts`.
         mc_samples: labels drawn per example (>= 1).
         seed: seeds the labels (and train-mode dropout).
@@ -168,11 +169,12 @@ class FisherOperator(GradientOuterProducts):
 
     def __init__(self, model: nn.Module, loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None, data=None, *,
                  mc_samples: int = 1, backend: Optional[str] = None, chunk_size: int = 64, mode: str = "eval",
-                 params: ParamSpec = None, keep_graphs: Optional[bool] = None, seed: int = 0):
+                 params: ParamSpec = None, keep_graphs: Optional[bool] = None, seed: int = 0,
+                 jvp: Optional[str] = None):
         if not isinstance(mc_samples, int) or mc_samples < 1:
             raise GradlabError(f"invalid mc_samples: {mc_samples} (must be an integer >= 1)")
         super().__init__(model, loss_fn, data, backend=backend, chunk_size=chunk_size, mode=mode, params=params,
-                         keep_graphs=keep_graphs, seed=seed, samples_per_example=mc_samples)
+                         keep_graphs=keep_graphs, seed=seed, jvp=jvp, samples_per_example=mc_samples)
         self.mc_samples = mc_samples
         self._generator = make_generator(seed)
 
