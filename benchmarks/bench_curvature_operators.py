@@ -119,6 +119,7 @@ def run_case(case: str, args) -> list[str]:
 
     ops = {
         "ggn": (GGNOperator(model, None, (x, y)), cl.GGNLinearOperator(model, ce, params, data, **kw)),
+        "ggn-other-jvp": (GGNOperator(model, None, (x, y), jvp="double-backward" if case != "mlp" else "forward"), None),
         "fisher": (FisherOperator(model, None, (x, y), mc_samples=1, backend="per-example"),
                    cl.FisherMCLinearOperator(model, ce, params, data, mc_samples=1, **kw)),
         "fisher-jacobian": (FisherOperator(model, None, (x, y), mc_samples=1, backend="jacobian"), None),
@@ -127,12 +128,14 @@ def run_case(case: str, args) -> list[str]:
         "ef-jacobian": (EmpiricalFisherOperator(model, None, (x, y), backend="jacobian"), None),
     }
     ops["ef-jacobian"] = (ops["ef-jacobian"][0], ops["ef"][1])
+    ops["ggn-other-jvp"] = (ops["ggn-other-jvp"][0], ops["ggn"][1])
     ops["fisher-jacobian"] = (ops["fisher-jacobian"][0], ops["fisher"][1])
-    lines = [f"{case}: {n} parameters, batch {len(x)}"]
+    lines = [f"{case}: {n} parameters, batch {len(x)}; gradlab's default J v: {ops['ggn'][0].jvp_method} "
+             f"(ggn-other-jvp: {ops['ggn-other-jvp'][0].jvp_method})"]
     t0 = time.perf_counter()
     first = ops["ggn"][0].matvec(v)
     lines.append(f"  ggn-first (builds the kept graphs): {1e3 * (time.perf_counter() - t0):.2f} ms")
-    for name in ("ggn", "ef", "ef-jacobian"):
+    for name in ("ggn", "ggn-other-jvp", "ef", "ef-jacobian"):
         ours, peer = ops[name]
         diff = rel(ours.matvec(v), peer @ v)
         lines.append(f"  check {name}: relative difference to curvlinops {diff:.1e}")
@@ -154,6 +157,7 @@ def run_case(case: str, args) -> list[str]:
 
     timers = {
         "ggn": (lambda: ops["ggn"][0].matvec(v), lambda: ops["ggn"][1] @ v),
+        "ggn-other-jvp": (lambda: ops["ggn-other-jvp"][0].matvec(v), lambda: ops["ggn"][1] @ v),
         "fisher": (lambda: ops["fisher"][0].matvec(v), lambda: ops["fisher"][1] @ v),
         "fisher-jacobian": (lambda: ops["fisher-jacobian"][0].matvec(v), lambda: ops["fisher"][1] @ v),
         "fisher-setup": (lambda: FisherOperator(model, None, (x, y), backend="per-example").per_example_gradients(),

@@ -78,7 +78,7 @@ class _Block:
         """``(1/R) sum_r a_bar_r a_bar_r^T`` of the layer input over the ``R`` rows sharing the weight.
 
         A convolution's rows are the patches of ``F.unfold`` (N, K, L), summed by :func:`_sum_outer`;
-        the bias column enters as the row sums, not as a concatenated column (a copy of the rows)."""
+        its bias column enters as the patch sums, not as a concatenated column (a copy of the patches)."""
         m = self.module
         if isinstance(m, nn.Conv2d):
             u = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # (N, K, L)
@@ -88,10 +88,14 @@ class _Block:
             core, total = _sum_outer(u), u.sum((0, 2))
         else:
             a = a.reshape(-1, a.shape[-1])
-            rows = a.shape[0]
             if self.w is None:
                 return a.new_ones(1, 1)
-            core, total = a.T @ a, a.sum(0)
+            # rows (R, I) are cheap to extend and pre-scale; the (I+1)^2 result is not (a wide
+            # head: 4096^2 entries cost as much to copy as to compute)
+            if self.b is not None:
+                a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+            a = a * (1.0 / a.shape[0]) ** 0.5
+            return a.T @ a
         if self.b is None:
             return core / rows
         k = core.shape[0]
@@ -194,8 +198,6 @@ class KFACOperator(ModelOperator):
 
     def _compute_factors(self) -> None:
         gen = make_generator(self.seed)
-        for blk in self.blocks:
-            blk.A, blk.G = 0.0, 0.0
         for i, weight in enumerate(self.weights):
             x, _ = self.batches[i]
             seen: dict[int, tuple[Tensor, Tensor]] = {}
@@ -226,9 +228,14 @@ class KFACOperator(ModelOperator):
                     if g is not None:  # None: the outputs do not depend on this layer
                         G[j] = G[j] + _Block.output_moment(g)
             for blk, g in zip(self.blocks, G):
-                blk.A = blk.A + blk.input_moment(seen[id(blk.module)][0]) * weight
                 o = blk.module.weight.shape[0]
-                blk.G = blk.G + (g if torch.is_tensor(g) else torch.zeros(o, o, dtype=self.dtype, device=self.device)) * weight
+                g = g if torch.is_tensor(g) else torch.zeros(o, o, dtype=self.dtype, device=self.device)
+                # in place: a wide layer's A is large, and one batch (weight 1) is the common case
+                for name, m in (("A", blk.input_moment(seen[id(blk.module)][0])), ("G", g)):
+                    if i == 0:
+                        setattr(blk, name, m if weight == 1.0 else m.mul_(weight))
+                    else:
+                        getattr(blk, name).add_(m, alpha=weight)
 
     # ------------------------------------------------------------------ products
     def _apply(self, V: Tensor, fn) -> Tensor:
