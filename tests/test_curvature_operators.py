@@ -37,9 +37,16 @@ def wide_cnn() -> nn.Module:
     return nn.Sequential(nn.Conv2d(2, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 5 * 5, 3)).double()
 
 
+def wide_fc() -> nn.Module:
+    """A first layer wider (24 + 1) than twice the examples: K-FAC keeps its A as rows."""
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(24, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
 def data(model: nn.Module, n: int = 9, seed: int = 0, soft: bool = False):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, 2, 6, 6) if isinstance(model[0], nn.Conv2d) else (n, 5), generator=g, dtype=torch.float64)
+    shape = (n, 2, 6, 6) if isinstance(model[0], nn.Conv2d) else (n, model[0].in_features)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
     if soft:
         return x, torch.rand(n, 3, generator=g, dtype=torch.float64).softmax(-1)
     return x, torch.randint(0, 3, (n,), generator=g)
@@ -274,14 +281,27 @@ def kfac_reference(model, x, y, fisher_type):
     return torch.block_diag(*blocks)
 
 
-@pytest.mark.parametrize("name", [*MODELS, "wide"])
+KFAC_MODELS = {**MODELS, "wide-cnn": wide_cnn, "wide-fc": wide_fc}
+
+
+@pytest.mark.parametrize("name", list(KFAC_MODELS))
 @pytest.mark.parametrize("fisher_type", ["type-2", "empirical"])
 def test_kfac_equals_the_kronecker_formula_built_by_hand(name, fisher_type):
-    model = wide_cnn() if name == "wide" else MODELS[name]()
+    model = KFAC_MODELS[name]()
     x, y = data(model)
     op = KFACOperator(model, None, (x, y), fisher_type=fisher_type)
     assert [type(b.module) for b in op.blocks] == [type(m) for m in model if isinstance(m, (nn.Linear, nn.Conv2d))]
     assert torch.allclose(op.to_dense(), kfac_reference(model, x, y, fisher_type), atol=1e-12)
+    assert (op.blocks[0]._rows is not None) == (name == "wide-fc")  # 9 rows of 25: A kept as its rows
+
+
+def test_kfac_over_batches_equals_one_batch_with_a_low_rank_or_dense_input_factor():
+    model = wide_fc()
+    for n, low_rank in ((9, True), (20, False)):  # 2 x 20 rows > 25 columns: A becomes dense
+        x, y = data(model, n=n)
+        two = KFACOperator(model, None, [(x[:4], y[:4]), (x[4:], y[4:])])
+        assert (two.blocks[0]._rows is not None) == low_rank
+        assert torch.allclose(two.to_dense(), KFACOperator(model, None, (x, y)).to_dense(), atol=1e-12)
 
 
 def test_kfac_is_exact_for_one_example_of_a_single_layer_and_mc_converges():
@@ -298,8 +318,9 @@ def test_kfac_is_exact_for_one_example_of_a_single_layer_and_mc_converges():
     assert errs[1] < errs[0] and errs[1] < 0.05
 
 
-def test_kfac_solve_inverse_eigenvalues_and_trace_are_exact():
-    model = cnn()
+@pytest.mark.parametrize("make", [cnn, wide_fc])
+def test_kfac_solve_inverse_eigenvalues_and_trace_are_exact(make):
+    model = make()
     x, y = data(model)
     op = KFACOperator(model, None, (x, y))
     K = op.to_dense()
@@ -313,6 +334,9 @@ def test_kfac_solve_inverse_eigenvalues_and_trace_are_exact():
     assert op.trace() == pytest.approx(float(torch.trace(K)), rel=1e-12)
     with pytest.raises(GradlabError, match="damping > 0"):
         op.inverse(0.0)
+    if make is wide_fc:  # A of rank 9 < 25: singular without damping
+        with pytest.raises(GradlabError, match="has rank 9 < 25; solve with damping > 0"):
+            op.solve(v, 0.0)
 
 
 # ------------------------------------------------------------------ parameter subsets

@@ -32,6 +32,11 @@ The factor ``s`` (``fisher_type``):
 Inverse: with ``A = Q_A diag(l_A) Q_A^T`` and ``G = Q_G diag(l_G) Q_G^T``,
 ``(G (x) A + lambda I)^-1 vec(V) = vec(Q_G [(Q_G^T V Q_A) / (l_G l_A^T + lambda)] Q_A^T)``, exact
 for the K-FAC matrix (:meth:`KFACOperator.solve`, :meth:`KFACOperator.inverse`).
+
+A linear layer fed fewer rows than half its input width (a wide head on a batch of 128) has an
+``A`` of rank ``R``; it is kept as its ``R`` scaled rows (``A = rows^T rows``), so it is never
+formed, products cost ``O(R K)`` per output instead of ``O(K^2)``, and its eigenbasis comes from
+the ``R x R`` Gram matrix, with ``1/lambda`` on the null space in the damped inverse.
 """
 
 from __future__ import annotations
@@ -70,9 +75,42 @@ class _Block:
 
     def __init__(self, module: nn.Module, w: Optional[int], b: Optional[int]):
         self.module, self.w, self.b = module, w, b
-        self.A: Optional[Tensor] = None
+        self._A: Optional[Tensor] = None  # dense A
+        self._rows: Optional[Tensor] = None  # or A = rows^T rows, while rows (R, K') has R <= K' / 2
         self.G: Optional[Tensor] = None
         self._eig: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
+
+    @property
+    def A(self) -> Tensor:
+        """The input factor as a dense ``(K', K')`` matrix."""
+        return self._A if self._A is not None else self._rows.T @ self._rows
+
+    def add_input(self, a: Tensor, weight: float) -> None:
+        """Add ``weight`` times this batch's input moment (:meth:`input_moment`) to ``A``.
+
+        A linear layer with fewer rows than half its input width (a wide head: 128 examples of
+        4096 features) keeps ``A`` as its scaled rows, rank ``R``: then forming ``A`` is skipped,
+        a product ``V A = (V rows^T) rows`` costs ``2 R K'`` per output instead of ``K'^2``, and
+        the eigenbasis comes from the ``R x R`` Gram matrix. More rows make ``A`` dense."""
+        m = self.module
+        if isinstance(m, nn.Conv2d) or self.w is None:
+            moment = self.input_moment(a).mul_(weight)
+            self._A = moment if self._A is None else self._A.add_(moment)
+            return
+        a = a.reshape(-1, a.shape[-1])
+        if self.b is not None:
+            a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
+        rows = a * (weight / a.shape[0]) ** 0.5  # (R, K'), rows^T rows = weight * moment
+        if self._A is not None:
+            self._A.addmm_(rows.T, rows)
+            return
+        self._rows = rows if self._rows is None else torch.cat([self._rows, rows])
+        if 2 * self._rows.shape[0] > self._rows.shape[1]:
+            self._A, self._rows = self._rows.T @ self._rows, None
+
+    def times_A(self, M: Tensor) -> Tensor:
+        """``M A`` for ``M`` (..., K')."""
+        return M @ self._A if self._A is not None else (M @ self._rows.T) @ self._rows
 
     def input_moment(self, a: Tensor) -> Tensor:
         """``(1/R) sum_r a_bar_r a_bar_r^T`` of the layer input over the ``R`` rows sharing the weight.
@@ -80,22 +118,16 @@ class _Block:
         A convolution's rows are the patches of ``F.unfold`` (N, K, L), summed by :func:`_sum_outer`;
         its bias column enters as the patch sums, not as a concatenated column (a copy of the patches)."""
         m = self.module
+        if self.w is None:  # bias alone: a_bar = [1]
+            return a.new_ones(1, 1)
         if isinstance(m, nn.Conv2d):
             u = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # (N, K, L)
             rows = u.shape[0] * u.shape[2]
-            if self.w is None:  # bias alone: a_bar = [1]
-                return a.new_ones(1, 1)
             core, total = _sum_outer(u), u.sum((0, 2))
         else:
             a = a.reshape(-1, a.shape[-1])
-            if self.w is None:
-                return a.new_ones(1, 1)
-            # rows (R, I) are cheap to extend and pre-scale; the (I+1)^2 result is not (a wide
-            # head: 4096^2 entries cost as much to copy as to compute)
-            if self.b is not None:
-                a = torch.cat([a, a.new_ones(a.shape[0], 1)], dim=1)
-            a = a * (1.0 / a.shape[0]) ** 0.5
-            return a.T @ a
+            rows = a.shape[0]
+            core, total = a.T @ a, a.sum(0)
         if self.b is None:
             return core / rows
         k = core.shape[0]
@@ -127,9 +159,15 @@ class _Block:
             out[self.b] = M[:, :, -1].reshape(k, -1)
 
     def eig(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(l_A, Q_A, l_G, Q_G)``, eigenvalues clamped at 0 (the factors are PSD)."""
+        """``(l_A, Q_A, l_G, Q_G)``, eigenvalues clamped at 0 (the factors are PSD). For a low-rank
+        ``A`` only its range: ``Q_A`` (K', r) with ``r <= R``, the other ``K' - r`` eigenvalues are 0."""
         if self._eig is None:
-            la, qa = torch.linalg.eigh(self.A)
+            if self._A is not None:
+                la, qa = torch.linalg.eigh(self._A)
+            else:  # rows^T rows = Q diag(mu) Q^T with Q = rows^T W / sqrt(mu), rows rows^T = W diag(mu) W^T
+                mu, W = torch.linalg.eigh(self._rows @ self._rows.T)
+                keep = mu > mu.amax().clamp_min(0) * mu.shape[0] * torch.finfo(mu.dtype).eps
+                la, qa = mu[keep], (self._rows.T @ W[:, keep]) / mu[keep].sqrt()
             lg, qg = torch.linalg.eigh(self.G)
             self._eig = (la.clamp_min(0), qa, lg.clamp_min(0), qg)
         return self._eig
@@ -147,7 +185,8 @@ class KFACOperator(ModelOperator):
         mc_samples: labels per example for ``"mc"`` (>= 1), drawn from ``make_generator(seed)``.
 
     Attributes:
-        blocks: one per layer with factors ``A`` ((K [+1])^2) and ``G`` (O x O), in the params' dtype.
+        blocks: one per layer with factors ``A`` ((K [+1])^2, dense on access) and ``G`` (O x O),
+            in the params' dtype.
     Papers: Martens & Grosse 2015; Grosse & Martens 2016.
     """
 
@@ -230,12 +269,8 @@ class KFACOperator(ModelOperator):
             for blk, g in zip(self.blocks, G):
                 o = blk.module.weight.shape[0]
                 g = g if torch.is_tensor(g) else torch.zeros(o, o, dtype=self.dtype, device=self.device)
-                # in place: a wide layer's A is large, and one batch (weight 1) is the common case
-                for name, m in (("A", blk.input_moment(seen[id(blk.module)][0])), ("G", g)):
-                    if i == 0:
-                        setattr(blk, name, m if weight == 1.0 else m.mul_(weight))
-                    else:
-                        getattr(blk, name).add_(m, alpha=weight)
+                blk.add_input(seen[id(blk.module)][0], weight)  # in place: a wide layer's A is large
+                blk.G = g.mul_(weight) if i == 0 else blk.G.add_(g, alpha=weight)
 
     # ------------------------------------------------------------------ products
     def _apply(self, V: Tensor, fn) -> Tensor:
@@ -247,7 +282,7 @@ class KFACOperator(ModelOperator):
         return torch.cat(out, dim=1).T
 
     def _matmat(self, V: Tensor) -> Tensor:
-        return self._apply(V, lambda blk, M: blk.G @ M @ blk.A)
+        return self._apply(V, lambda blk, M: blk.times_A(blk.G @ M))
 
     def solve(self, V: Tensor, damping: float) -> Tensor:
         """``(K + damping I)^-1 V`` exactly for the K-FAC matrix ``K``; ``V`` (n,) or (n, k)."""
@@ -256,7 +291,13 @@ class KFACOperator(ModelOperator):
 
         def inv(blk, M):
             la, qa, lg, qg = blk.eig()
-            return qg @ ((qg.T @ M @ qa) / (lg[:, None] * la[None, :] + damping)) @ qa.T
+            out = qg @ ((qg.T @ M @ qa) / (lg[:, None] * la[None, :] + damping)) @ qa.T
+            if qa.shape[1] == M.shape[2]:
+                return out
+            if damping == 0:
+                raise GradlabError(f"K-FAC: the input factor of a {type(blk.module).__name__} layer has rank "
+                                   f"{qa.shape[1]} < {M.shape[2]}; solve with damping > 0")
+            return out + (M - (M @ qa) @ qa.T) / damping  # A's null space: eigenvalue 0, inverse 1/damping
 
         W = V.unsqueeze(1) if V.ndim == 1 else V
         out = self._apply(W.to(dtype=self.dtype, device=self.device), inv).to(dtype=V.dtype, device=V.device)
@@ -268,12 +309,16 @@ class KFACOperator(ModelOperator):
 
     def eigenvalues(self) -> Tensor:
         """All ``n`` eigenvalues, float64 ascending: products ``l_G l_A`` of each block's factors."""
-        vals = [torch.outer(blk.eig()[2], blk.eig()[0]).reshape(-1) for blk in self.blocks]
+        vals = []
+        for blk in self.blocks:
+            la, qa, lg, _ = blk.eig()
+            vals += [torch.outer(lg, la).reshape(-1), lg.new_zeros(lg.numel() * (qa.shape[0] - la.numel()))]
         return torch.cat(vals).double().sort().values
 
     def trace(self) -> float:
         """``tr K = sum_l tr(G_l) tr(A_l)``, exactly."""
-        return float(sum(torch.trace(blk.G).double() * torch.trace(blk.A).double() for blk in self.blocks))
+        return float(sum(torch.trace(blk.G).double() * (torch.trace(blk._A) if blk._A is not None else
+                                                         blk._rows.pow(2).sum()).double() for blk in self.blocks))
 
 
 class KFACInverseOperator(CurvatureOperator):
