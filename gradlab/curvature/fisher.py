@@ -6,7 +6,7 @@ With the loss read as a negative log-likelihood ``L = c sum_n l_n``, ``l_n = -lo
 * the **Fisher information** (the "true" Fisher) averages over labels drawn from the *model*:
   ``F = c sum_n E_{y ~ p(y|x_n)}[g_n(y) g_n(y)^T]``. It is the metric of the natural gradient
   (Amari 1998) and, for cross-entropy and squared error, equals the Gauss-Newton matrix
-  (Martens 2020, section 9.2). :class:`FisherOperator` estimates it by Monte Carlo:
+  (Martens 2020). :class:`FisherOperator` estimates it by Monte Carlo:
   ``mc_samples`` labels per example drawn once from a seeded generator, so the operator is one
   fixed symmetric PSD matrix that every solver can use; as ``mc_samples`` grows it converges to
   the :class:`~gradlab.curvature.GGNOperator`.
@@ -14,7 +14,7 @@ With the loss read as a negative log-likelihood ``L = c sum_n l_n``, ``l_n = -lo
   It is not the Fisher: it is a different matrix, equal to the Fisher only when the model's
   predictive distribution matches the data, and it can be a poor curvature proxy (Kunstner,
   Balles & Hennig 2019, "Limitations of the empirical Fisher approximation for natural gradient
-  descent"). Adam's second moment and many "Fisher" pruning scores are this matrix.
+  descent").
 
 Both are sums of outer products of per-example gradients at given labels (``M`` labels per
 example: the Fisher's samples, or the one observed label), computed one of two ways

@@ -164,7 +164,7 @@ class GGNOperator(OutputCurvatureOperator):
     (``p_n = softmax(z_n)``, ``c = 1/N`` for the mean) and ``c * 2 I`` for squared error
     (``c = 1/(N C)`` for the mean: :mod:`gradlab.curvature.likelihood`), both in closed form. Any
     other loss (any output shape) gets its exact output Hessian by double backward in ``z``
-    (Schraudolph 2002; Martens 2010; Martens 2020 section 8).
+    (Schraudolph 2002; Martens 2010; Martens 2020).
 
     Args:
         model, loss_fn, data, mode, params, seed: see :class:`~gradlab.curvature.model_op.ModelOperator`.

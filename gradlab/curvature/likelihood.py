@@ -13,7 +13,7 @@ A loss over a batch of ``N`` outputs ``z`` (N, C) is read as ``L = c * sum_n l_n
 
 This is the convention of curvlinops and BackPACK, under which the true Fisher equals the
 Gauss-Newton matrix for both losses (canonical links; Martens 2020, "New insights and
-perspectives on the natural gradient method", section 9.2), so the operators can be compared.
+perspectives on the natural gradient method"), so the operators can be compared.
 """
 
 from __future__ import annotations
