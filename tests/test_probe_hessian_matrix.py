@@ -33,6 +33,8 @@ def test_probe_reports_the_chosen_matrix(matrix, exact):
     assert rep.matrix == matrix
     assert torch.allclose(torch.tensor(rep.top, dtype=torch.float64), ev.flip(0)[:2], rtol=1e-6)
     assert abs(rep.trace - float(ev.sum())) <= (1e-9 if exact else 4 * rep.trace_stderr + 1e-9)
+    if matrix == "kfac" and not exact:  # from the factors, without products
+        assert rep.trace_method == "exact (K-FAC factors)" and rep.trace == pytest.approx(float(ev.sum()), rel=1e-10)
     # the point type needs the Hessian's signs: a PSD matrix must not make every point a "minimum"
     assert rep.classification.kind in ("unknown", "not-critical")
     assert any("not of the Hessian" in n for n in rep.notes)

@@ -190,7 +190,12 @@ def hessian_probe(
         else:
             top = eigsh(op, top_k, "LA", tol=tol, max_iter=max_iter, seed=seed)
             bottom = eigsh(op, bottom_k, "SA", tol=tol, max_iter=max_iter, seed=seed + 1) if bottom_k else None
-            tr = TRACE_METHODS[trace_method](op, trace_matvecs, seed=seed + 2) if trace else None
+            if trace and matrix == "kfac":  # sum of tr(G) tr(A) over the layers: exact, no products
+                from gradlab.curvature import TraceResult
+
+                tr = TraceResult(op.trace(), 0.0, 0, "exact (K-FAC factors)")
+            else:
+                tr = TRACE_METHODS[trace_method](op, trace_matvecs, seed=seed + 2) if trace else None
             dens = slq_density(op, density_starts, density_steps, seed=seed + 3) if density else None
     finally:
         for o in {id(hop): hop, id(op): op}.values():  # free the kept graphs now, not at garbage collection
@@ -352,7 +357,8 @@ class HessianProbe(Probe):
         title = ""
         if ctx.source is not None:
             title = (f"{'Hessian' if rep.matrix == 'hessian' else rep.matrix}: {ctx.source.where}, {rep.num_samples} {ctx.source.split_name} examples, "
-                     f"{rep.num_params} parameters, mode={rep.mode}, backend={rep.backend}")
+                     f"{rep.num_params} parameters, mode={rep.mode}"
+                     + (f", backend={rep.backend}" if rep.matrix == "hessian" else ""))
         report = ProbeReport(
             table=rep.to_frame(), view=overview_frame(rep), title=title, scalars=metrics,
             series={"hessian/top_eigenvalue": [(i + 1, v) for i, v in enumerate(rep.top)],
