@@ -15,24 +15,18 @@ there until measured (``backend="func"`` vmaps products).
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradlab.curvature.hvp import hvp_from_grads
-from gradlab.curvature.operator import CurvatureOperator
 from gradlab.core.errors import GradlabError
-from gradlab.core.modelstate import model_state
+from gradlab.curvature.model_op import MAX_KEPT_GRAPHS, MODES, ModelOperator, split_batches  # noqa: F401 (re-exported)
+from gradlab.curvature.params import ParamSpec, select_params
 
 BACKENDS = ("double-backward", "func")
-MODES = ("eval", "train")
-
-#: Above this many batches the double-backward backend rebuilds each batch's gradient graph
-#: per product instead of keeping every graph alive (memory grows with kept graphs).
-MAX_KEPT_GRAPHS = 8
 
 
 def default_backend(device) -> str:
@@ -40,20 +34,7 @@ def default_backend(device) -> str:
     return "double-backward"
 
 
-def split_batches(data) -> list[tuple[Tensor, Tensor]]:
-    """Accept one ``(x, y)`` batch or an iterable of them; return a non-empty list of batches."""
-    if data is None:
-        raise GradlabError("no data given for the Hessian: pass one (x, y) batch or a list of batches")
-    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        batches = [tuple(data)]
-    else:
-        batches = [tuple(b) for b in data]
-    if not batches:
-        raise GradlabError("no data batches given for the Hessian")
-    return batches
-
-
-class HessianOperator(CurvatureOperator):
+class HessianOperator(ModelOperator):
     """``H = d^2 L / d theta^2`` of the mean loss, as products with flat vectors of size ``n``.
 
     Args:
@@ -64,8 +45,9 @@ class HessianOperator(CurvatureOperator):
         backend: ``"double-backward"`` or ``"func"`` (module docstring); None = :func:`default_backend`.
         mode: ``"eval"`` (default: dropout off, BatchNorm running statistics) or ``"train"``
             (dropout with masks fixed per batch by a seed, BatchNorm batch statistics).
-        params: the parameters to differentiate (default: all with ``requires_grad``); the flat
-            vector is their concatenation in this order.
+        params: the parameters to differentiate: None (all with ``requires_grad``), a list of
+            tensors, or name patterns (:func:`~gradlab.curvature.params.select_params`); the flat
+            vector is their concatenation in that order.
         keep_graphs: double-backward only. True keeps each batch's gradient graph for the whole
             life of the operator (the cheapest products); False rebuilds it per product (about
             one gradient more each, memory of one batch). Default: keep when there are at most
@@ -84,57 +66,20 @@ class HessianOperator(CurvatureOperator):
         *,
         backend: Optional[str] = None,
         mode: str = "eval",
-        params: Optional[Sequence[Tensor]] = None,
+        params: ParamSpec = None,
         keep_graphs: Optional[bool] = None,
         seed: int = 0,
     ):
-        params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
-        if not params:
-            raise GradlabError("the model has no trainable parameters to take a Hessian over")
-        if mode not in MODES:
-            raise GradlabError(f"unknown mode {mode!r}; choose from: {', '.join(MODES)}")
-        backend = default_backend(params[0].device) if backend is None else backend
-        if backend not in BACKENDS:
+        if backend is not None and backend not in BACKENDS:
             raise GradlabError(f"unknown HVP backend {backend!r}; choose from: {', '.join(BACKENDS)}")
-        super().__init__(sum(p.numel() for p in params), params[0].dtype, params[0].device)
-        self.model, self.params, self.backend, self.mode, self.seed = model, params, backend, mode, seed
-        self.loss_fn = F.cross_entropy if loss_fn is None else loss_fn
-        self.batches = [self._to_device(b) for b in split_batches(data)]
-        sizes = torch.tensor([float(len(b[1])) for b in self.batches], dtype=torch.float64)
-        self.weights = (sizes / sizes.sum()).tolist()  # batch-size weights of the mean loss
-        self.num_samples = int(sizes.sum().item())
+        super().__init__(model, loss_fn, data, mode=mode, params=params, seed=seed)
+        self.backend = default_backend(self.device) if backend is None else backend
         self.keep_graphs = len(self.batches) <= MAX_KEPT_GRAPHS if keep_graphs is None else keep_graphs
         self._graphs: dict[int, tuple[Tensor, list[Tensor]]] = {}
-        if backend == "func":
-            names = {id(p): n for n, p in model.named_parameters()}
-            missing = [p for p in params if id(p) not in names]
-            if missing:
-                raise GradlabError("backend 'func' needs params that are registered in the model")
-            self._names = [names[id(p)] for p in params]
+        if self.backend == "func":
+            self._names = self.registered_names("backend 'func'")
 
     # ------------------------------------------------------------------ helpers
-    def _to_device(self, batch):
-        x, y = batch
-        if x.is_floating_point():
-            x = x.to(device=self.device, dtype=self.dtype)
-        return x.to(self.device), y.to(self.device)
-
-    @contextlib.contextmanager
-    def _batch_context(self, i: int):
-        """Model mode, and in train mode a fixed RNG seed per batch so dropout masks repeat.
-
-        In train mode BatchNorm normalises with batch statistics but its running statistics are
-        not updated (probing must not change the model; ``torch.func`` cannot update them either).
-        """
-        with model_state(self.model, train=self.mode == "train", keep_bn_stats=self.mode == "train"):
-            if self.mode == "train":
-                devices = [self.device] if self.device.type == "cuda" else []
-                with torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(self.seed + i)
-                    yield
-            else:
-                yield
-
     def _grad_graph(self, i: int) -> tuple[Tensor, list[Tensor]]:
         """``(loss, grads)`` of batch ``i`` with ``create_graph=True`` (cached when keeping graphs)."""
         if i in self._graphs:
@@ -147,14 +92,6 @@ class HessianOperator(CurvatureOperator):
         if self.keep_graphs:
             self._graphs[i] = (loss, grads)
         return loss, grads
-
-    def unflatten(self, v: Tensor) -> list[Tensor]:
-        """Flat ``(n,)`` -> one tensor per parameter (views of ``v``)."""
-        return [c.view_as(p) for c, p in zip(torch.split(v, [p.numel() for p in self.params]), self.params)]
-
-    @staticmethod
-    def flatten(ts: Sequence[Tensor]) -> Tensor:
-        return torch.cat([t.reshape(-1) for t in ts])
 
     def clear(self) -> None:
         """Free the kept gradient graphs (they are rebuilt on the next product)."""
@@ -223,7 +160,7 @@ def dense_hessian(
     data=None,
     *,
     mode: str = "eval",
-    params: Optional[Sequence[Tensor]] = None,
+    params: ParamSpec = None,
     max_params: int = 5000,
 ) -> Tensor:
     """The exact ``(n, n)`` Hessian of the (batch-size weighted) mean loss, in the params' dtype.
@@ -234,7 +171,7 @@ def dense_hessian(
     """
     from torch.func import functional_call, hessian
 
-    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+    params, keys = select_params(model, params)
     n = sum(p.numel() for p in params)
     if n > max_params:
         raise GradlabError(
@@ -242,8 +179,6 @@ def dense_hessian(
             f"(use the HVP-based solvers instead)"
         )
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
-    names = {id(p): nm for nm, p in model.named_parameters()}
-    keys = [names[id(p)] for p in params]
     sizes = [p.numel() for p in params]
     op = HessianOperator(model, loss_fn, data, mode=mode, params=params)  # device/dtype/weights
 

@@ -29,8 +29,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradlab.curvature import (
+    MATRICES,
     DensityResult,
     HessianOperator,
+    curvature_matrix,
     eigsh,
     slq_density,
 )
@@ -71,6 +73,7 @@ class HessianReport:
     mode: str
     backend: str
     notes: list = field(default_factory=list)
+    matrix: str = "hessian"  # which curvature matrix the eigenvalues, trace and density are of
 
     def to_frame(self):
         """Long table with columns ``kind,index,value,stderr``.
@@ -138,6 +141,7 @@ def hessian_probe(
     exact: bool = False,
     dense_max: int = 5000,
     seed: int = 0,
+    matrix: str = "hessian",
 ) -> HessianReport:
     """Probe the Hessian of the mean loss of ``model`` over ``data_batches``.
 
@@ -154,9 +158,14 @@ def hessian_probe(
             :class:`~gradlab.curvature.HessianOperator`; grad_tol: see :mod:`gradlab.probes.critical`.
         exact: eigenvalues and trace from the dense Hessian (:func:`~gradlab.curvature.dense_hessian`,
             models with at most ``dense_max`` parameters): exact, trace stderr 0.
+        matrix: the curvature matrix probed, one of :data:`gradlab.curvature.MATRICES` ("hessian",
+            "ggn", "fisher" with one Monte Carlo label per example, "empirical-fisher", "kfac"). The
+            loss and gradient are always the loss's; the point type needs the Hessian's signs, so
+            for any other matrix it is left "unknown" (those matrices are positive semi-definite).
     Raises:
-        GradlabError: top_k < 1, bottom_k < 0, tol <= 0, unknown trace method, k > n, or
-            ``exact`` with more than ``dense_max`` parameters.
+        GradlabError: top_k < 1, bottom_k < 0, tol <= 0, unknown trace method or matrix, k > n,
+            ``exact`` with more than ``dense_max`` parameters, or the Gauss-Newton trace of a matrix
+            other than the Hessian.
     """
     check(isinstance(top_k, int) and top_k >= 1, f"invalid top_k: {top_k} (must be >= 1)")
     check(isinstance(bottom_k, int) and bottom_k >= 0, f"invalid bottom_k: {bottom_k} (must be >= 0)")
@@ -164,9 +173,16 @@ def hessian_probe(
     check(trace_method in TRACE_METHODS,
           f"unknown trace method {trace_method!r}; choose from: {', '.join(TRACE_METHODS)}")
     check(lr is None or lr > 0, f"invalid lr: {lr} (must be > 0)")
+    check(matrix in MATRICES, f"unknown curvature matrix {matrix!r}; choose from: {', '.join(MATRICES)}")
+    check(matrix == "hessian" or trace_method != "gauss-newton",
+          f"trace method 'gauss-newton' estimates the Hessian's trace; with matrix {matrix!r} choose "
+          f"auto, xtrace, krylov, hutch++ or hutchinson")
     op = HessianOperator(model, loss_fn or F.cross_entropy, data_batches, backend=backend, mode=mode, seed=seed)
+    hop = op  # the loss and its gradient come from the Hessian operator whatever the matrix
+    if matrix != "hessian":
+        op = curvature_matrix(matrix, model, loss_fn or F.cross_entropy, data_batches, mode=mode, seed=seed)
     try:
-        loss, g = op.loss_and_gradient()
+        loss, g = hop.loss_and_gradient()
         grad_norm = float(torch.linalg.vector_norm(g))
         if exact:
             top, bottom, tr, dens = _exact_parts(model, loss_fn or F.cross_entropy, op, top_k, bottom_k,
@@ -174,11 +190,21 @@ def hessian_probe(
         else:
             top = eigsh(op, top_k, "LA", tol=tol, max_iter=max_iter, seed=seed)
             bottom = eigsh(op, bottom_k, "SA", tol=tol, max_iter=max_iter, seed=seed + 1) if bottom_k else None
-            tr = TRACE_METHODS[trace_method](op, trace_matvecs, seed=seed + 2) if trace else None
+            if trace and matrix == "kfac":  # sum of tr(G) tr(A) over the layers: exact, no products
+                from gradlab.curvature import TraceResult
+
+                tr = TraceResult(op.trace(), 0.0, 0, "exact (K-FAC factors)")
+            else:
+                tr = TRACE_METHODS[trace_method](op, trace_matvecs, seed=seed + 2) if trace else None
             dens = slq_density(op, density_starts, density_steps, seed=seed + 3) if density else None
     finally:
-        op.clear()  # free the kept gradient graphs now, not at garbage collection
+        for o in {id(hop): hop, id(op): op}.values():  # free the kept graphs now, not at garbage collection
+            if hasattr(o, "clear"):
+                o.clear()
     notes = []
+    if matrix != "hessian":
+        notes.append(f"eigenvalues, trace and 2/lambda_max are of {MATRICES[matrix]}, not of the Hessian; "
+                     f"the point type needs the Hessian (--matrix hessian)")
     if not top.converged:
         notes.append(f"top eigenvalues not converged to tol={tol:g} within {top.num_matvecs} products")
     if bottom is not None and not bottom.converged:
@@ -187,8 +213,9 @@ def hessian_probe(
     bound = stability_bound(lam_max)
     top_list = top.values.tolist()
     bottom_list = bottom.values.tolist() if bottom is not None else []
-    cls = classify_point(grad_norm, top_list, bottom_list, grad_tol=grad_tol,
-                         **_error_bounds(top, bottom, op.n, op.dtype, tol, exact))
+    hessian = matrix == "hessian"  # the others are positive semi-definite: no bottom eigenvalues to weigh
+    cls = classify_point(grad_norm, top_list, bottom_list if hessian else [], grad_tol=grad_tol,
+                         **_error_bounds(top, bottom if hessian else None, op.n, op.dtype, tol, exact))
     return HessianReport(
         top=top_list, bottom=bottom_list, top_converged=top.converged,
         bottom_converged=True if bottom is None else bottom.converged,
@@ -196,7 +223,7 @@ def hessian_probe(
         trace_method=None if tr is None else tr.method, loss=loss, grad_norm=grad_norm,
         lambda_max=lam_max, stability_bound=bound, lr=lr, lr_above_bound=lr is not None and lr > bound,
         classification=cls, density=dens, num_params=op.n, num_samples=op.num_samples,
-        num_matvecs=op.num_matvecs, mode=mode, backend=op.backend, notes=notes,
+        num_matvecs=op.num_matvecs, mode=mode, backend=hop.backend, notes=notes, matrix=matrix,
     )
 
 
@@ -220,8 +247,11 @@ def _exact_parts(model, loss_fn, op, top_k, bottom_k, trace, density, starts, st
     from gradlab.curvature import DenseOperator, EigenResult, TraceResult, dense_hessian
 
     check(top_k <= op.n and bottom_k <= op.n, f"invalid top_k/bottom_k: the model has only {op.n} parameters")
-    H = dense_hessian(model, loss_fn, op.batches if len(op.batches) > 1 else op.batches[0], mode=op.mode,
-                      params=op.params, max_params=dense_max)
+    if isinstance(op, HessianOperator):
+        H = dense_hessian(model, loss_fn, op.batches if len(op.batches) > 1 else op.batches[0], mode=op.mode,
+                          params=op.params, max_params=dense_max)
+    else:  # any other curvature matrix, column by column
+        H = op.to_dense()
     ev, err = dense_eigenvalues(H)  # ascending, with the dense solver's error bound
     H = (H.to(torch.float64) + H.to(torch.float64).T) / 2
     # the error bound stands in for the residuals; the products' rounding is already in it
@@ -290,6 +320,10 @@ OPTIONS = Options(
     Option("grad_tol", float, GRAD_TOL, "Gradient norm above which the point is 'not a critical point'", low=0, low_open=True),
     Option("exact", bool, False, "Eigenvalues and trace from the dense Hessian (small models only, see --dense-max)"),
     Option("dense_max", int, 5000, "Largest parameter count for --exact (the dense Hessian needs n^2 memory and n products)", low=1),
+    Option("matrix", str, "hessian", "Curvature matrix: hessian, ggn (generalised Gauss-Newton), fisher (true Fisher, one "
+           "label per example sampled from the model), empirical-fisher (gradients at the data's labels: not the Fisher), "
+           "kfac (Kronecker-factored, Linear/Conv2d layers only)", choices=tuple(MATRICES),
+           paper="Schraudolph 2002; Martens 2020; Kunstner et al. 2019; Martens & Grosse 2015"),
 )
 
 
@@ -334,14 +368,15 @@ class HessianProbe(Probe):
             tol=o["tol"], lr=ctx.state.get("lr"), loss_fn=ctx.loss_fn,
             backend=None if o["backend"] == "auto" else o["backend"], mode=o["mode"], trace_method=o["trace_method"],
             trace_matvecs=o["trace_matvecs"], grad_tol=o["grad_tol"], exact=o["exact"], dense_max=o["dense_max"],
-            seed=ctx.seed,
+            seed=ctx.seed, matrix=o["matrix"],
         )
         metrics = rep.metrics()
         opt = ctx.source.run_config.get("opt") if ctx.source is not None else None
         title = ""
         if ctx.source is not None:
-            title = (f"Hessian: {ctx.source.where}, {rep.num_samples} {ctx.source.split_name} examples, "
-                     f"{rep.num_params} parameters, mode={rep.mode}, backend={rep.backend}")
+            title = (f"{'Hessian' if rep.matrix == 'hessian' else rep.matrix}: {ctx.source.where}, {rep.num_samples} {ctx.source.split_name} examples, "
+                     f"{rep.num_params} parameters, mode={rep.mode}"
+                     + (f", backend={rep.backend}" if rep.matrix == "hessian" else ""))
         report = ProbeReport(
             table=rep.to_frame(), view=overview_frame(rep), title=title, scalars=metrics,
             series={"hessian/top_eigenvalue": [(i + 1, v) for i, v in enumerate(rep.top)],
@@ -374,7 +409,7 @@ def overview_frame(rep: HessianReport):
              ("stability bound 2/lambda_max", rep.stability_bound, None)]
     if rep.lr is not None:
         rows.append(("learning rate", rep.lr, None))
-    rows.append(("Hessian-vector products", float(rep.num_matvecs), None))
+    rows.append((f"{'Hessian' if rep.matrix == 'hessian' else rep.matrix}-vector products", float(rep.num_matvecs), None))
     return pd.DataFrame(rows, columns=["quantity", "value", "stderr"]).astype({"stderr": float})
 
 
