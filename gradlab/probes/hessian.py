@@ -42,6 +42,7 @@ from gradlab.core.options import Option, Options
 from gradlab.probes import PROBES
 from gradlab.probes.base import Probe, ProbeContext, ProbeReport
 from gradlab.probes.critical import GRAD_TOL, CriticalPoint, classify_point, dense_eigenvalues, lanczos_errors
+from gradlab.probes.hessian_text import overview_frame, summary_lines
 from gradlab.probes.source import batch_options
 
 FRAME_COLUMNS = ["kind", "index", "value", "stderr"]
@@ -299,7 +300,6 @@ def as_batches(x: Tensor, y: Tensor, batch_size: int, num_batches: Optional[int]
 
 # -- the registered probe: options, checks, report -------------------------------------------
 #: Optimizers whose step is plain (S)GD-like, so that 2/lambda_max bounds their learning rate.
-SGD_LIKE = ("sgd", "momentum", "nesterov", "gd", "curvature-gd", "langevin")
 
 OPTIONS = Options(
     Option("top_k", int, 5, "Number of largest eigenvalues", low=1),
@@ -395,38 +395,3 @@ class HessianProbe(Probe):
                                   trace_matvecs=options.get("trace_matvecs", 20), mode=options.get("mode", "eval"),
                                   seed=0)
         return {"lambda_max": lam, "trace": tr, "stability_bound": stability_bound(lam)}
-
-
-def overview_frame(rep: HessianReport):
-    """The terminal table: one row per quantity (the full long table is hessian.csv)."""
-    import pandas as pd
-
-    rows = [(f"lambda_{i + 1} (top)", v, None) for i, v in enumerate(rep.top)]
-    rows += [(f"lambda_min{'' if i == 0 else f'+{i}'} (bottom)", v, None) for i, v in enumerate(rep.bottom)]
-    if rep.trace is not None:
-        rows.append((f"trace ({rep.trace_method})", rep.trace, rep.trace_stderr))
-    rows += [("gradient norm", rep.grad_norm, None), ("loss", rep.loss, None),
-             ("stability bound 2/lambda_max", rep.stability_bound, None)]
-    if rep.lr is not None:
-        rows.append(("learning rate", rep.lr, None))
-    rows.append((f"{'Hessian' if rep.matrix == 'hessian' else rep.matrix}-vector products", float(rep.num_matvecs), None))
-    return pd.DataFrame(rows, columns=["quantity", "value", "stderr"]).astype({"stderr": float})
-
-
-def summary_lines(rep: HessianReport, opt: Optional[str]) -> list:
-    """The point's type, the learning rate against 2/lambda_max, and caveats, as sentences."""
-    lines = [f"point: {rep.classification.line()}"]
-    bound = rep.stability_bound
-    if rep.lr is None:
-        lines.append(f"stability: gradient descent is stable on this quadratic model for lr < 2/lambda_max = {bound:.4g}")
-    elif rep.lr_above_bound:
-        lines.append(f"WARNING: lr {rep.lr:g} is ABOVE the gradient-descent stability bound 2/lambda_max = {bound:.4g} "
-                     f"(x{rep.lr / bound:.3g}): plain GD would diverge along the top eigenvector here "
-                     f"(or sit at the edge of stability)")
-    else:
-        lines.append(f"stability: lr {rep.lr:g} is below the bound 2/lambda_max = {bound:.4g} (x{rep.lr / bound:.3g})")
-    if rep.lr is not None and opt is not None and opt not in SGD_LIKE:
-        lines.append(f"note: the run used --opt {opt}; 2/lambda_max bounds plain (S)GD steps, an adaptive "
-                     f"optimizer's effective step differs per coordinate")
-    lines += [f"note: {n}" for n in rep.notes]
-    return lines
