@@ -17,24 +17,19 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 RUN_PANEL = "Run folder"
 
-# Options every run-making command takes. They default to None so that a value from
-# --config is only overridden by a flag the user actually typed.
-RunsDirOpt = Annotated[Optional[Path], typer.Option("--runs-dir", help="Folder that holds run folders. (default: runs)", rich_help_panel=RUN_PANEL)]
-NameOpt = Annotated[Optional[str], typer.Option("--name", help="Suffix for the run folder name (no path separators).", rich_help_panel=RUN_PANEL)]
-SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed: data split, init, noise. (default: 0)", rich_help_panel=RUN_PANEL)]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda. (default: auto)", rich_help_panel=RUN_PANEL)]
+# Options every run-making command takes beside the declared run options (runs_dir, name, seed,
+# device: gradlab.runs.options, flags made by with_flags). They default to None so that a value
+# from --config is only overridden by a flag the user actually typed.
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file with the same keys as the flags; flags win.", rich_help_panel=RUN_PANEL)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables; still prints the run path.", rich_help_panel=RUN_PANEL)]
 # Every command that rebuilds a model from a run folder (gradlab.runs.trust says why).
 TrustCodeOpt = Annotated[bool, typer.Option("--trust-code", help="Import the user model (package.module:factory) that a run folder's config.yaml names even if you did not create that run with it: importing runs its code.", rich_help_panel=RUN_PANEL)]
 RunRefOpt = Annotated[Optional[str], typer.Option("--run", help="Source run: a run folder, a run id under --runs-dir, or 'last' (the newest).")]
 
-COMMON_DEFAULTS = {"runs_dir": "runs", "name": None, "seed": 0, "device": "auto"}
-
 
 def run_options():
-    """The options of every run-making command (:data:`gradlab.runs.options.RUN_OPTIONS`; their
-    flags are the aliases above)."""
+    """The options of every run-making command (:data:`gradlab.runs.options.RUN_OPTIONS`); a
+    command gets their flags with ``with_flags((RUN_PANEL, run_options()), ...)``."""
     from gradlab.runs.options import RUN_OPTIONS
 
     return RUN_OPTIONS
@@ -51,15 +46,6 @@ def resolve_command(own, config_file: Optional[Path], flags: Mapping[str, Any], 
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}
     sources = [("in config file", file_cfg), ("in --set", dict(sets or {})), ("", flags)]
     return resolve_config(run_options() + own, list(slots), sources, command=command)
-
-
-def resolve_options(defaults: Mapping[str, Any], config_file: Optional[Path], flags: Mapping[str, Any]) -> dict:
-    """defaults < --config file < flags typed on the command line (None = not typed)."""
-    from gradlab.core.config import load_yaml, resolve
-
-    file_cfg = load_yaml(config_file) if config_file is not None else {}
-    flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in flags.items()}
-    return resolve({**COMMON_DEFAULTS, **defaults}, file_cfg, flags)
 
 
 def is_rank0() -> bool:

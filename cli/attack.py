@@ -19,13 +19,10 @@ from gradlab.core.manifest import registry_view
 from gradlab.runs.options import RUN_OPTIONS
 from gradlab.core.options import Option, Options
 from gradlab_cli._common import (
+    RUN_PANEL,
     ConfigOpt,
-    DeviceOpt,
-    NameOpt,
     QuietOpt,
     RunRefOpt,
-    RunsDirOpt,
-    SeedOpt,
     TrustCodeOpt,
     console,
     finish_and_print,
@@ -64,7 +61,8 @@ def __getattr__(name: str):
     # (a plug-in module, a test) has its flags too.
     if name == "command":
         # the declarations (the manifest), so a typo is answered before torch is imported
-        return with_flags((ATTACK, registry_view("attacks")), (ATTACK, SWEEP), (OUTPUT, OUTPUTS))(_command)
+        return with_flags((ATTACK, registry_view("attacks")), (ATTACK, SWEEP), (OUTPUT, OUTPUTS),
+                          (RUN_PANEL, RUN_OPTIONS))(_command)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -72,10 +70,6 @@ def _command(
     attack: Annotated[str, typer.Argument(help="The attack (`gradlab list attacks`).", show_default=False)],
     eps: EpsOpt = None,
     run: RunRefOpt = None,
-    runs_dir: RunsDirOpt = None,
-    name: NameOpt = None,
-    seed: SeedOpt = None,
-    device: DeviceOpt = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
     trust_code: TrustCodeOpt = False,
@@ -88,8 +82,7 @@ def _command(
 
     file_cfg = normalise_keys(load_yaml(config)) if config is not None else {}
     file_eps = file_cfg.pop("eps", None)  # a sweep (text, number or list), not a declared option
-    typed = {**flags, "run": run, "runs_dir": None if runs_dir is None else str(runs_dir), "name": name,
-             "seed": seed, "device": device}
+    typed = {**flags, "run": run}
     cfg, eps_list = resolve_attack(attack, [(f"in {config}", file_cfg), ("", typed)],
                                    eps if eps is not None else file_eps)
     from gradlab.attacks import attack_options

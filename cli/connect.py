@@ -6,17 +6,15 @@ import typer
 from typing_extensions import Annotated
 
 from gradlab_cli._common import (
+    RUN_PANEL,
     ConfigOpt,
-    DeviceOpt,
-    NameOpt,
     QuietOpt,
-    RunsDirOpt,
-    SeedOpt,
     TrustCodeOpt,
     console,
     finish_and_print,
     render_table,
     resolve_command,
+    run_options,
     start_run,
 )
 from gradlab_cli._options import with_flags
@@ -30,14 +28,10 @@ def _options():
     return CONNECT_OPTIONS
 
 
-@with_flags((PANEL, _options()))
+@with_flags((PANEL, _options()), (RUN_PANEL, run_options()))
 def command(
     run_a: Annotated[str, typer.Argument(help="First endpoint: a trained run (folder, id or 'last').", show_default=False)],
     run_b: Annotated[str, typer.Argument(help="Second endpoint: a trained run of the same model.", show_default=False)],
-    runs_dir: RunsDirOpt = None,
-    name: NameOpt = None,
-    seed: SeedOpt = None,
-    device: DeviceOpt = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
     trust_code: TrustCodeOpt = False,
@@ -57,7 +51,6 @@ def command(
     from gradlab.runs.checkpoints import save_checkpoint
     from gradlab.training.load import load_run
 
-    flags = dict(flags, runs_dir=runs_dir, name=name, seed=seed, device=device)
     cfg = resolve_command(_options(), config, flags, command="connect")
     dev = resolve_device(cfg["device"])
     a = load_run(run_a, cfg["runs_dir"], device=dev, trust_code=trust_code)

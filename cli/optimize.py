@@ -5,17 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from gradlab_cli._common import (
+    RUN_PANEL,
     ConfigOpt,
-    DeviceOpt,
-    NameOpt,
     QuietOpt,
-    RunsDirOpt,
-    SeedOpt,
     console,
     finish_and_print,
     parse_float_list,
     render_table,
     resolve_command,
+    run_options,
     start_run,
 )
 from gradlab_cli._options import with_flags
@@ -44,12 +42,8 @@ def check_optimize(cfg: dict) -> tuple:
     return start_pt, names
 
 
-@with_flags((PANEL, _options()))
+@with_flags((PANEL, _options()), (RUN_PANEL, run_options()))
 def command(
-    runs_dir: RunsDirOpt = None,
-    name: NameOpt = None,
-    seed: SeedOpt = None,
-    device: DeviceOpt = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
     *,
@@ -61,7 +55,6 @@ def command(
     from gradlab.landscape.plots import trajectories_gif, trajectories_plot
     from gradlab.landscape.trajectories import optimize
 
-    flags = dict(flags, runs_dir=runs_dir, name=name, seed=seed, device=device)
     cfg = resolve_command(_options(), config, flags, command="optimize")
     start_pt, names = check_optimize(cfg)
     # 2-D functions are tiny: the CPU is always the right device; --device is accepted for uniformity

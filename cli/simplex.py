@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 from gradlab_cli._common import (
+    RUN_PANEL,
     ConfigOpt,
-    DeviceOpt,
-    NameOpt,
     QuietOpt,
     RunRefOpt,
-    RunsDirOpt,
-    SeedOpt,
     TrustCodeOpt,
     console,
     finish_and_print,
     render_table,
     resolve_command,
+    run_options,
     start_run,
 )
 from gradlab_cli._options import with_flags
@@ -28,13 +26,9 @@ def _options():
     return SIMPLEX_OPTIONS
 
 
-@with_flags((PANEL, _options()))
+@with_flags((PANEL, _options()), (RUN_PANEL, run_options()))
 def command(
     run: RunRefOpt = None,
-    runs_dir: RunsDirOpt = None,
-    name: NameOpt = None,
-    seed: SeedOpt = None,
-    device: DeviceOpt = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
     trust_code: TrustCodeOpt = False,
@@ -53,7 +47,6 @@ def command(
     from gradlab.runs.checkpoints import save_checkpoint
     from gradlab.training.load import load_run
 
-    flags = dict(flags, runs_dir=runs_dir, name=name, seed=seed, device=device)
     cfg = {"run": run, **resolve_command(_options(), config, flags, command="simplex")}
     dev = resolve_device(cfg["device"])
     loaded = load_run(cfg["run"], cfg["runs_dir"], device=dev, trust_code=trust_code)

@@ -9,12 +9,9 @@ import typer
 from typing_extensions import Annotated
 
 from gradlab_cli._common import (
+    RUN_PANEL,
     ConfigOpt,
-    DeviceOpt,
-    NameOpt,
     QuietOpt,
-    RunsDirOpt,
-    SeedOpt,
     TrustCodeOpt,
     console,
     err_console,
@@ -22,6 +19,7 @@ from gradlab_cli._common import (
     is_rank0,
     report_write_error,
     resolve_command,
+    run_options,
     start_run,
 )
 from gradlab_cli._options import with_flags
@@ -77,17 +75,13 @@ def _flag_groups():
     from gradlab.training.options import TRAIN_OPTIONS
 
     return ((TRAIN, TRAIN_OPTIONS), (MODEL, registry_view("models")), (DATA, registry_view("datasets")),
-            (OPT, registry_view("optimizers")))
+            (OPT, registry_view("optimizers")), (RUN_PANEL, run_options()))
 
 
 @with_flags(*_flag_groups(), panels=_PANELS)
 def command(
     set_: Annotated[Optional[List[str]], typer.Option("--set", help="Any config key (repeatable), e.g. --set max_train=500, --set kind=spirals, --set hessian_power=0.5; checked like the flags.")] = None,
     resume: Annotated[Optional[str], typer.Option(help="Continue a run from its checkpoints/last.pt (run folder or id).")] = None,
-    runs_dir: RunsDirOpt = None,
-    name: NameOpt = None,
-    seed: SeedOpt = None,
-    device: DeviceOpt = None,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
     trust_code: TrustCodeOpt = False,
@@ -97,7 +91,6 @@ def command(
     """Train a model; log per-step loss, learning rate and gradient norm, per-epoch accuracy."""
     from gradlab.training.options import TRAIN_OPTIONS, validate_train_config
 
-    flags = dict(flags, runs_dir=runs_dir, name=name, seed=seed, device=device)
     sets = parse_set(set_)
     rank0 = is_rank0()
     if resume is None:  # names and numbers checked before torch is imported
@@ -109,7 +102,7 @@ def command(
     if resume is not None:
         from gradlab.training.load import open_resume, resume_trainer
 
-        point = open_resume(resume, runs_dir or "runs", trust_code)  # every record checked first
+        point = open_resume(resume, flags["runs_dir"] or "runs", trust_code)  # every record checked first
         cfg, path, ckpt = point.config, point.path, point.checkpoint
         trainer = resume_trainer(point)  # the checkpoint's states fit its config, even when nothing is left
         if ckpt["epoch"] >= cfg.get("epochs", TRAIN_OPTIONS["epochs"].default):  # nothing left to train

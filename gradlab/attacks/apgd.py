@@ -111,19 +111,8 @@ class APGD(Attack):
 
     name = "apgd"
     options = OPTIONS
-    steps: int
-    loss: str
-    restarts: int
-    n_target_classes: int
-    rho: float
-    momentum: float
-
-    def __init__(self, model, eps: float, **opts):
-        super().__init__(model, eps, **opts)
-        # APGD-T's success is misclassification: for the base (and the report) it is untargeted.
-        self.multi_target = self.targeted and self.target_class is None
-        if self.multi_target:
-            self.targeted = False
+    cycles_top_classes = True  # --targeted without --target-class: APGD-T over the top classes
+    # every option of OPTIONS is an attribute (set by Attack.__init__)
 
     # ----------------------------------------------------------------------- the runs ----------
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:

@@ -144,6 +144,7 @@ class Attack(abc.ABC):
     eot: int
     eot_noise: float
     seed: Optional[int]
+    cycles_top_classes: bool = False  # ``targeted`` without a class: each of the top classes in turn
 
     def __init__(self, model: nn.Module, eps: float, **opts):
         checked = self.options.resolve(opts, owner=f"attack {self.name}")
@@ -152,6 +153,12 @@ class Attack(abc.ABC):
             setattr(self, key, value)
         if self.target_class is not None:
             self.targeted = True  # naming a target class only makes sense for a targeted attack
+        # An attack that cycles over the top classes (``cycles_top_classes``: APGD-T, FAB-T) is
+        # targeted without a target class; its success is misclassification, so for this base
+        # (and the report) it is untargeted.
+        self.multi_target = self.cycles_top_classes and self.targeted and self.target_class is None
+        if self.multi_target:
+            self.targeted = False
         self.model = model
         self.eps = float(eps)
         self._generator: Optional[torch.Generator] = None

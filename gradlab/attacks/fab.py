@@ -102,19 +102,8 @@ class FAB(Attack):
 
     name = "fab"
     options = OPTIONS
-    steps: int
-    n_target_classes: int
-    restarts: int
-    alpha_max: float
-    eta: float
-    beta: float
-
-    def __init__(self, model, eps: float, **opts):
-        super().__init__(model, eps, **opts)
-        # FAB-T's success is misclassification: for the base (and the report) it is untargeted.
-        self.multi_target = self.targeted and self.target_class is None
-        if self.multi_target:
-            self.targeted = False
+    cycles_top_classes = True  # --targeted without --target-class: FAB-T over the top classes
+    # every option of OPTIONS is an attribute (set by Attack.__init__)
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
