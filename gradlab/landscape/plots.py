@@ -110,7 +110,8 @@ def landscape_contour(axes, loss, *, log_scale=None, title="", path=None, points
     (fig or ax.figure).colorbar(cs, ax=ax, label=scale_label(log_scale))
     if path is not None:
         p = np.asarray(path, dtype=np.float64)
-        ax.plot(p[:, 0], p[:, 1], "w.-", linewidth=1.2, markersize=4, label="trajectory", zorder=4)
+        # orange shows on viridis and, unlike white, in the legend below the axes
+        ax.plot(p[:, 0], p[:, 1], ".-", color="tab:orange", linewidth=1.4, markersize=5, label="trajectory", zorder=4)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8, ncol=2, frameon=False)
     for label, (px, py) in (points or {}).items():
         ax.plot([px], [py], "r*", markersize=10, zorder=5)
