@@ -138,7 +138,9 @@ def depth_figure(report: JacobianReport) -> Figure:
     min_sv = per_layer["min_sv"].to_numpy(dtype=float).copy()
     for i, name in enumerate(per_layer["layer"]):
         ls = spectra.get(name)
-        if ls is not None and ls.full and numerical_zeros(ls.singular_values.numpy(), ls.in_dim, ls.out_dim)[:, -1].all():
+        if ls is None or not ls.full:
+            continue
+        if numerical_zeros(ls.singular_values.numpy(), ls.in_dim, ls.out_dim)[:, -1].all():
             min_sv[i] = 0.0
     ax.plot(depth, _positive(max_sv), "o-", ms=3, label="spectral norm (max sv)")
     ax.plot(depth, _positive(np.sqrt(per_layer["mean_sq_sv"])), "s-", ms=3, label="rms singular value")
