@@ -221,9 +221,9 @@ def _log(run_dir, result, attack: str, cfg: dict) -> None:
     for i, eps in enumerate(result.adv):
         if eps == 0 and len(result.adv) > 1:
             continue  # nothing to see
-        n = cfg["grid"]
-        fig = adversarial_grid(result.x[:n], result.adv[eps][:n], result.y[:n], result.clean_pred[:n],
-                               result.adv_pred[eps][:n], n=n, eps=eps, title=f"{attack}, eps = {eps:g} ({cfg['norm']})")
+        # every example, so the grid can show ones that were correct before the attack
+        fig = adversarial_grid(result.x, result.adv[eps], result.y, result.clean_pred, result.adv_pred[eps],
+                               n=cfg["grid"], eps=eps, title=f"{attack}, eps = {eps:g} ({cfg['norm']})")
         run_dir.save_figure(fig, f"grid_eps{eps:g}", step=i)
 
 

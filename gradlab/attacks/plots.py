@@ -48,6 +48,16 @@ def _as_image(t: Tensor) -> tuple[np.ndarray, Optional[str]]:
     return a.reshape(1, -1), "gray"
 
 
+def grid_examples(y: Tensor, pred_clean: Tensor, n: int) -> list[int]:
+    """Indices of the examples a grid shows: the first ``n`` the model classified correctly
+    before the attack (an attack on an example that was already wrong shows nothing), then,
+    when fewer than ``n`` were correct, the first wrong ones."""
+    ok = (pred_clean.detach().cpu().view(-1) == y.detach().cpu().view(-1)).tolist()
+    right = [i for i, good in enumerate(ok) if good]
+    wrong = [i for i, good in enumerate(ok) if not good]
+    return (right + wrong)[: max(1, min(int(n), len(ok)))]
+
+
 def adversarial_grid(
     x: Tensor,
     x_adv: Tensor,
@@ -59,36 +69,44 @@ def adversarial_grid(
     class_names: Optional[Sequence[str]] = None,
     title: Optional[str] = None,
 ):
-    """Three rows for the first ``n`` examples: clean, adversarial, perturbation.
+    """Three rows for ``n`` examples (:func:`grid_examples`: ones the model got right before the
+    attack first): clean, adversarial, perturbation.
 
-    Titles give the true label and the predictions (red when wrong). The perturbation
-    ``x_adv - x`` is drawn with a diverging colour map scaled to +-max|delta| of the shown examples
-    (stated in the row label), so tiny perturbations stay visible.
+    ``x``, ``x_adv`` (N, *input_shape), ``y``, ``pred_clean``, ``pred_adv`` (N,): pass every
+    attacked example, not only the first ``n``, so that the grid can choose. Titles give the true
+    label and the predictions (red when wrong; a clean column that was already wrong says so).
+    The perturbation ``x_adv - x`` is drawn with a diverging colour map scaled to +-max|delta| of
+    the shown examples (stated in the row label), so tiny perturbations stay visible.
     """
-    n = max(1, min(int(n), x.shape[0]))
+    idx = grid_examples(y, pred_clean, n)
+    n = len(idx)
     name = (lambda c: class_names[int(c)]) if class_names else (lambda c: str(int(c)))
-    delta = (x_adv[:n] - x[:n]).detach().cpu().float()
+    delta = (x_adv[idx] - x[idx]).detach().cpu().float()
     scale = float(delta.abs().max()) or 1.0
     fig, axes = plt.subplots(3, n, figsize=(1.35 * n + 0.8, 4.6), squeeze=False)
-    for i in range(n):
+    for col, i in enumerate(idx):
         img, cmap = _as_image(x[i])
-        axes[0, i].imshow(img, cmap=cmap, vmin=0, vmax=1)
+        axes[0, col].imshow(img, cmap=cmap, vmin=0, vmax=1)
         ok = int(pred_clean[i]) == int(y[i])
-        axes[0, i].set_title(f"y={name(y[i])}\npred {name(pred_clean[i])}", fontsize=7, color="black" if ok else "red")
+        axes[0, col].set_title(f"#{i} y={name(y[i])}\npred {name(pred_clean[i])}" + ("" if ok else " (wrong)"),
+                               fontsize=7, color="black" if ok else "red")
         img, cmap = _as_image(x_adv[i])
-        axes[1, i].imshow(img, cmap=cmap, vmin=0, vmax=1)
+        axes[1, col].imshow(img, cmap=cmap, vmin=0, vmax=1)
         ok = int(pred_adv[i]) == int(y[i])
-        axes[1, i].set_title(f"pred {name(pred_adv[i])}", fontsize=7, color="black" if ok else "red")
-        d, _ = _as_image(delta[i])
+        axes[1, col].set_title(f"pred {name(pred_adv[i])}", fontsize=7, color="black" if ok else "red")
+        d, _ = _as_image(delta[col])
         if d.ndim == 3:  # RGB perturbation: show its mean over channels
             d = d.mean(axis=2)
-        axes[2, i].imshow(d, cmap="seismic", vmin=-scale, vmax=scale)
+        axes[2, col].imshow(d, cmap="seismic", vmin=-scale, vmax=scale)
         for r in range(3):
-            axes[r, i].set_xticks([])
-            axes[r, i].set_yticks([])
+            axes[r, col].set_xticks([])
+            axes[r, col].set_yticks([])
     axes[0, 0].set_ylabel("clean", fontsize=8)
     axes[1, 0].set_ylabel("adversarial", fontsize=8)
     axes[2, 0].set_ylabel(f"delta (±{scale:.3g})", fontsize=8)
-    fig.suptitle(title or (f"eps = {eps:g}" if eps is not None else "adversarial examples"), fontsize=9)
+    n_right = sum(int(pred_clean[i]) == int(y[i]) for i in idx)
+    shown = ("examples correct before the attack" if n_right == n
+             else f"{n_right} of {n} shown correct before the attack (no more were)")
+    fig.suptitle(f"{title or (f'eps = {eps:g}' if eps is not None else 'adversarial examples')}: {shown}", fontsize=9)
     fig.tight_layout()
     return fig

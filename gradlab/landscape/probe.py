@@ -184,7 +184,8 @@ OPTIONS = Options(
 ) + batch_options(None, 512, "Evaluate on the first N batches (default: the whole split)") + Options(
     Option("include_bn", bool, False, "random: also move biases and BatchNorm parameters (default: they stay put, "
            "as in Li et al.)"),
-    Option("log_scale", bool, False, "Plot log10 of the loss"),
+    Option("log_scale", bool, None, "Plot log10 of the loss (--no-log-scale: the loss; default: log10 where the "
+           "loss's max/min over the grid exceeds 1e3)"),
     Option("plane_vertices", str, None, "i,j,k: draw the plane through three vertices of the simplex saved by "
            "`gradlab simplex` (--run is the simplex run)"),
     Option("points_per_call", int, 1, "Grid points per vmapped call (faster on a GPU; 1 is fastest on a CPU)", low=1),
@@ -268,18 +269,20 @@ class LandscapeProbe(Probe):
             saved["trajectory"] = dset.path.detach().cpu()
         kind = "simplex plane" if "simplex" in ctx.source.extras else o["directions"]
         title = f"{kind} directions, {ctx.source.split_name} split"
+        log_scale = plots.wants_log_scale(res.loss, o["log_scale"])  # one scale for every figure of the run
         if dims == 1:
             marks = {k: v[0] for k, v in dset.points.items()}
-            figures = {"landscape_1d": plots.landscape_line(res.axes[0], res.loss, res.acc, log_scale=o["log_scale"],
+            figures = {"landscape_1d": plots.landscape_line(res.axes[0], res.loss, res.acc, log_scale=log_scale,
                                                             title=title, marks=marks)}
         else:
-            figures = {"contour": plots.landscape_contour(res.axes, res.loss, log_scale=o["log_scale"], title=title,
+            figures = {"contour": plots.landscape_contour(res.axes, res.loss, log_scale=log_scale, title=title,
                                                           path=dset.path, points=dset.points),
-                       "surface": plots.landscape_surface(res.axes, res.loss, log_scale=o["log_scale"], title=title)}
+                       "surface": plots.landscape_surface(res.axes, res.loss, log_scale=log_scale, title=title)}
         at0 = (res.coords == 0).all(dim=1)
         metrics = {"grid_points": len(table), "seconds": round(seconds, 3),
                    "ms_per_point": round(1e3 * seconds / len(table), 4),
-                   "loss_min": float(res.loss.min()), "loss_max": float(res.loss.max())}
+                   "loss_min": float(res.loss.min()), "loss_max": float(res.loss.max()),
+                   "plot_scale": "log" if log_scale else "linear"}
         if bool(at0.any()):
             metrics["centre_loss"] = float(res.loss[at0][0])
             metrics["centre_acc"] = float(res.acc[at0][0])
