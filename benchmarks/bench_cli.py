@@ -8,6 +8,8 @@ script next to this interpreter), every one of which must exit 2 with one line o
 * ``gradlab train --lr fast``: a value that is not a number (the flag's type answers);
 * ``gradlab run FILE``: an experiment whose second combination has an unknown key;
 * ``gradlab run FILE``: an experiment whose sweep names an unknown optimizer;
+* ``gradlab probe hessian --top-k 0`` and ``gradlab attack fgsm --norm l3``: a probe's and an
+  attack's option out of range (their flags and checks come from the manifest too);
 
 against ``gradlab --help`` (imports only the table of commands), with ``python -c "import
 torch"`` beside them for scale. The manifest is written once before timing. Each round runs every
@@ -68,6 +70,8 @@ def main() -> None:
             "train --lr fast": [exe, "train", "--lr", "fast"],
             "run FILE (bad key)": [exe, "run", "key.yaml"],
             "run FILE (bad name)": [exe, "run", "name.yaml"],
+            "probe hessian --top-k 0": [exe, "probe", "hessian", "--top-k", "0"],
+            "attack fgsm --norm l3": [exe, "attack", "fgsm", "--norm", "l3"],
         }
         base = [exe, "--help"]
         torch_cmd = [sys.executable, "-c", "import torch"]

@@ -52,10 +52,9 @@ class _ProbeGroup(TyperGroup):
             from gradlab.core.manifest import registry_view
 
             return TyperCommand(cmd_name, help=registry_view("probes").entry(cmd_name).description)
-        from gradlab.probes import PROBES
+        from gradlab.core.manifest import registry_view
 
-        if cmd_name not in PROBES:
-            PROBES.entry(cmd_name)  # raises: unknown probe, the choices and a "did you mean"
+        registry_view("probes").entry(cmd_name)  # raises: unknown probe, the choices and a "did you mean"
         sub = typer.Typer(add_completion=False)
         sub.command(cmd_name)(make_command(cmd_name))
         cmd = typer.main.get_command(sub)
@@ -75,23 +74,21 @@ app = typer.Typer(help=HELP, no_args_is_help=True, cls=_ProbeGroup)
 
 def make_command(name: str):
     """The Typer command of probe ``name``: its flags, its help, and :func:`run_probe`."""
-    from gradlab.probes import PROBES
-    from gradlab.probes.base import as_probe
+    from gradlab.core.manifest import registry_view
     from gradlab.probes.runner import CONTEXT_OPTIONS
     from gradlab_cli._options import with_flags
 
-    entry = PROBES.entry(name)
-    probe = as_probe(entry)
+    entry = registry_view("probes").entry(name)  # declarations only: a typo is answered before torch loads
 
     def command(config: ConfigOpt = None, quiet: QuietOpt = False, trust_code: TrustCodeOpt = False, *,
                 flags: dict) -> None:
         run_probe(name, {**flags, "trust_code": trust_code or None}, config, quiet)  # None: --config may say
 
     command.__doc__ = "\n\n".join(p for p in (entry.description[:1].upper() + entry.description[1:] + ".",
-                                              probe.help_text()) if p)
-    wrapped = with_flags((SOURCE_PANEL, probe.model_source_options()), (f"{name} probe", entry.options),
+                                              entry.extra["help"]) if p)
+    wrapped = with_flags((SOURCE_PANEL, entry.extra["source_options"]), (f"{name} probe", entry.options),
                          (RUN_PANEL, CONTEXT_OPTIONS + _name_option()))(command)
-    _apply_off_names(wrapped, probe.flag_off_names)
+    _apply_off_names(wrapped, entry.extra["off_names"])
     return wrapped
 
 

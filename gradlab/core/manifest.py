@@ -40,7 +40,7 @@ REGISTRIES = {
     "functions": ("gradlab.landscape.functions", "FUNCTIONS"),
 }
 _KIND_NAMES = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}
-_FORMAT = 1
+_FORMAT = 2
 _loaded: dict = {}
 
 
@@ -86,13 +86,27 @@ def _option_from_json(d: dict) -> Option:
     return Option(**d)
 
 
+def _extra_to_json(value):
+    return {"options": [_option_to_json(o) for o in value]} if isinstance(value, Options) else value
+
+
+def _extra_from_json(value):
+    if isinstance(value, dict) and set(value) == {"options"}:
+        return Options(*(_option_from_json(o) for o in value["options"]))
+    return value
+
+
 def _dump(kinds) -> dict:
+    """Each registry's entries: name, description, paper, options, and what the registry's
+    ``manifest_extra(entry)`` adds (JSON values or Options), e.g. a probe's model-source options."""
     doc = {}
     for kind in kinds:
         reg = real_registry(kind)
+        extra = getattr(reg, "manifest_extra", None)
         doc[kind] = {"kind": reg.kind, "entries": [
             {"name": e.name, "description": e.description, "paper": e.paper,
-             "options": [_option_to_json(o) for o in e.options]} for e in reg]}
+             "options": [_option_to_json(o) for o in e.options],
+             **({"extra": {k: _extra_to_json(v) for k, v in extra(e).items()}} if extra else {})} for e in reg]}
     return doc
 
 
@@ -140,7 +154,11 @@ def _live(kind: str) -> bool:
     with whatever was registered at run time (a user's plug-in, a test's toy)."""
     import sys
 
-    return REGISTRIES[kind][0] in sys.modules
+    module, attr = REGISTRIES[kind]
+    if module not in sys.modules:
+        return False
+    loaded = getattr(getattr(sys.modules[module], attr, None), "loaded", None)  # a lazy registry says
+    return loaded is None or loaded()
 
 
 class EntryView:
@@ -149,6 +167,7 @@ class EntryView:
     def __init__(self, d: dict):
         self.name, self.description, self.paper = d["name"], d["description"], d["paper"]
         self.options = Options(*(_option_from_json(o) for o in d["options"]))
+        self.extra = {k: _extra_from_json(v) for k, v in d.get("extra", {}).items()}
 
     @property
     def option_flags(self) -> str:

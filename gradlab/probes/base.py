@@ -230,6 +230,18 @@ class ProbeRegistry(Registry):
             if (name is None or n == name) and not super().__contains__(n):
                 importlib.import_module(module)
 
+    def loaded(self) -> bool:
+        """Whether any probe is registered in this process yet (imported from the catalogue, or
+        registered by user code); until then the manifest describes the probes (no torch)."""
+        return bool(super().names())
+
+    def manifest_extra(self, entry: Entry) -> dict:
+        """What ``gradlab probe NAME`` needs beside the options to build its flags and help
+        without importing the probe (see :mod:`gradlab.core.manifest`)."""
+        probe = as_probe(entry)
+        return {"source_options": probe.model_source_options(), "help": probe.help_text(),
+                "off_names": dict(probe.flag_off_names)}
+
     def entry(self, name: str) -> Entry:
         if isinstance(name, str) and name in self.catalog:
             self._load(name)

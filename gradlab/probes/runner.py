@@ -38,11 +38,12 @@ class PreparedProbe:
 
 
 def probe_options(name: str) -> Options:
-    """Every option a run of probe ``name`` takes: model source, its own, :data:`CONTEXT_OPTIONS`."""
-    from gradlab.probes import PROBES
+    """Every option a run of probe ``name`` takes: model source, its own, :data:`CONTEXT_OPTIONS`
+    (from the declarations in the manifest: no probe module, no torch, is imported for them)."""
+    from gradlab.core.manifest import registry_view
 
-    entry = PROBES.entry(name)
-    return as_probe(entry).model_source_options() + entry.options + CONTEXT_OPTIONS
+    view = registry_view("probes").entry(name)
+    return view.extra["source_options"] + view.options + CONTEXT_OPTIONS
 
 
 def prepare_probe(name: str, sources: Sequence[tuple[str, Mapping[str, Any]]],
@@ -58,16 +59,18 @@ def prepare_probe(name: str, sources: Sequence[tuple[str, Mapping[str, Any]]],
         GradlabError: a bad or unknown option, a missing run, or a probe check (e.g. an unknown
             layer) -- all before any run folder exists.
     """
+    from gradlab.core.config import resolve_config
+
+    own = probe_options(name) + (extra or Options())
+    cfg = resolve_config(own, [], sources, command=f"probe {name}")  # names and numbers: before torch
+
     import torch.nn.functional as F
 
-    from gradlab.core.config import resolve_config
     from gradlab.core.device import resolve_device
     from gradlab.probes import PROBES
 
     entry = PROBES.entry(name)
     probe = as_probe(entry)
-    own = probe_options(name) + (extra or Options())
-    cfg = resolve_config(own, [], sources, command=f"probe {name}")
     options = {k: cfg[k] for k in entry.options.names()}
     device = resolve_device(cfg["device"])
     source = probe.load(cfg, device)
