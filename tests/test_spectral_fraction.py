@@ -44,3 +44,22 @@ def test_nodes_near_zero_are_ambiguous_and_bounded():
     assert strict.ambiguous == pytest.approx(0.4, abs=0.15)
     assert strict.low <= 0.2 <= strict.value <= 0.6 <= strict.high  # strictly negative: 20%; not positive: 60%
     assert strict.value == pytest.approx(0.2 + 0.5 * 0.4, abs=0.15)
+
+
+def test_hessian_probe_reports_the_morse_index_of_the_dense_hessian():
+    from torch import nn
+
+    from gradlab.curvature import dense_hessian
+    from gradlab.probes.hessian import hessian_probe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    rep = hessian_probe(model, [(x, y)], top_k=1, bottom_k=1, density=True, density_starts=16,
+                        density_steps=60)
+    H = dense_hessian(model, torch.nn.functional.cross_entropy, (x, y))
+    ev = torch.linalg.eigvalsh((H + H.T) / 2)
+    exact = float((ev < -1e-10 * ev.abs().max()).double().mean())
+    m = rep.metrics()
+    assert 0 < exact < 0.5 and m["morse_index_stderr"] > 0
+    assert abs(m["morse_index"] - exact) <= 4 * m["morse_index_stderr"] + 0.02

@@ -112,7 +112,18 @@ class HessianReport:
             out["trace"], out["trace_stderr"] = self.trace, self.trace_stderr
         if self.classification.neg_pos_ratio is not None:
             out["neg_pos_ratio"] = self.classification.neg_pos_ratio
+        if self.density is not None and self.matrix == "hessian":
+            morse = self.morse_index()
+            out["morse_index"], out["morse_index_stderr"] = morse.value, morse.std_error
         return out
+
+    def morse_index(self):
+        """The fraction of negative eigenvalues (the Morse index over the dimension) from the SLQ
+        density, with its standard error over the starts
+        (:meth:`gradlab.curvature.density.DensityResult.fraction_below`); nodes within float
+        rounding of zero count half."""
+        nodes = self.density.nodes
+        return self.density.fraction_below(0.0, zero_tol=1e-6 * float(nodes.abs().max()))
 
 
 def stability_bound(lambda_max: float) -> float:

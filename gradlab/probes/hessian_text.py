@@ -40,6 +40,10 @@ def summary_lines(rep, opt: Optional[str]) -> list:
     if rep.lr is not None and opt is not None and opt not in SGD_LIKE:
         lines.append(f"note: the run used --opt {opt}; 2/lambda_max bounds plain (S)GD steps, an adaptive "
                      f"optimizer's effective step differs per coordinate")
+    if rep.density is not None and rep.matrix == "hessian":
+        m = rep.morse_index()
+        lines.append(f"Morse index: {100 * m.value:.1f}% +- {100 * m.std_error:.1f}% of directions have negative "
+                     f"curvature (SLQ over {m.starts} starts)")
     lines += [f"note: {n}" for n in rep.notes]
     return lines
 
