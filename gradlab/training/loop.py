@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from gradlab.core.errors import GradlabError, check
 from gradlab.training.callbacks import Callback, EpochInfo, Progress, StepInfo, StopTraining, default_callbacks
-from gradlab.training.callbacks.base import overrides, sort_callbacks
+from gradlab.training.callbacks.base import gradient_norms, overrides, sort_callbacks
 from gradlab.training.callbacks.metrics import evaluate
 from gradlab.training.interrupts import DeferredInterrupt, signal_name
 from gradlab.training.options import TRAIN_OPTIONS, train_defaults, validate_train_config
@@ -134,6 +134,7 @@ class Trainer:
         self.checkpoint_requested = False  # a callback asks for a checkpoint (see request_checkpoint)
         self.checkpoint_due = False  # every rank writes one at this step
         self._transforms, self._loss_checks, self._grad_checks = [], [], []  # fit() sets the hooks
+        self._step_norms = None
         self.callbacks = sort_callbacks([*default_callbacks(cfg), *callbacks])
         keys = [cb.key for cb in self.callbacks]
         dup = next((k for k in keys if keys.count(k) > 1), None)
@@ -205,6 +206,7 @@ class Trainer:
             self.model.train()
         optimizer = self.optimizer
         optimizer.zero_grad(set_to_none=True)
+        self._step_norms = None  # set by _check_gradients when the gradients are checked before the update
         if self.closure_step:
             captured = []
 
@@ -227,10 +229,10 @@ class Trainer:
 
     def _check_gradients(self) -> None:
         if self._grad_checks:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            norm = float(torch.stack(torch._foreach_norm(grads)).double().square().sum().sqrt()) if grads else 0.0
+            # kept for this step's StepInfo: the callbacks that log the norms do not compute them again
+            self._step_norms = gradient_norms(self.params)
             for cb in self._grad_checks:
-                cb.on_gradients(self, norm)
+                cb.on_gradients(self, self._step_norms[0])
 
     def _count_correct(self) -> None:
         """Add the correct predictions of the steps since the last call to ``epoch_sums``: one
@@ -361,7 +363,8 @@ class Trainer:
                 if step_scheduler:
                     self.scheduler.step()
                 if step_hooks:
-                    info = StepInfo(step, self.epoch, b, loss_g / n_global, lr, xb, yb, out, n_global, params)
+                    info = StepInfo(step, self.epoch, b, loss_g / n_global, lr, xb, yb, out, n_global, params,
+                                    self._step_norms)
                     for cb in step_hooks:
                         cb.on_step_end(self, info)
                 self.checkpoint_due = False

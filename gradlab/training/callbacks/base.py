@@ -108,6 +108,14 @@ def every(n: int, step: int) -> bool:
     return n > 0 and step % n == 0
 
 
+def gradient_norms(params) -> tuple[float, list]:
+    """The global L2 norm of the parameters' gradients and the per-tensor norms (of those that
+    have a gradient, in order): one fused norm call and one read-back, combined in float64."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.stack(torch._foreach_norm(grads)).tolist() if grads else []
+    return math.hypot(*norms), norms
+
+
 class StepInfo:
     """What one training step did, for ``on_step_end``.
 
@@ -120,19 +128,18 @@ class StepInfo:
 
     __slots__ = ("step", "epoch", "batch", "loss", "lr", "x", "y", "out", "n_global", "_params", "_norms")
 
-    def __init__(self, step, epoch, batch, loss, lr, x, y, out, n_global, params):
+    def __init__(self, step, epoch, batch, loss, lr, x, y, out, n_global, params, norms=None):
         self.step, self.epoch, self.batch, self.loss, self.lr = step, epoch, batch, loss, lr
         self.x, self.y, self.out, self.n_global = x, y, out, n_global
-        self._params, self._norms = params, None
+        self._params, self._norms = params, norms  # norms: what grad_norms() returns, if known already
 
     def grad_norms(self) -> tuple[float, list]:
-        """Global L2 norm of the gradients after this step, and the per-tensor norms (of the
-        parameters that have a gradient, in order); computed on the first call only, so that
-        steps nobody logs pay nothing. One fused norm call, combined in float64 by hypot."""
+        """Global L2 norm of this step's gradients, and the per-tensor norms (of the parameters
+        that have a gradient, in order): taken before the update where the loop checks the
+        gradients (then known already), else computed on the first call only, so that steps
+        nobody logs pay nothing (:func:`gradient_norms`)."""
         if self._norms is None:
-            grads = [p.grad for p in self._params if p.grad is not None]
-            norms = [n.item() for n in torch._foreach_norm(grads)] if grads else []
-            self._norms = (math.hypot(*norms), norms)
+            self._norms = gradient_norms(self._params)
         return self._norms
 
     def grad_norm(self) -> float:
