@@ -86,7 +86,8 @@ def _command(
     cfg, eps_list = resolve_attack(attack, [(f"in {config}", file_cfg), ("", typed)],
                                    eps if eps is not None else file_eps)
     from gradlab.attacks import attack_options
-    from gradlab.attacks.base import DROPOUTS, check_eps, check_target_class
+    from gradlab.attacks.base import DROPOUTS
+    from gradlab.core.budgets import check_eps, check_target_class
 
     # The attack takes its declared options; its seed is the run's (the same key).
     opts = {k: cfg[k] for k in attack_options(attack).names()}
@@ -154,7 +155,7 @@ def resolve_attack(attack: str, sources: list, eps=None) -> tuple[dict, list]:
     cfg = resolve_config(OWN, [Slot("attack", registry_view("attacks"))], [*sources, ("", {"attack": attack})],
                          command="attack")
     eps_list = _eps_list(eps if eps is not None else DEFAULT_EPS)
-    from gradlab.attacks.base import check_eps  # names and numbers above are checked without torch
+    from gradlab.core.budgets import check_eps  # torch-free: names and numbers are checked before torch loads
 
     for e in eps_list:
         check_eps(e, cfg["norm"])

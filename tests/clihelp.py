@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -50,3 +52,16 @@ def run_proc(args, cwd=None, env=None, timeout=300) -> Result:
     e = {**os.environ, **(env or {})}
     p = subprocess.run([str(a) for a in args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
     return Result(p.returncode, p.stdout, p.stderr)
+
+
+def train_in_process(*args) -> Path:
+    """``gradlab train ARGS`` in this process (outside a test's capsys); the run folder."""
+    from gradlab_cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(["train", "--quiet", *[str(a) for a in args]])
+        except SystemExit as e:
+            assert e.code in (0, None), err.getvalue()
+    return Path(out.getvalue().strip().splitlines()[-1].removeprefix("run: "))

@@ -130,7 +130,7 @@ def test_a_typo_is_answered_without_importing_torch(tmp_path):
     for argv in (["train", "--opt", "adamm"], ["train", "--lr", "fast"], ["train", "--set", "lr=fast"],
                  ["attack", "fgsmm"], ["attack", "fgsm", "--norm", "l3"], ["run", str(bad)], ["run", str(key)],
                  ["probe", "hesian"], ["probe", "hessian", "--top-k", "abc"], ["probe", "hessian", "--top-k", "0"],
-                 ["probe", "gradnorm", "--threshold", "-1"], ["--help"], ["probe", "hessian", "--help"]):
+                 ["probe", "gradnorm", "--threshold", "-1"], ["attack", "fgsm", "--eps", "5"], ["--help"], ["probe", "hessian", "--help"]):
         p = subprocess.run([sys.executable, "-c", _NO_TORCH, *argv], capture_output=True, text=True, cwd=tmp_path,
                            timeout=300)
         assert p.stdout.split()[-2:] == ["imported:", "False"], (argv, p.stdout, p.stderr)

@@ -10,7 +10,6 @@ uninterrupted run: the same summary, the same metrics.csv, and each step once in
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import re
@@ -24,7 +23,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clihelp import cli
+from clihelp import cli, train_in_process
 from gradlab.runs import RunDir, load_checkpoint
 
 # 2 epochs of 256 examples at batch 16 (16 steps an epoch) of a 16-wide MLP; every step logged.
@@ -34,22 +33,9 @@ STEPS = 32
 HELPER = Path(__file__).with_name("faults_train.py")
 
 
-def _train_in_process(*args) -> Path:
-    """``gradlab train ARGS`` in this process (outside a test's capsys); the run folder."""
-    from gradlab_cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(["train", "--quiet", *[str(a) for a in args]])
-        except SystemExit as e:
-            assert e.code in (0, None), err.getvalue()
-    return Path(out.getvalue().strip().splitlines()[-1].removeprefix("run: "))
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    return _train_in_process("--runs-dir", tmp_path_factory.mktemp("ref"), *ARGS)
+    return train_in_process("--runs-dir", tmp_path_factory.mktemp("ref"), *ARGS)
 
 
 def _start(runs: Path, pause: float, *extra) -> subprocess.Popen:

@@ -4,8 +4,6 @@ metrics.csv, each step once, and in TensorBoard each step once."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import signal
 import subprocess
@@ -15,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clihelp import cli
+from clihelp import cli, train_in_process
 from gradlab.optim import OPTIMIZERS
 from gradlab.runs import RunDir
 
@@ -27,19 +25,6 @@ OPTS = OPTIMIZERS.names()
 ARGS = ["--epochs", "3", "--batch-size", "32", "--seed", "1", "--width", "16", "--set", "max_train=96",
         "--log-every-steps", "1", "--checkpoint-seconds", "0"]
 STEPS = 9
-
-
-def _train_in_process(*args) -> Path:
-    """``gradlab train ARGS`` in this process (outside a test's capsys); the run folder."""
-    from gradlab_cli.main import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(["train", "--quiet", *[str(a) for a in args]])
-        except SystemExit as e:
-            assert e.code in (0, None), err.getvalue()
-    return Path(out.getvalue().strip().splitlines()[-1].removeprefix("run: "))
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +46,7 @@ def _kill_process(tmp_path_factory):
 def references(_kill_process, tmp_path_factory):
     """An uninterrupted run per optimizer."""
     runs = tmp_path_factory.mktemp("ref")
-    return {opt: _train_in_process("--runs-dir", runs / opt, "--opt", opt, *ARGS) for opt in OPTS}
+    return {opt: train_in_process("--runs-dir", runs / opt, "--opt", opt, *ARGS) for opt in OPTS}
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import itertools
-import math
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -53,9 +52,9 @@ from torch import Tensor, nn
 
 from gradlab.core.errors import GradlabError
 from gradlab.core.modelstate import DROPOUTS, model_state
+from gradlab.core.budgets import NORMS, check_eps, check_target_class  # noqa: F401  (re-exported)
 from gradlab.core.options import Option, Options
 
-NORMS = ("linf", "l2")
 
 # The options every attack takes (the base class implements them), then the shared iterative ones.
 ATTACK_OPTIONS = Options(
@@ -73,28 +72,6 @@ ATTACK_OPTIONS = Options(
 STEPS = Option("steps", int, 10, "iterations of the attack", low=1)
 ALPHA = Option("alpha", float, None, "step size in pixel units (unset: 2.5 * eps / steps)", low=0,
                paper="Madry et al. 2018")
-
-
-def check_eps(eps: float, norm: str, n_features: Optional[int] = None) -> None:
-    """Validate a budget: ``0 <= eps <= 1`` for linf; for l2 at most the diameter of [0, 1]^D."""
-    if norm not in NORMS:
-        raise GradlabError(f"unknown norm {norm!r}; choose from: {', '.join(NORMS)}")
-    if not isinstance(eps, (int, float)) or math.isnan(eps) or eps < 0:
-        raise GradlabError(f"invalid eps: {eps} (must be >= 0)")
-    if norm == "linf" and eps > 1:
-        raise GradlabError(f"invalid eps: {eps} (inputs are in [0, 1], so an linf budget must be <= 1)")
-    if norm == "l2" and n_features is not None and eps > math.sqrt(n_features):
-        raise GradlabError(
-            f"invalid eps: {eps} (an l2 budget above sqrt(D) = {math.sqrt(n_features):.4g} covers all of [0, 1]^D)"
-        )
-
-
-def check_target_class(target_class: Optional[int], n_classes: int) -> None:
-    """A target class must be one of the model's ``n_classes`` outputs (checked before a run
-    folder exists, from the source run's data, and again on the logits of every call)."""
-    if target_class is not None and not 0 <= target_class < n_classes:
-        raise GradlabError(f"invalid target class: {target_class} (the model has {n_classes} classes: "
-                           f"must be in 0..{n_classes - 1})")
 
 
 def flat_norm(t: Tensor, norm: str) -> Tensor:
