@@ -21,7 +21,7 @@ example: the Fisher's samples, or the one observed label), computed one of two w
 (``backend``):
 
 * ``"per-example"``: the gradients ``R`` (N M, n), each row ``sqrt(c / M) g_n(y_nm)``, from
-  ``torch.func.vmap`` over ``grad`` in chunks; then ``F v = R^T (R v)`` is two matrix products
+  ``torch.func.vmap`` over ``grad`` in chunks (:mod:`gradlab.curvature.per_example`); then ``F v = R^T (R v)`` is two matrix products
   with no pass through the network (the default when ``M <= MAX_PER_EXAMPLE_SAMPLES``, the rows
   fit in ``MAX_PER_EXAMPLE_ENTRIES`` and the mode is eval);
 * ``"jacobian"``: ``J^T Lambda J`` with ``Lambda_n = (c / M) sum_m s_nm s_nm^T`` from the output
@@ -120,26 +120,18 @@ class GradientOuterProducts(OutputCurvatureOperator):
         return self._rows
 
     def _batch_rows(self, i: int) -> Tensor:
-        from torch.func import functional_call, grad, vmap
+        from gradlab.curvature.per_example import per_example_grads_vmap
 
         names = self.registered_names(f"per-example gradients of {self.what}")
-        primals = {nm: p.detach() for nm, p in zip(names, self.params)}
         lik = self.likelihood
         z, labels = self.batch_labels(i)
         m = labels.shape[0]
         x = self.batches[i][0].repeat(m, *([1] * (self.batches[i][0].dim() - 1)))  # (M N, ...): sample-major
         y = labels.reshape(m * z.shape[0], *labels.shape[2:])
-
-        def nll_one(pd, xi, yi):
-            return lik.nll(functional_call(self.model, pd, (xi.unsqueeze(0),)), yi.unsqueeze(0))
-
-        per_example = vmap(grad(nll_one), in_dims=(None, 0, 0))
-        rows = []
         with self._batch_context(i):
-            for s in range(0, len(x), self.chunk_size):
-                g = per_example(primals, x[s : s + self.chunk_size], y[s : s + self.chunk_size])
-                rows.append(torch.cat([g[nm].reshape(g[nm].shape[0], -1) for nm in names], dim=1))
-        return torch.cat(rows).mul_(math.sqrt(lik.factor(z) * self.weights[i] / m))
+            g = per_example_grads_vmap(self.model, lik.nll, x, y, dict(zip(names, self.params)), self.chunk_size)
+        rows = torch.cat([g[nm].reshape(len(x), -1) for nm in names], dim=1)
+        return rows.mul_(math.sqrt(lik.factor(z) * self.weights[i] / m))
 
     def _matmat(self, V: Tensor) -> Tensor:
         if self.backend == "jacobian":
