@@ -96,6 +96,17 @@ def main() -> None:
         bench(d_in, args)
 
 
+def time_runs(runs: dict, repeats: int) -> tuple[dict, dict]:
+    """Each callable of ``runs`` ``repeats`` times, in turn: ``(times, medians)`` per name, seconds."""
+    times = {k: [] for k in runs}
+    for _ in range(repeats):
+        for key, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return times, {k: statistics.median(v) for k, v in times.items()}
+
+
 def bench_radius(act, args) -> None:
     """Spectral radius of (B, width, width) per-example Jacobians of one hidden layer."""
     from gradlab.curvature.jacobian_gram import per_example_jacobian
@@ -111,13 +122,7 @@ def bench_radius(act, args) -> None:
     rel = float(((spectral_radius(jac.double()) - ref64).abs() / ref64).max())
     runs = {"gradlab": lambda: spectral_radius(jac), "eigvals": lambda: torch.linalg.eigvals(jac).abs().amax(-1),
             "svdvals": lambda: torch.linalg.svdvals(jac)}
-    times = {k: [] for k in runs}
-    for _ in range(args.repeats):
-        for key, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times, med = time_runs(runs, args.repeats)
     zero_rows = float((jac.abs().sum(-1) == 0).double().mean())
     print(f"spectral radius: {args.batch} per-example Jacobians {args.width}x{args.width} of a {act.__name__} layer "
           f"({zero_rows:.0%} zero rows), float32, {torch.get_num_threads()} thread(s), median [min-max] of {args.repeats}")
@@ -140,13 +145,7 @@ def bench(d_in: int, args) -> None:
 
     runs = {"gradlab": lambda: gradlab_spectra(model, x), "loop": lambda: loop_spectra(model, x),
             "fwd+bwd": lambda: forward_backward(model, x, y)}
-    times = {k: [] for k in runs}
-    for _ in range(args.repeats):
-        for key, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times, med = time_runs(runs, args.repeats)
 
     print(f"input-output Jacobian spectra: {args.batch} examples, MLP {d_in}-{args.width}x3-10 (tanh), "
           f"float32, {torch.get_num_threads()} thread(s), median of {args.repeats}")
