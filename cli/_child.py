@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from typing import Optional
 
 #: The exit code of a process stopped by each signal it handles (128 + the signal's number).
@@ -31,13 +32,16 @@ _GRACE_SECONDS = 60
 
 
 class Children:
-    """Context manager: while open, SIGINT, SIGTERM and SIGHUP are forwarded to the child
-    :meth:`run` is waiting for; :attr:`received` holds the first one (``None``: none came)."""
+    """Context manager: while open, SIGINT, SIGTERM and SIGHUP are forwarded to every child
+    :meth:`run` is waiting for (``gradlab run --jobs N`` runs several at once, each
+    :meth:`run` on a thread of its own); :attr:`received` holds the first one (``None``: none
+    came)."""
 
     def __init__(self) -> None:
         self.received: Optional[int] = None
-        self._child: Optional[subprocess.Popen] = None
-        self._told: Optional[int] = None  # pid of the child a signal was forwarded to
+        self._running: set = set()  # the children started and not yet waited for
+        self._told: set = set()  # pids of the children a signal was forwarded to
+        self._lock = threading.Lock()
         self._previous: dict = {}
 
     def __enter__(self) -> "Children":
@@ -47,7 +51,7 @@ class Children:
 
     def __exit__(self, *exc) -> bool:
         try:
-            self._stop_child()
+            self._stop_children()
         finally:
             for signum, handler in self._previous.items():
                 signal.signal(signum, handler)
@@ -63,40 +67,54 @@ class Children:
         self._forward(signum)
 
     def _forward(self, signum: int) -> None:
-        child = self._child
-        if child is not None and child.poll() is None:
+        # no lock here: this runs in the signal handler, on the main thread, which may hold it
+        for child in list(self._running):
+            if child.pid in self._told or child.poll() is not None:
+                continue
             try:
                 os.killpg(child.pid, _FORWARD_AS.get(signum, signum))
             except ProcessLookupError:  # it has just ended
-                return
-            self._told = child.pid
+                continue
+            self._told.add(child.pid)
 
-    def run(self, argv: list) -> tuple[int, str, str]:
-        """Run ``argv`` to its end; ``(exit code, stdout, stderr)``. A child ended by a signal
-        it did not handle reports 128 + the signal's number, as a shell does."""
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **_OWN_GROUP)
-        self._child = proc
-        if self.received is not None and self._told != proc.pid:  # came while it was starting
+    def run(self, argv: list, env: Optional[dict] = None) -> tuple[int, str, str]:
+        """Run ``argv`` (with environment ``env``, default this one's) to its end; ``(exit code,
+        stdout, stderr)``. A child ended by a signal it did not handle reports 128 + the
+        signal's number, as a shell does. Safe to call from several threads at once."""
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                **_OWN_GROUP)
+        with self._lock:
+            self._running.add(proc)
+        if self.received is not None:  # came while it was starting
             self._forward(self.received)
-        out, err = proc.communicate()  # a signal handled meanwhile only forwards; this goes on
-        self._child = None
+        try:
+            out, err = proc.communicate()  # a signal handled meanwhile only forwards; this goes on
+        finally:
+            with self._lock:
+                self._running.discard(proc)
         code = proc.returncode
         return (128 - code if code < 0 else code), out, err
 
-    def _stop_child(self) -> None:
-        """Stop a child left running by an error in the experiment itself: SIGTERM, time for its
-        own clean stop, then SIGKILL; always waited for."""
-        proc, self._child = self._child, None
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(_GRACE_SECONDS)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    def _stop_children(self) -> None:
+        """Stop the children left running by an error in the experiment itself: SIGTERM, time
+        for their own clean stop, then SIGKILL; always waited for."""
+        with self._lock:
+            procs, self._running = list(self._running), set()
+        procs = [p for p in procs if p.poll() is None]
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in procs:
+            try:
+                proc.wait(_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
 
 
 __all__ = ["EXIT_CODES", "Children"]

@@ -4,7 +4,8 @@ Every stage and every combination is checked before the first run starts (the sa
 messages, as each command's own: :mod:`gradlab_cli._checks`); a mistake is one line naming the
 file, the stage, the combination and the key, and nothing runs. Then each combination runs in a
 child process of its own (:mod:`gradlab_cli._child`) under one progress bar for the whole
-experiment.
+experiment. ``--jobs N`` runs N at once on this machine; ``--launcher slurm`` sends each stage to
+a cluster as a submitit job array (:mod:`gradlab_cli._sweep`, :mod:`gradlab.training.launch`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
+from gradlab.training.launch import LAUNCHER_OPTIONS
 from gradlab_cli._common import console, err_console, render_table
+from gradlab_cli._options import with_flags
 
 #: More runs than this are started only with --yes (or a yes at the terminal's prompt).
 MAX_UNASKED = 1000
@@ -37,6 +40,7 @@ class Planned:
     resolved: Optional[dict]
 
 
+@with_flags(("Launcher", LAUNCHER_OPTIONS))
 def command(
     file: Annotated[Path, typer.Argument(help="Experiment YAML: a base config, optional `sweep:` grid, or `steps:`.")],
     runs_dir: Annotated[Optional[Path], typer.Option("--runs-dir", help="Put every run here (overrides the file).")] = None,
@@ -44,12 +48,25 @@ def command(
     yes: Annotated[bool, typer.Option("--yes", "-y", help=f"Start more than {MAX_UNASKED:,} runs without asking.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Skip every combination whose run (same resolved config in its config.yaml) completed already; continue an interrupted train run from its checkpoint.")] = False,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first run that does not complete (default: go on, report at the end).")] = False,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Run this many combinations at once on this machine (CPU threads split between them, one GPU each when there are several).")] = 1,
+    detach: Annotated[bool, typer.Option("--detach", help="With --launcher slurm: submit and return; `gradlab runs` shows the jobs.", rich_help_panel="Launcher")] = False,
+    *,
+    flags: dict,
 ) -> None:
     """Run each combination of an experiment file as its own run; report failures at the end."""
     from gradlab.core.errors import GradlabError
-    from gradlab.training.experiment import load_experiment, runs_per_stage
+    from gradlab.training.experiment import experiment_launcher, load_experiment, runs_per_stage
 
     stages = load_experiment(file)
+    launch = experiment_launcher(file, flags)
+    if launch["launcher"] == "local" and detach:
+        raise GradlabError("--detach needs a cluster launcher (--launcher slurm or submitit-local)")
+    if launch["launcher"] != "local" and jobs > 1:
+        raise GradlabError("--jobs is for --launcher local; a cluster runs the array's jobs at once "
+                           "(--array-parallelism caps them)")
+    if detach and len(stages) > 1:
+        raise GradlabError(f"{file}: --detach submits one stage; this file has {len(stages)} "
+                           f"(a later stage needs the runs of the one before)")
     plans = check_experiment(file, stages, runs_dir)
     counts = runs_per_stage(stages)
     total = sum(counts)
@@ -64,7 +81,8 @@ def command(
                                f"pass --yes to start them")
         if not typer.confirm(f"Start {total:,} runs?", default=False):
             raise typer.Exit(1)
-    _run_all(file, stages, plans, total, resume=resume, fail_fast=fail_fast)
+    _run_all(file, stages, plans, total, resume=resume, fail_fast=fail_fast, jobs=jobs, launch=launch,
+             detach=detach)
 
 
 def check_experiment(file: Path, stages: list, runs_dir: Optional[Path]) -> list[list[Planned]]:
@@ -132,26 +150,35 @@ def _list_runs(stages: list, plans: list) -> None:
             console.print(f"{n}. {escape(_what(stage, plan, None) + on)}", highlight=False)
 
 
-def _run_all(file: Path, stages: list, plans: list, total: int, *, resume: bool, fail_fast: bool) -> None:
+def _run_all(file: Path, stages: list, plans: list, total: int, *, resume: bool, fail_fast: bool, jobs: int = 1,
+             launch: Optional[dict] = None, detach: bool = False) -> None:
     import pandas as pd
     from rich.markup import escape
 
     from gradlab.training.experiment import PREVIOUS, EarlierRuns, log_hparams
     from gradlab_cli._checks import checker, deep_check
     from gradlab_cli._child import Children
+    from gradlab_cli._sweep import Task
 
+    launch = launch or {"launcher": "local"}
     done = EarlierRuns() if resume else None
-    results, previous, n, stop = [], [None], 0, False
+    results, previous, n = [], [None], 0
     with tempfile.TemporaryDirectory(prefix="gradlab-exp-") as tmp, Children() as children, \
             _Bar(total) as bar:
+        runner = _runner(children, jobs, launch, file, plans, detach, fail_fast)
+        cfg_dir = Path(tmp) if launch["launcher"] == "local" else runner.folder / "configs"
+        cfg_dir.mkdir(exist_ok=True)
+
+        def on_start(task: Task) -> None:
+            console.print(f"[bold]{task.n}.[/bold] {escape(task.what)}"
+                          + (f" (continuing {escape(task.resumed.name)})" if task.resumed else ""), highlight=False)
+
         for si, (stage, stage_plans) in enumerate(zip(stages, plans), 1):
-            made = []
+            made, tasks = {}, []
             sources = previous if stage.base.get("run") == PREVIOUS else [None]
             check = checker(stage.command) if done is not None and sources != [None] else None
             for source in sources:
                 for plan in stage_plans:
-                    if stop or children.received is not None:
-                        break
                     n += 1
                     cfg = dict(plan.cfg, **({"run": source} if source is not None else {}))
                     what = _what(stage, plan, source)
@@ -160,27 +187,36 @@ def _run_all(file: Path, stages: list, plans: list, total: int, *, resume: bool,
                         resolved = plan.resolved or deep_check(stage.command, check(stage.args, cfg))
                         earlier = done.take("-".join(stage.command), resolved)
                         if earlier is not None and earlier[1] == "completed":
-                            made.append(str(earlier[0]))
+                            made[n] = str(earlier[0])
                             results.append({"#": n, "run": what, "status": "completed (earlier run)",
                                             "folder": str(earlier[0]), "error": ""})
                             bar.advance(ran=False)
                             continue
                     resumed = earlier[0] if earlier is not None else None  # an interrupted train run
-                    console.print(f"[bold]{n}.[/bold] {escape(what)}"
-                                  + (f" (continuing {escape(resumed.name)})" if resumed else ""), highlight=False)
-                    status, path, err = _run_one(children, stage, cfg, Path(tmp) / f"{n}.yaml", resumed)
+                    tasks.append(Task(n, what, _argv(stage, cfg, cfg_dir / f"{n}.yaml", resumed), plan, resumed))
+            try:
+                for task, (status, path, err) in runner.run(tasks, on_start):
                     if children.received is not None:
                         status = "interrupted"
-                    results.append({"#": n, "run": what, "status": status, "folder": path or "", "error": err})
+                    results.append({"#": task.n, "run": task.what, "status": status, "folder": path or "",
+                                    "error": err})
                     bar.advance(ran=True)
                     if path:
-                        made.append(path)
+                        made[task.n] = path
                         if stage.sweep and stage.command != ["train"]:  # a train run logs its own
-                            _hparams(log_hparams, path, {k: plan.combo[k] for k in stage.sweep})
+                            _hparams(log_hparams, path, {k: task.plan.combo[k] for k in stage.sweep})
                     if status != "completed" and fail_fast:
-                        stop = True
-            previous = made
-    df = pd.DataFrame(results, columns=["#", "run", "status", "folder", "error"])
+                        runner.stop()
+            except KeyboardInterrupt:  # only a cluster launcher's wait lets a Ctrl-C through
+                runner.cancel()
+                raise
+            previous = [made[k] for k in sorted(made)]
+            if runner.stopped or children.received is not None:
+                break
+        if detach:
+            _detached(runner, len(tasks))
+            return
+    df = pd.DataFrame(sorted(results, key=lambda r: r["#"]), columns=["#", "run", "status", "folder", "error"])
     render_table(df[["#", "run", "status", "folder"]], title=f"experiment {file}")
     bad = df[~df["status"].str.startswith("completed")]
     for row in bad.itertuples(index=False):
@@ -192,11 +228,40 @@ def _run_all(file: Path, stages: list, plans: list, total: int, *, resume: bool,
                           f"started; `gradlab run {file} --resume` skips the completed ones and continues "
                           f"an interrupted train run", highlight=False)
         raise typer.Exit(children.exit_code)
-    if stop and left:
+    if runner.stopped and left:
         err_console.print(f"gradlab: --fail-fast: stopped at the first run that did not complete; {left:,} of "
                           f"{total:,} runs not started", highlight=False)
     if len(bad):
         raise typer.Exit(1)
+
+
+def _runner(children, jobs: int, launch: dict, file: Path, plans: list, detach: bool, fail_fast: bool):
+    """The :mod:`gradlab_cli._sweep` runner of this experiment's launcher."""
+    from gradlab_cli._sweep import LocalRunner, SubmititRunner
+
+    if launch["launcher"] == "local":
+        return LocalRunner(children, jobs, fail_fast)
+    from gradlab.training.launch import new_sweep_folder
+
+    import shutil
+
+    runs_dir = next((p.cfg.get("runs_dir") for stage in plans for p in stage if p.cfg.get("runs_dir")), "runs")
+    folder = new_sweep_folder(Path(runs_dir).resolve(), file)
+    try:
+        return SubmititRunner(launch, folder, file, detach=detach)
+    except BaseException:  # no cluster here: leave nothing behind
+        shutil.rmtree(folder, ignore_errors=True)
+        for empty in (folder.parent, folder.parent.parent):
+            try:
+                empty.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _detached(runner, count: int) -> None:
+    console.print(f"submitted {count:,} job{'s' if count != 1 else ''} ({runner.opts['launcher']}); "
+                  f"`gradlab runs` shows them; submitit's logs: {runner.folder}", highlight=False)
 
 
 def _signal_name(signum: int) -> str:
@@ -205,32 +270,19 @@ def _signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-def _run_one(children, stage, cfg: dict, cfg_path: Path, resume: Optional[Path] = None):
-    """Run one combination in its own process (``resume``: continue this interrupted train run
-    from its checkpoint); ``(status, run folder or None, last error line)``."""
+def _argv(stage, cfg: dict, cfg_path: Path, resume: Optional[Path] = None) -> list:
+    """The gradlab command line of one combination (``resume``: continue this interrupted train
+    run from its checkpoint); its options go in a config file at ``cfg_path``."""
     import yaml
 
     if resume is not None:
-        argv = ["train", "--resume", str(resume.resolve())]
-    else:
-        cfg = dict(cfg)
-        extra = []
-        if "run" in cfg and stage.command[0] in ("attack", "simplex", "probe"):
-            extra = ["--run", str(cfg.pop("run"))]  # the source run is a flag of each (simplex has no key)
-        cfg_path.write_text(yaml.safe_dump(cfg))
-        argv = [*stage.command, *stage.args, *extra, "--config", str(cfg_path)]
-    code, out, err = children.run([sys.executable, "-m", "gradlab", *argv, "--quiet"])
-    path = None
-    for line in out.splitlines():
-        if line.startswith("run: "):
-            path = line[5:].strip()
-    err = err.strip().splitlines()[-1] if err.strip() else ""
-    status = "completed" if code == 0 else "failed"
-    if path:
-        from gradlab.training.experiment import run_status
-
-        status = run_status(Path(path)) or status
-    return status, path, err
+        return ["train", "--resume", str(resume.resolve())]
+    cfg = dict(cfg)
+    extra = []
+    if "run" in cfg and stage.command[0] in ("attack", "simplex", "probe"):
+        extra = ["--run", str(cfg.pop("run"))]  # the source run is a flag of each (simplex has no key)
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    return [*stage.command, *stage.args, *extra, "--config", str(cfg_path)]
 
 
 def _hparams(log_hparams, path: str, hparams: dict) -> None:

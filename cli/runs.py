@@ -32,8 +32,10 @@ def command(
     df = runs_table(runs_dir)
     if command_filter:
         df = df[df["command"] == command_filter]
+    waiting = _sweep_jobs(runs_dir)
     if df.empty:
-        console.print(f"no runs under {runs_dir}")
+        if not waiting:
+            console.print(f"no runs under {runs_dir}")
         return
     chosen = _parse_columns(columns, df)
     if csv is not None:
@@ -53,6 +55,27 @@ def command(
         err_console.print(f"gradlab: note: run {row.run_id} is corrupt: {problem}", highlight=False, soft_wrap=True)
     if csv is not None:
         console.print(f"wrote {csv}")
+
+
+def _sweep_jobs(runs_dir: Path) -> int:
+    """The queued and running jobs of the sweeps submitted into ``runs_dir`` (``gradlab run
+    --launcher slurm --detach``), one table; how many there are."""
+    import pandas as pd
+
+    from gradlab.training.launch import sweep_jobs
+
+    jobs = pd.DataFrame(sweep_jobs(runs_dir), columns=["sweep", "job_id", "what", "state", "path"])
+    waiting = jobs[jobs["state"].isin(["queued", "running"])]
+    if not waiting.empty:
+        from rich.markup import escape
+
+        waiting = waiting.assign(what=waiting["what"].map(escape))
+        out = _console()
+        ended = len(jobs) - len(waiting)
+        title = f"sweep jobs not ended in {runs_dir} ({ended:,} of {len(jobs):,} ended)"
+        out.print(fit_table(waiting[["job_id", "what", "state", "sweep"]], title=title, width=out.width), crop=False)
+        out.print()
+    return len(waiting)
 
 
 def _parse_columns(text: Optional[str], df) -> Optional[list]:

@@ -24,6 +24,7 @@ from gradlab.core.config import load_yaml, normalise_keys
 from gradlab.core.errors import GradlabError
 
 PREVIOUS = "@previous"
+LAUNCHER_KEY = "launcher"  # a top-level mapping: where the runs execute, not an option of a command
 RESERVED = {"command", "args", "sweep"}  # a stage's own `steps: 25` is the command's --steps
 
 
@@ -77,8 +78,9 @@ def _parse_stage(doc: dict, where: str) -> Stage:
 
 
 def load_experiment(path: str | Path) -> list[Stage]:
-    """Parse an experiment file into stages; mistakes name the file and the stage."""
-    doc = load_yaml(path)
+    """Parse an experiment file into stages; mistakes name the file and the stage. The file's
+    ``launcher:`` mapping says where the runs execute (:func:`experiment_launcher`)."""
+    doc = {k: v for k, v in load_yaml(path).items() if k != LAUNCHER_KEY}
     if isinstance(doc.get("steps"), list):  # a list of stages (a number is a command option)
         steps = doc["steps"]
         if not steps:
@@ -94,6 +96,32 @@ def load_experiment(path: str | Path) -> list[Stage]:
     if stages[0].base.get("run") == PREVIOUS:
         raise GradlabError(f"{path}: the first stage cannot use run: {PREVIOUS}")
     return stages
+
+
+def experiment_launcher(path: str | Path, flags: dict | None = None) -> dict:
+    """Where the runs of an experiment execute: the file's ``launcher:`` mapping (a name, or
+    ``{launcher: slurm, partition: gpu, time: 120, gpus_per_job: 1, ...}``) under the flags
+    typed (``None``: not typed), checked against
+    :data:`gradlab.training.launch.LAUNCHER_OPTIONS`.
+
+        launcher: {launcher: slurm, partition: gpu, time: 30}
+    """
+    from gradlab.training.launch import LAUNCHER_OPTIONS
+
+    given = load_yaml(path).get(LAUNCHER_KEY) or {}
+    if isinstance(given, str):
+        given = {"launcher": given}
+    if not isinstance(given, dict):
+        raise GradlabError(f"{path}: 'launcher' must be a launcher name or a mapping of its options")
+    given = normalise_keys(given)
+    if "name" in given and "launcher" not in given:  # `launcher: {name: slurm}` reads naturally too
+        given["launcher"] = given.pop("name")
+    try:
+        resolved = LAUNCHER_OPTIONS.resolve(given, owner="launcher")
+    except GradlabError as e:
+        raise GradlabError(f"{path}: {e}") from None
+    typed = {k: v for k, v in (flags or {}).items() if v is not None}
+    return LAUNCHER_OPTIONS.resolve({**given, **typed}, owner="launcher")
 
 
 def runs_per_stage(stages: list[Stage]) -> list[int]:
