@@ -58,12 +58,40 @@ def start_run(command: str, cfg: Mapping[str, Any], enabled: bool = True):
     """Create the run folder for ``command`` from a resolved config (validated beforehand)."""
     from gradlab.runs.folder import RunDir
 
-    return RunDir.create(cfg["runs_dir"], command, cfg.get("name"), cfg, argv=sys.argv, enabled=enabled)
+    run = RunDir.create(cfg["runs_dir"], command, cfg.get("name"), cfg, argv=sys.argv, enabled=enabled)
+    try:
+        attach_loggers(run, cfg)
+    except BaseException:  # the tracking store cannot be used: a usage error, no run folder
+        import shutil
+
+        shutil.rmtree(run.path, ignore_errors=True)
+        raise
+    return run
+
+
+def attach_loggers(run, cfg: Mapping[str, Any]) -> None:
+    """The mirrors of a run folder that ``--logger`` asks for (an MLflow run)."""
+    if not run.enabled or cfg.get("logger", "tensorboard") != "mlflow":
+        return
+    import logging
+
+    from gradlab.runs.mlflow_sink import MLflowSink
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines about creating tables
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    run.attach(MLflowSink.start(run.path, run.command, cfg, uri=cfg.get("mlflow_uri")))
+
+
+def report_sink_errors(run) -> None:
+    """One stderr line per mirror that stopped during the run (the run folder is complete)."""
+    for message in getattr(run, "sink_errors", []):
+        err_console.print(f"gradlab: note: {message}", highlight=False, soft_wrap=True)
 
 
 def finish_and_print(run, status: str = "completed", metrics: Optional[Mapping[str, Any]] = None) -> None:
     """Write summary.csv and print ``run: <path>``: the last line of every run-making command."""
     run.finish(status, metrics)
+    report_sink_errors(run)
     if run.enabled:
         print(f"run: {run.path}", flush=True)
 

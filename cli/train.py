@@ -13,6 +13,7 @@ from gradlab_cli._common import (
     ConfigOpt,
     QuietOpt,
     TrustCodeOpt,
+    attach_loggers,
     console,
     err_console,
     finish_and_print,
@@ -115,6 +116,7 @@ def command(
             check_writable(path, "run folder")
         with _one_line_on_write_error(path):
             run = RunDir.reopen(path, ckpt["step"]) if rank0 else RunDir(path, "train", enabled=False)
+        attach_loggers(run, cfg)  # the same MLflow run goes on (its id is in the folder)
     else:
         validate_train_config(cfg)  # what needs more than one value: the --probe spec
         if rank0:

@@ -64,6 +64,8 @@ class RunDir:
         self._purge_step = purge_step  # for the SummaryWriter of a resumed run
         self._metrics = MetricsCSV(self.path / "metrics.csv")
         self._checkpoints = CheckpointWriter()
+        self.sinks: list = []  # e.g. gradlab.runs.mlflow_sink.MLflowSink: mirrors of the records
+        self.sink_errors: list[str] = []  # why a mirror stopped (the run goes on without it)
 
     # -- creation --------------------------------------------------------------------------
     @classmethod
@@ -137,6 +139,22 @@ class RunDir:
         }
         _atomic_write_text(self.path / "config.yaml", yaml.safe_dump(doc, sort_keys=False))
 
+    # -- mirrors ---------------------------------------------------------------------------
+    def attach(self, sink) -> None:
+        """Mirror this folder's metric rows and, at :meth:`finish`, its files to ``sink`` (an
+        object with ``log_metrics(step, {tag: value}, wall)`` and ``finish(status, folder)``)."""
+        if self.enabled:
+            self.sinks.append(sink)
+
+    def _to_sinks(self, method: str, *args) -> None:
+        for sink in list(self.sinks):
+            try:
+                getattr(sink, method)(*args)
+            except Exception as e:  # a mirror that fails never stops the run: it is dropped
+                self.sinks.remove(sink)
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                self.sink_errors.append(f"{type(sink).__name__} stopped: {first}")
+
     # -- logging ---------------------------------------------------------------------------
     @property
     def tb(self):
@@ -154,6 +172,8 @@ class RunDir:
         self._metrics.write(step, epoch, split, metrics, now)
         summary = scalars_summary((f"{split}/{m}", v) for m, v in metrics.items())
         self.tb.file_writer.add_summary(summary, step, now)
+        if self.sinks:
+            self._to_sinks("log_metrics", step, {f"{split}/{m}": v for m, v in metrics.items()}, now)
 
     def step_logger(self, split: str, metrics: list) -> Callable[..., None]:
         """``log(step, epoch, *values)``: :meth:`log_metrics` for the metric names given here."""
@@ -241,6 +261,7 @@ class RunDir:
             w.writerow(row)
             w.writerow(_plain(v) for v in row.values())
             _atomic_write_text(self.path / "summary.csv", buf.getvalue())
+            self._to_sinks("finish", status, self.path)
         self.close()
 
     def close(self) -> None:

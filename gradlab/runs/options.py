@@ -11,7 +11,12 @@ NAME = Option("name", str, None, "suffix for the run folder name (letters, digit
 SEED = Option("seed", int, 0, "random seed: data split, initialisation, noise, random starts", low=0)
 DEVICE = Option("device", str, "auto", "where to compute (auto: cuda when there is one)", choices=DEVICES)
 
-#: runs_dir, name, seed, device.
-RUN_OPTIONS = Options(RUNS_DIR, NAME, SEED, DEVICE)
+LOGGER = Option("logger", str, "tensorboard", "records besides the run folder's own: tensorboard (none), or "
+                "mlflow (also an MLflow run: parameters, metrics, CSVs and plots)", choices=("tensorboard", "mlflow"))
+MLFLOW_URI = Option("mlflow_uri", str, None, "MLflow tracking store for --logger mlflow (default: "
+                    "$MLFLOW_TRACKING_URI, else sqlite:///RUNS/mlflow.db)", label="mlflow-uri")
 
-__all__ = ["DEVICE", "NAME", "RUNS_DIR", "RUN_OPTIONS", "SEED"]
+#: runs_dir, name, seed, device, logger, mlflow_uri.
+RUN_OPTIONS = Options(RUNS_DIR, NAME, SEED, DEVICE, LOGGER, MLFLOW_URI)
+
+__all__ = ["DEVICE", "LOGGER", "MLFLOW_URI", "NAME", "RUNS_DIR", "RUN_OPTIONS", "SEED"]

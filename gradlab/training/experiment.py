@@ -144,7 +144,7 @@ def eta_seconds(elapsed: float, ran: int, remaining: int) -> float | None:
 
 # -- --resume: which combinations have a completed run already ---------------------------------
 # Keys that say where a run lives or what it is called, not what it computes.
-NOT_COMPARED = ("runs_dir", "name", "data_dir", "device")
+NOT_COMPARED = ("runs_dir", "name", "data_dir", "device", "logger", "mlflow_uri")
 # Keys holding a run folder: compared as resolved paths.
 PATH_KEYS = ("run", "run_a", "run_b", "source_run")
 
