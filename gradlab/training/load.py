@@ -166,5 +166,15 @@ def _raised_in(exc: BaseException, function: str, module: str) -> bool:
     return False
 
 
-__all__ = ["LoadedRun", "RESUME_KEYS", "ResumePoint", "check_code_trust", "load_run", "load_weights",
+def legacy_callback_states(ckpt: dict) -> dict:
+    """Callback states from a checkpoint written before training callbacks existed."""
+    history = ckpt.get("history", {})
+    states = {"events": {"events": ckpt.get("events", [])},
+              "evaluation": {"last": ckpt.get("last_epoch_metrics", {}), "steps_to_target": history.get("steps_to_95")}}
+    if "lambda_max" in history:
+        states["probe/hessian"] = {"last": {k: history[k] for k in ("lambda_max", "trace") if k in history}}
+    return states
+
+
+__all__ = ["LoadedRun", "legacy_callback_states", "RESUME_KEYS", "ResumePoint", "check_code_trust", "load_run", "load_weights",
            "open_resume", "resume_trainer"]

@@ -19,6 +19,7 @@ same metrics as an uninterrupted one.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -31,7 +32,9 @@ from gradlab.training.callbacks import Callback, EpochInfo, Progress, StepInfo, 
 from gradlab.training.callbacks.base import gradient_norms, overrides, sort_callbacks
 from gradlab.training.callbacks.metrics import evaluate
 from gradlab.training.interrupts import DeferredInterrupt, signal_name
+from gradlab.training.load import legacy_callback_states
 from gradlab.training.options import TRAIN_OPTIONS, train_defaults, validate_train_config
+from gradlab.training.precision import Precision
 
 _HOOKS = ("on_fit_start", "transform_loss", "on_loss", "on_gradients", "on_step_end", "on_epoch_end",
           "on_epoch_report", "summarize", "on_fit_end")
@@ -109,6 +112,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg["opt"], self.params, **opt_opts)
         self.closure_step = bool(getattr(self.optimizer, "needs_loss_closure", False))
+        self.precision = Precision(cfg.get("precision", "fp32"), device, self.closure_step)
         self.sampler = GlobalBatchSampler(len(self.x_train), cfg["batch_size"], cfg["seed"],
                                           self.dist.rank, self.dist.world_size)
         self.total_steps = cfg["epochs"] * len(self.sampler)
@@ -158,6 +162,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "epoch_sums": list(self.epoch_sums),
             "callbacks": {cb.key: s for cb in self.callbacks if (s := cb.state_dict())},
+            **self.precision.state_dict(),
         }
 
     def _load_state(self, ckpt: dict) -> None:
@@ -167,7 +172,8 @@ class Trainer:
         _set_rng_state(ckpt["rng"])
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         self.epoch_sums = list(ckpt["epoch_sums"])
-        states = ckpt["callbacks"] if "callbacks" in ckpt else _legacy_callback_states(ckpt)
+        self.precision.load_state_dict(ckpt)
+        states = ckpt["callbacks"] if "callbacks" in ckpt else legacy_callback_states(ckpt)
         for cb in self.callbacks:
             cb.load_state_dict(states.get(cb.key, {}))
 
@@ -191,10 +197,11 @@ class Trainer:
         return F.cross_entropy(out, yb, reduction="sum") * (self.dist.world_size / n_global)
 
     def _loss(self, xb, yb, n_global):
-        out = self.net(xb)
-        loss = self.batch_loss(out, yb, n_global)
-        for cb in self._transforms:
-            loss = cb.transform_loss(self, xb, yb, out, loss, n_global)
+        with self.precision.autocast():
+            out = self.net(xb)
+            loss = self.batch_loss(out, yb, n_global)
+            for cb in self._transforms:
+                loss = cb.transform_loss(self, xb, yb, out, loss, n_global)
         value = loss.item()
         for cb in self._loss_checks:  # before any backward or update
             cb.on_loss(self, value)
@@ -220,9 +227,7 @@ class Trainer:
             self._check_gradients()  # the optimizer took its own gradients (p.grad) inside step
         else:
             loss, loss_value, out = self._loss(xb, yb, n_global)
-            loss.backward()
-            self._check_gradients()
-            optimizer.step()
+            self.precision.backward_and_step(loss, optimizer, self._check_gradients)
         # Correct predictions are counted in bulk (_count_correct): keep this step's logits.
         self._outputs.append((out, yb))
         return loss_value * n_global / self.dist.world_size, out
@@ -231,6 +236,8 @@ class Trainer:
         if self._grad_checks:
             # kept for this step's StepInfo: the callbacks that log the norms do not compute them again
             self._step_norms = gradient_norms(self.params)
+            if self.precision.scaler is not None and not math.isfinite(self._step_norms[0]):
+                return  # fp16 overflow: the scaler skips this step (not a divergence)
             for cb in self._grad_checks:
                 cb.on_gradients(self, self._step_norms[0])
 
@@ -391,16 +398,6 @@ class Trainer:
             self.run.wait_checkpoints()
             for cb in hooks["on_epoch_report"]:
                 cb.on_epoch_report(self, info)
-
-
-def _legacy_callback_states(ckpt: dict) -> dict:
-    """Callback states from a checkpoint written before training callbacks existed."""
-    history = ckpt.get("history", {})
-    states = {"events": {"events": ckpt.get("events", [])},
-              "evaluation": {"last": ckpt.get("last_epoch_metrics", {}), "steps_to_target": history.get("steps_to_95")}}
-    if "lambda_max" in history:
-        states["probe/hessian"] = {"last": {k: history[k] for k in ("lambda_max", "trace") if k in history}}
-    return states
 
 
 def train(cfg: dict, run, progress: Optional[Callable] = None, resume: Optional[dict] = None,

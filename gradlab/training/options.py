@@ -39,6 +39,8 @@ TRAIN_OPTIONS = Options(
                                   "the same as --probe gradnorm:every=N", low=0, label="probe-every"),
     Option("probe", str, None, "probes during training, comma-separated NAME:every=N[:KEY=VALUE...], "
                                "e.g. hessian:every=100,gradnorm:every=50"),
+    Option("precision", str, "fp32", "arithmetic of the forward and backward passes: fp32, bf16 (autocast), or "
+           "fp16 (autocast with a gradient scaler for first-order optimizers)", choices=("fp32", "bf16", "fp16")),
     Option("adv", str, None, "adversarial training with this attack: fgsm, pgd, or any registered attack that "
                              "declares itself trainable"),
     Option("adv_eps", float, 0.1, "adversarial training budget (L-inf, pixel units)", low=0, low_open=True,
