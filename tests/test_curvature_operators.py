@@ -277,7 +277,7 @@ def kfac_reference(model, x, y, fisher_type):
         o, k1 = G.shape[0], A.shape[0]
         # vec(W_bar) row-major -> the flat layout: W's entries (o * K + k), then the bias (o)
         perm = [r * k1 + c for r in range(o) for c in range(k1 - 1)] + [r * k1 + k1 - 1 for r in range(o)]
-        blocks.append(torch.kron(G, A)[perm][:, perm])
+        blocks.append(torch.kron(G.contiguous(), A.contiguous())[perm][:, perm])  # einsum may return a strided G
     return torch.block_diag(*blocks)
 
 
