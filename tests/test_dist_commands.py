@@ -98,3 +98,18 @@ def test_a_dead_rank_ends_an_attack_with_one_line(tmp_path, trained):
     (folder,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
     assert pd.read_csv(folder / "summary.csv").iloc[0]["status"] == "failed"
     assert time.time() - t0 < 120  # no collective timeout (30 minutes by default)
+
+
+def test_probe_gradnorm_splits_the_batches(capsys, tmp_path, trained):
+    runs, run = trained
+    one, two = _both(capsys, tmp_path, runs, "probe", "gradnorm", "--run", run, "--batches", "3", "--batch-size", "32")
+    a, b = (pd.read_csv(d / "gradnorm.csv") for d in (one, two))
+    pd.testing.assert_frame_equal(a, b, rtol=1e-9)  # the same batches, gathered in order
+
+
+def test_probe_jacobian_splits_the_examples(capsys, tmp_path, trained):
+    runs, run = trained
+    one, two = _both(capsys, tmp_path, runs, "probe", "jacobian", "--run", run, "--examples", "9")
+    for name in ("jacobian.csv", "jacobian_summary.csv"):
+        a, b = (pd.read_csv(d / name) for d in (one, two))
+        pd.testing.assert_frame_equal(a, b, rtol=1e-6, atol=1e-9)
