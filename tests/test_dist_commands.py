@@ -113,3 +113,11 @@ def test_probe_jacobian_splits_the_examples(capsys, tmp_path, trained):
     for name in ("jacobian.csv", "jacobian_summary.csv"):
         a, b = (pd.read_csv(d / name) for d in (one, two))
         pd.testing.assert_frame_equal(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_simplex_splits_the_sample_points(capsys, tmp_path, trained):
+    runs, run = trained
+    one, two = _both(capsys, tmp_path, runs, "simplex", "--run", run, "--vertices", "2", "--epochs", "1",
+                     "--samples", "5", "--bn-batches", "1")
+    a, b = (pd.read_csv(d / "simplex.csv") for d in (one, two))
+    pd.testing.assert_frame_equal(a, b, rtol=1e-6)  # each rank trains the same vertices, then half the points
