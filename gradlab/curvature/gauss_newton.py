@@ -243,11 +243,12 @@ def gauss_newton_trace(op: HessianOperator, num_samples: int = 20, *, seed: Opti
         b = _Batch(op, i)
         total += w * b.gauss_newton_trace()
         if not exact:
-            s = b.residual_samples(num_samples, gen)
+            m = num_samples * op.merged_counts[i]  # the budget is per given batch, merged or not
+            s = b.residual_samples(m, gen)
             mean, se = _mean_stderr(s)
             total += w * mean
             var += (w * se) ** 2
-            used += num_samples
+            used += m
         del b
     if exact:
         return TraceResult(total, 0.0, 0, "gauss-newton (exact)")
