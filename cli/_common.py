@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -52,6 +53,35 @@ def is_rank0() -> bool:
     import os
 
     return os.environ.get("RANK", "0") == "0"
+
+
+@contextmanager
+def distributed(device_type: str):
+    """Join torchrun's process group for a command (a no-op for one process), yield its
+    :class:`~gradlab.core.distributed.DistInfo`, and leave it at the end (:func:`rank_failures`)."""
+    from gradlab.core.distributed import init_from_env
+
+    info = init_from_env(device_type)
+    with rank_failures():
+        yield info
+
+
+@contextmanager
+def rank_failures():
+    """Leave the process group (if any) at the end; a collective that fails because another
+    rank exited ends this rank with one line naming it (exit 1), no traceback."""
+    from gradlab.core.distributed import current, rank_failure_message, shutdown
+
+    try:
+        yield
+    except RuntimeError as exc:
+        message = rank_failure_message(exc, current(), kept="its run folder (rank 0's) is marked failed")
+        if message is None:
+            raise
+        err_console.print(f"gradlab: {message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    finally:
+        shutdown(current())
 
 
 def start_run(command: str, cfg: Mapping[str, Any], enabled: bool = True):

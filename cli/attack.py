@@ -25,6 +25,7 @@ from gradlab_cli._common import (
     RunRefOpt,
     TrustCodeOpt,
     console,
+    distributed,
     finish_and_print,
     parse_float_list,
     render_table,
@@ -86,20 +87,30 @@ def _command(
     cfg, eps_list = resolve_attack(attack, [(f"in {config}", file_cfg), ("", typed)],
                                    eps if eps is not None else file_eps)
     from gradlab.attacks import attack_options
-    from gradlab.attacks.base import DROPOUTS
-    from gradlab.core.budgets import check_eps, check_target_class
 
     # The attack takes its declared options; its seed is the run's (the same key).
     opts = {k: cfg[k] for k in attack_options(attack).names()}
 
-    import torch
-
     from gradlab.core.device import resolve_device
+    from gradlab.core.distributed import rank_device
     from gradlab.runs.records import find_run
-    from gradlab.training.load import load_run
 
     source = find_run(cfg["runs_dir"], cfg["run"], require_checkpoint=True)
     dev = resolve_device(cfg["device"])
+    with distributed(dev.type) as info:
+        _attack(source, rank_device(dev, info), info, attack, eps_list, cfg, opts, quiet or not info.is_main,
+                trust_code)
+
+
+def _attack(source, dev, info, attack, eps_list, cfg, opts, quiet, trust_code) -> None:
+    """Load, check, attack (under torchrun: this rank's batches) and, on rank 0, write the run."""
+    import torch
+
+    from gradlab.attacks.base import DROPOUTS
+    from gradlab.core.budgets import check_eps, check_target_class
+    from gradlab.core.errors import GradlabError
+    from gradlab.training.load import load_run
+
     loaded = load_run(str(source), cfg["runs_dir"], device=dev, trust_code=trust_code)
     data = loaded.data
     x, y = data.x_test, data.y_test
@@ -114,13 +125,14 @@ def _command(
     cfg["run"] = str(source)
     torch.manual_seed(cfg["seed"])
 
-    run_dir = start_run("attack", {**cfg, "eps": eps_list})
+    run_dir = start_run("attack", {**cfg, "eps": eps_list}, enabled=info.is_main)
     with run_dir:
-        result = _sweep_with_progress(loaded.model, x, y, attack, eps_list, cfg, opts, quiet)
+        result = _sweep_with_progress(loaded.model, x, y, attack, eps_list, cfg, opts, quiet, info)
         table = result.table
         run_dir.write_csv("attack.csv", table)
-        _log(run_dir, result, attack, cfg)
-        if cfg["save_adv"]:
+        if run_dir.enabled:  # rank 0 only under torchrun: the others have no folder to draw into
+            _log(run_dir, result, attack, cfg)
+        if cfg["save_adv"] and run_dir.enabled:
             _save_npz(run_dir.path / "adversarial.npz", result, eps_list)
         has_dropout = any(isinstance(m, DROPOUTS) for m in loaded.model.modules())
         mode = "eval mode (BatchNorm on running statistics, dropout off)"
@@ -181,13 +193,13 @@ def _eps_list(value) -> list:
     return list(dict.fromkeys(vals))  # a repeated value is attacked once
 
 
-def _sweep_with_progress(model, x, y, attack, eps_list, cfg, opts, quiet):
+def _sweep_with_progress(model, x, y, attack, eps_list, cfg, opts, quiet, info):
     from gradlab.attacks.report import robustness_sweep
 
     keep = cfg["save_adv"] or cfg["grid"] > 0
     args = (model, x, y, attack, eps_list, cfg["batch_size"])
     if quiet or not sys.stdout.isatty():
-        return robustness_sweep(*args, keep_adv=keep, **opts)
+        return robustness_sweep(*args, keep_adv=keep, dist=info, **opts)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     total = x.shape[0] * len(eps_list)
@@ -201,7 +213,7 @@ def _sweep_with_progress(model, x, y, attack, eps_list, cfg, opts, quiet):
         def progress(e, done, n):
             bar.update(task, completed=order[e] * n + done, eps=f"{e:g}")
 
-        return robustness_sweep(*args, keep_adv=keep, progress=progress, **opts)
+        return robustness_sweep(*args, keep_adv=keep, progress=progress, dist=info, **opts)
 
 
 def _log(run_dir, result, attack: str, cfg: dict) -> None:

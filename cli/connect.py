@@ -7,6 +7,7 @@ from typing_extensions import Annotated
 
 from gradlab_cli._common import (
     RUN_PANEL,
+    rank_failures,
     ConfigOpt,
     QuietOpt,
     TrustCodeOpt,
@@ -52,6 +53,8 @@ def command(
     from gradlab.training.load import load_run
 
     cfg = resolve_command(_options(), config, flags, command="connect")
+    from gradlab.core.distributed import init_from_env
+
     dev = resolve_device(cfg["device"])
     a = load_run(run_a, cfg["runs_dir"], device=dev, trust_code=trust_code)
     b = load_run(run_b, cfg["runs_dir"], device=dev, trust_code=trust_code)
@@ -66,7 +69,9 @@ def command(
     eval_batches = make_batches(ex, ey, 512, None, dev)
     bn = make_batches(data.x_train, data.y_train, 512, cfg["bn_batches"], dev)
 
-    with start_run("connect", cfg) as rd:
+    info = init_from_env(dev.type)  # under torchrun: every rank trains, the points are split, rank 0 writes
+    quiet = quiet or not info.is_main
+    with rank_failures(), start_run("connect", cfg, enabled=info.is_main) as rd:
         def on_epoch(epoch: int, rec: dict) -> None:
             rd.log_metrics(epoch, epoch, "curve_train", {k: v for k, v in rec.items() if k != "t"})
             if not quiet:
@@ -76,7 +81,7 @@ def command(
                                  lr=cfg["lr"], batch_size=cfg["batch_size"], seed=cfg["seed"], device=dev,
                                  on_epoch=on_epoch)
         table, metrics = evaluate_paths(a.model, wa, wb, bend, eval_batches, bn, kind=cfg["curve"],
-                                        points=cfg["points"])
+                                        points=cfg["points"], dist=info)
         rd.write_csv("connect.csv", table)
         rd.write_csv("connect_train.csv", pd.DataFrame(hist))
         if rd.enabled:

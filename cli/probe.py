@@ -20,7 +20,8 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 from typing_extensions import Annotated
 
-from gradlab_cli._common import ConfigOpt, QuietOpt, RUN_PANEL, TrustCodeOpt, console, err_console, finish_and_print, render_table, start_run
+from gradlab_cli._common import (ConfigOpt, QuietOpt, RUN_PANEL, TrustCodeOpt, console, err_console, finish_and_print,
+                                 rank_failures, render_table, start_run)
 
 SOURCE_PANEL = "Model source"
 
@@ -121,23 +122,28 @@ def run_probe(name: str, flags: dict, config_file, quiet: bool) -> None:
     from gradlab.core.options import Options
     from gradlab.runs.trust import TRUST_CODE
 
-    prepared = prepare_probe(name, sources, extra=_name_option() + Options(TRUST_CODE))
-    for note in prepared.ctx.notes:
-        err_console.print(f"gradlab: note: {note}", highlight=False)
-
-    run_dir = start_run(f"probe-{name}", prepared.config)
-    with run_dir:
-        with _Progress(quiet) as bar:
-            prepared.ctx.progress = bar
-            report = prepared.run()
-        write_report(run_dir, name, report)
-        for note in report.notes:
+    with rank_failures():  # under torchrun prepare_probe joins the process group
+        prepared = prepare_probe(name, sources, extra=_name_option() + Options(TRUST_CODE))
+        main = prepared.ctx.dist is None or prepared.ctx.dist.is_main
+        quiet = quiet or not main
+        for note in prepared.ctx.notes if main else ():
             err_console.print(f"gradlab: note: {note}", highlight=False)
-        if not quiet:
-            render_table(report.table if report.view is None else report.view, title=report.title or name)
-        for line in report.summary_lines:
-            console.print(line, highlight=False)
-        finish_and_print(run_dir, "completed", {**report.metrics, **prepared.ctx.source.description})
+
+        run_dir = start_run(f"probe-{name}", prepared.config, enabled=main)
+        with run_dir:
+            with _Progress(quiet) as bar:
+                prepared.ctx.progress = bar
+                report = prepared.run()
+            write_report(run_dir, name, report)
+            if not main:
+                return
+            for note in report.notes:
+                err_console.print(f"gradlab: note: {note}", highlight=False)
+            if not quiet:
+                render_table(report.table if report.view is None else report.view, title=report.title or name)
+            for line in report.summary_lines:
+                console.print(line, highlight=False)
+            finish_and_print(run_dir, "completed", {**report.metrics, **prepared.ctx.source.description})
 
 
 def write_report(run_dir, name: str, report) -> None:

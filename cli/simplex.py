@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from gradlab_cli._common import (
     RUN_PANEL,
+    rank_failures,
     ConfigOpt,
     QuietOpt,
     RunRefOpt,
@@ -48,6 +49,8 @@ def command(
     from gradlab.training.load import load_run
 
     cfg = {"run": run, **resolve_command(_options(), config, flags, command="simplex")}
+    from gradlab.core.distributed import init_from_env
+
     dev = resolve_device(cfg["device"])
     loaded = load_run(cfg["run"], cfg["runs_dir"], device=dev, trust_code=trust_code)
     model, data = loaded.model, loaded.data
@@ -56,7 +59,9 @@ def command(
     eval_batches = make_batches(ex, ey, 512, None, dev)
     bn = make_batches(data.x_train, data.y_train, 512, cfg["bn_batches"], dev)
 
-    with start_run("simplex", cfg) as rd:
+    info = init_from_env(dev.type)  # under torchrun: every rank trains, the points are split, rank 0 writes
+    quiet = quiet or not info.is_main
+    with rank_failures(), start_run("simplex", cfg, enabled=info.is_main) as rd:
         def on_epoch(vertex: int, epoch: int, rec: dict) -> None:
             step = (vertex - 1) * cfg["epochs"] + epoch
             rd.log_metrics(step, epoch, f"vertex{vertex}", rec)
@@ -68,7 +73,7 @@ def command(
                             volume_reg=cfg["volume_reg"], lr=cfg["lr"], batch_size=cfg["batch_size"],
                             init_scale=cfg["init_scale"], seed=cfg["seed"], device=dev, on_epoch=on_epoch)
         table, metrics = evaluate_simplex(model, res.vertices, eval_batches, bn, samples=cfg["samples"],
-                                          seed=cfg["seed"])
+                                          seed=cfg["seed"], dist=info)
         rd.write_csv("simplex.csv", table)
         rd.write_csv("simplex_train.csv", res.history)
         if rd.enabled:
@@ -84,5 +89,6 @@ def command(
         if not quiet:
             render_table(table, title="simplex points")
             render_table(pd.DataFrame([metrics]), title="simplex summary")
-        print(ensemble_verdict(metrics), flush=True)  # even with --quiet: it says whether the simplex helped
+        if rd.enabled:
+            print(ensemble_verdict(metrics), flush=True)  # even with --quiet: it says whether the simplex helped
         finish_and_print(rd, "completed", {"vertices": cfg["vertices"], **metrics})

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from gradlab.attacks import build_attack
 from gradlab.attacks.base import check_eps, flat_norm
+from gradlab.core.distributed import DistInfo, gather_objects, my_share, sum_over_ranks
 from gradlab.core.errors import GradlabError
 from gradlab.core.modelstate import model_state
 
@@ -86,6 +87,7 @@ def robustness_sweep(
     *,
     keep_adv: bool = True,
     progress: Optional[Callable[[float, int, int], None]] = None,
+    dist: DistInfo = DistInfo(),
     **opts,
 ) -> RobustnessResult:
     """Attack ``x`` (``(N, *input_shape)`` in [0, 1]) with labels ``y`` at every eps.
@@ -96,6 +98,10 @@ def robustness_sweep(
         batch_size: examples per attack call.
         keep_adv: keep the adversarial inputs per eps (for the image grid / ``--save-adv``).
         progress: called as ``progress(eps, done, total)`` after every batch.
+        dist: under ``torchrun`` (:func:`gradlab.core.distributed.current`), each rank attacks the
+            batches ``rank, rank + W, ...`` and the per-example results are summed over ranks, so
+            every rank returns the whole result. Equal to one process when the attack's ``seed``
+            is set (each batch's generator starts from it).
         **opts: attack options (norm, steps, alpha, restarts, random_start, targeted, ...).
     Returns:
         A :class:`RobustnessResult`; ``.table`` has the columns of the module docstring.
@@ -125,20 +131,33 @@ def robustness_sweep(
             targets = clean_logits.argmin(dim=1)
     result = RobustnessResult(table=pd.DataFrame(columns=COLUMNS), x=x, y=y, clean_pred=clean_pred, targets=targets)
     rows = []
+    starts = list(range(0, n, batch_size))
+    mine = [starts[i] for i in my_share(len(starts), dist)]  # under torchrun, this rank's batches
     for eps in eps_list:
         attack = attacks[eps]
-        chunks = []
-        for i in range(0, n, batch_size):
-            chunks.append(attack(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)).cpu())
+        adv = torch.zeros_like(x) if keep_adv else None
+        stats = torch.zeros(4, n, dtype=torch.float64)  # prediction, confidence, linf, l2 per example
+        for done, i in enumerate(mine):
+            xb = x[i : i + batch_size]
+            a = attack(xb.to(device), y[i : i + batch_size].to(device)).cpu()
+            with model_state(model, train=False):
+                pred, conf, _ = _predict(model, a, batch_size, device)
+            d = a - xb
+            stats[:, i : i + len(xb)] = torch.stack([pred.double(), conf.double(), flat_norm(d, "linf").double(),
+                                                     flat_norm(d, "l2").double()])
+            if adv is not None:
+                adv[i : i + len(xb)] = a
             if progress is not None:
-                progress(eps, min(i + batch_size, n), n)
-        adv = torch.cat(chunks)
-        with model_state(model, train=False):
-            adv_pred, adv_conf, _ = _predict(model, adv, batch_size, device)
+                progress(eps, min(sum(min(batch_size, n - j) for j in mine[: done + 1]), n), n)
+        if dist.enabled:  # each example was attacked by one rank, zeros elsewhere: the sums are exact
+            sum_over_ranks(stats, dist)
+            if adv is not None:
+                sum_over_ranks(adv, dist)
+        adv_pred, adv_conf = stats[0].long(), stats[1].float()  # the confidences were float32
+        linf, l2 = stats[2].to(x.dtype), stats[3].to(x.dtype)  # the norms were in the inputs' dtype
         fooled = (adv_pred == targets) if targets is not None else (adv_pred != y)
         # targeted: an example whose label already is the target cannot be pushed there
         eligible = correct & (y != targets) if targets is not None else correct
-        delta = adv - x
         rows.append(
             {
                 "attack": attack_name,
@@ -146,11 +165,11 @@ def robustness_sweep(
                 "clean_acc": correct.float().mean().item(),
                 "robust_acc": (adv_pred == y).float().mean().item(),
                 "success_rate": fooled[eligible].float().mean().item() if bool(eligible.any()) else float("nan"),
-                "mean_linf": flat_norm(delta, "linf").mean().item(),
-                "mean_l2": flat_norm(delta, "l2").mean().item(),
+                "mean_linf": linf.mean().item(),
+                "mean_l2": l2.mean().item(),
                 "mean_confidence": adv_conf.mean().item(),
                 "n": n,
-                **attack.summary(),  # an ensemble's per-member counts (broken_by_*)
+                **_summed(attack.summary(), dist),  # an ensemble's per-member counts (broken_by_*)
             }
         )
         result.adv_pred[eps] = adv_pred
@@ -158,6 +177,14 @@ def robustness_sweep(
             result.adv[eps] = adv
     result.table = pd.DataFrame(rows, columns=COLUMNS + [k for k in rows[0] if k not in COLUMNS])
     return result
+
+
+def _summed(summary: dict, dist: DistInfo) -> dict:
+    """An attack's extra columns (counts over the examples it attacked) summed over ranks."""
+    if not dist.enabled:
+        return summary
+    parts = gather_objects(summary, dist)
+    return {k: sum(p.get(k, 0) for p in parts) for k in parts[0]}
 
 
 def robustness_report(

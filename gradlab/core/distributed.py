@@ -43,6 +43,13 @@ def init_from_env(device_type: str) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def rank_device(device: torch.device, info: DistInfo) -> torch.device:
+    """Each process its own GPU (LOCAL_RANK) under torchrun; the CPU is shared."""
+    if info.enabled and device.type == "cuda":
+        return torch.device("cuda", info.local_rank)
+    return device
+
+
 def shutdown(info: DistInfo) -> None:
     import torch.distributed as dist
 
@@ -58,7 +65,8 @@ _PEER_GONE = ("connection reset by peer", "connection closed by peer", "broken p
               "socket closed", "remote process exited", "nccl communicator was aborted")
 
 
-def rank_failure_message(exc: BaseException, info: DistInfo) -> str | None:
+def rank_failure_message(exc: BaseException, info: DistInfo,
+                         kept: str = "the last checkpoint is kept") -> str | None:
     """One line for a collective that failed because another rank exited (killed, crashed,
     out of memory), or None when ``exc`` is something else or the run is not distributed.
 
@@ -78,7 +86,7 @@ def rank_failure_message(exc: BaseException, info: DistInfo) -> str | None:
     # gloo's message starts with its source position in brackets; the part after it says what happened
     detail = first.split("] ", 1)[-1].split(". ")[0].strip()
     return (f"{who} of {info.world_size} exited: its connection closed ({detail}); rank {info.rank} "
-            f"stopped, the last checkpoint is kept")
+            f"stopped, {kept}")
 
 
 class GlobalBatchSampler:
@@ -119,3 +127,48 @@ def all_reduce_sum(values: list[float], info: DistInfo, device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def current() -> DistInfo:
+    """The process group this process has joined (world size 1 when none)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def my_share(n: int, info: DistInfo) -> list[int]:
+    """Positions ``rank, rank + W, ...`` of ``range(n)``: this rank's share of ``n`` work items
+    (batches, grid points), dealt round-robin so every rank gets within one of ``n / W``."""
+    return list(range(info.rank, n, info.world_size))
+
+
+def sum_over_ranks(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """``t`` summed over ranks (in place; returned). With each item filled by exactly one rank
+    and zeros elsewhere, the sum is that rank's values, bit for bit (``x + 0 == x``)."""
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_from_main(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Rank 0's ``t`` on every rank (in place; returned)."""
+    if info.enabled:
+        import torch.distributed as dist
+
+        dist.broadcast(t, 0)
+    return t
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (small picklable objects only)."""
+    if not info.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out

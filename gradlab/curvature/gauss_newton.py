@@ -229,6 +229,11 @@ def gauss_newton_trace(op: HessianOperator, num_samples: int = 20, *, seed: Opti
     Raises:
         Unsupported: a layer, loss or shape outside the supported set (module docstring).
     """
+    from gradlab.curvature.distributed import DistributedOperator
+
+    if isinstance(op, DistributedOperator):  # under torchrun: each rank's data, then the weighted sum
+        return op.combine(gauss_newton_trace(op.local, num_samples, seed=seed,
+                                             exact_if_piecewise_linear=exact_if_piecewise_linear))
     check(isinstance(op, HessianOperator), "the Gauss-Newton trace needs a HessianOperator (model, loss, data)")
     check(num_samples >= 2, f"invalid num_samples: {num_samples} (must be >= 2)")
     exact = exact_if_piecewise_linear and is_piecewise_linear(op.model, op.mode)
@@ -238,11 +243,12 @@ def gauss_newton_trace(op: HessianOperator, num_samples: int = 20, *, seed: Opti
         b = _Batch(op, i)
         total += w * b.gauss_newton_trace()
         if not exact:
-            s = b.residual_samples(num_samples, gen)
+            m = num_samples * op.merged_counts[i]  # the budget is per given batch, merged or not
+            s = b.residual_samples(m, gen)
             mean, se = _mean_stderr(s)
             total += w * mean
             var += (w * se) ** 2
-            used += num_samples
+            used += m
         del b
     if exact:
         return TraceResult(total, 0.0, 0, "gauss-newton (exact)")
@@ -254,7 +260,7 @@ def trace_auto(A, num_matvecs: int = 60, *, seed: Optional[int] = 0) -> TraceRes
 
     ``num_matvecs`` is the budget: XTrace's products, or the Gauss-Newton residual samples
     (about one HVP each)."""
-    if isinstance(A, HessianOperator):
+    if isinstance(getattr(A, "local", A), HessianOperator):  # also a DistributedOperator of one
         try:
             return gauss_newton_trace(A, max(2, num_matvecs), seed=seed)
         except Unsupported:

@@ -28,6 +28,28 @@ from gradlab.curvature.params import ParamSpec, select_params
 
 BACKENDS = ("double-backward", "func")
 
+#: In eval mode consecutive batches are merged into one while their inputs hold at most this
+#: many elements (4 MiB of float32): the mean loss is the same (examples do not interact without
+#: batch statistics), a product makes fewer and larger calls, and up to MAX_KEPT_GRAPHS merged
+#: batches keep their graphs. A cap on the merged inputs keeps the kept graphs' memory bounded.
+MERGE_NUMEL = 2**20
+
+
+def merge_batches(batches: list, max_numel: int = MERGE_NUMEL) -> tuple[list, list]:
+    """Consecutive ``(x, y)`` batches concatenated while ``x`` stays within ``max_numel`` elements;
+    also how many batches each merged one holds."""
+    out, cur, size = [], [], 0
+    for x, y in batches:
+        if cur and (size + x.numel() > max_numel or x.shape[1:] != cur[0][0].shape[1:]
+                    or y.shape[1:] != cur[0][1].shape[1:]):
+            out.append(cur)
+            cur, size = [], 0
+        cur.append((x, y))
+        size += x.numel()
+    out.append(cur)
+    return ([grp[0] if len(grp) == 1 else (torch.cat([x for x, _ in grp]), torch.cat([y for _, y in grp]))
+             for grp in out], [len(grp) for grp in out])
+
 
 def default_backend(device) -> str:
     """The faster HVP backend for ``device`` (see the module docstring for the measurements)."""
@@ -53,6 +75,9 @@ class HessianOperator(ModelOperator):
             one gradient more each, memory of one batch). Default: keep when there are at most
             :data:`MAX_KEPT_GRAPHS` batches.
         seed: seeds the dropout masks in train mode so every product sees the same function.
+        merge: in eval mode, merge consecutive batches up to :data:`MERGE_NUMEL` input elements
+            (:func:`merge_batches`; the same mean loss, fewer and larger calls per product);
+            ``merged_counts`` says how many given batches each of ``batches`` holds.
 
     ``H`` is symmetric of size ``n = sum(p.numel())``; products are computed in the parameters'
     dtype. Nothing is ever written to ``p.grad`` (``torch.autograd.grad`` only).
@@ -69,10 +94,15 @@ class HessianOperator(ModelOperator):
         params: ParamSpec = None,
         keep_graphs: Optional[bool] = None,
         seed: int = 0,
+        merge: bool = True,
     ):
         if backend is not None and backend not in BACKENDS:
             raise GradlabError(f"unknown HVP backend {backend!r}; choose from: {', '.join(BACKENDS)}")
+        counts = None
+        if merge and mode == "eval" and data is not None:
+            data, counts = merge_batches(split_batches(data))
         super().__init__(model, loss_fn, data, mode=mode, params=params, seed=seed)
+        self.merged_counts = counts or [1] * len(self.batches)  # given batches in each of self.batches
         self.backend = default_backend(self.device) if backend is None else backend
         self.keep_graphs = len(self.batches) <= MAX_KEPT_GRAPHS if keep_graphs is None else keep_graphs
         self._graphs: dict[int, tuple[Tensor, list[Tensor]]] = {}

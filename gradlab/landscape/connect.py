@@ -114,24 +114,31 @@ def evaluate_paths(
     kind: str = "bezier",
     points: int = 21,
     progress: Optional[Callable[[int, int], None]] = None,
+    dist=None,
 ) -> tuple[pd.DataFrame, dict]:
     """Loss/accuracy along the curve and along the straight line at ``points`` values of ``t``.
 
     Returns ``(table, metrics)``: columns ``t,loss,acc,line_loss,line_acc,excess,line_excess``
     (``excess`` = loss above the endpoints' linear interpolation, whose max is the barrier) and
-    ``barrier``, ``line_barrier``, the endpoints' losses, and the curve's worst accuracy.
+    ``barrier``, ``line_barrier``, the endpoints' losses, and the curve's worst accuracy. Under
+    torchrun (``dist``) each rank evaluates the values ``rank, rank + W, ...`` of ``t`` and the
+    rows are gathered in order.
     """
+    from gradlab.core.distributed import DistInfo, gather_objects, my_share
+
+    dist = dist or DistInfo()
     if points < 2:
         raise GradlabError(f"invalid points: {points} (must be >= 2)")
     ts = torch.linspace(0, 1, points, dtype=torch.float64).tolist()
-    rows = []
-    for i, t in enumerate(ts):
+    rows, mine = [], my_share(len(ts), dist)
+    for done, i in enumerate(mine):
+        t = ts[i]
         cl, ca = evaluate_at(model, curve_point(kind, t, w_a, w_b, bend), batches, bn_batches=bn_batches)
         ll, la = evaluate_at(model, line_point(t, w_a, w_b), batches, bn_batches=bn_batches)
-        rows.append({"t": t, "loss": cl, "acc": ca, "line_loss": ll, "line_acc": la})
+        rows.append((i, {"t": t, "loss": cl, "acc": ca, "line_loss": ll, "line_acc": la}))
         if progress is not None:
-            progress(i + 1, len(ts))
-    df = pd.DataFrame(rows)
+            progress(done + 1, len(mine))
+    df = pd.DataFrame([r for _, r in sorted(sum(gather_objects(rows, dist), []), key=lambda ir: ir[0])])
     for col, out in (("loss", "excess"), ("line_loss", "line_excess")):
         l0, l1 = df[col].iloc[0], df[col].iloc[-1]
         df[out] = df[col] - ((1 - df["t"]) * l0 + df["t"] * l1)

@@ -177,14 +177,20 @@ def evaluate_simplex(
     *,
     samples: int = 30,
     seed: int = 0,
+    dist=None,
 ) -> tuple[pd.DataFrame, dict]:
     """Loss/accuracy at each vertex, the centre, and ``samples`` uniform interior points, plus the
     accuracy of the ensemble (mean softmax) of those samples against vertex 0 alone.
 
     BatchNorm statistics are recomputed at each point on ``bn_batches``. Returns ``(table,
     metrics)``: the table has columns ``point,kind,loss,acc`` (plus the barycentric ``weights``),
-    the metrics the simplex volume and the headline numbers.
+    the metrics the simplex volume and the headline numbers. Under torchrun (``dist``, a
+    :class:`~gradlab.core.distributed.DistInfo`) each rank evaluates the points ``rank, rank + W,
+    ...``; the rows are gathered and the ensemble's probabilities summed over ranks.
     """
+    from gradlab.core.distributed import DistInfo, gather_objects, my_share, sum_over_ranks
+
+    dist = dist or DistInfo()
     gen = torch.Generator().manual_seed(seed)
     k = len(vertices)
     rows, probs = [], []
@@ -192,13 +198,19 @@ def evaluate_simplex(
     points = [(f"vertex_{i}", "vertex", [1.0 if j == i else 0.0 for j in range(k)]) for i in range(k)]
     points.append(("centre", "centre", [1.0 / k] * k))
     points += [(f"sample_{s}", "sample", w.tolist()) for s, w in enumerate(sample_dirichlet(k, samples, gen))]
-    for name, kind, w in points:
+    for i in my_share(len(points), dist):
+        name, kind, w = points[i]
         loss, acc, p = evaluate_at(model, combine(vertices, w), batches, bn_batches=bn_batches, return_probs=True)
-        rows.append({"point": name, "kind": kind, "loss": loss, "acc": acc,
-                     "weights": " ".join(f"{a:.4f}" for a in w)})
+        rows.append((i, {"point": name, "kind": kind, "loss": loss, "acc": acc,
+                         "weights": " ".join(f"{a:.4f}" for a in w)}))
         if kind == "sample":
-            probs.append(p.cpu())
-    ens = torch.stack(probs).mean(0)  # (N, classes): the ensemble's predictive distribution
+            probs.append(p.cpu().double())
+    rows = [r for _, r in sorted(sum(gather_objects(rows, dist), []), key=lambda ir: ir[0])]
+    total = torch.stack(probs).sum(0) if probs else torch.zeros(labels.numel(), 0, dtype=torch.float64)
+    if dist.enabled:  # a rank may hold no sample: agree on the shape, then add up
+        width = max(gather_objects(total.shape[1], dist))
+        total = sum_over_ranks(total if total.shape[1] else total.new_zeros(labels.numel(), width), dist)
+    ens = total / samples  # (N, classes): the ensemble's predictive distribution
     ens_acc = float((ens.argmax(-1) == labels).double().mean())
     ens_loss = float(-torch.log(ens.gather(1, labels.view(-1, 1)).clamp_min(1e-300)).mean())
     rows.append({"point": f"ensemble_{samples}", "kind": "ensemble", "loss": ens_loss, "acc": ens_acc, "weights": ""})

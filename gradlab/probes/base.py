@@ -97,6 +97,10 @@ class ProbeContext:
         progress: ``progress(done, total)`` for long probes (no-op unless the CLI shows a bar).
         state: the probe's own scratch space between :meth:`Probe.prepare` and :meth:`Probe.run`.
         notes: caveats found by :meth:`Probe.prepare` (printed before the run starts).
+        dist: the :class:`~gradlab.core.distributed.DistInfo` of a run under ``torchrun`` (None: one process). A probe
+            that splits its work takes its share and combines the results over ranks, so every
+            rank returns the whole report; one that does not computes all of it on every rank
+            (correct, no faster). Only rank 0 writes the run folder either way.
     """
 
     model: Any
@@ -109,6 +113,7 @@ class ProbeContext:
     progress: Optional[Callable[[int, int], None]] = None
     state: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+    dist: Any = None  # None: one process (a training loop's call)
 
     def report_progress(self, done: int, total: int) -> None:
         if self.progress is not None:

@@ -163,6 +163,7 @@ def gradnorm_probe(
     layers: Optional[Sequence[str]] = None,
     threshold: float = DEFAULT_THRESHOLD,
     train_mode: bool = True,
+    dist=None,
 ) -> GradnormReport:
     """Measure per-layer gradient, weight and backward-signal norms over ``batches``.
 
@@ -175,6 +176,9 @@ def gradnorm_probe(
         train_mode: run the forward pass in training mode (what the optimiser sees: BatchNorm
             uses batch statistics, dropout is active); the model's own flags and buffers are
             restored afterwards either way.
+        dist: under torchrun (:class:`~gradlab.core.distributed.DistInfo`): every rank passes the
+            same batches, measures the batches ``rank, rank + W, ...`` and the per-batch results are
+            gathered in batch order, so every rank returns the one-process report.
     Returns:
         A :class:`GradnormReport`.
     Raises:
@@ -192,6 +196,13 @@ def gradnorm_probe(
     signals: list[list[Tensor]] = [[] for _ in chosen]
     losses: list[float] = []
     n_examples = 0
+    split = dist is not None and dist.enabled
+    if split:
+        from gradlab.core.distributed import my_share
+
+        batches = list(batches)
+        order = my_share(len(batches), dist)
+        batches = [batches[i] for i in order]
     # requires_grad on so frozen layers are measured too; keep_bn_stats because a training-mode
     # forward would move the running statistics (BatchNorm's and any other norm layer's). The
     # gradients come from autograd.grad, so no parameter's .grad is written.
@@ -244,6 +255,8 @@ def gradnorm_probe(
                 signals[j].append(per_ex)
             losses.append(float(loss.detach()))
             n_examples += batch_size
+        if split:
+            grad_sq, signals, losses, n_examples = _gathered(order, grad_sq, signals, losses, dist)
         if not losses:
             raise GradlabError("no batches to probe (batches must be >= 1)")
         weight_norms = [
@@ -280,6 +293,19 @@ def gradnorm_probe(
         n_examples=n_examples,
         fit=fit,
     )
+
+
+def _gathered(order: list, grad_sq: list, signals: list, losses: list, dist) -> tuple:
+    """Every rank's per-batch results, put back in batch order (the one-process lists)."""
+    from gradlab.core.distributed import gather_objects
+
+    parts = gather_objects((order, grad_sq, [[s.cpu() for s in per] for per in signals], losses), dist)
+    at = {i: (r, k) for r, part in enumerate(parts) for k, i in enumerate(part[0])}
+    ranked = [at[i] for i in sorted(at)]
+    grad_sq = [[parts[r][1][j][k] for r, k in ranked] for j in range(len(grad_sq))]
+    signals = [[parts[r][2][j][k] for r, k in ranked] for j in range(len(signals))]
+    losses = [parts[r][3][k] for r, k in ranked]
+    return grad_sq, signals, losses, sum(len(s) for s in signals[0]) if signals else 0
 
 
 def _has_params(module: nn.Module) -> bool:
@@ -345,7 +371,7 @@ class GradnormProbe(Probe):
         from gradlab.probes.spectra_plots import gradnorm_figure
 
         o = ctx.options
-        rep = gradnorm_probe(ctx.model, ctx.loss_fn, ctx.batches, layers=parse_layers(o["layers"]),
+        rep = gradnorm_probe(ctx.model, ctx.loss_fn, ctx.batches, layers=parse_layers(o["layers"]), dist=ctx.dist,
                              threshold=o["threshold"], train_mode=o["train_mode"])
         line = verdict_line(rep)
         title = ""

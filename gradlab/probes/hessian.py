@@ -154,6 +154,7 @@ def hessian_probe(
     dense_max: int = 5000,
     seed: int = 0,
     matrix: str = "hessian",
+    dist=None,
 ) -> HessianReport:
     """Probe the Hessian of the mean loss of ``model`` over ``data_batches``.
 
@@ -174,6 +175,8 @@ def hessian_probe(
             "ggn", "fisher" with one Monte Carlo label per example, "empirical-fisher", "kfac"). The
             loss and gradient are always the loss's; the point type needs the Hessian's signs, so
             for any other matrix it is left "unknown" (those matrices are positive semi-definite).
+        dist: under torchrun, the :class:`~gradlab.core.distributed.DistInfo`: every rank passes the
+            same batches, takes its share and all-reduces each product (:mod:`gradlab.curvature.distributed`).
     Raises:
         GradlabError: top_k < 1, bottom_k < 0, tol <= 0, unknown trace method or matrix, k > n,
             ``exact`` with more than ``dense_max`` parameters, or the Gauss-Newton trace of a matrix
@@ -189,10 +192,17 @@ def hessian_probe(
     check(matrix == "hessian" or trace_method != "gauss-newton",
           f"trace method 'gauss-newton' estimates the Hessian's trace; with matrix {matrix!r} choose "
           f"auto, xtrace, krylov, hutch++ or hutchinson")
+    split = dist is not None and dist.enabled
+    if split:
+        from gradlab.curvature.distributed import DistributedOperator, shard_batches
+
+        check(matrix != "kfac", "matrix 'kfac' is not a mean of per-rank matrices: run it in one process")
+        data_batches = shard_batches(data_batches, dist)
     op = HessianOperator(model, loss_fn or F.cross_entropy, data_batches, backend=backend, mode=mode, seed=seed)
-    hop = op  # the loss and its gradient come from the Hessian operator whatever the matrix
+    hop = op = DistributedOperator(op, dist) if split else op  # the loss and gradient: the Hessian's
     if matrix != "hessian":
         op = curvature_matrix(matrix, model, loss_fn or F.cross_entropy, data_batches, mode=mode, seed=seed)
+        op = DistributedOperator(op, dist) if split else op
     try:
         loss, g = hop.loss_and_gradient()
         grad_norm = float(torch.linalg.vector_norm(g))
@@ -379,7 +389,7 @@ class HessianProbe(Probe):
             tol=o["tol"], lr=ctx.state.get("lr"), loss_fn=ctx.loss_fn,
             backend=None if o["backend"] == "auto" else o["backend"], mode=o["mode"], trace_method=o["trace_method"],
             trace_matvecs=o["trace_matvecs"], grad_tol=o["grad_tol"], exact=o["exact"], dense_max=o["dense_max"],
-            seed=ctx.seed, matrix=o["matrix"],
+            seed=ctx.seed, matrix=o["matrix"], dist=ctx.dist,
         )
         metrics = rep.metrics()
         opt = ctx.source.run_config.get("opt") if ctx.source is not None else None

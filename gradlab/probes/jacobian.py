@@ -261,9 +261,14 @@ class JacobianProbe(Probe):
         from gradlab.probes.spectra_plots import depth_figure, spectra_figure
 
         o, t = ctx.options, ctx.options["threshold"]
-        rep = jacobian_probe(ctx.model, ctx.batches[0][0], pixel_space=o["pixel_space"], per_layer=o["per_layer"],
+        x, dist = ctx.batches[0][0], ctx.dist
+        split = dist is not None and dist.enabled and x.shape[0] >= dist.world_size
+        mine = torch.tensor_split(x, dist.world_size)[dist.rank] if split else x  # examples in order
+        rep = jacobian_probe(ctx.model, mine, pixel_space=o["pixel_space"], per_layer=o["per_layer"],
                              layers=parse_layers(o["layers"]), method=o["method"], k=o["k"],
-                             max_dense=o["max_dense"], seed=ctx.seed)
+                             max_dense=o["max_dense"] * mine.shape[0] / x.shape[0], seed=ctx.seed)
+        if split:
+            rep = _gathered(rep, dist)
         spectra, summary = rep.to_frames()
         metrics = rep.metrics(t)
         lines = report_lines(rep, summary, metrics, t)
@@ -294,6 +299,33 @@ class JacobianProbe(Probe):
             text={"jacobian/report": "\n\n".join(lines)},
             metrics={**metrics, "space": rep.space, "n_examples": rep.n_examples},
         )
+
+
+def _gathered(rep: JacobianReport, dist) -> JacobianReport:
+    """Under torchrun: every rank's examples (contiguous, in rank order) in one report. ``auto``
+    picks the same path as one process (``max_dense`` scaled by the rank's share); the dense path
+    equals one process, Lanczos draws its start vectors from the same seed on every rank."""
+    from dataclasses import replace
+
+    from gradlab.core.distributed import gather_objects
+
+    def plain(ls):
+        return {f: (None if getattr(ls, f) is None else getattr(ls, f).cpu()) for f in _PER_EXAMPLE} | {
+            "converged": ls.converged, "iterations": ls.iterations}
+
+    parts = gather_objects([plain(ls) for ls in rep.layers], dist)
+    layers = []
+    for j, ls in enumerate(rep.layers):
+        mine = [p[j] for p in parts]
+        cat = {f: None if mine[0][f] is None else torch.cat([m[f] for m in mine]) for f in _PER_EXAMPLE}
+        layers.append(replace(ls, **cat, converged=all(m["converged"] for m in mine),
+                              iterations=max(m["iterations"] for m in mine)))
+    out = JacobianReport(layers, rep.space, sum(p[0]["singular_values"].shape[0] for p in parts), rep.notes)
+    out.hidden_span = rep.hidden_span
+    return out
+
+
+_PER_EXAMPLE = ("singular_values", "spectral_radius", "moments", "jacobian")
 
 
 def report_lines(rep: JacobianReport, summary, metrics: dict, t: float) -> list[str]:

@@ -72,10 +72,14 @@ def prepare_probe(name: str, sources: Sequence[tuple[str, Mapping[str, Any]]],
     entry = PROBES.entry(name)
     probe = as_probe(entry)
     options = {k: cfg[k] for k in entry.options.names()}
+    from gradlab.core.distributed import init_from_env, rank_device
+
     device = resolve_device(cfg["device"])
+    info = init_from_env(device.type)  # under torchrun: join the group (every rank draws the same batches)
+    device = rank_device(device, info)
     source = probe.load(cfg, device)
     ctx = ProbeContext(source.model, F.cross_entropy, probe.draw(source, options, cfg["seed"]), device,
-                       cfg["seed"], options, source)
+                       cfg["seed"], options, source, dist=info)
     added = probe.prepare(ctx) or {}
     return PreparedProbe(name, probe, ctx, {**cfg, **source.description, **added})
 

@@ -1,0 +1,123 @@
+"""Every command family under torchrun (2 gloo processes) against one process: one run folder,
+written by rank 0, with the one-process numbers within float tolerance; and a rank that dies in
+a non-train command ends the other with one line naming it.
+
+The invocation is the documented one: ``torchrun ... -m gradlab -- COMMAND ...`` (the ``--``
+keeps torchrun's argparse from taking gradlab's ``--run`` for its own ``--run-path``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clihelp import cli, train_in_process
+
+pytestmark = pytest.mark.slow
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+HELPER = Path(__file__).with_name("kill_rank.py")
+
+
+def torchrun(*args, logs: Path, timeout: int = 300, script=("-m", "gradlab", "--")):
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--redirects", "3",
+           "--log-dir", str(logs), *script, *[str(a) for a in args]]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("dist")
+    run = train_in_process("--runs-dir", runs, "--epochs", "6", "--width", "16", "--set", "max_train=512", "--opt", "adam", "--lr", "0.01",
+                           "--seed", "1", "--device", "cpu")
+    return runs, run
+
+
+def _both(capsys, tmp_path, runs, *args) -> tuple[Path, Path]:
+    """The run folder of ``gradlab ARGS`` in one process and of the same under torchrun."""
+    one = cli(capsys, *args, "--runs-dir", tmp_path / "one", "--quiet", "--device", "cpu")
+    assert one.code == 0, one.err
+    p = torchrun(*args, "--runs-dir", tmp_path / "two", "--quiet", "--device", "cpu", logs=tmp_path / "logs")
+    assert p.returncode == 0, p.stderr[-3000:] + "".join(f.read_text()[-2000:] for f in (tmp_path / "logs").rglob("*.log"))
+    (two,) = [d for d in (tmp_path / "two").iterdir() if d.is_dir()]  # one folder, not one per rank
+    out = {int(f.parent.name): f.read_text() for f in (tmp_path / "logs").rglob("stdout.log")}
+    assert out[0].strip().splitlines()[-1] == f"run: {two}" and out[1].strip() == ""  # rank 0 prints
+    return one.run_path, two
+
+
+def test_attack_splits_the_batches_and_matches_one_process(capsys, tmp_path, trained):
+    runs, run = trained
+    one, two = _both(capsys, tmp_path, runs, "attack", "pgd", "--run", run, "--eps", "0,0.05", "--steps", "3",
+                     "--n-examples", "90", "--batch-size", "16", "--random-start", "--grid", "0")
+    a, b = (pd.read_csv(d / "attack.csv") for d in (one, two))
+    pd.testing.assert_frame_equal(a, b, rtol=1e-6)  # 6 batches: 3 per rank, each from the same seed
+    assert a["robust_acc"].iloc[1] < a["clean_acc"].iloc[1]  # the attack did something
+
+
+def test_probe_hessian_all_reduces_the_products(capsys, tmp_path, trained):
+    runs, run = trained
+    one, two = _both(capsys, tmp_path, runs, "probe", "hessian", "--run", run, "--top-k", "3", "--batches", "3",
+                     "--batch-size", "40", "--tol", "1e-6", "--density")
+    a, b = (pd.read_csv(d / "hessian.csv") for d in (one, two))
+    assert list(a["kind"]) == list(b["kind"])
+    np.testing.assert_allclose(a["value"], b["value"], rtol=1e-4, atol=1e-6)
+    sa, sb = (pd.read_csv(d / "summary.csv").iloc[0] for d in (one, two))
+    for k in ("loss", "grad_norm", "lambda_max", "trace"):
+        assert sb[k] == pytest.approx(sa[k], rel=1e-4), k
+
+
+def test_probe_landscape_splits_the_grid(capsys, tmp_path, trained):
+    runs, run = trained
+    one, two = _both(capsys, tmp_path, runs, "probe", "landscape", "--run", run, "--dims", "2", "--steps", "5",
+                     "--batches", "1", "--batch-size", "64")
+    a, b = (pd.read_csv(d / "landscape.csv") for d in (one, two))
+    pd.testing.assert_frame_equal(a, b, rtol=1e-6)
+
+
+def test_a_dead_rank_ends_an_attack_with_one_line(tmp_path, trained):
+    """Rank 1 kills itself in its second attack batch; rank 0, waiting in the sum over ranks,
+    stops within seconds with one line naming rank 1, and its run is marked failed."""
+    runs, run = trained
+    logs = tmp_path / "logs"
+    t0 = time.time()
+    p = torchrun("attack", "pgd", "--run", run, "--eps", "0.05", "--steps", "3", "--n-examples", "90",
+                 "--batch-size", "16", "--grid", "0", "--runs-dir", tmp_path / "runs", "--quiet", "--device", "cpu",
+                 logs=logs, script=(str(HELPER), "1", "--"))
+    assert p.returncode != 0
+    err = {int(f.parent.name): f.read_text() for f in logs.rglob("stderr.log")}
+    lines = err[0].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradlab: rank 1 of 2 exited: "), err[0][-3000:]
+    (folder,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
+    assert pd.read_csv(folder / "summary.csv").iloc[0]["status"] == "failed"
+    assert time.time() - t0 < 120  # no collective timeout (30 minutes by default)
+
+
+def test_probe_gradnorm_splits_the_batches(capsys, tmp_path, trained):
+    runs, run = trained
+    one, two = _both(capsys, tmp_path, runs, "probe", "gradnorm", "--run", run, "--batches", "3", "--batch-size", "32")
+    a, b = (pd.read_csv(d / "gradnorm.csv") for d in (one, two))
+    pd.testing.assert_frame_equal(a, b, rtol=1e-9)  # the same batches, gathered in order
+
+
+def test_probe_jacobian_splits_the_examples(capsys, tmp_path, trained):
+    runs, run = trained
+    one, two = _both(capsys, tmp_path, runs, "probe", "jacobian", "--run", run, "--examples", "9")
+    for name in ("jacobian.csv", "jacobian_summary.csv"):
+        a, b = (pd.read_csv(d / name) for d in (one, two))
+        pd.testing.assert_frame_equal(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_simplex_splits_the_sample_points(capsys, tmp_path, trained):
+    runs, run = trained
+    one, two = _both(capsys, tmp_path, runs, "simplex", "--run", run, "--vertices", "2", "--epochs", "1",
+                     "--samples", "5", "--bn-batches", "1")
+    a, b = (pd.read_csv(d / "simplex.csv") for d in (one, two))
+    pd.testing.assert_frame_equal(a, b, rtol=1e-6)  # each rank trains the same vertices, then half the points
