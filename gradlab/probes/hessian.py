@@ -304,6 +304,9 @@ OPTIONS = Options(
            "owning parameters): top-k, trace, density per block in hessian_blocks.csv and a bar chart"),
     Option("params", str, None, "Blocks by parameter name: comma-separated globs or module prefixes, one block each "
            "('fc1,fc2', '*.bias'; join with + for one block: 'fc1+fc2'); with --per-layer each split into layers"),
+    Option("verify", bool, False, "Check the solvers on a random block of --verify-size coordinates against its dense "
+           "matrix (built apart): eigenvalue and trace errors beside the residual bounds and stderr (hessian_verify.csv)"),
+    Option("verify_size", int, 200, "Coordinates of the --verify block (the dense reference costs one pass each)", low=1),
 )
 
 
@@ -317,6 +320,8 @@ class HessianProbe(Probe):
     Classifies the point: minimum, saddle, maximum, degenerate, or not a critical point (gradient norm above --grad-tol).
 
     Writes hessian.csv (kind,index,value,stderr) and TensorBoard scalars; with --density also plots/hessian_density.png (logged as a TensorBoard image) and hessian_density.csv.
+
+    --per-layer / --params: each block's own matrix (hessian_blocks.csv, plots/hessian_blocks.png); --verify: the figures checked on a random dense block (hessian_verify.csv).
     """
 
     training_split = "curvature"  # metrics.csv split of its rows during training
@@ -374,6 +379,10 @@ class HessianProbe(Probe):
             from gradlab.probes.hessian_blocks import add_block_outputs
 
             add_block_outputs(ctx, rep, report)
+        if o["verify"]:
+            from gradlab.probes.hessian_verify import add_verify_outputs
+
+            add_verify_outputs(ctx, report)
         return report
 
     def scalars(self, model, loss_fn, batch, **options) -> dict:
