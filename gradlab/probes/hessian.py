@@ -306,6 +306,8 @@ OPTIONS = Options(
            "('fc1,fc2', '*.bias'; join with + for one block: 'fc1+fc2'); with --per-layer each split into layers"),
     Option("verify", bool, False, "Check the solvers on a random block of --verify-size coordinates against its dense "
            "matrix (built apart): eigenvalue and trace errors beside the residual bounds and stderr (hessian_verify.csv)"),
+    Option("compare", str, None, "During training (--probe hessian:compare=ggn): also lambda_max and trace of this "
+           "matrix", choices=tuple(m for m in MATRICES if m != "hessian")),
     Option("verify_size", int, 200, "Coordinates of the --verify block (the dense reference costs one pass each)", low=1),
 )
 
@@ -386,9 +388,12 @@ class HessianProbe(Probe):
         return report
 
     def scalars(self, model, loss_fn, batch, **options) -> dict:
-        """``lambda_max``, ``trace`` and ``stability_bound`` on one batch (:func:`quick_curvature`;
-        the trace budget defaults to 20 products here)."""
-        lam, tr = quick_curvature(model, loss_fn, tuple(batch), tol=options.get("tol", 1e-3),
+        """``lambda_max``, ``trace``, ``stability_bound`` on one batch, and with ``compare``,
+        ``density`` and ``lr`` the other matrix's, the Morse index and the stability margin
+        (:func:`gradlab.probes.curvature_train.training_curvature`; trace budget 20 by default)."""
+        from gradlab.probes.curvature_train import training_curvature
+
+        return training_curvature(model, loss_fn, tuple(batch), tol=options.get("tol", 1e-3),
                                   trace_matvecs=options.get("trace_matvecs", 20), mode=options.get("mode", "eval"),
-                                  seed=0)
-        return {"lambda_max": lam, "trace": tr, "stability_bound": stability_bound(lam)}
+                                  compare=options.get("compare"), density=options.get("density", False),
+                                  lr=options.get("lr"))
