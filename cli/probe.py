@@ -141,6 +141,8 @@ def run_probe(name: str, flags: dict, config_file, quiet: bool) -> None:
                 err_console.print(f"gradlab: note: {note}", highlight=False)
             if not quiet:
                 render_table(report.table if report.view is None else report.view, title=report.title or name)
+                for title, frame in report.views:
+                    render_table(frame, title=title)
             for line in report.summary_lines:
                 console.print(line, highlight=False)
             finish_and_print(run_dir, "completed", {**report.metrics, **prepared.ctx.source.description})

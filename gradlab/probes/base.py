@@ -51,6 +51,7 @@ class ProbeReport:
         table: the probe's main result, written as ``<name>.csv``.
         tables: further CSVs, ``{file stem: DataFrame}`` (``"jacobian_summary"``).
         view, title: the rich table printed on the terminal (default: ``table``) and its title.
+        views: further terminal tables, ``[(title, DataFrame), ...]``, printed after ``view``.
         scalars: floats logged at step 0 as ``<scalar_group>/<key>`` (TensorBoard and
             metrics.csv); :func:`probe_scalars` returns them during training.
         scalar_group: the TensorBoard group of ``scalars`` (default: the probe's name).
@@ -69,6 +70,7 @@ class ProbeReport:
     tables: dict = field(default_factory=dict)
     view: Any = None
     title: str = ""
+    views: list = field(default_factory=list)
     scalars: dict = field(default_factory=dict)
     scalar_group: str = ""
     series: dict = field(default_factory=dict)

@@ -41,7 +41,8 @@ from gradlab.core.errors import GradlabError, check
 from gradlab.core.options import Option, Options
 from gradlab.probes import PROBES
 from gradlab.probes.base import Probe, ProbeContext, ProbeReport
-from gradlab.probes.critical import GRAD_TOL, CriticalPoint, classify_point, dense_eigenvalues, lanczos_errors
+from gradlab.probes.critical import GRAD_TOL, CriticalPoint, classify_point
+from gradlab.probes.hessian_exact import error_bounds, exact_parts
 from gradlab.probes.hessian_text import overview_frame, summary_lines
 from gradlab.probes.source import batch_options
 
@@ -207,7 +208,7 @@ def hessian_probe(
         loss, g = hop.loss_and_gradient()
         grad_norm = float(torch.linalg.vector_norm(g))
         if exact:
-            top, bottom, tr, dens = _exact_parts(model, loss_fn or F.cross_entropy, op, top_k, bottom_k,
+            top, bottom, tr, dens = exact_parts(model, loss_fn or F.cross_entropy, op, top_k, bottom_k,
                                                  trace, density, density_starts, density_steps, dense_max, seed)
         else:
             top = eigsh(op, top_k, "LA", tol=tol, max_iter=max_iter, seed=seed)
@@ -237,7 +238,7 @@ def hessian_probe(
     bottom_list = bottom.values.tolist() if bottom is not None else []
     hessian = matrix == "hessian"  # the others are positive semi-definite: no bottom eigenvalues to weigh
     cls = classify_point(grad_norm, top_list, bottom_list if hessian else [], grad_tol=grad_tol,
-                         **_error_bounds(top, bottom if hessian else None, op.n, op.dtype, tol, exact))
+                         **error_bounds(top, bottom if hessian else None, op.n, op.dtype, tol, exact))
     return HessianReport(
         top=top_list, bottom=bottom_list, top_converged=top.converged,
         bottom_converged=True if bottom is None else bottom.converged,
@@ -247,42 +248,6 @@ def hessian_probe(
         classification=cls, density=dens, num_params=op.n, num_samples=op.num_samples,
         num_matvecs=op.num_matvecs, mode=mode, backend=hop.backend, notes=notes, matrix=matrix,
     )
-
-
-def _error_bounds(top, bottom, n: int, dtype: torch.dtype, tol: float, exact: bool) -> dict:
-    """Each eigenvalue's error bound for :func:`~gradlab.probes.critical.classify_point`: the dense
-    path carries its whole bound in ``residuals``; Lanczos its residuals plus the products' rounding."""
-    if exact:
-        out = {"top_errors": top.residuals.tolist()}
-        if bottom is not None:
-            out["bottom_errors"] = bottom.residuals.tolist()
-        return out
-    scale = max(float(top.values.abs().max()), float(bottom.values.abs().max()) if bottom is not None else 0.0)
-    out = {"top_errors": lanczos_errors(top.values, top.residuals, n, dtype, scale=scale, tol=tol)}
-    if bottom is not None:
-        out["bottom_errors"] = lanczos_errors(bottom.values, bottom.residuals, n, dtype, scale=scale, tol=tol)
-    return out
-
-
-def _exact_parts(model, loss_fn, op, top_k, bottom_k, trace, density, starts, steps, dense_max, seed):
-    """Top/bottom eigenvalues, trace and density from the dense Hessian (``exact=True``)."""
-    from gradlab.curvature import DenseOperator, EigenResult, TraceResult, dense_hessian
-
-    check(top_k <= op.n and bottom_k <= op.n, f"invalid top_k/bottom_k: the model has only {op.n} parameters")
-    if isinstance(op, HessianOperator):
-        H = dense_hessian(model, loss_fn, op.batches if len(op.batches) > 1 else op.batches[0], mode=op.mode,
-                          params=op.params, max_params=dense_max)
-    else:  # any other curvature matrix, column by column
-        H = op.to_dense()
-    ev, err = dense_eigenvalues(H)  # ascending, with the dense solver's error bound
-    H = (H.to(torch.float64) + H.to(torch.float64).T) / 2
-    # the error bound stands in for the residuals; the products' rounding is already in it
-    bound = torch.full((max(top_k, bottom_k),), err, dtype=torch.float64)
-    top = EigenResult(ev.flip(0)[:top_k], None, 0, True, bound[:top_k], "LA")
-    bottom = EigenResult(ev[:bottom_k], None, 0, True, bound[:bottom_k], "SA") if bottom_k else None
-    tr = TraceResult(float(ev.sum()), 0.0, 0, "exact") if trace else None
-    dens = slq_density(DenseOperator(H), starts, steps, seed=seed + 3) if density else None
-    return top, bottom, tr, dens
 
 
 def quick_curvature(
@@ -345,6 +310,15 @@ OPTIONS = Options(
            "label per example sampled from the model), empirical-fisher (gradients at the data's labels: not the Fisher), "
            "kfac (Kronecker-factored, Linear/Conv2d layers only)", choices=tuple(MATRICES),
            paper="Schraudolph 2002; Martens 2020; Kunstner et al. 2019; Martens & Grosse 2015"),
+    Option("per_layer", bool, False, "Also each layer's own matrix (a GradlabNet's blocks and head; else every module "
+           "owning parameters): top-k, trace, density per block in hessian_blocks.csv and a bar chart"),
+    Option("params", str, None, "Blocks by parameter name: comma-separated globs or module prefixes, one block each "
+           "('fc1,fc2', '*.bias'; join with + for one block: 'fc1+fc2'); with --per-layer each split into layers"),
+    Option("verify", bool, False, "Check the solvers on a random block of --verify-size coordinates against its dense "
+           "matrix (built apart): eigenvalue and trace errors beside the residual bounds and stderr (hessian_verify.csv)"),
+    Option("compare", str, None, "During training (--probe hessian:compare=ggn): also lambda_max and trace of this "
+           "matrix", choices=tuple(m for m in MATRICES if m != "hessian")),
+    Option("verify_size", int, 200, "Coordinates of the --verify block (the dense reference costs one pass each)", low=1),
 )
 
 
@@ -358,6 +332,8 @@ class HessianProbe(Probe):
     Classifies the point: minimum, saddle, maximum, degenerate, or not a critical point (gradient norm above --grad-tol).
 
     Writes hessian.csv (kind,index,value,stderr) and TensorBoard scalars; with --density also plots/hessian_density.png (logged as a TensorBoard image) and hessian_density.csv.
+
+    --per-layer / --params: each block's own matrix (hessian_blocks.csv, plots/hessian_blocks.png); --verify: the figures checked on a random dense block (hessian_verify.csv).
     """
 
     training_split = "curvature"  # metrics.csv split of its rows during training
@@ -378,6 +354,10 @@ class HessianProbe(Probe):
         if o["exact"] and n_params > o["dense_max"]:
             raise GradlabError(f"--exact: model too large for the dense Hessian ({n_params} parameters > "
                                f"--dense-max {o['dense_max']}); drop --exact to use the HVP solvers")
+        if o["per_layer"] or o["params"] is not None:  # a pattern that matches nothing: before the run folder
+            from gradlab.curvature.blocks import parameter_blocks
+
+            parameter_blocks(ctx.model, o["params"], o["per_layer"])
         return {"lr_compared": ctx.state["lr"]}
 
     def run(self, ctx: ProbeContext) -> ProbeReport:
@@ -407,12 +387,23 @@ class HessianProbe(Probe):
         if rep.density is not None:
             report.tables["hessian_density"] = rep.density_frame()
             report.figures["hessian_density"] = hessian_density_figure(rep)
+        if o["per_layer"] or o["params"] is not None:
+            from gradlab.probes.hessian_blocks import add_block_outputs
+
+            add_block_outputs(ctx, rep, report)
+        if o["verify"]:
+            from gradlab.probes.hessian_verify import add_verify_outputs
+
+            add_verify_outputs(ctx, report)
         return report
 
     def scalars(self, model, loss_fn, batch, **options) -> dict:
-        """``lambda_max``, ``trace`` and ``stability_bound`` on one batch (:func:`quick_curvature`;
-        the trace budget defaults to 20 products here)."""
-        lam, tr = quick_curvature(model, loss_fn, tuple(batch), tol=options.get("tol", 1e-3),
+        """``lambda_max``, ``trace``, ``stability_bound`` on one batch, and with ``compare``,
+        ``density`` and ``lr`` the other matrix's, the Morse index and the stability margin
+        (:func:`gradlab.probes.curvature_train.training_curvature`; trace budget 20 by default)."""
+        from gradlab.probes.curvature_train import training_curvature
+
+        return training_curvature(model, loss_fn, tuple(batch), tol=options.get("tol", 1e-3),
                                   trace_matvecs=options.get("trace_matvecs", 20), mode=options.get("mode", "eval"),
-                                  seed=0)
-        return {"lambda_max": lam, "trace": tr, "stability_bound": stability_bound(lam)}
+                                  compare=options.get("compare"), density=options.get("density", False),
+                                  lr=options.get("lr"))

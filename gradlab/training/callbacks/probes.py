@@ -64,6 +64,7 @@ class ProbeCallback(Callback):
         self.name, self.every = name, EVERY.check(every)
         check_keys(list(options), probe.options.names(), owner=f"probe {name}")
         self.options = {k: probe.options[k].check(v) for k, v in options.items()}
+        self.probe_options = set(probe.options.names())
         self.split = getattr(probe, "training_split", "") or name
         self.summary = tuple(getattr(probe, "training_summary", ()))
         self.last: dict = {}
@@ -78,8 +79,11 @@ class ProbeCallback(Callback):
         from gradlab.probes import probe_scalars
 
         device = trainer.device
+        options = dict(self.options)
+        if "lr" in self.probe_options and options.get("lr") is None:  # the optimizer's current step size
+            options["lr"] = float(trainer.optimizer.param_groups[0]["lr"])
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            scalars = probe_scalars(self.name, trainer.model, F.cross_entropy, (info.x, info.y), **self.options)
+            scalars = probe_scalars(self.name, trainer.model, F.cross_entropy, (info.x, info.y), **options)
         trainer.run.log_metrics(info.step, info.epoch, self.split, scalars)
         self.last = {k: float(scalars[k]) for k in self.summary if k in scalars}
 
