@@ -173,3 +173,28 @@ def test_cli_stepquality_probe_and_bad_spec(tmp_path, capsys):
     assert (table["step_length"] > 0).all()
     r = cli(capsys, "train", "--runs-dir", tmp_path, "--probe", "stepquality:every=0", "--quiet")
     assert r.code == 2 and "every" in r.err
+
+
+def test_a_resumed_run_measures_the_distance_from_the_same_initial_weights(tmp_path):
+    from gradlab.runs import RunDir, load_checkpoint
+    from gradlab.training.loop import Trainer
+
+    cfg = _cfg(tmp_path / "ref", epochs=2, probe="stepquality:every=3")
+    _, ref, ref_run = _fit(cfg)
+    cfg = _cfg(tmp_path / "cut", epochs=1, probe="stepquality:every=3")
+    _, first, run = _fit(cfg)  # one epoch, then continue to two from its last.pt
+    ckpt = load_checkpoint(run.path / "checkpoints" / "last.pt")
+    assert "init" in ckpt["callbacks"]["probe/stepquality"]
+    cfg2 = {**cfg, "epochs": 2}
+    trainer = Trainer(cfg2, resume=ckpt)
+    again = RunDir.reopen(run.path, ckpt["step"])
+    result = trainer.fit(again)
+    again.finish(result.status, result.metrics)
+
+    def rows(r):
+        m = pd.read_csv(r.path / "metrics.csv")
+        m = m[(m["split"] == "step_quality") & (m["metric"] == "distance_from_init")]
+        return m.set_index("step")["value"]
+
+    pd.testing.assert_series_equal(rows(run), rows(ref_run), rtol=1e-6)
+    assert result.metrics["distance_from_init"] == pytest.approx(ref.metrics["distance_from_init"], rel=1e-6)
