@@ -111,13 +111,13 @@ class _Weights:
         self.callback = _CB()
 
 
-@pytest.mark.parametrize("opt", ["sgd", "adam"])
-def test_step_quality_during_training_matches_a_plain_computation(tmp_path, opt):
+@pytest.mark.parametrize("extra", [{"opt": "sgd"}, {"opt": "adam"}, {"opt": "sgd", "adv": "fgsm", "adv_eps": 0.05}])
+def test_step_quality_during_training_matches_a_plain_computation(tmp_path, extra):
     import torch.nn.functional as F
     from torch.func import functional_call
 
     rec = _Weights()
-    trainer, result, run = _fit(_cfg(tmp_path, opt=opt, probe="stepquality:every=2"), [rec.callback])
+    trainer, result, run = _fit(_cfg(tmp_path, probe="stepquality:every=2", **extra), [rec.callback])
     assert result.status == "completed"
     m = pd.read_csv(run.path / "metrics.csv")
     rows = m[m["split"] == "step_quality"]
@@ -130,7 +130,7 @@ def test_step_quality_during_training_matches_a_plain_computation(tmp_path, opt)
         assert got[key] == pytest.approx(value, rel=1e-5), key
     assert sum(k.startswith("update_ratio/") for k in plain) >= 2  # per layer, each checked above
 
-    x, y = rec.batches[2]
+    x, y = rec.batches[2]  # the clean loss of the batch, also under --adv
 
     def value_grad(ws):
         params = dict(zip(names, [w.detach().requires_grad_(True) for w in ws]))

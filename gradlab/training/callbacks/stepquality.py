@@ -9,8 +9,9 @@ same batch at the new weights and logs :func:`gradlab.probes.stepquality.step_al
 cost two integer comparisons. The initial weights (for the distance) are copied at the first
 step of the run and kept in the checkpoint, so a resumed run measures from the same origin.
 
-For closure optimizers (L-BFGS and friends) the loss and gradient before the update are
-measured at the saved weights after it (one more pass). The after-update pass runs on a fork
+For closure optimizers (L-BFGS and friends), and where a callback replaces the loss (``--adv``),
+the loss and gradient before the update are measured at the saved weights after it (one more
+pass). The after-update pass runs on a fork
 of the RNG state with the model's buffers (BatchNorm statistics) restored, so training is
 unchanged by it. With ``--adv`` the step quality is that of the clean loss of the batch.
 Under torchrun every rank measures its share and the results are summed; rank 0 logs.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from gradlab.training.callbacks.base import StepInfo, every
+from gradlab.training.callbacks.base import StepInfo, every, overrides
 from gradlab.training.callbacks.probes import ProbeCallback
 
 
@@ -56,7 +57,7 @@ class StepQuality(ProbeCallback):
         params = trainer.params
         w1 = [p.detach().clone() for p in params]
         f0 = info.loss
-        if g0 is None:  # a closure optimizer: measure at the saved weights
+        if g0 is None or self._mixed_loss(trainer):  # measure the clean loss at the saved weights
             f0, g0 = self._at(trainer, info, w0)
         f1, g1 = self._at(trainer, info, None)
         names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
@@ -66,6 +67,12 @@ class StepQuality(ProbeCallback):
         if trainer.is_main:
             trainer.run.log_metrics(info.step, info.epoch, self.split, scalars)
         self.last = {k: float(scalars[k]) for k in self.summary if k in scalars}
+
+    @staticmethod
+    def _mixed_loss(trainer) -> bool:
+        """Whether a callback replaced the step's loss (``--adv``): then ``info.loss`` and the
+        step's gradient are not those of the clean loss measured after the update."""
+        return any(overrides(cb, "transform_loss") for cb in trainer.callbacks)
 
     def _at(self, trainer, info: StepInfo, weights) -> tuple[float, list]:
         """The global-batch mean loss and gradient on the step's batch at ``weights`` (None: the
