@@ -2,8 +2,10 @@
 
 What is timed, per case, on the same model, batch and loss:
 
-* gradlab: :func:`gradlab.probes.gradstats.batch_statistics` -- per-example gradients through
-  ``torch.func.vmap`` and every statistic (variance, SNR, B_simple, norm, inner-product and
+* gradlab: :func:`gradlab.probes.gradstats.batch_statistics` -- for the MLP the per-example
+  moments of each Linear layer from its inputs and output gradients (no per-example gradient
+  formed, :mod:`gradlab.curvature.per_example_linear`), for the CNN per-example gradients through
+  ``torch.func.vmap``; then every statistic (variance, SNR, B_simple, norm, inner-product and
   orthogonality tests) per layer and for the whole model, in float64.
 * BackPACK: one ``backward()`` under ``backpack(BatchGrad(), Variance())`` (per-example
   gradients and the per-parameter variance, on the extended model), then the same statistics

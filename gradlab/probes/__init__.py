@@ -22,6 +22,7 @@ PROBES = ProbeRegistry("probe", {
     "jacobian": "gradlab.probes.jacobian",
     "hessian": "gradlab.probes.hessian",
     "gradstats": "gradlab.probes.gradstats",
+    "stepquality": "gradlab.probes.stepquality",
 })
 
 from gradlab.probes.runner import run_probe  # noqa: E402  (after PROBES: it looks probes up there)

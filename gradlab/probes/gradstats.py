@@ -113,16 +113,28 @@ def grouped(grads: Mapping) -> dict:
     return {layer: torch.cat(parts, 1) for layer, parts in groups.items()}
 
 
+def per_example_moments(model, loss_fn, x, y, chunk_size: int = 0, method: str = "auto") -> dict:
+    """``{layer: moments}`` (:func:`moments`) of one batch. ``method="auto"``: for models made
+    of Linear layers, from each layer's inputs and output gradients without forming per-example
+    gradients (:func:`gradlab.curvature.per_example_linear.linear_moments`), else (and with
+    ``"vmap"``) from :func:`gradlab.curvature.per_example.per_example_grads`."""
+    from gradlab.curvature.per_example import per_example_grads
+
+    if method == "auto":
+        from gradlab.curvature.per_example_linear import linear_moments
+
+        ghost = linear_moments(model, loss_fn, x, y)
+        if ghost is not None:
+            return ghost
+    grads = per_example_grads(model, loss_fn, x, y, chunk_size=chunk_size or None)
+    return {layer: moments(g) for layer, g in grouped(grads).items()}
+
+
 def batch_statistics(model, loss_fn, x, y, theta: float = 0.9, chunk_size: int = 0) -> dict:
     """``{"all": stats, layer: stats, ...}`` of :func:`gradient_statistics` for one batch (the
     model as it is: put BatchNorm models in eval mode first, see
-    :mod:`gradlab.curvature.per_example`)."""
-    import torch
-
-    from gradlab.curvature.per_example import per_example_grads
-
-    grads = per_example_grads(model, loss_fn, x, y, chunk_size=chunk_size or None)
-    layers = {layer: moments(g) for layer, g in grouped(grads).items()}
+    :mod:`gradlab.curvature.per_example`); the moments come from :func:`per_example_moments`."""
+    layers = per_example_moments(model, loss_fn, x, y, chunk_size)
     s, v, g2 = (sum(m[k] for m in layers.values()) for k in range(3))
     out = {"all": statistics_from_moments(s, v, g2, theta)}
     out.update({layer: statistics_from_moments(*m, theta=theta) for layer, m in layers.items()})
@@ -184,4 +196,4 @@ class GradStatsProbe(Probe):
 
 
 __all__ = ["GradStatsProbe", "STATS", "batch_statistics", "gradient_statistics", "grouped", "layer_of", "moments",
-           "statistics_from_moments"]
+           "per_example_moments", "statistics_from_moments"]

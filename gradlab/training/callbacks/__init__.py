@@ -9,6 +9,7 @@ from __future__ import annotations
 from gradlab.training.callbacks.adversarial import AdversarialLoss
 from gradlab.training.callbacks.base import Callback, EpochInfo, StepInfo, StopTraining, every
 from gradlab.training.callbacks.checkpoints import Checkpoints
+from gradlab.training.callbacks.dashboard import Dashboard
 from gradlab.training.callbacks.metrics import (
     DivergenceStop,
     EpochEvaluation,
@@ -26,13 +27,16 @@ def default_callbacks(cfg: dict) -> list[Callback]:
     cbs: list[Callback] = [DivergenceStop(cfg.get("max_loss"))]
     if cfg.get("adv") is not None:
         cbs.append(AdversarialLoss(cfg["adv"], cfg["adv_eps"], cfg["adv_ratio"]))
-    cbs += [StepMetrics(cfg["log_every_steps"]), GradHistograms(cfg["log_every"]), *probe_callbacks(cfg),
+    probes = probe_callbacks(cfg)
+    cbs += [StepMetrics(cfg["log_every_steps"]), GradHistograms(cfg["log_every"]), *probes,
             OptimizerEvents(), EpochEvaluation(),
             Checkpoints(cfg["checkpoint_seconds"], cfg["keep_checkpoints"])]
+    if probes:  # the instruments' dashboard and overview figure (callbacks/dashboard.py)
+        cbs.append(Dashboard())
     return cbs
 
 
 __all__ = ["Callback", "StepInfo", "EpochInfo", "StopTraining", "every", "default_callbacks", "AdversarialLoss",
-           "Checkpoints", "DivergenceStop", "EpochEvaluation", "GradHistograms", "OptimizerEvents", "Progress",
-           "StepMetrics", "evaluate", "ProbeCallback", "parse_probe_spec", "probe_callbacks",
+           "Checkpoints", "Dashboard", "DivergenceStop", "EpochEvaluation", "GradHistograms", "OptimizerEvents",
+           "Progress", "StepMetrics", "evaluate", "ProbeCallback", "parse_probe_spec", "probe_callbacks",
            "training_probe"]

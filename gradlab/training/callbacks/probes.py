@@ -159,7 +159,19 @@ def probe_callbacks(cfg: dict) -> list[ProbeCallback]:
                 raise GradlabError(f"invalid --{key.replace('_', '-')} {n}: --probe already runs {name!r} "
                                    f"(give it once)")
             items.append((name, {"every": n}))
-    return [ProbeCallback(name, **opts) for name, opts in items]
+    return [make_probe_callback(name, opts) for name, opts in items]
 
 
-__all__ = ["ProbeCallback", "parse_probe_spec", "probe_callbacks", "training_probe", "ALIASES"]
+def make_probe_callback(name: str, opts: dict) -> ProbeCallback:
+    """The callback of probe ``name``: a :class:`ProbeCallback`, or the probe's own subclass of
+    it where the probe must see the update (its ``training_callback``, ``"module:Class"``)."""
+    import importlib
+
+    target = getattr(training_probe(name), "training_callback", "")
+    if not target:
+        return ProbeCallback(name, **opts)
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)(name, **opts)
+
+
+__all__ = ["ProbeCallback", "make_probe_callback", "parse_probe_spec", "probe_callbacks", "training_probe", "ALIASES"]

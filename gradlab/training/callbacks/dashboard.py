@@ -1,0 +1,64 @@
+"""The instruments' dashboard: a TensorBoard custom-scalars layout at the start of a run and an
+overview figure of every instrument at its end (:mod:`gradlab.training.overview`).
+
+``gradlab train`` adds it when ``--probe`` runs any probe: the layout groups the loss and
+accuracy, the gradient statistics, the step quality and the other probes' scalars into one
+dashboard (TensorBoard's CUSTOM SCALARS tab); at the end of the run (whatever its status, unless
+it failed) ``plots/instruments.png`` is drawn from ``metrics.csv`` -- so a resumed run's figure
+covers the whole run -- and logged as the TensorBoard image ``plots/instruments``.
+"""
+
+from __future__ import annotations
+
+from gradlab.training.callbacks.base import Callback
+
+
+class Dashboard(Callback):
+    """The custom-scalars layout and the overview figure (see the module docstring)."""
+
+    order = 90  # after every probe; the checkpoint (100) does not wait for the figure
+
+    def __init__(self, name: str = "instruments"):
+        self.name = name
+        self.panels: list = []  # the overview's panel titles, once drawn
+
+    def on_fit_start(self, trainer) -> None:
+        if not trainer.is_main:
+            return
+        from gradlab.training.overview import custom_scalars_layout, probe_splits
+
+        trainer.run.tb.add_custom_scalars(custom_scalars_layout(probe_splits(trainer.callbacks)))
+
+    def on_fit_end(self, trainer, status: str, exact: bool) -> None:
+        if not trainer.is_main or status == "failed":
+            return
+        import pandas as pd
+
+        from gradlab.training.overview import overview_figure
+
+        path = trainer.run.path / "metrics.csv"
+        if not path.exists():
+            return
+        frame = pd.read_csv(path)
+        fig, self.panels = overview_figure(frame, f"{trainer.cfg['model']} on {trainer.cfg['dataset']}, "
+                                                  f"{trainer.cfg['opt']}: instruments")
+        if fig is not None:
+            self._save(trainer.run, fig, trainer.step)
+
+    def _save(self, run, fig, step: int) -> None:
+        """``plots/<name>.png`` and the same pixels as a TensorBoard image: the figure is drawn
+        once (``RunDir.save_figure`` would draw it a second time for TensorBoard)."""
+        import matplotlib.pyplot as plt
+        from matplotlib.image import imread
+
+        path = run.path / "plots" / f"{self.name}.png"
+        try:
+            if run.enabled:
+                path.parent.mkdir(exist_ok=True)
+                fig.savefig(path, dpi=100)
+                run.tb.add_image(f"plots/{self.name}", imread(path)[..., :3], global_step=step, dataformats="HWC")
+        finally:
+            plt.close(fig)
+
+
+__all__ = ["Dashboard"]
