@@ -19,7 +19,11 @@ and one row summarises it:
 ==================  ==========================================================================
 
 An attack may add columns of its own after these (:meth:`Attack.summary`): AutoAttack's
-``broken_by_*`` counts of the examples each member broke.
+``broken_by_*`` counts of the examples each member broke. A minimum-norm attack
+(:mod:`gradlab.attacks.minnorm`: fab, cw, deepfool, fmn) runs once for the whole sweep; its
+adversarial at eps is the smallest one found if within eps, else the clean input, so robust
+accuracy is the fraction of minimum norms above eps; it adds the quartiles of the norms
+(:func:`gradlab.attacks.minnorm.norm_summary`) and the result keeps the norms themselves.
 """
 
 from __future__ import annotations
@@ -54,6 +58,10 @@ class RobustnessResult:
     adv: dict = field(default_factory=dict)
     adv_pred: dict = field(default_factory=dict)
     targets: Optional[Tensor] = None
+    #: minimum-norm attacks: each example's smallest adversarial norm ``(N,)`` (0: already wrong,
+    #: inf: none found) and that adversarial ``(N, *input_shape)`` (the clean input where none)
+    norms: Optional[Tensor] = None
+    min_adv: Optional[Tensor] = None
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -125,14 +133,24 @@ def robustness_sweep(
             targets = clean_logits.argmin(dim=1)
     result = RobustnessResult(table=pd.DataFrame(columns=COLUMNS), x=x, y=y, clean_pred=clean_pred, targets=targets)
     rows = []
+    extra = {}
+    if getattr(any_attack, "minimum_norm_attack", False):  # one search serves every eps
+        from gradlab.attacks.minnorm import norm_summary
+
+        result.min_adv, result.norms = _minimum_norms(attacks[max(eps_list)], x, y, batch_size, device, progress)
+        extra = norm_summary(result.norms, correct)
     for eps in eps_list:
         attack = attacks[eps]
-        chunks = []
-        for i in range(0, n, batch_size):
-            chunks.append(attack(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)).cpu())
-            if progress is not None:
-                progress(eps, min(i + batch_size, n), n)
-        adv = torch.cat(chunks)
+        if result.norms is not None:
+            within = (result.norms <= eps * (1 + 1e-6)).reshape(-1, *([1] * (x.dim() - 1)))
+            adv = torch.where(within, result.min_adv, x)
+        else:
+            chunks = []
+            for i in range(0, n, batch_size):
+                chunks.append(attack(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device)).cpu())
+                if progress is not None:
+                    progress(eps, min(i + batch_size, n), n)
+            adv = torch.cat(chunks)
         with model_state(model, train=False):
             adv_pred, adv_conf, _ = _predict(model, adv, batch_size, device)
         fooled = (adv_pred == targets) if targets is not None else (adv_pred != y)
@@ -151,6 +169,7 @@ def robustness_sweep(
                 "mean_confidence": adv_conf.mean().item(),
                 "n": n,
                 **attack.summary(),  # an ensemble's per-member counts (broken_by_*)
+                **extra,  # a minimum-norm attack's quartiles of the norms
             }
         )
         result.adv_pred[eps] = adv_pred
@@ -158,6 +177,19 @@ def robustness_sweep(
             result.adv[eps] = adv
     result.table = pd.DataFrame(rows, columns=COLUMNS + [k for k in rows[0] if k not in COLUMNS])
     return result
+
+
+def _minimum_norms(attack, x: Tensor, y: Tensor, batch_size: int, device, progress) -> tuple[Tensor, Tensor]:
+    """``(x_adv, norms)`` of a minimum-norm attack over all of ``x`` in batches, on the CPU."""
+    advs, norms = [], []
+    n = x.shape[0]
+    for i in range(0, n, batch_size):
+        adv, nrm = attack.minimum_norm(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device))
+        advs.append(adv.cpu())
+        norms.append(nrm.cpu())
+        if progress is not None:
+            progress(attack.eps, min(i + batch_size, n), n)
+    return torch.cat(advs), torch.cat(norms)
 
 
 def robustness_report(
