@@ -120,6 +120,12 @@ def _command(
         table = result.table
         run_dir.write_csv("attack.csv", table)
         _log(run_dir, result, attack, cfg)
+        figures = {}
+        if result.norms is not None:  # a minimum-norm attack: each example's norm, their curve and median
+            from gradlab_cli._minnorm import NORM_COLUMNS, terminal_table, write_minimum_norms
+
+            figures = write_minimum_norms(run_dir, result, attack, cfg, eps_list)
+            table = table.drop(columns=NORM_COLUMNS)  # in their own terminal table below
         if cfg["save_adv"]:
             _save_npz(run_dir.path / "adversarial.npz", result, eps_list)
         has_dropout = any(isinstance(m, DROPOUTS) for m in loaded.model.modules())
@@ -131,6 +137,10 @@ def _command(
             mode += f"; dropout sampled in the {eot} EOT passes per gradient"
         if not quiet:
             render_table(table, title=f"{attack} on {source.name} ({x.shape[0]} of {n_total} test examples, norm {cfg['norm']})")
+            if figures:
+                render_table(terminal_table(result, figures), title=(
+                    f"minimum {cfg['norm']} norms: {figures['n_found']} of {figures['n_attacked']} correct examples "
+                    f"broken, median {figures['median_norm']:.4g}"))
             console.print(f"model ran in {mode}", highlight=False)
         worst = table.iloc[table["eps"].values.argmax()]
         run_dir.log_text("attack/model_mode", f"model ran in {mode}")
@@ -141,7 +151,7 @@ def _command(
                 "attack": attack, "source_run": source.name, "norm": cfg["norm"], "n": int(x.shape[0]),
                 "clean_acc": float(worst["clean_acc"]), "max_eps": float(worst["eps"]),
                 "robust_acc": float(worst["robust_acc"]), "success_rate": float(worst["success_rate"]),
-                "model_mode": "eval",
+                "model_mode": "eval", **({"median_norm": figures["median_norm"]} if figures else {}),
             },
         )
 
@@ -190,7 +200,10 @@ def _sweep_with_progress(model, x, y, attack, eps_list, cfg, opts, quiet):
         return robustness_sweep(*args, keep_adv=keep, **opts)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    total = x.shape[0] * len(eps_list)
+    from gradlab.attacks import ATTACKS
+
+    once = getattr(ATTACKS.entry(attack).obj, "minimum_norm_attack", False)  # one search for every eps
+    total = x.shape[0] * (1 if once else len(eps_list))
     with Progress(
         TextColumn(f"[bold]{attack}[/bold] eps {{task.fields[eps]}}"), BarColumn(), MofNCompleteColumn(),
         TimeRemainingColumn(), console=console, transient=True,
@@ -199,7 +212,7 @@ def _sweep_with_progress(model, x, y, attack, eps_list, cfg, opts, quiet):
         order = {e: i for i, e in enumerate(eps_list)}
 
         def progress(e, done, n):
-            bar.update(task, completed=order[e] * n + done, eps=f"{e:g}")
+            bar.update(task, completed=done if once else order[e] * n + done, eps="all" if once else f"{e:g}")
 
         return robustness_sweep(*args, keep_adv=keep, progress=progress, **opts)
 

@@ -15,8 +15,7 @@ from gradlab.core.registry import Registry
 ATTACKS = Registry("attack")
 
 # Registration happens on import of each attack module (one file, one decorator each).
-from gradlab.attacks import apgd, autoattack, curls, curvature, fab, fgsm, pgd, square  # noqa: E402,F401
-from gradlab.attacks import cw, deepfool, fmn  # noqa: E402,F401  (minimum-norm attacks)
+from gradlab.attacks import apgd, autoattack, curls, curvature, cw, deepfool, fab, fgsm, fmn, pgd, square  # noqa: E402,F401
 from gradlab.attacks.base import ATTACK_OPTIONS, NORMS, Attack, check_eps, flat_norm  # noqa: E402
 
 

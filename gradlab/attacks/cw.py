@@ -33,7 +33,7 @@ from gradlab.core.options import Option, Options
 
 OPTIONS = ATTACK_OPTIONS.without("norm") + Options(
     Option("norm", str, "l2", "the norm minimised: CW's L2 attack", choices=("l2",)),
-    replace(STEPS, default=1000, help="Adam iterations per value of c"),
+    replace(STEPS, default=1000),  # Adam iterations per value of c
     Option("binary_search_steps", int, 9, "runs of the binary search over c (one per value)", low=1,
            paper="Carlini & Wagner 2017"),
     Option("initial_const", float, 1e-3, "first c, the weight of the misclassification term", low=0, low_open=True,

@@ -31,7 +31,7 @@ from gradlab.core.options import Option, Options
 
 OPTIONS = ATTACK_OPTIONS.without("norm") + Options(
     Option("norm", str, "l2", "the norm minimised (dual norm of the step: l2 or l1)", choices=NORMS),
-    replace(STEPS, default=50, help="largest number of linearisation steps"),
+    replace(STEPS, default=50),  # the most linearisation steps
     Option("overshoot", float, 0.02, "the sum of the steps is scaled by 1 + overshoot", low=0,
            paper="Moosavi-Dezfooli et al. 2016"),
     Option("candidates", int, 10, "classes considered: the most likely clean ones, the prediction included", low=2,

@@ -62,6 +62,7 @@ class RobustnessResult:
     #: inf: none found) and that adversarial ``(N, *input_shape)`` (the clean input where none)
     norms: Optional[Tensor] = None
     min_adv: Optional[Tensor] = None
+    min_pred: Optional[Tensor] = None  # the model's predictions on ``min_adv``
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -139,6 +140,8 @@ def robustness_sweep(
 
         result.min_adv, result.norms = _minimum_norms(attacks[max(eps_list)], x, y, batch_size, device, progress)
         extra = norm_summary(result.norms, correct)
+        with model_state(model, train=False):
+            result.min_pred = _predict(model, result.min_adv, batch_size, device)[0]
     for eps in eps_list:
         attack = attacks[eps]
         if result.norms is not None:
