@@ -1,7 +1,7 @@
 """FGSM, 10-step PGD, APGD and AutoAttack: gradlab against torchattacks on the same model and batch.
 
 Run: ``python benchmarks/bench_attacks.py [--batch 512] [--repeats 15] [--threads 1]
-[--rounds 3 --strong-batch 256 --queries 5000 | --no-strong | --only-strong]``.
+[--rounds 3 --strong-batch 256 --queries 5000 | --no-strong | --only-strong | --only-minnorm [--resnet]]``.
 Needs the ``bench`` extra for the comparison (``pip install -c constraints-cpu.txt torchattacks``);
 without torchattacks it reports gradlab alone.
 
@@ -17,7 +17,13 @@ For each model (an MLP and a small CNN, trained here on sklearn's 8x8 digits, se
   examples: throughput medians, the median and the min-max spread of the per-round ratios, and
   both libraries' robust accuracy (the same work: survivors decide what the later members cost).
   torchattacks' ``AutoAttack`` runs its members with 10 steps (its defaults), so it is compared
-  as a ``MultiAttack`` of the same members at the reference's 100 steps.
+  as a ``MultiAttack`` of the same members at the reference's 100 steps;
+* ``--only-minnorm``: CW (one c = 1, 50 Adam steps, lr 0.01: torchattacks' CW has no binary
+  search; early abort in both, torchattacks' per batch, ours per example) and DeepFool (L2, 50
+  steps, overshoot 0.02) on ``--minnorm-batch`` examples, plus APGD and AutoAttack when
+  ``--resnet`` adds resnet20 on random 3x32x32 inputs (untrained; ``--resnet-batch`` examples):
+  ex/s medians, ratio median [min, max] over ``--rounds``, and both libraries' median L2 over
+  the examples both broke.
 """
 
 from __future__ import annotations
@@ -108,6 +114,53 @@ def strong_rounds(models: dict, x, y, eps: float, rounds: int, queries: int, tor
                   f"[{ratios[0]:.2f}, {ratios[-1]:.2f}]  {acc['ours']:.4f} / {acc['theirs']:.4f}")
 
 
+def minnorm_pairs(model, torchattacks) -> dict:
+    """``{name: (gradlab call, torchattacks call)}`` for CW and DeepFool, like for like; both
+    return the adversarial examples (gradlab's: the clean input where none was found)."""
+    g_cw = build_attack("cw", model, 1.0, steps=50, binary_search_steps=1, initial_const=1.0, lr=0.01)
+    g_df = build_attack("deepfool", model, 1.0, norm="l2", steps=50, overshoot=0.02)
+    return {"cw": (g_cw, torchattacks.CW(model, c=1, kappa=0, steps=50, lr=0.01)),
+            "deepfool": (g_df, torchattacks.DeepFool(model, steps=50, overshoot=0.02))}
+
+
+def minnorm_rounds(models: dict, data: dict, rounds: int, torchattacks, extra=None) -> None:
+    """CW / DeepFool (and ``extra``: more pairs per model) ex/s, ratio spread, median L2 of both."""
+    print(f"\nMinimum-norm attacks, {rounds} alternating rounds (ratio = gradlab ex/s / torchattacks ex/s)")
+    header = (f"{'model':8} {'attack':10} {'n':>4} {'gradlab ex/s':>12} {'ta ex/s':>8} {'ratio':>6} "
+              f"{'[min, max]':>13}  median L2 gradlab / ta")
+    print(header)
+    print("-" * len(header))
+    for mname, model in models.items():
+        x, y = data[mname]
+        pairs = minnorm_pairs(model, torchattacks)
+        if extra is not None:
+            pairs.update(extra(model))
+        for aname, (ours, theirs) in pairs.items():
+            t_ours, t_theirs, adv = [], [], {}
+            for _ in range(rounds):  # alternate so both see the same machine load
+                for who, fn, times in (("ours", ours, t_ours), ("theirs", theirs, t_theirs)):
+                    t0 = time.perf_counter()
+                    adv[who] = fn(x, y)
+                    times.append(time.perf_counter() - t0)
+            ratios = sorted(b / a for a, b in zip(t_ours, t_theirs))
+            with torch.no_grad():
+                both = (model(adv["ours"]).argmax(1) != y) & (model(adv["theirs"]).argmax(1) != y)
+                both &= model(x).argmax(1) == y
+            med = {w: (adv[w] - x).flatten(1).norm(dim=1)[both].median().item() if both.any() else float("nan")
+                   for w in adv}
+            print(f"{mname:8} {aname:10} {len(y):4d} {len(y) / statistics.median(t_ours):12.1f} "
+                  f"{len(y) / statistics.median(t_theirs):8.1f} {statistics.median(ratios):6.2f} "
+                  f"[{ratios[0]:.2f}, {ratios[-1]:.2f}]  {med['ours']:.4f} / {med['theirs']:.4f}")
+
+
+def resnet20():
+    from gradlab.data.base import DataSpec
+    from gradlab.models import build_model
+
+    spec = DataSpec("cifar10", (3, 32, 32), 10, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26])
+    return build_model("resnet20", spec).eval()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=512)
@@ -119,6 +172,10 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=5000, help="Square's budget inside AutoAttack")
     ap.add_argument("--no-strong", action="store_true", help="FGSM and PGD only")
     ap.add_argument("--only-strong", action="store_true", help="APGD and AutoAttack only")
+    ap.add_argument("--only-minnorm", action="store_true", help="CW and DeepFool only (see --resnet)")
+    ap.add_argument("--minnorm-batch", type=int, default=128, help="examples per CW / DeepFool call")
+    ap.add_argument("--resnet", action="store_true", help="with --only-minnorm: also resnet20 on 3x32x32 (slow)")
+    ap.add_argument("--resnet-batch", type=int, default=16, help="examples per call on resnet20")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -136,6 +193,23 @@ def main() -> None:
     models = make_models()
     for model in models.values():
         train(model, x_all, y_all)
+    if args.only_minnorm:
+        if torchattacks is None:
+            raise SystemExit("--only-minnorm compares with torchattacks, which is unavailable")
+        nb = args.minnorm_batch
+        data = {m: (x_all[:nb], y_all[:nb]) for m in models}
+        extra = None
+        if args.resnet:
+            models["resnet20"] = resnet20()
+            g = torch.Generator().manual_seed(0)
+            xr = torch.rand(args.resnet_batch, 3, 32, 32, generator=g)
+            with torch.no_grad():  # its own predictions as labels: every example starts correct
+                data["resnet20"] = (xr, models["resnet20"](xr).argmax(1))
+
+            def extra(model):
+                return {k: v for k, v in strong_pairs(model, 8 / 255, args.queries, torchattacks).items()} \
+                    if model is models["resnet20"] else {}
+        return minnorm_rounds(models, data, args.rounds, torchattacks, extra)
     if args.only_strong:
         if torchattacks is None:
             raise SystemExit("--only-strong compares with torchattacks, which is unavailable")

@@ -132,6 +132,12 @@ def _attack(source, dev, info, attack, eps_list, cfg, opts, quiet, trust_code) -
         run_dir.write_csv("attack.csv", table)
         if run_dir.enabled:  # rank 0 only under torchrun: the others have no folder to draw into
             _log(run_dir, result, attack, cfg)
+        figures = {}
+        if result.norms is not None and run_dir.enabled:  # a minimum-norm attack: norms, their curve, median
+            from gradlab_cli._minnorm import NORM_COLUMNS, terminal_table, write_minimum_norms
+
+            figures = write_minimum_norms(run_dir, result, attack, cfg, eps_list)
+            table = table.drop(columns=NORM_COLUMNS)  # in their own terminal table below
         if cfg["save_adv"] and run_dir.enabled:
             _save_npz(run_dir.path / "adversarial.npz", result, eps_list)
         has_dropout = any(isinstance(m, DROPOUTS) for m in loaded.model.modules())
@@ -143,6 +149,10 @@ def _attack(source, dev, info, attack, eps_list, cfg, opts, quiet, trust_code) -
             mode += f"; dropout sampled in the {eot} EOT passes per gradient"
         if not quiet:
             render_table(table, title=f"{attack} on {source.name} ({x.shape[0]} of {n_total} test examples, norm {cfg['norm']})")
+            if figures:
+                render_table(terminal_table(result, figures), title=(
+                    f"minimum {cfg['norm']} norms: {figures['n_found']} of {figures['n_attacked']} correct examples "
+                    f"broken, median {figures['median_norm']:.4g}"))
             console.print(f"model ran in {mode}", highlight=False)
         worst = table.iloc[table["eps"].values.argmax()]
         run_dir.log_text("attack/model_mode", f"model ran in {mode}")
@@ -153,7 +163,7 @@ def _attack(source, dev, info, attack, eps_list, cfg, opts, quiet, trust_code) -
                 "attack": attack, "source_run": source.name, "norm": cfg["norm"], "n": int(x.shape[0]),
                 "clean_acc": float(worst["clean_acc"]), "max_eps": float(worst["eps"]),
                 "robust_acc": float(worst["robust_acc"]), "success_rate": float(worst["success_rate"]),
-                "model_mode": "eval",
+                "model_mode": "eval", **({"median_norm": figures["median_norm"]} if figures else {}),
             },
         )
 
@@ -202,7 +212,10 @@ def _sweep_with_progress(model, x, y, attack, eps_list, cfg, opts, quiet, info):
         return robustness_sweep(*args, keep_adv=keep, dist=info, **opts)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    total = x.shape[0] * len(eps_list)
+    from gradlab.attacks import ATTACKS
+
+    once = getattr(ATTACKS.entry(attack).obj, "minimum_norm_attack", False)  # one search for every eps
+    total = x.shape[0] * (1 if once else len(eps_list))
     with Progress(
         TextColumn(f"[bold]{attack}[/bold] eps {{task.fields[eps]}}"), BarColumn(), MofNCompleteColumn(),
         TimeRemainingColumn(), console=console, transient=True,
@@ -211,7 +224,7 @@ def _sweep_with_progress(model, x, y, attack, eps_list, cfg, opts, quiet, info):
         order = {e: i for i, e in enumerate(eps_list)}
 
         def progress(e, done, n):
-            bar.update(task, completed=order[e] * n + done, eps=f"{e:g}")
+            bar.update(task, completed=done if once else order[e] * n + done, eps="all" if once else f"{e:g}")
 
         return robustness_sweep(*args, keep_adv=keep, progress=progress, dist=info, **opts)
 

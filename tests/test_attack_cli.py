@@ -72,7 +72,7 @@ def test_attack_sweep_writes_csv_plots_npz_and_states_eval_mode(runs, capsys):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["nope"], "choose from: apgd, autoattack, curls, curvature, fab, fgsm, pgd, square"),
+        (["nope"], "choose from: apgd, autoattack, curls, curvature, cw, deepfool, fab, fgsm, fmn, pgd, square"),
         (["fgsm", "--eps", "-0.1"], "eps"),
         (["fgsm", "--eps", "1.5"], "eps"),
         (["pgd", "--steps", "0"], "steps"),

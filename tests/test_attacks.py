@@ -28,6 +28,9 @@ FAST = {
     "square": {"n_queries": 15},
     "fab": {"steps": 4, "n_target_classes": 2},
     "autoattack": {"steps": 3, "n_queries": 10, "n_target_classes": 2},
+    "cw": {"steps": 5, "binary_search_steps": 2},
+    "deepfool": {"steps": 5},
+    "fmn": {"steps": 5},
 }
 
 
@@ -126,7 +129,9 @@ def test_every_attack_stays_within_budget_and_box(name, norm, eps_frac, seed, ta
     x[1, 0, 1] = 1.0
     y = torch.randint(0, 3, (4,), generator=gen)
     eps = eps_frac if norm == "linf" else 3.0 * eps_frac
-    aim = {} if name == "autoattack" else {"targeted": targeted}  # autoattack refuses targeted (untargeted by definition)
+    norm = "l2" if name == "cw" else norm  # CW is an L2 attack
+    # autoattack and deepfool refuse targeted (untargeted by definition)
+    aim = {} if name in ("autoattack", "deepfool") else {"targeted": targeted}
     adv = attack_batch(name, model, x, y, eps, norm=norm, seed=seed, **aim, **FAST[name])
     assert adv.shape == x.shape and adv.dtype == x.dtype and not adv.requires_grad
     assert adv.min() >= 0 and adv.max() <= 1
@@ -349,7 +354,7 @@ def test_curvature_attack_moves_where_the_gradient_vanishes():
         ("pgd", 0.1, {"norm": "l1"}, "norm"),
         ("pgd", 0.1, {"restarts": 0}, "restarts"),
         ("nope", 0.1, {}, "choose from"),
-        ("fgsm", 0.1, {"steps": 3}, r"'steps' is an option of attack apgd, attack autoattack, attack curls, attack curvature, attack fab, attack pgd, not of attack fgsm"),
+        ("fgsm", 0.1, {"steps": 3}, r"'steps' is an option of attack apgd, attack autoattack, attack curls, attack curvature, attack cw, attack deepfool, attack fab, attack fmn, attack pgd, not of attack fgsm"),
         ("pgd", 0.1, {"step": 3}, "unknown option 'step' of attack pgd; did you mean 'steps'"),
         ("pgd", 0.1, {"steps": "3"}, "is text, not a number"),
         ("pgd", 0.1, {"random_start": 1}, "invalid random_start: 1 .must be true or false"),

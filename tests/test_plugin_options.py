@@ -166,8 +166,10 @@ def test_a_toy_attack_from_a_test_file_runs_through_the_cli(toy, runs, capsys):
     code, out, err = _cli(["attack", "--help"], capsys)
     flat = " ".join(out.replace("│", " ").split())
     assert code == 0 and "--scale" in flat and "(attack: toy) (default: 1)" in flat
-    assert "(attack: apgd, autoattack, curls, curvature, fab, pgd) (default: apgd 100, autoattack 100, curls 20, curvature 1, ...)" in flat  # --steps
-    assert "One of: linf, l2. (default: linf)" in flat  # --norm: every attack takes it
+    assert ("(attack: apgd, autoattack, curls, curvature, cw, deepfool, fab, fmn, pgd) (default: apgd 100, "
+            "autoattack 100, curls 20, curvature 1, ...)") in flat  # --steps
+    # --norm: every attack takes it; cw and deepfool default to l2, fmn also takes l1 and l0
+    assert "One of: linf, l2. (default: apgd linf, autoattack linf, curls linf, curvature linf, ...)" in flat
     code, out, err = _cli(["attack", "toy", "--eps", "0,0.1", "--scale", "0.5", "--n-examples", "30", "--grid", "0",
                            "--runs-dir", runs, "--quiet"], capsys)
     assert code == 0, err

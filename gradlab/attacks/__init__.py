@@ -1,4 +1,5 @@
-"""Adversarial attacks in pixel space: FGSM, PGD, a second-order curvature attack, Curls & Whey.
+"""Adversarial attacks in pixel space: FGSM, PGD, a second-order curvature attack, Curls & Whey,
+APGD, Square, FAB, AutoAttack and the minimum-norm attacks CW, DeepFool and FMN.
 
 Every attack is one file with one class registered in :data:`ATTACKS` together with its options,
 declared once (:attr:`Attack.options`); they share the budget, mode and EOT handling of
@@ -14,7 +15,7 @@ from gradlab.core.registry import Registry
 ATTACKS = Registry("attack")
 
 # Registration happens on import of each attack module (one file, one decorator each).
-from gradlab.attacks import apgd, autoattack, curls, curvature, fab, fgsm, pgd, square  # noqa: E402,F401
+from gradlab.attacks import apgd, autoattack, curls, curvature, cw, deepfool, fab, fgsm, fmn, pgd, square  # noqa: E402,F401
 from gradlab.attacks.base import ATTACK_OPTIONS, NORMS, Attack, check_eps, flat_norm  # noqa: E402
 
 

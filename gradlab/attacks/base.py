@@ -79,6 +79,8 @@ def flat_norm(t: Tensor, norm: str) -> Tensor:
     flat = t.reshape(t.shape[0], -1).double()
     if norm == "linf":
         return flat.abs().amax(dim=1) if flat.shape[1] else flat.new_zeros(flat.shape[0])
+    if norm in ("l1", "l0"):  # l0: the number of nonzero entries
+        return flat.abs().sum(dim=1) if norm == "l1" else (flat != 0).sum(dim=1).double()
     return flat.norm(dim=1)
 
 
@@ -308,6 +310,10 @@ class Attack(abc.ABC):
             return torch.minimum(torch.maximum(x_adv, lo), hi)
         x0 = self._x0 if x0 is None else x0
         delta = x_adv - x0
+        if self.norm in ("l1", "l0"):  # fmn's norms: the exact ball projections of their own module
+            from gradlab.attacks.projections import project_ball
+
+            return (x0 + project_ball(delta, self.eps, self.norm)).clamp(0.0, 1.0)
         n = flat_norm(delta, "l2")
         factor = torch.where(n > self.eps, self.eps / n.clamp_min(1e-30), torch.ones_like(n))
         delta = delta * per_example(factor.to(delta.dtype), delta)

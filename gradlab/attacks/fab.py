@@ -36,7 +36,8 @@ import torch
 from torch import Tensor
 
 from gradlab.attacks import ATTACKS
-from gradlab.attacks.base import ATTACK_OPTIONS, STEPS, Attack, flat_norm, per_example
+from gradlab.attacks.base import ATTACK_OPTIONS, STEPS, flat_norm, per_example
+from gradlab.attacks.minnorm import MinimumNormAttack
 from gradlab.core.options import Option, Options
 
 OPTIONS = ATTACK_OPTIONS.without("targeted") + Options(
@@ -97,8 +98,13 @@ def project_hyperplane_box(w: Tensor, c: Tensor, lo: Tensor, hi: Tensor, norm: s
     options=OPTIONS,
     paper="Croce & Hein 2020b",
 )
-class FAB(Attack):
-    """Targeted FAB; see the module docstring. Options: :data:`OPTIONS`."""
+class FAB(MinimumNormAttack):
+    """Targeted FAB; see the module docstring. Options: :data:`OPTIONS`.
+
+    As a minimum-norm attack (:meth:`minimum_norm`, the sweep of ``gradlab attack fab``) every
+    target class and restart runs on every example and the smallest adversarial is kept; a call
+    at a budget (AutoAttack's member) stops with an example once it is broken within eps.
+    """
 
     name = "fab"
     options = OPTIONS
@@ -106,6 +112,12 @@ class FAB(Attack):
     # every option of OPTIONS is an attribute (set by Attack.__init__)
 
     def perturb(self, x: Tensor, y: Tensor) -> Tensor:
+        return self._runs(x, y, stop_within_eps=True)
+
+    def search(self, x: Tensor, y: Tensor) -> Tensor:
+        return self._runs(x, y, stop_within_eps=False)
+
+    def _runs(self, x: Tensor, y: Tensor, stop_within_eps: bool) -> Tensor:
         with torch.no_grad():
             clean = self.logits(x)
         robust = ~self.is_adversarial(clean)
@@ -126,7 +138,8 @@ class FAB(Attack):
                 closer = d < dist[idx]
                 best[idx[closer]] = adv[closer]
                 dist[idx[closer]] = d[closer]
-                robust[idx[closer & (d <= self.eps * (1 + 1e-6))]] = False
+                if stop_within_eps:
+                    robust[idx[closer & (d <= self.eps * (1 + 1e-6))]] = False
         return best
 
     def _boundary(self, x1: Tensor, y: Tensor, t: Optional[Tensor]) -> tuple[Tensor, Tensor]:

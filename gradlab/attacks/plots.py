@@ -110,3 +110,28 @@ def adversarial_grid(
     fig.suptitle(f"{title or (f'eps = {eps:g}' if eps is not None else 'adversarial examples')}: {shown}", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def robust_acc_vs_norm(curve: pd.DataFrame, median: float, norm: str, eps: Sequence[float] = (),
+                       title: Optional[str] = None):
+    """The robust-accuracy-vs-eps step function of a minimum-norm attack's norms (one run).
+
+    ``curve`` has :data:`gradlab.attacks.minnorm.CURVE_COLUMNS`; the median norm is a dotted
+    vertical line (left out when infinite) and the budgets ``eps`` of the sweep are marked.
+    """
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    xs, ys = curve["eps"].to_numpy(), curve["robust_acc"].to_numpy()
+    ax.step(xs, ys, where="post", label="robust accuracy")
+    if np.isfinite(median):
+        ax.axvline(median, color="grey", linestyle=":", linewidth=1, label=f"median norm {median:.3g}")
+    for e in eps:
+        at = ys[max(int(np.searchsorted(xs, e, side="right")) - 1, 0)]
+        ax.plot([e], [at], marker="o", color="C1")
+    ax.set_xlabel(f"eps ({norm}, pixel units)" if norm != "l0" else "eps (changed features)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or "robust accuracy implied by the minimum norms")
+    fig.tight_layout()
+    return fig

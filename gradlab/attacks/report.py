@@ -19,7 +19,11 @@ and one row summarises it:
 ==================  ==========================================================================
 
 An attack may add columns of its own after these (:meth:`Attack.summary`): AutoAttack's
-``broken_by_*`` counts of the examples each member broke.
+``broken_by_*`` counts of the examples each member broke. A minimum-norm attack
+(:mod:`gradlab.attacks.minnorm`: fab, cw, deepfool, fmn) runs once for the whole sweep; its
+adversarial at eps is the smallest one found if within eps, else the clean input, so robust
+accuracy is the fraction of minimum norms above eps; it adds the quartiles of the norms
+(:func:`gradlab.attacks.minnorm.norm_summary`) and the result keeps the norms themselves.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ class RobustnessResult:
     adv: dict = field(default_factory=dict)
     adv_pred: dict = field(default_factory=dict)
     targets: Optional[Tensor] = None
+    #: minimum-norm attacks: each example's smallest adversarial norm ``(N,)`` (0: already wrong,
+    #: inf: none found) and that adversarial ``(N, *input_shape)`` (the clean input where none)
+    norms: Optional[Tensor] = None
+    min_adv: Optional[Tensor] = None
+    min_pred: Optional[Tensor] = None  # the model's predictions on ``min_adv``
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -133,26 +142,44 @@ def robustness_sweep(
     rows = []
     starts = list(range(0, n, batch_size))
     mine = [starts[i] for i in my_share(len(starts), dist)]  # under torchrun, this rank's batches
+    extra = {}
+    if getattr(any_attack, "minimum_norm_attack", False):  # one search serves every eps
+        from gradlab.attacks.minnorm import norm_summary
+
+        result.min_adv, result.norms = _minimum_norms(attacks[max(eps_list)], x, y, batch_size, device, progress,
+                                                      mine, dist)
+        extra = norm_summary(result.norms, correct)
+        with model_state(model, train=False):
+            result.min_pred = _predict(model, result.min_adv, batch_size, device)[0]
     for eps in eps_list:
         attack = attacks[eps]
-        adv = torch.zeros_like(x) if keep_adv else None
-        stats = torch.zeros(4, n, dtype=torch.float64)  # prediction, confidence, linf, l2 per example
-        for done, i in enumerate(mine):
-            xb = x[i : i + batch_size]
-            a = attack(xb.to(device), y[i : i + batch_size].to(device)).cpu()
+        if result.norms is not None:  # every rank holds all the norms: the rows follow from them
+            within = (result.norms <= eps * (1 + 1e-6)).reshape(-1, *([1] * (x.dim() - 1)))
+            adv = torch.where(within, result.min_adv, x)
             with model_state(model, train=False):
-                pred, conf, _ = _predict(model, a, batch_size, device)
-            d = a - xb
-            stats[:, i : i + len(xb)] = torch.stack([pred.double(), conf.double(), flat_norm(d, "linf").double(),
-                                                     flat_norm(d, "l2").double()])
-            if adv is not None:
-                adv[i : i + len(xb)] = a
-            if progress is not None:
-                progress(eps, min(sum(min(batch_size, n - j) for j in mine[: done + 1]), n), n)
-        if dist.enabled:  # each example was attacked by one rank, zeros elsewhere: the sums are exact
-            sum_over_ranks(stats, dist)
-            if adv is not None:
-                sum_over_ranks(adv, dist)
+                pred, conf, _ = _predict(model, adv, batch_size, device)
+            d = adv - x
+            stats = torch.stack([pred.double(), conf.double(), flat_norm(d, "linf").double(),
+                                 flat_norm(d, "l2").double()])
+        else:
+            adv = torch.zeros_like(x) if keep_adv else None
+            stats = torch.zeros(4, n, dtype=torch.float64)  # prediction, confidence, linf, l2 per example
+            for done, i in enumerate(mine):
+                xb = x[i : i + batch_size]
+                a_ = attack(xb.to(device), y[i : i + batch_size].to(device)).cpu()
+                with model_state(model, train=False):
+                    pred, conf, _ = _predict(model, a_, batch_size, device)
+                d = a_ - xb
+                stats[:, i : i + len(xb)] = torch.stack([pred.double(), conf.double(),
+                                                         flat_norm(d, "linf").double(), flat_norm(d, "l2").double()])
+                if adv is not None:
+                    adv[i : i + len(xb)] = a_
+                if progress is not None:
+                    progress(eps, min(sum(min(batch_size, n - j) for j in mine[: done + 1]), n), n)
+            if dist.enabled:  # each example was attacked by one rank, zeros elsewhere: the sums are exact
+                sum_over_ranks(stats, dist)
+                if adv is not None:
+                    sum_over_ranks(adv, dist)
         adv_pred, adv_conf = stats[0].long(), stats[1].float()  # the confidences were float32
         linf, l2 = stats[2].to(x.dtype), stats[3].to(x.dtype)  # the norms were in the inputs' dtype
         fooled = (adv_pred == targets) if targets is not None else (adv_pred != y)
@@ -170,6 +197,7 @@ def robustness_sweep(
                 "mean_confidence": adv_conf.mean().item(),
                 "n": n,
                 **_summed(attack.summary(), dist),  # an ensemble's per-member counts (broken_by_*)
+                **extra,  # a minimum-norm attack's quartiles of the norms
             }
         )
         result.adv_pred[eps] = adv_pred
@@ -185,6 +213,24 @@ def _summed(summary: dict, dist: DistInfo) -> dict:
         return summary
     parts = gather_objects(summary, dist)
     return {k: sum(p.get(k, 0) for p in parts) for k in parts[0]}
+
+
+def _minimum_norms(attack, x: Tensor, y: Tensor, batch_size: int, device, progress, mine: list,
+                   dist: DistInfo) -> tuple[Tensor, Tensor]:
+    """``(x_adv, norms)`` of a minimum-norm attack over all of ``x`` on the CPU: this rank's
+    batches ``mine``, the others' filled in by a sum over ranks (zeros where a rank did not look)."""
+    n = x.shape[0]
+    advs, norms = torch.zeros_like(x), torch.zeros(n, dtype=x.dtype)
+    for done, i in enumerate(mine):
+        adv, nrm = attack.minimum_norm(x[i : i + batch_size].to(device), y[i : i + batch_size].to(device))
+        advs[i : i + len(adv)] = adv.cpu()
+        norms[i : i + len(adv)] = nrm.cpu().to(x.dtype)
+        if progress is not None:
+            progress(attack.eps, min(sum(min(batch_size, n - j) for j in mine[: done + 1]), n), n)
+    if dist.enabled:
+        sum_over_ranks(advs, dist)
+        sum_over_ranks(norms, dist)
+    return advs, norms
 
 
 def robustness_report(
