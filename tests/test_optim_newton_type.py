@@ -192,3 +192,20 @@ def test_rosenbrock_counts_match_scipy_in_order_of_magnitude():
     ours = {n: _rosenbrock_iterations(n) for n in ("lbfgs", "sr1", "newton")}
     for name, ref, factor in (("lbfgs", lbfgsb, 4), ("sr1", bfgs, 4), ("newton", krylov, 10)):
         assert ours[name] is not None and ref / factor <= ours[name] <= factor * ref, (name, ours[name], ref)
+
+
+def test_readme_rosenbrock_table_is_what_the_stated_command_computes():
+    from pathlib import Path
+
+    from gradlab.landscape.trajectories import optimize
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    names = ["sgd", "momentum", "adam", "lbfgs", "sr1", "newton"]
+    assert f"gradlab optimize --fn rosenbrock --opt {','.join(names)} --steps 2000" in " ".join(text.split())
+    assert (Path(__file__).resolve().parents[1] / "docs" / "newton_saddle.png").exists()
+    traj, _, _ = optimize("rosenbrock", names, steps=2000)
+    cells = []
+    for name in names:
+        hit = traj[(traj.optimizer == name) & (traj.grad_norm <= 1e-8)]
+        cells.append(str(int(hit.step.iloc[0])) if len(hit) else "> 2000")
+    assert "| iterations | " + " | ".join(cells) + " |" in text
