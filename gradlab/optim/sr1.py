@@ -23,7 +23,7 @@ Each step (N&W Algorithm 6.2, with the radius rule of Algorithm 4.1): evaluate `
 closure; this loss is the step's), solve for ``p`` with ``||p|| <= radius``, evaluate at
 ``x + p``; accept when ``rho = (f(x) - f(x + p)) / (model decrease) > eta``; update ``B`` with the
 pair whether or not it was accepted; double the radius when ``rho > 0.75`` and ``p`` reached
-``0.8 radius``, halve it when ``rho < 0.1``. ``lr`` is the initial radius. Two closure evaluations
+``0.8 radius``, set it to half the step length when ``rho < 0.1``. ``lr`` is the initial radius. Two closure evaluations
 per step; with mini-batches both see the same batch, so ``y`` is a consistent difference.
 """
 
