@@ -50,12 +50,16 @@ DEFAULT_LRS = {
     "adagrad": 0.3,
     "adahessian": 0.1,
     "curvature-gd": 0.1,
-    "newton": 0.5,
+    "newton": 1.0,
+    "saddle-free-newton": 1.0,
+    "lbfgs": 1.0,
+    "sr1": 1.0,  # its initial trust-region radius
     "langevin": 0.01,
     "sam": 0.01,
 }
 DEFAULT_LR = 0.01
-SCALE_FREE = frozenset({"adam", "adamw", "rmsprop", "adagrad", "adahessian", "curvature-gd", "swats"})
+SCALE_FREE = frozenset({"adam", "adamw", "rmsprop", "adagrad", "adahessian", "curvature-gd", "swats", "newton",
+                        "saddle-free-newton", "lbfgs", "sr1"})
 SHOWCASE = ("sgd", "momentum", "adam", "adahessian", "curvature-gd", "langevin")
 
 #: ``gradlab optimize``'s options.

@@ -12,7 +12,7 @@ Two stepping conventions, told apart by the class attribute ``needs_loss_closure
 
       opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
 
-* ``True`` (adahessian, curvature-gd): the closure returns the loss and does NOT call backward;
+* ``True`` (adahessian, curvature-gd, lbfgs, sr1, newton, saddle-free-newton): the closure returns the loss and does NOT call backward;
   the optimizer takes the gradient and the Hessian-vector products itself::
 
       opt.zero_grad(); loss = opt.step(lambda: loss_fn(model(x), y))
@@ -36,6 +36,7 @@ from gradlab.core.errors import GradlabError
 # Importing a module registers its optimizers; this order is the order `gradlab list` shows.
 from gradlab.optim import first_order  # noqa: F401  (registration)
 from gradlab.optim import adahessian, curvature_gd, langevin, swats  # noqa: F401,I001
+from gradlab.optim import lbfgs, newton, sr1  # noqa: F401,I001  (closure.py's contract)
 from gradlab.optim.registry import OPTIMIZERS, check_seed
 from gradlab.optim.schedules import SCHEDULES, build_scheduler
 

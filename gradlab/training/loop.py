@@ -196,14 +196,14 @@ class Trainer:
             return F.cross_entropy(out, yb)
         return F.cross_entropy(out, yb, reduction="sum") * (self.dist.world_size / n_global)
 
-    def _loss(self, xb, yb, n_global):
+    def _loss(self, xb, yb, n_global, checks: bool = True):
         with self.precision.autocast():
             out = self.net(xb)
             loss = self.batch_loss(out, yb, n_global)
             for cb in self._transforms:
                 loss = cb.transform_loss(self, xb, yb, out, loss, n_global)
         value = loss.item()
-        for cb in self._loss_checks:  # before any backward or update
+        for cb in self._loss_checks if checks else ():  # before any backward or update
             cb.on_loss(self, value)
         return loss, value, out.detach()
 
@@ -218,8 +218,11 @@ class Trainer:
             captured = []
 
             def closure():
-                loss, value, out = self._loss(xb, yb, n_global)
-                captured[:] = [value, out]
+                # a line search / trust region evaluates it again at trial weights: the step
+                # reports (and the loss checks see) the FIRST evaluation, at the step's start
+                loss, value, out = self._loss(xb, yb, n_global, checks=not captured)
+                if not captured:
+                    captured[:] = [value, out]
                 return loss
 
             optimizer.step(closure)

@@ -1,0 +1,115 @@
+"""The closure contract of the Newton-type optimizers (lbfgs, sr1, newton, saddle-free-newton).
+
+``step(closure)``: the closure returns the loss at the current weights WITH its graph and does not
+call ``backward`` (the ``needs_loss_closure = True`` convention of :mod:`gradlab.optim`). These
+optimizers may evaluate it several times per step (a line search, a trust-region trial point);
+the training loop reports the first evaluation.
+
+:func:`evaluate` takes the loss and the gradient with ``torch.autograd.grad`` (optionally keeping
+the graph for Hessian-vector products), and under ``torch.distributed`` averages loss and
+gradient across ranks (``autograd.grad`` bypasses DDP's reducer; the loop leaves closure-stepping
+optimizers' models unwrapped). :class:`GradientGraph` is the Hessian of that loss as a
+:class:`~gradlab.curvature.operator.CurvatureOperator` over flat vectors: its products are
+:func:`gradlab.curvature.hvp.hvp_from_grads` on the kept graph (averaged across ranks too).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gradlab.core.errors import GradlabError
+from gradlab.curvature.hvp import hvp_from_grads
+from gradlab.curvature.operator import CurvatureOperator
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def mean_across_ranks(flat: Tensor) -> Tensor:
+    """``flat`` averaged over the ranks (itself on one process)."""
+    if _distributed():
+        flat = flat.clone()
+        dist.all_reduce(flat)
+        flat.div_(dist.get_world_size())
+    return flat
+
+
+def flatten(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    out, offset = [], 0
+    for t in like:
+        out.append(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
+
+
+def evaluate(closure: Optional[Callable], params: Sequence[Tensor], owner: str, *,
+             create_graph: bool = False) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """``(loss, flat gradient, per-parameter gradients)`` of ``closure()`` at the current weights.
+
+    ``loss`` is detached (a 0-d tensor); the flat gradient is a fresh tensor (float64 never
+    forced: the parameters' dtype). With ``create_graph`` the per-parameter gradients keep their
+    graph for :class:`GradientGraph`; otherwise they are detached. A missing closure, or one
+    that returns something without a graph, raises one :class:`GradlabError` line.
+    """
+    if closure is None:
+        raise GradlabError(f"{owner}.step needs a closure that returns the loss without calling backward, "
+                           "e.g. opt.step(lambda: loss_fn(model(x), y))")
+    with torch.enable_grad():
+        loss = closure()
+        if not isinstance(loss, Tensor) or not loss.requires_grad:
+            raise GradlabError(f"{owner}: the closure must return the loss tensor with its graph "
+                               "(do not call backward or .item() inside it)")
+        grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    if not create_graph:
+        grads = [g.detach() for g in grads]
+    flat = flatten([g.detach() for g in grads])
+    value = loss.detach()
+    if _distributed():
+        both = mean_across_ranks(torch.cat([flat, value.reshape(1).to(flat.dtype)]))
+        flat, value = both[:-1], both[-1].to(value.dtype)
+    return value, flat, grads
+
+
+def set_grads(params: Sequence[Tensor], flat: Tensor) -> None:
+    """``p.grad`` of every parameter from the flat gradient (what the loop's gradient checks read)."""
+    for p, g in zip(params, unflatten(flat, params)):
+        p.grad = g.clone()
+
+
+def add_to_params(params: Sequence[Tensor], flat: Tensor, alpha: float = 1.0) -> None:
+    """``p += alpha * flat`` block by block, in the parameters' dtype."""
+    with torch.no_grad():
+        for p, d in zip(params, unflatten(flat, params)):
+            p.add_(d.to(p.dtype), alpha=alpha)
+
+
+class GradientGraph(CurvatureOperator):
+    """The Hessian of one closure evaluation, from its gradient graph (``create_graph=True``).
+
+    Products are exact Hessian-vector products (double backward on the kept graph); under
+    ``torch.distributed`` each is averaged across ranks, so it is the global batch's Hessian.
+    ``to_dense()`` (n products) is the exact Hessian of small problems.
+    """
+
+    def __init__(self, grads: Sequence[Tensor], params: Sequence[Tensor]):
+        params = list(params)
+        n = sum(p.numel() for p in params)
+        super().__init__(n, params[0].dtype, params[0].device)
+        self.grads, self.params = list(grads), params
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        cols = []
+        for j in range(V.shape[1]):
+            hv = hvp_from_grads(self.grads, self.params, unflatten(V[:, j], self.params))
+            cols.append(mean_across_ranks(flatten(hv)))
+        return torch.stack(cols, 1)

@@ -1,0 +1,77 @@
+"""L-BFGS: ``torch.optim.LBFGS`` (Nocedal 1980; Liu & Nocedal 1989) through gradlab's closure contract.
+
+torch's L-BFGS calls a closure that runs ``backward`` itself; gradlab's second-order optimizers
+get a closure that returns the loss WITH its graph and take the gradient themselves
+(:mod:`gradlab.optim.closure`). :class:`LBFGS` wraps the one into the other: each evaluation runs
+the closure, takes ``autograd.grad`` (averaged across ranks under torchrun), writes ``p.grad`` and
+hands torch the detached loss. The returned loss is the first evaluation's (at the weights the
+step started from), as the training loop reports it.
+
+One ``step`` is ``max_iter`` L-BFGS iterations (default 1, so a step of ``gradlab optimize`` or
+``gradlab train`` is one iteration, comparable with scipy's ``nit``), each with a strong-Wolfe
+line search (Nocedal & Wright, Algorithm 3.5/3.6, c1 = 1e-4, c2 = 0.9; at most 25 evaluations per
+iteration) unless ``line_search`` is off (then a fixed step ``lr``). The memory persists across
+steps; with mini-batches its curvature pairs mix batches (use full or large batches).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradlab.core.options import Option, Options
+from gradlab.optim.closure import evaluate, set_grads
+from gradlab.optim.registry import OPTIMIZERS, lr_option
+
+#: line-search evaluations allowed per iteration (torch's ``_strong_wolfe`` default ``max_ls``).
+EVALS_PER_ITER = 25
+
+OPTIONS = Options(
+    lr_option(1.0),
+    Option("history_size", int, 20, "curvature pairs (s, y) kept in the L-BFGS memory", low=1,
+           paper="Liu & Nocedal 1989"),
+    Option("max_iter", int, 1, "L-BFGS iterations per optimizer step", low=1),
+    Option("line_search", bool, True, "strong-Wolfe line search (off: a fixed step lr along the direction)",
+           paper="Nocedal & Wright 2006, Alg. 3.5"),
+    Option("tolerance_grad", float, 1e-10, "no step once the gradient's largest entry is at most this", low=0),
+    Option("tolerance_change", float, 1e-20, "stop a step's iterations once the loss or the step changes less "
+           "than this", low=0),
+)
+
+
+class LBFGS(torch.optim.LBFGS):
+    """``torch.optim.LBFGS`` stepping with a closure that does not call backward (module docstring)."""
+
+    needs_loss_closure = True
+
+    def __init__(self, params, lr: float = 1.0, history_size: int = 20, max_iter: int = 1,
+                 line_search: bool = True, tolerance_grad: float = 1e-10, tolerance_change: float = 1e-20):
+        o = OPTIONS.resolve(dict(lr=lr, history_size=history_size, max_iter=max_iter, line_search=line_search,
+                                 tolerance_grad=tolerance_grad, tolerance_change=tolerance_change),
+                            owner="optimizer lbfgs")
+        super().__init__(params, lr=o["lr"], max_iter=o["max_iter"], max_eval=o["max_iter"] * (EVALS_PER_ITER + 1),
+                         tolerance_grad=o["tolerance_grad"], tolerance_change=o["tolerance_change"],
+                         history_size=o["history_size"], line_search_fn="strong_wolfe" if o["line_search"] else None)
+
+    @property
+    def events(self) -> list:
+        return []
+
+    def step(self, closure=None):
+        """One step (``max_iter`` iterations); ``closure()`` returns the loss and does not call backward."""
+        params = [p for p in self._params if p.requires_grad]
+
+        def backward_closure():
+            loss, flat, _ = evaluate(closure, params, "LBFGS")
+            set_grads(params, flat)
+            return loss
+
+        if closure is None:
+            evaluate(None, params, "LBFGS")  # one line naming the contract
+        return super().step(backward_closure)
+
+
+OPTIMIZERS.add(
+    "lbfgs", lambda params, *, seed, **o: LBFGS(params, **o),
+    "L-BFGS with a strong-Wolfe line search (torch.optim.LBFGS; Liu & Nocedal 1989)",
+    options=OPTIONS, paper="Liu & Nocedal 1989",
+)
