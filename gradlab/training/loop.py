@@ -109,6 +109,8 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg["opt"], self.params, **opt_opts)
         self.closure_step = bool(getattr(self.optimizer, "needs_loss_closure", False))
+        if getattr(self.optimizer, "needs_model", False):  # K-FAC, natural gradient: gradlab.optim's docstring
+            self.optimizer.bind(self.model, F.cross_entropy)
         self.sampler = GlobalBatchSampler(len(self.x_train), cfg["batch_size"], cfg["seed"],
                                           self.dist.rank, self.dist.world_size)
         self.total_steps = cfg["epochs"] * len(self.sampler)
@@ -212,7 +214,7 @@ class Trainer:
 
             def closure():
                 loss, value, out = self._loss(xb, yb, n_global)
-                captured[:] = [value, out]
+                captured[:] = captured or [value, out]  # the first evaluation's (sam and natural-gd evaluate more)
                 return loss
 
             optimizer.step(closure)
