@@ -51,7 +51,7 @@ from gradlab.core.errors import GradlabError
 # Importing a module registers its optimizers; this order is the order `gradlab list` shows.
 from gradlab.optim import first_order  # noqa: F401  (registration)
 from gradlab.optim import adahessian, curvature_gd, langevin, swats  # noqa: F401,I001
-from gradlab.optim import sam, natural_gd  # noqa: F401,I001
+from gradlab.optim import sam, natural_gd, kfac  # noqa: F401,I001
 from gradlab.optim.registry import OPTIMIZERS, check_seed
 from gradlab.optim.schedules import SCHEDULES, build_scheduler
 

@@ -96,6 +96,8 @@ class ModelBoundOptimizer(Optimizer):
         """Attach the model whose forward pass the closures run and the loss they compute
         (default ``F.cross_entropy``); see the module docstring."""
         loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+        if model is self.model and loss_fn is self.loss_fn:
+            return  # bound already (binding again keeps the curvature state)
         self.likelihood = require_likelihood(loss_fn, f"optimizer {self.name}")
         own = {id(p) for p in model.parameters()}
         if any(id(p) not in own for p in self._params()):
