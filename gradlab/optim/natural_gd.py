@@ -47,7 +47,7 @@ from gradlab.core.options import Option, Options
 from gradlab.curvature.cg import conjugate_gradient
 from gradlab.curvature.fisher import _outer_product
 from gradlab.curvature.ggn import Linearization
-from gradlab.optim.model_bound import ModelBoundOptimizer, all_reduce_sum_, perturbed, world_size
+from gradlab.optim.model_bound import ModelBoundOptimizer, all_reduce_sum_, world_size
 from gradlab.optim.registry import OPTIMIZERS, lr_option
 
 CURVATURES = ("ggn", "fisher")
@@ -110,15 +110,15 @@ class NaturalGD(ModelBoundOptimizer):
         for p, part, gr in zip(params, parts, grads):
             self.state[p]["direction"] = part.view_as(p).clone()
             p.grad = gr
-        deltas = [part.view_as(p) for p, part in zip(params, parts)]
-        torch._foreach_add_(params, deltas, alpha=lr)
+        saved = [p.detach().clone() for p in params]
+        torch._foreach_add_(params, [part.view_as(p) for p, part in zip(params, parts)], alpha=lr)
         f1 = float(closure())
         if world_size() > 1:
             f1 = float(all_reduce_sum_([torch.tensor([f1], dtype=torch.float64, device=g.device)])[0]) / world_size()
         f0v = float(f0)
         rho = (f1 - f0v) / q if q < 0 else float("-inf")
         if not f1 <= f0v:  # the step raised the batch loss (or made it NaN): undo it
-            torch._foreach_add_(params, deltas, alpha=-lr)
+            torch._foreach_copy_(params, saved)
         if group["adapt_damping"]:
             new = lam * BOOST if rho < 0.25 else (lam * DROP if rho > 0.75 else lam)
             for grp in self.param_groups:
