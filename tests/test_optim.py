@@ -22,7 +22,7 @@ from gradlab.optim.langevin import Langevin
 from gradlab.optim.swats import SWATS
 
 ALL = ["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adahessian", "curvature-gd", "swats",
-       "langevin", "lbfgs", "sr1", "newton", "saddle-free-newton"]
+       "langevin", "lbfgs", "sr1", "newton", "saddle-free-newton", "sam", "asam", "natural-gd", "kfac"]
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,8 @@ def mlp(seed=0, dtype=torch.float32):
 def train_step(opt, model, x, y):
     """One step in the calling convention the optimizer asks for; returns the loss value."""
     opt.zero_grad()
+    if getattr(opt, "needs_model", False):
+        opt.bind(model, F.cross_entropy)  # once; binding again is a no-op
     if getattr(opt, "needs_loss_closure", False):
         return float(opt.step(lambda: F.cross_entropy(model(x), y)))
     loss = F.cross_entropy(model(x), y)
@@ -81,6 +83,12 @@ OWN_OPTIONS = {
     "sr1": {"lr": 1.0, "history_size": 10, "skip_tol": 1e-8, "eta": 1e-4},
     "newton": {"lr": 1.0, "damping": 1e-4, "exact_max_params": 200, "cg_max_iter": 50, "cg_tol": 1e-8},
     "saddle-free-newton": {"lr": 1.0, "damping": 0.1, "krylov_dim": 20},
+    "sam": {"lr": 0.05, "rho": 0.05, "base": "momentum", "weight_decay": 0.0},
+    "asam": {"lr": 0.05, "rho": 0.5, "base": "momentum", "weight_decay": 0.0, "eta": 0.01},
+    "natural-gd": {"lr": 1.0, "damping": 1.0, "adapt_damping": True, "cg_iters": 20, "cg_decay": 0.95,
+                   "curvature": "ggn", "mc_samples": 1},
+    "kfac": {"lr": 0.05, "momentum": 0.9, "damping": 0.01, "factor_every": 10, "inverse_every": 10,
+             "factor_decay": 0.95, "kl_clip": 0.001, "fisher_type": "mc", "weight_decay": 0.0},
 }
 
 
@@ -547,7 +555,7 @@ def test_langevin_leaves_the_global_rng_alone_and_is_seeded():
 @pytest.mark.parametrize("args,expect", [
     (["--opt", "adam", "--set", "hessian_power=0.5"],
      "'hessian_power' is an option of optimizer adahessian, not of optimizer adam"),
-    (["--opt", "sgd", "--momentum", "0.9"], "'momentum' is an option of optimizer momentum, optimizer nesterov"),
+    (["--opt", "sgd", "--momentum", "0.9"], "'momentum' is an option of optimizer kfac, optimizer momentum, optimizer nesterov"),
     (["--opt", "nesterov", "--momentum", "0"], "invalid momentum: 0.0 (must be a number in (0, 1))"),
     (["--opt", "adahessian", "--set", "hessian_update_every=1.5"], "invalid hessian_update_every: 1.5"),
     (["--opt", "swats", "--set", "switch_eps=fast"], "invalid switch_eps: 'fast'"),

@@ -76,8 +76,22 @@ class Linearization:
             if method == "forward":
                 self.names = op.registered_names("a forward-mode Jacobian-vector product")
                 return
+        self._transpose_graph()
+
+    @classmethod
+    def of_outputs(cls, z: Tensor, params: list[Tensor]) -> "Linearization":
+        """The linearization of outputs ``z`` already computed with their graph (an optimizer's
+        closure: :mod:`gradlab.optim.natural_gd`); ``J v`` by double backward."""
+        lin = cls.__new__(cls)
+        lin.op, lin.i, lin.method, lin.params, lin.z = None, None, "double-backward", list(params), z
+        lin._transpose_graph()
+        return lin
+
+    def _transpose_graph(self) -> None:
+        """``J^T u`` with its graph, for a dummy ``u`` (module docstring)."""
+        with torch.enable_grad():
             self.u = torch.zeros_like(self.z, requires_grad=True)
-            jt = torch.autograd.grad(self.z, op.params, self.u, create_graph=True, allow_unused=True)
+            jt = torch.autograd.grad(self.z, self.params, self.u, create_graph=True, allow_unused=True)
         # parameters the outputs do not depend on contribute zero rows to J
         self.live = [g is not None and g.requires_grad for g in jt]
         self.jt_u = [g for g, live in zip(jt, self.live) if live]

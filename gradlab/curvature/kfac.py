@@ -173,6 +173,36 @@ class _Block:
         return self._eig
 
 
+    def solve(self, M: Tensor, damping: float) -> Tensor:
+        """``(G (x) A + damping I)^-1`` applied to ``M`` (k, O, K'), through the cached eigenbases."""
+        la, qa, lg, qg = self.eig()
+        out = qg @ ((qg.T @ M @ qa) / (lg[:, None] * la[None, :] + damping)) @ qa.T
+        if qa.shape[1] == M.shape[2]:
+            return out
+        if damping == 0:
+            raise GradlabError(f"K-FAC: the input factor of a {type(self.module).__name__} layer has rank "
+                               f"{qa.shape[1]} < {M.shape[2]}; solve with damping > 0")
+        return out + (M - (M @ qa) @ qa.T) / damping  # A's null space: eigenvalue 0, inverse 1/damping
+
+
+#: One layer's Kronecker factors, their moments and damped solve (the K-FAC optimizer keeps its own).
+KroneckerBlock = _Block
+
+
+def output_factors(likelihood, fisher_type: str, z: Tensor, mc_samples: int, gen: torch.Generator,
+                   y: Optional[Tensor] = None) -> Tensor:
+    """``S`` (K, N, C) with ``Lambda_n = c sum_k S[k, n] S[k, n]^T`` for ``fisher_type`` (module
+    docstring); ``z`` (N, C) detached, ``y`` the observed labels (``"empirical"`` only)."""
+    c = likelihood.factor(z)
+    if fisher_type == "type-2":
+        S = likelihood.hessian_factor(z)
+    elif fisher_type == "mc":
+        S = likelihood.sampled_gradients(z, mc_samples, gen) / mc_samples ** 0.5
+    else:
+        S = likelihood.output_gradients(z, y).unsqueeze(0)
+    return S * c ** 0.5
+
+
 class KFACOperator(ModelOperator):
     """Block-diagonal Kronecker-factored curvature ``diag_l(G_l (x) A_l)`` (module docstring).
 
@@ -226,14 +256,7 @@ class KFACOperator(ModelOperator):
 
     def _factors_of_outputs(self, i: int, z: Tensor, gen: torch.Generator) -> Tensor:
         """``S`` (K, N, C) with ``Lambda_n = c sum_k S[k, n] S[k, n]^T`` for ``fisher_type``."""
-        c = self.likelihood.factor(z)
-        if self.fisher_type == "type-2":
-            S = self.likelihood.hessian_factor(z)
-        elif self.fisher_type == "mc":
-            S = self.likelihood.sampled_gradients(z, self.mc_samples, gen) / self.mc_samples ** 0.5
-        else:
-            S = self.likelihood.output_gradients(z, self.batches[i][1]).unsqueeze(0)
-        return S * c ** 0.5
+        return output_factors(self.likelihood, self.fisher_type, z, self.mc_samples, gen, self.batches[i][1])
 
     def _compute_factors(self) -> None:
         gen = make_generator(self.seed)
@@ -289,18 +312,9 @@ class KFACOperator(ModelOperator):
         if not damping >= 0:
             raise GradlabError(f"invalid damping: {damping} (must be >= 0)")
 
-        def inv(blk, M):
-            la, qa, lg, qg = blk.eig()
-            out = qg @ ((qg.T @ M @ qa) / (lg[:, None] * la[None, :] + damping)) @ qa.T
-            if qa.shape[1] == M.shape[2]:
-                return out
-            if damping == 0:
-                raise GradlabError(f"K-FAC: the input factor of a {type(blk.module).__name__} layer has rank "
-                                   f"{qa.shape[1]} < {M.shape[2]}; solve with damping > 0")
-            return out + (M - (M @ qa) @ qa.T) / damping  # A's null space: eigenvalue 0, inverse 1/damping
-
         W = V.unsqueeze(1) if V.ndim == 1 else V
-        out = self._apply(W.to(dtype=self.dtype, device=self.device), inv).to(dtype=V.dtype, device=V.device)
+        out = self._apply(W.to(dtype=self.dtype, device=self.device),
+                          lambda blk, M: blk.solve(M, damping)).to(dtype=V.dtype, device=V.device)
         return out.squeeze(1) if V.ndim == 1 else out
 
     def inverse(self, damping: float) -> "KFACInverseOperator":

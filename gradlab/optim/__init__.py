@@ -6,16 +6,32 @@ Each optimizer declares exactly the options it takes, with its own defaults
 :class:`~gradlab.core.errors.GradlabError` line per mistake; an option of another optimizer is
 answered with its owner) and builds the registered ``torch.optim.Optimizer``.
 
-Two stepping conventions, told apart by the class attribute ``needs_loss_closure``:
+Three stepping conventions, told apart by the class attributes ``needs_loss_closure`` and
+``needs_model``:
 
 * ``False`` (sgd, momentum, nesterov, adam, adamw, rmsprop, swats, langevin)::
 
       opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
 
-* ``True`` (adahessian, curvature-gd, lbfgs, sr1, newton, saddle-free-newton): the closure returns the loss and does NOT call backward;
+* ``True`` (adahessian, curvature-gd, lbfgs, sr1, newton, saddle-free-newton, sam, asam): the
+  closure returns the loss and does NOT call backward;
   the optimizer takes the gradient and the Hessian-vector products itself::
 
       opt.zero_grad(); loss = opt.step(lambda: loss_fn(model(x), y))
+
+  The closure may be evaluated more than once per step (sam/asam at the perturbed point,
+  natural-gd at the new point for its reduction ratio); the loop reports the first evaluation's.
+
+* ``needs_model = True`` (natural-gd, kfac; implies ``needs_loss_closure``): the optimizer also
+  needs the model (K-FAC's layer inputs and output gradients, the Gauss-Newton products' outputs)
+  and the loss read as a likelihood. The loop binds it once, then steps with the same closure::
+
+      opt.bind(model, loss_fn)   # the bare module (never a DDP wrapper); loss_fn e.g. F.cross_entropy
+      opt.zero_grad(); loss = opt.step(lambda: loss_fn(model(x), y))
+
+  During ``step`` the optimizer watches the model's first forward pass of the closure through
+  hooks it removes afterwards; under torchrun it all-reduces gradient and curvature itself
+  (:mod:`gradlab.optim.model_bound`).
 
 Every optimizer has an ``events`` list (SWATS records its switch there) and round-trips through
 ``state_dict()``/``load_state_dict()`` including its random generator, so a resumed run continues
@@ -37,6 +53,7 @@ from gradlab.core.errors import GradlabError
 from gradlab.optim import first_order  # noqa: F401  (registration)
 from gradlab.optim import adahessian, curvature_gd, langevin, swats  # noqa: F401,I001
 from gradlab.optim import lbfgs, newton, sr1  # noqa: F401,I001  (closure.py's contract)
+from gradlab.optim import sam, natural_gd, kfac  # noqa: F401,I001
 from gradlab.optim.registry import OPTIMIZERS, check_seed
 from gradlab.optim.schedules import SCHEDULES, build_scheduler
 

@@ -113,6 +113,8 @@ class Trainer:
         self.optimizer = build_optimizer(cfg["opt"], self.params, **opt_opts)
         self.closure_step = bool(getattr(self.optimizer, "needs_loss_closure", False))
         self.precision = Precision(cfg.get("precision", "fp32"), device, self.closure_step)
+        if getattr(self.optimizer, "needs_model", False):  # K-FAC, natural gradient: gradlab.optim's docstring
+            self.optimizer.bind(self.model, F.cross_entropy)
         self.sampler = GlobalBatchSampler(len(self.x_train), cfg["batch_size"], cfg["seed"],
                                           self.dist.rank, self.dist.world_size)
         self.total_steps = cfg["epochs"] * len(self.sampler)

@@ -1,0 +1,225 @@
+"""K-FAC: gradient descent preconditioned by the Kronecker-factored Fisher, per layer.
+
+Martens & Grosse 2015 ("Optimizing neural networks with Kronecker-factored approximate
+curvature") for ``nn.Linear``; Grosse & Martens 2016 ("A Kronecker-factored approximate Fisher
+matrix for convolution layers") for ``nn.Conv2d``. Each layer's block of the Fisher is
+``G (x) A`` (``A`` the second moment of the layer's inputs with a bias column, ``G`` that of the
+gradients at its outputs, :mod:`gradlab.curvature.kfac`, whose blocks and moments this optimizer
+reuses). Per step, with the layer's gradient as a matrix ``V`` (O, K [+1])::
+
+    every factor_every steps:  A <- e A + (1 - e) A_batch,  G <- e G + (1 - e) G_batch,
+                               e = min(1 - 1/u, factor_decay) at the u-th update (paper Sec. 5)
+    every inverse_every steps: eigenbases A = Q_A l_A Q_A^T, G = Q_G l_G Q_G^T
+    D = (G (x) A + damping I)^-1 vec(V) = Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T
+    nu = min(1, sqrt(kl_clip / (lr^2 sum D . V)))          (Ba, Grosse & Martens 2017; 0: off)
+    buf <- momentum * buf + nu D + weight_decay * w;   w <- w - lr * buf
+
+The damping is Tikhonov damping of the Kronecker product itself, applied exactly through the
+eigenbases (not the factored approximation ``(A + pi sqrt(l) I) (x) (G + sqrt(l)/pi I)`` of the
+paper's Sec. 6.3). ``G_batch`` comes from output gradients at labels sampled from the model
+(``fisher_type = "mc"``, one backward pass to the layer outputs, the paper's estimate) or from the
+exact output-Hessian factors (``"type-2"``, one backward pass per class). The factor statistics
+are gathered in the closure's own forward pass (hooks, :mod:`gradlab.optim.model_bound`); on the
+other steps a K-FAC step is a gradient plus a few small matrix products per layer. Not from the
+paper: its adaptive damping and step rescaling by the exact quadratic model.
+
+**Unsupported layers** (anything other than ``Linear`` and ``Conv2d`` with groups 1 and numeric
+zero padding, e.g. BatchNorm's scale and shift, embeddings) are not refused: their parameters
+take plain momentum-SGD steps with the same ``lr`` (``plain_params`` names them).
+
+**torchrun**: the gradient and the new factors are all-reduced (each rank's factors weighted by
+its examples), so every rank holds the factors of the global batch and takes the same step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from gradlab.core.options import Option, Options
+from gradlab.curvature.kfac import LAYERS, KroneckerBlock, output_factors
+from gradlab.optim.model_bound import ModelBoundOptimizer, all_reduce_sum_, world_size
+from gradlab.optim.registry import OPTIMIZERS, lr_option, weight_decay_option
+
+FISHER_TYPES = ("mc", "type-2")
+
+OPTIONS = Options(
+    lr_option(0.05),
+    Option("momentum", float, 0.9, "heavy-ball momentum on the preconditioned gradient", low=0, high=1,
+           high_open=True),
+    Option("damping", float, 0.01, "Tikhonov damping lambda of (G (x) A + lambda I)^-1", low=0, low_open=True,
+           paper="Martens & Grosse 2015"),
+    Option("factor_every", int, 10, "recompute the Kronecker factors every N steps (the closure's own "
+           "forward pass plus a backward pass to the layer outputs)", low=1, paper="Martens & Grosse 2015"),
+    Option("inverse_every", int, 10, "refresh the factors' eigenbases (the inverse) every M steps", low=1,
+           paper="Martens & Grosse 2015"),
+    Option("factor_decay", float, 0.95, "EMA coefficient of the factors, min(1 - 1/u, this) at the u-th "
+           "update", low=0, high=1, high_open=True, paper="Martens & Grosse 2015"),
+    Option("kl_clip", float, 0.001, "scale the step so that lr^2 D.g stays below this (0: off)", low=0,
+           paper="Ba, Grosse & Martens 2017"),
+    Option("fisher_type", str, "mc", "output-gradient statistics: mc (labels sampled from the model) or "
+           "type-2 (exact output-Hessian factors, one backward per class)", choices=FISHER_TYPES),
+    weight_decay_option(),
+)
+
+
+def _supported(m: nn.Module) -> bool:
+    if not isinstance(m, LAYERS):
+        return False
+    return not isinstance(m, nn.Conv2d) or (m.groups == 1 and m.padding_mode == "zeros"
+                                            and not isinstance(m.padding, str))
+
+
+class KFAC(ModelBoundOptimizer):
+    """K-FAC (module docstring). Args as :data:`OPTIONS`, plus ``seed`` (the sampled labels)."""
+
+    name = "kfac"
+
+    def __init__(self, params, lr: float = 0.05, momentum: float = 0.9, damping: float = 0.01,
+                 factor_every: int = 10, inverse_every: int = 10, factor_decay: float = 0.95,
+                 kl_clip: float = 0.001, fisher_type: str = "mc", weight_decay: float = 0.0, seed: int = 0):
+        defaults = OPTIONS.resolve(dict(lr=lr, momentum=momentum, damping=damping, factor_every=factor_every,
+                                        inverse_every=inverse_every, factor_decay=factor_decay, kl_clip=kl_clip,
+                                        fisher_type=fisher_type, weight_decay=weight_decay), owner="optimizer kfac")
+        super().__init__(params, defaults, seed=seed)
+        self.blocks: list[KroneckerBlock] = []
+        self.plain_params: list[str] = []
+        self.factor_updates = 0
+        self._pending = None
+
+    def _on_bind(self, model: nn.Module) -> None:
+        params = self._params()
+        index = {id(p): j for j, p in enumerate(params)}
+        self.blocks, covered = [], set()
+        for name, m in model.named_modules():
+            own = {k: p for k, p in m.named_parameters(recurse=False) if id(p) in index}
+            if own and _supported(m):
+                w, b = own.get("weight"), own.get("bias")
+                if w is None:  # a bias alone: no Kronecker structure worth having
+                    continue
+                self.blocks.append(KroneckerBlock(m, index[id(w)], index[id(b)] if b is not None else None))
+                covered.update(id(p) for p in own.values())
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.plain_params = [names[id(p)] for p in params if id(p) not in covered]
+        if self._pending is not None:  # a state loaded before the model was bound
+            self._load_extra_state(self._pending)
+
+    # -- one step -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One K-FAC step; ``closure()`` returns the loss without backward."""
+        group = self.param_groups[0]
+        t = self.steps_taken
+        refresh = t % group["factor_every"] == 0 or self.factor_updates == 0
+        params = self._params()
+        layers = [blk.module for blk in self.blocks] if refresh else []
+        with torch.enable_grad():
+            loss, z, seen = self._forward(closure, layers)
+            grads = self._gradients(loss, params, retain_graph=refresh and bool(self.blocks))
+            batch = self._batch_factors(z, seen) if refresh and self.blocks else None
+        grads, _ = self._average(grads, z.shape[0])
+        if batch is not None:
+            self._update_factors(batch, z.shape[0])
+        if t % group["inverse_every"] == 0 or refresh and self.factor_updates == 1:
+            for blk in self.blocks:
+                blk._eig = None
+                blk.eig()
+        for p, g in zip(params, grads):
+            p.grad = g
+        self._apply(params, grads)
+        self.steps_taken += 1
+        return loss.detach()
+
+    def _batch_factors(self, z: Tensor, seen: dict) -> list[tuple[Tensor, Tensor]]:
+        """This rank's ``(A, G)`` of the batch for every block (the closure's graph is freed)."""
+        S = output_factors(self.likelihood, self.param_groups[0]["fisher_type"], z.detach(), 1, self._generator)
+        outs = [seen[id(blk.module)][1] for blk in self.blocks]
+        G = [None] * len(self.blocks)
+        for k in range(S.shape[0]):
+            gs = torch.autograd.grad(z, outs, S[k], retain_graph=k < S.shape[0] - 1, allow_unused=True)
+            for j, g in enumerate(gs):
+                if g is not None:
+                    m = KroneckerBlock.output_moment(g)
+                    G[j] = m if G[j] is None else G[j].add_(m)
+        out = []
+        for blk, g in zip(self.blocks, G):
+            o = blk.module.weight.shape[0]
+            g = g if g is not None else z.new_zeros(o, o)
+            out.append((blk.input_moment(seen[id(blk.module)][0]), g))
+        return out
+
+    def _update_factors(self, batch: list[tuple[Tensor, Tensor]], n_local: int) -> None:
+        if world_size() > 1:  # each rank's mean factors weighted by its examples
+            flat = [t * float(n_local) for pair in batch for t in pair]
+            *flat, n = all_reduce_sum_([*flat, flat[0].new_tensor([float(n_local)])])
+            flat = [t / n for t in flat]
+            batch = [(flat[2 * j], flat[2 * j + 1]) for j in range(len(batch))]
+        self.factor_updates += 1
+        e = min(1 - 1 / self.factor_updates, self.param_groups[0]["factor_decay"])
+        for blk, (a, g) in zip(self.blocks, batch):
+            if blk._A is None:
+                blk._A, blk.G = a.clone(), g.clone()
+            else:
+                blk._A.mul_(e).add_(a, alpha=1 - e)
+                blk.G.mul_(e).add_(g, alpha=1 - e)
+
+    def preconditioned(self, grads: list[Tensor]) -> list[Tensor]:
+        """``D``: each block's ``(G (x) A + damping I)^-1`` applied to its gradient; other
+        parameters' gradients unchanged."""
+        damping = self.param_groups[0]["damping"]
+        vs = [g.reshape(1, -1) for g in grads]
+        out = list(vs)
+        for blk in self.blocks:
+            blk.from_matrix(blk.solve(blk.to_matrix(vs, 1), damping), out, 1)
+        return [d.reshape(g.shape) for d, g in zip(out, grads)]
+
+    def _apply(self, params: list[Tensor], grads: list[Tensor]) -> None:
+        group = self.param_groups[0]
+        lr, mom, wd, clip = group["lr"], group["momentum"], group["weight_decay"], group["kl_clip"]
+        D = self.preconditioned(grads)
+        nu = 1.0
+        if clip > 0:
+            vg = float(sum(torch._foreach_mul(D, grads)[i].sum() for i in range(len(D))))
+            if vg > 0:
+                nu = min(1.0, math.sqrt(clip / (lr * lr * vg)))
+        if nu != 1.0:
+            torch._foreach_mul_(D, nu)
+        if wd != 0:
+            torch._foreach_add_(D, params, alpha=wd)
+        if mom > 0:
+            bufs = []
+            for p, d in zip(params, D):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d.clone()
+                else:
+                    state["momentum_buffer"].mul_(mom).add_(d)
+                bufs.append(state["momentum_buffer"])
+            D = bufs
+        torch._foreach_add_(params, D, alpha=-lr)
+
+    # -- checkpointing --------------------------------------------------------------------------
+    def _extra_state(self) -> dict:
+        return {"factor_updates": self.factor_updates,
+                "factors": [[blk._A, blk.G] for blk in self.blocks if blk._A is not None],
+                "eig": [list(blk._eig) for blk in self.blocks if blk._eig is not None]}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        self.factor_updates = int(extra.get("factor_updates", 0))
+        self._pending = None if self.model is not None else extra
+        factors, eig = extra.get("factors", []), extra.get("eig", [])
+        for j, blk in enumerate(self.blocks):
+            blk._A, blk.G = (factors[j][0].clone(), factors[j][1].clone()) if j < len(factors) else (None, None)
+            blk._eig = tuple(t.clone() for t in eig[j]) if j < len(eig) else None
+
+
+def _make(params, *, seed: int, **options) -> KFAC:
+    return KFAC(params, seed=seed, **options)
+
+
+OPTIMIZERS.add(
+    "kfac", _make, "K-FAC: Kronecker-factored natural gradient for Linear and Conv2d layers "
+    "(Martens & Grosse 2015; Grosse & Martens 2016)", options=OPTIONS, paper="Martens & Grosse 2015",
+)

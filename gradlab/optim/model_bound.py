@@ -1,0 +1,198 @@
+"""The third stepping convention: optimizers that need the model, not only the loss.
+
+K-FAC reads each layer's inputs and output gradients; natural gradient multiplies by the
+Gauss-Newton (or Fisher) matrix, which needs the model's outputs and the loss read as a
+likelihood. A loss closure alone gives neither, so these optimizers (``needs_model = True``,
+which implies ``needs_loss_closure = True``) are bound once to the model and its loss::
+
+    opt.bind(model, F.cross_entropy)        # once, before the first step (gradlab train does it)
+    opt.zero_grad(); loss = opt.step(lambda: F.cross_entropy(model(x), y))
+
+* ``bind(model, loss_fn)``: ``model`` is the bare module (not a DDP wrapper) whose forward the
+  closure runs; ``loss_fn(outputs, y)`` is the per-batch criterion, cross-entropy or squared
+  error with mean or sum reduction (:mod:`gradlab.curvature.likelihood`), whose likelihood the
+  curvature uses. The optimized parameters must be parameters of ``model``.
+* ``step(closure)``: the closure is the one of the ``needs_loss_closure`` convention (it returns
+  the loss with its graph and does not call backward). During it the optimizer observes the
+  model's *first* forward pass through hooks it installs for that call only (the outputs ``z``
+  with their graph, and for K-FAC each layer's input and output); later forward passes in the
+  same closure (an adversarial term) enter the gradient, not the curvature. Nothing stays
+  registered on the model between steps.
+* Under ``torch.distributed`` the model is not DDP-wrapped (as for AdaHessian): the optimizer
+  averages the gradient over ranks itself and all-reduces its curvature (products or factors),
+  each rank's share weighted by its number of examples, so W processes on shards of a global
+  batch compute what one process computes on the whole batch.
+
+:class:`ModelBoundOptimizer` implements the contract; subclasses write ``step``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from gradlab.core.errors import GradlabError
+from gradlab.curvature.likelihood import check_outputs, require_likelihood
+from gradlab.optim.registry import check_int
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_sum_(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """One all-reduce (sum) of several tensors; returns new tensors (the inputs unchanged)."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
+
+
+@contextlib.contextmanager
+def perturbed(params: list[Tensor], delta: list[Tensor], alpha: float = 1.0):
+    """The parameters at ``p + alpha * delta`` inside the block, restored bit-exactly afterwards."""
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        torch._foreach_add_(params, delta, alpha=alpha)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
+
+class ModelBoundOptimizer(Optimizer):
+    """Base class of the optimizers that need the model (module docstring)."""
+
+    needs_loss_closure = True
+    needs_model = True
+    name = "this optimizer"
+
+    def __init__(self, params, defaults: dict, seed: int = 0):
+        super().__init__(params, defaults)
+        self.seed = check_int("seed", seed, 0)
+        self._generator = torch.Generator(device="cpu")
+        self._generator.manual_seed(self.seed)
+        self.model: Optional[nn.Module] = None
+        self.loss_fn = None
+        self.likelihood = None
+        self.steps_taken = 0
+        self.events: list = []
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def bind(self, model: nn.Module, loss_fn=None) -> None:
+        """Attach the model whose forward pass the closures run and the loss they compute
+        (default ``F.cross_entropy``); see the module docstring."""
+        loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+        if model is self.model and loss_fn is self.loss_fn:
+            return  # bound already (binding again keeps the curvature state)
+        self.likelihood = require_likelihood(loss_fn, f"optimizer {self.name}")
+        own = {id(p) for p in model.parameters()}
+        if any(id(p) not in own for p in self._params()):
+            raise GradlabError(f"optimizer {self.name}: its parameters must belong to the bound model")
+        self.model, self.loss_fn = model, loss_fn
+        self._on_bind(model)
+
+    def _on_bind(self, model: nn.Module) -> None:
+        """Subclasses: inspect the model's layers."""
+
+    def _require_bound(self) -> None:
+        if self.model is None:
+            raise GradlabError(
+                f"optimizer {self.name} needs the model and its loss: call opt.bind(model, loss_fn) before "
+                "step (gradlab train does); it is not defined on a 2-D test function")
+
+    def _forward(self, closure, layers: Sequence[nn.Module] = ()):
+        """Evaluate the closure, watching the model's first forward pass.
+
+        Returns ``(loss, z, seen)``: the loss with its graph, the outputs ``z`` (N, C) of the first
+        forward pass with their graph, and ``seen[id(layer)] = (input, output)`` of each of
+        ``layers`` in that pass (input detached, output with its graph)."""
+        self._require_bound()
+        if closure is None:
+            raise GradlabError(f"optimizer {self.name}: step needs a closure that returns the loss without "
+                               "calling backward, e.g. opt.step(lambda: loss_fn(model(x), y))")
+        state = {"calls": 0, "depth": 0, "z": None}
+        seen: dict = {}
+
+        def pre(module, args):
+            state["calls"] += 1
+            state["depth"] += 1
+
+        def post(module, args, output):
+            state["depth"] -= 1
+            if state["calls"] == 1 and state["depth"] == 0:
+                state["z"] = output
+
+        def layer_hook(module, inputs, output):
+            if state["calls"] == 1 and state["depth"] > 0:
+                if id(module) in seen:
+                    raise GradlabError(f"optimizer {self.name}: a {type(module).__name__} layer ran twice in "
+                                       "one forward pass (shared weights are not supported)")
+                seen[id(module)] = (inputs[0].detach(), output)
+
+        handles = [self.model.register_forward_pre_hook(pre), self.model.register_forward_hook(post)]
+        handles += [m.register_forward_hook(layer_hook) for m in layers]
+        try:
+            with torch.enable_grad():
+                loss = closure()
+        finally:
+            for h in handles:
+                h.remove()
+        if not isinstance(loss, Tensor) or not loss.requires_grad:
+            raise GradlabError(f"optimizer {self.name}: the closure must return the loss tensor with its graph "
+                               "(do not call backward or .item() inside it)")
+        z = state["z"]
+        if not isinstance(z, Tensor):
+            raise GradlabError(f"optimizer {self.name}: the closure did not run the bound model")
+        check_outputs(z, f"optimizer {self.name}")
+        return loss, z, seen
+
+    def _gradients(self, loss: Tensor, params: list[Tensor], retain_graph: bool) -> list[Tensor]:
+        grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+
+    @staticmethod
+    def _average(tensors: list[Tensor], n_local: int) -> tuple[list[Tensor], int]:
+        """Under torchrun: the tensors averaged over ranks, and the global number of examples."""
+        w = world_size()
+        if w == 1:
+            return tensors, n_local
+        *out, n = all_reduce_sum_([*tensors, torch.tensor([float(n_local)], device=tensors[0].device,
+                                                          dtype=tensors[0].dtype)])
+        return [t.div_(w) for t in out], int(round(n.item()))
+
+    # -- checkpointing --------------------------------------------------------------------------
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["gradlab"] = {"rng_state": self._generator.get_state(), "steps_taken": self.steps_taken,
+                         "events": [dict(e) for e in self.events], **self._extra_state()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("gradlab", None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self._generator.set_state(extra["rng_state"])
+            self.steps_taken = int(extra["steps_taken"])
+            self.events = [dict(e) for e in extra.get("events", [])]
+            self._load_extra_state(extra)
