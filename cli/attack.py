@@ -31,6 +31,7 @@ from gradlab_cli._common import (
     start_run,
 )
 from gradlab_cli._options import with_flags
+from gradlab_cli.attack_variants import VARIANTS
 
 ATTACK = "Attack"
 OUTPUT = "Output"
@@ -50,7 +51,8 @@ RUN_KEYS = Options(
     Option("attack", str, None, "the attack (the NAME argument)"),
     Option("run", str, None, "source run: a run folder, a run id under runs_dir, or 'last'"),
 ) + RUN_OPTIONS
-OWN = RUN_KEYS + SWEEP + OUTPUTS
+OWN = RUN_KEYS + SWEEP + OUTPUTS + VARIANTS
+TRANSFER_PANEL = "Transfer and on-manifold"
 
 EpsOpt = Annotated[Optional[str], typer.Option(
     help="Budget in pixel units, or a comma list for a sweep: 0,0.01,0.03,0.1. (default: 0.03)", rich_help_panel=ATTACK)]
@@ -62,7 +64,7 @@ def __getattr__(name: str):
     if name == "command":
         # the declarations (the manifest), so a typo is answered before torch is imported
         return with_flags((ATTACK, registry_view("attacks")), (ATTACK, SWEEP), (OUTPUT, OUTPUTS),
-                          (RUN_PANEL, RUN_OPTIONS))(_command)
+                          (TRANSFER_PANEL, VARIANTS), (RUN_PANEL, RUN_OPTIONS))(_command)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -76,7 +78,10 @@ def _command(
     *,
     flags: dict,
 ) -> None:
-    """Attack the model of a trained run (eval mode) at one or more eps; writes attack.csv, plots, TensorBoard."""
+    """Attack the model of a trained run (eval mode) at one or more eps; writes attack.csv, plots, TensorBoard.
+
+    `gradlab attack check RUN` runs the gradient-masking checklist instead (see its --help).
+    """
     from gradlab.core.config import load_yaml, normalise_keys
     from gradlab.core.errors import GradlabError
 
@@ -112,11 +117,26 @@ def _command(
         check_eps(e, cfg["norm"], x[0].numel())
     check_target_class(cfg["target_class"], data.spec.num_classes)  # before the run folder, not in it
     cfg["run"] = str(source)
+    from gradlab_cli.attack_variants import prepare, write_manifold
+
+    variant = prepare(cfg, attack, loaded, trust_code, dev)  # --source / --manifold, checked before the run folder
     torch.manual_seed(cfg["seed"])
 
     run_dir = start_run("attack", {**cfg, "eps": eps_list})
     with run_dir:
-        result = _sweep_with_progress(loaded.model, x, y, attack, eps_list, cfg, opts, quiet)
+        result = _sweep_with_progress(loaded.model, x, y, attack, eps_list, cfg, opts, quiet,
+                                      sweep=variant.sweep if variant else None)
+        if variant is not None and variant.kind == "manifold":
+            write_manifold(run_dir, result, attack, cfg)
+            if not quiet:
+                render_table(result, title=f"{attack} on {source.name}, {variant.title} ({x.shape[0]} examples)")
+            worst = result.iloc[result["eps"].values.argmax()]
+            finish_and_print(run_dir, "completed", {
+                "attack": attack, "source_run": source.name, "norm": cfg["norm"], "n": int(x.shape[0]),
+                "clean_acc": float(worst["clean_acc"]), "max_eps": float(worst["eps"]),
+                "robust_acc": float(worst["robust_acc"]), "robust_on": float(worst["robust_on"]),
+                "robust_off": float(worst["robust_off"]), "model_mode": "eval", **variant.extra})
+            return
         table = result.table
         run_dir.write_csv("attack.csv", table)
         _log(run_dir, result, attack, cfg)
@@ -130,7 +150,11 @@ def _command(
         if eot > 1 and has_dropout:
             mode += f"; dropout sampled in the {eot} EOT passes per gradient"
         if not quiet:
-            render_table(table, title=f"{attack} on {source.name} ({x.shape[0]} of {n_total} test examples, norm {cfg['norm']})")
+            shown = table if not variant else table[  # within 80 columns
+                ["eps", "clean_acc", "robust_acc", "source_clean_acc", "source_robust_acc", "success_rate", "n"]
+            ].rename(columns={"source_clean_acc": "src_clean", "source_robust_acc": "src_robust"})
+            render_table(shown, title=f"{attack} on {source.name} ({x.shape[0]} of {n_total} test examples, norm {cfg['norm']})"
+                         + (f", {variant.title}" if variant else ""))
             console.print(f"model ran in {mode}", highlight=False)
         worst = table.iloc[table["eps"].values.argmax()]
         run_dir.log_text("attack/model_mode", f"model ran in {mode}")
@@ -141,7 +165,7 @@ def _command(
                 "attack": attack, "source_run": source.name, "norm": cfg["norm"], "n": int(x.shape[0]),
                 "clean_acc": float(worst["clean_acc"]), "max_eps": float(worst["eps"]),
                 "robust_acc": float(worst["robust_acc"]), "success_rate": float(worst["success_rate"]),
-                "model_mode": "eval",
+                "model_mode": "eval", **(variant.extra if variant else {}),
             },
         )
 
@@ -181,9 +205,10 @@ def _eps_list(value) -> list:
     return list(dict.fromkeys(vals))  # a repeated value is attacked once
 
 
-def _sweep_with_progress(model, x, y, attack, eps_list, cfg, opts, quiet):
+def _sweep_with_progress(model, x, y, attack, eps_list, cfg, opts, quiet, sweep=None):
     from gradlab.attacks.report import robustness_sweep
 
+    robustness_sweep = sweep or robustness_sweep  # a transfer or on-manifold sweep (attack_variants)
     keep = cfg["save_adv"] or cfg["grid"] > 0
     args = (model, x, y, attack, eps_list, cfg["batch_size"])
     if quiet or not sys.stdout.isatty():
