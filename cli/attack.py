@@ -69,7 +69,8 @@ def __getattr__(name: str):
 
 
 def _command(
-    attack: Annotated[str, typer.Argument(help="The attack (`gradlab list attacks`).", show_default=False)],
+    attack: Annotated[Optional[str], typer.Argument(
+        help="The attack (`gradlab list attacks`); unset: the `attack` key of --config.", show_default=False)] = None,
     eps: EpsOpt = None,
     run: RunRefOpt = None,
     config: ConfigOpt = None,
@@ -87,6 +88,9 @@ def _command(
 
     file_cfg = normalise_keys(load_yaml(config)) if config is not None else {}
     file_eps = file_cfg.pop("eps", None)  # a sweep (text, number or list), not a declared option
+    attack = attack or file_cfg.get("attack")  # an experiment stage may sweep the attack by name
+    if not attack:
+        raise GradlabError("name the attack: gradlab attack NAME (`gradlab list attacks`), or `attack:` in --config")
     typed = {**flags, "run": run}
     cfg, eps_list = resolve_attack(attack, [(f"in {config}", file_cfg), ("", typed)],
                                    eps if eps is not None else file_eps)
