@@ -50,11 +50,11 @@ def _attack() -> Callable[[list, dict], dict]:
     from gradlab_cli.attack import resolve_attack
 
     def check(args: list, cfg: dict) -> dict:
-        if len(args) != 1:
+        if len(args) != 1 and not (not args and cfg.get("attack")):  # or `sweep: {attack: [...]}`
             raise GradlabError(f"attack takes one positional argument, the attack's name (args: {args})")
         cfg = dict(cfg)
         eps = cfg.pop("eps", None)  # a sweep of budgets, not a declared option
-        resolved, eps_list = resolve_attack(args[0], [("", cfg)], eps)
+        resolved, eps_list = resolve_attack(args[0] if args else cfg["attack"], [("", cfg)], eps)
         return {**resolved, "eps": eps_list}
 
     return check

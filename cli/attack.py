@@ -32,6 +32,7 @@ from gradlab_cli._common import (
     start_run,
 )
 from gradlab_cli._options import with_flags
+from gradlab_cli.attack_variants import VARIANTS
 
 ATTACK = "Attack"
 OUTPUT = "Output"
@@ -51,7 +52,8 @@ RUN_KEYS = Options(
     Option("attack", str, None, "the attack (the NAME argument)"),
     Option("run", str, None, "source run: a run folder, a run id under runs_dir, or 'last'"),
 ) + RUN_OPTIONS
-OWN = RUN_KEYS + SWEEP + OUTPUTS
+OWN = RUN_KEYS + SWEEP + OUTPUTS + VARIANTS
+TRANSFER_PANEL = "Transfer and on-manifold"
 
 EpsOpt = Annotated[Optional[str], typer.Option(
     help="Budget in pixel units, or a comma list for a sweep: 0,0.01,0.03,0.1. (default: 0.03)", rich_help_panel=ATTACK)]
@@ -63,12 +65,13 @@ def __getattr__(name: str):
     if name == "command":
         # the declarations (the manifest), so a typo is answered before torch is imported
         return with_flags((ATTACK, registry_view("attacks")), (ATTACK, SWEEP), (OUTPUT, OUTPUTS),
-                          (RUN_PANEL, RUN_OPTIONS))(_command)
+                          (TRANSFER_PANEL, VARIANTS), (RUN_PANEL, RUN_OPTIONS))(_command)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _command(
-    attack: Annotated[str, typer.Argument(help="The attack (`gradlab list attacks`).", show_default=False)],
+    attack: Annotated[Optional[str], typer.Argument(
+        help="The attack (`gradlab list attacks`); unset: the `attack` key of --config.", show_default=False)] = None,
     eps: EpsOpt = None,
     run: RunRefOpt = None,
     config: ConfigOpt = None,
@@ -77,12 +80,18 @@ def _command(
     *,
     flags: dict,
 ) -> None:
-    """Attack the model of a trained run (eval mode) at one or more eps; writes attack.csv, plots, TensorBoard."""
+    """Attack the model of a trained run (eval mode) at one or more eps; writes attack.csv, plots, TensorBoard.
+
+    `gradlab attack check RUN` runs the gradient-masking checklist instead (see its --help).
+    """
     from gradlab.core.config import load_yaml, normalise_keys
     from gradlab.core.errors import GradlabError
 
     file_cfg = normalise_keys(load_yaml(config)) if config is not None else {}
     file_eps = file_cfg.pop("eps", None)  # a sweep (text, number or list), not a declared option
+    attack = attack or file_cfg.get("attack")  # an experiment stage may sweep the attack by name
+    if not attack:
+        raise GradlabError("name the attack: gradlab attack NAME (`gradlab list attacks`), or `attack:` in --config")
     typed = {**flags, "run": run}
     cfg, eps_list = resolve_attack(attack, [(f"in {config}", file_cfg), ("", typed)],
                                    eps if eps is not None else file_eps)
@@ -123,11 +132,26 @@ def _attack(source, dev, info, attack, eps_list, cfg, opts, quiet, trust_code) -
         check_eps(e, cfg["norm"], x[0].numel())
     check_target_class(cfg["target_class"], data.spec.num_classes)  # before the run folder, not in it
     cfg["run"] = str(source)
+    from gradlab_cli.attack_variants import prepare, write_manifold
+
+    variant = prepare(cfg, attack, loaded, trust_code, dev)  # --source / --manifold, checked before the run folder
     torch.manual_seed(cfg["seed"])
 
     run_dir = start_run("attack", {**cfg, "eps": eps_list}, enabled=info.is_main)
     with run_dir:
-        result = _sweep_with_progress(loaded.model, x, y, attack, eps_list, cfg, opts, quiet, info)
+        result = _sweep_with_progress(loaded.model, x, y, attack, eps_list, cfg, opts, quiet, info,
+                                      sweep=variant.sweep if variant else None)
+        if variant is not None and variant.kind == "manifold":
+            write_manifold(run_dir, result, attack, cfg)  # (--manifold runs in one process)
+            if not quiet:
+                render_table(result, title=f"{attack} on {source.name}, {variant.title} ({x.shape[0]} examples)")
+            worst = result.iloc[result["eps"].values.argmax()]
+            finish_and_print(run_dir, "completed", {
+                "attack": attack, "source_run": source.name, "norm": cfg["norm"], "n": int(x.shape[0]),
+                "clean_acc": float(worst["clean_acc"]), "max_eps": float(worst["eps"]),
+                "robust_acc": float(worst["robust_acc"]), "robust_on": float(worst["robust_on"]),
+                "robust_off": float(worst["robust_off"]), "model_mode": "eval", **variant.extra})
+            return
         table = result.table
         run_dir.write_csv("attack.csv", table)
         if run_dir.enabled:  # rank 0 only under torchrun: the others have no folder to draw into
@@ -148,7 +172,11 @@ def _attack(source, dev, info, attack, eps_list, cfg, opts, quiet, trust_code) -
         if eot > 1 and has_dropout:
             mode += f"; dropout sampled in the {eot} EOT passes per gradient"
         if not quiet:
-            render_table(table, title=f"{attack} on {source.name} ({x.shape[0]} of {n_total} test examples, norm {cfg['norm']})")
+            shown = table if not variant else table[  # within 80 columns
+                ["eps", "clean_acc", "robust_acc", "source_clean_acc", "source_robust_acc", "success_rate", "n"]
+            ].rename(columns={"source_clean_acc": "src_clean", "source_robust_acc": "src_robust"})
+            render_table(shown, title=f"{attack} on {source.name} ({x.shape[0]} of {n_total} test examples, norm {cfg['norm']})"
+                         + (f", {variant.title}" if variant else ""))
             if figures:
                 render_table(terminal_table(result, figures), title=(
                     f"minimum {cfg['norm']} norms: {figures['n_found']} of {figures['n_attacked']} correct examples "
@@ -164,6 +192,7 @@ def _attack(source, dev, info, attack, eps_list, cfg, opts, quiet, trust_code) -
                 "clean_acc": float(worst["clean_acc"]), "max_eps": float(worst["eps"]),
                 "robust_acc": float(worst["robust_acc"]), "success_rate": float(worst["success_rate"]),
                 "model_mode": "eval", **({"median_norm": figures["median_norm"]} if figures else {}),
+                **(variant.extra if variant else {}),
             },
         )
 
@@ -203,13 +232,16 @@ def _eps_list(value) -> list:
     return list(dict.fromkeys(vals))  # a repeated value is attacked once
 
 
-def _sweep_with_progress(model, x, y, attack, eps_list, cfg, opts, quiet, info):
+def _sweep_with_progress(model, x, y, attack, eps_list, cfg, opts, quiet, info, sweep=None):
     from gradlab.attacks.report import robustness_sweep
 
+    if sweep is None:  # the plain sweep splits the examples across torchrun's ranks
+        opts = {**opts, "dist": info}
+    robustness_sweep = sweep or robustness_sweep  # a transfer or on-manifold sweep (attack_variants)
     keep = cfg["save_adv"] or cfg["grid"] > 0
     args = (model, x, y, attack, eps_list, cfg["batch_size"])
     if quiet or not sys.stdout.isatty():
-        return robustness_sweep(*args, keep_adv=keep, dist=info, **opts)
+        return robustness_sweep(*args, keep_adv=keep, **opts)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from gradlab.attacks import ATTACKS
@@ -226,7 +258,7 @@ def _sweep_with_progress(model, x, y, attack, eps_list, cfg, opts, quiet, info):
         def progress(e, done, n):
             bar.update(task, completed=done if once else order[e] * n + done, eps="all" if once else f"{e:g}")
 
-        return robustness_sweep(*args, keep_adv=keep, progress=progress, dist=info, **opts)
+        return robustness_sweep(*args, keep_adv=keep, progress=progress, **opts)
 
 
 def _log(run_dir, result, attack: str, cfg: dict) -> None:

@@ -56,6 +56,8 @@ def make_app(argv: list) -> typer.Typer:
             else:
                 app.command(name, help=help_line)(_placeholder)
             continue
+        if name == "attack" and argv[argv.index(name) + 1:argv.index(name) + 2] == ["check"]:
+            module = "attack_check"  # `gradlab attack check RUN`: the gradient-masking checklist
         mod = importlib.import_module(f"gradlab_cli.{module}")
         if hasattr(mod, "app"):  # a command group, e.g. `gradlab probe NAME`
             app.add_typer(mod.app, name=name, help=help_line)

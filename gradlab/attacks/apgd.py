@@ -163,11 +163,7 @@ class APGD(Attack):
                     seen["logits"] = self.logits(at)
             return g, loss, success(seen["logits"])
 
-        lo, hi = ((x - self.eps).clamp_min(0.0), (x + self.eps).clamp_max(1.0)) if self.norm == "linf" else (None, None)
-
-        def proj(v: Tensor) -> Tensor:
-            return torch.minimum(torch.maximum(v, lo), hi) if lo is not None else self.project(v, x)
-
+        proj, direction = self._geometry(x)
         x_adv = proj(self._start(x))
         g, loss, fooled = gradient(x_adv)
         x_fooled = x_adv.clone()
@@ -181,7 +177,7 @@ class APGD(Attack):
         for i in range(self.steps):
             a = self.momentum if i > 0 else 1.0
             with torch.no_grad():
-                z = proj(x_adv + per_example(step, x_adv) * self.step_direction(g))
+                z = proj(x_adv + per_example(step, x_adv) * direction(g))
                 x_new = proj(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev))
             x_prev, x_adv = x_adv, x_new
             g, loss, now = gradient(x_adv)
@@ -203,6 +199,14 @@ class APGD(Attack):
         return x_best, loss_best, fooled, x_fooled
 
     # ----------------------------------------------------------------------- pieces ------------
+    def _geometry(self, x: Tensor) -> tuple[Callable, Callable]:
+        """``(proj, direction)`` of a run on the clean rows ``x``: the projection onto the eps-ball
+        ∩ [0, 1] and the step direction (:mod:`gradlab.attacks.manifold` confines both to a subspace)."""
+        if self.norm != "linf":
+            return (lambda v: self.project(v, x)), self.step_direction
+        lo, hi = (x - self.eps).clamp_min(0.0), (x + self.eps).clamp_max(1.0)
+        return (lambda v: torch.minimum(torch.maximum(v, lo), hi)), self.step_direction
+
     def _start(self, x: Tensor) -> Tensor:
         """The reference code's start point: a random point on the eps-sphere's scale, then [0, 1]."""
         gen = self.generator

@@ -1,0 +1,71 @@
+"""One table and one plot of an experiments/robustness.yaml run: robust accuracy per training
+(standard / adversarial), attack and eps, from every attack run under RUNS_DIR.
+
+    python experiments/robustness_table.py runs/robustness   # writes robustness.csv, robustness.png there
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+
+def collect(runs_dir: Path) -> pd.DataFrame:
+    """Rows ``training, attack, eps, clean_acc, robust_acc, n`` of every attack run in ``runs_dir``."""
+    rows = []
+    for csv in sorted(runs_dir.glob("*-attack*/attack.csv")):
+        cfg = yaml.safe_load((csv.parent / "config.yaml").read_text())["config"]
+        train = yaml.safe_load((Path(cfg["run"]) / "config.yaml").read_text())["config"]
+        training = f"adversarial ({train['adv']}, eps {train['adv_eps']:g})" if train.get("adv") else "standard"
+        table = pd.read_csv(csv)
+        for r in table.itertuples(index=False):
+            rows.append({"training": training, "attack": r.attack, "eps": r.eps, "clean_acc": r.clean_acc,
+                         "robust_acc": r.robust_acc, "n": r.n})
+    return pd.DataFrame(rows, columns=["training", "attack", "eps", "clean_acc", "robust_acc", "n"])
+
+
+def plot(df: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (training, attack), part in df.groupby(["training", "attack"], sort=False):
+        part = part.sort_values("eps")
+        ax.plot(part["eps"], part["robust_acc"], marker="o", linestyle="-" if training == "standard" else "--",
+                label=f"{training}: {attack}")
+    ax.set_xlabel("eps (linf, pixel units)")
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list) -> int:
+    if len(argv) != 1 or not Path(argv[0]).is_dir():
+        print("usage: python experiments/robustness_table.py RUNS_DIR", file=sys.stderr)
+        return 2
+    runs = Path(argv[0])
+    df = collect(runs)
+    if df.empty:
+        print(f"no attack runs under {runs}", file=sys.stderr)
+        return 2
+    wide = df.pivot_table(index=["training", "attack"], columns="eps", values="robust_acc", sort=False)
+    wide.columns = [f"eps {c:g}" for c in wide.columns]
+    wide.insert(0, "clean", df.groupby(["training", "attack"], sort=False)["clean_acc"].first())
+    wide.reset_index().to_csv(runs / "robustness.csv", index=False)
+    plot(df, runs / "robustness.png")
+    print(wide.round(3).to_string())
+    print(f"wrote {runs / 'robustness.csv'} and {runs / 'robustness.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,57 @@
+"""experiments/robustness.yaml: its shape, its check (dry run), and a tiny version of it run end to
+end (digits instead of MNIST, 1 epoch, 16 examples) through the same per-run argv the experiment
+runner uses, then experiments/robustness_table.py's one table and one plot."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from clihelp import ROOT, cli
+from gradlab.training.experiment import PREVIOUS, load_experiment
+
+FILE = ROOT / "experiments" / "robustness.yaml"
+
+
+def test_the_experiment_trains_standard_and_pgd_models_then_sweeps_four_attacks(capsys):
+    train, attack = load_experiment(FILE)
+    assert train.command == ["train"] and train.base["dataset"] == "mnist"
+    assert {c["adv"] for c in train.combinations()} == {None, "pgd"} and train.base["adv_eps"] == 0.3
+    assert attack.command == ["attack"] and attack.args == [] and attack.base["run"] == PREVIOUS
+    assert [c["attack"] for c in attack.combinations()] == ["fgsm", "pgd", "apgd", "autoattack"]
+    assert attack.base["eps"] == "0.1,0.2,0.3"
+    r = cli(capsys, "run", FILE, "--dry-run")  # every combination checked, nothing run
+    assert r.code == 0, r.err
+    assert "10 runs" in r.out
+
+
+def test_a_tiny_version_runs_and_makes_the_table_and_plot(tmp_path, capsys):
+    train, attack = load_experiment(FILE)
+    runs = tmp_path / "runs"
+    for combo in train.combinations():
+        args = ["train", "--dataset", "digits", "--epochs", "1", "--set", "max_train=300", "--runs-dir", runs,
+                "--quiet", "--adv-eps", str(combo["adv_eps"]), "--adv-ratio", str(combo["adv_ratio"])]
+        r = cli(capsys, *args, *(["--adv", combo["adv"]] if combo["adv"] else []))
+        assert r.code == 0, r.err
+    trained = sorted(runs.iterdir())
+    for source in trained:
+        for i, combo in enumerate(c for c in attack.combinations() if c["attack"] in ("fgsm", "pgd")):
+            cfg = {k: v for k, v in combo.items() if k != "run"}
+            cfg.update(n_examples=16, runs_dir=str(runs))
+            path = tmp_path / f"{source.name}-{i}.yaml"
+            path.write_text(yaml.safe_dump(cfg))
+            r = cli(capsys, "attack", "--run", source, "--config", path, "--quiet")  # the NAME from the config
+            assert r.code == 0, r.err
+            assert pd.read_csv(r.run_path / "attack.csv")["attack"].unique().tolist() == [combo["attack"]]
+    spec = importlib.util.spec_from_file_location("robustness_table", ROOT / "experiments" / "robustness_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(runs)]) == 0
+    table = pd.read_csv(runs / "robustness.csv")
+    assert list(table.columns) == ["training", "attack", "clean", "eps 0.1", "eps 0.2", "eps 0.3"]
+    assert len(table) == 4 and set(table["training"]) == {"standard", "adversarial (pgd, eps 0.3)"}
+    assert (table["eps 0.3"] <= table["clean"] + 1e-9).all()
+    assert Path(runs / "robustness.png").stat().st_size > 0
