@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from gradlab.core.errors import GradlabError, check
 from gradlab.training.callbacks import Callback, EpochInfo, Progress, StepInfo, StopTraining, default_callbacks
@@ -85,6 +84,9 @@ class Trainer:
 
         cfg = {**TRAIN_OPTIONS.defaults(), **cfg}
         self.cfg, self.run = cfg, None
+        from gradlab.core.losses import loss_fn
+
+        self.loss_fn = loss_fn(cfg.get("loss"))  # --loss: the mean batch loss (gradlab.core.losses)
         device = resolve_device(cfg["device"])
         self.dist = init_from_env(device.type)
         if self.dist.enabled and device.type == "cuda":
@@ -187,8 +189,8 @@ class Trainer:
         """This rank's share of the mean loss over the global batch (sum * W / B, see sampler);
         on one process the batch is the global batch and this is the plain mean."""
         if self.dist.world_size == 1:
-            return F.cross_entropy(out, yb)
-        return F.cross_entropy(out, yb, reduction="sum") * (self.dist.world_size / n_global)
+            return self.loss_fn(out, yb)
+        return self.loss_fn(out, yb, reduction="sum") * (self.dist.world_size / n_global)
 
     def _loss(self, xb, yb, n_global):
         out = self.net(xb)

@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from gradlab.core.errors import GradlabError
 from gradlab.core.options import Option
@@ -79,7 +78,7 @@ class ProbeCallback(Callback):
 
         device = trainer.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            scalars = probe_scalars(self.name, trainer.model, F.cross_entropy, (info.x, info.y), **self.options)
+            scalars = probe_scalars(self.name, trainer.model, trainer.loss_fn, (info.x, info.y), **self.options)
         trainer.run.log_metrics(info.step, info.epoch, self.split, scalars)
         self.last = {k: float(scalars[k]) for k in self.summary if k in scalars}
 
