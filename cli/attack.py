@@ -132,6 +132,9 @@ def _attack(source, dev, info, attack, eps_list, cfg, opts, quiet, trust_code) -
         check_eps(e, cfg["norm"], x[0].numel())
     check_target_class(cfg["target_class"], data.spec.num_classes)  # before the run folder, not in it
     cfg["run"] = str(source)
+    from gradlab.core.losses import run_loss
+
+    cfg["loss"] = run_loss(loaded.config)  # the objective: the loss the run trained with (config.yaml)
     from gradlab_cli.attack_variants import prepare, write_manifold
 
     variant = prepare(cfg, attack, loaded, trust_code, dev)  # --source / --manifold, checked before the run folder
@@ -240,6 +243,7 @@ def _sweep_with_progress(model, x, y, attack, eps_list, cfg, opts, quiet, info, 
     robustness_sweep = sweep or robustness_sweep  # a transfer or on-manifold sweep (attack_variants)
     keep = cfg["save_adv"] or cfg["grid"] > 0
     args = (model, x, y, attack, eps_list, cfg["batch_size"])
+    opts = {**opts, "criterion": cfg.get("loss")}  # the attacked run's --loss
     if quiet or not sys.stdout.isatty():
         return robustness_sweep(*args, keep_adv=keep, **opts)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

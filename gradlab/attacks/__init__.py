@@ -9,6 +9,8 @@ call other code (adversarial training, the robustness report) needs.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from gradlab.core.options import Options, check_keys
 from gradlab.core.registry import Registry
 
@@ -24,8 +26,10 @@ def attack_options(name: str) -> Options:
     return ATTACKS.entry(name).options
 
 
-def build_attack(name: str, model, eps: float, **opts) -> Attack:
-    """The attack ``name`` configured with ``eps`` and its options.
+def build_attack(name: str, model, eps: float, *, criterion: Optional[str] = None, **opts) -> Attack:
+    """The attack ``name`` configured with ``eps`` and its options; ``criterion`` is the loss its
+    objective ascends (:data:`gradlab.core.losses.LOSSES`, default cross-entropy: a run's
+    ``--loss``).
 
     Raises:
         GradlabError: one line for an unknown attack, an option it does not declare (naming
@@ -35,17 +39,22 @@ def build_attack(name: str, model, eps: float, **opts) -> Attack:
     unknown = [k for k in opts if k not in entry.options]
     if unknown:
         check_keys(unknown, entry.options.names(), owner=f"attack {name}", others=ATTACKS.options_of_others(name))
-    return entry.obj(model, eps, **opts)
+    attack = entry.obj(model, eps, **opts)
+    if criterion is not None:
+        from gradlab.core.losses import check_loss
+
+        attack.criterion = check_loss(criterion)
+    return attack
 
 
-def attack_batch(name: str, model, x, y, eps: float, **opts):
+def attack_batch(name: str, model, x, y, eps: float, *, criterion: Optional[str] = None, **opts):
     """Adversarial inputs for one batch: ``(B, *input_shape)`` in [0, 1], detached.
 
     The model runs in eval mode during the attack and gets its previous per-module modes and
     ``requires_grad`` flags back afterwards, so adversarial training can call this between
     training steps. ``opts`` are the attack's declared options (:func:`attack_options`).
     """
-    return build_attack(name, model, eps, **opts)(x, y).detach()
+    return build_attack(name, model, eps, criterion=criterion, **opts)(x, y).detach()
 
 
 __all__ = ["ATTACKS", "ATTACK_OPTIONS", "NORMS", "Attack", "attack_batch", "attack_options", "build_attack",

@@ -48,6 +48,7 @@ from torch import Tensor
 from gradlab.attacks import ATTACKS
 from gradlab.attacks.base import ATTACK_OPTIONS, STEPS, Attack, flat_norm, per_example
 from gradlab.core.errors import GradlabError
+from gradlab.core.losses import per_example_loss
 from gradlab.core.options import Option, Options
 
 LOSSES = ("ce", "dlr")
@@ -220,9 +221,10 @@ class APGD(Attack):
     def _loss_and_success(self, y: Tensor, t: Optional[Tensor]) -> tuple[Callable, Callable]:
         """Per-example loss ``logits -> (b,)`` and success test ``logits -> (b,) bool`` of one run."""
         if t is None:
-            loss = (lambda z: F.cross_entropy(z, y, reduction="none")) if self.loss == "ce" else (lambda z: dlr_loss(z, y))
+            # "ce": the run's loss (self.criterion, cross-entropy unless it trained with --loss mse)
+            loss = (lambda z: per_example_loss(self.criterion)(z, y)) if self.loss == "ce" else (lambda z: dlr_loss(z, y))
         elif self.loss == "ce":
-            loss = lambda z: -F.cross_entropy(z, t, reduction="none")  # noqa: E731
+            loss = lambda z: -per_example_loss(self.criterion)(z, t)  # noqa: E731
         else:
             loss = lambda z: dlr_targeted_loss(z, y, t)  # noqa: E731
         if self.targeted:  # a fixed target class: success means reaching it

@@ -116,6 +116,7 @@ class AutoAttack(Attack):
                 break
             seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=x.device).item())
             member = ATTACKS.entry(attack).obj(self.model, self.eps, norm=self.norm, seed=seed, **opts)
+            member.criterion = self.criterion  # the run's loss for the members' CE objectives
             adv = member(x[idx], y[idx])
             with torch.no_grad():
                 fooled = self.logits(adv).argmax(dim=1) != y[idx]

@@ -47,10 +47,10 @@ import itertools
 from typing import Callable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradlab.core.errors import GradlabError
+from gradlab.core.losses import per_example_loss
 from gradlab.core.modelstate import DROPOUTS, model_state
 from gradlab.core.budgets import NORMS, check_eps, check_target_class  # noqa: F401  (re-exported)
 from gradlab.core.options import Option, Options
@@ -124,6 +124,9 @@ class Attack(abc.ABC):
     eot_noise: float
     seed: Optional[int]
     cycles_top_classes: bool = False  # ``targeted`` without a class: each of the top classes in turn
+    #: The loss :meth:`objective` ascends (a name in :data:`gradlab.core.losses.LOSSES`); the
+    #: attack commands set it to the attacked run's ``--loss``.
+    criterion: str = "cross-entropy"
 
     def __init__(self, model: nn.Module, eps: float, **opts):
         checked = self.options.resolve(opts, owner=f"attack {self.name}")
@@ -220,14 +223,15 @@ class Attack(abc.ABC):
         return self.model(x)
 
     def objective(self, logits: Tensor, idx: Optional[Tensor] = None) -> Tensor:
-        """Per-example quantity the attack ascends ``(B,)``: CE(true) or -CE(target).
+        """Per-example quantity the attack ascends ``(B,)``: loss(true) or -loss(target), the
+        loss :attr:`criterion` (cross-entropy unless the attacked run trained with another).
 
         ``idx`` selects the rows of the current batch that ``logits`` belong to (default: all).
         """
         if self.targeted:
             t = self._target if idx is None else self._target[idx]
-            return -F.cross_entropy(logits, t, reduction="none")
-        return F.cross_entropy(logits, self._y if idx is None else self._y[idx], reduction="none")
+            return -per_example_loss(self.criterion)(logits, t)
+        return per_example_loss(self.criterion)(logits, self._y if idx is None else self._y[idx])
 
     def is_adversarial(self, logits: Tensor, idx: Optional[Tensor] = None) -> Tensor:
         """``(B,)`` bool: misclassified (untargeted) or classified as the target (targeted)."""

@@ -97,6 +97,7 @@ def robustness_sweep(
     keep_adv: bool = True,
     progress: Optional[Callable[[float, int, int], None]] = None,
     dist: DistInfo = DistInfo(),
+    criterion: Optional[str] = None,
     **opts,
 ) -> RobustnessResult:
     """Attack ``x`` (``(N, *input_shape)`` in [0, 1]) with labels ``y`` at every eps.
@@ -111,6 +112,7 @@ def robustness_sweep(
             batches ``rank, rank + W, ...`` and the per-example results are summed over ranks, so
             every rank returns the whole result. Equal to one process when the attack's ``seed``
             is set (each batch's generator starts from it).
+        criterion: the loss the attacks ascend (a run's ``--loss``; default cross-entropy).
         **opts: attack options (norm, steps, alpha, restarts, random_start, targeted, ...).
     Returns:
         A :class:`RobustnessResult`; ``.table`` has the columns of the module docstring.
@@ -122,7 +124,7 @@ def robustness_sweep(
     eps_list = [float(e) for e in eps_list]
     if not eps_list:
         raise GradlabError("no eps given")
-    attacks = {eps: build_attack(attack_name, model, eps, **opts) for eps in eps_list}  # validates options
+    attacks = {eps: build_attack(attack_name, model, eps, criterion=criterion, **opts) for eps in eps_list}  # validates options
     for eps, attack in attacks.items():
         check_eps(eps, attack.norm, x[0].numel())
     device = _device_of(model)

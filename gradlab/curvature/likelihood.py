@@ -10,6 +10,9 @@ A loss over a batch of ``N`` outputs ``z`` (N, C) is read as ``L = c * sum_n l_n
 * mean squared error (``F.mse_loss``, ``nn.MSELoss``): ``l_n = |z_n - y_n|^2``, the Gaussian
   ``N(z_n, I/2)`` up to a constant; ``c = 1/(N C)`` for ``"mean"`` (the mean runs over all
   ``N C`` entries), 1 for ``"sum"``. Output gradient ``2 (z - y)``, output Hessian ``2 I``.
+  gradlab's ``--loss mse`` (:func:`gradlab.core.losses.mse_one_hot`: integer labels as one-hot
+  targets, summed over classes, mean over examples) is the reduction ``"example-mean"``,
+  ``c = 1/N``.
 
 This is the convention of curvlinops and BackPACK, under which the true Fisher equals the
 Gauss-Newton matrix for both losses (canonical links; Martens 2020, "New insights and
@@ -28,9 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradlab.core.errors import GradlabError
+from gradlab.core.losses import mse_one_hot, one_hot_target
 
 KINDS = ("cross-entropy", "mse")
-SUPPORTED = "F.cross_entropy, nn.CrossEntropyLoss, F.mse_loss or nn.MSELoss (reduction mean or sum)"
+SUPPORTED = ("F.cross_entropy, nn.CrossEntropyLoss, F.mse_loss, nn.MSELoss or gradlab's mse_one_hot "
+             "(reduction mean or sum)")
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class Likelihood:
         """The reduction factor ``c`` for outputs ``z`` (N, C)."""
         if self.reduction == "sum":
             return 1.0
+        if self.reduction == "example-mean":
+            return 1.0 / z.shape[0]
         return 1.0 / (z.shape[0] * (z.shape[1] if self.kind == "mse" else 1))
 
     def nll(self, z: Tensor, y: Tensor) -> Tensor:
@@ -51,7 +58,7 @@ class Likelihood:
         cross-entropy (float ``y`` of shape (N, C))."""
         if self.kind == "cross-entropy":
             return F.cross_entropy(z, y, reduction="sum")
-        return (z - y).pow(2).sum()
+        return (z - one_hot_target(z, y)).pow(2).sum()
 
     def output_gradients(self, z: Tensor, y: Tensor) -> Tensor:
         """``d l_n / d z_n`` for the given labels, (N, C)."""
@@ -59,7 +66,7 @@ class Likelihood:
             p = z.softmax(-1)
             target = y if y.is_floating_point() else F.one_hot(y, z.shape[1]).to(z.dtype)
             return p - target
-        return 2 * (z - y)
+        return 2 * (z - one_hot_target(z, y))
 
     def sample_labels(self, z: Tensor, mc_samples: int, generator: torch.Generator) -> Tensor:
         """Labels drawn from the model, ``y ~ p(y | z_n)``: (M, N) classes for cross-entropy,
@@ -108,6 +115,8 @@ def likelihood_of(loss_fn) -> Optional[Likelihood]:
     if isinstance(loss_fn, functools.partial) and not loss_fn.args and set(loss_fn.keywords) <= {"reduction"}:
         reduction = loss_fn.keywords.get("reduction", "mean")
         loss_fn = loss_fn.func
+    if loss_fn is mse_one_hot:
+        return Likelihood("mse", "example-mean" if reduction == "mean" else reduction) if reduction in ("mean", "sum") else None
     if loss_fn is F.cross_entropy or loss_fn is F.mse_loss:
         kind = "cross-entropy" if loss_fn is F.cross_entropy else "mse"
     elif isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and loss_fn.label_smoothing == 0:

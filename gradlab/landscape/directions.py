@@ -176,8 +176,9 @@ def plane_through(vertices: Sequence[Mapping[str, Tensor]]):
     return to_dict(centre), (to_dict(e1), to_dict(e2)), coords
 
 
-def eigen_directions(model: nn.Module, batches, k: int = 2, *, seed: int = 0):
-    """The top-``k`` (largest algebraic) Hessian eigenvectors of the loss, as unit directions.
+def eigen_directions(model: nn.Module, batches, k: int = 2, *, seed: int = 0, loss_fn=None):
+    """The top-``k`` (largest algebraic) Hessian eigenvectors of ``loss_fn`` (default
+    cross-entropy), as unit directions.
 
     Uses the curvature engine (:class:`gradlab.curvature.hessian_op.HessianOperator`, eval mode,
     and its Lanczos ``eigsh``). Returns ``(directions, eigenvalues)``.
@@ -186,7 +187,7 @@ def eigen_directions(model: nn.Module, batches, k: int = 2, *, seed: int = 0):
     from gradlab.curvature.hessian_op import HessianOperator
 
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    op = HessianOperator(model, data=list(batches), params=[p for _, p in params])
+    op = HessianOperator(model, loss_fn, data=list(batches), params=[p for _, p in params])
     res = eigsh(op, k=k, which="LA", seed=seed, return_vectors=True, tol=1e-4)
     vals, vecs = res.values, res.vectors  # (k,), (n, k)
     if not res.converged:

@@ -75,8 +75,9 @@ def evaluate_at(
     *,
     bn_batches: Optional[Sequence[tuple]] = None,
     return_probs: bool = False,
+    loss_fn=F.cross_entropy,
 ):
-    """Mean cross-entropy and accuracy of ``model`` at ``params`` over ``batches`` (eval mode).
+    """Mean loss (``loss_fn``, default cross-entropy) and accuracy of ``model`` at ``params`` over ``batches`` (eval mode).
 
     With BatchNorm, its statistics are recomputed at ``params`` on ``bn_batches`` (default:
     ``batches``). ``return_probs`` also returns the softmax outputs, concatenated over the batches
@@ -89,7 +90,7 @@ def evaluate_at(
     with torch.no_grad(), model_state(model, train=False):
         for x, y in batches:
             out = functional_call(model, ({k: v.detach() for k, v in params.items()}, buffers), (x,))
-            tot_l += float(F.cross_entropy(out, y, reduction="sum"))
+            tot_l += float(loss_fn(out, y, reduction="sum"))
             tot_a += float((out.argmax(dim=-1) == y).sum())
             n += len(y)
             if return_probs:
@@ -123,8 +124,10 @@ def train_points(
     device="cpu",
     weight_decay: float = 0.0,
     on_epoch: Optional[Callable[[int, dict], None]] = None,
+    loss_fn=F.cross_entropy,
 ) -> list:
-    """SGD (momentum 0.9, cosine-annealed lr) on ``trainable`` through sampled points.
+    """SGD (momentum 0.9, cosine-annealed lr) on ``trainable`` through sampled points
+    (``loss_fn``: the data loss, default cross-entropy; the ``ce`` column holds it).
 
     Every step calls ``make_params(generator)`` -> ``(params, extra_loss, info)``: the weights of
     a freshly sampled point (built from ``trainable``) and a differentiable regulariser added to
@@ -146,7 +149,7 @@ def train_points(
             count = 0
             for xb, yb in shuffled_batches(x, y, batch_size, gen, device):
                 params, extra, info = make_params(gen)
-                ce = F.cross_entropy(functional_call(model, (params, scratch), (xb,)), yb)
+                ce = loss_fn(functional_call(model, (params, scratch), (xb,)), yb)
                 loss = ce + extra
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -85,6 +85,7 @@ def choose_directions(
     include_bn: bool = False,
     seed: int = 0,
     device="cpu",
+    loss_fn=None,
 ) -> DirectionSet:
     """Directions of ``kind`` (random, pca, eigen, interp) for ``model`` (see the module docstring).
 
@@ -119,7 +120,7 @@ def choose_directions(
     if kind == "eigen":
         if not batches:
             raise GradlabError("eigen directions need data batches")
-        dirs, vals = eigen_directions(model, batches, k=dims, seed=seed)
+        dirs, vals = eigen_directions(model, batches, k=dims, seed=seed, loss_fn=loss_fn)
         return DirectionSet(dirs, points={"weights": (0.0, 0.0)},
                             info={f"eigenvalue_{i + 1}": v for i, v in enumerate(vals)})
     # interp
@@ -164,12 +165,14 @@ def landscape(
     range_: Optional[tuple] = None,
     points_per_call: int = 1,
     progress: Optional[Callable[[int, int], None]] = None,
+    loss_fn: Optional[Callable] = None,
 ) -> GridResult:
-    """Evaluate loss and accuracy on the ``steps``-per-axis grid spanned by ``dset``."""
+    """Evaluate loss (``loss_fn``, default cross-entropy) and accuracy on the
+    ``steps``-per-axis grid spanned by ``dset``."""
     lo, hi = dset.default_range if range_ is None else range_
     axes = make_axes(lo, hi, steps, len(dset.directions))
     return evaluate_grid(model, dset.directions, grid_coords(axes), batches, centre=dset.centre,
-                         points_per_call=points_per_call, progress=progress, axes=axes)
+                         points_per_call=points_per_call, progress=progress, axes=axes, loss_fn=loss_fn)
 
 
 # -- the registered probe ---------------------------------------------------------------------
@@ -247,7 +250,7 @@ class LandscapeProbe(Probe):
                 to_w = {n: p.detach() for n, p in other.model.named_parameters()}
             ctx.state["dset"] = choose_directions(o["directions"], ctx.model, dims=o["dims"], run_path=src.run_path,
                                                   to_weights=to_w, batches=ctx.batches[:4], include_bn=o["include_bn"],
-                                                  seed=ctx.seed, device=ctx.device)
+                                                  seed=ctx.seed, device=ctx.device, loss_fn=ctx.loss_fn)
         return {"source_run": str(src.run_path)}
 
     def run(self, ctx: ProbeContext) -> ProbeReport:
@@ -258,7 +261,8 @@ class LandscapeProbe(Probe):
         o, dset, dims = ctx.options, ctx.state["dset"], ctx.options["dims"]
         t0 = time.perf_counter()
         res = landscape(ctx.model, dset, ctx.batches, steps=o["steps"], range_=ctx.state["range"],
-                        points_per_call=o["points_per_call"], progress=ctx.report_progress)
+                        points_per_call=o["points_per_call"], progress=ctx.report_progress,
+                        loss_fn=ctx.loss_fn)
         seconds = time.perf_counter() - t0
         table = res.frame()
         saved = {f"d{i + 1}": {n: t.detach().cpu() for n, t in d.items()} for i, d in enumerate(dset.directions)}
@@ -291,7 +295,7 @@ class LandscapeProbe(Probe):
             from gradlab.curvature.eigen import eigsh
             from gradlab.curvature.hessian_op import HessianOperator
 
-            top = eigsh(HessianOperator(ctx.model, data=ctx.batches[:4]), k=1, which="LA", tol=1e-4, seed=ctx.seed)
+            top = eigsh(HessianOperator(ctx.model, ctx.loss_fn, data=ctx.batches[:4]), k=1, which="LA", tol=1e-4, seed=ctx.seed)
             metrics["lambda_max"] = float(top.values[0])
             metrics["lambda_max_converged"] = bool(top.converged)
         return ProbeReport(table=table, view=pd.DataFrame([metrics]), title="landscape",

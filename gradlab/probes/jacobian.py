@@ -16,7 +16,10 @@ linear networks"; Pennington, Schoenholz & Ganguli 2017, "Resurrecting the sigmo
 learning through dynamical isometry"): mean and variance of the squared singular values, max
 (= spectral norm) and min singular value, condition number and the fraction of singular values
 within 10% of 1. Per layer it adds the spectral radius ``max |eig(J_l)|`` where ``J_l`` is
-square, and the cumulative product of spectral norms ``prod_{j<=l} ||J_j||_2``: an upper bound
+square, with ``log|det J_l|`` (batched slogdet) and ``tr(J_l) - n``, which for a residual block
+``J = I + eps A`` is ``eps tr(A)``, the first-order term of ``log det J`` (summary.csv adds their
+means over the square blocks, ``block_log_abs_det`` and ``block_trace_minus_n``), and the
+cumulative product of spectral norms ``prod_{j<=l} ||J_j||_2``: an upper bound
 on the end-to-end norm that grows or shrinks exponentially with depth unless every factor is ~1
 (a residual block ``I + eps*A`` keeps its factor near 1).
 
@@ -60,6 +63,7 @@ from gradlab.probes.jacobian_spectra import (  # noqa: F401
     SUMMARY_COLUMNS,
     JacobianReport,
     LayerSpectrum,
+    log_det_and_trace,
     spectral_radius,
 )
 from gradlab.probes.source import LAYER_OPTIONS, parse_layers, recalibrate_batchnorm, sample_indices
@@ -178,8 +182,9 @@ def _spectrum(name, depth, fn, h, method, k, max_dense, n_probes, keep, gen) -> 
         jac = per_example_jacobian(fn, h)
         sv = singular_values(jac)
         radius = spectral_radius(jac) if m == n else None
+        logdet, tr = log_det_and_trace(jac) if m == n else (None, None)
         return LayerSpectrum(name, depth, n, m, "dense", sv, spectral_radius=radius,
-                             jacobian=jac if keep else None)
+                             jacobian=jac if keep else None, log_abs_det=logdet, trace_minus_n=tr)
     gram = JacobianGram(fn, h)
     tol = max(1e-10, 1000 * torch.finfo(h.dtype).eps)  # float32: 1.2e-4; |eigenvalue error| <= residual
     v0 = torch.randn(b, gram.size, generator=gen, dtype=torch.float64).to(h.device)
@@ -230,7 +235,7 @@ OPTIONS = Options(
 class JacobianProbe(Probe):
     """Jacobian singular values per example and dynamical-isometry statistics, end to end and per layer.
 
-    Statistics (Saxe et al. 2014, Pennington et al. 2017), per example then averaged: mean and variance of the squared singular values, max (spectral norm) and min singular value, condition number, fraction within 10% of 1; per layer also the spectral radius (square maps) and the cumulative product of spectral norms over depth. Maps: input-output (classes x inputs), hidden-to-hidden (the width x width product of the hidden blocks, the map Pennington et al. study) and every block and the head. Verdict: the geometric mean of the rms singular values of the square hidden layer maps (the first and last maps carry their shape); below 1/(1+t) 'vanishing', above 1+t 'exploding' (t = --threshold).
+    Statistics (Saxe et al. 2014, Pennington et al. 2017), per example then averaged: mean and variance of the squared singular values, max (spectral norm) and min singular value, condition number, fraction within 10% of 1; per layer also, for square maps, the spectral radius, the mean log|det J| (batched slogdet) and tr(J) - n (= eps tr(A) for a residual block h + eps f(h), the first-order term of log det J), and the cumulative product of spectral norms over depth. Maps: input-output (classes x inputs), hidden-to-hidden (the width x width product of the hidden blocks, the map Pennington et al. study) and every block and the head. Verdict: the geometric mean of the rms singular values of the square hidden layer maps (the first and last maps carry their shape); below 1/(1+t) 'vanishing', above 1+t 'exploding' (t = --threshold).
 
     Writes jacobian.csv (layer,example,index,singular_value), jacobian_summary.csv (one row per map), TensorBoard histograms of log10 singular values and per-layer statistics against depth, plots/jacobian_spectra.png and plots/jacobian_depth.png. The model runs in eval mode; a fresh model's BatchNorm running statistics are first set from 256 training examples.
     """

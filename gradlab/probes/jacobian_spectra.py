@@ -23,6 +23,7 @@ NEAR_ONE = 0.1  # "within 10% of 1"
 SUMMARY_COLUMNS = [
     "layer", "depth", "in_dim", "out_dim", "method", "n_sv", "mean_sq_sv", "var_sq_sv", "max_sv",
     "min_sv", "condition_number", "frac_near_one", "spectral_radius", "cum_spectral_norm", "converged",
+    "mean_log_abs_det", "trace_minus_n",
 ]
 
 
@@ -33,6 +34,9 @@ class LayerSpectrum:
     ``singular_values`` (B, r_or_k) float64, descending; ``spectral_radius`` (B,) or None;
     ``moments`` (B, 2) = per-example (tr G / r, tr G^2 / r) Hutchinson estimates in Lanczos mode,
     None when dense; ``jacobian`` (B, m, n) only when asked for (``keep_jacobians``).
+    Square dense maps also keep ``log_abs_det`` (B,), ``log|det J_b|`` (slogdet), and
+    ``trace_minus_n`` (B,), ``tr(J_b) - n``: for a residual block ``J = I + eps A`` that is
+    ``eps tr(A)``, the first-order term of ``log det J = eps tr(A) + O(eps^2)``.
     """
 
     name: str
@@ -46,6 +50,8 @@ class LayerSpectrum:
     spectral_radius: Optional[Tensor] = field(default=None, repr=False)
     moments: Optional[Tensor] = field(default=None, repr=False)
     jacobian: Optional[Tensor] = field(default=None, repr=False)
+    log_abs_det: Optional[Tensor] = field(default=None, repr=False)
+    trace_minus_n: Optional[Tensor] = field(default=None, repr=False)
 
     @property
     def full(self) -> bool:
@@ -75,6 +81,8 @@ class LayerSpectrum:
                 min_sv=nan, condition_number=nan, frac_near_one=nan,
             )
         out["spectral_radius"] = nan if self.spectral_radius is None else float(self.spectral_radius.mean())
+        out["mean_log_abs_det"] = nan if self.log_abs_det is None else float(self.log_abs_det.mean())
+        out["trace_minus_n"] = nan if self.trace_minus_n is None else float(self.trace_minus_n.mean())
         return out
 
 
@@ -185,8 +193,19 @@ class JacobianReport:
             maps, _, basis = self.verdict_basis()
             out["verdict_basis"] = basis
             out["verdict_layers"] = " ".join(ls.name for ls in maps)
+        dets = [ls for ls in self.layers if ls.depth is not None and ls.log_abs_det is not None]
+        if dets:  # mean over the square block maps of the mean over examples (-inf: a singular map)
+            out["block_log_abs_det"] = sum(float(ls.log_abs_det.mean()) for ls in dets) / len(dets)
+            out["block_trace_minus_n"] = sum(float(ls.trace_minus_n.mean()) for ls in dets) / len(dets)
         return out
 
+
+
+def log_det_and_trace(jac: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log|det J_b|, tr(J_b) - n)`` (B,) float64 of square per-example Jacobians (B, n, n):
+    one batched ``slogdet`` (LU) in float64, ``-inf`` for a singular map."""
+    j = jac.double()
+    return torch.linalg.slogdet(j).logabsdet, j.diagonal(dim1=-2, dim2=-1).sum(-1) - j.shape[-1]
 
 
 def spectral_radius(jac: Tensor) -> Tensor:

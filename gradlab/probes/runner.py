@@ -15,12 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
+from gradlab.core.losses import LOSSES
 from gradlab.core.options import Option, Options
 from gradlab.probes.base import Probe, ProbeContext, ProbeReport, as_probe
 from gradlab.runs.options import DEVICE, RUNS_DIR, SEED
 
 #: What every probe run needs besides its own and its model source's options.
-CONTEXT_OPTIONS = Options(RUNS_DIR, SEED, DEVICE)
+CONTEXT_OPTIONS = Options(RUNS_DIR, SEED, DEVICE, Option(
+    "loss", str, None, "Loss the probe differentiates (default: the source run's --loss, else cross-entropy)",
+    choices=LOSSES))
 
 
 @dataclass
@@ -64,9 +67,8 @@ def prepare_probe(name: str, sources: Sequence[tuple[str, Mapping[str, Any]]],
     own = probe_options(name) + (extra or Options())
     cfg = resolve_config(own, [], sources, command=f"probe {name}")  # names and numbers: before torch
 
-    import torch.nn.functional as F
-
     from gradlab.core.device import resolve_device
+    from gradlab.core.losses import loss_fn, run_loss
     from gradlab.probes import PROBES
 
     entry = PROBES.entry(name)
@@ -78,10 +80,11 @@ def prepare_probe(name: str, sources: Sequence[tuple[str, Mapping[str, Any]]],
     info = init_from_env(device.type)  # under torchrun: join the group (every rank draws the same batches)
     device = rank_device(device, info)
     source = probe.load(cfg, device)
-    ctx = ProbeContext(source.model, F.cross_entropy, probe.draw(source, options, cfg["seed"]), device,
+    loss = cfg.get("loss") or run_loss(source.run_config)  # a run's probes default to its own loss
+    ctx = ProbeContext(source.model, loss_fn(loss), probe.draw(source, options, cfg["seed"]), device,
                        cfg["seed"], options, source, dist=info)
     added = probe.prepare(ctx) or {}
-    return PreparedProbe(name, probe, ctx, {**cfg, **source.description, **added})
+    return PreparedProbe(name, probe, ctx, {**cfg, "loss": loss, **source.description, **added})
 
 
 def run_probe(name: str, **options) -> ProbeReport:

@@ -18,7 +18,7 @@ from gradlab.core.options import Option, Options
 from gradlab.models.options import ACTIVATIONS, INITS, NORMS
 
 #: Model options a fresh model takes (None: the model's own default; not allowed with ``run``).
-MODEL_KEYS = ("depth", "width", "act", "init", "sigma_w", "sigma_b", "residual", "norm")
+MODEL_KEYS = ("depth", "width", "act", "init", "sigma_w", "sigma_b", "residual", "residual_scale", "norm")
 
 RUN_OPTION = Option("run", str, None, "Source run: a run folder, a run id under --runs-dir, or 'last' (the newest trained run)")
 SPLIT_OPTION = Option("split", str, "train", "Draw examples from the train or test split", choices=("train", "test"))
@@ -37,6 +37,7 @@ SOURCE_OPTIONS = Options(
            low=0, low_open=True, paper="Poole et al. 2016"),
     Option("sigma_b", float, None, "Bias std for init gaussian|orthogonal (default: 0)", low=0),
     Option("residual", bool, None, "Skip connections h + f(h) in the MLP"),
+    Option("residual_scale", float, None, "MLP residual blocks h + eps*f(h) (implies --residual)", low=0),
     Option("norm", str, None, "Normalisation layers (default: auto)", choices=NORMS),
     SPLIT_OPTION,
 )

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from gradlab.core.errors import GradlabError, check
 from gradlab.training.callbacks import Callback, EpochInfo, Progress, StepInfo, StopTraining, default_callbacks
@@ -88,6 +87,8 @@ class Trainer:
 
         cfg = {**TRAIN_OPTIONS.defaults(), **cfg}
         self.cfg, self.run = cfg, None
+        from gradlab.core.losses import loss_fn
+        self.loss_fn = loss_fn(cfg.get("loss"))  # --loss: the mean batch loss (gradlab.core.losses)
         device = resolve_device(cfg["device"])
         self.dist = init_from_env(device.type)
         if self.dist.enabled and device.type == "cuda":
@@ -114,7 +115,7 @@ class Trainer:
         self.closure_step = bool(getattr(self.optimizer, "needs_loss_closure", False))
         self.precision = Precision(cfg.get("precision", "fp32"), device, self.closure_step)
         if getattr(self.optimizer, "needs_model", False):  # K-FAC, natural gradient: gradlab.optim's docstring
-            self.optimizer.bind(self.model, F.cross_entropy)
+            self.optimizer.bind(self.model, self.loss_fn)
         self.sampler = GlobalBatchSampler(len(self.x_train), cfg["batch_size"], cfg["seed"],
                                           self.dist.rank, self.dist.world_size)
         self.total_steps = cfg["epochs"] * len(self.sampler)
@@ -195,8 +196,8 @@ class Trainer:
         """This rank's share of the mean loss over the global batch (sum * W / B, see sampler);
         on one process the batch is the global batch and this is the plain mean."""
         if self.dist.world_size == 1:
-            return F.cross_entropy(out, yb)
-        return F.cross_entropy(out, yb, reduction="sum") * (self.dist.world_size / n_global)
+            return self.loss_fn(out, yb)
+        return self.loss_fn(out, yb, reduction="sum") * (self.dist.world_size / n_global)
 
     def _loss(self, xb, yb, n_global, checks: bool = True):
         with self.precision.autocast():

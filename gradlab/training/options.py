@@ -9,6 +9,7 @@ files and the Python API are checked against.
 from __future__ import annotations
 
 from gradlab.core.errors import GradlabError, check
+from gradlab.core.losses import DEFAULT_LOSS, LOSSES
 from gradlab.core.options import Option, Options
 
 TRAIN_OPTIONS = Options(
@@ -20,6 +21,9 @@ TRAIN_OPTIONS = Options(
     # a train option, not an optimizer's: it wraps any optimizer and needs the run's length
     Option("schedule", str, "constant", "learning-rate schedule over the run's steps",
            choices=("constant", "cosine", "step"), paper="cosine: Loshchilov & Hutter 2017; step: He et al. 2016"),
+    Option("loss", str, DEFAULT_LOSS, "training loss: cross-entropy, or mse (squared error to the one-hot "
+                                      "target, summed over classes, mean over examples); probes and attacks "
+                                      "on the run use it by default", choices=LOSSES),
     Option("epochs", int, 15, "passes over the training set", low=1),
     Option("batch_size", int, 64, "global batch size (split across torchrun processes)", low=1, label="batch size"),
     Option("log_every", int, 50, "per-layer gradient histograms every N steps", low=1, label="log-every"),

@@ -28,7 +28,8 @@ class AdversarialLoss(Callback):
                        loss: torch.Tensor, n_global: int) -> torch.Tensor:
         from gradlab.attacks import attack_batch
 
-        x_adv = attack_batch(self.attack, trainer.model, x, y, self.eps)  # (B, *input_shape), detached
+        x_adv = attack_batch(self.attack, trainer.model, x, y, self.eps,
+                             criterion=trainer.cfg.get("loss"))  # (B, *input_shape), detached
         adv_loss = trainer.batch_loss(trainer.net(x_adv), y, n_global)
         r = self.ratio
         return (1 - r) * loss + r * adv_loss

@@ -14,13 +14,14 @@ from gradlab.training.callbacks.base import Callback, EpochInfo, StepInfo, StopT
 
 
 @torch.no_grad()
-def evaluate(model, x, y, batch_size: int = 1024) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over ``(x, y)`` in eval mode (mode restored after)."""
+def evaluate(model, x, y, batch_size: int = 1024, loss_fn=F.cross_entropy) -> tuple[float, float]:
+    """Mean loss (``loss_fn``, default cross-entropy) and accuracy over ``(x, y)`` in eval mode
+    (mode restored after)."""
     loss_sum, correct = 0.0, 0
     with model_state(model, train=False):
         for i in range(0, len(x), batch_size):
             out = model(x[i : i + batch_size])
-            loss_sum += F.cross_entropy(out, y[i : i + batch_size], reduction="sum").item()
+            loss_sum += loss_fn(out, y[i : i + batch_size], reduction="sum").item()
             correct += (out.argmax(1) == y[i : i + batch_size]).sum().item()
     n = max(len(x), 1)
     return loss_sum / n, correct / n
@@ -195,7 +196,7 @@ class EpochEvaluation(Callback):
         self.pending = None
 
     def on_epoch_end(self, trainer, info: EpochInfo) -> None:
-        test_loss, test_acc = evaluate(trainer.model, trainer.x_test, trainer.y_test)
+        test_loss, test_acc = evaluate(trainer.model, trainer.x_test, trainer.y_test, loss_fn=trainer.loss_fn)
         if test_acc >= self.target_acc and self.steps_to_target is None:
             self.steps_to_target = info.step
         self.last = {"train_loss": info.train_loss, "train_acc": info.train_acc,

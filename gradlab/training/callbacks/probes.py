@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from gradlab.core.errors import GradlabError
 from gradlab.core.options import Option
@@ -83,7 +82,7 @@ class ProbeCallback(Callback):
         if "lr" in self.probe_options and options.get("lr") is None:  # the optimizer's current step size
             options["lr"] = float(trainer.optimizer.param_groups[0]["lr"])
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            scalars = probe_scalars(self.name, trainer.model, F.cross_entropy, (info.x, info.y), **options)
+            scalars = probe_scalars(self.name, trainer.model, trainer.loss_fn, (info.x, info.y), **options)
         trainer.run.log_metrics(info.step, info.epoch, self.split, scalars)
         self.last = {k: float(scalars[k]) for k in self.summary if k in scalars}
 
