@@ -69,19 +69,23 @@ def distributed(device_type: str):
 @contextmanager
 def rank_failures():
     """Leave the process group (if any) at the end; a collective that fails because another
-    rank exited ends this rank with one line naming it (exit 1), no traceback."""
-    from gradlab.core.distributed import current, rank_failure_message, shutdown
-
+    rank exited ends this rank with one line naming it (exit 1), no traceback. Imports torch only
+    where a group may exist, so that a typo is still answered without it."""
     try:
         yield
     except RuntimeError as exc:
+        from gradlab.core.distributed import current, rank_failure_message
+
         message = rank_failure_message(exc, current(), kept="its run folder (rank 0's) is marked failed")
         if message is None:
             raise
         err_console.print(f"gradlab: {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     finally:
-        shutdown(current())
+        if "gradlab.core.distributed" in sys.modules:  # else no process group was ever joined
+            from gradlab.core.distributed import current, shutdown
+
+            shutdown(current())
 
 
 def start_run(command: str, cfg: Mapping[str, Any], enabled: bool = True):

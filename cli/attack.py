@@ -238,12 +238,11 @@ def _eps_list(value) -> list:
 def _sweep_with_progress(model, x, y, attack, eps_list, cfg, opts, quiet, info, sweep=None):
     from gradlab.attacks.report import robustness_sweep
 
-    if sweep is None:  # the plain sweep splits the examples across torchrun's ranks
-        opts = {**opts, "dist": info}
+    if sweep is None:  # the plain sweep splits the examples across torchrun's ranks, ascends the run's loss
+        opts = {**opts, "dist": info, "criterion": cfg.get("loss")}
     robustness_sweep = sweep or robustness_sweep  # a transfer or on-manifold sweep (attack_variants)
     keep = cfg["save_adv"] or cfg["grid"] > 0
     args = (model, x, y, attack, eps_list, cfg["batch_size"])
-    opts = {**opts, "criterion": cfg.get("loss")}  # the attacked run's --loss
     if quiet or not sys.stdout.isatty():
         return robustness_sweep(*args, keep_adv=keep, **opts)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -330,7 +330,7 @@ def _gathered(rep: JacobianReport, dist) -> JacobianReport:
     return out
 
 
-_PER_EXAMPLE = ("singular_values", "spectral_radius", "moments", "jacobian")
+_PER_EXAMPLE = ("singular_values", "spectral_radius", "moments", "jacobian", "log_abs_det", "trace_minus_n")
 
 
 def report_lines(rep: JacobianReport, summary, metrics: dict, t: float) -> list[str]:
