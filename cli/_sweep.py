@@ -6,6 +6,7 @@ ends; the experiment's table is in run order whatever the order of ending.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -39,6 +40,7 @@ class LocalRunner:
             self.gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         except ImportError:  # pragma: no cover - torch is a dependency
             self.gpus = 0
+        self.base_env: Optional[dict] = None  # the children's environment (None: this process's)
         self._slots: "queue.Queue[int]" = queue.Queue()
         for i in range(self.jobs):
             self._slots.put(i)
@@ -55,7 +57,7 @@ class LocalRunner:
         slot = self._slots.get()
         try:
             on_start(task)
-            env = job_environment(slot, self.jobs, gpus=self.gpus)
+            env = job_environment(slot, self.jobs, self.base_env, gpus=self.gpus)
             code, out, err = self.children.run(gradlab_command(task.argv), env=env)
         finally:
             self._slots.put(slot)
@@ -140,4 +142,56 @@ class SubmititRunner:
                 yield task, ("failed", None, f"job {job.job_id}: {line[-1] if line else type(e).__name__}")
 
 
-__all__ = ["LocalRunner", "SubmititRunner", "Task"]
+#: What torchrun tells its workers; a sweep's children are single processes and must not see it
+#: (each would try to join a process group of its own with the other ranks' children).
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                 "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+def single_process_env(environ: dict, local_rank: int, gpus: int) -> dict:
+    """``environ`` without torchrun's variables; with several GPUs and no CUDA_VISIBLE_DEVICES
+    of the user's, this rank's children see only the GPU of its local rank.
+
+    >>> single_process_env({"RANK": "1", "TORCHELASTIC_RUN_ID": "x", "HOME": "/h"}, 1, 4)
+    {'HOME': '/h', 'CUDA_VISIBLE_DEVICES': '1'}
+    """
+    env = {k: v for k, v in environ.items() if k not in TORCHRUN_VARS and not k.startswith("TORCHELASTIC_")}
+    if gpus > 1 and "CUDA_VISIBLE_DEVICES" not in environ:
+        env["CUDA_VISIBLE_DEVICES"] = str(local_rank % gpus)
+    return env
+
+
+class RankRunner:
+    """``gradlab run`` under torchrun: the ranks share each stage's runs, rank ``r`` making runs
+    ``r, r + W, ...`` of the stage through its own :class:`LocalRunner` (``--jobs`` at once), each
+    run a single-process child. At the stage's end the ranks exchange their results (one
+    ``all_gather_object``), so every rank yields every run's result in run order, the next stage
+    sees all of them, and a stop on one rank (--fail-fast, a signal) stops all at the stage's end."""
+
+    def __init__(self, inner: LocalRunner, info):
+        self.inner, self.info = inner, info
+        self.interrupted: Optional[int] = None  # a signal that stopped some rank's runs
+        inner.base_env = single_process_env(dict(os.environ), info.local_rank, inner.gpus)
+
+    @property
+    def stopped(self) -> bool:
+        return self.inner.stopped
+
+    def stop(self) -> None:
+        self.inner.stop()
+
+    def run(self, tasks: list, on_start: Callable[[Task], None]) -> Iterator[tuple]:
+        from gradlab.core.distributed import gather_objects
+
+        mine = tasks[self.info.rank::self.info.world_size]
+        done = [(t.n, r) for t, r in self.inner.run(mine, on_start)]
+        parts = gather_objects((done, self.inner.stopped, self.inner.children.received), self.info)
+        self.interrupted = next((sig for _, _, sig in parts if sig is not None), None)
+        if any(stopped for _, stopped, _ in parts) or self.interrupted is not None:
+            self.inner.stopped = True
+        by_n = {t.n: t for t in tasks}
+        for n, result in sorted((item for part, _, _ in parts for item in part), key=lambda item: item[0]):
+            yield by_n[n], result
+
+
+__all__ = ["LocalRunner", "RankRunner", "SubmititRunner", "Task", "single_process_env"]

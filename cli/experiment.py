@@ -21,7 +21,7 @@ import typer
 from typing_extensions import Annotated
 
 from gradlab.training.launch import LAUNCHER_OPTIONS
-from gradlab_cli._common import console, err_console, render_table
+from gradlab_cli._common import console, distributed, err_console, is_rank0, render_table
 from gradlab_cli._options import with_flags
 
 #: More runs than this are started only with --yes (or a yes at the terminal's prompt).
@@ -64,6 +64,9 @@ def command(
     if launch["launcher"] != "local" and jobs > 1:
         raise GradlabError("--jobs is for --launcher local; a cluster runs the array's jobs at once "
                            "(--array-parallelism caps them)")
+    if launch["launcher"] != "local" and _under_torchrun():
+        raise GradlabError(f"under torchrun the ranks share the runs themselves: --launcher must be local, "
+                           f"not {launch['launcher']} (submit `gradlab run` without torchrun instead)")
     if detach and len(stages) > 1:
         raise GradlabError(f"{file}: --detach submits one stage; this file has {len(stages)} "
                            f"(a later stage needs the runs of the one before)")
@@ -71,9 +74,11 @@ def command(
     counts = runs_per_stage(stages)
     total = sum(counts)
     parts = f" ({', '.join(f'step {i}: {c:,}' for i, c in enumerate(counts, 1))})" if len(counts) > 1 else ""
-    console.print(f"{file}: {total:,} run{'s' if total != 1 else ''}{parts}", highlight=False)
+    if is_rank0():
+        console.print(f"{file}: {total:,} run{'s' if total != 1 else ''}{parts}", highlight=False)
     if dry_run:
-        _list_runs(stages, plans)
+        if is_rank0():
+            _list_runs(stages, plans)
         return
     if total > MAX_UNASKED and not yes:
         if not sys.stdin.isatty():
@@ -83,6 +88,12 @@ def command(
             raise typer.Exit(1)
     _run_all(file, stages, plans, total, resume=resume, fail_fast=fail_fast, jobs=jobs, launch=launch,
              detach=detach)
+
+
+def _under_torchrun() -> bool:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def check_experiment(file: Path, stages: list, runs_dir: Optional[Path]) -> list[list[Planned]]:
@@ -157,20 +168,25 @@ def _run_all(file: Path, stages: list, plans: list, total: int, *, resume: bool,
 
     from gradlab.training.experiment import PREVIOUS, EarlierRuns, log_hparams
     from gradlab_cli._checks import checker, deep_check
-    from gradlab_cli._child import Children
+    from gradlab_cli._child import EXIT_CODES, Children
     from gradlab_cli._sweep import Task
 
     launch = launch or {"launcher": "local"}
-    done = EarlierRuns() if resume else None
     results, previous, n = [], [None], 0
-    with tempfile.TemporaryDirectory(prefix="gradlab-exp-") as tmp, Children() as children, \
-            _Bar(total) as bar:
-        runner = _runner(children, jobs, launch, file, plans, detach, fail_fast)
+    with distributed("cpu") as info, tempfile.TemporaryDirectory(prefix="gradlab-exp-") as tmp, \
+            Children() as children, _Bar(total if info.is_main else 0) as bar:
+        done = EarlierRuns() if resume else None
+        if info.enabled:  # every rank has read the runs folder before any rank adds to it
+            import torch.distributed as dist
+
+            dist.barrier()
+        runner = _runner(children, jobs, launch, file, plans, detach, fail_fast, info)
         cfg_dir = Path(tmp) if launch["launcher"] == "local" else runner.folder / "configs"
         cfg_dir.mkdir(exist_ok=True)
+        who = f"[dim]rank {info.rank}[/dim] " if info.enabled else ""
 
         def on_start(task: Task) -> None:
-            console.print(f"[bold]{task.n}.[/bold] {escape(task.what)}"
+            console.print(f"{who}[bold]{task.n}.[/bold] {escape(task.what)}"
                           + (f" (continuing {escape(task.resumed.name)})" if task.resumed else ""), highlight=False)
 
         for si, (stage, stage_plans) in enumerate(zip(stages, plans), 1):
@@ -216,6 +232,14 @@ def _run_all(file: Path, stages: list, plans: list, total: int, *, resume: bool,
         if detach:
             _detached(runner, len(tasks))
             return
+    received = children.received if children.received is not None else getattr(runner, "interrupted", None)
+    if not info.is_main:  # rank 0 reports the experiment; the others end with its exit code
+        bad = [r for r in results if not r["status"].startswith("completed")]
+        if received is not None:
+            raise typer.Exit(EXIT_CODES[received])
+        if bad:
+            raise typer.Exit(1)
+        return
     df = pd.DataFrame(sorted(results, key=lambda r: r["#"]), columns=["#", "run", "status", "folder", "error"])
     render_table(df[["#", "run", "status", "folder"]], title=f"experiment {file}")
     bad = df[~df["status"].str.startswith("completed")]
@@ -223,11 +247,11 @@ def _run_all(file: Path, stages: list, plans: list, total: int, *, resume: bool,
         err_console.print(escape(f"{row[0]}. {row.run}: {row.status}" + (f": {row.error}" if row.error else "")),
                           highlight=False)
     left = total - len(df)
-    if children.received is not None:
-        err_console.print(f"gradlab: stopped by {_signal_name(children.received)}; {left:,} of {total:,} runs not "
+    if received is not None:
+        err_console.print(f"gradlab: stopped by {_signal_name(received)}; {left:,} of {total:,} runs not "
                           f"started; `gradlab run {file} --resume` skips the completed ones and continues "
                           f"an interrupted train run", highlight=False)
-        raise typer.Exit(children.exit_code)
+        raise typer.Exit(EXIT_CODES[received])
     if runner.stopped and left:
         err_console.print(f"gradlab: --fail-fast: stopped at the first run that did not complete; {left:,} of "
                           f"{total:,} runs not started", highlight=False)
@@ -235,12 +259,14 @@ def _run_all(file: Path, stages: list, plans: list, total: int, *, resume: bool,
         raise typer.Exit(1)
 
 
-def _runner(children, jobs: int, launch: dict, file: Path, plans: list, detach: bool, fail_fast: bool):
-    """The :mod:`gradlab_cli._sweep` runner of this experiment's launcher."""
-    from gradlab_cli._sweep import LocalRunner, SubmititRunner
+def _runner(children, jobs: int, launch: dict, file: Path, plans: list, detach: bool, fail_fast: bool, info):
+    """The :mod:`gradlab_cli._sweep` runner of this experiment's launcher (under torchrun: the
+    ranks share the runs)."""
+    from gradlab_cli._sweep import LocalRunner, RankRunner, SubmititRunner
 
     if launch["launcher"] == "local":
-        return LocalRunner(children, jobs, fail_fast)
+        local = LocalRunner(children, jobs, fail_fast)
+        return RankRunner(local, info) if info.enabled else local
     from gradlab.training.launch import new_sweep_folder
 
     import shutil

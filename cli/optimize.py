@@ -10,6 +10,7 @@ from gradlab_cli._common import (
     QuietOpt,
     console,
     finish_and_print,
+    is_rank0,
     parse_float_list,
     render_table,
     resolve_command,
@@ -58,6 +59,8 @@ def command(
     cfg = resolve_command(_options(), config, flags, command="optimize")
     start_pt, names = check_optimize(cfg)
     # 2-D functions are tiny: the CPU is always the right device; --device is accepted for uniformity
+    if not is_rank0():  # under torchrun rank 0 makes the one run (milliseconds of work to share)
+        return
 
     with start_run("optimize", cfg) as run:
         done = []

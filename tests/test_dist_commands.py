@@ -121,3 +121,41 @@ def test_simplex_splits_the_sample_points(capsys, tmp_path, trained):
                      "--samples", "5", "--bn-batches", "1")
     a, b = (pd.read_csv(d / "simplex.csv") for d in (one, two))
     pd.testing.assert_frame_equal(a, b, rtol=1e-6)  # each rank trains the same vertices, then half the points
+
+
+def test_connect_splits_the_curve_points(capsys, tmp_path, trained):
+    runs, run = trained
+    other = train_in_process("--runs-dir", tmp_path / "b", "--epochs", "2", "--width", "16", "--set", "max_train=512",
+                             "--opt", "adam", "--lr", "0.01", "--seed", "2", "--device", "cpu")
+    one, two = _both(capsys, tmp_path, runs, "connect", run, other, "--epochs", "1", "--points", "5",
+                     "--bn-batches", "1", "--batch-size", "128")
+    a, b = (pd.read_csv(d / "connect.csv") for d in (one, two))
+    pd.testing.assert_frame_equal(a, b, rtol=1e-6)
+
+
+def test_optimize_makes_one_run_on_rank_0(capsys, tmp_path):
+    one, two = _both(capsys, tmp_path, None, "optimize", "--fn", "rosenbrock", "--opt", "sgd,adam", "--steps", "40")
+    a, b = (pd.read_csv(d / "trajectories.csv") for d in (one, two))
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_run_shares_the_combinations_between_the_ranks(tmp_path):
+    """Rank r makes combinations r, r + 2, ... of each stage as single-process children; every
+    rank then knows every run, so the second stage probes all of the first stage's models."""
+    exp = tmp_path / "e.yaml"
+    exp.write_text("steps:\n"
+                   "  - command: train\n    model: mlp\n    width: 8\n    epochs: 1\n    max_train: 256\n"
+                   "    device: cpu\n    sweep:\n      lr: [0.01, 0.05]\n"
+                   "  - command: probe-gradnorm\n    run: '@previous'\n    batches: 1\n")
+    p = torchrun("run", exp, "--runs-dir", tmp_path / "runs", logs=tmp_path / "logs")
+    logs = "".join(f.read_text()[-2000:] for f in (tmp_path / "logs").rglob("*.log"))
+    assert p.returncode == 0, p.stderr[-3000:] + logs
+    out = {int(f.parent.name): f.read_text() for f in (tmp_path / "logs").rglob("stdout.log")}
+    assert "rank 0 1. train" in out[0] and "rank 1 2. train" in out[1]  # each rank its share
+    assert all(line.startswith("rank 1 ") for line in out[1].strip().splitlines())  # rank 0 reports
+    assert "completed" in out[0]
+    folders = sorted(d.name for d in (tmp_path / "runs").iterdir() if d.is_dir() and not d.name.startswith("."))
+    assert sum("-train-" in f for f in folders) == 2 and sum("-probe-" in f for f in folders) == 2
+    probed = {(tmp_path / "runs" / f / "config.yaml").read_text().split("run: ")[1].split()[0]
+              for f in folders if "-probe-" in f}
+    assert len(probed) == 2  # both models, one probe each

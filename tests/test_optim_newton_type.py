@@ -75,6 +75,20 @@ def test_saddle_free_newton_is_abs_hessian_inverse_gradient_and_cg_is_a_solve():
     torch.testing.assert_close(newton_cg(lambda v: S @ v, b, 50, 1e-12), -torch.linalg.solve(S, b))
 
 
+def test_newton_cg_truncates_at_non_positive_curvature():
+    g = torch.tensor([1.0, 0.0], dtype=D64)
+    neg = torch.diag(torch.tensor([-1.0, 2.0], dtype=D64))  # the first direction, -g, has g^T A g < 0
+    torch.testing.assert_close(newton_cg(lambda v: neg @ v, g, 10, 1e-12), -g)
+    nan = lambda v: torch.full_like(v, float("nan"))
+    torch.testing.assert_close(newton_cg(nan, g, 10, 1e-12), -g)
+    # positive along -g, negative along the second CG direction: the first iterate is kept
+    A = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=D64)  # eigenvalues 3, -1
+    g2 = torch.tensor([1.0, 0.2], dtype=D64)
+    r, Ar = g2, A @ g2
+    first = -(r @ r) / (r @ Ar) * r
+    torch.testing.assert_close(newton_cg(lambda v: A @ v, g2, 10, 1e-12), first)
+
+
 def _saddle_path(name, steps=12, **opts):
     fn = build_function("saddle", (-1.5, 0.01))
     opt = build_optimizer(name, fn.parameters(), **opts)

@@ -31,7 +31,7 @@ class CGResult:
     x: Tensor  # the solution estimate
     residual: Tensor  # b - A x
     iterations: int  # products taken by the iterations (the warm start's one not counted)
-    reason: str  # "residual", "progress", "max_iters", "curvature" (p^T A p <= 0)
+    reason: str  # "residual", "progress", "max_iters", "curvature" (p^T A p <= 0 or NaN)
 
 
 def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Optional[Tensor] = None, *,
@@ -54,7 +54,7 @@ def conjugate_gradient(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Option
         i += 1
         Ap = matvec(p)
         pAp = p.dot(Ap)
-        if pAp <= 0:
+        if not pAp > 0:  # non-positive curvature, or NaN
             reason = "curvature"
             break
         alpha = rr / pAp

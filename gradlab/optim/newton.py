@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from gradlab.core.options import Option, Options
+from gradlab.curvature.cg import conjugate_gradient
 from gradlab.curvature.lanczos import Lanczos
 from gradlab.optim.closure import GradientGraph, add_to_params, evaluate, set_grads
 from gradlab.optim.registry import OPTIMIZERS, lr_option
@@ -126,26 +127,14 @@ class Newton(_ClosureNewton):
 
 
 def newton_cg(matvec, g: Tensor, max_iter: int, rtol: float) -> Tensor:
-    """Approximate ``-A^{-1} g`` by CG from 0, truncated at non-positive curvature (N&W Alg. 7.1)."""
-    d = torch.zeros_like(g)
-    r = g.clone()  # residual of A d + g
-    p = -r
-    rr = r.dot(r)
-    stop = (rtol * g.norm()) ** 2
-    for j in range(max_iter):
-        if rr <= stop:
-            break
-        Ap = matvec(p)
-        curv = p.dot(Ap)
-        if not curv > 0:  # non-positive curvature (or NaN): keep what we have
-            return -g.clone() if j == 0 else d
-        alpha = rr / curv
-        d = d + alpha * p
-        r = r + alpha * Ap
-        rr_new = r.dot(r)
-        p = -r + (rr_new / rr) * p
-        rr = rr_new
-    return d
+    """Approximate ``-A^{-1} g`` by CG from 0, truncated at non-positive curvature (N&W Alg. 7.1):
+    the shared solver of :mod:`gradlab.curvature.cg` without its progress rule; at a first
+    direction of non-positive curvature the step is ``-g`` (steepest descent), later the last
+    iterate."""
+    res = conjugate_gradient(matvec, -g, max_iters=max_iter, rtol=rtol, progress_eps=0.0)
+    if res.reason == "curvature" and res.iterations == 1:
+        return -g.clone()
+    return res.x
 
 
 class SaddleFreeNewton(_ClosureNewton):
