@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from gradlab.core.autocast import autocast, upcast
+from gradlab.core.autocast import DTYPES, autocast, upcast
 from gradlab.core.errors import GradlabError
 from gradlab.core.modelstate import model_state
 
@@ -147,6 +147,8 @@ def evaluate_grid(
         progress: ``progress(done, total)`` after every call (points of this rank).
         precision: ``fp32``, or ``bf16``/``fp16``: each point's forward pass under autocast, its
             outputs cast back to float32 before the loss; the sums over batches are float64.
+            Autocast does not act inside ``torch.func.vmap``: with ``points_per_call > 1`` the
+            stacked weights, buffers and inputs are cast to the low dtype instead.
     """
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     if coords.ndim != 2 or coords.shape[1] != len(directions):
@@ -224,7 +226,9 @@ def evaluate_grid(
                 if not dirs[n]:
                     p.data.copy_(base[n])
 
-    batched = vmap(lambda p, x: functional_call(model, (p, buffers), (x,)), in_dims=(0, None))
+    low = DTYPES[precision]  # the vmapped calls run wholly in it (weights, buffers and inputs cast)
+    low_buffers = buffers if low is None else {n: b.to(low) if b.is_floating_point() else b for n, b in buffers.items()}
+    batched = vmap(lambda p, x: functional_call(model, (p, low_buffers), (x,)), in_dims=(0, None))
     classify = True
     # No host-device copy inside the loop: each call appends its (points, losses, hits) tensors
     # and everything is summed and read back once after the grid (a GPU never waits per point).
@@ -255,10 +259,10 @@ def evaluate_grid(
                         classify = False
             else:
                 params = stacked_params([cl[i] for i in idx])
+                if low is not None:  # autocast does not reach inside vmap: the weights are cast instead
+                    params = {n: t.to(low) if t.is_floating_point() else t for n, t in params.items()}
                 for (x, y), m in zip(batches, sizes):
-                    with autocast(precision, device_type):
-                        out = batched(params, x)  # (P, B, ...)
-                    out = upcast(out)
+                    out = upcast(batched(params, x.to(low) if low is not None and x.is_floating_point() else x))
                     rec_idx.append(idx)
                     rec_size.append(m)
                     rec_loss.append(torch.stack([loss_fn(out[j], y) for j in range(len(idx))]))
