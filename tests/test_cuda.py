@@ -165,3 +165,15 @@ def test_bf16_attack_and_grid_on_cuda_are_close_to_fp32():
         for ppc in (1, 5):
             lo = evaluate_grid(net, d, coords, [(x, y)], points_per_call=ppc, precision=p).loss
             assert torch.isfinite(lo).all() and torch.allclose(lo, ref, rtol=3e-2), (p, ppc)
+
+
+def test_eigsh_on_cuda_restarts_without_host_checks_and_matches_the_cpu():
+    from gradlab.curvature.eigen import eigsh
+
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(40, 40, dtype=torch.float64))
+    vals = torch.tensor([3.0, 3.0, 2.0, 2.0] + [1.0] * 36, dtype=torch.float64)
+    A = q @ torch.diag(vals) @ q.T  # repeated eigenvalues: the restart path
+    cpu = eigsh(A, k=4, tol=1e-10, seed=0)
+    gpu = eigsh(A.cuda(), k=4, tol=1e-10, seed=0)
+    assert torch.allclose(gpu.values.cpu(), cpu.values, atol=1e-9)

@@ -93,6 +93,13 @@ class Lanczos:
         device = self.op.device if self.op is not None else v0.device
         self.n, self.batch, self.device, self._dtype = n, batch, device, v0.dtype
         self.sync_free = torch.device(device).type != "cpu" if sync_free is None else bool(sync_free)
+        # restart vectors: sync-free steps draw one every step (kept only where a row broke down),
+        # so off the CPU they come from a generator on the device, seeded once from the given one
+        self._restart_gen = generator
+        on_host = generator is None or generator.device.type == "cpu"
+        if self.sync_free and restart_on_breakdown and torch.device(device).type != "cpu" and on_host:
+            seed = torch.randint(0, 2**62, (1,), generator=generator).item()  # once, from a CPU generator
+            self._restart_gen = torch.Generator(device=device).manual_seed(seed)
         # the basis never needs more than max_steps + 1 rows: cap the buffer's doubling there
         self._cap = n + 1 if max_steps is None else min(n, max_steps) + 1
         # basis rows in one growing buffer (B, capacity, n), rows [0, _count) used. Start with
@@ -185,7 +192,7 @@ class Lanczos:
             return
         if self.sync_free or bool(self.broken.any()):
             if self.restart:  # continue those rows in the orthogonal complement of their basis
-                fresh = gaussian((self.batch, self.n), self.generator, device=self.device)
+                fresh = gaussian((self.batch, self.n), self._restart_gen, device=self.device)
                 w = torch.where(self.broken.unsqueeze(-1), self.orthogonalise(fresh), w)
                 self.block_start = torch.where(self.broken, torch.full_like(self.block_start, self.steps),
                                                self.block_start)
