@@ -51,7 +51,8 @@ def test_every_attack_runs_its_forward_passes_in_bf16_and_keeps_the_perturbation
     assert attack.model is net  # the autocast wrapper lives for the call only
 
 
-def test_bf16_pgd_is_close_to_fp32():
+@pytest.mark.parametrize("low", ["bf16", "fp16"])
+def test_low_precision_pgd_is_close_to_fp32(low):
     from gradlab.attacks import build_attack
 
     net, x, y = _net()
@@ -59,7 +60,7 @@ def test_bf16_pgd_is_close_to_fp32():
     with torch.no_grad():
         y = net(x).argmax(1)
     out = {}
-    for p in ("fp32", "bf16"):
+    for p in ("fp32", low):
         attack = build_attack("pgd", net, 0.05, seed=0, steps=5, precision=p)
         with attack.session(x, y):
             g, obj = attack.grad(x)
@@ -67,7 +68,7 @@ def test_bf16_pgd_is_close_to_fp32():
         with torch.no_grad():
             out[p] = (g, obj, F.cross_entropy(net(adv), y).item(), (net(adv).argmax(1) == y).float().mean().item())
         assert g.dtype == torch.float32 and obj.dtype == torch.float32
-    (g32, o32, l32, a32), (g16, o16, l16, a16) = out["fp32"], out["bf16"]
+    (g32, o32, l32, a32), (g16, o16, l16, a16) = out["fp32"], out[low]
     assert F.cosine_similarity(g32.flatten(), g16.flatten(), dim=0) > 0.99  # the same input gradient
     assert torch.allclose(o16, o32, rtol=2e-2, atol=2e-2)
     assert math.isfinite(l16) and abs(l16 - l32) <= 0.05 * abs(l32) and abs(a16 - a32) <= 0.05
