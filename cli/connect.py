@@ -81,7 +81,7 @@ def command(
                                  lr=cfg["lr"], batch_size=cfg["batch_size"], seed=cfg["seed"], device=dev,
                                  on_epoch=on_epoch)
         table, metrics = evaluate_paths(a.model, wa, wb, bend, eval_batches, bn, kind=cfg["curve"],
-                                        points=cfg["points"], dist=info)
+                                        points=cfg["points"], dist=info, precision=cfg["precision"])
         rd.write_csv("connect.csv", table)
         rd.write_csv("connect_train.csv", pd.DataFrame(hist))
         if rd.enabled:

@@ -73,7 +73,7 @@ def command(
                             volume_reg=cfg["volume_reg"], lr=cfg["lr"], batch_size=cfg["batch_size"],
                             init_scale=cfg["init_scale"], seed=cfg["seed"], device=dev, on_epoch=on_epoch)
         table, metrics = evaluate_simplex(model, res.vertices, eval_batches, bn, samples=cfg["samples"],
-                                          seed=cfg["seed"], dist=info)
+                                          seed=cfg["seed"], dist=info, precision=cfg["precision"])
         rd.write_csv("simplex.csv", table)
         rd.write_csv("simplex_train.csv", res.history)
         if rd.enabled:

@@ -61,3 +61,13 @@ def no_network(monkeypatch):
     monkeypatch.setattr(files, "fetch", refuse)
     monkeypatch.delenv("GRADLAB_DATA", raising=False)
     return tried
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` are skipped where no CUDA GPU is visible (CI never needs one)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)

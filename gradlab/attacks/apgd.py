@@ -182,10 +182,14 @@ class APGD(Attack):
                 x_new = proj(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev))
             x_prev, x_adv = x_adv, x_new
             g, loss, now = gradient(x_adv)
-            x_fooled[now] = x_adv[now]
+            # masked selects, not boolean indexing: indexing by a mask reads its count back to
+            # the host, a device synchronisation per step
+            x_fooled = torch.where(per_example(now, x_adv), x_adv, x_fooled)
             fooled |= now
             up = loss > loss_best
-            x_best[up], g_best[up], loss_best[up] = x_adv[up], g[up], loss[up]
+            pick = per_example(up, x_adv)
+            x_best, g_best = torch.where(pick, x_adv, x_best), torch.where(pick, g, g_best)
+            loss_best = torch.where(up, loss, loss_best)
             history.append(loss)
             if i + 1 in marks:
                 window = torch.stack(history[last_mark:])  # (h + 1, b)

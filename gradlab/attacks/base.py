@@ -22,6 +22,9 @@ way torchattacks' ``Attack`` does:
   Dropout1d/2d/3d, AlphaDropout, FeatureAlphaDropout) are switched to train mode during EOT passes
   (only when ``N > 1``); everything else stays in eval mode. Deciding whether an example is already
   adversarial always uses the deterministic eval-mode model.
+* precision (``--precision bf16|fp16``): every forward pass of a call runs under ``torch.autocast``
+  (:class:`gradlab.core.autocast.Autocast`, whose logits come back in float32); the inputs, the
+  perturbation, the projections and the accumulated gradients stay float32.
 
 A subclass declares its options once (``options = ATTACK_OPTIONS + Options(...)``: every option
 becomes an attribute of the same name, checked when the attack is built) and writes only
@@ -49,11 +52,13 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from gradlab.core.autocast import with_precision
 from gradlab.core.errors import GradlabError
 from gradlab.core.losses import per_example_loss
 from gradlab.core.modelstate import DROPOUTS, model_state
 from gradlab.core.budgets import NORMS, check_eps, check_target_class  # noqa: F401  (re-exported)
 from gradlab.core.options import Option, Options
+from gradlab.core.precision import precision_option
 
 
 # The options every attack takes (the base class implements them), then the shared iterative ones.
@@ -67,6 +72,8 @@ ATTACK_OPTIONS = Options(
     Option("eot_noise", float, 0.0, "EOT random transform: Gaussian input noise of this std (pixel units)", low=0),
     Option("seed", int, None, "seeds the attack's own generator (random starts, masks); unset: drawn from "
            "torch's global generator"),
+    precision_option("arithmetic of the attack's forward passes: bf16/fp16 run the model under autocast; the "
+                     "perturbation, its projections and the gradient accumulation stay float32"),
 )
 #: Iterations of an iterative attack (each declares its own default with ``dataclasses.replace``).
 STEPS = Option("steps", int, 10, "iterations of the attack", low=1)
@@ -95,8 +102,8 @@ class Attack(abc.ABC):
         model: a classifier mapping ``(B, *input_shape)`` in [0, 1] to logits ``(B, C)``.
         eps: the budget, in the attack's norm, in pixel units.
         **opts: the attack's declared :attr:`options` (:data:`ATTACK_OPTIONS`: ``norm``,
-            ``targeted``, ``target_class``, ``eot``, ``eot_noise``, ``seed``; plus its own), each
-            set as an attribute. ``seed=None`` draws a seed from torch's global generator, so
+            ``targeted``, ``target_class``, ``eot``, ``eot_noise``, ``seed``, ``precision``; plus its
+            own), each set as an attribute. ``seed=None`` draws a seed from torch's global generator, so
             runs under ``torch.manual_seed`` are reproducible.
     Raises:
         GradlabError: one line for a bad budget, an option the attack does not declare, or a
@@ -123,6 +130,7 @@ class Attack(abc.ABC):
     eot: int
     eot_noise: float
     seed: Optional[int]
+    precision: str
     cycles_top_classes: bool = False  # ``targeted`` without a class: each of the top classes in turn
     #: The loss :meth:`objective` ascends (a name in :data:`gradlab.core.losses.LOSSES`); the
     #: attack commands set it to the attacked run's ``--loss``.
@@ -180,12 +188,17 @@ class Attack(abc.ABC):
         y0 = y.detach().to(device=device, dtype=torch.long)
         self._generator = None  # made on first use: FGSM and plain PGD never draw random numbers
         self._box = None  # linf projection bounds of this batch, made on first use
+        plain = self.model
         with self._eval_frozen():
             self._x0, self._y = x0, y0
+            # --precision: every forward pass of the call (gradients, scores, EOT, members of an
+            # ensemble) goes through the autocast wrapper, whose outputs are float32 again
+            self.model = with_precision(plain, self.precision)
             try:
                 self._target = self._pick_target(x0, y0) if self.targeted else None
                 yield x0, y0
             finally:
+                self.model = plain
                 self._x0 = self._y = self._target = self._box = None
 
     @abc.abstractmethod

@@ -65,6 +65,7 @@ def eigsh(
     method: str = "lanczos",
     seed: Optional[int] = 0,
     v0: Optional[Tensor] = None,
+    sync_free: Optional[bool] = None,
 ) -> EigenResult:
     """The ``k`` largest ("LA") or smallest ("SA") eigenvalues of the symmetric ``A``.
 
@@ -75,6 +76,8 @@ def eigsh(
         tol: relative residual tolerance (> 0), see the module docstring.
         max_iter: cap on matrix-vector products (Lanczos steps); default ``min(n, max(20 k, 150))``.
         return_vectors: also return the Ritz vectors (n, k).
+        sync_free: :class:`~gradlab.curvature.lanczos.Lanczos`'s (default: True off the CPU); then
+            the convergence test is the one value a step reads back to the host.
         method: "lanczos" or "scipy".
         seed: seeds the random start vector (None: global RNG); ``v0`` (n,) overrides it.
     Returns:
@@ -98,7 +101,7 @@ def eigsh(
         return _eigsh_scipy(op, k, which, tol, max_iter, return_vectors, v0)
 
     start = op.num_matvecs
-    lz = Lanczos(op, v0.reshape(1, -1), generator=gen, max_steps=max_iter)  # one row: B = 1
+    lz = Lanczos(op, v0.reshape(1, -1), generator=gen, max_steps=max_iter, sync_free=sync_free)  # one row: B = 1
     sign = 1.0 if which == "LA" else -1.0
     converged = False
     min_steps = min(n, k + 2)  # a few steps before trusting a residual (early Ritz values mislead)
@@ -107,9 +110,10 @@ def eigsh(
         if lz.steps >= k:
             theta, S, res = (t[0] for t in lz.ritz())
             order = torch.argsort(sign * theta, descending=True)[:k]  # extreme first
-            floor = ZERO_FLOOR * max(float(theta.abs().max()), 1e-300)
-            bound = tol * theta[order].abs().clamp_min(floor)
-            converged = lz.steps >= min_steps and bool((res[order] <= bound).all())
+            if lz.steps >= min_steps:  # the stopping rule: the one value read back per step
+                floor = ZERO_FLOOR * theta.abs().max().clamp_min(1e-300)
+                bound = tol * theta[order].abs().clamp_min(floor)
+                converged = bool((res[order] <= bound).all())
         if converged or lz.exhausted or lz.steps >= max_iter:
             break
     if lz.steps < k:  # the space was exhausted before k steps (n < k is rejected above)

@@ -26,6 +26,12 @@ Gaussian vector orthogonal to its basis (``T_b`` gets a zero coupling there, so 
 diagonal), which finds further copies of repeated eigenvalues. Without it the row is finished:
 its later vectors are zero, which only adds decoupled zero rows to ``T_b`` (eigenvalue 0, zero
 weight on the start vector).
+
+Host reads: on a CPU, where reading a flag back costs nothing, the second orthogonalisation pass
+and the restart are done only for the rows that need them. On an accelerator (``sync_free``, the
+default off the CPU) a step reads nothing back: both run for every row and ``torch.where`` keeps
+what each row needs, so the device never waits for the host inside the recurrence. The one read
+left per step is the no-restart mode's "every row finished" test (its stopping rule).
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ class Lanczos:
         restart_on_breakdown: see the module docstring.
         max_steps: the basis never needs more than ``max_steps + 1`` rows (caps its buffer).
         breakdown_tol: relative breakdown threshold (default :data:`BREAKDOWN_RTOL`).
+        sync_free: never read a flag back to the host inside a step (module docstring); default:
+            True off the CPU.
 
     Attributes:
         steps: products so far (every row takes one per step); ``products`` counts them too.
@@ -74,6 +82,7 @@ class Lanczos:
         restart_on_breakdown: bool = True,
         max_steps: Optional[int] = None,
         breakdown_tol: float = BREAKDOWN_RTOL,
+        sync_free: Optional[bool] = None,
     ):
         if v0.ndim != 2:
             raise ValueError(f"v0 must be (B, D); got shape {tuple(v0.shape)}")
@@ -83,6 +92,14 @@ class Lanczos:
         batch, n = v0.shape
         device = self.op.device if self.op is not None else v0.device
         self.n, self.batch, self.device, self._dtype = n, batch, device, v0.dtype
+        self.sync_free = torch.device(device).type != "cpu" if sync_free is None else bool(sync_free)
+        # restart vectors: sync-free steps draw one every step (kept only where a row broke down),
+        # so off the CPU they come from a generator on the device, seeded once from the given one
+        self._restart_gen = generator
+        on_host = generator is None or generator.device.type == "cpu"
+        if self.sync_free and restart_on_breakdown and torch.device(device).type != "cpu" and on_host:
+            seed = torch.randint(0, 2**62, (1,), generator=generator).item()  # once, from a CPU generator
+            self._restart_gen = torch.Generator(device=device).manual_seed(seed)
         # the basis never needs more than max_steps + 1 rows: cap the buffer's doubling there
         self._cap = n + 1 if max_steps is None else min(n, max_steps) + 1
         # basis rows in one growing buffer (B, capacity, n), rows [0, _count) used. Start with
@@ -140,7 +157,7 @@ class Lanczos:
 
     def orthogonalise(self, w: Tensor) -> Tensor:
         """``w`` (B, n) minus its components on each row's basis (see :func:`orthogonalise`)."""
-        return orthogonalise(w.unsqueeze(1), self._rows[:, : self._count]).squeeze(1)
+        return orthogonalise(w.unsqueeze(1), self._rows[:, : self._count], twice=self.sync_free).squeeze(1)
 
     def expand(self) -> None:
         """The product ``A q_j`` and the next direction: appends ``alpha_j``, sets ``last_beta``
@@ -173,9 +190,9 @@ class Lanczos:
         if self.exhausted:
             self._beta.append(torch.zeros_like(b))
             return
-        if bool(self.broken.any()):
+        if self.sync_free or bool(self.broken.any()):
             if self.restart:  # continue those rows in the orthogonal complement of their basis
-                fresh = gaussian((self.batch, self.n), self.generator, device=self.device)
+                fresh = gaussian((self.batch, self.n), self._restart_gen, device=self.device)
                 w = torch.where(self.broken.unsqueeze(-1), self.orthogonalise(fresh), w)
                 self.block_start = torch.where(self.broken, torch.full_like(self.block_start, self.steps),
                                                self.block_start)
@@ -183,7 +200,7 @@ class Lanczos:
                 self.stopped |= self.broken
             b = torch.where(self.broken, torch.zeros_like(b), b)
         w = unit(w)
-        if bool(self.stopped.any()):
+        if not self.restart and (self.sync_free or bool(self.stopped.any())):
             w = torch.where(self.stopped.unsqueeze(-1), torch.zeros_like(w), w)
             b = torch.where(self.stopped, torch.zeros_like(b), b)
         self._beta.append(b)
@@ -218,10 +235,11 @@ def tridiagonal(alpha: Tensor, beta: Tensor) -> Tensor:
     return t
 
 
-def orthogonalise(w: Tensor, Q: Tensor) -> Tensor:
+def orthogonalise(w: Tensor, Q: Tensor, twice: bool = False) -> Tensor:
     """Each vector of ``w`` (B, r, n) minus its components on the orthonormal rows of ``Q``
     (B, j, n): classical Gram-Schmidt, with a second pass for the vectors that the first
-    cancelled below ``1/sqrt(2)`` of their norm (DGKS: only those lose orthogonality to rounding)."""
+    cancelled below ``1/sqrt(2)`` of their norm (DGKS: only those lose orthogonality to rounding).
+    ``twice``: the second pass for every vector, without reading the test back to the host."""
 
     def project_out(x):
         if x.shape[0] == 1 and x.shape[1] == 1:  # one vector: matrix-vector products, no batching
@@ -229,6 +247,8 @@ def orthogonalise(w: Tensor, Q: Tensor) -> Tensor:
             return (v - q.T @ (q @ v)).view_as(x)
         return x - torch.bmm(torch.bmm(x, Q.transpose(1, 2)), Q)
 
+    if twice:
+        return project_out(project_out(w))
     before = torch.linalg.vector_norm(w, dim=-1)
     w = project_out(w)
     again = torch.linalg.vector_norm(w, dim=-1) < 0.7071 * before

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from gradlab.core.errors import GradlabError
 from gradlab.core.options import Option, Options
 from gradlab.landscape.directions import interp_direction
-from gradlab.landscape.functional import BN_BATCHES, EVAL_SPLIT, evaluate_at, train_points
+from gradlab.landscape.functional import BN_BATCHES, EVAL_PRECISION, EVAL_SPLIT, evaluate_at, train_points
 
 CURVES = ("bezier", "polychain")
 
@@ -39,6 +39,7 @@ CONNECT_OPTIONS = Options(
     Option("points", int, 21, "evaluated values of t in [0, 1]", low=2),
     EVAL_SPLIT,
     BN_BATCHES,
+    EVAL_PRECISION,
 )
 
 
@@ -115,6 +116,7 @@ def evaluate_paths(
     points: int = 21,
     progress: Optional[Callable[[int, int], None]] = None,
     dist=None,
+    precision: str = "fp32",
 ) -> tuple[pd.DataFrame, dict]:
     """Loss/accuracy along the curve and along the straight line at ``points`` values of ``t``.
 
@@ -133,8 +135,9 @@ def evaluate_paths(
     rows, mine = [], my_share(len(ts), dist)
     for done, i in enumerate(mine):
         t = ts[i]
-        cl, ca = evaluate_at(model, curve_point(kind, t, w_a, w_b, bend), batches, bn_batches=bn_batches)
-        ll, la = evaluate_at(model, line_point(t, w_a, w_b), batches, bn_batches=bn_batches)
+        cl, ca = evaluate_at(model, curve_point(kind, t, w_a, w_b, bend), batches, bn_batches=bn_batches,
+                             precision=precision)
+        ll, la = evaluate_at(model, line_point(t, w_a, w_b), batches, bn_batches=bn_batches, precision=precision)
         rows.append((i, {"t": t, "loss": cl, "acc": ca, "line_loss": ll, "line_acc": la}))
         if progress is not None:
             progress(done + 1, len(mine))

@@ -22,10 +22,14 @@ from torch.func import functional_call
 
 from gradlab.core.errors import GradlabError
 from gradlab.core.options import Option
+from gradlab.core.precision import precision_option
+from gradlab.core.autocast import autocast, upcast
 from gradlab.core.modelstate import BATCH_NORMS, model_state
 
 # Options of the commands that train and evaluate points (simplex, connect).
 EVAL_SPLIT = Option("split", str, "test", "evaluation split", choices=("train", "test"))
+EVAL_PRECISION = precision_option("arithmetic of each evaluated point's forward pass: bf16/fp16 under autocast "
+                                  "(training and the BatchNorm passes stay float32; losses summed in float64)")
 BN_BATCHES = Option("bn_batches", int, 8, "training batches (of 512) for recomputing BatchNorm statistics at "
                     "each evaluated point", low=1)
 
@@ -76,27 +80,33 @@ def evaluate_at(
     bn_batches: Optional[Sequence[tuple]] = None,
     return_probs: bool = False,
     loss_fn=F.cross_entropy,
+    precision: str = "fp32",
 ):
     """Mean loss (``loss_fn``, default cross-entropy) and accuracy of ``model`` at ``params`` over ``batches`` (eval mode).
 
     With BatchNorm, its statistics are recomputed at ``params`` on ``bn_batches`` (default:
     ``batches``). ``return_probs`` also returns the softmax outputs, concatenated over the batches
-    (N, C), for ensembles.
+    (N, C), for ensembles. ``precision`` bf16/fp16: the forward passes under autocast (outputs
+    cast back to float32); the sums over batches are float64 tensors, read back once.
     """
     buffers = recompute_bn(model, params, bn_batches if bn_batches is not None else batches)
-    tot_l = tot_a = 0.0
+    losses, hits = [], []
     n = 0
     probs = []
+    device_type = next(iter(params.values())).device.type if params else "cpu"
     with torch.no_grad(), model_state(model, train=False):
         for x, y in batches:
-            out = functional_call(model, ({k: v.detach() for k, v in params.items()}, buffers), (x,))
-            tot_l += float(loss_fn(out, y, reduction="sum"))
-            tot_a += float((out.argmax(dim=-1) == y).sum())
+            with autocast(precision, device_type):
+                out = functional_call(model, ({k: v.detach() for k, v in params.items()}, buffers), (x,))
+            out = upcast(out)
+            losses.append(loss_fn(out, y, reduction="sum").double().reshape(1))
+            hits.append((out.argmax(dim=-1) == y).sum().double().reshape(1))
             n += len(y)
             if return_probs:
                 probs.append(out.softmax(dim=-1).double())
     if n == 0:
         raise GradlabError("no evaluation batches")
+    tot_l, tot_a = torch.stack([torch.cat(losses).sum(), torch.cat(hits).sum()]).tolist()  # one read-back
     if return_probs:
         return tot_l / n, tot_a / n, torch.cat(probs)
     return tot_l / n, tot_a / n

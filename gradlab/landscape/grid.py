@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from gradlab.core.autocast import DTYPES, autocast, upcast
 from gradlab.core.errors import GradlabError
 from gradlab.core.modelstate import model_state
 
@@ -125,6 +126,7 @@ def evaluate_grid(
     method: str = "inplace",
     progress: Optional[Callable[[int, int], None]] = None,
     axes: Optional[list] = None,
+    precision: str = "fp32",
 ) -> GridResult:
     """Mean loss and accuracy at ``centre + sum_k coords[g, k] * directions[k]`` for every ``g``.
 
@@ -143,6 +145,10 @@ def evaluate_grid(
         method: ``"inplace"`` or ``"functional"`` (module docstring); ignored (functional) when
             ``points_per_call > 1``.
         progress: ``progress(done, total)`` after every call (points of this rank).
+        precision: ``fp32``, or ``bf16``/``fp16``: each point's forward pass under autocast, its
+            outputs cast back to float32 before the loss; the sums over batches are float64.
+            Autocast does not act inside ``torch.func.vmap``: with ``points_per_call > 1`` the
+            stacked weights, buffers and inputs are cast to the low dtype instead.
     """
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     if coords.ndim != 2 or coords.shape[1] != len(directions):
@@ -220,13 +226,15 @@ def evaluate_grid(
                 if not dirs[n]:
                     p.data.copy_(base[n])
 
-    batched = vmap(lambda p, x: functional_call(model, (p, buffers), (x,)), in_dims=(0, None))
+    low = DTYPES[precision]  # the vmapped calls run wholly in it (weights, buffers and inputs cast)
+    low_buffers = buffers if low is None else {n: b.to(low) if b.is_floating_point() else b for n, b in buffers.items()}
+    batched = vmap(lambda p, x: functional_call(model, (p, low_buffers), (x,)), in_dims=(0, None))
     classify = True
-    loss_vals = [0.0] * coords.shape[0]
-    hit_vals = [0.0] * coords.shape[0]
+    # No host-device copy inside the loop: each call appends its (points, losses, hits) tensors
+    # and everything is summed and read back once after the grid (a GPU never waits per point).
+    rec_idx, rec_loss, rec_hits, rec_size = [], [], [], []
     done = 0
-    # per-point bookkeeping in Python floats: small tensor ops cost ~5-10 us each, which is
-    # visible next to a sub-millisecond forward pass
+    device_type = next(iter(base.values())).device.type if base else "cpu"
     with torch.no_grad(), model_state(model, train=False), _restored(live, saved):
         for start in range(0, len(mine), points_per_call):
             idx = mine[start : start + points_per_call]
@@ -239,29 +247,42 @@ def evaluate_grid(
                     params = point_params(cl[i])
                     call = lambda x: functional_call(model, (params, buffers), (x,))  # noqa: E731
                 for (x, y), m in zip(batches, sizes):
-                    out = call(x)
-                    loss_vals[i] += loss_fn(out, y).item() * m
+                    with autocast(precision, device_type):
+                        out = call(x)
+                    out = upcast(out)
+                    rec_idx.append(idx)
+                    rec_size.append(m)
+                    rec_loss.append(loss_fn(out, y).reshape(1))
                     if classify and _is_classification(out, y):
-                        hit_vals[i] += (out.argmax(dim=-1) == y).sum().item()
+                        rec_hits.append((out.argmax(dim=-1) == y).sum().reshape(1))
                     else:
                         classify = False
             else:
                 params = stacked_params([cl[i] for i in idx])
+                if low is not None:  # autocast does not reach inside vmap: the weights are cast instead
+                    params = {n: t.to(low) if t.is_floating_point() else t for n, t in params.items()}
                 for (x, y), m in zip(batches, sizes):
-                    out = batched(params, x)  # (P, B, ...)
-                    for j, i in enumerate(idx):
-                        loss_vals[i] += loss_fn(out[j], y).item() * m
+                    out = upcast(batched(params, x.to(low) if low is not None and x.is_floating_point() else x))
+                    rec_idx.append(idx)
+                    rec_size.append(m)
+                    rec_loss.append(torch.stack([loss_fn(out[j], y) for j in range(len(idx))]))
                     if classify and _is_classification(out[0], y):
-                        hits = (out.argmax(dim=-1) == y.unsqueeze(0)).sum(dim=1).tolist()
-                        for j, i in enumerate(idx):
-                            hit_vals[i] += hits[j]
+                        rec_hits.append((out.argmax(dim=-1) == y.unsqueeze(0)).sum(dim=1))
                     else:
                         classify = False
             done += len(idx)
             if progress is not None:
                 progress(done, len(mine))
-    loss = torch.tensor(loss_vals, dtype=torch.float64) / total_n
-    acc = torch.tensor(hit_vals, dtype=torch.float64) / total_n
+    loss = torch.zeros(coords.shape[0], dtype=torch.float64)
+    acc = torch.zeros(coords.shape[0], dtype=torch.float64)
+    if rec_idx:  # one read-back for the whole grid; sums in float64
+        where = torch.tensor([i for ix in rec_idx for i in ix])
+        weight = torch.tensor([float(m) for ix, m in zip(rec_idx, rec_size) for _ in ix], dtype=torch.float64)
+        loss.index_add_(0, where, torch.cat(rec_loss).double().cpu() * weight)
+        if classify:
+            acc.index_add_(0, where, torch.cat(rec_hits).double().cpu())
+    loss /= total_n
+    acc /= total_n
     if not classify:
         acc.fill_(float("nan"))
     if world > 1:

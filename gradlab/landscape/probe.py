@@ -20,6 +20,7 @@ from torch import nn
 
 from gradlab.core.errors import GradlabError
 from gradlab.core.options import Option, Options, parse_numbers
+from gradlab.core.precision import precision_option
 from gradlab.probes import PROBES
 from gradlab.probes.base import Probe, ProbeContext, ProbeReport
 from gradlab.probes.source import TRAINED_SOURCE_OPTIONS, batch_options, load_source
@@ -166,13 +167,15 @@ def landscape(
     points_per_call: int = 1,
     progress: Optional[Callable[[int, int], None]] = None,
     loss_fn: Optional[Callable] = None,
+    precision: str = "fp32",
 ) -> GridResult:
     """Evaluate loss (``loss_fn``, default cross-entropy) and accuracy on the
     ``steps``-per-axis grid spanned by ``dset``."""
     lo, hi = dset.default_range if range_ is None else range_
     axes = make_axes(lo, hi, steps, len(dset.directions))
     return evaluate_grid(model, dset.directions, grid_coords(axes), batches, centre=dset.centre,
-                         points_per_call=points_per_call, progress=progress, axes=axes, loss_fn=loss_fn)
+                         points_per_call=points_per_call, progress=progress, axes=axes, loss_fn=loss_fn,
+                         precision=precision)
 
 
 # -- the registered probe ---------------------------------------------------------------------
@@ -194,6 +197,8 @@ OPTIONS = Options(
     Option("points_per_call", int, 1, "Grid points per vmapped call (faster on a GPU; 1 is fastest on a CPU)", low=1),
     Option("lambda_max", bool, False, "Also report the Hessian's largest eigenvalue at the weights (Lanczos, "
            "first 4 batches)"),
+    precision_option("arithmetic of each grid point's forward pass: bf16/fp16 under autocast (losses summed in "
+                     "float64; directions and lambda_max stay float32)"),
 )
 
 
@@ -262,7 +267,7 @@ class LandscapeProbe(Probe):
         t0 = time.perf_counter()
         res = landscape(ctx.model, dset, ctx.batches, steps=o["steps"], range_=ctx.state["range"],
                         points_per_call=o["points_per_call"], progress=ctx.report_progress,
-                        loss_fn=ctx.loss_fn)
+                        loss_fn=ctx.loss_fn, precision=o["precision"])
         seconds = time.perf_counter() - t0
         table = res.frame()
         saved = {f"d{i + 1}": {n: t.detach().cpu() for n, t in d.items()} for i, d in enumerate(dset.directions)}

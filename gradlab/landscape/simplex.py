@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from gradlab.core.errors import GradlabError
 from gradlab.core.options import Option, Options
 from gradlab.landscape.directions import random_directions, weights_of
-from gradlab.landscape.functional import BN_BATCHES, EVAL_SPLIT, evaluate_at, train_points
+from gradlab.landscape.functional import BN_BATCHES, EVAL_PRECISION, EVAL_SPLIT, evaluate_at, train_points
 
 #: ``gradlab simplex``'s options (Benton et al. 2021's SPRO recipe). The defaults were chosen on
 #: digits MLPs (``gradlab train`` defaults, seeds 0-2): the former 5 epochs at lr 0.05 with R = 0.01
@@ -49,6 +49,7 @@ SIMPLEX_OPTIONS = Options(
            low=0, low_open=True),
     EVAL_SPLIT,
     BN_BATCHES,
+    EVAL_PRECISION,
 )
 
 
@@ -178,6 +179,7 @@ def evaluate_simplex(
     samples: int = 30,
     seed: int = 0,
     dist=None,
+    precision: str = "fp32",
 ) -> tuple[pd.DataFrame, dict]:
     """Loss/accuracy at each vertex, the centre, and ``samples`` uniform interior points, plus the
     accuracy of the ensemble (mean softmax) of those samples against vertex 0 alone.
@@ -200,7 +202,8 @@ def evaluate_simplex(
     points += [(f"sample_{s}", "sample", w.tolist()) for s, w in enumerate(sample_dirichlet(k, samples, gen))]
     for i in my_share(len(points), dist):
         name, kind, w = points[i]
-        loss, acc, p = evaluate_at(model, combine(vertices, w), batches, bn_batches=bn_batches, return_probs=True)
+        loss, acc, p = evaluate_at(model, combine(vertices, w), batches, bn_batches=bn_batches, return_probs=True,
+                                   precision=precision)
         rows.append((i, {"point": name, "kind": kind, "loss": loss, "acc": acc,
                          "weights": " ".join(f"{a:.4f}" for a in w)}))
         if kind == "sample":

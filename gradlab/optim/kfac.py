@@ -140,8 +140,8 @@ class KFAC(ModelBoundOptimizer):
         for k in range(S.shape[0]):
             gs = torch.autograd.grad(z, outs, S[k], retain_graph=k < S.shape[0] - 1, allow_unused=True)
             for j, g in enumerate(gs):
-                if g is not None:
-                    m = KroneckerBlock.output_moment(g)
+                if g is not None:  # (a bf16/fp16 output's gradient under autocast: made float32)
+                    m = KroneckerBlock.output_moment(g.to(z.dtype))
                     G[j] = m if G[j] is None else G[j].add_(m)
         out = []
         for blk, g in zip(self.blocks, G):

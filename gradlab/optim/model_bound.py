@@ -141,7 +141,13 @@ class ModelBoundOptimizer(Optimizer):
                 if id(module) in seen:
                     raise GradlabError(f"optimizer {self.name}: a {type(module).__name__} layer ran twice in "
                                        "one forward pass (shared weights are not supported)")
-                seen[id(module)] = (inputs[0].detach(), output)
+                # under autocast a layer's input may be bf16/fp16: the factors are made in the
+                # weights' dtype (float32), never in the low precision
+                a = inputs[0].detach()
+                w = getattr(module, "weight", None)
+                if isinstance(w, Tensor) and a.is_floating_point() and a.dtype != w.dtype:
+                    a = a.to(w.dtype)
+                seen[id(module)] = (a, output)
 
         handles = [self.model.register_forward_pre_hook(pre), self.model.register_forward_hook(post)]
         handles += [m.register_forward_hook(layer_hook) for m in layers]
@@ -158,6 +164,9 @@ class ModelBoundOptimizer(Optimizer):
         if not isinstance(z, Tensor):
             raise GradlabError(f"optimizer {self.name}: the closure did not run the bound model")
         check_outputs(z, f"optimizer {self.name}")
+        dtype = self._params()[0].dtype
+        if z.is_floating_point() and z.dtype != dtype:  # autocast: curvature in the weights' dtype
+            z = z.to(dtype)
         return loss, z, seen
 
     def _gradients(self, loss: Tensor, params: list[Tensor], retain_graph: bool) -> list[Tensor]:

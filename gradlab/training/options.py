@@ -11,6 +11,7 @@ from __future__ import annotations
 from gradlab.core.errors import GradlabError, check
 from gradlab.core.losses import DEFAULT_LOSS, LOSSES
 from gradlab.core.options import Option, Options
+from gradlab.core.precision import precision_option
 
 TRAIN_OPTIONS = Options(
     Option("model", str, "mlp", "model name (see `gradlab list models`) or package.module:factory"),
@@ -43,8 +44,8 @@ TRAIN_OPTIONS = Options(
                                   "the same as --probe gradnorm:every=N", low=0, label="probe-every"),
     Option("probe", str, None, "probes during training, comma-separated NAME:every=N[:KEY=VALUE...], "
                                "e.g. hessian:every=100,gradnorm:every=50"),
-    Option("precision", str, "fp32", "arithmetic of the forward and backward passes: fp32, bf16 (autocast), or "
-           "fp16 (autocast with a gradient scaler for first-order optimizers)", choices=("fp32", "bf16", "fp16")),
+    precision_option("arithmetic of the forward and backward passes: fp32, bf16 (autocast), or "
+                     "fp16 (autocast with a gradient scaler for first-order optimizers)"),
     Option("adv", str, None, "adversarial training with this attack: fgsm, pgd, or any registered attack that "
                              "declares itself trainable"),
     Option("adv_eps", float, 0.1, "adversarial training budget (L-inf, pixel units)", low=0, low_open=True,

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from gradlab.core.autocast import DTYPES
 
 
 class Precision:
