@@ -39,3 +39,19 @@ def test_a_bad_budget_is_one_line_and_no_run_folder(tmp_path, capsys, value):
     r = cli(capsys, "train", "--runs-dir", tmp_path, "--max-seconds", value, *SMALL)
     assert r.code == 2 and "max-seconds" in r.err and len(r.err.strip().splitlines()) == 1, r.err
     assert not any(tmp_path.iterdir())
+
+
+def test_under_torchrun_every_rank_stops_at_rank_0s_budget(tmp_path):
+    import sys
+
+    from clihelp import run_proc
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gradlab",
+           "train", "--runs-dir", tmp_path, "--device", "cpu", "--epochs", 50, "--max-seconds", "1e-9",
+           *[str(a) for a in SMALL]]
+    r = run_proc([str(c) for c in cmd], env={"OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.code == 0, r.err[-3000:]
+    (run,) = [d for d in tmp_path.iterdir() if d.is_dir()]
+    s = pd.read_csv(run / "summary.csv").iloc[0]
+    assert s["status"] == "completed" and bool(s["budget_reached"]) and int(s["steps"]) == 1
+    assert s["grad_equivalents"] == pytest.approx(1)  # each rank's half batch counts as its share
