@@ -64,7 +64,7 @@ def test_run_folder_holds_config_metrics_checkpoint_and_events(trained):
         assert key in cfg and cfg[key] is not None, key  # every default filled in
     assert doc["command"] == "train" and doc["versions"]["torch"]
     m = pd.read_csv(trained / "metrics.csv")
-    assert list(m.columns) == ["step", "epoch", "split", "metric", "value", "wall_time"]
+    assert list(m.columns) == ["step", "epoch", "split", "metric", "value", "wall_time", "grad_equivalents"]
     steps = m[(m.split == "train-step") & (m.metric == "loss")]
     total = int(pd.read_csv(trained / "summary.csv").loc[0, "steps"])
     assert steps["step"].tolist() == list(range(10, total + 1, 10))  # every log_every_steps (default 10)

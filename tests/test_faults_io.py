@@ -86,10 +86,10 @@ def test_disk_full_writing_a_metrics_row(tmp_path, capsys, monkeypatch, referenc
 
     real_write = MetricsCSV.write
 
-    def write(self, step, epoch, split, metrics, wall):
+    def write(self, step, epoch, split, metrics, wall, *cost):
         if step > 20:  # in epoch 2, after epoch 1's checkpoint
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(self, step, epoch, split, metrics, wall)
+        return real_write(self, step, epoch, split, metrics, wall, *cost)
 
     monkeypatch.setattr(MetricsCSV, "write", write)
     r = cli(capsys, "train", "--runs-dir", tmp_path / "runs", *ARGS)

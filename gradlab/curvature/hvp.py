@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from gradlab.curvature.cost import products
+
 
 def hvp_from_grads(
     grads: Sequence[Tensor], params: Sequence[Tensor], vecs: Sequence[Tensor], *, retain_graph: bool = True
@@ -31,8 +33,9 @@ def hvp_from_grads(
     pairs = [(g, v) for g, v in zip(grads, vecs) if g.requires_grad]  # constant blocks add nothing
     if not pairs:
         return [torch.zeros_like(p) for p in params]
-    out = torch.autograd.grad(
-        [g for g, _ in pairs], list(params), grad_outputs=[v for _, v in pairs],
-        retain_graph=retain_graph, allow_unused=True,
-    )
+    with products(1):  # one product in a training run's cost (gradlab.curvature.cost)
+        out = torch.autograd.grad(
+            [g for g, _ in pairs], list(params), grad_outputs=[v for _, v in pairs],
+            retain_graph=retain_graph, allow_unused=True,
+        )
     return [torch.zeros_like(p) if h is None else h for h, p in zip(out, params)]

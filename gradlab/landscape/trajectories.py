@@ -205,11 +205,18 @@ def registry_optimizer_factory(name: str, lr: Optional[float], seed: int = 0, lr
                                **opts) -> tuple[Callable, float]:
     """``(params -> optimizer, lr used)`` for a name of gradlab's optimizer registry.
 
-    An unknown name raises :class:`GradlabError` listing the registry before anything runs.
+    An unknown name raises :class:`GradlabError` listing the registry before anything runs; so
+    does an optimizer that needs a network (``needs_model``: K-FAC's layer factors, natural
+    gradient's Gauss-Newton products through the model's outputs), which a 2-D function is not.
+    SAM and ASAM need only the loss and its gradient and run here.
     """
     from gradlab.optim import OPTIMIZERS, build_optimizer  # the registry lives with the optimizers
 
     OPTIMIZERS.get(name)
+    # asked of an instance (the registry holds factories): built on a throw-away 2-D point
+    if getattr(build_optimizer(name, [torch.zeros(2, requires_grad=True)], seed=seed), "needs_model", False):
+        raise GradlabError(f"optimizer {name} needs a network (its curvature comes from the model's layers and "
+                           f"outputs), not a 2-D function: use it with gradlab train --opt {name}")
     if lr is None:
         lr = DEFAULT_LRS.get(name, DEFAULT_LR) * (1.0 if name in SCALE_FREE else lr_scale)
     return (lambda params: build_optimizer(name, list(params), lr=lr, seed=seed, **opts)), lr

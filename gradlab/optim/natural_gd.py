@@ -45,6 +45,7 @@ from torch import Tensor
 
 from gradlab.core.options import Option, Options
 from gradlab.curvature.cg import conjugate_gradient
+from gradlab.curvature.cost import products
 from gradlab.curvature.fisher import _outer_product
 from gradlab.curvature.ggn import Linearization
 from gradlab.optim.model_bound import ModelBoundOptimizer, all_reduce_sum_, world_size
@@ -94,7 +95,8 @@ class NaturalGD(ModelBoundOptimizer):
         with torch.enable_grad():
             loss, z, _ = self._forward(closure)
             grads = self._gradients(loss, params, retain_graph=True)
-            lin = Linearization.of_outputs(z, params)
+            with products(0):  # the graph of J^T u that every product reuses (gradlab.curvature.cost)
+                lin = Linearization.of_outputs(z, params)
         (*grads, f0), n_global = self._average([*grads, loss.detach().reshape(1)], z.shape[0])
         g = torch.cat([t.reshape(-1) for t in grads])
         matvec = self._curvature_product(lin, z.detach(), n_global / z.shape[0])
@@ -140,11 +142,12 @@ class NaturalGD(ModelBoundOptimizer):
 
         def product(v: Tensor) -> Tensor:
             vs = [c.view_as(p) for c, p in zip(torch.split(v, sizes), params)]
-            with torch.enable_grad():
-                jv = lin.jvp(vs)
-            out = lik.hessian_product(z, jv) if S is None else _outer_product(S, jv.unsqueeze(0), lik.factor(z))[0]
-            with torch.enable_grad():
-                r = torch.cat([t.reshape(-1) for t in lin.vjp(out)])
+            with products(1):  # one curvature product (gradlab.curvature.cost)
+                with torch.enable_grad():
+                    jv = lin.jvp(vs)
+                out = lik.hessian_product(z, jv) if S is None else _outer_product(S, jv.unsqueeze(0), lik.factor(z))[0]
+                with torch.enable_grad():
+                    r = torch.cat([t.reshape(-1) for t in lin.vjp(out)])
             if multi:
                 r = all_reduce_sum_([r / share])[0]
             return r

@@ -4,7 +4,7 @@
 
 * ``config.yaml``: the resolved configuration, versions and command line;
 * TensorBoard event files;
-* ``metrics.csv``: long format ``step,epoch,split,metric,value,wall_time``, flushed per call;
+* ``metrics.csv``: long format ``step,epoch,split,metric,value,wall_time,grad_equivalents``, flushed per call;
 * ``summary.csv``: one row ``run_id,command,status,...``, written atomically at the end;
 * ``checkpoints/`` (plain ``torch.save`` files) and ``plots/``.
 
@@ -66,6 +66,10 @@ class RunDir:
         self._checkpoints = CheckpointWriter()
         self.sinks: list = []  # e.g. gradlab.runs.mlflow_sink.MLflowSink: mirrors of the records
         self.sink_errors: list[str] = []  # why a mirror stopped (the run goes on without it)
+        # A training run's cumulative cost in gradient-equivalents (gradlab.curvature.cost): the
+        # grad_equivalents column of metrics.csv, and TensorBoard's cost/grad_equivalents.
+        self.cost: Optional[Callable[[], float]] = None
+        self._cost_step: Optional[int] = None
 
     # -- creation --------------------------------------------------------------------------
     @classmethod
@@ -165,12 +169,18 @@ class RunDir:
 
     def log_metrics(self, step: int, epoch: Optional[int], split: str, metrics: Mapping[str, float]) -> None:
         """One row of metrics.csv per metric and one TensorBoard event holding all of them
-        (tags ``split/metric``), both at the same wall time."""
+        (tags ``split/metric``, and ``cost/grad_equivalents`` once per step when :attr:`cost` is
+        set), both at the same wall time."""
         if not self.enabled or not metrics:
             return
         now = time.time()
-        self._metrics.write(step, epoch, split, metrics, now)
-        summary = scalars_summary((f"{split}/{m}", v) for m, v in metrics.items())
+        cost = self.cost() if self.cost is not None else None
+        self._metrics.write(step, epoch, split, metrics, now, cost)
+        tags = [(f"{split}/{m}", v) for m, v in metrics.items()]
+        if cost is not None and step != self._cost_step:  # once per step
+            tags.append(("cost/grad_equivalents", cost))
+            self._cost_step = step
+        summary = scalars_summary(tags)
         self.tb.file_writer.add_summary(summary, step, now)
         if self.sinks:
             self._to_sinks("log_metrics", step, {f"{split}/{m}": v for m, v in metrics.items()}, now)

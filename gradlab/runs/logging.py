@@ -1,7 +1,10 @@
 """What a run logs as it goes: ``metrics.csv`` rows and TensorBoard events.
 
-* ``metrics.csv`` is long format, ``step,epoch,split,metric,value,wall_time``, written with the
-  :mod:`csv` module and flushed after every call, so a killed run keeps every row it logged.
+* ``metrics.csv`` is long format, ``step,epoch,split,metric,value,wall_time,grad_equivalents``,
+  written with the :mod:`csv` module and flushed after every call, so a killed run keeps every row
+  it logged. ``grad_equivalents`` is a training run's cumulative cost at the row's step in
+  gradient-equivalents (:mod:`gradlab.curvature.cost`), empty in rows of other commands; a file
+  of an older run (without that column) gets it, empty, when the run is resumed.
 * TensorBoard goes through :class:`torch.utils.tensorboard.SummaryWriter`: the scalars of one
   call are one event (one ``Summary`` holding all of them); so are the histograms of one call,
   binned by :func:`torch.histc` into equal-width buckets (30 by default, TensorBoard's own
@@ -20,7 +23,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-METRIC_COLUMNS = ["step", "epoch", "split", "metric", "value", "wall_time"]
+METRIC_COLUMNS = ["step", "epoch", "split", "metric", "value", "wall_time", "grad_equivalents"]
+#: The header of runs made before the grad_equivalents column.
+LEGACY_METRIC_COLUMNS = METRIC_COLUMNS[:-1]
 
 
 class MetricsCSV:
@@ -36,17 +41,21 @@ class MetricsCSV:
         before its first row still has a metrics.csv that pandas reads)."""
         if self._file is None:
             new = not self.path.exists() or self.path.stat().st_size == 0
+            if not new and _header(self.path) == LEGACY_METRIC_COLUMNS:
+                truncate_metrics(self.path, float("inf"))  # rewritten with the new column, empty
             self._file = open(self.path, "a", newline="")
             self._writer = csv.writer(self._file)
             if new:
                 self._writer.writerow(METRIC_COLUMNS)
                 self._file.flush()
 
-    def write(self, step: int, epoch: Optional[int], split: str, metrics: Mapping[str, float], wall: float) -> None:
+    def write(self, step: int, epoch: Optional[int], split: str, metrics: Mapping[str, float], wall: float,
+              cost: Optional[float] = None) -> None:
         if self._file is None:
             self.open()
         e, w = "" if epoch is None else epoch, f"{wall:.3f}"
-        self._writer.writerows([step, e, split, name, float(v), w] for name, v in metrics.items())
+        c = "" if cost is None else f"{cost:.6g}"
+        self._writer.writerows([step, e, split, name, float(v), w, c] for name, v in metrics.items())
         self._file.flush()
 
     def close(self) -> None:
@@ -67,15 +76,20 @@ def truncate_metrics(path: Path, keep_until_step: int) -> None:
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(METRIC_COLUMNS)
-        w.writerows([r[c] for c in METRIC_COLUMNS] for r in rows if _step_of(r) <= keep_until_step)
+        w.writerows([r.get(c) or "" for c in METRIC_COLUMNS] for r in rows if _step_of(r) <= keep_until_step)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def _header(path: Path) -> list:
+    with open(path, newline="") as f:
+        return next(csv.reader(f), [])
+
+
 def _step_of(row: dict) -> float:
     """A metrics row's step; a torn last line (killed mid-write) sorts after every step."""
-    if any(v is None or v == "" for k, v in row.items() if k != "epoch"):
+    if any(v is None or v == "" for k, v in row.items() if k not in ("epoch", "grad_equivalents")):
         return float("inf")
     try:
         return int(row["step"])

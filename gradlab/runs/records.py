@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from gradlab.core.errors import GradlabError
-from gradlab.runs.logging import METRIC_COLUMNS
+from gradlab.runs.logging import LEGACY_METRIC_COLUMNS, METRIC_COLUMNS
 
 STATUSES = ("completed", "diverged", "interrupted", "failed")
 
@@ -108,7 +108,8 @@ def read_summary(path: str | Path) -> Optional[dict]:
 
 def check_metrics(path: str | Path) -> None:
     """RunFolderError unless ``metrics.csv`` (if the run has one) is UTF-8 text without NUL
-    bytes whose first line is the stock header ``step,epoch,split,metric,value,wall_time``.
+    bytes whose first line is the stock header ``step,epoch,split,metric,value,wall_time,grad_equivalents``
+    (or, in a run made before that column, the same without it).
     An empty file (a run stopped before its first row) and a torn last line (a kill while it
     was written; ``--resume`` drops it) are not damage."""
     p = Path(path) / "metrics.csv"
@@ -128,7 +129,7 @@ def check_metrics(path: str | Path) -> None:
                 decoder.decode(chunk)
             except UnicodeDecodeError:
                 raise RunFolderError(p, "not text (invalid UTF-8: binary data)") from None
-    if first.decode("utf-8", "replace") != ",".join(METRIC_COLUMNS):
+    if first.decode("utf-8", "replace") not in (",".join(METRIC_COLUMNS), ",".join(LEGACY_METRIC_COLUMNS)):
         raise RunFolderError(p, f"the header is not {','.join(METRIC_COLUMNS)}")
 
 

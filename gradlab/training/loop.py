@@ -15,11 +15,15 @@ keeps its last checkpoint as it is, to resume from.
 Checkpoints carry the position inside the epoch, every RNG state and the callbacks' states, so
 ``--resume`` continues exactly where the checkpoint was written and a resumed run ends with the
 same metrics as an uninterrupted one.
+
+``max_seconds`` is a wall-time budget: once the training time (summed over resumes) reaches it,
+the run closes the epoch in progress at the current step (its train rows, the test evaluation,
+a checkpoint) and ends ``completed`` with ``budget_reached`` in its final metrics, so optimizers
+can be compared at an equal time. Under torchrun rank 0's clock decides, for every rank at once.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -27,13 +31,15 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from gradlab.core.errors import GradlabError, check
+from gradlab.curvature.cost import GradientCost, watch
 from gradlab.training.callbacks import Callback, EpochInfo, Progress, StepInfo, StopTraining, default_callbacks
-from gradlab.training.callbacks.base import gradient_norms, overrides, sort_callbacks
+from gradlab.training.callbacks.base import overrides, sort_callbacks
 from gradlab.training.callbacks.metrics import evaluate
 from gradlab.training.interrupts import DeferredInterrupt, signal_name
 from gradlab.training.load import legacy_callback_states
 from gradlab.training.options import TRAIN_OPTIONS, train_defaults, validate_train_config
 from gradlab.training.precision import Precision
+from gradlab.training.step import StepMixin, uses_closure
 
 _HOOKS = ("on_fit_start", "transform_loss", "on_loss", "on_gradients", "on_step_end", "on_epoch_end",
           "on_epoch_report", "summarize", "on_fit_end")
@@ -67,7 +73,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.clone() for s in state["cuda"]])
 
 
-class Trainer:
+class Trainer(StepMixin):
     """Holds the state of one training run; :meth:`fit` executes it.
 
     Args:
@@ -112,10 +118,10 @@ class Trainer:
         opt_opts = {**subset(cfg, OPTIMIZERS.entry(cfg["opt"]).options.names()), "lr": self.lr, "seed": cfg["seed"]}
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg["opt"], self.params, **opt_opts)
-        self.closure_step = bool(getattr(self.optimizer, "needs_loss_closure", False))
+        self.closure_step = uses_closure(self.optimizer, self.model, self.loss_fn)
+        self.cost = GradientCost()  # gradient-equivalents so far (gradlab.curvature.cost)
+        watch(self.model)
         self.precision = Precision(cfg.get("precision", "fp32"), device, self.closure_step)
-        if getattr(self.optimizer, "needs_model", False):  # K-FAC, natural gradient: gradlab.optim's docstring
-            self.optimizer.bind(self.model, self.loss_fn)
         self.sampler = GlobalBatchSampler(len(self.x_train), cfg["batch_size"], cfg["seed"],
                                           self.dist.rank, self.dist.world_size)
         self.total_steps = cfg["epochs"] * len(self.sampler)
@@ -135,6 +141,8 @@ class Trainer:
                 self.net = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
 
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.seconds_before, self._fit_start = 0.0, None  # training seconds of earlier fits (resumes)
+        self.budget_reached = False  # max_seconds stopped the run
         self.epoch_sums = [0.0, 0.0, 0.0]  # loss sum, correct, count (this rank's share)
         self._outputs: list = []  # (logits, labels) of steps whose correct predictions are not counted yet
         self.interrupts = DeferredInterrupt()  # SIGINT/SIGTERM become a stop at a step boundary
@@ -165,6 +173,8 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "epoch_sums": list(self.epoch_sums),
             "callbacks": {cb.key: s for cb in self.callbacks if (s := cb.state_dict())},
+            "cost": self.cost.state_dict(),
+            "train_seconds": self.train_seconds(),
             **self.precision.state_dict(),
         }
 
@@ -176,9 +186,16 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         self.epoch_sums = list(ckpt["epoch_sums"])
         self.precision.load_state_dict(ckpt)
+        self.cost.load_state_dict(ckpt.get("cost", {}))  # a checkpoint from before the count: from 0
+        self.seconds_before = float(ckpt.get("train_seconds", 0.0))
         states = ckpt["callbacks"] if "callbacks" in ckpt else legacy_callback_states(ckpt)
         for cb in self.callbacks:
             cb.load_state_dict(states.get(cb.key, {}))
+
+    def train_seconds(self) -> float:
+        """Seconds spent in :meth:`fit` so far, over every resume (what ``max_seconds`` bounds)."""
+        now = time.time() - self._fit_start if self._fit_start is not None else 0.0
+        return self.seconds_before + now
 
     def request_stop(self) -> None:
         """Stop at the end of the current step with status ``interrupted``, a checkpoint written
@@ -190,62 +207,6 @@ class Trainer:
         """Ask for a checkpoint at a step boundary every rank agrees on: ``checkpoint_due`` is
         True in the ``on_step_end`` of the next step, on every rank (one process: the same)."""
         self.checkpoint_requested = True
-
-    # -- one step ------------------------------------------------------------------------------
-    def batch_loss(self, out, yb, n_global):
-        """This rank's share of the mean loss over the global batch (sum * W / B, see sampler);
-        on one process the batch is the global batch and this is the plain mean."""
-        if self.dist.world_size == 1:
-            return self.loss_fn(out, yb)
-        return self.loss_fn(out, yb, reduction="sum") * (self.dist.world_size / n_global)
-
-    def _loss(self, xb, yb, n_global, checks: bool = True):
-        with self.precision.autocast():
-            out = self.net(xb)
-            loss = self.batch_loss(out, yb, n_global)
-            for cb in self._transforms:
-                loss = cb.transform_loss(self, xb, yb, out, loss, n_global)
-        value = loss.item()
-        for cb in self._loss_checks if checks else ():  # before any backward or update
-            cb.on_loss(self, value)
-        return loss, value, out.detach()
-
-    def train_step(self, xb, yb, n_global) -> tuple[float, torch.Tensor]:
-        """One optimizer step on batch ``(xb, yb)``: this rank's loss sum and its logits."""
-        if not self.model.training:  # evaluation and probes restore the mode; this is a guard
-            self.model.train()
-        optimizer = self.optimizer
-        optimizer.zero_grad(set_to_none=True)
-        self._step_norms = None  # set by _check_gradients when the gradients are checked before the update
-        if self.closure_step:
-            captured = []
-
-            def closure():
-                # a line search / trust region evaluates it again at trial weights: the step
-                # reports (and the loss checks see) the FIRST evaluation, at the step's start
-                loss, value, out = self._loss(xb, yb, n_global, checks=not captured)
-                if not captured:
-                    captured[:] = [value, out]
-                return loss
-
-            optimizer.step(closure)
-            loss_value, out = captured
-            self._check_gradients()  # the optimizer took its own gradients (p.grad) inside step
-        else:
-            loss, loss_value, out = self._loss(xb, yb, n_global)
-            self.precision.backward_and_step(loss, optimizer, self._check_gradients)
-        # Correct predictions are counted in bulk (_count_correct): keep this step's logits.
-        self._outputs.append((out, yb))
-        return loss_value * n_global / self.dist.world_size, out
-
-    def _check_gradients(self) -> None:
-        if self._grad_checks:
-            # kept for this step's StepInfo: the callbacks that log the norms do not compute them again
-            self._step_norms = gradient_norms(self.params)
-            if self.precision.scaler is not None and not math.isfinite(self._step_norms[0]):
-                return  # fp16 overflow: the scaler skips this step (not a divergence)
-            for cb in self._grad_checks:
-                cb.on_gradients(self, self._step_norms[0])
 
     def _count_correct(self) -> None:
         """Add the correct predictions of the steps since the last call to ``epoch_sums``: one
@@ -271,13 +232,14 @@ class Trainer:
         from gradlab.core.distributed import shutdown
 
         self.run = run
+        run.cost = lambda: self.cost.total  # the grad_equivalents column of metrics.csv
         callbacks = self.callbacks
         if progress is not None or on_epoch is not None:  # just before the checkpoint
             callbacks = sort_callbacks([*callbacks, Progress(progress, on_epoch)])
         hooks = {h: [cb for cb in callbacks if overrides(cb, h)] for h in _HOOKS}
         self._transforms, self._loss_checks = hooks["transform_loss"], hooks["on_loss"]
         self._grad_checks = hooks["on_gradients"]
-        start = time.time()
+        start = self._fit_start = time.time()
         with self.interrupts:
             try:
                 try:
@@ -294,7 +256,10 @@ class Trainer:
                     if message is None:
                         raise
                     self._after_failure(hooks["on_fit_end"])
-                metrics = {"epochs": self.epoch, "steps": self.step, "seconds": round(time.time() - start, 3)}
+                metrics = {"epochs": self.epoch, "steps": self.step, "seconds": round(time.time() - start, 3),
+                           "grad_equivalents": round(self.cost.total, 4)}
+                if self.cfg.get("max_seconds") is not None:
+                    metrics["budget_reached"] = self.budget_reached
                 for cb in hooks["summarize"]:
                     metrics = cb.summarize(self, metrics)
                 signum = self.interrupts.signum if status == "interrupted" else None
@@ -348,6 +313,7 @@ class Trainer:
         # A constant schedule never changes the learning rate: its scheduler is not stepped.
         step_scheduler = cfg.get("schedule", "constant") != "constant"
         on_device = self.device.type != "cpu"
+        budget = cfg.get("max_seconds")
         x_train, y_train, params = self.x_train, self.y_train, self.params
         while self.epoch < cfg["epochs"]:
             batches = self.sampler.epoch_batches(self.epoch)
@@ -359,11 +325,14 @@ class Trainer:
                     idx = idx.to(self.device)
                 xb, yb = x_train[idx], y_train[idx]
                 loss_sum, out = self.train_step(xb, yb, n_global)
+                over = budget is not None and self.is_main and self.train_seconds() >= budget
                 if dist.enabled:
                     # One small collective per step: the loss, whether any rank was asked to stop,
-                    # and whether rank 0 asked for a checkpoint, so every rank acts at the same step.
-                    loss_g, stop, due = all_reduce_sum([loss_sum, float(interrupt.requested),
-                                                        float(self.checkpoint_requested)], dist, self.device)
+                    # whether rank 0 asked for a checkpoint and whether its time budget is spent,
+                    # so every rank acts at the same step.
+                    loss_g, stop, due, over = all_reduce_sum([loss_sum, float(interrupt.requested),
+                                                              float(self.checkpoint_requested), float(over)],
+                                                             dist, self.device)
                 else:
                     loss_g, stop, due = loss_sum, False, self.checkpoint_requested
                 self.checkpoint_due = due > 0
@@ -381,6 +350,11 @@ class Trainer:
                     for cb in step_hooks:
                         cb.on_step_end(self, info)
                 self.checkpoint_due = False
+                if over:  # the partial epoch closes: its rows, the test evaluation, a checkpoint
+                    self.budget_reached = True
+                    self._end_epoch(hooks)
+                    return "completed", (f"time budget of {budget:g} s (--max-seconds) reached at step {step}: "
+                                         f"stopped with a final evaluation and checkpoint")
                 if stop or (interrupt.requested and not dist.enabled):
                     if self.batch_in_epoch == n_batches:
                         self._end_epoch(hooks)

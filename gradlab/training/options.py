@@ -27,6 +27,10 @@ TRAIN_OPTIONS = Options(
                                       "on the run use it by default", choices=LOSSES),
     Option("epochs", int, 15, "passes over the training set", low=1),
     Option("batch_size", int, 64, "global batch size (split across torchrun processes)", low=1, label="batch size"),
+    Option("max_seconds", float, None, "wall-time budget: stop once training has run this many seconds (over "
+                                       "resumes), closing the epoch in progress with a test evaluation and a "
+                                       "checkpoint; the run ends completed (default: no budget)",
+           low=0, low_open=True, label="max-seconds"),
     Option("log_every", int, 50, "per-layer gradient histograms every N steps", low=1, label="log-every"),
     Option("log_every_steps", int, 10, "per-step loss, learning rate and gradient norm (metrics.csv and "
                                        "TensorBoard) every N steps; 1 logs every step", low=1, label="log-every-steps"),
