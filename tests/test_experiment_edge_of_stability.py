@@ -31,8 +31,8 @@ def test_edge_of_stability_grid_is_full_batch_gd_at_three_rates_per_loss():
         assert c["probe"].startswith("hessian:every=")
 
 
-def _dense_top_eigenvalue(model, loss_fn, x, y) -> float:
-    """The largest eigenvalue of the loss Hessian in float64 by torch.func (the reference)."""
+def dense_hessian(model, loss_fn, x, y) -> torch.Tensor:
+    """The loss Hessian over all of ``(x, y)`` in float64 by torch.func (the reference)."""
     model = model.double()
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for _, p in model.named_parameters()]
@@ -45,7 +45,7 @@ def _dense_top_eigenvalue(model, loss_fn, x, y) -> float:
             i += s.numel()
         return loss_fn(torch.func.functional_call(model, params, (x.double(),)), y)
 
-    return float(torch.linalg.eigvalsh(torch.func.hessian(loss_of)(flat0))[-1])
+    return torch.func.hessian(loss_of)(flat0)
 
 
 def test_tiny_edge_of_stability_run_and_figure(capsys, tmp_path):
@@ -71,7 +71,8 @@ def test_tiny_edge_of_stability_run_and_figure(capsys, tmp_path):
         assert list(lam["step"]) == [2, 4]
         run = load_run(str(summary.parent))
         assert len(run.data.x_train) == 30
-        ref = _dense_top_eigenvalue(run.model, loss_fn(run.config["loss"]), run.data.x_train, run.data.y_train)
+        hess = dense_hessian(run.model, loss_fn(run.config["loss"]), run.data.x_train, run.data.y_train)
+        ref = float(torch.linalg.eigvalsh(hess)[-1])
         assert abs(lam["value"].iloc[-1] - ref) <= 1e-4 * abs(ref)
     plot = runpy.run_path(str(ROOT / "experiments/plot_edge_of_stability.py"))
     loaded = plot["load"](tmp_path / "runs")
