@@ -31,7 +31,8 @@ def test_batch_size_stages_alternate_train_and_full_split_probe():
     assert sizes == sorted(set(sizes)) and sizes[-1] == DIGITS_TRAIN  # the last one is full-batch GD
     # one recipe: only the batch size and the epochs differ between the train stages
     recipe = lambda s: {k: v for k, v in s.base.items() if k not in ("batch_size", "epochs")}  # noqa: E731
-    assert all(recipe(s) == recipe(trains[0]) for s in trains)
+    assert all(recipe(s) == recipe(trains[0]) and s.sweep == trains[0].sweep for s in trains)
+    assert set(trains[0].sweep) <= {"seed"}  # repeats of one recipe, nothing else swept
     assert all(s.base["split"] == "train" and s.base["batches"] == 1 and s.base["batch_size"] >= DIGITS_TRAIN
                for s in probes)
 
@@ -43,6 +44,7 @@ def test_tiny_batch_size_sharpness_run_and_figure(capsys, tmp_path):
     doc = yaml.safe_load(FILE.read_text())
     train, probe = doc["steps"][0], doc["steps"][1]
     tiny = dict(train, width=4, depth=1, max_train=24)
+    tiny.pop("sweep", None)  # one seed: this test is about the file
     doc["steps"] = [dict(tiny, batch_size=8, epochs=2), probe, dict(tiny, batch_size=24, epochs=3), probe]
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(doc))
