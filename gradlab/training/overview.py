@@ -91,7 +91,10 @@ def overview_figure(frame, title: str = ""):
         return None, []
     cols = min(4, len(chosen))
     rows = math.ceil(len(chosen) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False, sharex=True)
+    # Drawing cost is in the tick and text artists, not the data: few major ticks, no minor
+    # ticks, plain (non-mathtext) labels, titles at a fixed height (an automatic one measures
+    # every tick label) and one x label for the figure.
     for ax, (name, lines, log) in zip(axes.flat, chosen):
         for label, steps, values in lines:
             style = dict(marker=".", linestyle="-" if len(steps) > 1 else "none", markersize=3, linewidth=1)
@@ -99,24 +102,31 @@ def overview_figure(frame, title: str = ""):
         finite = [v for _, _, vs in lines for v in vs if math.isfinite(v)]
         if log and finite and min(finite) > 0:
             ax.set_yscale("log")
-            # plain labels: the default log labels are mathtext, which costs seconds per figure
+            ax.yaxis.set_major_locator(ticker.LogLocator(numticks=4))
             ax.yaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))
-            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        else:
+            ax.yaxis.set_major_locator(ticker.MaxNLocator(4))
+        ax.yaxis.set_minor_locator(ticker.NullLocator())
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(4, integer=True))
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
         if name == "alpha":  # Cockpit's reference lines: the minimum (0) and the other side (1)
             for level in (-1, 0, 1):
                 ax.axhline(level, color="grey", linewidth=0.6, linestyle=":" if level else "--")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
+        ax.set_title(name, fontsize=9, y=1.0, pad=3)
         ax.tick_params(labelsize=7)
         if len(lines) > 1:
             ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(chosen):]:
-        ax.axis("off")
+    for k, ax in enumerate(axes.flat):
+        if k >= len(chosen):
+            ax.axis("off")
+        elif k + cols < len(chosen):  # the steps axis is shared: tick labels on the lowest panel of a column only
+            ax.tick_params(labelbottom=False)
+    fig.text(0.5, 0.01, "step", ha="center", va="bottom", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     # a fixed layout: tight_layout would draw the whole figure once more
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1 / rows + 0.04, top=1 - 0.12 / rows - 0.03,
-                        wspace=0.3, hspace=0.55)
+                        wspace=0.3, hspace=0.45)
     return fig, [name for name, _, _ in chosen]
 
 
