@@ -91,23 +91,29 @@ def overview_figure(frame, title: str = ""):
         return None, []
     cols = min(4, len(chosen))
     rows = math.ceil(len(chosen) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False, sharex=True)
-    # Drawing cost is in the tick and text artists, not the data: few major ticks, no minor
-    # ticks, plain (non-mathtext) labels, titles at a fixed height (an automatic one measures
-    # every tick label) and one x label for the figure.
-    for ax, (name, lines, log) in zip(axes.flat, chosen):
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    last = max((max(steps) for _, lines, _ in chosen for _, steps, _ in lines if steps), default=1)
+    # The drawing's cost is in the tick and text artists, not the data: three ticks an axis, no
+    # minor ticks, plain (non-mathtext) labels, titles at a fixed height (an automatic one
+    # measures every tick label), legends at a fixed place ("best" searches the data), one
+    # steps axis for all panels with its ticks on the lowest panel of each column only.
+    for k, (ax, (name, lines, log)) in enumerate(zip(axes.flat, chosen)):
         for label, steps, values in lines:
             style = dict(marker=".", linestyle="-" if len(steps) > 1 else "none", markersize=3, linewidth=1)
             ax.plot(steps, values, label=label, **style)
         finite = [v for _, _, vs in lines for v in vs if math.isfinite(v)]
         if log and finite and min(finite) > 0:
             ax.set_yscale("log")
-            ax.yaxis.set_major_locator(ticker.LogLocator(numticks=4))
-            ax.yaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))
+            decades = math.log10(max(finite) / min(finite))  # under two: ticks at 1, 2, 5 x 10^k
+            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0) if decades < 2 else (1.0,),
+                                                         numticks=4))
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
         else:
-            ax.yaxis.set_major_locator(ticker.MaxNLocator(4))
+            ax.yaxis.set_major_locator(ticker.MaxNLocator(3))
         ax.yaxis.set_minor_locator(ticker.NullLocator())
-        ax.xaxis.set_major_locator(ticker.MaxNLocator(4, integer=True))
+        ax.set_xlim(0, last * 1.02)
+        lowest = k + cols >= len(chosen)
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(3, integer=True) if lowest else ticker.NullLocator())
         ax.xaxis.set_minor_locator(ticker.NullLocator())
         if name == "alpha":  # Cockpit's reference lines: the minimum (0) and the other side (1)
             for level in (-1, 0, 1):
@@ -115,12 +121,9 @@ def overview_figure(frame, title: str = ""):
         ax.set_title(name, fontsize=9, y=1.0, pad=3)
         ax.tick_params(labelsize=7)
         if len(lines) > 1:
-            ax.legend(fontsize=6)
-    for k, ax in enumerate(axes.flat):
-        if k >= len(chosen):
-            ax.axis("off")
-        elif k + cols < len(chosen):  # the steps axis is shared: tick labels on the lowest panel of a column only
-            ax.tick_params(labelbottom=False)
+            ax.legend(fontsize=6, loc="upper right")
+    for ax in list(axes.flat)[len(chosen):]:
+        ax.axis("off")
     fig.text(0.5, 0.01, "step", ha="center", va="bottom", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
