@@ -7,8 +7,8 @@ both run on a step, :class:`AfterUpdate` makes it one: a forward pass with hooks
 Linear/Conv2d layers and one backward to their outputs and to the parameters
 (:func:`gradlab.curvature.per_example_linear.hooked_pass`), whose result the second
 instrument of the step reuses. Its numbers are those of the separate passes: the pass is the
-same computation (the model in eval mode, as gradstats measures; the step's loss as stepquality
-measures it), on a fork of the RNG state.
+same computation (the model's forward, the same in train and eval mode for the models it is used
+for; the step's loss as stepquality measures it), on a fork of the RNG state.
 
 It is used only where the separate passes would see the same function, and otherwise each
 instrument takes its own pass as before: on one process (under torchrun stepquality sums the
@@ -63,14 +63,12 @@ class AfterUpdate:
         return self._value
 
     def _compute(self, trainer, info):
-        from gradlab.core.modelstate import model_state
         from gradlab.curvature.per_example_linear import hooked_pass
 
         device = trainer.device
+        # no mode switch: the model is mode-free, its train and eval forward passes are the same
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            with model_state(trainer.model, train=False):
-                done = hooked_pass(trainer.model, trainer.loss_fn, info.x, info.y,
-                                   trainer.params if self.grads else None)
+            done = hooked_pass(trainer.model, trainer.loss_fn, info.x, info.y, trainer.params if self.grads else None)
         if done is None:
             self._usable = False  # the model's layers do not change within a run
             return None

@@ -19,7 +19,10 @@ class GradStats(ProbeCallback):
 
     def __init__(self, name: str, every: int, **options):
         super().__init__(name, every, **options)
+        from gradlab.probes.gradstats import OPTIONS
+
         self.after_update = None  # an AfterUpdate shared with stepquality, when both run
+        self.theta = OPTIONS.resolve(self.options, owner=f"probe {name}")["theta"]
 
     def on_step_end(self, trainer, info: StepInfo) -> None:
         if not (every(self.every, info.step) and trainer.is_main):
@@ -27,12 +30,11 @@ class GradStats(ProbeCallback):
         done = self.after_update.get(trainer, info) if self.after_update is not None else None
         if done is None:
             return super().on_step_end(trainer, info)
-        from gradlab.probes.gradstats import OPTIONS, STATS, statistics_from_moments
+        from gradlab.probes.gradstats import STATS, statistics_from_moments
 
         layers = done[2]
         s, v, g2 = (sum(m[k] for m in layers.values()) for k in range(3))
-        theta = OPTIONS.resolve(self.options, owner=f"probe {self.name}")["theta"]
-        whole = statistics_from_moments(s, v, g2, theta)
+        whole = statistics_from_moments(s, v, g2, self.theta)
         scalars = {k: float(whole[k]) for k in STATS}
         trainer.run.log_metrics(info.step, info.epoch, self.split, scalars)
         self.last = {k: scalars[k] for k in self.summary if k in scalars}
