@@ -62,3 +62,18 @@ def test_training_morse_index_contains_the_dense_fraction_within_its_error():
     assert abs(out["morse_index"] - exact) <= out["morse_index_error"]
     assert out["morse_index_low"] <= strict <= strict + ambiguous <= out["morse_index_high"]
     assert 0 < out["morse_index_stderr"] < out["morse_index_error"] < 0.5
+
+
+def test_the_overview_draws_the_morse_index_with_its_bracket_in_one_panel():
+    import pandas as pd
+
+    from gradlab.training.overview import panels
+
+    rows = [(step, "curvature", metric, value) for step in (10, 20)
+            for metric, value in (("lambda_max", 2.0), ("morse_index", 0.3), ("morse_index_low", 0.2),
+                                  ("morse_index_high", 0.4), ("morse_index_stderr", 0.01), ("morse_index_error", 0.1))]
+    frame = pd.DataFrame(rows, columns=["step", "split", "metric", "value"])
+    chosen = {title: lines for title, lines, _ in panels(frame)}
+    assert set(chosen) == {"Morse index (with its bracket)", "curvature: lambda_max"}
+    assert [label for label, _, _ in chosen["Morse index (with its bracket)"]] == [
+        "curvature/morse_index", "curvature/morse_index_low", "curvature/morse_index_high"]

@@ -31,6 +31,11 @@ INSTRUMENTS = (
     ("gradient statistics", "sample-size tests", (("gradstats", "norm_test"), ("gradstats", "inner_product_test"),
                                                   ("gradstats", "orthogonality_test")), True),
 )
+# overview panels that join records of a split the dashboard shows as one chart of its scalars
+# (title, records, log-scale), and records that get no panel of their own
+_JOINED_PANELS = (("Morse index (with its bracket)", (("curvature", "morse_index"), ("curvature", "morse_index_low"),
+                                                      ("curvature", "morse_index_high")), False),)
+_NO_PANEL = {("curvature", "morse_index_stderr"), ("curvature", "morse_index_error")}
 # per-layer charts of the dashboard: (category, title, tag regex)
 LAYER_CHARTS = (
     ("step quality", "update/weight ratio per layer", r"step_quality/update_ratio/.*"),
@@ -71,7 +76,12 @@ def panels(frame) -> list[tuple[str, list, bool]]:
         lines = [series(s, m) for s, m in records if (s, m) in have]
         if lines:
             out.append((title, lines, log))
-    others = sorted({(s, m) for s, m in have if s not in _OWN_SPLITS and "/" not in m})
+    for title, records, log in _JOINED_PANELS:
+        lines = [series(s, m) for s, m in records if (s, m) in have]
+        if lines:
+            out.append((title, lines, log))
+    drawn = {record for _, records, _ in _JOINED_PANELS for record in records} | _NO_PANEL
+    others = sorted({(s, m) for s, m in have if s not in _OWN_SPLITS and "/" not in m and (s, m) not in drawn})
     for split, metric in others:
         out.append((f"{split}: {metric}", [series(split, metric)], False))
     return out
