@@ -78,9 +78,10 @@ def _linear(module, a, g, b):
 
 
 def _conv2d(module, a, g, b):
-    """The moments of one Conv2d from its float64 input (B, C, H, W) and ``g = dL/do``: each
-    example's weight gradient ``e_i U_i^T`` (``U_i`` its unfolded input patches, ``e_i`` its own
-    output gradient over the output positions) is formed, (B, out, C*kh*kw) floats."""
+    """The moments of one Conv2d from its input (B, C, H, W) and ``g = dL/do``: each example's
+    weight gradient ``e_i U_i^T`` (``U_i`` its unfolded input patches, ``e_i`` its own output
+    gradient over the output positions) is formed, (B, out, C*kh*kw) floats, in the layer's
+    dtype (as vmap's per-example gradients are), and its moments in float64."""
     import torch.nn.functional as F
 
     cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
@@ -88,7 +89,7 @@ def _conv2d(module, a, g, b):
     parts = [torch.bmm(e, cols.transpose(1, 2)).reshape(b, -1)]
     if module.bias is not None:
         parts.append(e.sum(2))
-    grads = torch.cat(parts, 1)
+    grads = torch.cat(parts, 1).to(torch.float64)
     mean = grads.mean(0)
     return (grads * grads).sum(1), grads @ mean, float(mean.dot(mean))
 
@@ -129,10 +130,12 @@ def hooked_pass(model: nn.Module, loss_fn: Callable, x: Tensor, y: Tensor, param
     grads = torch.autograd.grad(loss, outputs + (params or []), allow_unused=True)
     result = {}
     for name, g_out, o in zip(names, grads, outputs):
-        a = seen[name][0][0].detach().to(torch.float64)
-        g = (torch.zeros_like(o) if g_out is None else g_out).detach().to(torch.float64)  # dL/do
-        kind = _linear if isinstance(layers[name], nn.Linear) else _conv2d
-        result[name] = kind(layers[name], a, g, b)
+        a = seen[name][0][0].detach()
+        g = (torch.zeros_like(o) if g_out is None else g_out).detach()  # dL/do
+        if isinstance(layers[name], nn.Linear):
+            result[name] = _linear(layers[name], a.to(torch.float64), g.to(torch.float64), b)
+        else:
+            result[name] = _conv2d(layers[name], a, g, b)
     param_grads = None
     if params is not None:
         param_grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads[len(names):], params)]
