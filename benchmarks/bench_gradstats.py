@@ -4,8 +4,9 @@ What is timed, per case, on the same model, batch and loss:
 
 * gradlab: :func:`gradlab.probes.gradstats.batch_statistics` -- for the MLP the per-example
   moments of each Linear layer from its inputs and output gradients (no per-example gradient
-  formed, :mod:`gradlab.curvature.per_example_linear`), for the CNN per-example gradients through
-  ``torch.func.vmap``; then every statistic (variance, SNR, B_simple, norm, inner-product and
+  formed, :mod:`gradlab.curvature.per_example_linear`), for the CNN's Conv2d layers each
+  example's weight gradient from the same captured input and output gradient (unfolded patches,
+  one ordinary backward; it went through ``torch.func.vmap`` before); then every statistic (variance, SNR, B_simple, norm, inner-product and
   orthogonality tests) per layer and for the whole model, in float64.
 * BackPACK: one ``backward()`` under ``backpack(BatchGrad(), Variance())`` (per-example
   gradients and the per-parameter variance, on the extended model), then the same statistics

@@ -15,14 +15,24 @@ cannot extend gradlab's input normalisation), without Cockpit and with ``Cockpit
 (with / without), so the two loops' different fixed costs do not enter.
 
 Each round runs the four configurations once, rotating the order; printed: medians over rounds
-of the within-round ratios, with their interquartile range, and median wall times.
+of the within-round ratios, with their interquartile range, and median times, by the wall clock
+and by this process's CPU time (``time.process_time``: on a loaded machine the wall clock also
+counts the time the process waited for a core; the CPU time does not). gradlab's row is also
+given without the end-of-run overview figure (the Dashboard's ``on_fit_end``, timed inside the
+run): a fixed cost per run, not per step, which Cockpit's loop does not pay (its figures are a
+separate ``CockpitPlotter`` call).
 
-    python benchmarks/bench_instruments.py [--rounds 5] [--threads 1] [--epochs 15]
+``--curvature`` adds the curvature instruments, which Cockpit keeps out of its cheap
+("economy") configuration and puts in "business"/"full": gradlab's ``hessian:every=10``
+(lambda_max and trace) against Cockpit's ``HessMaxEV`` and ``HessTrace`` on the same schedule.
+
+    python benchmarks/bench_instruments.py [--rounds 5] [--threads 1] [--epochs 15] [--curvature]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -32,6 +42,14 @@ import torch
 from torch import nn
 
 INSTRUMENTS = "gradstats:every=10,stepquality:every=10"
+CURVATURE = "hessian:every=10"
+
+
+class Times:
+    """Wall and CPU seconds of one run, and the part of them the overview figure took."""
+
+    def __init__(self, wall, cpu, fig_wall=0.0, fig_cpu=0.0):
+        self.wall, self.cpu, self.fig_wall, self.fig_cpu = wall, cpu, fig_wall, fig_cpu
 
 
 def gradlab_fit(model: str, epochs: int, probe):
@@ -43,14 +61,29 @@ def gradlab_fit(model: str, epochs: int, probe):
         with tempfile.TemporaryDirectory() as tmp:
             cfg = validate_train_config({**train_defaults(), "runs_dir": tmp, "name": None, "seed": 0, "device": "cpu",
                                          "model": model, "dataset": "digits", "epochs": epochs, "probe": probe})
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             trainer = Trainer(cfg)
+            fig = [0.0, 0.0]
+            for cb in trainer.callbacks:
+                if type(cb).__name__ == "Dashboard":
+                    cb.on_fit_end = timed(cb.on_fit_end, fig)
             r = RunDir.create(tmp, "train", None, cfg, argv=["bench"])
             result = trainer.fit(r)
             r.finish(result.status, result.metrics)
-            return time.perf_counter() - t0
+            return Times(time.perf_counter() - t0, time.process_time() - c0, *fig)
 
     return run
+
+
+def timed(fn, acc):
+    def wrapper(*args, **kwargs):
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            acc[0] += time.perf_counter() - t0
+            acc[1] += time.process_time() - c0
+    return wrapper
 
 
 def sequential(model: str) -> nn.Module:
@@ -62,7 +95,7 @@ def sequential(model: str) -> nn.Module:
                          nn.ReLU(), nn.Linear(84, 10))
 
 
-def cockpit_fit(model: str, epochs: int, with_cockpit: bool):
+def cockpit_fit(model: str, epochs: int, with_cockpit: bool, curvature: bool = False):
     import pkg_resources  # noqa: F401  (cockpit imports it)
     from backpack import extend
     from cockpit import Cockpit, quantities
@@ -82,11 +115,12 @@ def cockpit_fit(model: str, epochs: int, with_cockpit: bool):
         cockpit = None
         if with_cockpit:
             every = schedules.linear(10)
-            qs = [q(every) for q in (quantities.Alpha, quantities.Distance, quantities.UpdateSize, quantities.GradNorm,
-                                     quantities.NormTest, quantities.InnerTest, quantities.OrthoTest,
-                                     quantities.MeanGSNR)]
+            chosen = ((quantities.HessMaxEV, quantities.HessTrace) if curvature else
+                      (quantities.Alpha, quantities.Distance, quantities.UpdateSize, quantities.GradNorm,
+                       quantities.NormTest, quantities.InnerTest, quantities.OrthoTest, quantities.MeanGSNR))
+            qs = [q(every) for q in chosen]
             cockpit = Cockpit(net.parameters(), quantities=qs)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step = 0
         for epoch in range(epochs):
             order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(epoch))
@@ -104,7 +138,7 @@ def cockpit_fit(model: str, epochs: int, with_cockpit: bool):
                         loss.backward(create_graph=cockpit.create_graph(step))
                 opt.step()
                 step += 1
-        return time.perf_counter() - t0
+        return Times(time.perf_counter() - t0, time.process_time() - c0)
 
     return run
 
@@ -116,28 +150,47 @@ def iqr(values):
     return q1, q3
 
 
-def bench(model: str, epochs: int, rounds: int) -> None:
+def bench(model: str, epochs: int, rounds: int, curvature: bool = False) -> None:
     methods = {"gradlab": gradlab_fit(model, epochs, None), "gradlab+instruments": gradlab_fit(model, epochs, INSTRUMENTS)}
+    pairs = [("gradlab+instruments", "gradlab")]
+    if curvature:
+        methods["gradlab+curvature"] = gradlab_fit(model, epochs, CURVATURE)
+        pairs.append(("gradlab+curvature", "gradlab"))
     try:
         methods["cockpit loop"] = cockpit_fit(model, epochs, False)
         methods["cockpit loop+quantities"] = cockpit_fit(model, epochs, True)
+        pairs.append(("cockpit loop+quantities", "cockpit loop"))
+        if curvature:
+            methods["cockpit loop+curvature"] = cockpit_fit(model, epochs, True, curvature=True)
+            pairs.append(("cockpit loop+curvature", "cockpit loop"))
     except ImportError as e:
         print(f"{model}: Cockpit is not importable ({e}); gradlab alone")
     for f in methods.values():  # warm-up
         f()
     names, times = list(methods), {k: [] for k in methods}
+    load = [os.getloadavg()[0]]
     for r in range(rounds):
         for k in names[r % len(names):] + names[: r % len(names)]:
             times[k].append(methods[k]())
-    print(f"\n{model} on digits, {epochs} epochs: median s " + ", ".join(
-        f"{k} {statistics.median(v):.2f}" for k, v in times.items()))
-    pairs = [("gradlab+instruments", "gradlab")]
-    if "cockpit loop" in times:
-        pairs.append(("cockpit loop+quantities", "cockpit loop"))
+        load.append(os.getloadavg()[0])
+    print(f"\n{model} on digits, {epochs} epochs; load average (1 min) {min(load):.1f}-{max(load):.1f} over the rounds")
+    print("  median s (wall / cpu): " + ", ".join(
+        f"{k} {statistics.median(t.wall for t in v):.2f} / {statistics.median(t.cpu for t in v):.2f}"
+        for k, v in times.items()))
     for slow, base in pairs:
-        ratios = [a / b for a, b in zip(times[slow], times[base])]
-        q1, q3 = iqr(ratios)
-        print(f"  {slow} / {base} = {statistics.median(ratios):.2f} (IQR {q1:.2f}-{q3:.2f})")
+        for clock in ("wall", "cpu"):
+            rows = [(getattr(a, clock) / getattr(b, clock), (getattr(a, clock) - getattr(a, f"fig_{clock}"))
+                     / getattr(b, clock)) for a, b in zip(times[slow], times[base])]
+            line = f"  {clock:4s} {slow} / {base} = {fmt([r[0] for r in rows])}"
+            if slow.startswith("gradlab") and any(t.fig_cpu for t in times[slow]):
+                figs = [getattr(t, f"fig_{clock}") for t in times[slow]]
+                line += f"; without the overview figure {fmt([r[1] for r in rows])} (figure {statistics.median(figs):.2f} s)"
+            print(line)
+
+
+def fmt(ratios) -> str:
+    q1, q3 = iqr(ratios)
+    return f"{statistics.median(ratios):.2f} (IQR {q1:.2f}-{q3:.2f})"
 
 
 def main():
@@ -145,12 +198,15 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=15, help="epochs per run (15: gradlab train's default)")
+    ap.add_argument("--curvature", action="store_true", help="also time the curvature instruments (Cockpit's "
+                    "HessMaxEV + HessTrace against gradlab's hessian probe)")
+    ap.add_argument("--models", default="mlp,cnn")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     print(f"# instruments every 10 steps: torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds")
-    for model in ("mlp", "cnn"):
-        bench(model, args.epochs, args.rounds)
+    for model in args.models.split(","):
+        bench(model, args.epochs, args.rounds, args.curvature)
 
 
 if __name__ == "__main__":

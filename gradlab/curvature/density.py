@@ -36,6 +36,8 @@ class DensityResult:
     weights: Tensor
     sigma: float
     num_matvecs: int
+    tridiagonals: Optional[list] = None  # per start: (T (k, k), beta_k), beta_k the coupling to step k + 1
+
 
     @property
     def mean(self) -> float:
@@ -64,6 +66,71 @@ class DensityResult:
         spread = 2 * se if math.isfinite(se) else 0.0
         return SpectralFraction(est, se, amb, max(0.0, float(below.mean()) - spread),
                                 min(1.0, float((below + near).mean()) + spread), k)
+
+    def fraction_bracketed(self, threshold: float = 0.0, zero_tol: float = 0.0) -> "SpectralFraction":
+        """The fraction of eigenvalues below ``threshold`` with a bracket that holds for every
+        start, not only once Lanczos has resolved the spectrum there.
+
+        For start ``v`` the quantity is ``F = v^T 1(A < t) v``, the spectral measure of ``v``
+        below ``t``. The Gauss-Radau rule with one node prescribed at ``t`` (``T`` extended by
+        one row whose diagonal makes ``t`` an eigenvalue; Golub & Meurant, "Matrices, Moments
+        and Quadrature", ch. 6) brackets it exactly -- the Chebyshev-Markov-Stieltjes
+        inequalities in Krein's form: ``sum_{x_j < t} w_j <= F <= sum_{x_j < t} w_j + w_t``,
+        the weight ``w_t`` at ``t`` being the largest mass any measure with the same first
+        ``2k`` moments can put there. Per start: ``low = sum_{x_j < t} w_j``, ``high = low +
+        w_t`` and the estimate their midpoint; a Krylov space that became invariant (Lanczos
+        exhausted) makes the Gauss rule exact and ``w_t`` the weight of nodes at ``t``. Nodes
+        within ``zero_tol`` of ``t`` (numerically zero eigenvalues) count as ambiguous too.
+
+        Returns a :class:`SpectralFraction`: ``value`` the mean of the midpoints, ``std_error``
+        their standard error over the starts (the sampling error: ``E[F] = (1/n) #{lambda <
+        t}`` for a unit Rademacher ``v``), ``ambiguous`` the mean ``w_t`` (the quadrature's
+        share of the error: the value is within ``ambiguous / 2`` of the mean of the starts'
+        ``F``), ``low``/``high`` the mean bracket widened by two standard errors.
+        """
+        if self.tridiagonals is None:
+            return self.fraction_below(threshold, zero_tol)
+        lows, widths = [], []
+        for T, beta in self.tridiagonals:
+            low, width = radau_bracket(T, beta, threshold, zero_tol)
+            lows.append(low)
+            widths.append(width)
+        low_t = torch.tensor(lows, dtype=torch.float64)
+        width_t = torch.tensor(widths, dtype=torch.float64)
+        mid = low_t + 0.5 * width_t
+        k = mid.numel()
+        est = float(mid.mean())
+        se = float(mid.std(unbiased=True) / math.sqrt(k)) if k > 1 else math.nan
+        spread = 2 * se if math.isfinite(se) else 0.0
+        return SpectralFraction(est, se, float(width_t.mean()), max(0.0, float(low_t.mean()) - spread),
+                                min(1.0, float((low_t + width_t).mean()) + spread), k)
+
+
+def radau_bracket(T: Tensor, beta: float, t: float, zero_tol: float = 0.0) -> tuple[float, float]:
+    """``(low, width)`` of :meth:`DensityResult.fraction_bracketed` for one start: Lanczos'
+    tridiagonal ``T`` (k, k) and its coupling ``beta`` to the next step (0: invariant space)."""
+    k = T.shape[0]
+    theta, S = torch.linalg.eigh(T)
+    scale = max(float(theta.abs().max()), abs(t), 1e-300)
+    nearest = float((theta - t).abs().min())
+    if beta > 0 and nearest > 1e-12 * scale:
+        e = torch.zeros(k, dtype=torch.float64)
+        e[-1] = 1.0
+        delta = torch.linalg.solve(T - t * torch.eye(k, dtype=torch.float64), e)
+        ext = torch.zeros(k + 1, k + 1, dtype=torch.float64)
+        ext[:k, :k] = T
+        ext[k, k - 1] = ext[k - 1, k] = beta
+        ext[k, k] = t + beta * beta * float(delta[-1])
+        theta, S = torch.linalg.eigh(ext)
+        w = S[0, :] ** 2
+        fixed = torch.zeros_like(theta, dtype=torch.bool)
+        fixed[int((theta - t).abs().argmin())] = True  # the prescribed node
+    else:  # exact Gauss rule (invariant space), or t is a Ritz value already: that node is t
+        w = S[0, :] ** 2
+        fixed = (theta - t).abs() <= 1e-12 * scale if beta > 0 else torch.zeros_like(theta, dtype=torch.bool)
+    near = fixed | ((theta - t).abs() <= zero_tol)
+    below = (theta < t) & ~near
+    return float(w[below].sum()), float(w[near].sum())
 
 
 @dataclass
@@ -108,14 +175,16 @@ def slq_density(
     steps = min(lanczos_steps, op.n)
     gen = make_generator(seed)
     start = op.num_matvecs
-    nodes, weights = [], []
+    nodes, weights, tris = [], [], []
     for _ in range(num_starts):
         v0 = rademacher(op.n, gen, device=op.device)
         # no restart on breakdown: the quadrature must stay the Krylov space of v0
         lz = Lanczos(op, v0.unsqueeze(0), generator=gen, restart_on_breakdown=False, max_steps=steps)
         while lz.steps < steps and not lz.exhausted:
             lz.step()
-        theta, S = torch.linalg.eigh(lz.tridiagonal()[0])
+        T = lz.tridiagonal()[0]
+        tris.append((T, 0.0 if lz.exhausted or bool(lz.stopped[0]) else float(lz.last_beta[0])))
+        theta, S = torch.linalg.eigh(T)
         pad = steps - theta.numel()  # zero-weight padding keeps a rectangular array
         nodes.append(torch.cat([theta, theta[-1:].expand(pad)]))
         weights.append(torch.cat([S[0, :] ** 2, torch.zeros(pad, dtype=torch.float64)]))
@@ -133,4 +202,4 @@ def slq_density(
     area = float(torch.trapezoid(density, grid))
     if area > 0:
         density = density / area
-    return DensityResult(grid, density, nodes_t, weights_t, float(sigma), op.num_matvecs - start)
+    return DensityResult(grid, density, nodes_t, weights_t, float(sigma), op.num_matvecs - start, tris)

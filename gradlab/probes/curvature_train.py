@@ -6,9 +6,15 @@ On one batch, every N steps: ``lambda_max`` and ``trace`` of the loss Hessian
 * ``compare=ggn`` (or fisher, empirical-fisher, kfac): the same two of that matrix, logged as
   ``lambda_max_ggn`` and ``trace_ggn``, so the Hessian and the Gauss-Newton/Fisher matrices can be
   compared over a run;
-* ``density=true``: the Morse index, the fraction of negative Hessian eigenvalues from an SLQ
-  density (``morse_index`` with ``morse_index_stderr`` over the starts,
-  :meth:`gradlab.curvature.density.DensityResult.fraction_below`);
+* ``density=true``: the Morse index, the fraction of negative Hessian eigenvalues, from
+  ``density_starts`` Lanczos runs of ``density_steps`` steps (:data:`DENSITY_STARTS` x
+  :data:`DENSITY_STEPS` unless the probe's options say otherwise), counted with the Gauss-Radau
+  rule that has a node at 0 (:meth:`gradlab.curvature.density.DensityResult.fraction_bracketed`):
+  ``morse_index`` (the midpoint of each start's exact bracket, averaged), ``morse_index_stderr``
+  (their standard error over the starts), ``morse_index_low`` / ``morse_index_high`` (the
+  bracket, widened by two standard errors) and ``morse_index_error``, the reported error of the
+  value: half the quadrature's ambiguous weight plus two standard errors. The old count (the
+  Gauss nodes' weight below 0) has no bracket and is biased by the node nearest 0;
 * the stability margin ``lr * lambda_max / 2`` (above 1: plain gradient descent with this step
   diverges along the top eigenvector of the local quadratic; Cohen et al. 2021), with ``lr`` the
   optimizer's current learning rate (the training loop passes it) or the probe's ``lr`` option.
@@ -20,10 +26,13 @@ from typing import Optional
 
 from gradlab.curvature import TRACE_METHODS, curvature_matrix, eigsh, slq_density
 
+#: the training-time Morse index's budget: starts x Lanczos steps (Hessian-vector products)
+DENSITY_STARTS, DENSITY_STEPS = 4, 30
+
 
 def training_curvature(model, loss_fn, batch, *, tol: float = 1e-3, trace_matvecs: int = 20, mode: str = "eval",
-                       compare: Optional[str] = None, density: bool = False, density_starts: int = 2,
-                       density_steps: int = 30, lr: Optional[float] = None, seed: int = 0) -> dict:
+                       compare: Optional[str] = None, density: bool = False,
+                       density_starts: int = DENSITY_STARTS, density_steps: int = DENSITY_STEPS, lr: Optional[float] = None, seed: int = 0) -> dict:
     """The scalars of the module docstring on one ``(x, y)`` batch (floats)."""
     from gradlab.probes.hessian import quick_curvature, stability_bound
 
@@ -36,8 +45,10 @@ def training_curvature(model, loss_fn, batch, *, tol: float = 1e-3, trace_matvec
         try:
             if density:
                 d = slq_density(op, density_starts, density_steps, seed=seed + 3)
-                m = d.fraction_below(0.0, zero_tol=1e-6 * float(d.nodes.abs().max()))
+                m = d.fraction_bracketed(0.0, zero_tol=1e-6 * float(d.nodes.abs().max()))
                 out["morse_index"], out["morse_index_stderr"] = m.value, m.std_error
+                out["morse_index_low"], out["morse_index_high"] = m.low, m.high
+                out["morse_index_error"] = 0.5 * m.ambiguous + (2 * m.std_error if m.starts > 1 else 0.0)
         finally:
             op.clear()
     if compare is not None:
@@ -53,4 +64,4 @@ def training_curvature(model, loss_fn, batch, *, tol: float = 1e-3, trace_matvec
     return {k: float(v) for k, v in out.items()}
 
 
-__all__ = ["training_curvature"]
+__all__ = ["DENSITY_STARTS", "DENSITY_STEPS", "training_curvature"]

@@ -159,6 +159,7 @@ class GradStatsProbe(Probe):
     """
 
     training_summary = ("b_simple", "snr")
+    training_callback = "gradlab.training.callbacks.gradstats:GradStats"
 
     def run(self, ctx: ProbeContext) -> ProbeReport:
         import pandas as pd

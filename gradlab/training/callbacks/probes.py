@@ -158,7 +158,11 @@ def probe_callbacks(cfg: dict) -> list[ProbeCallback]:
                 raise GradlabError(f"invalid --{key.replace('_', '-')} {n}: --probe already runs {name!r} "
                                    f"(give it once)")
             items.append((name, {"every": n}))
-    return [make_probe_callback(name, opts) for name, opts in items]
+    from gradlab.training.callbacks.after_update import link_after_update
+
+    callbacks = [make_probe_callback(name, opts) for name, opts in items]
+    link_after_update(callbacks)  # instruments measuring at the updated weights share one pass
+    return callbacks
 
 
 def make_probe_callback(name: str, opts: dict) -> ProbeCallback:

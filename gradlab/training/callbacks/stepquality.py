@@ -4,7 +4,8 @@ On a scheduled step (``every(N, step)``) it copies the weights at the step's fir
 evaluation (``on_loss``: before any backward or update, also inside a closure optimizer's first
 closure call) and the gradient the update will use (``on_gradients``, for optimizers that take
 ``p.grad``), then after the update (``on_step_end``) takes one forward and backward pass on the
-same batch at the new weights and logs :func:`gradlab.probes.stepquality.step_alpha` and
+same batch at the new weights (shared with gradstats when both run on the step,
+:mod:`gradlab.training.callbacks.after_update`) and logs :func:`gradlab.probes.stepquality.step_alpha` and
 :func:`~gradlab.probes.stepquality.ratios` as rows of the ``step_quality`` split. Other steps
 cost two integer comparisons. The initial weights (for the distance) are copied at the first
 step of the run and kept in the checkpoint, so a resumed run measures from the same origin.
@@ -32,6 +33,9 @@ class StepQuality(ProbeCallback):
         super().__init__(name, every, **options)
         self._init = None  # the weights at the start of the run
         self._w0 = self._g0 = None
+        self.after_update = None  # an AfterUpdate shared with gradstats, when both run
+
+    after_update_needs = ("grads",)
 
     def on_fit_start(self, trainer) -> None:
         if self._init is None and trainer.step == 0:
@@ -59,7 +63,8 @@ class StepQuality(ProbeCallback):
         f0 = info.loss
         if g0 is None or self._mixed_loss(trainer):  # measure the clean loss at the saved weights
             f0, g0 = self._at(trainer, info, w0)
-        f1, g1 = self._at(trainer, info, None)
+        shared = self.after_update.get(trainer, info) if self.after_update is not None else None
+        f1, g1 = shared[:2] if shared is not None else self._at(trainer, info, None)
         names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
         scalars = step_alpha(w0, w1, f0, g0, f1, g1)
         scalars.update(ratios(names, w0, w1, self._init, layers=self.options.get("layers", True)))
