@@ -86,6 +86,20 @@ def test_bad_input_is_one_line_and_exit_2(runs, capsys, args, needle):
     assert needle in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("attack,norm,allowed", [("pgd", "l1", "linf, l2"), ("fmn", "l3", "linf, l2, l1, l0"),
+                                                 ("cw", "linf", "l2"), ("deepfool", "l0", "linf, l2")])
+def test_a_norm_the_attack_does_not_support_names_the_ones_it_does(runs, capsys, attack, norm, allowed):
+    """Each attack's --norm takes its own norms: one line, exit 2, no run folder; --help lists them per attack."""
+    before = sorted(runs.iterdir())
+    code, out, err = _run(["attack", attack, "--norm", norm, "--runs-dir", str(runs)], capsys)
+    assert code == 2 and sorted(runs.iterdir()) == before
+    assert err.strip() == f"gradlab: error: invalid norm: {norm!r} (must be one of: {allowed})"
+    code, out, err = _run(["attack", "--help"], capsys)
+    flat = " ".join(out.replace("│", " ").split())
+    assert code == 0 and "One of: l2 for cw; linf, l2, l1, l0 for fmn; linf, l2 for the others." in flat
+    assert "(default: l2 for cw, deepfool, fmn; linf for the others)" in flat
+
+
 def test_a_run_without_checkpoint_is_rejected(runs, capsys):
     code, out, err = _run(["attack", "fgsm", "--eps", "0.1", "--n-examples", "8", "--grid", "0", "--runs-dir", str(runs), "-q"], capsys)
     assert code == 0

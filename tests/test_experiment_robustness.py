@@ -20,6 +20,7 @@ def test_the_experiment_trains_standard_and_pgd_models_then_sweeps_four_attacks(
     train, attack = load_experiment(FILE)
     assert train.command == ["train"] and train.base["dataset"] == "mnist"
     assert {c["adv"] for c in train.combinations()} == {None, "pgd"} and train.base["adv_eps"] == 0.3
+    assert train.base["model"] == "cnn" and 0 < train.base["adv_warmup"] < train.base["epochs"]  # the eps ramp
     assert attack.command == ["attack"] and attack.args == [] and attack.base["run"] == PREVIOUS
     assert [c["attack"] for c in attack.combinations()] == ["fgsm", "pgd", "apgd", "autoattack"]
     assert attack.base["eps"] == "0.1,0.2,0.3"
@@ -33,7 +34,8 @@ def test_a_tiny_version_runs_and_makes_the_table_and_plot(tmp_path, capsys):
     runs = tmp_path / "runs"
     for combo in train.combinations():
         args = ["train", "--dataset", "digits", "--epochs", "1", "--set", "max_train=300", "--runs-dir", runs,
-                "--quiet", "--adv-eps", str(combo["adv_eps"]), "--adv-ratio", str(combo["adv_ratio"])]
+                "--quiet", "--adv-eps", str(combo["adv_eps"]), "--adv-ratio", str(combo["adv_ratio"]),
+                "--adv-warmup", "0.5"]
         r = cli(capsys, *args, *(["--adv", combo["adv"]] if combo["adv"] else []))
         assert r.code == 0, r.err
     trained = sorted(runs.iterdir())

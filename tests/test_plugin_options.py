@@ -91,7 +91,7 @@ def test_train_reads_model_and_dataset_options_from_disjoint_names():
     models, datasets = set(MODELS.declarations()), set(DATASETS.declarations())
     assert not models & datasets
     assert not (models | datasets) & set(BASE_DEFAULTS)
-    assert {k for k in BASE_DEFAULTS if k.startswith("adv")} == {"adv", "adv_eps", "adv_ratio"}
+    assert {k for k in BASE_DEFAULTS if k.startswith("adv")} == {"adv", "adv_eps", "adv_ratio", "adv_warmup"}
     shared = set(OWN.names()) & set(ATTACKS.declarations())
     assert shared == {"seed"}  # the run's seed is the attack's seed
     assert {o.kind for _, o in ATTACKS.declarations()["seed"]} == {OWN["seed"].kind}
@@ -169,7 +169,8 @@ def test_a_toy_attack_from_a_test_file_runs_through_the_cli(toy, runs, capsys):
     assert ("(attack: apgd, autoattack, curls, curvature, cw, deepfool, fab, fmn, pgd) (default: apgd 100, "
             "autoattack 100, curls 20, curvature 1, ...)") in flat  # --steps
     # --norm: every attack takes it; cw and deepfool default to l2, fmn also takes l1 and l0
-    assert "One of: linf, l2. (default: apgd linf, autoattack linf, curls linf, curvature linf, ...)" in flat
+    assert ("One of: l2 for cw; linf, l2, l1, l0 for fmn; linf, l2 for the others. (default: l2 for cw, deepfool, "
+            "fmn; linf for the others)") in flat
     code, out, err = _cli(["attack", "toy", "--eps", "0,0.1", "--scale", "0.5", "--n-examples", "30", "--grid", "0",
                            "--runs-dir", runs, "--quiet"], capsys)
     assert code == 0, err
