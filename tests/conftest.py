@@ -61,3 +61,16 @@ def no_network(monkeypatch):
     monkeypatch.setattr(files, "fetch", refuse)
     monkeypatch.delenv("GRADLAB_DATA", raising=False)
     return tried
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """A runs folder holding one digits MLP run (``tiny``, 1 epoch, the train defaults), made once
+    per test module that asks for it; the module's attack runs go into the same folder."""
+    from gradlab_cli.main import main
+
+    runs = tmp_path_factory.mktemp("runs")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--epochs", "1", "--runs-dir", str(runs), "--quiet", "--name", "tiny"])
+    assert exc.value.code == 0
+    return runs
