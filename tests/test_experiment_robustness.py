@@ -57,3 +57,18 @@ def test_a_tiny_version_runs_and_makes_the_table_and_plot(tmp_path, capsys):
     assert len(table) == 4 and set(table["training"]) == {"standard", "adversarial (pgd, eps 0.3)"}
     assert (table["eps 0.3"] <= table["clean"] + 1e-9).all()
     assert Path(runs / "robustness.png").stat().st_size > 0
+
+
+def test_the_readme_quotes_the_table_with_the_budget_and_command_of_the_file():
+    """The README's robustness paragraph states the command that reproduces it and the budget
+    experiments/robustness.yaml runs (model, epochs, warm-up, examples attacked)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("**Robustness to the literature's standard**")
+    section = " ".join(text[start:text.index("\n\n**", start + 1)].split())
+    train, attack = load_experiment(FILE)
+    assert "gradlab run experiments/robustness.yaml" in section
+    assert "python experiments/robustness_table.py" in section and "docs/robustness.png" in section
+    assert f"{train.base['epochs']} epochs" in section and f"warm-up over {train.base['adv_warmup']:g}" in section
+    assert f"first {attack.base['n_examples']} test images" in section and "CNN" in section
+    assert "| AutoAttack |" in section.replace("| autoattack |", "| AutoAttack |")
+    assert (ROOT / "docs" / "robustness.png").stat().st_size > 0
