@@ -1,7 +1,8 @@
 """FGSM, 10-step PGD, APGD and AutoAttack: gradlab against torchattacks on the same model and batch.
 
 Run: ``python benchmarks/bench_attacks.py [--batch 512] [--repeats 15] [--threads 1]
-[--rounds 3 --strong-batch 256 --queries 5000 | --no-strong | --only-strong | --only-minnorm [--resnet]]``.
+[--rounds 3 --strong-batch 256 --queries 5000 | --no-strong | --only-strong | --only-minnorm |
+--resnet [--attacks apgd,autoattack,cw,deepfool] [--resnet-batch 16]]``.
 Needs the ``bench`` extra for the comparison (``pip install -c constraints-cpu.txt torchattacks``);
 without torchattacks it reports gradlab alone.
 
@@ -20,10 +21,13 @@ For each model (an MLP and a small CNN, trained here on sklearn's 8x8 digits, se
   as a ``MultiAttack`` of the same members at the reference's 100 steps;
 * ``--only-minnorm``: CW (one c = 1, 50 Adam steps, lr 0.01: torchattacks' CW has no binary
   search; early abort in both, torchattacks' per batch, ours per example) and DeepFool (L2, 50
-  steps, overshoot 0.02) on ``--minnorm-batch`` examples, plus APGD and AutoAttack when
-  ``--resnet`` adds resnet20 on random 3x32x32 inputs (untrained; ``--resnet-batch`` examples):
-  ex/s medians, ratio median [min, max] over ``--rounds``, and both libraries' median L2 over
-  the examples both broke.
+  steps, overshoot 0.02) on ``--minnorm-batch`` examples of the digits models: ex/s medians,
+  ratio median [min, max] over ``--rounds``, and both libraries' median L2 over the examples
+  both broke;
+* ``--resnet [--attacks apgd,autoattack,cw,deepfool]``: the slow cases alone, on resnet20
+  (untrained) with ``--resnet-batch`` random 3x32x32 inputs labelled by its own predictions:
+  the chosen attacks among APGD-CE and AutoAttack (linf 8/255, as above) and CW and DeepFool
+  (as ``--only-minnorm``), in the same table.
 """
 
 from __future__ import annotations
@@ -123,16 +127,18 @@ def minnorm_pairs(model, torchattacks) -> dict:
             "deepfool": (g_df, torchattacks.DeepFool(model, steps=50, overshoot=0.02))}
 
 
-def minnorm_rounds(models: dict, data: dict, rounds: int, torchattacks, extra=None) -> None:
-    """CW / DeepFool (and ``extra``: more pairs per model) ex/s, ratio spread, median L2 of both."""
-    print(f"\nMinimum-norm attacks, {rounds} alternating rounds (ratio = gradlab ex/s / torchattacks ex/s)")
+def minnorm_rounds(models: dict, data: dict, rounds: int, torchattacks, extra=None, only_extra=False,
+                   title="Minimum-norm attacks") -> None:
+    """CW / DeepFool (and ``extra``: more pairs per model; ``only_extra``: those alone) ex/s, ratio
+    spread, median L2 of both."""
+    print(f"\n{title}, {rounds} alternating rounds (ratio = gradlab ex/s / torchattacks ex/s)")
     header = (f"{'model':8} {'attack':10} {'n':>4} {'gradlab ex/s':>12} {'ta ex/s':>8} {'ratio':>6} "
               f"{'[min, max]':>13}  median L2 gradlab / ta")
     print(header)
     print("-" * len(header))
     for mname, model in models.items():
         x, y = data[mname]
-        pairs = minnorm_pairs(model, torchattacks)
+        pairs = {} if only_extra else minnorm_pairs(model, torchattacks)
         if extra is not None:
             pairs.update(extra(model))
         for aname, (ours, theirs) in pairs.items():
@@ -161,6 +167,33 @@ def resnet20():
     return build_model("resnet20", spec).eval()
 
 
+RESNET_ATTACKS = ("apgd", "autoattack", "cw", "deepfool")
+
+
+def resnet_rounds(args, torchattacks) -> None:
+    """resnet20 (untrained) on random 3x32x32 inputs labelled by its own predictions, so every
+    example starts correct: the ``--attacks`` selected among APGD, AutoAttack (linf 8/255), CW and
+    DeepFool (L2), timed like the digits models (:func:`minnorm_rounds`)."""
+    chosen = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    bad = sorted(set(chosen) - set(RESNET_ATTACKS))
+    if bad or not chosen:
+        raise SystemExit(f"--attacks: choose from {', '.join(RESNET_ATTACKS)} (got {args.attacks!r})")
+    model = resnet20()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(args.resnet_batch, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+
+    def pairs(m):
+        both = {**minnorm_pairs(m, torchattacks), **strong_pairs(m, 8 / 255, args.queries, torchattacks)}
+        return {a: both[a] for a in chosen}
+
+    print(f"resnet20, {args.resnet_batch} random 3x32x32 inputs, attacks {', '.join(chosen)}, "
+          f"Square {args.queries} queries")
+    minnorm_rounds({"resnet20": model}, {"resnet20": (x, y)}, args.rounds, torchattacks, pairs, only_extra=True,
+                   title="resnet20 (median L2 also for the linf attacks)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=512)
@@ -172,9 +205,11 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=5000, help="Square's budget inside AutoAttack")
     ap.add_argument("--no-strong", action="store_true", help="FGSM and PGD only")
     ap.add_argument("--only-strong", action="store_true", help="APGD and AutoAttack only")
-    ap.add_argument("--only-minnorm", action="store_true", help="CW and DeepFool only (see --resnet)")
+    ap.add_argument("--only-minnorm", action="store_true", help="CW and DeepFool only, on the digits models")
     ap.add_argument("--minnorm-batch", type=int, default=128, help="examples per CW / DeepFool call")
-    ap.add_argument("--resnet", action="store_true", help="with --only-minnorm: also resnet20 on 3x32x32 (slow)")
+    ap.add_argument("--resnet", action="store_true", help="resnet20 on 3x32x32 alone, the --attacks chosen (slow)")
+    ap.add_argument("--attacks", default=",".join(RESNET_ATTACKS),
+                    help="with --resnet: comma list of apgd, autoattack, cw, deepfool (default: all four)")
     ap.add_argument("--resnet-batch", type=int, default=16, help="examples per call on resnet20")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -190,6 +225,10 @@ def main() -> None:
     alpha = 2.5 * eps / steps
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {len(y)}, eps {eps}, "
           f"PGD {steps} steps alpha {alpha:g}" + (f", torchattacks {torchattacks.__version__}" if torchattacks else ""))
+    if args.resnet:
+        if torchattacks is None:
+            raise SystemExit("--resnet compares with torchattacks, which is unavailable")
+        return resnet_rounds(args, torchattacks)
     models = make_models()
     for model in models.values():
         train(model, x_all, y_all)
@@ -197,19 +236,7 @@ def main() -> None:
         if torchattacks is None:
             raise SystemExit("--only-minnorm compares with torchattacks, which is unavailable")
         nb = args.minnorm_batch
-        data = {m: (x_all[:nb], y_all[:nb]) for m in models}
-        extra = None
-        if args.resnet:
-            models["resnet20"] = resnet20()
-            g = torch.Generator().manual_seed(0)
-            xr = torch.rand(args.resnet_batch, 3, 32, 32, generator=g)
-            with torch.no_grad():  # its own predictions as labels: every example starts correct
-                data["resnet20"] = (xr, models["resnet20"](xr).argmax(1))
-
-            def extra(model):
-                return {k: v for k, v in strong_pairs(model, 8 / 255, args.queries, torchattacks).items()} \
-                    if model is models["resnet20"] else {}
-        return minnorm_rounds(models, data, args.rounds, torchattacks, extra)
+        return minnorm_rounds(models, {m: (x_all[:nb], y_all[:nb]) for m in models}, args.rounds, torchattacks)
     if args.only_strong:
         if torchattacks is None:
             raise SystemExit("--only-strong compares with torchattacks, which is unavailable")

@@ -23,6 +23,7 @@ from typing_extensions import Annotated
 
 _PY_TYPES = {int: int, float: float, bool: bool, str: str, tuple: str}
 _MAX_DEFAULTS_SHOWN = 4
+_MAX_GROUPS = 3  # at most this many distinct defaults are said per value
 
 
 def _declarations(source) -> dict:
@@ -32,13 +33,28 @@ def _declarations(source) -> dict:
     return {o.name: [(None, o)] for o in source}
 
 
+def _grouped(owners: list, text: Callable) -> str:
+    """``text(option)`` of every owner, said once per distinct value: ``"l2 for cw, deepfool; linf
+    for the others"`` (the most common value last, as "the others"); one value: just that value."""
+    groups: dict = {}
+    for owner, o in owners:
+        groups.setdefault(text(o), []).append(owner)
+    if len(groups) == 1:
+        return next(iter(groups))
+    ordered = sorted(groups.items(), key=lambda kv: len(kv[1]))  # stable: declaration order within a size
+    *rest, (common, _) = ordered
+    return "; ".join([*(f"{v} for {', '.join(names)}" for v, names in rest), f"{common} for the others"])
+
+
 def help_text(owners: list, kind: str = "") -> str:
     """One option's help: its sentence, its choices, who uses it and its default(s)."""
     opt = owners[0][1]
     sentence = opt.help.rstrip(".")
     parts = [sentence[:1].upper() + sentence[1:] + "."]
     if opt.kind is str and opt.choices:
-        parts.append(f"One of: {', '.join(opt.choices)}.")
+        # one set of choices, or each owner's (an attack's --norm: the norms that attack supports)
+        by_choices = _grouped(owners, lambda o: ", ".join(o.choices or ()))
+        parts.append(f"One of: {by_choices}.")
     if opt.kind is tuple:
         parts.append(f"{opt.length} comma-separated numbers.")
     if opt.paper:
@@ -53,6 +69,8 @@ def help_text(owners: list, kind: str = "") -> str:
         d = defaults.pop()
         if d:
             parts.append(f"(default: {d})")
+    elif len(defaults) <= _MAX_GROUPS and len(owners) > len(defaults) and all(owner for owner, _ in owners):
+        parts.append(f"(default: {_grouped(owners, lambda o: o.default_text() or 'own')})")
     else:
         shown = [f"{o} {d.default_text() or 'own'}" for o, d in owners[:_MAX_DEFAULTS_SHOWN]]
         more = ", ..." if len(owners) > _MAX_DEFAULTS_SHOWN else ""

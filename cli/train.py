@@ -34,7 +34,7 @@ ADV = "Adversarial training"
 # Panels of the training options that are not about the training run itself.
 _PANELS = {"model": MODEL, "dataset": DATA, "data_dir": DATA, "opt": OPT, "schedule": OPT,
            "hessian_every": PROBES, "probe_every": PROBES, "probe": PROBES,
-           "adv": ADV, "adv_eps": ADV, "adv_ratio": ADV}
+           "adv": ADV, "adv_eps": ADV, "adv_ratio": ADV, "adv_warmup": ADV}
 
 
 def parse_set(items: Optional[List[str]]) -> dict:

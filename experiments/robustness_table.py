@@ -13,6 +13,9 @@ import pandas as pd
 import yaml
 
 
+ATTACK_ORDER = ("fgsm", "pgd", "apgd", "autoattack")
+
+
 def collect(runs_dir: Path) -> pd.DataFrame:
     """Rows ``training, attack, eps, clean_acc, robust_acc, n`` of every attack run in ``runs_dir``."""
     rows = []
@@ -24,7 +27,11 @@ def collect(runs_dir: Path) -> pd.DataFrame:
         for r in table.itertuples(index=False):
             rows.append({"training": training, "attack": r.attack, "eps": r.eps, "clean_acc": r.clean_acc,
                          "robust_acc": r.robust_acc, "n": r.n})
-    return pd.DataFrame(rows, columns=["training", "attack", "eps", "clean_acc", "robust_acc", "n"])
+    df = pd.DataFrame(rows, columns=["training", "attack", "eps", "clean_acc", "robust_acc", "n"])
+    # rows in a reader's order: the standard model first, attacks from the weakest to AutoAttack
+    rank = {a: i for i, a in enumerate(ATTACK_ORDER)}
+    key = df["training"].ne("standard").astype(int) * 1000 + df["attack"].map(lambda a: rank.get(a, len(rank)))
+    return df.assign(_key=key).sort_values(["_key", "eps"], kind="stable").drop(columns="_key").reset_index(drop=True)
 
 
 def plot(df: pd.DataFrame, path: Path) -> None:

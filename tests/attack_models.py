@@ -1,4 +1,4 @@
-"""A small trained digits MLP and test split shared by the APGD, Square and AutoAttack tests.
+"""A small trained digits MLP and test split shared by the attack tests.
 
 Trained once per test session (full-batch Adam, 150 steps, ~97% test accuracy); the test split
 holds the 397 digits the model never saw, so robust accuracies move in steps of 0.25 points.
@@ -15,24 +15,32 @@ from torch import nn
 from gradlab.models.base import GradlabNet, Normalize
 
 
-def digits_split():
-    """``(x_train, y_train, x_test, y_test)``: 1400 / 397 digits as ``(N, 1, 8, 8)`` in [0, 1]."""
+def digits_split(n_train: int = 1400, n_test=None):
+    """``(x_train, y_train, x_test, y_test)``: the first ``n_train`` digits of a seed-0 permutation
+    and the next ``n_test`` (unset: all 397 left), as ``(N, 1, 8, 8)`` in [0, 1]."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.tensor(d.data / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
     y = torch.tensor(d.target, dtype=torch.long)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    return x[perm[:1400]], y[perm[:1400]], x[perm[1400:]], y[perm[1400:]]
+    train, test = perm[:n_train], perm[n_train:None if n_test is None else n_train + n_test]
+    return x[train], y[train], x[test], y[test]
+
+
+def digits_mlp() -> GradlabNet:
+    """The untrained 64-32-10 ReLU MLP of :func:`trained_mlp` (initialised from torch's global generator)."""
+    blocks = [nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU())]
+    return GradlabNet(Normalize([0.3], [0.4]), blocks, nn.Linear(32, 10))
 
 
 @functools.lru_cache(maxsize=None)
-def trained_mlp():
-    """``(model, x_test, y_test)``: the trained MLP (eval mode, 64-32-10) and its test split."""
-    x_tr, y_tr, x_te, y_te = digits_split()
+def trained_mlp(n_train: int = 1400, n_test=None):
+    """``(model, x_test, y_test)``: the MLP (64-32-10, eval mode, parameters frozen) trained on
+    :func:`digits_split`'s first ``n_train`` digits, and its test split."""
+    x_tr, y_tr, x_te, y_te = digits_split(n_train, n_test)
     torch.manual_seed(0)
-    model = GradlabNet(Normalize([0.3], [0.4]), [nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU())],
-                       nn.Linear(32, 10))
+    model = digits_mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(150):
         opt.zero_grad()

@@ -71,3 +71,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    """A runs folder holding one digits MLP run (``tiny``, 1 epoch, the train defaults), made once
+    per test module that asks for it; the module's attack runs go into the same folder."""
+    from gradlab_cli.main import main
+
+    runs = tmp_path_factory.mktemp("runs")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--epochs", "1", "--runs-dir", str(runs), "--quiet", "--name", "tiny"])
+    assert exc.value.code == 0
+    return runs

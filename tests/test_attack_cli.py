@@ -5,19 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from gradlab_cli.main import main
 
 COLUMNS = "attack,eps,clean_acc,robust_acc,success_rate,mean_linf,mean_l2,mean_confidence,n".split(",")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _run(argv, capsys):
@@ -27,25 +18,16 @@ def _run(argv, capsys):
     return exc.value.code, out, err
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    with pytest.raises(SystemExit) as exc:
-        main(["train", "--epochs", "1", "--runs-dir", str(runs), "--quiet", "--name", "tiny"])
-    assert exc.value.code == 0
-    return runs
-
-
 def test_no_run_at_all_tells_the_user_to_train_first(tmp_path, capsys):
     code, out, err = _run(["attack", "fgsm", "--runs-dir", str(tmp_path / "none")], capsys)
     assert code == 2
     assert "gradlab train" in err and len(err.strip().splitlines()) == 1
 
 
-def test_attack_sweep_writes_csv_plots_npz_and_states_eval_mode(runs, capsys):
+def test_attack_sweep_writes_csv_plots_npz_and_states_eval_mode(tiny_runs, capsys):
     code, out, err = _run(
         ["attack", "pgd", "--eps", "0,0.05,0.1", "--steps", "3", "--n-examples", "40", "--batch-size", "16",
-         "--runs-dir", str(runs), "--save-adv", "--grid", "4"], capsys)
+         "--runs-dir", str(tiny_runs), "--save-adv", "--grid", "4"], capsys)
     assert code == 0, err
     assert "eval mode" in out
     path = out.strip().splitlines()[-1].removeprefix("run: ").strip()
@@ -80,17 +62,31 @@ def test_attack_sweep_writes_csv_plots_npz_and_states_eval_mode(runs, capsys):
         (["fgsm", "--eps", "0.1,x"], "eps"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(runs, capsys, args, needle):
-    code, out, err = _run(["attack", *args, "--runs-dir", str(runs)], capsys)
+def test_bad_input_is_one_line_and_exit_2(tiny_runs, capsys, args, needle):
+    code, out, err = _run(["attack", *args, "--runs-dir", str(tiny_runs)], capsys)
     assert code == 2
     assert needle in err and len(err.strip().splitlines()) == 1
 
 
-def test_a_run_without_checkpoint_is_rejected(runs, capsys):
-    code, out, err = _run(["attack", "fgsm", "--eps", "0.1", "--n-examples", "8", "--grid", "0", "--runs-dir", str(runs), "-q"], capsys)
+@pytest.mark.parametrize("attack,norm,allowed", [("pgd", "l1", "linf, l2"), ("fmn", "l3", "linf, l2, l1, l0"),
+                                                 ("cw", "linf", "l2"), ("deepfool", "l0", "linf, l2")])
+def test_a_norm_the_attack_does_not_support_names_the_ones_it_does(tiny_runs, capsys, attack, norm, allowed):
+    """Each attack's --norm takes its own norms: one line, exit 2, no run folder; --help lists them per attack."""
+    before = sorted(tiny_runs.iterdir())
+    code, out, err = _run(["attack", attack, "--norm", norm, "--runs-dir", str(tiny_runs)], capsys)
+    assert code == 2 and sorted(tiny_runs.iterdir()) == before
+    assert err.strip() == f"gradlab: error: invalid norm: {norm!r} (must be one of: {allowed})"
+    code, out, err = _run(["attack", "--help"], capsys)
+    flat = " ".join(out.replace("│", " ").split())
+    assert code == 0 and "One of: l2 for cw; linf, l2, l1, l0 for fmn; linf, l2 for the others." in flat
+    assert "(default: l2 for cw, deepfool, fmn; linf for the others)" in flat
+
+
+def test_a_run_without_checkpoint_is_rejected(tiny_runs, capsys):
+    code, out, err = _run(["attack", "fgsm", "--eps", "0.1", "--n-examples", "8", "--grid", "0", "--runs-dir", str(tiny_runs), "-q"], capsys)
     assert code == 0
     attack_run = out.strip().splitlines()[-1].removeprefix("run: ").strip()
-    code, out, err = _run(["attack", "fgsm", "--run", attack_run, "--runs-dir", str(runs)], capsys)
+    code, out, err = _run(["attack", "fgsm", "--run", attack_run, "--runs-dir", str(tiny_runs)], capsys)
     assert code == 2 and "checkpoint" in err
 
 

@@ -7,17 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from gradlab_cli.main import main
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _run(argv, capsys):
@@ -27,20 +18,11 @@ def _run(argv, capsys):
     return exc.value.code, out, err
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    with pytest.raises(SystemExit) as exc:
-        main(["train", "--epochs", "1", "--runs-dir", str(runs), "--quiet", "--name", "tiny"])
-    assert exc.value.code == 0
-    return runs
-
-
 @pytest.mark.parametrize("attack,norm,extra", [("fmn", "l0", ["--steps", "30"]), ("deepfool", "l2", []),
                                                ("cw", "l2", ["--steps", "20", "--binary-search-steps", "2"])])
-def test_minimum_norm_run_writes_norms_curve_plot_and_eps_rows_from_the_norms(runs, capsys, attack, norm, extra):
+def test_minimum_norm_run_writes_norms_curve_plot_and_eps_rows_from_the_norms(tiny_runs, capsys, attack, norm, extra):
     code, out, err = _run(["attack", attack, "--norm", norm, "--eps", "0,1,3", "--n-examples", "30", "--grid", "0",
-                           "--runs-dir", str(runs), *extra], capsys)
+                           "--runs-dir", str(tiny_runs), *extra], capsys)
     assert code == 0, err
     assert "minimum" in out and "median" in out
     path = Path(out.strip().splitlines()[-1].removeprefix("run: ").strip())
@@ -60,6 +42,6 @@ def test_minimum_norm_run_writes_norms_curve_plot_and_eps_rows_from_the_norms(ru
 
 @pytest.mark.parametrize("args,needle", [(["pgd", "--norm", "l1"], "norm"), (["cw", "--norm", "linf"], "norm"),
                                          (["fmn", "--norm", "l0", "--eps", "65"], "invalid eps")])
-def test_a_norm_an_attack_does_not_take_is_one_line_and_exit_2(runs, capsys, args, needle):
-    code, out, err = _run(["attack", *args, "--n-examples", "4", "--runs-dir", str(runs)], capsys)
+def test_a_norm_an_attack_does_not_take_is_one_line_and_exit_2(tiny_runs, capsys, args, needle):
+    code, out, err = _run(["attack", *args, "--n-examples", "4", "--runs-dir", str(tiny_runs)], capsys)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err

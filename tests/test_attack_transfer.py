@@ -16,14 +16,6 @@ from gradlab.attacks.transfer import SOURCE_COLUMNS, transfer_sweep
 ATTACK = ["--eps", "0,0.05,0.1", "--steps", "3", "--n-examples", "40", "--grid", "0", "--quiet"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
     """Two digits runs with the same seed (the same test split) and different learning rates."""

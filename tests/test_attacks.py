@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from attack_models import digits_split, trained_mlp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -35,45 +36,9 @@ FAST = {
 
 
 # ----------------------------------------------------------------------- fixtures ----------
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: intra-op threads only add contention on a shared machine (100x slower seen).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def digits():
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
-    y = torch.tensor(d.target, dtype=torch.long)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(y), generator=g)
-    return x[perm[:1500]], y[perm[:1500]], x[perm[1500:1650]], y[perm[1500:1650]]
-
-
-def _mlp(hidden=32, extra=()):
-    norm = Normalize([0.3], [0.4])
-    blocks = [nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), *extra)]
-    return GradlabNet(norm, blocks, nn.Linear(hidden, 10))
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    x_tr, y_tr, x_te, y_te = digits
-    torch.manual_seed(0)
-    model = _mlp()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        opt.zero_grad()
-        F.cross_entropy(model(x_tr), y_tr).backward()
-        opt.step()
-    model.eval()
-    return model, x_te, y_te
+def trained():
+    return trained_mlp(1500, 150)
 
 
 def _tiny_model(seed: int, d_in: int = 12, classes: int = 3, dtype=torch.float32):
@@ -140,8 +105,8 @@ def test_every_attack_stays_within_budget_and_box(name, norm, eps_frac, seed, ta
     assert (size <= eps + 1e-6).all(), (size.max().item(), eps)
 
 
-def test_eps_zero_returns_clean_inputs_and_clean_accuracy_with_batchnorm(digits):
-    x_tr, y_tr, x_te, y_te = digits
+def test_eps_zero_returns_clean_inputs_and_clean_accuracy_with_batchnorm():
+    x_tr, y_tr, x_te, y_te = digits_split(1500, 150)
     torch.manual_seed(0)
     model = GradlabNet(Normalize([0.3], [0.4]), [nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU())], nn.Linear(32, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

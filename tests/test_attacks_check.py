@@ -29,14 +29,6 @@ class Saturate(nn.Module):
         return z * 1e4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_a_plain_trained_model_passes_every_check():
     model, x, y = trained_mlp()
     table, extra = masking_checks(model, x[:150], y[:150], 0.1, steps=10, queries=500)

@@ -20,6 +20,7 @@ def test_the_experiment_trains_standard_and_pgd_models_then_sweeps_four_attacks(
     train, attack = load_experiment(FILE)
     assert train.command == ["train"] and train.base["dataset"] == "mnist"
     assert {c["adv"] for c in train.combinations()} == {None, "pgd"} and train.base["adv_eps"] == 0.3
+    assert train.base["model"] == "cnn" and 0 < train.base["adv_warmup"] < train.base["epochs"]  # the eps ramp
     assert attack.command == ["attack"] and attack.args == [] and attack.base["run"] == PREVIOUS
     assert [c["attack"] for c in attack.combinations()] == ["fgsm", "pgd", "apgd", "autoattack"]
     assert attack.base["eps"] == "0.1,0.2,0.3"
@@ -33,7 +34,8 @@ def test_a_tiny_version_runs_and_makes_the_table_and_plot(tmp_path, capsys):
     runs = tmp_path / "runs"
     for combo in train.combinations():
         args = ["train", "--dataset", "digits", "--epochs", "1", "--set", "max_train=300", "--runs-dir", runs,
-                "--quiet", "--adv-eps", str(combo["adv_eps"]), "--adv-ratio", str(combo["adv_ratio"])]
+                "--quiet", "--adv-eps", str(combo["adv_eps"]), "--adv-ratio", str(combo["adv_ratio"]),
+                "--adv-warmup", "0.5"]
         r = cli(capsys, *args, *(["--adv", combo["adv"]] if combo["adv"] else []))
         assert r.code == 0, r.err
     trained = sorted(runs.iterdir())
@@ -55,3 +57,18 @@ def test_a_tiny_version_runs_and_makes_the_table_and_plot(tmp_path, capsys):
     assert len(table) == 4 and set(table["training"]) == {"standard", "adversarial (pgd, eps 0.3)"}
     assert (table["eps 0.3"] <= table["clean"] + 1e-9).all()
     assert Path(runs / "robustness.png").stat().st_size > 0
+
+
+def test_the_readme_quotes_the_table_with_the_budget_and_command_of_the_file():
+    """The README's robustness paragraph states the command that reproduces it and the budget
+    experiments/robustness.yaml runs (model, epochs, warm-up, examples attacked)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("**Robustness to the literature's standard**")
+    section = " ".join(text[start:text.index("\n\n**", start + 1)].split())
+    train, attack = load_experiment(FILE)
+    assert "gradlab run experiments/robustness.yaml" in section
+    assert "python experiments/robustness_table.py" in section and "docs/robustness.png" in section
+    assert f"{train.base['epochs']} epochs" in section and f"warm-up over {train.base['adv_warmup']:g}" in section
+    assert f"first {attack.base['n_examples']} test images" in section and "CNN" in section
+    assert "| AutoAttack |" in section.replace("| autoattack |", "| AutoAttack |")
+    assert (ROOT / "docs" / "robustness.png").stat().st_size > 0

@@ -53,15 +53,6 @@ def _cli(argv, capsys):
     return exc.value.code, out, err
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("runs")
-    with pytest.raises(SystemExit) as exc:
-        main(["train", "--epochs", "1", "--runs-dir", str(runs), "--quiet", "--name", "tiny"])
-    assert exc.value.code == 0
-    return runs
-
-
 # ------------------------------------------------------------------ declarations ---------------
 @pytest.mark.parametrize("kind", sorted(REGISTRIES))
 def test_every_entry_declares_typed_options_with_help(kind):
@@ -91,7 +82,7 @@ def test_train_reads_model_and_dataset_options_from_disjoint_names():
     models, datasets = set(MODELS.declarations()), set(DATASETS.declarations())
     assert not models & datasets
     assert not (models | datasets) & set(BASE_DEFAULTS)
-    assert {k for k in BASE_DEFAULTS if k.startswith("adv")} == {"adv", "adv_eps", "adv_ratio"}
+    assert {k for k in BASE_DEFAULTS if k.startswith("adv")} == {"adv", "adv_eps", "adv_ratio", "adv_warmup"}
     shared = set(OWN.names()) & set(ATTACKS.declarations())
     assert shared == {"seed"}  # the run's seed is the attack's seed
     assert {o.kind for _, o in ATTACKS.declarations()["seed"]} == {OWN["seed"].kind}
@@ -141,37 +132,38 @@ def test_an_option_of_another_model_names_its_owner_from_python_and_cli(tmp_path
         load_dataset("mnist1d", kind="blobs")
 
 
-def test_an_unknown_attack_option_is_one_line_with_did_you_mean(runs, tmp_path, capsys):
+def test_an_unknown_attack_option_is_one_line_with_did_you_mean(tiny_runs, tmp_path, capsys):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     with pytest.raises(GradlabError, match=r"^unknown option 'stepz' of attack pgd; did you mean 'steps'\?$"):
         build_attack("pgd", model, 0.1, stepz=3)
     cfg = tmp_path / "a.yaml"
     cfg.write_text("stepz: 3\n")
-    code, out, err = _cli(["attack", "pgd", "--config", cfg, "--runs-dir", runs], capsys)
+    code, out, err = _cli(["attack", "pgd", "--config", cfg, "--runs-dir", tiny_runs], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert f"unknown key in {cfg}: stepz; did you mean 'steps'?" in err
-    code, out, err = _cli(["attack", "pgd", "--stepz", "3", "--runs-dir", runs], capsys)
+    code, out, err = _cli(["attack", "pgd", "--stepz", "3", "--runs-dir", tiny_runs], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1  # click's own suggestion for a flag
     assert "No such option: --stepz" in err and "--steps" in err
     # an option of another attack: the same line from the CLI as from Python
     with pytest.raises(GradlabError) as exc:
         build_attack("fgsm", model, 0.1, restarts=2)
-    code, out, err = _cli(["attack", "fgsm", "--restarts", "2", "--runs-dir", runs], capsys)
+    code, out, err = _cli(["attack", "fgsm", "--restarts", "2", "--runs-dir", tiny_runs], capsys)
     assert code == 2 and err.strip() == f"gradlab: error: {exc.value}"
     assert "'restarts' is an option of attack apgd, attack fab, attack pgd, attack square, not of attack fgsm" in err
 
 
 # ------------------------------------------------------------------ a plug-in end to end -------
-def test_a_toy_attack_from_a_test_file_runs_through_the_cli(toy, runs, capsys):
+def test_a_toy_attack_from_a_test_file_runs_through_the_cli(toy, tiny_runs, capsys):
     code, out, err = _cli(["attack", "--help"], capsys)
     flat = " ".join(out.replace("│", " ").split())
     assert code == 0 and "--scale" in flat and "(attack: toy) (default: 1)" in flat
     assert ("(attack: apgd, autoattack, curls, curvature, cw, deepfool, fab, fmn, pgd) (default: apgd 100, "
             "autoattack 100, curls 20, curvature 1, ...)") in flat  # --steps
     # --norm: every attack takes it; cw and deepfool default to l2, fmn also takes l1 and l0
-    assert "One of: linf, l2. (default: apgd linf, autoattack linf, curls linf, curvature linf, ...)" in flat
+    assert ("One of: l2 for cw; linf, l2, l1, l0 for fmn; linf, l2 for the others. (default: l2 for cw, deepfool, "
+            "fmn; linf for the others)") in flat
     code, out, err = _cli(["attack", "toy", "--eps", "0,0.1", "--scale", "0.5", "--n-examples", "30", "--grid", "0",
-                           "--runs-dir", runs, "--quiet"], capsys)
+                           "--runs-dir", tiny_runs, "--quiet"], capsys)
     assert code == 0, err
     path = Path(out.strip().splitlines()[-1].removeprefix("run: "))
     df = pd.read_csv(path / "attack.csv")
@@ -181,7 +173,7 @@ def test_a_toy_attack_from_a_test_file_runs_through_the_cli(toy, runs, capsys):
     assert 0 < df.loc[1, "mean_linf"] <= 0.05 + 1e-6
     cfg = yaml.safe_load((path / "config.yaml").read_text())["config"]
     assert cfg["attack"] == "toy" and cfg["scale"] == 0.5
-    code, out, err = _cli(["attack", "toy", "--scale", "2", "--runs-dir", runs], capsys)
+    code, out, err = _cli(["attack", "toy", "--scale", "2", "--runs-dir", tiny_runs], capsys)
     assert code == 2 and err.strip() == "gradlab: error: invalid scale: 2.0 (must be a number in [0, 1])"
     code, out, err = _cli(["list", "attacks"], capsys)
     assert code == 0 and "toy" in out and "scale=1" in out

@@ -310,6 +310,28 @@ def test_adversarial_transform_is_the_mixed_loss(tmp_path, attack):
     assert want.item() != clean.item()
 
 
+def test_adversarial_warmup_ramps_the_budget_linearly_over_its_epochs(tmp_path):
+    """--adv-warmup W: step t crafts at eps * min(1, t / (W * steps per epoch)); the transform
+    is the mixed loss at exactly that budget."""
+    from gradlab.attacks import attack_batch
+    from gradlab.training.callbacks import AdversarialLoss
+    from gradlab.training.loop import Trainer
+
+    trainer = Trainer(_cfg(tmp_path, adv="fgsm", adv_eps=0.2, adv_ratio=1.0, adv_warmup=1.5))
+    transform = next(cb for cb in trainer.callbacks if isinstance(cb, AdversarialLoss))
+    per_epoch = trainer.total_steps // trainer.cfg["epochs"]
+    ramp = 1.5 * per_epoch
+    assert [transform.eps_at(t, per_epoch) for t in (1, int(ramp) // 2, int(ramp) + 1, 10 * per_epoch)] == \
+        pytest.approx([0.2 / ramp, 0.2 * (int(ramp) // 2) / ramp, 0.2, 0.2], rel=1e-12)
+    assert AdversarialLoss("fgsm", 0.2, 1.0).eps_at(1, per_epoch) == 0.2  # no warmup: the full budget
+    trainer.model.double().eval()
+    x, y = trainer.x_train[:16].double(), trainer.y_train[:16]
+    trainer.step = 2  # the next step is the third
+    got = transform.transform_loss(trainer, x, y, trainer.net(x), torch.zeros((), dtype=torch.float64), len(y))
+    x_adv = attack_batch("fgsm", trainer.model, x, y, 0.2 * (3 / ramp))
+    assert got.item() == F.cross_entropy(trainer.model(x_adv), y).item()
+
+
 def test_resume_from_a_checkpoint_written_before_callbacks_existed(tmp_path):
     """Old last.pt files kept history / last_epoch_metrics / events at the top level."""
     from gradlab.runs import load_checkpoint

@@ -18,7 +18,7 @@ def check_eps(eps: float, norm: str, n_features: Optional[int] = None) -> None:
     """Validate a budget: ``0 <= eps <= 1`` for linf; for l2 at most the diameter of [0, 1]^D;
     for l1 and l0 at most D."""
     if norm not in ALL_NORMS:
-        raise GradlabError(f"unknown norm {norm!r}; choose from: {', '.join(NORMS)}")
+        raise GradlabError(f"unknown norm {norm!r}; choose from: {', '.join(ALL_NORMS)}")
     if not isinstance(eps, (int, float)) or math.isnan(eps) or eps < 0:
         raise GradlabError(f"invalid eps: {eps} (must be >= 0)")
     if norm == "linf" and eps > 1:

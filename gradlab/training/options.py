@@ -56,6 +56,9 @@ TRAIN_OPTIONS = Options(
            high=1, label="adv-eps"),
     Option("adv_ratio", float, 0.5, "weight of the adversarial loss (0.5: Goodfellow et al.; 1: Madry et al.)",
            low=0, low_open=True, high=1, paper="Goodfellow et al. 2015; Madry et al. 2018", label="adv-ratio"),
+    Option("adv_warmup", float, 0.0, "epochs over which the adversarial budget ramps linearly from 0 to "
+                                     "--adv-eps, step by step (0: the full budget from the first step)",
+           low=0, label="adv-warmup"),
 )
 
 BASE_DEFAULTS = TRAIN_OPTIONS.defaults()

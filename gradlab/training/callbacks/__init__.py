@@ -26,7 +26,7 @@ def default_callbacks(cfg: dict) -> list[Callback]:
     """The callbacks of a ``gradlab train`` config, in the order they run at each step."""
     cbs: list[Callback] = [DivergenceStop(cfg.get("max_loss"))]
     if cfg.get("adv") is not None:
-        cbs.append(AdversarialLoss(cfg["adv"], cfg["adv_eps"], cfg["adv_ratio"]))
+        cbs.append(AdversarialLoss(cfg["adv"], cfg["adv_eps"], cfg["adv_ratio"], cfg.get("adv_warmup") or 0.0))
     probes = probe_callbacks(cfg)
     cbs += [StepMetrics(cfg["log_every_steps"]), GradHistograms(cfg["log_every"]), *probes,
             OptimizerEvents(), EpochEvaluation(),
