@@ -81,8 +81,10 @@ def test_fab_robust_accuracy_close_to_torchattacks_fab(norm, eps, targeted):
     ref = torchattacks.FAB(model, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, steps=30, multi_targeted=targeted,
                            n_classes=10, seed=0)(x, y)
     theirs = accuracy(model, ref, y)
-    # ours may also keep an adversarial found beyond eps once projected into the ball: never weaker
-    assert theirs - 0.005 <= ours + 1e-9 and ours <= theirs + 0.005, (ours, theirs)
+    # never weaker than the peer (0.5 points: one example of 200); ours may be stronger, since it
+    # also keeps an adversarial found beyond eps once projected into the ball (measured: 0.33 vs
+    # 0.34 at linf 0.1), but not by so much that it would hint at a different attack (3 points)
+    assert ours <= theirs + 0.005 and ours >= theirs - 0.03, (ours, theirs)
 
 
 def test_fab_finds_small_perturbations_on_a_linear_model():
