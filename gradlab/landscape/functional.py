@@ -21,13 +21,31 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from gradlab.core.errors import GradlabError
+from gradlab.core.losses import LOSSES
 from gradlab.core.options import Option
 from gradlab.core.modelstate import BATCH_NORMS, model_state
 
 # Options of the commands that train and evaluate points (simplex, connect).
 EVAL_SPLIT = Option("split", str, "test", "evaluation split", choices=("train", "test"))
+LOSS = Option("loss", str, None, "loss to train and evaluate with (default: the source run's --loss)",
+              choices=LOSSES)
 BN_BATCHES = Option("bn_batches", int, 8, "training batches (of 512) for recomputing BatchNorm statistics at "
                     "each evaluated point", low=1)
+
+
+def source_loss(given: Optional[str], *runs) -> str:
+    """The loss of a command on trained runs (``runs``: their :class:`~gradlab.training.load.LoadedRun`):
+    ``given`` (``--loss``) when set, else the loss the runs trained with (``config.yaml``); runs
+    trained with different losses need ``--loss`` (one :class:`GradlabError` line)."""
+    from gradlab.core.losses import DEFAULT_LOSS, check_loss, run_loss
+
+    if given:
+        return check_loss(given)
+    losses = {run_loss(r.config) for r in runs}
+    if len(losses) > 1:
+        raise GradlabError(f"the runs trained with different losses ({', '.join(sorted(losses))}): "
+                           "choose one with --loss")
+    return losses.pop() if losses else DEFAULT_LOSS
 
 
 def batchnorms(model: nn.Module) -> list:
@@ -76,12 +94,14 @@ def evaluate_at(
     bn_batches: Optional[Sequence[tuple]] = None,
     return_probs: bool = False,
     loss_fn=F.cross_entropy,
+    raw_outputs: bool = False,
 ):
     """Mean loss (``loss_fn``, default cross-entropy) and accuracy of ``model`` at ``params`` over ``batches`` (eval mode).
 
     With BatchNorm, its statistics are recomputed at ``params`` on ``bn_batches`` (default:
     ``batches``). ``return_probs`` also returns the softmax outputs, concatenated over the batches
-    (N, C), for ensembles.
+    (N, C), for ensembles (``raw_outputs``: the outputs themselves, for an MSE-trained model whose
+    ensemble averages its outputs).
     """
     buffers = recompute_bn(model, params, bn_batches if bn_batches is not None else batches)
     tot_l = tot_a = 0.0
@@ -94,7 +114,7 @@ def evaluate_at(
             tot_a += float((out.argmax(dim=-1) == y).sum())
             n += len(y)
             if return_probs:
-                probs.append(out.softmax(dim=-1).double())
+                probs.append(out.double() if raw_outputs else out.softmax(dim=-1).double())
     if n == 0:
         raise GradlabError("no evaluation batches")
     if return_probs:
