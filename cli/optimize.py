@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from gradlab_cli._common import (
@@ -119,8 +120,9 @@ def _basins(run, cfg: dict, names: list, quiet: bool):
     counts = basin_counts(table)
     run.write_csv("basins.csv", table)
     run.write_csv("basin_counts.csv", counts)
-    for row in counts.itertuples(index=False):
-        run.tb.add_scalar(f"basins/{row.optimizer}/{row.basin}", row.starts, 0)
+    for row in counts.itertuples(index=False):  # tags without spaces or brackets
+        tag = re.sub(r"[^\w.,/-]+", "_", f"basins/{row.optimizer}/{row.basin}").strip("_").replace(",_", ",")
+        run.tb.add_scalar(tag, row.starts, 0)
     run.save_figure(basins_plot(fn, table, arrows=cfg["arrows"]), "basins")
     if not quiet:
         shown = counts.assign(share=counts["share"].map("{:.1%}".format))
