@@ -31,7 +31,8 @@ def main(runs_dir: str, out: str) -> None:
     found = table[ok]
     fig, ax = plt.subplots(figsize=(6, 4.4))
     for i, (run, grp) in enumerate(found.groupby("run", sort=True)):
-        ax.scatter(grp["loss"], grp["morse_index"], s=30, color=f"C{i}", label=f"seed run {i}")
+        label = f"seed {run.split('seed=')[-1]}" if "seed=" in run else run
+        ax.scatter(grp["loss"], grp["morse_index"], s=30, color=f"C{i}", label=label)
     rest = table[~ok & table["morse_index"].notna()]
     if len(rest):
         ax.scatter(rest["loss"], rest["morse_index"], s=30, facecolors="none", edgecolors="grey",
