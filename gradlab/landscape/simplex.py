@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from gradlab.core.errors import GradlabError
+from gradlab.core.losses import DEFAULT_LOSS, loss_fn as named_loss
 from gradlab.core.options import Option, Options
 from gradlab.landscape.directions import random_directions, weights_of
-from gradlab.core.losses import DEFAULT_LOSS, loss_fn as named_loss
 from gradlab.landscape.functional import BN_BATCHES, EVAL_SPLIT, LOSS, evaluate_at, train_points
 
 #: ``gradlab simplex``'s options (Benton et al. 2021's SPRO recipe). The defaults were chosen on
