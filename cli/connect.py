@@ -46,7 +46,9 @@ def command(
     from gradlab.core.device import resolve_device
     from gradlab.core.errors import GradlabError
     from gradlab.landscape.connect import evaluate_paths, train_curve
+    from gradlab.core.losses import loss_fn
     from gradlab.landscape.directions import interp_direction
+    from gradlab.landscape.functional import source_loss
     from gradlab.landscape.grid import make_batches
     from gradlab.landscape.plots import connect_plot
     from gradlab.runs.checkpoints import save_checkpoint
@@ -63,7 +65,8 @@ def command(
     wa = {n: p.detach() for n, p in a.model.named_parameters()}
     wb = {n: p.detach() for n, p in b.model.named_parameters()}
     interp_direction(wa, wb)  # different architectures: one line
-    cfg.update(run_a=str(a.path), run_b=str(b.path))
+    cfg.update(run_a=str(a.path), run_b=str(b.path), loss=source_loss(cfg["loss"], a, b))
+    lfn = loss_fn(cfg["loss"])
     data = a.data
     ex, ey = (data.x_train, data.y_train) if cfg["split"] == "train" else (data.x_test, data.y_test)
     eval_batches = make_batches(ex, ey, 512, None, dev)
@@ -79,9 +82,9 @@ def command(
 
         bend, hist = train_curve(a.model, wa, wb, data.x_train, data.y_train, kind=cfg["curve"], epochs=cfg["epochs"],
                                  lr=cfg["lr"], batch_size=cfg["batch_size"], seed=cfg["seed"], device=dev,
-                                 on_epoch=on_epoch)
+                                 on_epoch=on_epoch, loss_fn=lfn)
         table, metrics = evaluate_paths(a.model, wa, wb, bend, eval_batches, bn, kind=cfg["curve"],
-                                        points=cfg["points"], dist=info, precision=cfg["precision"])
+                                        points=cfg["points"], dist=info, precision=cfg["precision"], loss_fn=lfn)
         rd.write_csv("connect.csv", table)
         rd.write_csv("connect_train.csv", pd.DataFrame(hist))
         if rd.enabled:
@@ -89,8 +92,8 @@ def command(
         for i, row in enumerate(table.itertuples(index=False)):
             rd.log_metrics(i, None, "path", {"t": row.t, "curve_loss": row.loss, "curve_acc": row.acc,
                                               "line_loss": row.line_loss, "line_acc": row.line_acc})
-        rd.save_figure(connect_plot(table, curve=cfg["curve"],
-                                    title=f"{cfg['curve']} curve vs straight line ({cfg['split']} split)"), "connect")
+        rd.save_figure(connect_plot(table, curve=cfg["curve"], title=f"{cfg['curve']} curve vs straight line "
+                                    f"({cfg['split']} split, {cfg['loss']})"), "connect")
         if not quiet:
             render_table(table, title=f"{cfg['curve']} curve vs straight line")
             render_table(pd.DataFrame([metrics]), title="barriers")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from gradlab_cli._common import (
@@ -32,6 +33,7 @@ def check_optimize(cfg: dict) -> tuple:
     """``(start point or None, optimizer names)`` of a resolved config, after every check that
     needs more than one option (the function, its start point and cond, the optimizer names),
     so that a mistake is one line and no run folder; ``gradlab run`` calls it too."""
+    from gradlab.landscape.basins import check_basin_options
     from gradlab.landscape.functions import build_function
     from gradlab.landscape.trajectories import registry_optimizer_factory
 
@@ -40,6 +42,7 @@ def check_optimize(cfg: dict) -> tuple:
     build_function(cfg["fn"], start_pt, cond=cfg["cond"])  # bad function/start/cond: one line, no run folder
     for n in names:
         registry_optimizer_factory(n, cfg["lr"])  # unknown optimizer: one line, no run folder
+    check_basin_options(cfg["starts"], cfg["grid"])  # --grid 1, too many starts
     return start_pt, names
 
 
@@ -52,7 +55,9 @@ def command(
 ) -> None:
     """Run optimizers from one start point on a 2-D test function: trajectories.csv, a contour plot of all
     paths, and per optimizer the final point, steps to tol, saddle escape and the final point's type
-    (exact Hessian eigenvalues)."""
+    (exact Hessian eigenvalues). With --starts N and/or --grid K, also the basins of attraction: every
+    optimizer from every start, each start labelled by the minimum it reaches (basins.csv, basin_counts.csv,
+    a plot per optimizer)."""
     from gradlab.landscape.plots import trajectories_gif, trajectories_plot
     from gradlab.landscape.trajectories import optimize
 
@@ -75,11 +80,13 @@ def command(
                 if row.loss == row.loss and abs(row.loss) < 1e300:
                     run.tb.add_scalar(f"{n}/loss", row.loss, row.step)
                     run.tb.add_scalar(f"{n}/grad_norm", row.grad_norm, row.step)
-        run.save_figure(trajectories_plot(fn_obj, traj), "trajectories")
+        run.save_figure(trajectories_plot(fn_obj, traj, arrows=cfg["arrows"]), "trajectories")
         if cfg["gif"]:
             ok = trajectories_gif(fn_obj, traj, Path(run.path) / "plots" / "trajectories.gif")
             if not ok and not quiet:
                 console.print("[yellow]pillow is not installed: no GIF written[/yellow]")
+        n_starts = cfg["starts"] + cfg["grid"] ** 2
+        counts = _basins(run, cfg, names, quiet) if n_starts else None
         if not quiet:
             cols = [c for c in ("optimizer", "lr", "final_x", "final_y", "final_loss", "steps_to_tol", "escaped",
                                 "escape_step", "min_dist_to_saddle", "hess_eig_min", "hess_eig_max", "point_type")
@@ -93,4 +100,35 @@ def command(
                    "best_final_loss": float(finite.min()) if len(finite) else float("nan")}
         if "escaped" in summary.columns:
             metrics["escaped"] = int(summary["escaped"].sum())
+        if counts is not None:
+            metrics.update(starts=n_starts, basins=int(counts["basin"].nunique()))
         finish_and_print(run, "completed", metrics)
+
+
+def _basins(run, cfg: dict, names: list, quiet: bool):
+    """The basins of attraction of ``--starts``/``--grid`` (gradlab.landscape.basins): basins.csv,
+    basin_counts.csv, plots/basins.png (and TensorBoard), a table of counts; returns the counts."""
+    from rich.progress import Progress
+
+    from gradlab.landscape.basin_plots import basins_plot
+    from gradlab.landscape.basins import basin_counts, basins
+
+    total = len(names) * (cfg["starts"] + cfg["grid"] ** 2)
+    with Progress(console=console, disable=quiet, transient=True) as bar:
+        task = bar.add_task("basins", total=total)
+        offsets = {n: i * (total // len(names)) for i, n in enumerate(names)}
+        table, fn = basins(cfg["fn"], names, starts=cfg["starts"], grid=cfg["grid"], steps=cfg["steps"], lr=cfg["lr"],
+                           cond=cfg["cond"], radius=cfg["basin_radius"], seed=cfg["seed"],
+                           progress=lambda n, done, _: bar.update(task, completed=offsets[n] + done))
+    counts = basin_counts(table)
+    run.write_csv("basins.csv", table)
+    run.write_csv("basin_counts.csv", counts)
+    for row in counts.itertuples(index=False):  # tags without spaces or brackets
+        tag = re.sub(r"[^\w.,/-]+", "_", f"basins/{row.optimizer}/{row.basin}").strip("_").replace(",_", ",")
+        run.tb.add_scalar(tag, row.starts, 0)
+    run.save_figure(basins_plot(fn, table, arrows=cfg["arrows"]), "basins")
+    if not quiet:
+        shown = counts.assign(share=counts["share"].map("{:.1%}".format))
+        render_table(shown, title=f"basins of attraction: {total // len(names)} starts per optimizer, "
+                                  f"{cfg['steps']} steps")
+    return counts

@@ -42,6 +42,8 @@ def command(
     import pandas as pd
 
     from gradlab.core.device import resolve_device
+    from gradlab.core.losses import loss_fn
+    from gradlab.landscape.functional import source_loss
     from gradlab.landscape.grid import make_batches
     from gradlab.landscape.plots import simplex_plot
     from gradlab.landscape.simplex import ensemble_verdict, evaluate_simplex, train_simplex
@@ -55,6 +57,7 @@ def command(
     loaded = load_run(cfg["run"], cfg["runs_dir"], device=dev, trust_code=trust_code)
     model, data = loaded.model, loaded.data
     cfg["source_run"] = str(loaded.path)
+    cfg["loss"] = source_loss(cfg["loss"], loaded)
     ex, ey = (data.x_train, data.y_train) if cfg["split"] == "train" else (data.x_test, data.y_test)
     eval_batches = make_batches(ex, ey, 512, None, dev)
     bn = make_batches(data.x_train, data.y_train, 512, cfg["bn_batches"], dev)
@@ -71,9 +74,10 @@ def command(
 
         res = train_simplex(model, data.x_train, data.y_train, vertices=cfg["vertices"], epochs=cfg["epochs"],
                             volume_reg=cfg["volume_reg"], lr=cfg["lr"], batch_size=cfg["batch_size"],
-                            init_scale=cfg["init_scale"], seed=cfg["seed"], device=dev, on_epoch=on_epoch)
+                            init_scale=cfg["init_scale"], seed=cfg["seed"], device=dev, on_epoch=on_epoch,
+                            loss_fn=loss_fn(cfg["loss"]))
         table, metrics = evaluate_simplex(model, res.vertices, eval_batches, bn, samples=cfg["samples"],
-                                          seed=cfg["seed"], dist=info, precision=cfg["precision"])
+                                          seed=cfg["seed"], dist=info, precision=cfg["precision"], loss=cfg["loss"])
         rd.write_csv("simplex.csv", table)
         rd.write_csv("simplex_train.csv", res.history)
         if rd.enabled:

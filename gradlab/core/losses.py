@@ -18,6 +18,8 @@ The module imports torch only when a loss is asked for, so the names can be chec
 
 from __future__ import annotations
 
+import math
+
 from gradlab.core.errors import GradlabError
 
 #: The choices of ``--loss``; the first is the default.
@@ -69,11 +71,19 @@ def per_example_loss(name: str = DEFAULT_LOSS):
     return lambda z, y: fn(z, y, reduction="none")
 
 
+def chance_loss(name: str = DEFAULT_LOSS, num_classes: int = 2) -> float:
+    """The loss of the uniform guess ``p = 1/C`` on every class: the best constant prediction on
+    balanced classes, the level a model that learnt nothing sits at. Cross-entropy: ``ln C``;
+    MSE (one-hot targets, summed over classes): ``(1 - 1/C)^2 + (C - 1)/C^2 = 1 - 1/C``."""
+    c = max(int(num_classes), 2)
+    return 1.0 - 1.0 / c if check_loss(name or DEFAULT_LOSS) == "mse" else math.log(c)
+
+
 def run_loss(config) -> str:
     """The loss a run was trained with, from its ``config.yaml`` (runs made before the option
     existed trained with cross-entropy)."""
     return check_loss((config or {}).get("loss") or DEFAULT_LOSS)
 
 
-__all__ = ["LOSSES", "DEFAULT_LOSS", "check_loss", "loss_fn", "mse_one_hot", "one_hot_target",
+__all__ = ["LOSSES", "DEFAULT_LOSS", "chance_loss", "check_loss", "loss_fn", "mse_one_hot", "one_hot_target",
            "per_example_loss", "run_loss"]

@@ -8,8 +8,8 @@ Two endpoints ``w_a``, ``w_b`` (weight dicts of the same architecture) and one t
 * ``polychain`` (two segments): ``phi(t) = w_a + 2t (theta - w_a)`` for ``t <= 1/2``, then
   ``theta + (2t - 1)(w_b - theta)``.
 
-Training minimises ``E_{t ~ U(0,1)} CE(phi(t))`` over ``theta`` (the paper's uniform-t objective,
-one ``t`` per batch). Evaluation recomputes BatchNorm statistics at every point (the paper's
+Training minimises ``E_{t ~ U(0,1)} L(phi(t))`` over ``theta`` (the paper's uniform-t objective,
+one ``t`` per batch; ``L`` the runs' loss, cross-entropy or MSE, :mod:`gradlab.core.losses`). Evaluation recomputes BatchNorm statistics at every point (the paper's
 Sec. 4) and compares the curve with the straight line ``(1-t) w_a + t w_b`` at the same ``t``.
 The barrier of a path is ``max_t [L(t) - ((1-t) L(0) + t L(1))]`` (the loss above the linear
 interpolation of the endpoint losses; Frankle et al. 2020's definition), reported for both.
@@ -21,12 +21,13 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradlab.core.errors import GradlabError
 from gradlab.core.options import Option, Options
 from gradlab.landscape.directions import interp_direction
-from gradlab.landscape.functional import BN_BATCHES, EVAL_PRECISION, EVAL_SPLIT, evaluate_at, train_points
+from gradlab.landscape.functional import BN_BATCHES, EVAL_PRECISION, EVAL_SPLIT, LOSS, evaluate_at, train_points
 
 CURVES = ("bezier", "polychain")
 
@@ -40,6 +41,7 @@ CONNECT_OPTIONS = Options(
     EVAL_SPLIT,
     BN_BATCHES,
     EVAL_PRECISION,
+    LOSS,
 )
 
 
@@ -83,8 +85,10 @@ def train_curve(
     seed: int = 0,
     device="cpu",
     on_epoch: Optional[Callable[[int, dict], None]] = None,
+    loss_fn: Optional[Callable] = None,
 ):
-    """Train the bend of a ``kind`` curve between ``w_a`` and ``w_b`` (endpoints fixed).
+    """Train the bend of a ``kind`` curve between ``w_a`` and ``w_b`` (endpoints fixed) on the
+    mean batch loss ``loss_fn`` (default cross-entropy).
 
     Returns ``(bend, history)``: the trained bend (name -> tensor) and per-epoch records.
     """
@@ -100,7 +104,8 @@ def train_curve(
         return curve_point(kind, t, a, b, bend), 0.0, {"t": t}
 
     hist = train_points(model, make_params, list(bend.values()), x, y, epochs=epochs, lr=lr,
-                        batch_size=batch_size, seed=seed, device=device, on_epoch=on_epoch)
+                        batch_size=batch_size, seed=seed, device=device, on_epoch=on_epoch,
+                        loss_fn=loss_fn or F.cross_entropy)
     return {n: t.detach() for n, t in bend.items()}, hist
 
 
@@ -117,8 +122,10 @@ def evaluate_paths(
     progress: Optional[Callable[[int, int], None]] = None,
     dist=None,
     precision: str = "fp32",
+    loss_fn: Optional[Callable] = None,
 ) -> tuple[pd.DataFrame, dict]:
-    """Loss/accuracy along the curve and along the straight line at ``points`` values of ``t``.
+    """Loss (``loss_fn``, default cross-entropy) and accuracy along the curve and along the
+    straight line at ``points`` values of ``t``.
 
     Returns ``(table, metrics)``: columns ``t,loss,acc,line_loss,line_acc,excess,line_excess``
     (``excess`` = loss above the endpoints' linear interpolation, whose max is the barrier) and
@@ -135,9 +142,9 @@ def evaluate_paths(
     rows, mine = [], my_share(len(ts), dist)
     for done, i in enumerate(mine):
         t = ts[i]
-        cl, ca = evaluate_at(model, curve_point(kind, t, w_a, w_b, bend), batches, bn_batches=bn_batches,
-                             precision=precision)
-        ll, la = evaluate_at(model, line_point(t, w_a, w_b), batches, bn_batches=bn_batches, precision=precision)
+        loss = {"loss_fn": loss_fn or F.cross_entropy, "precision": precision}
+        cl, ca = evaluate_at(model, curve_point(kind, t, w_a, w_b, bend), batches, bn_batches=bn_batches, **loss)
+        ll, la = evaluate_at(model, line_point(t, w_a, w_b), batches, bn_batches=bn_batches, **loss)
         rows.append((i, {"t": t, "loss": cl, "acc": ca, "line_loss": ll, "line_acc": la}))
         if progress is not None:
             progress(done + 1, len(mine))

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from gradlab.core.errors import GradlabError
+from gradlab.core.losses import LOSSES
 from gradlab.core.options import Option
 from gradlab.core.precision import precision_option
 from gradlab.core.autocast import autocast, upcast
@@ -30,8 +31,25 @@ from gradlab.core.modelstate import BATCH_NORMS, model_state
 EVAL_SPLIT = Option("split", str, "test", "evaluation split", choices=("train", "test"))
 EVAL_PRECISION = precision_option("arithmetic of each evaluated point's forward pass: bf16/fp16 under autocast "
                                   "(training and the BatchNorm passes stay float32; losses summed in float64)")
+LOSS = Option("loss", str, None, "loss to train and evaluate with (default: the source run's --loss)",
+              choices=LOSSES)
 BN_BATCHES = Option("bn_batches", int, 8, "training batches (of 512) for recomputing BatchNorm statistics at "
                     "each evaluated point", low=1)
+
+
+def source_loss(given: Optional[str], *runs) -> str:
+    """The loss of a command on trained runs (``runs``: their :class:`~gradlab.training.load.LoadedRun`):
+    ``given`` (``--loss``) when set, else the loss the runs trained with (``config.yaml``); runs
+    trained with different losses need ``--loss`` (one :class:`GradlabError` line)."""
+    from gradlab.core.losses import DEFAULT_LOSS, check_loss, run_loss
+
+    if given:
+        return check_loss(given)
+    losses = {run_loss(r.config) for r in runs}
+    if len(losses) > 1:
+        raise GradlabError(f"the runs trained with different losses ({', '.join(sorted(losses))}): "
+                           "choose one with --loss")
+    return losses.pop() if losses else DEFAULT_LOSS
 
 
 def batchnorms(model: nn.Module) -> list:
@@ -81,13 +99,15 @@ def evaluate_at(
     return_probs: bool = False,
     loss_fn=F.cross_entropy,
     precision: str = "fp32",
+    raw_outputs: bool = False,
 ):
     """Mean loss (``loss_fn``, default cross-entropy) and accuracy of ``model`` at ``params`` over ``batches`` (eval mode).
 
     With BatchNorm, its statistics are recomputed at ``params`` on ``bn_batches`` (default:
     ``batches``). ``return_probs`` also returns the softmax outputs, concatenated over the batches
-    (N, C), for ensembles. ``precision`` bf16/fp16: the forward passes under autocast (outputs
-    cast back to float32); the sums over batches are float64 tensors, read back once.
+    (N, C), for ensembles (``raw_outputs``: the outputs themselves, for an MSE-trained model whose
+    ensemble averages its outputs). ``precision`` bf16/fp16: the forward passes under autocast
+    (outputs cast back to float32); the sums over batches are float64 tensors, read back once.
     """
     buffers = recompute_bn(model, params, bn_batches if bn_batches is not None else batches)
     losses, hits = [], []
@@ -103,7 +123,7 @@ def evaluate_at(
             hits.append((out.argmax(dim=-1) == y).sum().double().reshape(1))
             n += len(y)
             if return_probs:
-                probs.append(out.softmax(dim=-1).double())
+                probs.append(out.double() if raw_outputs else out.softmax(dim=-1).double())
     if n == 0:
         raise GradlabError("no evaluation batches")
     tot_l, tot_a = torch.stack([torch.cat(losses).sum(), torch.cat(hits).sum()]).tolist()  # one read-back

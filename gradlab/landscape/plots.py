@@ -168,17 +168,22 @@ def path_style(i: int, n_points: int) -> dict:
             "markerfacecolor": "none", "linewidth": max(0.8, 3.2 - 0.6 * i), "alpha": 0.8, "zorder": 3 + i}
 
 
-def trajectories_plot(fn, traj, *, title="", view=None):
+def trajectories_plot(fn, traj, *, title="", view=None, arrows=False):
     """Contour of a 2-D test function with every optimizer's path (``traj``: the
     ``optimizer,step,x,y,...`` DataFrame; styles from :func:`path_style`); start, minima and
     saddles marked. The legend sits outside the axes, to the right of the colour bar, so it
-    hides no path. Paths leaving the view are clipped at its border."""
+    hides no path. Paths leaving the view are clipped at its border. ``arrows``: the
+    negative-gradient field (:func:`gradlab.landscape.basin_plots.gradient_field`)."""
     plt = _plt()
     view = fn.view if view is None else view
     X, Y, Z = _function_grid(fn, view)
     fig, ax = plt.subplots(figsize=(8.6, 6), layout="constrained")
     cs = ax.contourf(X, Y, Z, levels=_function_levels(Z), cmap="Greys_r", alpha=0.85)
     fig.colorbar(cs, ax=ax, label=f"{fn.name}(x, y)")
+    if arrows:
+        from gradlab.landscape.basin_plots import gradient_field
+
+        gradient_field(ax, fn, view)
     for i, (name, grp) in enumerate(traj.groupby("optimizer", sort=False)):
         ax.plot(grp["x"].to_numpy(), grp["y"].to_numpy(), label=name, **path_style(i, len(grp)))
     first = traj.iloc[0]

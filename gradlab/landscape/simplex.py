@@ -27,9 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from gradlab.core.errors import GradlabError
+from gradlab.core.losses import DEFAULT_LOSS, loss_fn as named_loss
 from gradlab.core.options import Option, Options
 from gradlab.landscape.directions import random_directions, weights_of
-from gradlab.landscape.functional import BN_BATCHES, EVAL_PRECISION, EVAL_SPLIT, evaluate_at, train_points
+from gradlab.landscape.functional import BN_BATCHES, EVAL_PRECISION, EVAL_SPLIT, LOSS, evaluate_at, train_points
 
 #: ``gradlab simplex``'s options (Benton et al. 2021's SPRO recipe). The defaults were chosen on
 #: digits MLPs (``gradlab train`` defaults, seeds 0-2): the former 5 epochs at lr 0.05 with R = 0.01
@@ -50,6 +51,7 @@ SIMPLEX_OPTIONS = Options(
     EVAL_SPLIT,
     BN_BATCHES,
     EVAL_PRECISION,
+    LOSS,
 )
 
 
@@ -129,6 +131,7 @@ def train_simplex(
     seed: int = 0,
     device="cpu",
     on_epoch: Optional[Callable[[int, int, dict], None]] = None,
+    loss_fn: Optional[Callable] = None,
 ) -> SimplexResult:
     """Grow a simplex of ``vertices`` vertices around ``model``'s weights (module docstring).
 
@@ -140,6 +143,7 @@ def train_simplex(
         init_scale: size of a new vertex's initial offset from the centroid, in units of the
             filter-normalised direction (i.e. relative to each filter's norm).
         on_epoch: ``on_epoch(vertex_index, epoch, record)`` after each epoch.
+        loss_fn: the mean batch loss of the data term (default cross-entropy).
     """
     if vertices < 2:
         raise GradlabError(f"invalid vertices: {vertices} (a simplex needs >= 2)")
@@ -162,7 +166,7 @@ def train_simplex(
 
         hist = train_points(
             model, make_params, list(new.values()), x, y, epochs=epochs, lr=lr, batch_size=batch_size,
-            seed=seed + j, device=device,
+            seed=seed + j, device=device, loss_fn=loss_fn or named_loss(DEFAULT_LOSS),
             on_epoch=None if on_epoch is None else (lambda e, r, j=j: on_epoch(j, e, r)),
         )
         rows += [{"vertex": j, "epoch": e, **r} for e, r in enumerate(hist)]
@@ -180,9 +184,12 @@ def evaluate_simplex(
     seed: int = 0,
     dist=None,
     precision: str = "fp32",
+    loss: str = DEFAULT_LOSS,
 ) -> tuple[pd.DataFrame, dict]:
-    """Loss/accuracy at each vertex, the centre, and ``samples`` uniform interior points, plus the
-    accuracy of the ensemble (mean softmax) of those samples against vertex 0 alone.
+    """Loss (``loss``: cross-entropy or mse, :mod:`gradlab.core.losses`) and accuracy at each vertex,
+    the centre, and ``samples`` uniform interior points, plus the ensemble of those samples against
+    vertex 0 alone: for cross-entropy the mean softmax (its loss ``-log`` of the mean probability of
+    the label), for MSE the mean output (its loss the squared error of that mean to the one-hot label).
 
     BatchNorm statistics are recomputed at each point on ``bn_batches``. Returns ``(table,
     metrics)``: the table has columns ``point,kind,loss,acc`` (plus the barycentric ``weights``),
@@ -193,6 +200,7 @@ def evaluate_simplex(
     from gradlab.core.distributed import DistInfo, gather_objects, my_share, sum_over_ranks
 
     dist = dist or DistInfo()
+    lfn, mse = named_loss(loss), loss == "mse"
     gen = torch.Generator().manual_seed(seed)
     k = len(vertices)
     rows, probs = [], []
@@ -202,9 +210,9 @@ def evaluate_simplex(
     points += [(f"sample_{s}", "sample", w.tolist()) for s, w in enumerate(sample_dirichlet(k, samples, gen))]
     for i in my_share(len(points), dist):
         name, kind, w = points[i]
-        loss, acc, p = evaluate_at(model, combine(vertices, w), batches, bn_batches=bn_batches, return_probs=True,
-                                   precision=precision)
-        rows.append((i, {"point": name, "kind": kind, "loss": loss, "acc": acc,
+        lv, acc, p = evaluate_at(model, combine(vertices, w), batches, bn_batches=bn_batches, return_probs=True,
+                                 loss_fn=lfn, raw_outputs=mse, precision=precision)
+        rows.append((i, {"point": name, "kind": kind, "loss": lv, "acc": acc,
                          "weights": " ".join(f"{a:.4f}" for a in w)}))
         if kind == "sample":
             probs.append(p.cpu().double())
@@ -213,9 +221,10 @@ def evaluate_simplex(
     if dist.enabled:  # a rank may hold no sample: agree on the shape, then add up
         width = max(gather_objects(total.shape[1], dist))
         total = sum_over_ranks(total if total.shape[1] else total.new_zeros(labels.numel(), width), dist)
-    ens = total / samples  # (N, classes): the ensemble's predictive distribution
+    ens = total / samples  # (N, classes): the ensemble's predictive distribution (MSE: its mean output)
     ens_acc = float((ens.argmax(-1) == labels).double().mean())
-    ens_loss = float(-torch.log(ens.gather(1, labels.view(-1, 1)).clamp_min(1e-300)).mean())
+    ens_loss = (float(lfn(ens, labels)) if mse
+                else float(-torch.log(ens.gather(1, labels.view(-1, 1)).clamp_min(1e-300)).mean()))
     rows.append({"point": f"ensemble_{samples}", "kind": "ensemble", "loss": ens_loss, "acc": ens_acc, "weights": ""})
     df = pd.DataFrame(rows)
     logv = float(cayley_menger_log_volume(flat_vertices(vertices))) if k >= 2 else float("-inf")

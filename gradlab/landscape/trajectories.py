@@ -60,6 +60,7 @@ DEFAULT_LRS = {
 DEFAULT_LR = 0.01
 SCALE_FREE = frozenset({"adam", "adamw", "rmsprop", "adagrad", "adahessian", "curvature-gd", "swats", "newton",
                         "saddle-free-newton", "lbfgs", "sr1"})
+MAX_STARTS = 100_000  # starts of a basins-of-attraction run
 SHOWCASE = ("sgd", "momentum", "adam", "adahessian", "curvature-gd", "langevin")
 
 #: ``gradlab optimize``'s options.
@@ -77,6 +78,14 @@ OPTIMIZE_OPTIONS = Options(
     Option("cond", float, None, "quadratic only: condition number (Hessian diag(1, cond)); default 10", low=0,
            low_open=True),
     Option("gif", bool, False, "also write an animated trajectories.gif (needs pillow)"),
+    # basins of attraction (gradlab.landscape.basins)
+    Option("starts", int, 0, "basins of attraction: this many seeded random starts in the function's plot box "
+           "(0: none)", low=0, high=MAX_STARTS),
+    Option("grid", int, 0, "basins of attraction: a K x K grid of starts over the plot box (0: none, else >= 2)",
+           low=0, high=300),
+    Option("basin_radius", float, 0.1, "an end point this close to a minimum is in its basin; unlisted critical "
+           "points closer than this are one", low=0, low_open=True),
+    Option("arrows", bool, False, "draw the negative-gradient field (unit arrows) on the optimize plots"),
 )
 
 

@@ -23,6 +23,7 @@ PROBES = ProbeRegistry("probe", {
     "hessian": "gradlab.probes.hessian",
     "gradstats": "gradlab.probes.gradstats",
     "stepquality": "gradlab.probes.stepquality",
+    "critical-points": "gradlab.probes.critical_search",
 })
 
 from gradlab.probes.runner import run_probe  # noqa: E402  (after PROBES: it looks probes up there)

@@ -24,7 +24,7 @@ from gradlab.training.callbacks.probes import ProbeCallback, parse_probe_spec, p
 
 def default_callbacks(cfg: dict) -> list[Callback]:
     """The callbacks of a ``gradlab train`` config, in the order they run at each step."""
-    cbs: list[Callback] = [DivergenceStop(cfg.get("max_loss"))]
+    cbs: list[Callback] = [DivergenceStop(cfg.get("max_loss"), loss=cfg.get("loss"))]
     if cfg.get("adv") is not None:
         cbs.append(AdversarialLoss(cfg["adv"], cfg["adv_eps"], cfg["adv_ratio"], cfg.get("adv_warmup") or 0.0))
     probes = probe_callbacks(cfg)

@@ -33,9 +33,10 @@ class DivergenceStop(Callback):
 
     * the batch loss is NaN or inf, or above a bound: ``max_loss`` when given, else ``factor``
       (1e3) times the mean batch loss of the first epoch (while the first epoch runs: of its steps
-      so far; the first step has no bound), or times ln C if that is larger: the cross-entropy of
-      a uniform guess over C classes, so that a run starting near zero loss (a pretrained model)
-      is not stopped by a small rise. Checked before any backward or update, so the loss
+      so far; the first step has no bound), or times the chance-level loss if that is larger: the
+      loss of a uniform guess over C classes (cross-entropy ln C, MSE 1 - 1/C:
+      :func:`gradlab.core.losses.chance_loss`), so that a run starting near zero loss (a
+      pretrained model) is not stopped by a small rise. Checked before any backward or update, so the loss
       of a run whose weights ran off (``--lr 1e6``) is caught while still finite, not a few steps
       later as NaN, and the run never ends ``completed`` at chance accuracy.
     * the gradient norm is NaN or inf (after backward, before the update; optimizers that take
@@ -47,8 +48,8 @@ class DivergenceStop(Callback):
 
     key = "divergence"
 
-    def __init__(self, max_loss: Optional[float] = None, factor: float = 1e3):
-        self.max_loss, self.factor = max_loss, factor
+    def __init__(self, max_loss: Optional[float] = None, factor: float = 1e3, loss: Optional[str] = None):
+        self.max_loss, self.factor, self.loss = max_loss, factor, loss
         self.ref_sum, self.ref_count = 0.0, 0  # the first epoch's batch losses so far
 
     def bound(self, num_classes: int = 2) -> float:
@@ -56,7 +57,9 @@ class DivergenceStop(Callback):
             return self.max_loss
         if not self.ref_count:
             return math.inf
-        return self.factor * max(self.ref_sum / self.ref_count, math.log(max(num_classes, 2)))
+        from gradlab.core.losses import chance_loss
+
+        return self.factor * max(self.ref_sum / self.ref_count, chance_loss(self.loss, num_classes))
 
     def on_loss(self, trainer, value: float) -> None:
         if trainer.dist.enabled:  # every rank must stop at the same step
