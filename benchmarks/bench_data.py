@@ -19,7 +19,10 @@ the same model state and data:
 * ``gradlab``: ``block_eigsh(StreamedOperator(model, None, loader), k=1, block=--block)``
   (block Krylov, default ``tol=1e-3`` on the exact residual; one pass over the data per block of
   products, a group of batches' graph in memory at a time);
-* ``lanczos``: ``eigsh(StreamedOperator(...), k=1)`` (one product per pass, same tolerance);
+* ``gradlab-tol``: the same at ``tol=--loose-tol`` (default 0.1), to compare at PyHessian's error
+  level rather than far below it (the certified bound is then ``tol`` relative; the measured error
+  is printed);
+* ``lanczos``: ``eigsh(StreamedOperator(...), k=1)`` (one product per pass, tol 1e-3);
 * ``in-memory`` (memory reference only): the 10 batches stacked in memory and
   ``eigsh(HessianOperator(...))``, which keeps up to 8 batch graphs alive.
 
@@ -159,8 +162,9 @@ def child(args) -> None:
         else:
             op = StreamedOperator(model, None, counted)
         t0 = time.perf_counter()
-        if args.child == "gradlab":
-            res = block_eigsh(op, k=1, block=args.block, seed=args.seed)
+        if args.child.startswith("gradlab"):
+            tol = args.loose_tol if args.child == "gradlab-tol" else 1e-3
+            res = block_eigsh(op, k=1, block=args.block, seed=args.seed, tol=tol)
         else:
             res = eigsh(op, k=1, seed=args.seed)
         elapsed, value = time.perf_counter() - t0, float(res.values[0])
@@ -172,7 +176,8 @@ def child(args) -> None:
 def run_child(args, method: str, seed: int) -> dict:
     cmd = [sys.executable, __file__, "--child", method, "--case", args.case, "--seed", str(seed), "--data", args.data,
            "--batches", str(args.batches), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-           "--threads", str(args.threads), "--block", str(args.block)]
+           "--threads", str(args.threads), "--block", str(args.block),
+           "--loose-tol", str(args.loose_tol)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -187,6 +192,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--block", type=int, default=8, help="columns per pass of gradlab's block Krylov solver")
     p.add_argument("--train-epochs", type=int, default=3)
+    p.add_argument("--loose-tol", type=float, default=0.1)
     p.add_argument("--child", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=None)
@@ -198,7 +204,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         prepare(args)
         ref = json.loads((Path(tmp) / "ref.json").read_text())
-        rows = {m: [] for m in ("pyhessian", "gradlab", "lanczos", "in-memory")}
+        rows = {m: [] for m in ("pyhessian", "gradlab", "gradlab-tol", "lanczos", "in-memory")}
         for r in range(args.rounds):
             for m in rows:
                 if m != "in-memory" or r == 0:
@@ -207,12 +213,12 @@ def main() -> None:
     print(f"{args.case}: top-1 eigenvalue of the cnn Hessian over {args.batches} streamed batches of {args.batch_size} "
           f"(workers {args.workers}, {args.threads} thread(s), load {os.getloadavg()[0]:.1f}); "
           f"reference {lam:.6g} (residual {ref['residual']:.1e})")
-    print(f"{'method':<10} {'time s':>8} {'passes':>7} {'rel. error':>11} {'peak RSS MiB':>13}")
+    print(f"{'method':<12} {'time s':>8} {'passes':>7} {'rel. error':>11} {'peak RSS MiB':>13}")
     for m, rs in rows.items():
         t = statistics.median(x["time"] for x in rs)
         err = statistics.median(abs(x["value"] - lam) / abs(lam) for x in rs)
         passes = f"{statistics.median(x['passes'] for x in rs):.0f}"
-        print(f"{m:<10} {t:8.2f} {passes:>7} {err:11.2e} {max(x['rss_mib'] for x in rs):13.0f}")
+        print(f"{m:<12} {t:8.2f} {passes:>7} {err:11.2e} {max(x['rss_mib'] for x in rs):13.0f}")
     ratios = [a["time"] / b["time"] for a, b in zip(rows["pyhessian"], rows["gradlab"])]
     print("passes: over the data (in-memory: products through its kept graphs)")
     print(f"speed-up pyhessian / gradlab: median {statistics.median(ratios):.2f} "

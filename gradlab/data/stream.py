@@ -80,13 +80,19 @@ class StreamingData:
         if batch_sampler is None:
             batch_sampler = eval_batches(len(data) if limit is None else min(limit, len(data)), batch_size, dist)
         return torch.utils.data.DataLoader(data, batch_sampler=batch_sampler, num_workers=self.workers,
-                                           persistent_workers=False)
+                                           generator=_own_generator())
 
     def _in_memory(self):
         raise GradlabError(f"dataset {self.name} is streamed (stream=true) and this command needs it in memory: "
                            f"run it without --stream")
 
     x_train = y_train = x_test = y_test = property(_in_memory)
+
+
+def _own_generator() -> torch.Generator:
+    """A loader's own generator: iterating it must not draw from the global one (a model's
+    initialisation or dropout after loading would then differ from the in-memory run)."""
+    return torch.Generator().manual_seed(0)
 
 
 def eval_batches(n: int, batch_size: int, dist: DistInfo = DistInfo()) -> list:
@@ -110,7 +116,7 @@ def stream_stats(data: torch.utils.data.Dataset, workers: int = 0) -> tuple[list
     """Per-channel mean and std (float64 sums, one pass in file order) of a streamed split, as
     :func:`gradlab.data.common.channel_stats` computes them for the same examples in memory."""
     loader = torch.utils.data.DataLoader(data, batch_sampler=eval_batches(len(data), STATS_BATCH),
-                                         num_workers=workers)
+                                         num_workers=workers, generator=_own_generator())
     s1 = s2 = None
     count = 0
     for x, _ in loader:
