@@ -37,6 +37,13 @@ def test_streamed_training_takes_the_in_memory_steps(tmp_path):
     for a, b in zip(mem.model.parameters(), st.model.parameters()):
         assert torch.equal(a, b)
     assert r_st.metrics["test_loss"] == pytest.approx(r_mem.metrics["test_loss"], rel=1e-12)
+    # the Hessian probe of each run: the in-memory batches, or the streamed split batch by batch
+    from gradlab.probes.runner import run_probe
+
+    runs = tmp_path / "runs"
+    lam = [run_probe("hessian", run=str(next(runs.glob(f"*{n}"))), runs_dir=str(runs), batches=0, batch_size=4,
+                     top_k=2, bottom_k=0, trace=False, tol=1e-8).scalars["lambda_max"] for n in ("mem", "st")]
+    assert lam[1] == pytest.approx(lam[0], rel=1e-6)
 
 
 def test_cifar_blocks_are_shuffled_file_by_file(tmp_path):

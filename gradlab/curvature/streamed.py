@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from gradlab.core.distributed import DistInfo, broadcast_from_main, sum_over_ranks
 from gradlab.core.errors import GradlabError
-from gradlab.curvature.hessian_op import MERGE_NUMEL
+from gradlab.curvature.hessian_op import MERGE_NUMEL, default_backend
 from gradlab.curvature.matrices import MATRICES, curvature_matrix
 from gradlab.curvature.model_op import MODES
 from gradlab.curvature.operator import CurvatureOperator
@@ -76,7 +76,8 @@ class StreamedOperator(CurvatureOperator):
         super().__init__(sum(p.numel() for p in chosen), chosen[0].dtype, chosen[0].device)
         self.model, self.loss_fn, self.stream, self.matrix = model, loss_fn, batches, matrix
         self.params, self.param_names, self.mode, self.seed = chosen, names, mode, seed
-        self.mc_samples, self.backend, self.info = mc_samples, backend, dist
+        self.mc_samples, self.info = mc_samples, dist
+        self.backend = default_backend(self.device) if backend is None else backend
         self.merge_numel = merge_numel if mode == "eval" else 0
         self.num_samples: Optional[int] = None
         self.passes = 0  # passes over the data so far (one per product block, one per gradient)
