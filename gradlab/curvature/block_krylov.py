@@ -19,6 +19,13 @@ Computations, 10.3.6); a block of ``b`` also converges for the top eigenvalue at
 the gap to the ``(b+1)``-th, so clustered top eigenvalues, common in network Hessians, cost few
 passes. A column that becomes dependent on the basis (an invariant subspace) is replaced by a
 fresh random direction orthogonal to it.
+
+When it pays: a pass of ``b`` columns costs the reading and the gradient graph once plus ``b``
+double backwards. Where reading dominates (small images decoded from files) ``b = 8`` took
+3-4x fewer passes than Lanczos and less time; where the double backward dominates (a CNN on
+3x32x32 inputs) and a few passes suffice, it cost far more than one product per pass
+(``benchmarks/bench_data.py``, figures in ``benchmarks/RESULTS.md``). It is a library solver;
+the probes keep Lanczos.
 """
 
 from __future__ import annotations

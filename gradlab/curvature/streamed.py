@@ -14,9 +14,9 @@ gathered while their inputs hold at most ``merge_numel`` elements (default
 same mean; fewer, larger calls), as the in-memory Hessian does. Memory is therefore that group's
 graph plus the loader's prefetched batches, whatever the dataset's size; the price is that every
 product reads the data again (an in-memory operator keeps up to ``MAX_KEPT_GRAPHS`` graphs instead). Every
-solver (``eigsh``, the trace estimators, SLQ density) takes it unchanged, and because Lanczos
-needs far fewer products than power iteration for the same accuracy, full-dataset eigenvalues
-cost far fewer passes than PyHessian's dataloader mode (``benchmarks/bench_data.py``).
+solver (``eigsh``, the trace estimators, SLQ density, :func:`~gradlab.curvature.block_krylov.block_eigsh`)
+takes it unchanged; the cost of a full-dataset eigenvalue is then the solver's number of passes
+(measured against PyHessian's dataloader mode in ``benchmarks/bench_data.py``).
 
 Under ``torchrun`` each rank streams its own share of the batches (``dist``); a product is the
 local weighted sum plus one all-reduce, the input block broadcast from rank 0 first (as

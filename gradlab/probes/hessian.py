@@ -217,8 +217,7 @@ def hessian_probe(
             top, bottom, tr, dens = exact_parts(model, loss_fn or F.cross_entropy, op, top_k, bottom_k,
                                                  trace, density, density_starts, density_steps, dense_max, seed)
         else:
-            top = (st.top_eigenvalues(op, top_k, tol, seed) if streamed
-                   else eigsh(op, top_k, "LA", tol=tol, max_iter=max_iter, seed=seed))
+            top = eigsh(op, top_k, "LA", tol=tol, max_iter=max_iter, seed=seed)
             bottom = eigsh(op, bottom_k, "SA", tol=tol, max_iter=max_iter, seed=seed + 1) if bottom_k else None
             if trace and matrix == "kfac":  # sum of tr(G) tr(A) over the layers: exact, no products
                 from gradlab.curvature import TraceResult

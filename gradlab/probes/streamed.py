@@ -5,17 +5,16 @@ A run trained from a streamed dataset hands its probes a ``DataLoader``
 ``batches x batch_size`` examples of the split (``batches=0``: all of it), under ``torchrun``
 this rank's share. The Hessian probe then builds a
 :class:`~gradlab.curvature.streamed.StreamedOperator` (one pass over the data per product, one
-group of batches in memory) and finds the top eigenvalues with the block Krylov solver
-(:func:`~gradlab.curvature.block_krylov.block_eigsh`, :data:`BLOCK` products per pass).
+group of batches in memory) and runs its usual solvers on it. The top eigenvalues use Lanczos,
+one product per pass, not the block Krylov solver
+(:func:`~gradlab.curvature.block_krylov.block_eigsh`): a block needs fewer passes, but each of
+its columns costs a double backward, and on a CIFAR-sized CNN that made it slower overall
+(``benchmarks/RESULTS.md``, issue 18, streamed data).
 """
 
 from __future__ import annotations
 
 from gradlab.core.errors import GradlabError
-
-#: Products per pass over the data for the top eigenvalues of a streamed operator.
-BLOCK = 8
-
 
 def is_stream(data) -> bool:
     """Whether a probe's batches are a data stream rather than a list of ``(x, y)`` tensors."""
@@ -49,8 +48,3 @@ def streamed_operator(model, loss_fn, stream, *, matrix, mode, seed, backend, di
     return StreamedOperator(model, loss_fn, stream, matrix=matrix, mode=mode, seed=seed, backend=backend,
                             dist=dist or DistInfo())
 
-
-def top_eigenvalues(op, k: int, tol: float, seed: int):
-    from gradlab.curvature.block_krylov import block_eigsh
-
-    return block_eigsh(op, k, "LA", block=max(BLOCK, k), tol=tol, seed=seed)
