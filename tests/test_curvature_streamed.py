@@ -59,3 +59,44 @@ def test_kfac_and_empty_streams_are_refused():
     op = StreamedOperator(model, None, [])
     with pytest.raises(GradlabError, match="stream is empty"):
         op.matvec(torch.zeros(op.n, dtype=torch.float64))
+
+
+def _dist_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from gradlab.attacks.streamed import streamed_robustness
+    from gradlab.core.distributed import current
+    from gradlab.data.stream import eval_batches
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, x, y, _ = _setup()
+        info = current()
+        loader = DataLoader(TensorDataset(x, y), batch_sampler=eval_batches(len(y), 7, info))  # this rank's batches
+        op = StreamedOperator(model, None, loader, dist=info)
+        V = torch.randn(op.n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(rank))  # rank 0's wins
+        images = DataLoader(TensorDataset(x.sigmoid(), y), batch_sampler=eval_batches(len(y), 7, info))  # in [0, 1]
+        table = streamed_robustness(model, images, "fgsm", [0.1], dist=info)
+        torch.save({"HV": op.matmat(V), "grad": op.loss_and_gradient()[1], "n": op.num_samples,
+                    "robust": float(table["robust_acc"][0])}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_stream_their_batches_and_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    from gradlab.attacks.streamed import streamed_robustness
+
+    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    model, x, y, loader = _setup()
+    V = torch.randn(sum(p.numel() for p in model.parameters()), 2, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    op = StreamedOperator(model, None, loader)
+    images = DataLoader(TensorDataset(x.sigmoid(), y), batch_size=7)
+    robust = float(streamed_robustness(model, images, "fgsm", [0.1])["robust_acc"][0])
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert got["n"] == 26 and torch.allclose(got["HV"], op.matmat(V), atol=1e-12)
+        assert torch.allclose(got["grad"], op.loss_and_gradient()[1], atol=1e-12) and got["robust"] == robust
