@@ -122,6 +122,10 @@ def _attack(source, dev, info, attack, eps_list, cfg, opts, quiet, trust_code) -
 
     loaded = load_run(str(source), cfg["runs_dir"], device=dev, trust_code=trust_code)
     data = loaded.data
+    if getattr(data, "streamed", False):  # a run trained with stream=true: attacked batch by batch
+        from gradlab_cli.attack_stream import attack_streamed
+
+        return attack_streamed(source, loaded, dev, info, attack, eps_list, cfg, opts, quiet)
     x, y = data.x_test, data.y_test
     n_total = x.shape[0]
     if cfg["n_examples"] is not None and cfg["n_examples"] < n_total:

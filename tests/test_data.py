@@ -36,12 +36,12 @@ def _same_split(a, b):
 
 
 def test_registry_and_defaults():
-    assert DATASETS.names() == ["digits", "synthetic", "mnist", "fashion-mnist", "cifar10", "mnist1d"]
+    assert DATASETS.names() == ["digits", "synthetic", "mnist", "fashion-mnist", "cifar10", "mnist1d", "imagefolder"]
     assert {"test_fraction", "n_samples", "noise", "kind"} <= set(DATASET_OPTIONS.names())
     for entry in DATASETS:
         assert "max_train" in entry.options and all(o.help for o in entry.options), entry.name
         assert all(DATASET_OPTIONS[o.name] is o for o in entry.options), entry.name  # one meaning per name
-    assert DATASETS.entry("cifar10").options.names() == ["download", "max_train"]  # an official split
+    assert DATASETS.entry("cifar10").options.names() == ["download", "max_train", "stream", "workers"]  # official split
     # a flat config (a train run's config.yaml) gives each dataset its own options
     flat = {**DATASET_OPTIONS.defaults(), "dataset": "digits", "max_train": 50}
     assert dataset_options_in("digits", flat) == {"test_fraction": 0.2, "max_train": 50}
@@ -107,7 +107,7 @@ def test_teacher_student_noise_flips_labels():
         ("digits", {"max_train": -1}, "max_train"),
         ("digits", {"n_sampels": 10}, "unknown option 'n_sampels' of dataset digits; valid: max_train, test_fraction"),
         ("synthetic", {"n_sampels": 10}, "did you mean 'n_samples'"),
-        ("imagenet", {}, "digits, synthetic, mnist, fashion-mnist, cifar10, mnist1d"),
+        ("imagenet", {}, "digits, synthetic, mnist, fashion-mnist, cifar10, mnist1d, imagefolder"),
     ],
 )
 def test_bad_dataset_options(name, opts, needle):

@@ -1,9 +1,11 @@
 """Datasets: ``load_dataset(name, seed=0, data_dir=None, **opts) -> DataBundle``.
 
 Registered (``gradlab list datasets``): ``digits`` (offline default), ``synthetic``, ``mnist``,
-``fashion-mnist``, ``cifar10``, ``mnist1d``. Every loader returns float32 inputs in [0, 1] of
+``fashion-mnist``, ``cifar10``, ``mnist1d``, ``imagefolder``. Every loader returns float32 inputs in [0, 1] of
 shape ``(N, *input_shape)``, int64 labels, and the training split's mean/std (per channel for
-images); splits are deterministic from ``seed``.
+images); splits are deterministic from ``seed``. With ``stream=true`` (cifar10, imagefolder) the
+loader returns a :class:`~gradlab.data.stream.StreamingData` read batch by batch through a
+``DataLoader`` (:mod:`gradlab.data.stream`).
 
 Adding a dataset is one file that calls ``DATASETS.add(name, loader, description,
 options=Options(...))`` (reusing the shared options of :mod:`gradlab.data.options`) plus one
@@ -25,6 +27,7 @@ from gradlab.data import synthetic as _synthetic  # noqa: E402
 from gradlab.data import idx as _idx  # noqa: F401,E402
 from gradlab.data import cifar as _cifar  # noqa: F401,E402
 from gradlab.data import mnist1d as _mnist1d  # noqa: F401,E402
+from gradlab.data import imagefolder as _imagefolder  # noqa: F401,E402
 
 #: Every option a registered dataset declares (no two declare one name differently).
 DATASET_OPTIONS = Options(*(opt for entry in DATASETS for opt in entry.options))
@@ -72,4 +75,8 @@ def load_dataset(name: str, seed: int = 0, data_dir=None, **opts) -> DataBundle:
     entry = DATASETS.entry(name)
     full = entry.options.resolve(opts, owner=f"dataset {name}", others=DATASETS.options_of_others(name))
     bundle = entry.obj(int(seed), data_dir, full)
+    if getattr(bundle, "streamed", False):
+        from gradlab.data.stream import limit_stream
+
+        return limit_stream(bundle, full.get("max_train", 0), int(seed))
     return limit_train(bundle, full.get("max_train", 0), int(seed))

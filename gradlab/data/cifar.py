@@ -11,22 +11,30 @@ only the few globals a numpy array needs (``numpy.ndarray``, ``numpy.dtype``, nu
 reconstructors, ``_codecs.encode``) and refuses anything else; ``encoding="bytes"`` reads the
 Python-2 pickles. Only files in the folder the user pointed to (or that gradlab downloaded) are
 opened.
+
+``stream=true`` (:mod:`gradlab.data.stream`): one pass over the training files at load counts
+their examples and accumulates the statistics (one file decoded at a time); afterwards each
+process (the main one or a ``DataLoader`` worker) keeps at most :data:`CACHE_FILES` decoded
+files, and training shuffles files and examples within them (``blocks``).
 """
 
 from __future__ import annotations
 
+import bisect
 import importlib
 import io
 import pickle
 import tarfile
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from gradlab.data.common import make_bundle
 from gradlab.data.files import data_root, download_any, missing_files_error, read_bytes
 from gradlab.core.options import Options
-from gradlab.data.options import DOWNLOAD, MAX_TRAIN
+from gradlab.data.options import DOWNLOAD, MAX_TRAIN, STREAM, WORKERS
 from gradlab.data.registry import DATASETS
 from gradlab.core.errors import GradlabError
 
@@ -35,6 +43,9 @@ TEST_BATCH = "test_batch"
 ALL_FILES = TRAIN_BATCHES + (TEST_BATCH,)
 MIRRORS = ("https://www.cs.toronto.edu/~kriz/",)
 TARBALL = "cifar-10-python.tar.gz"
+SCALE = np.float32(1 / 255)
+#: Decoded batch files each process keeps when streaming (a file is 10,000 images, 30 MB).
+CACHE_FILES = 2
 
 _ALLOWED = {
     ("numpy", "ndarray"),
@@ -113,16 +124,80 @@ def load_cifar10(seed, data_dir, opts):
         folder = _locate(dirs) if error is None else None
         if folder is None:
             raise missing_files_error("cifar10", ALL_FILES, dirs, error, hint=" (the cifar-10-batches-py folder)")
+    if opts.get("stream"):
+        return _streamed(folder, opts.get("workers", 0))
     xs, ys = zip(*(read_batch(folder / f) for f in TRAIN_BATCHES))
     x_test, y_test = read_batch(folder / TEST_BATCH)
-    scale = np.float32(1 / 255)
-    return make_bundle("cifar10", np.concatenate(xs) * scale, np.concatenate(ys), x_test * scale, y_test, 10)
+    return make_bundle("cifar10", np.concatenate(xs) * SCALE, np.concatenate(ys), x_test * SCALE, y_test, 10)
+
+
+class CifarFiles(torch.utils.data.Dataset):
+    """The examples of some batch files in order, decoded a file at a time (module docstring)."""
+
+    def __init__(self, paths: list, sizes: list):
+        self.paths, self.sizes = list(paths), [int(s) for s in sizes]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).tolist()
+        self._cache: OrderedDict = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getstate__(self):  # a worker starts with an empty cache
+        return {**self.__dict__, "_cache": OrderedDict()}
+
+    def _file(self, f: int):
+        if f in self._cache:
+            self._cache.move_to_end(f)
+            return self._cache[f]
+        x, y = read_batch(self.paths[f])
+        if len(y) != self.sizes[f]:
+            raise GradlabError(f"CIFAR-10 batch {self.paths[f]} changed while streaming: {len(y)} examples, "
+                               f"{self.sizes[f]} when loaded")
+        self._cache[f] = (x, y)
+        while len(self._cache) > CACHE_FILES:
+            self._cache.popitem(last=False)
+        return x, y
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        f = bisect.bisect_right(self.offsets, i) - 1
+        x, y = self._file(f)
+        j = i - self.offsets[f]
+        return torch.from_numpy(x[j].astype(np.float32) * SCALE), int(y[j])
+
+
+def _scan(paths) -> tuple[list, list, list]:
+    """Each file's size, and the per-channel mean and std of all their examples (float64 sums of
+    the float32 inputs, as the in-memory statistics), decoding one file at a time."""
+    sizes, s1, s2, count = [], np.zeros(3), np.zeros(3), 0
+    for path in paths:
+        x, _ = read_batch(path)
+        sizes.append(len(x))
+        for i in range(0, len(x), 1000):
+            chunk = (x[i : i + 1000] * SCALE).astype(np.float64).transpose(1, 0, 2, 3).reshape(3, -1)
+            s1 += chunk.sum(1)
+            s2 += (chunk * chunk).sum(1)
+            count += chunk.shape[1]
+    mean = s1 / max(count, 1)
+    std = np.sqrt(np.maximum((s2 - count * mean * mean) / max(count - 1, 1), 0))
+    return sizes, mean.tolist(), [float(s) if s > 0 else 1.0 for s in std]
+
+
+def _streamed(folder: Path, workers: int):
+    from gradlab.data.stream import StreamingData
+
+    train_paths = [folder / f for f in TRAIN_BATCHES]
+    sizes, mean, std = _scan(train_paths)
+    test_size = len(read_batch(folder / TEST_BATCH)[1])
+    return StreamingData("cifar10", CifarFiles(train_paths, sizes), CifarFiles([folder / TEST_BATCH], [test_size]),
+                         (3, 32, 32), 10, mean, std, workers=workers, blocks=sizes)
 
 
 DATASETS.add(
     "cifar10",
     load_cifar10,
     "CIFAR-10 colour images, 3x32x32 (python batches from --data-dir or GRADLAB_DATA)",
-    options=Options(DOWNLOAD, MAX_TRAIN),
+    options=Options(DOWNLOAD, MAX_TRAIN, STREAM, WORKERS),
     paper="Krizhevsky 2009",
 )

@@ -11,3 +11,7 @@ TEST_FRACTION = Option("test_fraction", float, 0.2, "held-out share of a dataset
 MAX_TRAIN = Option("max_train", int, 0, "keep at most this many training examples (a seeded subset; 0 = all)", low=0)
 DOWNLOAD = Option("download", bool, True, "fetch missing dataset files into the data folder")
 N_SAMPLES = Option("n_samples", int, 5000, "examples generated (train + test)", low=20)
+STREAM = Option("stream", bool, False, "read examples from disk batch by batch through a DataLoader instead of "
+                "holding the dataset in memory")
+WORKERS = Option("workers", int, 0, "DataLoader worker processes that read a streamed dataset (0: the main process)",
+                 low=0, high=64)

@@ -42,6 +42,7 @@ from gradlab.core.options import Option, Options
 from gradlab.probes import PROBES
 from gradlab.probes.base import Probe, ProbeContext, ProbeReport
 from gradlab.probes.critical import GRAD_TOL, CriticalPoint, classify_point
+from gradlab.probes import streamed as st
 from gradlab.probes.hessian_exact import error_bounds, exact_parts
 from gradlab.probes.hessian_text import overview_frame, summary_lines
 from gradlab.probes.source import batch_options
@@ -194,14 +195,19 @@ def hessian_probe(
           f"trace method 'gauss-newton' estimates the Hessian's trace; with matrix {matrix!r} choose "
           f"auto, xtrace, krylov, hutch++ or hutchinson")
     split = dist is not None and dist.enabled
-    if split:
+    streamed = st.is_stream(data_batches)  # a streamed dataset: batch by batch (gradlab.probes.streamed)
+    if split and not streamed:
         from gradlab.curvature.distributed import DistributedOperator, shard_batches
 
         check(matrix != "kfac", "matrix 'kfac' is not a mean of per-rank matrices: run it in one process")
         data_batches = shard_batches(data_batches, dist)
-    op = HessianOperator(model, loss_fn or F.cross_entropy, data_batches, backend=backend, mode=mode, seed=seed)
-    hop = op = DistributedOperator(op, dist) if split else op  # the loss and gradient: the Hessian's
-    if matrix != "hessian":
+    if streamed:
+        hop = op = st.streamed_operator(model, loss_fn or F.cross_entropy, data_batches, matrix=matrix, mode=mode,
+                                        seed=seed, backend=backend, dist=dist, trace_method=trace_method)
+    else:
+        op = HessianOperator(model, loss_fn or F.cross_entropy, data_batches, backend=backend, mode=mode, seed=seed)
+        hop = op = DistributedOperator(op, dist) if split else op  # the loss and gradient: the Hessian's
+    if matrix != "hessian" and not streamed:
         op = curvature_matrix(matrix, model, loss_fn or F.cross_entropy, data_batches, mode=mode, seed=seed)
         op = DistributedOperator(op, dist) if split else op
     try:
@@ -340,6 +346,8 @@ class HessianProbe(Probe):
     training_summary = ("lambda_max", "trace")  # their last values go into summary.csv
 
     def draw(self, source, options, seed: int) -> list:
+        if getattr(source.data, "streamed", False):  # the whole split read batch by batch
+            return st.stream_batches(source, options)
         x, y = source.split()
         return [(xb.to(source.device), yb.to(source.device))
                 for xb, yb in as_batches(x, y, options["batch_size"], options["batches"] or None)]

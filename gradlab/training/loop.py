@@ -86,7 +86,7 @@ class Trainer(StepMixin):
 
     def __init__(self, cfg: dict, resume: Optional[dict] = None, callbacks: Sequence[Callback] = ()):
         from gradlab.core.device import resolve_device
-        from gradlab.core.distributed import GlobalBatchSampler, init_from_env
+        from gradlab.core.distributed import init_from_env
         from gradlab.data import dataset_options_in, load_dataset
         from gradlab.models import build_model, model_options_in
         from gradlab.optim import OPTIMIZERS, build_optimizer, build_scheduler, default_lr
@@ -110,8 +110,9 @@ class Trainer(StepMixin):
         self.data = load_dataset(cfg["dataset"], seed=cfg["seed"], data_dir=cfg.get("data_dir"),
                                  **dataset_options_in(cfg["dataset"], cfg))
         self.model = build_model(cfg["model"], self.data.spec, **model_options_in(cfg["model"], cfg)).to(device)
-        self.x_train, self.y_train = self.data.x_train.to(device), self.data.y_train.to(device)
-        self.x_test, self.y_test = self.data.x_test.to(device), self.data.y_test.to(device)
+        from gradlab.training.streaming import place_data
+
+        self.sampler = place_data(self, device)  # x_train ... on the device, or a streamed dataset
 
         self.lr = cfg["lr"] if cfg.get("lr") is not None else default_lr(cfg["opt"])
         # the chosen optimizer's own options (a flat config may hold other optimizers' keys)
@@ -122,8 +123,6 @@ class Trainer(StepMixin):
         self.cost = GradientCost()  # gradient-equivalents so far (gradlab.curvature.cost)
         watch(self.model)
         self.precision = Precision(cfg.get("precision", "fp32"), device, self.closure_step)
-        self.sampler = GlobalBatchSampler(len(self.x_train), cfg["batch_size"], cfg["seed"],
-                                          self.dist.rank, self.dist.world_size)
         self.total_steps = cfg["epochs"] * len(self.sampler)
         self.scheduler = build_scheduler(cfg.get("schedule", "constant"), self.optimizer, self.total_steps)
 
@@ -308,22 +307,20 @@ class Trainer(StepMixin):
 
     def _train_epochs(self, step_hooks, hooks) -> tuple[str, str]:
         from gradlab.core.distributed import all_reduce_sum
+        from gradlab.training.streaming import batch_fetcher
 
         cfg, dist, interrupt, optimizer = self.cfg, self.dist, self.interrupts, self.optimizer
         # A constant schedule never changes the learning rate: its scheduler is not stepped.
         step_scheduler = cfg.get("schedule", "constant") != "constant"
-        on_device = self.device.type != "cpu"
         budget = cfg.get("max_seconds")
-        x_train, y_train, params = self.x_train, self.y_train, self.params
+        params = self.params
         while self.epoch < cfg["epochs"]:
             batches = self.sampler.epoch_batches(self.epoch)
-            n_batches = len(batches)
+            n_batches, fetch = len(batches), batch_fetcher(self, batches)
             while self.batch_in_epoch < n_batches:
                 b = self.batch_in_epoch
                 idx, n_global = batches[b]
-                if on_device:
-                    idx = idx.to(self.device)
-                xb, yb = x_train[idx], y_train[idx]
+                xb, yb = fetch(b, idx)
                 loss_sum, out = self.train_step(xb, yb, n_global)
                 over = budget is not None and self.is_main and self.train_seconds() >= budget
                 if dist.enabled:

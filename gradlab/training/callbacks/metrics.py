@@ -199,7 +199,13 @@ class EpochEvaluation(Callback):
         self.pending = None
 
     def on_epoch_end(self, trainer, info: EpochInfo) -> None:
-        test_loss, test_acc = evaluate(trainer.model, trainer.x_test, trainer.y_test, loss_fn=trainer.loss_fn)
+        if trainer.x_test is None:  # a streamed dataset (gradlab.training.streaming)
+            from gradlab.training.streaming import evaluate_stream
+
+            test_loss, test_acc = evaluate_stream(trainer.model, trainer.data, "test", trainer.device,
+                                                  loss_fn=trainer.loss_fn)
+        else:
+            test_loss, test_acc = evaluate(trainer.model, trainer.x_test, trainer.y_test, loss_fn=trainer.loss_fn)
         if test_acc >= self.target_acc and self.steps_to_target is None:
             self.steps_to_target = info.step
         self.last = {"train_loss": info.train_loss, "train_acc": info.train_acc,
