@@ -40,7 +40,8 @@ from torch import Tensor, nn
 
 from gradlab.core.options import Option, Options
 from gradlab.curvature.kfac import LAYERS, KroneckerBlock, output_factors
-from gradlab.optim.model_bound import ModelBoundOptimizer, all_reduce_sum_, world_size
+from gradlab.core.distributed import reduce_over_ranks
+from gradlab.optim.model_bound import ModelBoundOptimizer, world_size
 from gradlab.optim.registry import OPTIMIZERS, lr_option, weight_decay_option
 
 FISHER_TYPES = ("mc", "type-2")
@@ -153,7 +154,7 @@ class KFAC(ModelBoundOptimizer):
     def _update_factors(self, batch: list[tuple[Tensor, Tensor]], n_local: int) -> None:
         if world_size() > 1:  # each rank's mean factors weighted by its examples
             flat = [t * float(n_local) for pair in batch for t in pair]
-            *flat, n = all_reduce_sum_([*flat, flat[0].new_tensor([float(n_local)])])
+            *flat, n = reduce_over_ranks([*flat, flat[0].new_tensor([float(n_local)])])
             flat = [t / n for t in flat]
             batch = [(flat[2 * j], flat[2 * j + 1]) for j in range(len(batch))]
         self.factor_updates += 1

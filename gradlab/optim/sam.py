@@ -40,7 +40,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from gradlab.core.options import Option, Options
-from gradlab.optim.model_bound import all_reduce_sum_, perturbed, world_size
+from gradlab.core.distributed import reduce_over_ranks
+from gradlab.optim.model_bound import perturbed
 from gradlab.optim.registry import OPTIMIZERS, lr_option, weight_decay_option
 
 BASES = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")
@@ -103,9 +104,7 @@ class SAM(Optimizer):
             loss = closure()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-        if world_size() > 1:
-            grads = [g.div_(world_size()) for g in all_reduce_sum_(grads)]
-        return loss.detach(), grads
+        return loss.detach(), reduce_over_ranks(grads, mean=True)
 
     def ascent(self, grads: list[Tensor]) -> list[Tensor]:
         """The perturbation ``e`` for gradients ``grads`` (one per parameter of :meth:`_params`)."""
