@@ -107,24 +107,27 @@ class SAM(Optimizer):
         return loss.detach(), reduce_over_ranks(grads, mean=True)
 
     def ascent(self, grads: list[Tensor]) -> list[Tensor]:
-        """The perturbation ``e`` for gradients ``grads`` (one per parameter of :meth:`_params`)."""
-        params, e, i = self._params(), [], 0
-        scales = [None] * len(params)
-        if self.defaults["adaptive"]:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.requires_grad:
-                        scales[i] = p.detach().abs().add_(group["eta"])
-                        i += 1
-        tg = [g if t is None else t * g for g, t in zip(grads, scales)]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tg]))
-        i = 0
+        """The perturbation ``e`` for gradients ``grads`` (one per parameter of :meth:`_params`):
+        foreach operations, one norm of the whole vector, one new tensor per parameter."""
+        adaptive = self.defaults["adaptive"]
+        groups, i = [], 0
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    t = tg[i] if scales[i] is None else scales[i] * tg[i]
-                    e.append(t * (group["rho"] / norm.clamp_min(1e-12)))
-                    i += 1
+            ps = [p for p in group["params"] if p.requires_grad]
+            if ps:
+                groups.append((group, ps, grads[i:i + len(ps)]))
+            i += len(ps)
+        if adaptive:  # T = |w| + eta; the norm is of T g, the direction T^2 g
+            scales = [torch._foreach_add(torch._foreach_abs([p.detach() for p in ps]), group["eta"])
+                      for group, ps, _ in groups]
+            tg = [torch._foreach_mul(gs, ts) for (_, _, gs), ts in zip(groups, scales)]
+        else:
+            tg = [gs for _, _, gs in groups]
+        norm = torch.linalg.vector_norm(torch.stack([n for t in tg for n in torch._foreach_norm(t)]))
+        inv = norm.clamp_min(1e-12).reciprocal()
+        e = []
+        for j, (group, _, _) in enumerate(groups):
+            direction = torch._foreach_mul(tg[j], scales[j]) if adaptive else tg[j]
+            e += torch._foreach_mul(direction, inv * group["rho"])
         return e
 
     @torch.no_grad()
