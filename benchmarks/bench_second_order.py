@@ -16,8 +16,8 @@ optimizer here is plain SGD (``base=sgd``), so the ratio is the cost of SAM itse
 momentum compare momentum SAM / K-FAC (K-FAC has heavy-ball momentum 0.9) with momentum SGD.
 
 Models: the digits MLP 64-128-128-10 and CNN of ``bench_optim.py`` (batch 512), and with
-``--resnet`` resnet20 on random 3x32x32 inputs (``--resnet-batch`` examples; BatchNorm's
-parameters take K-FAC's plain momentum steps).
+``--resnet`` resnet20 on random 3x32x32 inputs (``--resnet-batch`` examples, train mode; BatchNorm's
+parameters take K-FAC's plain momentum steps), fewer rows and blocks of 10 steps.
 
     python benchmarks/bench_second_order.py [--repeats 11] [--threads 1] [--resnet]
 """
@@ -51,8 +51,12 @@ def resnet20():
     return build_model("resnet20", spec)
 
 
-def make_steppers(model_fn, x, y, device):
-    """name -> (model, one-step function), each with its own identically initialised model."""
+RESNET_ROWS = ("sgd", "momentum sgd", "sam (base sgd)", "kfac, factors every 10", "kfac factored, every 10")
+
+
+def make_steppers(model_fn, x, y, device, only=None):
+    """name -> (model, one-step function), each with its own identically initialised model
+    (``only``: these rows alone)."""
 
     def fresh():
         torch.manual_seed(0)
@@ -81,16 +85,19 @@ def make_steppers(model_fn, x, y, device):
             return opt.step(lambda: F.cross_entropy(model(x), y))
         return model, step
 
-    return {
-        "sgd": first_order("sgd", lr=0.05),
-        "momentum sgd": first_order("momentum", lr=0.05),
-        "sam (base sgd)": closure_based("sam", base="sgd"),
-        "sam (base momentum)": closure_based("sam"),
-        "kfac, factors every 10": closure_based("kfac", factor_every=10, inverse_every=10),
-        "kfac, factors every step": closure_based("kfac", factor_every=1, inverse_every=1),
-        "kfac factored, every 10": closure_based("kfac", factor_every=10, inverse_every=10, damping_mode="factored"),
-        "kfac factored, every step": closure_based("kfac", factor_every=1, inverse_every=1, damping_mode="factored"),
+    rows = {
+        "sgd": lambda: first_order("sgd", lr=0.05),
+        "momentum sgd": lambda: first_order("momentum", lr=0.05),
+        "sam (base sgd)": lambda: closure_based("sam", base="sgd"),
+        "sam (base momentum)": lambda: closure_based("sam"),
+        "kfac, factors every 10": lambda: closure_based("kfac", factor_every=10, inverse_every=10),
+        "kfac, factors every step": lambda: closure_based("kfac", factor_every=1, inverse_every=1),
+        "kfac factored, every 10": lambda: closure_based("kfac", factor_every=10, inverse_every=10,
+                                                         damping_mode="factored"),
+        "kfac factored, every step": lambda: closure_based("kfac", factor_every=1, inverse_every=1,
+                                                           damping_mode="factored"),
     }
+    return {name: make() for name, make in rows.items() if only is None or name in only}
 
 
 def iqr(times, name, ref) -> str:
@@ -121,8 +128,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--models", default="mlp,cnn", help="comma-separated: mlp, cnn")
     ap.add_argument("--resnet", action="store_true", help="also resnet20 on 3x32x32 (slow on a CPU)")
-    ap.add_argument("--resnet-batch", type=int, default=128)
-    ap.add_argument("--resnet-repeats", type=int, default=5)
+    ap.add_argument("--resnet-batch", type=int, default=32)
+    ap.add_argument("--resnet-repeats", type=int, default=3)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -132,7 +139,7 @@ def main(argv=None):
           f"{'n/a' if load is None else ' '.join(f'{v:.1f}' for v in load)} at the start")
     x, y = digits(device, args.batch)
     cases = {"mlp": ("digits MLP 64-128-128-10", mlp), "cnn": ("digits CNN (6k parameters)", cnn)}
-    for key in args.models.split(","):
+    for key in filter(None, args.models.split(",")):
         title, model_fn = cases[key]
         steppers = make_steppers(model_fn, x, y, device)
         times = measure(steppers, device, args.repeats, args.block, warmup=10)
@@ -142,8 +149,8 @@ def main(argv=None):
         g = torch.Generator().manual_seed(0)
         xr = torch.randn(args.resnet_batch, 3, 32, 32, generator=g).to(device)
         yr = torch.randint(0, 10, (args.resnet_batch,), generator=g).to(device)
-        steppers = make_steppers(resnet20, xr, yr, device)
-        times = measure(steppers, device, args.resnet_repeats, 10, warmup=10)
+        steppers = make_steppers(resnet20, xr, yr, device, only=RESNET_ROWS)
+        times = measure(steppers, device, args.resnet_repeats, 10, warmup=2)  # 10 steps: one refresh each
         report(f"resnet20 on 3x32x32, batch {args.resnet_batch}", times, final_losses(steppers, xr, yr))
     if load is not None:
         print(f"\nload average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())}")

@@ -18,7 +18,7 @@ with the elementwise operator ``T = |w| + eta``::
 so a rescaling of a layer's weights (which leaves a ReLU network's function unchanged) does not
 change the sharpness it sees. The perturbation is removed exactly (the weights are restored
 bit for bit) before the base optimizer steps. A step costs two gradients (target: at most 2.1x
-an SGD step, ``benchmarks/bench_optim.py``).
+an SGD step, ``benchmarks/bench_second_order.py``).
 
 Convention: ``needs_loss_closure`` (:mod:`gradlab.optim`): the closure returns the loss without
 backward and is evaluated twice per step (at ``w`` and at ``w + e``); ``step`` returns the loss at
