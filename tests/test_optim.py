@@ -88,7 +88,7 @@ OWN_OPTIONS = {
     "natural-gd": {"lr": 1.0, "damping": 1.0, "adapt_damping": True, "cg_iters": 20, "cg_decay": 0.95,
                    "curvature": "ggn", "mc_samples": 1},
     "kfac": {"lr": 0.05, "momentum": 0.9, "damping": 0.01, "factor_every": 10, "inverse_every": 10,
-             "factor_decay": 0.95, "kl_clip": 0.001, "fisher_type": "mc", "weight_decay": 0.0},
+             "factor_decay": 0.95, "kl_clip": 0.001, "fisher_type": "mc", "damping_mode": "exact", "weight_decay": 0.0},
 }
 
 

@@ -194,6 +194,31 @@ def test_kfac_factors_ema_and_inverse_schedule_follow_the_curvature_engine_on_a_
     assert torch.allclose(opt.blocks[0]._eig[0], torch.linalg.eigvalsh(opt.blocks[0].A).clamp_min(0), atol=1e-12)
 
 
+def test_kfac_factored_damping_is_the_dense_kronecker_inverse_of_the_damped_factors():
+    """damping_mode="factored" (Martens & Grosse 2015, Sec. 6.3): the step is
+    -(G + sqrt(l)/pi I)^-1 (x) (A + pi sqrt(l) I)^-1 applied to the gradient, pi from the traces,
+    checked against a dense solve built from the optimizer's factors, on a conv + linear model."""
+    model = _cnn()
+    x, y = torch.randn(6, 1, 5, 5, dtype=torch.float64), torch.randint(0, 4, (6,))
+    params = list(model.parameters())
+    loss = lambda: F.cross_entropy(model(x), y)  # noqa: E731
+    g, theta, lam = grad_of(loss, params), flat(params), 0.05
+    opt = build_optimizer("kfac", params, lr=1.0, momentum=0.0, damping=lam, kl_clip=0.0, fisher_type="type-2",
+                          damping_mode="factored")
+    opt.bind(model, F.cross_entropy)
+    opt.step(loss)
+    blocks = []
+    for blk in opt.blocks:
+        A, G = blk.A, blk.G
+        pi = ((torch.trace(A) / len(A)) / (torch.trace(G) / len(G))).sqrt()
+        blocks.append(_kron_block(G + lam ** 0.5 / pi * torch.eye(len(G), dtype=G.dtype),
+                                  A + pi * lam ** 0.5 * torch.eye(len(A), dtype=A.dtype)))
+    assert len(blocks) == 2  # the conv (weight (3, 1, 3, 3) flat row-major as (O, K), then bias) and the head
+    want = -torch.linalg.solve(torch.block_diag(*blocks), g)
+    assert torch.allclose(flat(params) - theta, want, atol=1e-10, rtol=1e-8)
+    assert all(blk._eig is None for blk in opt.blocks)  # no eigendecomposition in this mode
+
+
 def test_kfac_leaves_unsupported_layers_on_plain_sgd():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).double()
@@ -208,3 +233,28 @@ def test_kfac_leaves_unsupported_layers_on_plain_sgd():
     opt.step(lambda: F.cross_entropy(model(x), y))
     for p, b in zip(bn, before):
         assert torch.allclose(p.detach(), b - 0.1 * p.grad, atol=1e-14)
+
+
+@pytest.mark.parametrize("mode", ["exact", "factored"])
+def test_kfac_resumes_from_its_state_dict_with_the_same_steps(mode):
+    """Factors, eigenbases or factored inverses (refreshed on another schedule than the factors) and
+    momentum travel in state_dict: a fresh optimizer loaded mid-run takes the same next steps."""
+    import copy
+
+    x, y = torch.randn(6, 1, 5, 5, dtype=torch.float64), torch.randint(0, 4, (6,))
+    runs = []
+    for resume in (False, True):
+        model = _cnn()
+        make = lambda: build_optimizer("kfac", model.parameters(), factor_every=2, inverse_every=3,  # noqa: E731
+                                       damping_mode=mode, fisher_type="type-2", lr=0.1)
+        opt = make()
+        opt.bind(model, F.cross_entropy)
+        for t in range(7):
+            if resume and t == 5:  # factors updated at t = 4, inverses last at t = 3: both must travel
+                state = copy.deepcopy(opt.state_dict())
+                opt = make()
+                opt.load_state_dict(state)
+                opt.bind(model, F.cross_entropy)
+            opt.step(lambda: F.cross_entropy(model(x), y))
+        runs.append(flat(list(model.parameters())))
+    assert torch.equal(runs[0], runs[1])

@@ -172,3 +172,35 @@ def gather_objects(obj, info: DistInfo) -> list:
     out = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def process_count() -> int:
+    """The number of processes in the group this process has joined (1 when none)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def reduce_over_ranks(tensors, mean: bool = False) -> list[torch.Tensor]:
+    """Several tensors summed (or, with ``mean``, averaged) over the ranks in ONE all-reduce.
+
+    The tensors are flattened into one buffer, reduced, and returned as views of it shaped like
+    the inputs (the inputs are unchanged). On one process the inputs themselves are returned.
+    This is how the optimizers that take their gradients with ``torch.autograd.grad`` (which
+    bypasses DDP's reducer) average them: SAM, K-FAC, natural gradient, AdaHessian and
+    curvature-GD, the Newton-type closure optimizers, and the step-quality callback."""
+    tensors = list(tensors)
+    world = process_count()
+    if world <= 1:
+        return tensors
+    import torch.distributed as dist
+
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    if mean:
+        flat.div_(world)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out

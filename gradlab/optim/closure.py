@@ -18,25 +18,21 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
+from gradlab.core.distributed import process_count, reduce_over_ranks
 from gradlab.core.errors import GradlabError
 from gradlab.curvature.hvp import hvp_from_grads
 from gradlab.curvature.operator import CurvatureOperator
 
 
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return process_count() > 1
 
 
 def mean_across_ranks(flat: Tensor) -> Tensor:
     """``flat`` averaged over the ranks (itself on one process)."""
-    if _distributed():
-        flat = flat.clone()
-        dist.all_reduce(flat)
-        flat.div_(dist.get_world_size())
-    return flat
+    return reduce_over_ranks([flat], mean=True)[0]
 
 
 def flatten(tensors: Sequence[Tensor]) -> Tensor:

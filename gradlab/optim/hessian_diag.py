@@ -36,12 +36,12 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
 from gradlab.curvature.diagonal import hutchinson_diagonal
 from gradlab.curvature.hvp import hvp_from_grads
+from gradlab.core.distributed import process_count, reduce_over_ranks
 from gradlab.core.errors import GradlabError
 from gradlab.optim.registry import check_int
 
@@ -102,8 +102,9 @@ class HessianDiagOptimizer(Optimizer):
             diag = self._hutchinson(grads, params) if refresh else None
         if refresh:
             grads = [g.detach() for g in grads]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            grads, diag = _average_across_ranks(grads, diag)
+        if process_count() > 1:  # one all-reduce (mean) of the gradient and the raw estimate
+            both = reduce_over_ranks(grads + (diag or []), mean=True)
+            grads, diag = both[: len(grads)], (both[len(grads):] if diag is not None else None)
         for p, g in zip(params, grads):
             p.grad = g
         self.steps_taken += 1
@@ -138,19 +139,6 @@ class HessianDiagOptimizer(Optimizer):
             self._generator.set_state(extra["rng_state"])
             self.hvp_count = int(extra["hvp_count"])
             self.steps_taken = int(extra["steps_taken"])
-
-
-def _average_across_ranks(grads: list[Tensor], diag: Optional[list[Tensor]]):
-    """One all-reduce (mean) of the gradient and, when present, the raw diagonal estimate."""
-    tensors = grads + (diag or [])
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat.div_(dist.get_world_size())
-    out, offset = [], 0
-    for t in tensors:
-        out.append(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return out[: len(grads)], (out[len(grads):] if diag is not None else None)
 
 
 def spatial_average(d: Tensor) -> Tensor:

@@ -14,9 +14,14 @@ reuses). Per step, with the layer's gradient as a matrix ``V`` (O, K [+1])::
     nu = min(1, sqrt(kl_clip / (lr^2 sum D . V)))          (Ba, Grosse & Martens 2017; 0: off)
     buf <- momentum * buf + nu D + weight_decay * w;   w <- w - lr * buf
 
-The damping is Tikhonov damping of the Kronecker product itself, applied exactly through the
-eigenbases (not the factored approximation ``(A + pi sqrt(l) I) (x) (G + sqrt(l)/pi I)`` of the
-paper's Sec. 6.3). ``G_batch`` comes from output gradients at labels sampled from the model
+With ``damping_mode = "exact"`` (default) the damping is Tikhonov damping of the Kronecker
+product itself, applied exactly through the eigenbases: four thin products per layer and step,
+two eigendecompositions per layer and inverse refresh. ``"factored"`` is the paper's factored
+Tikhonov damping (Sec. 6.3), ``(G + sqrt(l)/pi I) (x) (A + pi sqrt(l) I)`` with
+``pi = sqrt((tr A / dim A) / (tr G / dim G))``, whose inverse is the Kronecker product of two
+Cholesky inverses: ``D = (G + sqrt(l)/pi I)^-1 V (A + pi sqrt(l) I)^-1``, two products per layer
+and step and no eigendecomposition (a change of ``damping`` takes effect at the next inverse
+refresh). ``G_batch`` comes from output gradients at labels sampled from the model
 (``fisher_type = "mc"``, one backward pass to the layer outputs, the paper's estimate) or from the
 exact output-Hessian factors (``"type-2"``, one backward pass per class). The factor statistics
 are gathered in the closure's own forward pass (hooks, :mod:`gradlab.optim.model_bound`); on the
@@ -40,10 +45,12 @@ from torch import Tensor, nn
 
 from gradlab.core.options import Option, Options
 from gradlab.curvature.kfac import LAYERS, KroneckerBlock, output_factors
-from gradlab.optim.model_bound import ModelBoundOptimizer, all_reduce_sum_, world_size
+from gradlab.core.distributed import reduce_over_ranks
+from gradlab.optim.model_bound import ModelBoundOptimizer, world_size
 from gradlab.optim.registry import OPTIMIZERS, lr_option, weight_decay_option
 
 FISHER_TYPES = ("mc", "type-2")
+DAMPING_MODES = ("exact", "factored")
 
 OPTIONS = Options(
     lr_option(0.05),
@@ -61,6 +68,10 @@ OPTIONS = Options(
            paper="Ba, Grosse & Martens 2017"),
     Option("fisher_type", str, "mc", "output-gradient statistics: mc (labels sampled from the model) or "
            "type-2 (exact output-Hessian factors, one backward per class)", choices=FISHER_TYPES),
+    Option("damping_mode", str, "exact", "exact: (G (x) A + lambda I)^-1 through the factors' eigenbases; "
+           "factored: the paper's (G + sqrt(lambda)/pi I)^-1 (x) (A + pi sqrt(lambda) I)^-1 by Cholesky "
+           "(half the products per step, no eigendecomposition)", choices=DAMPING_MODES,
+           paper="Martens & Grosse 2015"),
     weight_decay_option(),
 )
 
@@ -79,15 +90,19 @@ class KFAC(ModelBoundOptimizer):
 
     def __init__(self, params, lr: float = 0.05, momentum: float = 0.9, damping: float = 0.01,
                  factor_every: int = 10, inverse_every: int = 10, factor_decay: float = 0.95,
-                 kl_clip: float = 0.001, fisher_type: str = "mc", weight_decay: float = 0.0, seed: int = 0):
+                 kl_clip: float = 0.001, fisher_type: str = "mc", damping_mode: str = "exact",
+                 weight_decay: float = 0.0, seed: int = 0):
         defaults = OPTIONS.resolve(dict(lr=lr, momentum=momentum, damping=damping, factor_every=factor_every,
                                         inverse_every=inverse_every, factor_decay=factor_decay, kl_clip=kl_clip,
-                                        fisher_type=fisher_type, weight_decay=weight_decay), owner="optimizer kfac")
+                                        fisher_type=fisher_type, damping_mode=damping_mode,
+                                        weight_decay=weight_decay), owner="optimizer kfac")
         super().__init__(params, defaults, seed=seed)
         self.blocks: list[KroneckerBlock] = []
         self.plain_params: list[str] = []
         self.factor_updates = 0
         self._pending = None
+        self._plans: dict = {}  # block index -> prepared exact solve (:meth:`_plan`)
+        self._inverses: list = []  # factored mode: per block (G_d^-1, A_d^-1 split at the bias)
 
     def _on_bind(self, model: nn.Module) -> None:
         params = self._params()
@@ -123,9 +138,12 @@ class KFAC(ModelBoundOptimizer):
         if batch is not None:
             self._update_factors(batch, z.shape[0])
         if t % group["inverse_every"] == 0 or refresh and self.factor_updates == 1:
-            for blk in self.blocks:
-                blk._eig = None
-                blk.eig()
+            if group["damping_mode"] == "exact":
+                for blk in self.blocks:
+                    blk._eig = None
+                    blk.eig()
+            else:
+                self._inverses = [self._factored_inverse(blk, group["damping"]) for blk in self.blocks]
         for p, g in zip(params, grads):
             p.grad = g
         self._apply(params, grads)
@@ -153,7 +171,7 @@ class KFAC(ModelBoundOptimizer):
     def _update_factors(self, batch: list[tuple[Tensor, Tensor]], n_local: int) -> None:
         if world_size() > 1:  # each rank's mean factors weighted by its examples
             flat = [t * float(n_local) for pair in batch for t in pair]
-            *flat, n = all_reduce_sum_([*flat, flat[0].new_tensor([float(n_local)])])
+            *flat, n = reduce_over_ranks([*flat, flat[0].new_tensor([float(n_local)])])
             flat = [t / n for t in flat]
             batch = [(flat[2 * j], flat[2 * j + 1]) for j in range(len(batch))]
         self.factor_updates += 1
@@ -165,15 +183,84 @@ class KFAC(ModelBoundOptimizer):
                 blk._A.mul_(e).add_(a, alpha=1 - e)
                 blk.G.mul_(e).add_(g, alpha=1 - e)
 
+    def _plan(self, j: int, damping: float) -> tuple:
+        """Block ``j``'s solve, prepared once per eigenbasis (and damping): ``Q_G``, ``Q_G^T``
+        (contiguous), ``Q_A``'s weight rows and bias row, and ``1 / (l_G l_A^T + damping)``. A step
+        without a refresh then costs four thin products per layer and one elementwise product."""
+        blk, plan = self.blocks[j], self._plans.get(j)
+        eig = blk.eig()
+        if plan is None or plan[0] is not eig or plan[1] != damping:
+            la, qa, lg, qg = eig
+            bias = blk.b is not None
+            qa_w, qa_b = (qa[:-1], qa[-1]) if bias else (qa, None)
+            plan = (eig, damping, qg, qg.T.contiguous(), qa_w.contiguous(), qa_w.T.contiguous(),
+                    None if qa_b is None else qa_b.contiguous(), torch.outer(lg, la).add_(damping).reciprocal_())
+            self._plans[j] = plan
+        return plan
+
+    @staticmethod
+    def _factored_inverse(blk: KroneckerBlock, damping: float) -> list[Tensor]:
+        """``[G_d^-1, A_d^-1[:K, :K], A_d^-1[:K, K], A_d^-1[K, K]]`` (the last two absent without a
+        bias) for the factored damping of the module docstring."""
+        A, G = blk.A, blk.G
+        ta, tg = float(torch.trace(A)) / A.shape[0], float(torch.trace(G)) / G.shape[0]
+        pi = math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
+        gamma = math.sqrt(damping)
+
+        def inverse(M: Tensor, shift: float) -> Tensor:
+            M = M + shift * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+            L, info = torch.linalg.cholesky_ex(M)
+            if int(info) == 0:
+                return torch.cholesky_inverse(L)
+            lam, Q = torch.linalg.eigh(M)  # PSD + shift not positive definite in floating point
+            return (Q / lam.clamp_min(shift)) @ Q.T
+
+        a_inv = inverse(A, pi * gamma)
+        out = [inverse(G, gamma / pi)]
+        if blk.b is None:
+            return out + [a_inv]
+        return out + [a_inv[:-1, :-1].contiguous(), a_inv[:-1, -1].contiguous(), a_inv[-1, -1].clone()]
+
     def preconditioned(self, grads: list[Tensor]) -> list[Tensor]:
         """``D``: each block's ``(G (x) A + damping I)^-1`` applied to its gradient; other
-        parameters' gradients unchanged."""
+        parameters' gradients unchanged. Exact through the eigenbases,
+        ``D = Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T``, with the bias column of ``V``
+        handled as a rank-one term (no concatenated copy of the gradient)."""
         damping = self.param_groups[0]["damping"]
-        vs = [g.reshape(1, -1) for g in grads]
-        out = list(vs)
-        for blk in self.blocks:
-            blk.from_matrix(blk.solve(blk.to_matrix(vs, 1), damping), out, 1)
-        return [d.reshape(g.shape) for d, g in zip(out, grads)]
+        out = list(grads)
+        if self.param_groups[0]["damping_mode"] == "factored":
+            if len(self._inverses) != len(self.blocks):  # e.g. a state saved in exact mode
+                self._inverses = [self._factored_inverse(blk, damping) for blk in self.blocks]
+            for blk, inv in zip(self.blocks, self._inverses):
+                gw = grads[blk.w].reshape(inv[0].shape[0], -1)
+                if blk.b is None:
+                    out[blk.w] = (inv[0] @ (gw @ inv[1])).view_as(grads[blk.w])
+                    continue
+                g_inv, a_ww, a_wb, a_bb = inv
+                xw = (gw @ a_ww).addr_(grads[blk.b], a_wb)  # A_d^-1 symmetric: its bias row is a_wb
+                out[blk.w] = (g_inv @ xw).view_as(grads[blk.w])
+                out[blk.b] = g_inv @ torch.addmv(grads[blk.b] * a_bb, gw, a_wb)
+            return out
+        for j, blk in enumerate(self.blocks):
+            la, qa, _, _ = blk.eig()
+            if qa.shape[0] != qa.shape[1]:  # a low-rank input factor: the general solve
+                vs = [g.reshape(1, -1) for g in grads]
+                flat = list(vs)
+                blk.from_matrix(blk.solve(blk.to_matrix(vs, 1), damping), flat, 1)
+                for i in (blk.w, blk.b):
+                    if i is not None:
+                        out[i] = flat[i].reshape(grads[i].shape)
+                continue
+            _, _, qg, qgT, qa_w, qa_wT, qa_b, inv = self._plan(j, damping)
+            gw = grads[blk.w].reshape(qg.shape[0], -1)
+            x = gw @ qa_w
+            if qa_b is not None:
+                x.addr_(grads[blk.b], qa_b)
+            y = qg @ (qgT @ x).mul_(inv)
+            out[blk.w] = (y @ qa_wT).view_as(grads[blk.w])
+            if qa_b is not None:
+                out[blk.b] = y @ qa_b
+        return out
 
     def _apply(self, params: list[Tensor], grads: list[Tensor]) -> None:
         group = self.param_groups[0]
@@ -181,22 +268,21 @@ class KFAC(ModelBoundOptimizer):
         D = self.preconditioned(grads)
         nu = 1.0
         if clip > 0:
-            vg = float(sum(torch._foreach_mul(D, grads)[i].sum() for i in range(len(D))))
+            vg = float(torch.stack([torch.vdot(d.reshape(-1), g.reshape(-1)) for d, g in zip(D, grads)]).sum())
             if vg > 0:
                 nu = min(1.0, math.sqrt(clip / (lr * lr * vg)))
         if nu != 1.0:
-            torch._foreach_mul_(D, nu)
+            D = torch._foreach_mul(D, nu)
         if wd != 0:
-            torch._foreach_add_(D, params, alpha=wd)
+            D = torch._foreach_add(D, params, alpha=wd)
         if mom > 0:
-            bufs = []
-            for p, d in zip(params, D):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = d.clone()
-                else:
-                    state["momentum_buffer"].mul_(mom).add_(d)
-                bufs.append(state["momentum_buffer"])
+            bufs = [self.state[p].get("momentum_buffer") for p in params]
+            if any(b is None for b in bufs):  # the first step (or a parameter added since): per tensor
+                for i, (p, b, d) in enumerate(zip(params, bufs, D)):
+                    bufs[i] = self.state[p]["momentum_buffer"] = d.clone() if b is None else b.mul_(mom).add_(d)
+            else:
+                torch._foreach_mul_(bufs, mom)
+                torch._foreach_add_(bufs, D)
             D = bufs
         torch._foreach_add_(params, D, alpha=-lr)
 
@@ -204,7 +290,8 @@ class KFAC(ModelBoundOptimizer):
     def _extra_state(self) -> dict:
         return {"factor_updates": self.factor_updates,
                 "factors": [[blk._A, blk.G] for blk in self.blocks if blk._A is not None],
-                "eig": [list(blk._eig) for blk in self.blocks if blk._eig is not None]}
+                "eig": [list(blk._eig) for blk in self.blocks if blk._eig is not None],
+                "inverses": [list(inv) for inv in self._inverses]}
 
     def _load_extra_state(self, extra: dict) -> None:
         self.factor_updates = int(extra.get("factor_updates", 0))
@@ -213,6 +300,7 @@ class KFAC(ModelBoundOptimizer):
         for j, blk in enumerate(self.blocks):
             blk._A, blk.G = (factors[j][0].clone(), factors[j][1].clone()) if j < len(factors) else (None, None)
             blk._eig = tuple(t.clone() for t in eig[j]) if j < len(eig) else None
+        self._inverses = [[t.clone() for t in inv] for inv in extra.get("inverses", [])]
 
 
 def _make(params, *, seed: int, **options) -> KFAC:

@@ -32,29 +32,19 @@ import contextlib
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from gradlab.core.distributed import process_count, reduce_over_ranks
 from gradlab.core.errors import GradlabError
 from gradlab.curvature.likelihood import check_outputs, require_likelihood
 from gradlab.optim.registry import check_int
 
 
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def all_reduce_sum_(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """One all-reduce (sum) of several tensors; returns new tensors (the inputs unchanged)."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    out, offset = [], 0
-    for t in tensors:
-        out.append(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return out
+#: The number of processes (1 without a process group); the K-FAC, natural-gradient and SAM
+#: modules reduce over ranks with :func:`gradlab.core.distributed.reduce_over_ranks`.
+world_size = process_count
 
 
 @contextlib.contextmanager
@@ -179,8 +169,8 @@ class ModelBoundOptimizer(Optimizer):
         w = world_size()
         if w == 1:
             return tensors, n_local
-        *out, n = all_reduce_sum_([*tensors, torch.tensor([float(n_local)], device=tensors[0].device,
-                                                          dtype=tensors[0].dtype)])
+        *out, n = reduce_over_ranks([*tensors, torch.tensor([float(n_local)], device=tensors[0].device,
+                                                            dtype=tensors[0].dtype)])
         return [t.div_(w) for t in out], int(round(n.item()))
 
     # -- checkpointing --------------------------------------------------------------------------

@@ -48,7 +48,8 @@ from gradlab.curvature.cg import conjugate_gradient
 from gradlab.curvature.cost import products
 from gradlab.curvature.fisher import _outer_product
 from gradlab.curvature.ggn import Linearization
-from gradlab.optim.model_bound import ModelBoundOptimizer, all_reduce_sum_, world_size
+from gradlab.core.distributed import reduce_over_ranks
+from gradlab.optim.model_bound import ModelBoundOptimizer, world_size
 from gradlab.optim.registry import OPTIMIZERS, lr_option
 
 CURVATURES = ("ggn", "fisher")
@@ -116,7 +117,7 @@ class NaturalGD(ModelBoundOptimizer):
         torch._foreach_add_(params, [part.view_as(p) for p, part in zip(params, parts)], alpha=lr)
         f1 = float(closure())
         if world_size() > 1:
-            f1 = float(all_reduce_sum_([torch.tensor([f1], dtype=torch.float64, device=g.device)])[0]) / world_size()
+            f1 = float(reduce_over_ranks([torch.tensor([f1], dtype=torch.float64, device=g.device)], mean=True)[0])
         f0v = float(f0)
         rho = (f1 - f0v) / q if q < 0 else float("-inf")
         if not f1 <= f0v:  # the step raised the batch loss (or made it NaN): undo it
@@ -149,7 +150,7 @@ class NaturalGD(ModelBoundOptimizer):
                 with torch.enable_grad():
                     r = torch.cat([t.reshape(-1) for t in lin.vjp(out)])
             if multi:
-                r = all_reduce_sum_([r / share])[0]
+                r = reduce_over_ranks([r / share])[0]
             return r
 
         return product

@@ -18,7 +18,7 @@ with the elementwise operator ``T = |w| + eta``::
 so a rescaling of a layer's weights (which leaves a ReLU network's function unchanged) does not
 change the sharpness it sees. The perturbation is removed exactly (the weights are restored
 bit for bit) before the base optimizer steps. A step costs two gradients (target: at most 2.1x
-an SGD step, ``benchmarks/bench_optim.py``).
+an SGD step, ``benchmarks/bench_second_order.py``).
 
 Convention: ``needs_loss_closure`` (:mod:`gradlab.optim`): the closure returns the loss without
 backward and is evaluated twice per step (at ``w`` and at ``w + e``); ``step`` returns the loss at
@@ -40,7 +40,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from gradlab.core.options import Option, Options
-from gradlab.optim.model_bound import all_reduce_sum_, perturbed, world_size
+from gradlab.core.distributed import reduce_over_ranks
+from gradlab.optim.model_bound import perturbed
 from gradlab.optim.registry import OPTIMIZERS, lr_option, weight_decay_option
 
 BASES = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop")
@@ -103,29 +104,30 @@ class SAM(Optimizer):
             loss = closure()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-        if world_size() > 1:
-            grads = [g.div_(world_size()) for g in all_reduce_sum_(grads)]
-        return loss.detach(), grads
+        return loss.detach(), reduce_over_ranks(grads, mean=True)
 
     def ascent(self, grads: list[Tensor]) -> list[Tensor]:
-        """The perturbation ``e`` for gradients ``grads`` (one per parameter of :meth:`_params`)."""
-        params, e, i = self._params(), [], 0
-        scales = [None] * len(params)
-        if self.defaults["adaptive"]:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.requires_grad:
-                        scales[i] = p.detach().abs().add_(group["eta"])
-                        i += 1
-        tg = [g if t is None else t * g for g, t in zip(grads, scales)]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tg]))
-        i = 0
+        """The perturbation ``e`` for gradients ``grads`` (one per parameter of :meth:`_params`):
+        foreach operations, one norm of the whole vector, one new tensor per parameter."""
+        adaptive = self.defaults["adaptive"]
+        groups, i = [], 0
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    t = tg[i] if scales[i] is None else scales[i] * tg[i]
-                    e.append(t * (group["rho"] / norm.clamp_min(1e-12)))
-                    i += 1
+            ps = [p for p in group["params"] if p.requires_grad]
+            if ps:
+                groups.append((group, ps, grads[i:i + len(ps)]))
+            i += len(ps)
+        if adaptive:  # T = |w| + eta; the norm is of T g, the direction T^2 g
+            scales = [torch._foreach_add(torch._foreach_abs([p.detach() for p in ps]), group["eta"])
+                      for group, ps, _ in groups]
+            tg = [torch._foreach_mul(gs, ts) for (_, _, gs), ts in zip(groups, scales)]
+        else:
+            tg = [gs for _, _, gs in groups]
+        norm = torch.linalg.vector_norm(torch.stack([n for t in tg for n in torch._foreach_norm(t)]))
+        inv = norm.clamp_min(1e-12).reciprocal()
+        e = []
+        for j, (group, _, _) in enumerate(groups):
+            direction = torch._foreach_mul(tg[j], scales[j]) if adaptive else tg[j]
+            e += torch._foreach_mul(direction, inv * group["rho"])
         return e
 
     @torch.no_grad()

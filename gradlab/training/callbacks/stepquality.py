@@ -104,12 +104,9 @@ class StepQuality(ProbeCallback):
         grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
         value = loss.detach()
         if trainer.dist.enabled:
-            import torch.distributed as dist
+            from gradlab.core.distributed import reduce_over_ranks
 
-            flat = torch.cat([value.reshape(1), *(g.reshape(-1) for g in grads)])
-            dist.all_reduce(flat)
-            flat /= trainer.dist.world_size
-            value, grads = flat[0], [t.view_as(g) for t, g in zip(flat[1:].split([g.numel() for g in grads]), grads)]
+            value, *grads = reduce_over_ranks([value.reshape(1), *grads], mean=True)
         return float(value), grads
 
     def state_dict(self) -> dict:

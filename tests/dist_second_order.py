@@ -1,0 +1,64 @@
+"""Helper process for tests/test_dist_second_order.py: ``python dist_second_order.py OUT_DIR`` under
+torchrun. Each rank takes its share (positions rank, rank + W, ...) of one float64 batch, steps
+K-FAC, natural-gd and SAM a few times, and saves the parameters (and a check of
+``reduce_over_ranks``) as ``OUT_DIR/rank{R}.pt``; :func:`train` on one process with the whole
+batch is the reference."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradlab.optim import build_optimizer
+
+D64 = torch.float64
+#: optimizer -> (options, steps): type-2 K-FAC and the GGN are deterministic (the Monte Carlo
+#: variants draw each rank's labels from the same seed, so they differ from one process's draw).
+CASES = {
+    "kfac": (dict(lr=0.1, factor_every=2, inverse_every=2, fisher_type="type-2", kl_clip=0.01), 4),
+    "natural-gd": (dict(damping=0.5, cg_iters=5), 3),
+    "sam": (dict(lr=0.1, rho=0.1), 2),
+}
+
+
+def problem():
+    """A conv + linear model (both K-FAC layer kinds) and a batch of 16 images (1, 4, 4), float64."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(32, 3)).to(D64)
+    g = torch.Generator().manual_seed(1)
+    return model, torch.randn(16, 1, 4, 4, generator=g, dtype=D64), torch.randint(0, 3, (16,), generator=g)
+
+
+def train(name: str, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+    model, x, y = problem()
+    xb, yb = x[rank::world], y[rank::world]
+    options, steps = CASES[name]
+    opt = build_optimizer(name, model.parameters(), seed=3, **options)
+    if getattr(opt, "needs_model", False):
+        opt.bind(model, F.cross_entropy)
+    for _ in range(steps):
+        opt.zero_grad()
+        opt.step(lambda: F.cross_entropy(model(xb), yb))
+    return [p.detach().clone() for p in model.parameters()]
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+
+    from gradlab.core.distributed import reduce_over_ranks
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        out = {name: train(name, rank, world) for name in CASES}
+        mine = [torch.full((2, 3), float(rank + 1), dtype=D64), torch.arange(4, dtype=D64) * (rank + 1)]
+        out["reduce-sum"] = reduce_over_ranks(mine)
+        out["reduce-mean"] = reduce_over_ranks(mine, mean=True)
+        out["inputs-after"] = mine
+        torch.save(out, f"{sys.argv[1]}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,51 @@
+"""K-FAC, natural-gd and SAM under torchrun (2 gloo processes): each process steps on its half
+of a float64 batch, the optimizers all-reduce gradients and curvature (K-FAC's factors weighted
+by examples, natural-gd's products and losses), and both ranks end with the parameters of one
+process stepping on the whole batch (tests/dist_second_order.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_second_order import CASES, problem, train
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = Path(__file__).with_name("dist_second_order.py")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(SCRIPT), str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_processes_on_halves_take_the_one_process_steps(ranks, name):
+    ref = train(name)
+    start = problem()[0]
+    moved = max(float((a - p.detach()).abs().max()) for a, p in zip(ref, start.parameters()))
+    assert moved > 1e-3  # the steps did something
+    for got in ranks:
+        for a, b in zip(got[name], ref):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (name, float((a - b).abs().max()))
+
+
+def test_reduce_over_ranks_sums_or_averages_in_one_call_and_keeps_the_inputs(ranks):
+    for got in ranks:
+        assert torch.equal(got["reduce-sum"][0], torch.full((2, 3), 3.0, dtype=torch.float64))
+        assert torch.equal(got["reduce-sum"][1], torch.arange(4, dtype=torch.float64) * 3)
+        assert torch.equal(got["reduce-mean"][1], torch.arange(4, dtype=torch.float64) * 1.5)
+    assert torch.equal(ranks[1]["inputs-after"][0], torch.full((2, 3), 2.0, dtype=torch.float64))
