@@ -37,16 +37,15 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
-
 from gradlab.curvature.diagonal import hutchinson_diagonal
 from gradlab.curvature.hvp import hvp_from_grads
 from gradlab.core.distributed import process_count, reduce_over_ranks
 from gradlab.core.errors import GradlabError
 from gradlab.optim.registry import check_int
+from gradlab.optim.state import ExtraState
 
 
-class HessianDiagOptimizer(Optimizer):
+class HessianDiagOptimizer(ExtraState):
     """Base class: subclasses call :meth:`_grad_and_diag` in ``step(closure)``. See module doc."""
 
     needs_loss_closure = True
@@ -122,23 +121,14 @@ class HessianDiagOptimizer(Optimizer):
 
     # -- checkpointing --------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["gradlab"] = {
-            "rng_state": self._generator.get_state(),
-            "hvp_count": self.hvp_count,
-            "steps_taken": self.steps_taken,
-        }
-        return sd
+    def _gradlab_state(self) -> dict:
+        return {"rng_state": self._generator.get_state(), "hvp_count": self.hvp_count,
+                "steps_taken": self.steps_taken}
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("gradlab", None)
-        super().load_state_dict(state_dict)
-        if extra is not None:
-            self._generator.set_state(extra["rng_state"])
-            self.hvp_count = int(extra["hvp_count"])
-            self.steps_taken = int(extra["steps_taken"])
+    def _load_gradlab_state(self, extra: dict) -> None:
+        self._generator.set_state(extra["rng_state"])
+        self.hvp_count = int(extra["hvp_count"])
+        self.steps_taken = int(extra["steps_taken"])
 
 
 def spatial_average(d: Tensor) -> Tensor:

@@ -24,10 +24,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim import Optimizer
 
 from gradlab.core.options import Option, Options
 from gradlab.optim.registry import OPTIMIZERS, check_seed, lr_option, weight_decay_option
+from gradlab.optim.state import ExtraState
 
 OPTIONS = Options(
     lr_option(0.1),
@@ -41,7 +41,7 @@ OPTIONS = Options(
 )
 
 
-class Langevin(Optimizer):
+class Langevin(ExtraState):
     """Noisy SGD / SGLD (see module docstring).
 
     Args:
@@ -97,18 +97,12 @@ class Langevin(Optimizer):
         self.t += 1
         return loss
 
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["gradlab"] = {"rng_state": self._generator.get_state(), "t": self.t}
-        return sd
+    def _gradlab_state(self) -> dict:
+        return {"rng_state": self._generator.get_state(), "t": self.t}
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("gradlab", None)
-        super().load_state_dict(state_dict)
-        if extra is not None:
-            self._generator.set_state(extra["rng_state"])
-            self.t = int(extra["t"])
+    def _load_gradlab_state(self, extra: dict) -> None:
+        self._generator.set_state(extra["rng_state"])
+        self.t = int(extra["t"])
 
 
 OPTIMIZERS.add(

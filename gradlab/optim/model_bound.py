@@ -34,12 +34,11 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim import Optimizer
-
 from gradlab.core.distributed import process_count, reduce_over_ranks
 from gradlab.core.errors import GradlabError
 from gradlab.curvature.likelihood import check_outputs, require_likelihood
 from gradlab.optim.registry import check_int
+from gradlab.optim.state import ExtraState
 
 
 #: The number of processes (1 without a process group); the K-FAC, natural-gradient and SAM
@@ -61,7 +60,7 @@ def perturbed(params: list[Tensor], delta: list[Tensor], alpha: float = 1.0):
                 p.copy_(s)
 
 
-class ModelBoundOptimizer(Optimizer):
+class ModelBoundOptimizer(ExtraState):
     """Base class of the optimizers that need the model (module docstring)."""
 
     needs_loss_closure = True
@@ -180,18 +179,12 @@ class ModelBoundOptimizer(Optimizer):
     def _load_extra_state(self, extra: dict) -> None:
         pass
 
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["gradlab"] = {"rng_state": self._generator.get_state(), "steps_taken": self.steps_taken,
-                         "events": [dict(e) for e in self.events], **self._extra_state()}
-        return sd
+    def _gradlab_state(self) -> dict:
+        return {"rng_state": self._generator.get_state(), "steps_taken": self.steps_taken,
+                "events": [dict(e) for e in self.events], **self._extra_state()}
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("gradlab", None)
-        super().load_state_dict(state_dict)
-        if extra is not None:
-            self._generator.set_state(extra["rng_state"])
-            self.steps_taken = int(extra["steps_taken"])
-            self.events = [dict(e) for e in extra.get("events", [])]
-            self._load_extra_state(extra)
+    def _load_gradlab_state(self, extra: dict) -> None:
+        self._generator.set_state(extra["rng_state"])
+        self.steps_taken = int(extra["steps_taken"])
+        self.events = [dict(e) for e in extra.get("events", [])]
+        self._load_extra_state(extra)

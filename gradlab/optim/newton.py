@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
-
 from gradlab.core.options import Option, Options
 from gradlab.curvature.cg import conjugate_gradient
 from gradlab.curvature.lanczos import Lanczos
 from gradlab.optim.closure import GradientGraph, add_to_params, evaluate, set_grads
 from gradlab.optim.registry import OPTIMIZERS, lr_option
+from gradlab.optim.state import ExtraState
 
 DAMPING = Option("damping", float, 1e-4, "added to the Hessian's eigenvalues (Levenberg-Marquardt): bounds "
                  "the step along flat directions", low=0)
@@ -59,7 +58,7 @@ def work_dtype(params) -> torch.dtype:
     return torch.float64 if params[0].dtype == torch.float64 else torch.float32
 
 
-class _ClosureNewton(Optimizer):
+class _ClosureNewton(ExtraState):
     """Shared step: evaluate, solve for a direction (subclass), move. One global flat system."""
 
     needs_loss_closure = True
@@ -93,17 +92,11 @@ class _ClosureNewton(Optimizer):
     def _direction(self, op: GradientGraph, g: Tensor, group: dict) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["gradlab"] = {"hvp_count": self.hvp_count, "steps_taken": self.steps_taken}
-        return sd
+    def _gradlab_state(self) -> dict:
+        return {"hvp_count": self.hvp_count, "steps_taken": self.steps_taken}
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("gradlab", None)
-        super().load_state_dict(state_dict)
-        if extra is not None:
-            self.hvp_count, self.steps_taken = int(extra["hvp_count"]), int(extra["steps_taken"])
+    def _load_gradlab_state(self, extra: dict) -> None:
+        self.hvp_count, self.steps_taken = int(extra["hvp_count"]), int(extra["steps_taken"])
 
 
 class Newton(_ClosureNewton):

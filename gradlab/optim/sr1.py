@@ -33,13 +33,12 @@ import math
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
-
 from gradlab.core.options import Option, Options
 from gradlab.optim.closure import add_to_params, evaluate, set_grads
 from gradlab.optim.newton import work_dtype
 from gradlab.optim.registry import OPTIMIZERS
 from gradlab.optim.trust_region import eigen_trust_step
+from gradlab.optim.state import ExtraState
 
 OPTIONS = Options(
     Option("lr", float, 1.0, "initial trust-region radius", low=0, low_open=True),
@@ -75,7 +74,7 @@ def compact_eigen(S: Tensor, Y: Tensor, gamma: float) -> tuple[Tensor, Tensor, i
     return S.new_zeros(n, 0), S.new_zeros(0), 0
 
 
-class SR1(Optimizer):
+class SR1(ExtraState):
     """L-SR1 in a trust region (see the module docstring)."""
 
     needs_loss_closure = True
@@ -160,22 +159,16 @@ class SR1(Optimizer):
         if sy > 0:
             self.gamma = float(y @ y) / sy
 
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["gradlab"] = {"radius": self.radius, "gamma": self.gamma, "counts": dict(self.counts),
-                         "S": [s.clone() for s in self.S], "Y": [y.clone() for y in self.Y]}
-        return sd
+    def _gradlab_state(self) -> dict:
+        return {"radius": self.radius, "gamma": self.gamma, "counts": dict(self.counts),
+                "S": [s.clone() for s in self.S], "Y": [y.clone() for y in self.Y]}
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("gradlab", None)
-        super().load_state_dict(state_dict)
-        if extra is not None:
-            device = self._params()[0].device
-            self.radius, self.gamma = float(extra["radius"]), float(extra["gamma"])
-            self.counts = {k: int(v) for k, v in extra["counts"].items()}
-            self.S = [s.to(device) for s in extra["S"]]
-            self.Y = [y.to(device) for y in extra["Y"]]
+    def _load_gradlab_state(self, extra: dict) -> None:
+        device = self._params()[0].device
+        self.radius, self.gamma = float(extra["radius"]), float(extra["gamma"])
+        self.counts = {k: int(v) for k, v in extra["counts"].items()}
+        self.S = [s.to(device) for s in extra["S"]]
+        self.Y = [y.to(device) for y in extra["Y"]]
 
 
 OPTIMIZERS.add(

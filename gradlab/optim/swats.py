@@ -25,10 +25,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.optim import Optimizer
 
 from gradlab.core.options import Option, Options
 from gradlab.optim.registry import OPTIMIZERS, betas_option, eps_option, lr_option, weight_decay_option
+from gradlab.optim.state import ExtraState
 
 OPTIONS = Options(
     lr_option(1e-3),
@@ -40,7 +40,7 @@ OPTIONS = Options(
 )
 
 
-class SWATS(Optimizer):
+class SWATS(ExtraState):
     """Adam, then SGD with momentum at the projected learning rate (see module docstring).
 
     Args:
@@ -139,20 +139,14 @@ class SWATS(Optimizer):
                 v.mul_(b1).add_(g)
                 p.add_(v, alpha=-(1 - b1) * lr)
 
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["gradlab"] = {"phase": self.phase, "k": self.k, "lambda_ema": self.lambda_ema,
-                         "sgd_lr": self.sgd_lr, "events": [dict(e) for e in self._events]}
-        return sd
+    def _gradlab_state(self) -> dict:
+        return {"phase": self.phase, "k": self.k, "lambda_ema": self.lambda_ema, "sgd_lr": self.sgd_lr,
+                "events": [dict(e) for e in self._events]}
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("gradlab", None)
-        super().load_state_dict(state_dict)
-        if extra is not None:
-            self.phase, self.k = extra["phase"], int(extra["k"])
-            self.lambda_ema, self.sgd_lr = float(extra["lambda_ema"]), extra["sgd_lr"]
-            self._events = [dict(e) for e in extra["events"]]
+    def _load_gradlab_state(self, extra: dict) -> None:
+        self.phase, self.k = extra["phase"], int(extra["k"])
+        self.lambda_ema, self.sgd_lr = float(extra["lambda_ema"]), extra["sgd_lr"]
+        self._events = [dict(e) for e in extra["events"]]
 
 
 def _make(params, *, seed: int, **options) -> SWATS:
