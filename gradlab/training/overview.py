@@ -12,7 +12,6 @@ category of their split; per-layer records (``update_ratio/net.0``) are dashboar
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Sequence
 
 # (category, title, ((split, metric), ...), log-scale)
@@ -89,58 +88,16 @@ def panels(frame) -> list[tuple[str, list, bool]]:
 
 def overview_figure(frame, title: str = ""):
     """Cockpit-style overview of a run's instruments: ``(figure, panel titles)``, one panel per
-    instrument present in ``frame`` (see :func:`panels`), or ``(None, [])`` when none is."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import ticker
+    instrument present in ``frame`` (see :func:`panels`), or ``(None, [])`` when none is. The
+    figure is a plain ``matplotlib.figure.Figure`` on an Agg canvas (no pyplot), drawn by
+    :func:`gradlab.training.overview_draw.draw_panels`; render it with
+    :func:`~gradlab.training.overview_draw.png_bytes`."""
+    from gradlab.training.overview_draw import draw_panels
 
     chosen = panels(frame)
     if not chosen:
         return None, []
-    cols = min(4, len(chosen))
-    rows = math.ceil(len(chosen) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
-    last = max((max(steps) for _, lines, _ in chosen for _, steps, _ in lines if steps), default=1)
-    # The drawing's cost is in the tick and text artists, not the data: three ticks an axis, no
-    # minor ticks, plain (non-mathtext) labels, titles at a fixed height (an automatic one
-    # measures every tick label), legends at a fixed place ("best" searches the data), one
-    # steps axis for all panels with its ticks on the lowest panel of each column only.
-    for k, (ax, (name, lines, log)) in enumerate(zip(axes.flat, chosen)):
-        for label, steps, values in lines:
-            style = dict(marker=".", linestyle="-" if len(steps) > 1 else "none", markersize=3, linewidth=1)
-            ax.plot(steps, values, label=label, **style)
-        finite = [v for _, _, vs in lines for v in vs if math.isfinite(v)]
-        if log and finite and min(finite) > 0:
-            ax.set_yscale("log")
-            decades = math.log10(max(finite) / min(finite))  # under two: ticks at 1, 2, 5 x 10^k
-            ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0) if decades < 2 else (1.0,),
-                                                         numticks=4))
-            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
-        else:
-            ax.yaxis.set_major_locator(ticker.MaxNLocator(3))
-        ax.yaxis.set_minor_locator(ticker.NullLocator())
-        ax.set_xlim(0, last * 1.02)
-        lowest = k + cols >= len(chosen)
-        ax.xaxis.set_major_locator(ticker.MaxNLocator(3, integer=True) if lowest else ticker.NullLocator())
-        ax.xaxis.set_minor_locator(ticker.NullLocator())
-        if name == "alpha":  # Cockpit's reference lines: the minimum (0) and the other side (1)
-            for level in (-1, 0, 1):
-                ax.axhline(level, color="grey", linewidth=0.6, linestyle=":" if level else "--")
-        ax.set_title(name, fontsize=9, y=1.0, pad=3)
-        ax.tick_params(labelsize=7)
-        if len(lines) > 1:
-            ax.legend(fontsize=6, loc="upper right")
-    for ax in list(axes.flat)[len(chosen):]:
-        ax.axis("off")
-    fig.text(0.5, 0.01, "step", ha="center", va="bottom", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    # a fixed layout: tight_layout would draw the whole figure once more
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.1 / rows + 0.04, top=1 - 0.12 / rows - 0.03,
-                        wspace=0.3, hspace=0.45)
-    return fig, [name for name, _, _ in chosen]
+    return draw_panels(chosen, title), [name for name, _, _ in chosen]
 
 
 def probe_splits(callbacks: Sequence) -> list[str]:

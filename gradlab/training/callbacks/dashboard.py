@@ -46,19 +46,17 @@ class Dashboard(Callback):
             self._save(trainer.run, fig, trainer.step)
 
     def _save(self, run, fig, step: int) -> None:
-        """``plots/<name>.png`` and the same pixels as a TensorBoard image: the figure is drawn
-        once (``RunDir.save_figure`` would draw it a second time for TensorBoard)."""
-        import matplotlib.pyplot as plt
-        from matplotlib.image import imread
+        """``plots/<name>.png`` and the same PNG as a TensorBoard image: the figure is drawn and
+        encoded once (``RunDir.save_figure`` would draw it twice and encode it twice)."""
+        from gradlab.training.overview_draw import image_summary, png_bytes
 
+        if not run.enabled:
+            return
+        png, height, width = png_bytes(fig)
         path = run.path / "plots" / f"{self.name}.png"
-        try:
-            if run.enabled:
-                path.parent.mkdir(exist_ok=True)
-                fig.savefig(path, dpi=100)
-                run.tb.add_image(f"plots/{self.name}", imread(path)[..., :3], global_step=step, dataformats="HWC")
-        finally:
-            plt.close(fig)
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(png)
+        run.tb.file_writer.add_summary(image_summary(f"plots/{self.name}", png, height, width), step)
 
 
 __all__ = ["Dashboard"]
