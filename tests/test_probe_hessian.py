@@ -121,7 +121,8 @@ def test_to_frame_columns_and_rows():
                         density_starts=2, density_steps=10, trace_matvecs=10)
     df = rep.to_frame()
     assert list(df.columns) == FRAME_COLUMNS
-    assert set(df["kind"]) == {"eigenvalue", "trace", "density"}
+    assert set(df["kind"]) == {"eigenvalue", "trace", "density", "morse_index", "morse_index_low", "morse_index_high",
+                               "morse_index_error"}
     eig = df[df.kind == "eigenvalue"]
     assert list(eig["index"]) == [1, 2, -1] and list(eig["value"]) == rep.top + rep.bottom
     assert df[df.kind == "trace"]["stderr"].iloc[0] == pytest.approx(rep.trace_stderr)
@@ -183,7 +184,8 @@ def test_cli_fresh_model_writes_outputs(capsys, tmp_path):
     assert r.code == 0, r.err
     out = r.run_path
     df = pd.read_csv(out / "hessian.csv")
-    assert list(df.columns) == FRAME_COLUMNS and set(df["kind"]) == {"eigenvalue", "trace", "density"}
+    assert list(df.columns) == FRAME_COLUMNS and set(df["kind"]) == {
+        "eigenvalue", "trace", "density", "morse_index", "morse_index_low", "morse_index_high", "morse_index_error"}
     assert (out / "plots" / "hessian_density.png").is_file() and (out / "hessian_density.csv").is_file()
     assert "ABOVE the gradient-descent stability bound" in r.out
     assert "point: not-critical" in r.out

@@ -9,7 +9,8 @@ On one batch, every N steps: ``lambda_max`` and ``trace`` of the loss Hessian
 * ``density=true``: the Morse index, the fraction of negative Hessian eigenvalues, from
   ``density_starts`` Lanczos runs of ``density_steps`` steps (:data:`DENSITY_STARTS` x
   :data:`DENSITY_STEPS` unless the probe's options say otherwise), counted with the Gauss-Radau
-  rule that has a node at 0 (:meth:`gradlab.curvature.density.DensityResult.fraction_bracketed`):
+  rule that has a node at 0 by :func:`gradlab.probes.hessian_morse.morse_index` (the same code
+  as ``gradlab probe hessian --density``):
   ``morse_index`` (the midpoint of each start's exact bracket, averaged), ``morse_index_stderr``
   (their standard error over the starts), ``morse_index_low`` / ``morse_index_high`` (the
   bracket, widened by two standard errors) and ``morse_index_error``, the reported error of the
@@ -32,9 +33,11 @@ DENSITY_STARTS, DENSITY_STEPS = 4, 30
 
 def training_curvature(model, loss_fn, batch, *, tol: float = 1e-3, trace_matvecs: int = 20, mode: str = "eval",
                        compare: Optional[str] = None, density: bool = False,
-                       density_starts: int = DENSITY_STARTS, density_steps: int = DENSITY_STEPS, lr: Optional[float] = None, seed: int = 0) -> dict:
+                       density_starts: int = DENSITY_STARTS, density_steps: int = DENSITY_STEPS,
+                       lr: Optional[float] = None, seed: int = 0) -> dict:
     """The scalars of the module docstring on one ``(x, y)`` batch (floats)."""
     from gradlab.probes.hessian import quick_curvature, stability_bound
+    from gradlab.probes.hessian_morse import morse_index
 
     lam, tr = quick_curvature(model, loss_fn, batch, tol=tol, trace_matvecs=trace_matvecs, mode=mode, seed=seed)
     out = {"lambda_max": lam, "trace": tr, "stability_bound": stability_bound(lam)}
@@ -44,11 +47,7 @@ def training_curvature(model, loss_fn, batch, *, tol: float = 1e-3, trace_matvec
         op = curvature_matrix("hessian", model, loss_fn, batch, mode=mode, seed=seed)
         try:
             if density:
-                d = slq_density(op, density_starts, density_steps, seed=seed + 3)
-                m = d.fraction_bracketed(0.0, zero_tol=1e-6 * float(d.nodes.abs().max()))
-                out["morse_index"], out["morse_index_stderr"] = m.value, m.std_error
-                out["morse_index_low"], out["morse_index_high"] = m.low, m.high
-                out["morse_index_error"] = 0.5 * m.ambiguous + (2 * m.std_error if m.starts > 1 else 0.0)
+                out.update(morse_index(slq_density(op, density_starts, density_steps, seed=seed + 3)))
         finally:
             op.clear()
     if compare is not None:

@@ -20,8 +20,6 @@ solvers). Reported quantities, for the mean loss over the given batches:
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -30,7 +28,6 @@ from torch import Tensor, nn
 
 from gradlab.curvature import (
     MATRICES,
-    DensityResult,
     HessianOperator,
     curvature_matrix,
     eigsh,
@@ -41,97 +38,12 @@ from gradlab.core.errors import GradlabError, check
 from gradlab.core.options import Option, Options
 from gradlab.probes import PROBES
 from gradlab.probes.base import Probe, ProbeContext, ProbeReport
-from gradlab.probes.critical import GRAD_TOL, CriticalPoint, classify_point
+from gradlab.probes.critical import GRAD_TOL, classify_point
 from gradlab.probes import streamed as st
 from gradlab.probes.hessian_exact import error_bounds, exact_parts
+from gradlab.probes.hessian_report import FRAME_COLUMNS, HessianReport, stability_bound
 from gradlab.probes.hessian_text import overview_frame, summary_lines
 from gradlab.probes.source import batch_options
-
-FRAME_COLUMNS = ["kind", "index", "value", "stderr"]
-
-
-@dataclass
-class HessianReport:
-    """Result of :func:`hessian_probe`. Eigenvalues are float64 lists: ``top`` descending
-    (``top[0] = lambda_max``), ``bottom`` ascending (``bottom[0] = lambda_min``)."""
-
-    top: list
-    bottom: list
-    top_converged: bool
-    bottom_converged: bool
-    trace: Optional[float]
-    trace_stderr: Optional[float]
-    trace_method: Optional[str]
-    loss: float
-    grad_norm: float
-    lambda_max: float
-    stability_bound: float  # 2 / lambda_max (inf when lambda_max <= 0)
-    lr: Optional[float]
-    lr_above_bound: bool
-    classification: CriticalPoint
-    density: Optional[DensityResult]
-    num_params: int
-    num_samples: int
-    num_matvecs: int
-    mode: str
-    backend: str
-    notes: list = field(default_factory=list)
-    matrix: str = "hessian"  # which curvature matrix the eigenvalues, trace and density are of
-
-    def to_frame(self):
-        """Long table with columns ``kind,index,value,stderr``.
-
-        ``eigenvalue`` rows: index ``1..k`` for the top eigenvalues (1 = largest) and ``-1..-k``
-        for the bottom ones (-1 = smallest); ``trace``: one row, index 0, with its stderr;
-        ``density``: index = grid point ``i`` (the grid itself is :meth:`density_frame`).
-        """
-        import pandas as pd
-
-        rows = [("eigenvalue", i + 1, v, float("nan")) for i, v in enumerate(self.top)]
-        rows += [("eigenvalue", -(i + 1), v, float("nan")) for i, v in enumerate(self.bottom)]
-        if self.trace is not None:
-            rows.append(("trace", 0, self.trace, self.trace_stderr))
-        if self.density is not None:
-            rows += [("density", i, float(d), float("nan")) for i, d in enumerate(self.density.density)]
-        return pd.DataFrame(rows, columns=FRAME_COLUMNS)
-
-    def density_frame(self):
-        """``index,eigenvalue,density`` on the SLQ grid (empty when no density was computed)."""
-        import pandas as pd
-
-        if self.density is None:
-            return pd.DataFrame(columns=["index", "eigenvalue", "density"])
-        d = self.density
-        return pd.DataFrame({"index": range(len(d.grid)), "eigenvalue": d.grid.tolist(), "density": d.density.tolist()})
-
-    def metrics(self) -> dict:
-        """Scalars for TensorBoard and summary.csv."""
-        out = {"lambda_max": self.lambda_max, "grad_norm": self.grad_norm, "loss": self.loss,
-               "stability_bound": self.stability_bound, "num_matvecs": self.num_matvecs}
-        if self.bottom:
-            out["lambda_min"] = self.bottom[0]
-        if self.trace is not None:
-            out["trace"], out["trace_stderr"] = self.trace, self.trace_stderr
-        if self.classification.neg_pos_ratio is not None:
-            out["neg_pos_ratio"] = self.classification.neg_pos_ratio
-        if self.density is not None and self.matrix == "hessian":
-            morse = self.morse_index()
-            out["morse_index"], out["morse_index_stderr"] = morse.value, morse.std_error
-        return out
-
-    def morse_index(self):
-        """The fraction of negative eigenvalues (the Morse index over the dimension) from the SLQ
-        density, with its standard error over the starts
-        (:meth:`gradlab.curvature.density.DensityResult.fraction_below`); nodes within float
-        rounding of zero count half."""
-        nodes = self.density.nodes
-        return self.density.fraction_below(0.0, zero_tol=1e-6 * float(nodes.abs().max()))
-
-
-def stability_bound(lambda_max: float) -> float:
-    """``2 / lambda_max``: the largest stable gradient-descent step on the local quadratic."""
-    return 2.0 / lambda_max if lambda_max > 0 else math.inf
-
 
 def hessian_probe(
     model: nn.Module,
@@ -415,3 +327,7 @@ class HessianProbe(Probe):
                                   trace_matvecs=options.get("trace_matvecs", 20), mode=options.get("mode", "eval"),
                                   compare=options.get("compare"), density=options.get("density", False),
                                   lr=options.get("lr"))
+
+
+__all__ = ["FRAME_COLUMNS", "OPTIONS", "HessianProbe", "HessianReport", "as_batches", "hessian_probe",
+           "quick_curvature", "stability_bound"]

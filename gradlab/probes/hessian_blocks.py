@@ -24,6 +24,7 @@ import torch
 from gradlab.curvature import DenseOperator, EigenResult, TraceResult, curvature_matrix, eigsh, slq_density
 from gradlab.curvature.blocks import ParamBlock, parameter_blocks
 from gradlab.curvature.gauss_newton import TRACE_METHODS
+from gradlab.probes.hessian_morse import morse_fraction, morse_index
 
 WHOLE = "(model)"
 
@@ -49,10 +50,9 @@ class BlockResult:
         return self.top[0]
 
     def morse_index(self):
-        """Fraction of negative eigenvalues from the block's SLQ density (see
-        :meth:`gradlab.probes.hessian.HessianReport.morse_index`)."""
-        nodes = self.density.nodes
-        return self.density.fraction_below(0.0, zero_tol=1e-6 * float(nodes.abs().max()))
+        """Fraction of negative eigenvalues from the block's SLQ density, with its Gauss-Radau
+        bracket (:func:`gradlab.probes.hessian_morse.morse_fraction`)."""
+        return morse_fraction(self.density)
 
 
 def whole_model_row(rep) -> BlockResult:
@@ -150,8 +150,7 @@ def blocks_frame(rows: list[BlockResult], matrix: str = "hessian"):
         if r.density is not None:
             rec["density_mean"] = r.density.mean
             if matrix == "hessian":
-                m = r.morse_index()
-                rec["morse_index"], rec["morse_index_stderr"] = m.value, m.std_error
+                rec.update(morse_index(r.density))
         recs.append(rec)
     return pd.DataFrame(recs)
 

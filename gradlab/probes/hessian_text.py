@@ -21,6 +21,11 @@ def overview_frame(rep):
              ("stability bound 2/lambda_max", rep.stability_bound, None)]
     if rep.lr is not None:
         rows.append(("learning rate", rep.lr, None))
+    morse = rep.morse()
+    if morse:
+        rows += [("Morse index (negative share)", morse["morse_index"], morse["morse_index_stderr"]),
+                 ("Morse index bracket, low", morse["morse_index_low"], None),
+                 ("Morse index bracket, high", morse["morse_index_high"], None)]
     rows.append((f"{'Hessian' if rep.matrix == 'hessian' else rep.matrix}-vector products", float(rep.num_matvecs), None))
     return pd.DataFrame(rows, columns=["quantity", "value", "stderr"]).astype({"stderr": float})
 
@@ -43,7 +48,8 @@ def summary_lines(rep, opt: Optional[str]) -> list:
     if rep.density is not None and rep.matrix == "hessian":
         m = rep.morse_index()
         lines.append(f"Morse index: {100 * m.value:.1f}% +- {100 * m.std_error:.1f}% of directions have negative "
-                     f"curvature (SLQ over {m.starts} starts)")
+                     f"curvature, bracket [{100 * m.low:.1f}%, {100 * m.high:.1f}%] (Gauss-Radau SLQ over "
+                     f"{m.starts} starts)")
     lines += [f"note: {n}" for n in rep.notes]
     return lines
 

@@ -72,52 +72,91 @@ def alpha(t: float, f0: float, f1: float, df0: float, df1: float) -> float:
     return 2.0 * t / s_bar - 1.0
 
 
-def _dot(a: Sequence, b: Sequence) -> float:
+def _flat(tensors: Sequence):
+    """The tensors side by side as one float64 vector (one copy; every sum below is one op)."""
     import torch
 
-    return float(sum(torch.sum(x.double() * y.double()) for x, y in zip(a, b)))
+    return torch.cat([t.detach().reshape(-1) for t in tensors]).to(torch.float64)
+
+
+def _squares(rows, sizes: Sequence[int]) -> list:
+    """``[[sum of squares of each tensor's slice] for each row]`` of ``rows`` ``(m, n)``, the
+    tensors being consecutive slices of ``sizes`` elements: every row at once, one read-back."""
+    import torch
+
+    return torch.stack([part.square().sum(1) for part in rows.split(list(sizes), 1)], 1).tolist()
+
+
+def _alpha_of(d, g0, g1, f0: float, f1: float) -> dict:
+    """:func:`step_alpha` from the flat step ``d`` and gradients (one product, one read-back)."""
+    import torch
+
+    dd, a, b = (torch.stack([d, g0, g1]) @ d).tolist()
+    t = math.sqrt(dd)
+    df0 = a / t if t > 0 else 0.0
+    df1 = b / t if t > 0 else 0.0
+    return {"alpha": alpha(t, f0, f1, df0, df1), "step_length": t, "slope_before": df0, "slope_after": df1}
+
+
+def _by_layer(names: Sequence[str], squares: Sequence[float]) -> dict:
+    """``{"all": norm, layer: norm, ...}`` from each parameter's sum of squares."""
+    from gradlab.probes.gradstats import layer_of
+
+    out: dict = {}
+    for name, sq in zip(names, squares):
+        out[layer_of(name)] = out.get(layer_of(name), 0.0) + sq
+    return {"all": math.sqrt(sum(squares)), **{k: math.sqrt(v) for k, v in out.items()}}
+
+
+def _ratios_of(names, sizes, d, w0, w1, init, layers: bool) -> dict:
+    """:func:`ratios` from flat vectors (``init`` may be None): one reduction for all norms."""
+    import torch
+
+    rows = [d, w0] + ([w1 - init] if init is not None else [])
+    squares = _squares(torch.stack(rows), sizes)
+    step, size = _by_layer(names, squares[0]), _by_layer(names, squares[1])
+    ratio = {k: (step[k] / size[k] if size[k] > 0 else (0.0 if step[k] == 0 else math.inf)) for k in step}
+    out = {"update_ratio": ratio.pop("all")}
+    if layers:
+        out.update({f"update_ratio/{k}": v for k, v in ratio.items()})
+    if init is not None:
+        dist = _by_layer(names, squares[2])
+        out["distance_from_init"] = dist.pop("all")
+        if layers:
+            out.update({f"distance/{k}": v for k, v in dist.items()})
+    return out
 
 
 def step_alpha(w0: Sequence, w1: Sequence, f0: float, g0: Sequence, f1: float, g1: Sequence) -> dict:
     """``{"alpha", "step_length", "slope_before", "slope_after"}`` of the update ``w0 -> w1``
     (lists of tensors) given the loss and gradient (lists of tensors) at both ends."""
-    d = [b.detach() - a.detach() for a, b in zip(w0, w1)]
-    t = math.sqrt(_dot(d, d))
-    df0 = _dot(g0, d) / t if t > 0 else 0.0
-    df1 = _dot(g1, d) / t if t > 0 else 0.0
-    return {"alpha": alpha(t, f0, f1, df0, df1), "step_length": t, "slope_before": df0, "slope_after": df1}
+    return _alpha_of(_flat(w1) - _flat(w0), _flat(g0), _flat(g1), f0, f1)
 
 
 def layer_norms(names: Sequence[str], tensors: Sequence) -> dict:
     """``{layer: ||tensors of that layer||}`` (float64 sums of squares per module, see
     :func:`gradlab.probes.gradstats.layer_of`), with ``"all"``: the norm of everything."""
-    import torch
-
-    from gradlab.probes.gradstats import layer_of
-
-    squares = torch.stack([t.detach().double().pow(2).sum() for t in tensors]).tolist() if tensors else []
-    out: dict = {}
-    for name, sq in zip(names, squares):
-        out[layer_of(name)] = out.get(layer_of(name), 0.0) + sq
-    total = sum(squares)
-    return {"all": math.sqrt(total), **{k: math.sqrt(v) for k, v in out.items()}}
+    if not tensors:
+        return {"all": 0.0}
+    return _by_layer(names, _squares(_flat(tensors)[None], [t.numel() for t in tensors])[0])
 
 
 def ratios(names: Sequence[str], w0: Sequence, w1: Sequence, init: Sequence = None, layers: bool = True) -> dict:
     """The update ratios ``||w1 - w0|| / ||w0||`` and, given ``init``, the distances
     ``||w1 - init||``: ``{"update_ratio": all, "update_ratio/<layer>": ..., "distance_from_init":
     all, "distance/<layer>": ...}`` (a layer with zero weights has ratio ``inf``)."""
-    step = layer_norms(names, [b.detach() - a.detach() for a, b in zip(w0, w1)])
-    size = layer_norms(names, w0)
-    ratio = {k: (step[k] / size[k] if size[k] > 0 else (0.0 if step[k] == 0 else math.inf)) for k in step}
-    out = {"update_ratio": ratio.pop("all")}
-    if layers:
-        out.update({f"update_ratio/{k}": v for k, v in ratio.items()})
-    if init is not None:
-        dist = layer_norms(names, [b.detach() - a.detach() for a, b in zip(init, w1)])
-        out["distance_from_init"] = dist.pop("all")
-        if layers:
-            out.update({f"distance/{k}": v for k, v in dist.items()})
+    a, b = _flat(w0), _flat(w1)
+    return _ratios_of(names, [t.numel() for t in w0], b - a, a, b, None if init is None else _flat(init), layers)
+
+
+def step_quality(names: Sequence[str], w0: Sequence, w1: Sequence, f0: float, g0: Sequence, f1: float,
+                 g1: Sequence, init: Sequence = None, layers: bool = True) -> dict:
+    """:func:`step_alpha` and :func:`ratios` together, each list flattened once (what the
+    training callback logs on a scheduled step)."""
+    a, b = _flat(w0), _flat(w1)
+    d = b - a
+    out = _alpha_of(d, _flat(g0), _flat(g1), f0, f1)
+    out.update(_ratios_of(names, [t.numel() for t in w0], d, a, b, None if init is None else _flat(init), layers))
     return out
 
 
@@ -175,4 +214,5 @@ class StepQualityProbe(Probe):
                            summary_lines=lines, metrics={f"stepquality_{k}": v for k, v in scalars.items()})
 
 
-__all__ = ["StepQualityProbe", "alpha", "fit_parabola", "layer_norms", "loss_and_grad", "ratios", "step_alpha"]
+__all__ = ["StepQualityProbe", "alpha", "fit_parabola", "layer_norms", "loss_and_grad", "ratios", "step_alpha",
+           "step_quality"]

@@ -5,8 +5,9 @@ evaluation (``on_loss``: before any backward or update, also inside a closure op
 closure call) and the gradient the update will use (``on_gradients``, for optimizers that take
 ``p.grad``), then after the update (``on_step_end``) takes one forward and backward pass on the
 same batch at the new weights (shared with gradstats when both run on the step,
-:mod:`gradlab.training.callbacks.after_update`) and logs :func:`gradlab.probes.stepquality.step_alpha` and
-:func:`~gradlab.probes.stepquality.ratios` as rows of the ``step_quality`` split. Other steps
+:mod:`gradlab.training.callbacks.after_update`) and logs :func:`gradlab.probes.stepquality.step_quality`
+(:func:`~gradlab.probes.stepquality.step_alpha` and :func:`~gradlab.probes.stepquality.ratios`
+from one flattening of each list) as rows of the ``step_quality`` split. Other steps
 cost two integer comparisons. The initial weights (for the distance) are copied at the first
 step of the run and kept in the checkpoint, so a resumed run measures from the same origin.
 
@@ -55,7 +56,7 @@ class StepQuality(ProbeCallback):
     def on_step_end(self, trainer, info: StepInfo) -> None:
         if self._w0 is None:
             return
-        from gradlab.probes.stepquality import ratios, step_alpha
+        from gradlab.probes.stepquality import step_quality
 
         w0, g0, self._w0, self._g0 = self._w0, self._g0, None, None
         params = trainer.params
@@ -66,8 +67,7 @@ class StepQuality(ProbeCallback):
         shared = self.after_update.get(trainer, info) if self.after_update is not None else None
         f1, g1 = shared[:2] if shared is not None else self._at(trainer, info, None)
         names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
-        scalars = step_alpha(w0, w1, f0, g0, f1, g1)
-        scalars.update(ratios(names, w0, w1, self._init, layers=self.options.get("layers", True)))
+        scalars = step_quality(names, w0, w1, f0, g0, f1, g1, self._init, layers=self.options.get("layers", True))
         scalars["loss_after"] = f1
         if trainer.is_main:
             trainer.run.log_metrics(info.step, info.epoch, self.split, scalars)
