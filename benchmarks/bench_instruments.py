@@ -190,7 +190,36 @@ def bench(model: str, epochs: int, rounds: int, curvature: bool = False) -> None
 
 def fmt(ratios) -> str:
     q1, q3 = iqr(ratios)
-    return f"{statistics.median(ratios):.2f} (IQR {q1:.2f}-{q3:.2f})"
+    return f"{statistics.median(ratios):.2f} (IQR {q1:.2f}-{q3:.2f}, range {min(ratios):.2f}-{max(ratios):.2f})"
+
+
+COLD = """
+import time
+import pandas as pd
+import torch  # noqa: F401  (both kinds of run have it)
+c = time.process_time()
+import matplotlib.backends.backend_agg, matplotlib.collections, matplotlib.figure, PIL.Image  # noqa: E401,F401
+from gradlab.training.overview import overview_figure
+from gradlab.training.overview_draw import png_bytes
+frame = pd.DataFrame({"step": list(range(10, 350, 10)) * 3, "split": ["train-step"] * 102,
+                      "metric": ["loss"] * 34 + ["grad_norm"] * 34 + ["lr"] * 34, "value": [1.0] * 102})
+t1 = time.process_time()
+png_bytes(overview_figure(frame, "cold")[0])
+t2 = time.process_time()
+png_bytes(overview_figure(frame, "warm")[0])
+print(f"{t1 - c:.3f} {t2 - t1:.3f} {time.process_time() - t2:.3f}")
+"""
+
+
+def cold_figure_cost() -> str:
+    """What a fresh process pays for its first overview figure (the ``gradlab train`` case; the
+    rounds above run in one process, which imported matplotlib in the warm-up): the import, the
+    first figure, a second one (3 panels), CPU seconds, in a child process."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", COLD], capture_output=True, text=True, check=True).stdout.split()
+    return f"matplotlib import {out[0]} s, first 3-panel figure {out[1]} s, the next {out[2]} s (CPU)"
 
 
 def main():
@@ -207,6 +236,8 @@ def main():
     print(f"# instruments every 10 steps: torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds")
     for model in args.models.split(","):
         bench(model, args.epochs, args.rounds, args.curvature)
+    print("\nfixed cost of the figure in a fresh process (a run without instruments imports no matplotlib): "
+          + cold_figure_cost())
 
 
 if __name__ == "__main__":
