@@ -129,14 +129,18 @@ class KFAC(ModelBoundOptimizer):
         t = self.steps_taken
         refresh = t % group["factor_every"] == 0 or self.factor_updates == 0
         params = self._params()
-        layers = [blk.module for blk in self.blocks] if refresh else []
+        batch, n_local = None, 1  # (n_local: the examples behind the factors; the gradient's mean needs none)
         with torch.enable_grad():
-            loss, z, seen = self._forward(closure, layers)
-            grads = self._gradients(loss, params, retain_graph=refresh and bool(self.blocks))
-            batch = self._batch_factors(z, seen) if refresh and self.blocks else None
-        grads, _ = self._average(grads, z.shape[0])
+            if refresh:  # the model watched: its outputs and each layer's input and output
+                loss, z, seen = self._forward(closure, [blk.module for blk in self.blocks])
+                grads = self._gradients(loss, params, retain_graph=bool(self.blocks))
+                batch, n_local = self._batch_factors(z, seen) if self.blocks else None, z.shape[0]
+            else:  # no hooks at all: the closure and its gradient, as for a first-order step
+                loss = self._loss(closure)
+                grads = self._gradients(loss, params, retain_graph=False)
+        grads, _ = self._average(grads, n_local)
         if batch is not None:
-            self._update_factors(batch, z.shape[0])
+            self._update_factors(batch, n_local)
         if t % group["inverse_every"] == 0 or refresh and self.factor_updates == 1:
             if group["damping_mode"] == "exact":
                 for blk in self.blocks:
@@ -266,13 +270,10 @@ class KFAC(ModelBoundOptimizer):
         group = self.param_groups[0]
         lr, mom, wd, clip = group["lr"], group["momentum"], group["weight_decay"], group["kl_clip"]
         D = self.preconditioned(grads)
-        nu = 1.0
-        if clip > 0:
-            vg = float(torch.stack([torch.vdot(d.reshape(-1), g.reshape(-1)) for d, g in zip(D, grads)]).sum())
-            if vg > 0:
-                nu = min(1.0, math.sqrt(clip / (lr * lr * vg)))
-        if nu != 1.0:
-            D = torch._foreach_mul(D, nu)
+        if clip > 0:  # nu on the device (no host sync), in float64 as a Python float would be
+            vg = torch.stack([torch.vdot(d.reshape(-1), g.reshape(-1)) for d, g in zip(D, grads)]).sum().double()
+            nu = torch.where(vg > 0, (clip / (lr * lr * vg)).sqrt().clamp(max=1.0), torch.ones_like(vg))
+            D = torch._foreach_mul(D, nu.to(D[0].dtype))
         if wd != 0:
             D = torch._foreach_add(D, params, alpha=wd)
         if mom > 0:
