@@ -212,7 +212,8 @@ class KFAC(ModelBoundOptimizer):
         gamma = math.sqrt(damping)
 
         def inverse(M: Tensor, shift: float) -> Tensor:
-            M = M + shift * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+            M = M.clone()
+            M.diagonal().add_(shift)  # M + shift I, without an identity matrix
             L, info = torch.linalg.cholesky_ex(M)
             if int(info) == 0:
                 return torch.cholesky_inverse(L)
