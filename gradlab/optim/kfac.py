@@ -25,8 +25,9 @@ refresh). ``G_batch`` comes from output gradients at labels sampled from the mod
 (``fisher_type = "mc"``, one backward pass to the layer outputs, the paper's estimate) or from the
 exact output-Hessian factors (``"type-2"``, one backward pass per class). The factor statistics
 are gathered in the closure's own forward pass (hooks, :mod:`gradlab.optim.model_bound`); on the
-other steps a K-FAC step is a gradient plus a few small matrix products per layer. Not from the
-paper: its adaptive damping and step rescaling by the exact quadratic model.
+other steps the model is not watched at all (no hooks) and a K-FAC step is a gradient plus a few
+small matrix products per layer, with no host synchronisation (kl-clip's scale stays on the
+device). Not from the paper: its adaptive damping and step rescaling by the exact quadratic model.
 
 **Unsupported layers** (anything other than ``Linear`` and ``Conv2d`` with groups 1 and numeric
 zero padding, e.g. BatchNorm's scale and shift, embeddings) are not refused: their parameters
