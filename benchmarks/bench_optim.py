@@ -24,73 +24,29 @@ Targets (issue 13): refresh/SGD <= 3, no-refresh/SGD <= 1.1, adahessian/torch-op
 from __future__ import annotations
 
 import argparse
-import gc
 import platform
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from gradlab.optim import build_optimizer  # noqa: E402
-
-
-def digits(device, batch):
-    """One fixed batch of digits (standardised), as images (N, 1, 8, 8)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data[:batch] / 16.0, dtype=torch.float32)
-    x = ((x - x.mean()) / x.std()).view(-1, 1, 8, 8)
-    return x.to(device), torch.tensor(d.target[:batch]).to(device)
-
-
-def mlp():
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                         nn.Linear(128, 10))
-
-
-def cnn():
-    """About 6k parameters: two 3x3 convs and a linear head."""
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(16 * 2 * 2, 64), nn.ReLU(), nn.Linear(64, 10))
+from steptime import closure_based as _closure_based, first_order as _first_order, fresh as _fresh  # noqa: E402
+from steptime import cnn, digits, final_losses, measure, mlp, paired, spread  # noqa: E402,F401
 
 
 def make_steppers(model_fn, x, y, device, k):
     """name -> (model, one-step function). Each gets its own identically initialised model."""
     steppers = {}
-
-    def fresh():
-        torch.manual_seed(0)
-        return model_fn().to(device)
-
-    def first_order(name, **opts):
-        model = fresh()
-        opt = build_optimizer(name, model.parameters(), **opts)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            return loss
-        return model, step
-
-    def closure_based(name, **opts):
-        model = fresh()
-        opt = build_optimizer(name, model.parameters(), **opts)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            return opt.step(lambda: F.cross_entropy(model(x), y))
-        return model, step
+    fresh = lambda: _fresh(model_fn, device)  # noqa: E731
+    first_order = lambda name, **opts: _first_order(fresh(), x, y, name, **opts)  # noqa: E731
+    closure_based = lambda name, **opts: _closure_based(fresh(), x, y, name, **opts)  # noqa: E731
 
     steppers["sgd"] = first_order("sgd")
     steppers["adam"] = first_order("adam")
@@ -118,62 +74,6 @@ def make_steppers(model_fn, x, y, device, k):
 
 
 NEVER = 10**9  # hessian_update_every beyond any run: only the hessian_warmup steps (and one more) refresh
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def measure(steppers, device, repeats, block, warmup=12):
-    """Per-step times of ``repeats`` blocks per stepper, round-robin. The warm-up covers gradlab's
-    ``hessian_warmup`` (10 steps refreshing the diagonal every step before the delay starts, and
-    the refresh at step 10), so the delayed variant is timed in its steady state rather than with
-    two warm-up blocks, and the "no refresh" one never refreshes while timed."""
-    for _, step in steppers.values():
-        for _ in range(warmup):
-            step()
-    sync(device)
-    times = {name: [] for name in steppers}
-    for _ in range(repeats):
-        for name, (_, step) in steppers.items():
-            # As timeit does: garbage collected before each block, and the collector off inside it.
-            # The peer's loop (backward(create_graph=True)) leaves reference cycles through p.grad
-            # every step; collected whenever the collector fires, their cost would land in whichever
-            # optimizer's block runs next. (The peer is not charged for its own collections either.)
-            gc.collect()
-            gc.disable()
-            try:
-                sync(device)
-                t0 = time.perf_counter()
-                for _ in range(block):
-                    step()
-                sync(device)
-            finally:
-                gc.enable()
-            times[name].append((time.perf_counter() - t0) / block)
-    return times
-
-
-def paired(times, name, ref):
-    """Median over rounds of (name's block time / ref's block time in the same round): the shared
-    machine's speed drifts by 10-30% over seconds, which a ratio of two medians does not cancel."""
-    return statistics.median(a / b for a, b in zip(times[name], times[ref]))
-
-
-def spread(times, name, ref) -> str:
-    """The interquartile range of the within-round ratios, printed beside each target's median so
-    that a median a few percent from its target reads as what it is."""
-    ratios = [a / b for a, b in zip(times[name], times[ref])]
-    if len(ratios) < 2:
-        return ""
-    q1, _, q3 = statistics.quantiles(ratios, n=4)
-    return f", IQR {q1:.2f}-{q3:.2f}"
-
-
-def final_losses(steppers, x, y):
-    with torch.no_grad():
-        return {name: F.cross_entropy(model(x), y).item() for name, (model, _) in steppers.items()}
 
 
 def agreement_with_peer(model_fn, x, y, device, steps=5):
@@ -257,6 +157,8 @@ def main(argv=None):
     for title, model_fn in [("MLP 64-128-128-10", mlp), ("CNN (6k parameters)", cnn)]:
         n = sum(p.numel() for p in model_fn().parameters())
         steppers = make_steppers(model_fn, x, y, device, args.k)
+        # 12 warm-up steps: past AdaHessian's hessian_warmup (10 steps refreshing every step) and the
+        # refresh at step 10, so the delayed variant is timed in its steady state
         times = measure(steppers, device, args.repeats, args.block)
         report(f"{title}, {n} parameters", times, final_losses(steppers, x, y), args.k,
                agreement_with_peer(model_fn, x, y, device))

@@ -7,7 +7,7 @@ the moments, an eigendecomposition per factor) and on the others takes a gradien
 per-layer preconditioning products. Steps are timed in blocks of ``--block`` consecutive steps (a
 multiple of 10, so each block holds the same share of refresh steps), blocks round-robin over the
 optimizers, and each ratio is the median over rounds of the ratio within a round (with its
-interquartile range), as in ``bench_optim.py``.
+interquartile range): the loop of ``steptime.py``, shared with ``bench_optim.py``.
 
 Targets (issue 15): sam / SGD <= 2.1; kfac (factors every 10 steps) / SGD <= 1.5, for both damping
 modes (``exact``, the default: eigendecompositions and four products per layer; ``factored``:
@@ -15,7 +15,7 @@ Cholesky inverses and two products, Martens & Grosse 2015 Sec. 6.3). SAM's base
 optimizer here is plain SGD (``base=sgd``), so the ratio is the cost of SAM itself; the rows with
 momentum compare momentum SAM / K-FAC (K-FAC has heavy-ball momentum 0.9) with momentum SGD.
 
-Models: the digits MLP 64-128-128-10 and CNN of ``bench_optim.py`` (batch 512), and with
+Models: the digits MLP 64-128-128-10 and CNN of ``steptime.py`` (batch 512), and with
 ``--resnet`` resnet20 on random 3x32x32 inputs (``--resnet-batch`` examples, train mode; BatchNorm's
 parameters take K-FAC's plain momentum steps), fewer rows and blocks of 10 steps.
 
@@ -31,13 +31,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bench_optim import cnn, digits, final_losses, measure, mlp, paired, spread  # noqa: E402
-from gradlab.optim import build_optimizer  # noqa: E402
+from steptime import closure_based, cnn, digits, final_losses, first_order, fresh  # noqa: E402
+from steptime import measure, mlp, paired, ratios, spread  # noqa: E402
 
 TARGETS = {"sam (base sgd)": ("sgd", 2.1), "kfac, factors every 10": ("sgd", 1.5),
            "kfac factored, every 10": ("sgd", 1.5)}
@@ -58,51 +57,27 @@ def make_steppers(model_fn, x, y, device, only=None):
     """name -> (model, one-step function), each with its own identically initialised model
     (``only``: these rows alone)."""
 
-    def fresh():
-        torch.manual_seed(0)
-        return model_fn().to(device).train()
-
-    def first_order(name, **opts):
-        model = fresh()
-        opt = build_optimizer(name, model.parameters(), **opts)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            return loss
-        return model, step
-
-    def closure_based(name, **opts):
-        model = fresh()
-        opt = build_optimizer(name, model.parameters(), **opts)
-        if getattr(opt, "needs_model", False):
-            opt.bind(model, F.cross_entropy)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            return opt.step(lambda: F.cross_entropy(model(x), y))
-        return model, step
+    def model():
+        return fresh(model_fn, device, train=True)
 
     rows = {
-        "sgd": lambda: first_order("sgd", lr=0.05),
-        "momentum sgd": lambda: first_order("momentum", lr=0.05),
-        "sam (base sgd)": lambda: closure_based("sam", base="sgd"),
-        "sam (base momentum)": lambda: closure_based("sam"),
-        "kfac, factors every 10": lambda: closure_based("kfac", factor_every=10, inverse_every=10),
-        "kfac, factors every step": lambda: closure_based("kfac", factor_every=1, inverse_every=1),
-        "kfac factored, every 10": lambda: closure_based("kfac", factor_every=10, inverse_every=10,
+        "sgd": lambda: first_order(model(), x, y, "sgd", lr=0.05),
+        "momentum sgd": lambda: first_order(model(), x, y, "momentum", lr=0.05),
+        "sam (base sgd)": lambda: closure_based(model(), x, y, "sam", base="sgd"),
+        "sam (base momentum)": lambda: closure_based(model(), x, y, "sam"),
+        "kfac, factors every 10": lambda: closure_based(model(), x, y, "kfac", factor_every=10, inverse_every=10),
+        "kfac, factors every step": lambda: closure_based(model(), x, y, "kfac", factor_every=1, inverse_every=1),
+        "kfac factored, every 10": lambda: closure_based(model(), x, y, "kfac", factor_every=10, inverse_every=10,
                                                          damping_mode="factored"),
-        "kfac factored, every step": lambda: closure_based("kfac", factor_every=1, inverse_every=1,
+        "kfac factored, every step": lambda: closure_based(model(), x, y, "kfac", factor_every=1, inverse_every=1,
                                                            damping_mode="factored"),
     }
     return {name: make() for name, make in rows.items() if only is None or name in only}
 
 
 def iqr(times, name, ref) -> str:
-    ratios = sorted(a / b for a, b in zip(times[name], times[ref]))
-    return f"{ratios[len(ratios) // 4]:.2f}-{ratios[(3 * len(ratios)) // 4]:.2f}"
+    r = sorted(ratios(times, name, ref))
+    return f"{r[len(r) // 4]:.2f}-{r[(3 * len(r)) // 4]:.2f}"
 
 
 def report(title, times, losses):

@@ -25,8 +25,9 @@ refresh). ``G_batch`` comes from output gradients at labels sampled from the mod
 (``fisher_type = "mc"``, one backward pass to the layer outputs, the paper's estimate) or from the
 exact output-Hessian factors (``"type-2"``, one backward pass per class). The factor statistics
 are gathered in the closure's own forward pass (hooks, :mod:`gradlab.optim.model_bound`); on the
-other steps a K-FAC step is a gradient plus a few small matrix products per layer. Not from the
-paper: its adaptive damping and step rescaling by the exact quadratic model.
+other steps the model is not watched at all (no hooks) and a K-FAC step is a gradient plus a few
+small matrix products per layer, with no host synchronisation (kl-clip's scale stays on the
+device). Not from the paper: its adaptive damping and step rescaling by the exact quadratic model.
 
 **Unsupported layers** (anything other than ``Linear`` and ``Conv2d`` with groups 1 and numeric
 zero padding, e.g. BatchNorm's scale and shift, embeddings) are not refused: their parameters
@@ -129,14 +130,18 @@ class KFAC(ModelBoundOptimizer):
         t = self.steps_taken
         refresh = t % group["factor_every"] == 0 or self.factor_updates == 0
         params = self._params()
-        layers = [blk.module for blk in self.blocks] if refresh else []
+        batch, n_local = None, 1  # (n_local: the examples behind the factors; the gradient's mean needs none)
         with torch.enable_grad():
-            loss, z, seen = self._forward(closure, layers)
-            grads = self._gradients(loss, params, retain_graph=refresh and bool(self.blocks))
-            batch = self._batch_factors(z, seen) if refresh and self.blocks else None
-        grads, _ = self._average(grads, z.shape[0])
+            if refresh:  # the model watched: its outputs and each layer's input and output
+                loss, z, seen = self._forward(closure, [blk.module for blk in self.blocks])
+                grads = self._gradients(loss, params, retain_graph=bool(self.blocks))
+                batch, n_local = self._batch_factors(z, seen) if self.blocks else None, z.shape[0]
+            else:  # no hooks at all: the closure and its gradient, as for a first-order step
+                loss = self._loss(closure)
+                grads = self._gradients(loss, params, retain_graph=False)
+        grads, _ = self._average(grads, n_local)
         if batch is not None:
-            self._update_factors(batch, z.shape[0])
+            self._update_factors(batch, n_local)
         if t % group["inverse_every"] == 0 or refresh and self.factor_updates == 1:
             if group["damping_mode"] == "exact":
                 for blk in self.blocks:
@@ -208,7 +213,8 @@ class KFAC(ModelBoundOptimizer):
         gamma = math.sqrt(damping)
 
         def inverse(M: Tensor, shift: float) -> Tensor:
-            M = M + shift * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+            M = M.clone()
+            M.diagonal().add_(shift)  # M + shift I, without an identity matrix
             L, info = torch.linalg.cholesky_ex(M)
             if int(info) == 0:
                 return torch.cholesky_inverse(L)
@@ -266,13 +272,10 @@ class KFAC(ModelBoundOptimizer):
         group = self.param_groups[0]
         lr, mom, wd, clip = group["lr"], group["momentum"], group["weight_decay"], group["kl_clip"]
         D = self.preconditioned(grads)
-        nu = 1.0
-        if clip > 0:
-            vg = float(torch.stack([torch.vdot(d.reshape(-1), g.reshape(-1)) for d, g in zip(D, grads)]).sum())
-            if vg > 0:
-                nu = min(1.0, math.sqrt(clip / (lr * lr * vg)))
-        if nu != 1.0:
-            D = torch._foreach_mul(D, nu)
+        if clip > 0:  # nu on the device (no host sync), in float64 as a Python float would be
+            vg = torch.stack([torch.vdot(d.reshape(-1), g.reshape(-1)) for d, g in zip(D, grads)]).sum().double()
+            nu = torch.where(vg > 0, (clip / (lr * lr * vg)).sqrt().clamp(max=1.0), torch.ones_like(vg))
+            D = torch._foreach_mul(D, nu.to(D[0].dtype))
         if wd != 0:
             D = torch._foreach_add(D, params, alpha=wd)
         if mom > 0:

@@ -109,10 +109,6 @@ class ModelBoundOptimizer(ExtraState):
         Returns ``(loss, z, seen)``: the loss with its graph, the outputs ``z`` (N, C) of the first
         forward pass with their graph, and ``seen[id(layer)] = (input, output)`` of each of
         ``layers`` in that pass (input detached, output with its graph)."""
-        self._require_bound()
-        if closure is None:
-            raise GradlabError(f"optimizer {self.name}: step needs a closure that returns the loss without "
-                               "calling backward, e.g. opt.step(lambda: loss_fn(model(x), y))")
         state = {"calls": 0, "depth": 0, "z": None}
         seen: dict = {}
 
@@ -138,17 +134,14 @@ class ModelBoundOptimizer(ExtraState):
                     a = a.to(w.dtype)
                 seen[id(module)] = (a, output)
 
+        self._require_bound()
         handles = [self.model.register_forward_pre_hook(pre), self.model.register_forward_hook(post)]
         handles += [m.register_forward_hook(layer_hook) for m in layers]
         try:
-            with torch.enable_grad():
-                loss = closure()
+            loss = self._loss(closure)
         finally:
             for h in handles:
                 h.remove()
-        if not isinstance(loss, Tensor) or not loss.requires_grad:
-            raise GradlabError(f"optimizer {self.name}: the closure must return the loss tensor with its graph "
-                               "(do not call backward or .item() inside it)")
         z = state["z"]
         if not isinstance(z, Tensor):
             raise GradlabError(f"optimizer {self.name}: the closure did not run the bound model")
@@ -157,6 +150,20 @@ class ModelBoundOptimizer(ExtraState):
         if z.is_floating_point() and z.dtype != dtype:  # autocast: curvature in the weights' dtype
             z = z.to(dtype)
         return loss, z, seen
+
+    def _loss(self, closure) -> Tensor:
+        """The closure's loss with its graph, the model unwatched (no hooks: what a step that needs
+        neither the outputs nor the layers' inputs runs)."""
+        self._require_bound()
+        if closure is None:
+            raise GradlabError(f"optimizer {self.name}: step needs a closure that returns the loss without "
+                               "calling backward, e.g. opt.step(lambda: loss_fn(model(x), y))")
+        with torch.enable_grad():
+            loss = closure()
+        if not isinstance(loss, Tensor) or not loss.requires_grad:
+            raise GradlabError(f"optimizer {self.name}: the closure must return the loss tensor with its graph "
+                               "(do not call backward or .item() inside it)")
+        return loss
 
     def _gradients(self, loss: Tensor, params: list[Tensor], retain_graph: bool) -> list[Tensor]:
         grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
