@@ -16,7 +16,7 @@ from gradlab.optim import build_optimizer
 
 D64 = torch.float64
 #: optimizer -> (options, steps): type-2 K-FAC and the GGN are deterministic (the Monte Carlo
-#: variants draw each rank's labels from the same seed, so they differ from one process's draw).
+#: variants are checked in tests/test_dist_mc_curvature.py).
 CASES = {
     "kfac": (dict(lr=0.1, factor_every=2, inverse_every=2, fisher_type="type-2", kl_clip=0.01), 4),
     "natural-gd": (dict(damping=0.5, cg_iters=5), 3),

@@ -41,10 +41,12 @@ def test_lbfgs_is_its_closure_evaluations():
 
 @pytest.mark.parametrize("opt,over", [("newton", {"exact_max_params": 0, "cg_max_iter": 7}),
                                       ("saddle-free-newton", {"krylov_dim": 5})])
-def test_newton_type_is_one_plus_its_hessian_products(opt, over):
-    t = _trainer(opt, **over)
+@pytest.mark.parametrize("rule,forward", [("fixed", 0.0), ("adaptive", 1 / 3)])
+def test_newton_type_is_one_plus_its_hessian_products(opt, over, rule, forward):
+    # the adaptive damping rule adds one forward pass per step (the loss after the step)
+    t = _trainer(opt, damping_rule=rule, **over)
     cost = _steps(t, 2)[-1]
-    assert t.optimizer.hvp_count > 2 and cost == pytest.approx(2 + t.optimizer.hvp_count)
+    assert t.optimizer.hvp_count > 2 and cost == pytest.approx(2 * (1 + forward) + t.optimizer.hvp_count)
 
 
 def test_natural_gd_is_gradient_plus_cg_products_plus_one_forward():

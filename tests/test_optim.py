@@ -78,11 +78,12 @@ OWN_OPTIONS = {
                      "hessian_update_every": 1, "hessian_warmup": 10, "hessian_samples": 1},
     "langevin": {"lr": 0.1, "noise_eta": 0.01, "noise_gamma": 0.55, "temperature": 0.0, "weight_decay": 0.0},
     "swats": {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "switch_eps": 1e-9},
-    "lbfgs": {"lr": 1.0, "history_size": 20, "max_iter": 1, "line_search": True, "tolerance_grad": 1e-10,
-              "tolerance_change": 1e-20},
+    "lbfgs": {"lr": 1.0, "history_size": 20, "max_iter": 1, "line_search": True, "exact_line_search": False,
+              "exact_tol": 1e-10, "tolerance_grad": 1e-10, "tolerance_change": 1e-20},
     "sr1": {"lr": 1.0, "history_size": 10, "skip_tol": 1e-8, "eta": 1e-4},
-    "newton": {"lr": 1.0, "damping": 1e-4, "exact_max_params": 200, "cg_max_iter": 50, "cg_tol": 1e-8},
-    "saddle-free-newton": {"lr": 1.0, "damping": 0.1, "krylov_dim": 20},
+    "newton": {"lr": 1.0, "damping": 1e-4, "damping_rule": "auto", "exact_max_params": 200, "cg_max_iter": 50,
+               "cg_tol": 1e-8},
+    "saddle-free-newton": {"lr": 1.0, "damping": 0.1, "damping_rule": "auto", "krylov_dim": 20},
     "sam": {"lr": 0.05, "rho": 0.05, "base": "momentum", "weight_decay": 0.0},
     "asam": {"lr": 0.05, "rho": 0.5, "base": "momentum", "weight_decay": 0.0, "eta": 0.01},
     "natural-gd": {"lr": 1.0, "damping": 1.0, "adapt_damping": True, "cg_iters": 20, "cg_decay": 0.95,
@@ -128,18 +129,11 @@ def test_each_optimizer_rejects_an_option_of_another_in_one_line_naming_the_owne
             assert f"not of optimizer {name} " in msg and "\n" not in msg, msg
 
 
-#: Newton's default damping (1e-4) is for the 2-D functions; on a network's indefinite mini-batch
-#: Hessian the barely damped step is no descent step: the loss rose ten-fold within 16 steps and
-#: whether it was back under 0.75x after 40 hung on float rounding. A Levenberg-Marquardt-sized
-#: damping is what a user training a network with it sets.
-ON_A_NETWORK = {"newton": {"damping": 1.0}}
-
-
 @pytest.mark.parametrize("name", ALL)
 def test_each_optimizer_reduces_the_loss_on_digits(name, digits):
     x, y = digits
     model = mlp()
-    opt = build_optimizer(name, model.parameters(), **ON_A_NETWORK.get(name, {}))
+    opt = build_optimizer(name, model.parameters())  # defaults: Newton's damping adapts on a network
     with torch.no_grad():
         before = F.cross_entropy(model(x), y).item()
     for i in range(40):

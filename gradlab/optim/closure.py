@@ -24,6 +24,7 @@ from gradlab.core.distributed import process_count, reduce_over_ranks
 from gradlab.core.errors import GradlabError
 from gradlab.curvature.hvp import hvp_from_grads
 from gradlab.curvature.operator import CurvatureOperator
+from gradlab.optim.state import ExtraState
 
 
 def _distributed() -> bool:
@@ -109,3 +110,32 @@ class GradientGraph(CurvatureOperator):
             hv = hvp_from_grads(self.grads, self.params, unflatten(V[:, j], self.params))
             cols.append(mean_across_ranks(flatten(hv)))
         return torch.stack(cols, 1)
+
+
+class ClosureOptimizer(ExtraState):
+    """What the optimizers that take their own gradient (and Hessian products) of a closure share:
+    the closure contract flag, the flat list of trainable parameters of all groups, the counters
+    ``hvp_count`` (Hessian-vector products so far) and ``steps_taken``, which checkpoints carry,
+    and an empty ``events`` list (only SWATS records events). Subclasses: the Newton-type
+    optimizers (:mod:`gradlab.optim.newton`) and the Hutchinson-diagonal ones
+    (:mod:`gradlab.optim.hessian_diag`)."""
+
+    needs_loss_closure = True
+
+    def __init__(self, params, defaults: dict):
+        super().__init__(params, defaults)
+        self.hvp_count = 0
+        self.steps_taken = 0
+
+    @property
+    def events(self) -> list:
+        return []
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def _gradlab_state(self) -> dict:
+        return {"hvp_count": self.hvp_count, "steps_taken": self.steps_taken}
+
+    def _load_gradlab_state(self, extra: dict) -> None:
+        self.hvp_count, self.steps_taken = int(extra["hvp_count"]), int(extra["steps_taken"])

@@ -41,14 +41,12 @@ from gradlab.curvature.diagonal import hutchinson_diagonal
 from gradlab.curvature.hvp import hvp_from_grads
 from gradlab.core.distributed import process_count, reduce_over_ranks
 from gradlab.core.errors import GradlabError
+from gradlab.optim.closure import ClosureOptimizer
 from gradlab.optim.registry import check_int
-from gradlab.optim.state import ExtraState
 
 
-class HessianDiagOptimizer(ExtraState):
+class HessianDiagOptimizer(ClosureOptimizer):
     """Base class: subclasses call :meth:`_grad_and_diag` in ``step(closure)``. See module doc."""
-
-    needs_loss_closure = True
 
     def __init__(self, params, defaults: dict, *, hessian_every: int = 1, hessian_warmup: int = 10,
                  hessian_samples: int = 1, seed: int = 0,
@@ -61,18 +59,8 @@ class HessianDiagOptimizer(ExtraState):
         self.vecs_fn = vecs_fn
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(self.seed)
-        self.hvp_count = 0  # Hessian-vector products computed so far
-        self.steps_taken = 0
-
-    @property
-    def events(self) -> list:
-        """Nothing to report (only SWATS records events); kept for a uniform interface."""
-        return []
 
     # -- the closure contract -------------------------------------------------------------------
-
-    def _params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
 
     def _grad_and_diag(self, closure) -> tuple[Tensor, Optional[list[Tensor]]]:
         """Evaluate the closure, set ``p.grad``; return the loss and ``z * Hz`` (None if not refreshed).
@@ -122,13 +110,11 @@ class HessianDiagOptimizer(ExtraState):
     # -- checkpointing --------------------------------------------------------------------------
 
     def _gradlab_state(self) -> dict:
-        return {"rng_state": self._generator.get_state(), "hvp_count": self.hvp_count,
-                "steps_taken": self.steps_taken}
+        return {"rng_state": self._generator.get_state(), **super()._gradlab_state()}
 
     def _load_gradlab_state(self, extra: dict) -> None:
         self._generator.set_state(extra["rng_state"])
-        self.hvp_count = int(extra["hvp_count"])
-        self.steps_taken = int(extra["steps_taken"])
+        super()._load_gradlab_state(extra)
 
 
 def spatial_average(d: Tensor) -> Tensor:

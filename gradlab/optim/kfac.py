@@ -34,7 +34,9 @@ zero padding, e.g. BatchNorm's scale and shift, embeddings) are not refused: the
 take plain momentum-SGD steps with the same ``lr`` (``plain_params`` names them).
 
 **torchrun**: the gradient and the new factors are all-reduced (each rank's factors weighted by
-its examples), so every rank holds the factors of the global batch and takes the same step.
+its examples), so every rank holds the factors of the global batch and takes the same step. The
+``mc`` labels are drawn on the gathered outputs of the global batch
+(:func:`gradlab.optim.model_bound.sampled_output_gradients`), so W processes draw what one process draws.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from torch import Tensor, nn
 from gradlab.core.options import Option, Options
 from gradlab.curvature.kfac import LAYERS, KroneckerBlock, output_factors
 from gradlab.core.distributed import reduce_over_ranks
-from gradlab.optim.model_bound import ModelBoundOptimizer, world_size
+from gradlab.optim.model_bound import ModelBoundOptimizer, sampled_output_gradients, world_size
 from gradlab.optim.registry import OPTIMIZERS, lr_option, weight_decay_option
 
 FISHER_TYPES = ("mc", "type-2")
@@ -157,7 +159,11 @@ class KFAC(ModelBoundOptimizer):
 
     def _batch_factors(self, z: Tensor, seen: dict) -> list[tuple[Tensor, Tensor]]:
         """This rank's ``(A, G)`` of the batch for every block (the closure's graph is freed)."""
-        S = output_factors(self.likelihood, self.param_groups[0]["fisher_type"], z.detach(), 1, self._generator)
+        lik, fisher_type, zd = self.likelihood, self.param_groups[0]["fisher_type"], z.detach()
+        if fisher_type == "mc":  # output_factors' "mc" with labels drawn on the global batch (torchrun)
+            S = sampled_output_gradients(lik, zd, 1, self._generator) * lik.factor(zd) ** 0.5
+        else:
+            S = output_factors(lik, fisher_type, zd, 1, self._generator)
         outs = [seen[id(blk.module)][1] for blk in self.blocks]
         G = [None] * len(self.blocks)
         for k in range(S.shape[0]):

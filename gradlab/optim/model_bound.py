@@ -46,6 +46,49 @@ from gradlab.optim.state import ExtraState
 world_size = process_count
 
 
+def global_rows(z: Tensor) -> tuple[Tensor, slice]:
+    """Every rank's rows of ``z`` as one global batch, and where this rank's rows lie in it.
+
+    One process: ``(z, slice(None))``. Under torchrun the ranks' rows are gathered (one small
+    all-reduce of the sizes, one all-gather) in the order of the loop's global batch: when the
+    sizes are the strided shares of :class:`gradlab.core.distributed.GlobalBatchSampler` (rank
+    ``r`` at positions ``r, r + W, ...``) they are interleaved so, otherwise concatenated in rank
+    order. Monte Carlo curvature draws its labels on this batch with the generator every rank
+    seeds alike, and each rank keeps its rows, so W processes draw the labels one process draws
+    (the same random stream, consumed the same way) and the generators stay in step.
+    """
+    w = world_size()
+    if w == 1:
+        return z, slice(None)
+    import torch.distributed as dist
+
+    r = dist.get_rank()
+    sizes = torch.zeros(w, dtype=torch.int64, device=z.device)
+    sizes[r] = z.shape[0]
+    sizes = [int(k) for k in reduce_over_ranks([sizes])[0].tolist()]
+    n, m = sum(sizes), max(sizes)
+    padded = z.new_zeros((m, *z.shape[1:]))
+    padded[: z.shape[0]] = z
+    parts = [torch.empty_like(padded) for _ in range(w)]
+    dist.all_gather(parts, padded.contiguous())
+    if sizes == [len(range(q, n, w)) for q in range(w)]:
+        out = z.new_empty((n, *z.shape[1:]))
+        for q in range(w):
+            out[q::w] = parts[q][: sizes[q]]
+        return out, slice(r, n, w)
+    start = sum(sizes[:r])
+    return torch.cat([parts[q][: sizes[q]] for q in range(w)]), slice(start, start + sizes[r])
+
+
+def sampled_output_gradients(likelihood, z: Tensor, mc_samples: int, generator: torch.Generator) -> Tensor:
+    """``likelihood.sampled_gradients(z, ...)`` (M, N, C) with the labels drawn on the global batch
+    (:func:`global_rows`) and the gradients taken at this rank's outputs: on one process exactly
+    the likelihood's own; under torchrun the labels one process would draw."""
+    zg, mine = global_rows(z)
+    labels = likelihood.sample_labels(zg, mc_samples, generator)[:, mine]
+    return torch.stack([likelihood.output_gradients(z, lab) for lab in labels])
+
+
 @contextlib.contextmanager
 def perturbed(params: list[Tensor], delta: list[Tensor], alpha: float = 1.0):
     """The parameters at ``p + alpha * delta`` inside the block, restored bit-exactly afterwards."""

@@ -17,6 +17,8 @@ stops on the paper's relative-progress rule or after ``cg_iters`` iterations. ``
 *undamped* quadratic model; its value comes from CG's residual, so ``rho`` costs one extra forward
 pass (``f`` at the new point, the closure evaluated once more without gradients). A step that
 raises the batch loss is undone (gradlab's safeguard; ``rho < 0`` then also raises ``lambda``).
+The rule, the ratio and the undo are :mod:`gradlab.optim.damping`'s, shared with ``newton`` and
+``saddle-free-newton``.
 Not implemented from the paper: the diagonal preconditioner of CG, backtracking over CG iterates,
 separate (smaller) curvature mini-batches.
 
@@ -49,12 +51,11 @@ from gradlab.curvature.cost import products
 from gradlab.curvature.fisher import _outer_product
 from gradlab.curvature.ggn import Linearization
 from gradlab.core.distributed import reduce_over_ranks
-from gradlab.optim.model_bound import ModelBoundOptimizer, world_size
+from gradlab.optim.damping import adapt_groups, cg_curvature, predicted_change, trial_step
+from gradlab.optim.model_bound import ModelBoundOptimizer, sampled_output_gradients, world_size
 from gradlab.optim.registry import OPTIMIZERS, lr_option
 
 CURVATURES = ("ggn", "fisher")
-BOOST, DROP = 1.5, 2 / 3  # Martens 2010, Sec. 4.1
-MIN_DAMPING = 1e-8
 
 OPTIONS = Options(
     lr_option(1.0),
@@ -106,26 +107,15 @@ class NaturalGD(ModelBoundOptimizer):
             x0 = group["cg_decay"] * torch.cat([self.state[p]["direction"].reshape(-1) for p in params])
         res = conjugate_gradient(lambda v: matvec(v).add_(v, alpha=lam), -g, x0, max_iters=group["cg_iters"])
         d = res.x
-        # (G + lam I) d = -g - r, so d^T G d = d^T (-g - r) - lam |d|^2: q without another product
-        dGd = float(d.dot(-g - res.residual)) - lam * float(d.dot(d))
-        q = lr * float(g.dot(d)) + 0.5 * lr * lr * dGd
-        parts = list(torch.split(d, [p.numel() for p in params]))
+        q = predicted_change(float(g.dot(d)), cg_curvature(d, g, res.residual, lam), lr)
+        parts = [part.view_as(p) for part, p in zip(torch.split(d, [p.numel() for p in params]), params)]
         for p, part, gr in zip(params, parts, grads):
-            self.state[p]["direction"] = part.view_as(p).clone()
+            self.state[p]["direction"] = part.clone()
             p.grad = gr
-        saved = [p.detach().clone() for p in params]
-        torch._foreach_add_(params, [part.view_as(p) for p, part in zip(params, parts)], alpha=lr)
-        f1 = float(closure())
-        if world_size() > 1:
-            f1 = float(reduce_over_ranks([torch.tensor([f1], dtype=torch.float64, device=g.device)], mean=True)[0])
-        f0v = float(f0)
-        rho = (f1 - f0v) / q if q < 0 else float("-inf")
-        if not f1 <= f0v:  # the step raised the batch loss (or made it NaN): undo it
-            torch._foreach_copy_(params, saved)
+        trial = trial_step(params, parts, lr, closure, float(f0), q)
+        rho, f1 = trial.rho, trial.loss_after
         if group["adapt_damping"]:
-            new = lam * BOOST if rho < 0.25 else (lam * DROP if rho > 0.75 else lam)
-            for grp in self.param_groups:
-                grp["damping"] = max(new, MIN_DAMPING)
+            adapt_groups(self.param_groups, lam, rho)
         self.steps_taken += 1
         self.last = {"rho": rho, "cg_iters": res.iterations, "cg_stop": res.reason, "damping": lam, "q": q,
                      "loss_after": f1}
@@ -138,7 +128,8 @@ class NaturalGD(ModelBoundOptimizer):
         sizes = [p.numel() for p in params]
         S = None
         if self.param_groups[0]["curvature"] == "fisher":
-            S = lik.sampled_gradients(z, self.param_groups[0]["mc_samples"], self._generator)
+            # labels drawn on the global batch under torchrun: what one process draws
+            S = sampled_output_gradients(lik, z, self.param_groups[0]["mc_samples"], self._generator)
         multi = world_size() > 1
 
         def product(v: Tensor) -> Tensor:
