@@ -133,6 +133,37 @@ def test_sigterm_from_outside_ends_an_attack_with_one_line_no_traceback(two_runs
     assert pd.read_csv(folder / "summary.csv").iloc[0]["status"] == "interrupted"
 
 
+@pytest.mark.slow
+def test_sigterm_to_torchrun_ends_every_rank_of_an_attack_with_one_line(two_runs, tmp_path):
+    """A scheduler stops the launcher (or torchrun's agent stops the survivors of a dead rank):
+    each rank gets SIGTERM mid-attack; rank 0 marks the one run folder interrupted and says so,
+    rank 1 names itself; no traceback."""
+    runs, a, _ = two_runs
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "--redirects", "3", "--log-dir", str(logs), "-m", "gradlab", "--", "attack", "pgd", "--run",
+                          str(a), "--eps", "0.1", "--steps", "100000", "--n-examples", "64", "--batch-size", "16",
+                          "--grid", "0", "--runs-dir", str(out), "--quiet", "--device", "cpu"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not (out.is_dir() and any((d / "config.yaml").is_file() for d in out.iterdir())):
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        assert time.time() < deadline, "no run folder after 300 s"
+        time.sleep(0.05)
+    time.sleep(0.5)  # both ranks in their batches' steps
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=120)
+    assert p.returncode != 0
+    err = {int(f.parent.name): f.read_text() for f in logs.rglob("stderr.log")}
+    (folder,) = [d for d in out.iterdir() if d.is_dir()]  # rank 0's, the only one
+    assert "Traceback" not in err[0] + err[1], err
+    assert err[0].strip().splitlines() == [f"gradlab: interrupted by SIGTERM: run {folder} marked interrupted "
+                                           f"(what it wrote so far is kept)"], err[0][-3000:]
+    assert err[1].strip().splitlines() == ["gradlab: rank 1: interrupted by SIGTERM"], err[1][-3000:]
+    assert pd.read_csv(folder / "summary.csv").iloc[0]["status"] == "interrupted"
+
+
 def test_a_signal_before_any_run_folder_is_one_line(monkeypatch, capsys, tmp_path):
     """Stopped while it loads (no folder yet): one line, no folder made, 128 + the signal."""
     import gradlab.training.load as load
