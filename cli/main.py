@@ -80,8 +80,8 @@ def main(argv: list | None = None) -> None:
         argv = sys.argv[1:] if argv is None else argv
         with StopOnSignals() as stop:
             rv = make_app(argv)(args=argv, standalone_mode=False, prog_name="gradlab")
-        if stop.raised is not None:  # typer made the Interrupted an exit code (130)
-            _stopped(stop.raised)
+        if stop.raised is not None and rv == 130:  # typer made the Interrupted this exit code; a
+            _stopped(stop.raised)  # command that caught it (tensorboard's Ctrl-C) says how it ended
     except Interrupted as e:  # raised outside typer's own call (while the app was being made)
         _stopped(e)
     except GradlabError as e:
