@@ -71,12 +71,19 @@ def _one_line(msg: str) -> str:
 
 
 def main(argv: list | None = None) -> None:
-    """Console entry point: user mistakes become one line on stderr and exit code 2."""
+    """Console entry point: user mistakes become one line on stderr and exit code 2; Ctrl-C and
+    SIGTERM one line and 128 + the signal (:func:`_stopped`)."""
     from gradlab.core.errors import GradlabError
+    from gradlab.runs.signals import Interrupted, StopOnSignals
 
     try:
         argv = sys.argv[1:] if argv is None else argv
-        rv = make_app(argv)(args=argv, standalone_mode=False, prog_name="gradlab")
+        with StopOnSignals() as stop:
+            rv = make_app(argv)(args=argv, standalone_mode=False, prog_name="gradlab")
+        if stop.raised is not None and rv == 130:  # typer made the Interrupted this exit code; a
+            _stopped(stop.raised)  # command that caught it (tensorboard's Ctrl-C) says how it ended
+    except Interrupted as e:  # raised outside typer's own call (while the app was being made)
+        _stopped(e)
     except GradlabError as e:
         print(f"gradlab: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
@@ -92,6 +99,27 @@ def main(argv: list | None = None) -> None:
         print("gradlab: aborted", file=sys.stderr)
         sys.exit(130)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _stopped(exc) -> None:
+    """Say which signal stopped the command and which run folder it marked ``interrupted``
+    (rank 0's under torchrun; another rank names itself), then exit with 128 + the signal, as a
+    shell reports a process killed by it. The folder keeps what the command had written."""
+    import os
+
+    from gradlab.runs.signals import signal_name
+
+    by = signal_name(exc.signum)
+    if exc.runs:
+        for path in exc.runs:
+            print(f"gradlab: interrupted by {by}: run {path} marked interrupted (what it wrote so far is kept)",
+                  file=sys.stderr, flush=True)
+        print(f"run: {exc.runs[-1]}", flush=True)
+    else:
+        rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else "0"
+        print(f"gradlab: {'rank ' + rank + ': ' if rank != '0' else ''}interrupted by {by}", file=sys.stderr,
+              flush=True)
+    sys.exit(128 + exc.signum)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ way torchattacks' ``Attack`` does:
   adversarial always uses the deterministic eval-mode model.
 * precision (``--precision bf16|fp16``): every forward pass of a call runs under ``torch.autocast``
   (:class:`gradlab.core.autocast.Autocast`, whose logits come back in float32); the inputs, the
-  perturbation, the projections and the accumulated gradients stay float32.
+  perturbation, the projections and the accumulated gradients stay float32. fp16 input gradients
+  use dynamic loss scaling (:mod:`gradlab.attacks.loss_scale`) so that they do not underflow.
 
 A subclass declares its options once (``options = ATTACK_OPTIONS + Options(...)``: every option
 becomes an attribute of the same name, checked when the attack is built) and writes only
@@ -288,18 +289,27 @@ class Attack(abc.ABC):
         if self.eot == 1 and self.eot_noise == 0:  # the common case, without accumulation buffers
             xr = x.detach().requires_grad_(True)
             o = loss(self.model(xr))
-            (g,) = torch.autograd.grad(o.sum(), xr)
-            return g, o.detach()
+            return self._backward(o.sum(), xr), o.detach()
         g = torch.zeros_like(x)
         obj = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
         with self._eot_mode():
             for _ in range(self.eot):
                 xr = x.detach().requires_grad_(True)
                 o = loss(self.model(self._transform(xr)))
-                (gi,) = torch.autograd.grad(o.sum(), xr)
-                g += gi
+                g += self._backward(o.sum(), xr)
                 obj += o.detach()
         return g / self.eot, obj / self.eot
+
+    def _backward(self, total: Tensor, xr: Tensor) -> Tensor:
+        """``d total / d xr``; under fp16 with dynamic loss scaling (:mod:`gradlab.attacks.loss_scale`),
+        whose scale this attack keeps from one gradient to the next."""
+        if self.precision != "fp16":
+            return torch.autograd.grad(total, xr)[0]
+        if self.__dict__.get("_scaler") is None:
+            from gradlab.attacks.loss_scale import InputGradScaler
+
+            self._scaler = InputGradScaler()
+        return self._scaler.grad(total, xr)
 
     def step_direction(self, g: Tensor) -> Tensor:
         """Steepest-ascent direction of unit norm: ``sign(g)`` (linf) or ``g / ||g||_2`` (l2)."""

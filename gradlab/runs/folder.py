@@ -19,6 +19,7 @@ import datetime as _dt
 import io
 import platform
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from gradlab.runs.checkpoints import CheckpointWriter, atomic_write
 from gradlab.runs.logging import (HISTOGRAM_BINS, METRIC_COLUMNS, MetricsCSV, NullWriter, histograms_stats,
                                   histograms_summary, open_summary_writer, scalars_summary, truncate_metrics)
 from gradlab.runs.records import STATUSES, read_config
+from gradlab.runs.signals import Interrupted, signal_name
 from gradlab.runs.trust import names_code, record_trusted
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=,+-]*$")
@@ -287,12 +289,19 @@ class RunDir:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        """Finish as ``completed``, or as ``interrupted`` (Ctrl-C, or a signal that
+        :class:`gradlab.runs.signals.StopOnSignals` turned into :class:`Interrupted`, which then
+        names this folder among its ``runs``), or as ``failed`` with the error's first line."""
         if not self._finished:
             if exc_type is None:
                 self.finish("completed")
+            elif issubclass(exc_type, KeyboardInterrupt):
+                signum = getattr(exc, "signum", signal.SIGINT)
+                self.finish("interrupted", {"error": f"interrupted by {signal_name(signum)}"})
+                if isinstance(exc, Interrupted) and self.enabled:
+                    exc.runs.append(self.path)
             else:
-                self.finish("interrupted" if issubclass(exc_type, KeyboardInterrupt) else "failed",
-                            {"error": str(exc).splitlines()[0] if str(exc) else exc_type.__name__})
+                self.finish("failed", {"error": str(exc).splitlines()[0] if str(exc) else exc_type.__name__})
         return False
 
 

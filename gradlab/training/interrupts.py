@@ -14,17 +14,7 @@ import signal
 import threading
 from typing import Optional
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def signal_name(signum: Optional[int]) -> str:
-    """``"SIGTERM"`` for 15; ``"Ctrl-C"`` for SIGINT."""
-    if signum == signal.SIGINT:
-        return "Ctrl-C"
-    try:
-        return signal.Signals(signum).name
-    except (TypeError, ValueError):
-        return f"signal {signum}"
+from gradlab.runs.signals import SIGNALS, signal_name  # the signals every command stops on
 
 
 class DeferredInterrupt:
