@@ -11,17 +11,19 @@ logits and ``kappa`` the confidence. Every iterate whose margin reaches ``-kappa
 with that confidence) and whose distance is the smallest so far is kept. Each example has its own
 c, starting at ``initial_const``; after each of the ``binary_search_steps`` runs of ``steps``
 Adam iterations, c is halved towards the lower bound where the run succeeded and raised (times 10
-until a success bounds it, then bisected) where it failed. With ``abort_early`` an example's run
-stops once the lowest objective of the last ``steps // 10`` iterations is not 1e-4 (relative)
-below the lowest before them; its rows drop out of the batch, so later iterations cost less.
-The reference code compares the batch's summed objective at two checkpoints ``steps // 10``
-apart; per example that test would stop a run at the first checkpoint Adam happens to catch on
-the way up of an oscillation across the decision boundary (where the objective's ``f`` term
-switches on and off), while the window minima stop it only when it has really stalled.
-After the binary search every example's best point is refined (``refine`` bisections on the
-scale of its perturbation, :meth:`~gradlab.attacks.minnorm.MinimumNormAttack.shrink`): the
-smallest scale whose margin still reaches ``-kappa`` is kept, so the refinement only shortens. The L2 gradient is exact; ``f``'s input gradient goes
-through the base's EOT averaging. Shapes: ``(B, *input_shape)`` in [0, 1]; the norm is L2.
+until a success bounds it, then bisected) where it failed. With ``abort_early`` a run stops once
+the batch's summed objective has not fallen below 0.9999 times its value ``steps // 10``
+iterations earlier (the reference code's test; torchattacks also tests the batch's sum). A
+per-example version (also on the objective's window minima, or with the best distance) stopped
+examples too soon: Adam oscillating across the decision boundary (the ``f`` term switching on
+and off) stalls one example's figures for a window and then finds closer points; on an MNIST MLP
+at one c and 50 steps it left 20 of 34 examples up to 45% longer than running on did, and the
+median 3% above torchattacks'. After the binary search every example's best point is refined
+(``refine`` bisections on the scale of its perturbation,
+:meth:`~gradlab.attacks.minnorm.MinimumNormAttack.shrink`): the smallest scale whose margin still
+reaches ``-kappa`` is kept, so the refinement only shortens. The L2 gradient is exact; ``f``'s
+input gradient goes through the base's EOT averaging. Shapes: ``(B, *input_shape)`` in [0, 1];
+the norm is L2.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ OPTIONS = ATTACK_OPTIONS.without("norm") + Options(
            paper="Carlini & Wagner 2017"),
     Option("lr", float, 1e-2, "Adam's learning rate in tanh space", low=0, low_open=True),
     Option("kappa", float, 0.0, "confidence: the logit margin a success needs", low=0),
-    Option("abort_early", bool, True, "stop an example's run once its objective stalls (its lowest value over "
-           "steps/10 iterations not below the lowest before)"),
+    Option("abort_early", bool, True, "stop a run once the batch's summed objective stalls (checked every "
+           "steps/10, the reference's test)"),
     REFINE,
 )
 
@@ -104,8 +106,7 @@ class CarliniWagner(MinimumNormAttack):
         success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         xs, w, c = x[idx], w0[idx].clone(), const[idx]
         m, v = torch.zeros_like(w), torch.zeros_like(w)
-        prev = torch.full((idx.numel(),), math.inf, device=x.device, dtype=x.dtype)  # lowest before the window
-        win = prev.clone()  # lowest in the window
+        prev_total = math.inf
         every = max(self.steps // 10, 1)
         b1, b2 = _BETAS
         for it in range(self.steps):
@@ -129,16 +130,12 @@ class CarliniWagner(MinimumNormAttack):
                 closer = ok & (sq.double() < best_sq[idx])
                 best[idx[closer]] = xp[closer].detach()
                 best_sq[idx[closer]] = sq[closer].double()
-            if self.abort_early:
-                win = torch.minimum(win, (sq + c * f).detach())
-            if self.abort_early and it % every == every - 1:
-                go = ~torch.isfinite(prev) | (win < prev - 1e-4 * prev.abs())
-                prev, win = torch.minimum(prev, win), torch.full_like(win, math.inf)
-                if not go.all():
-                    idx, xs, w, c, m, v, prev, win = (t[go] for t in (idx, xs, w, c, m, v, prev, win))
-                    th, diff, g_f = th[go], diff[go], g_f[go]
-                    if idx.numel() == 0:
-                        break
+            if self.abort_early and it % every == 0:
+                # the reference's test, on the batch: its summed objective against steps/10 before
+                total = (sq + c * f).detach().sum().item()
+                if total > prev_total * 0.9999:
+                    break
+                prev_total = total
             # chain rule through x' = (tanh w + 1) / 2, then one Adam step
             g = (2 * diff + per_example(c, g_f) * g_f) * (1 - th * th) / 2
             m.mul_(b1).add_(g, alpha=1 - b1)

@@ -13,12 +13,12 @@ and the iterate is ``x_(i+1) = x + (1 + overshoot) r`` (the paper's overshoot on
 perturbation, which without a box equals ``x_i + (1 + overshoot) r_i``: overshoot on every step)
 until it is misclassified or after ``steps`` iterations. In the box, ``x_(i+1)`` is clipped to
 [0, 1] and ``r`` is reset to the part of it that took effect, ``(x_(i+1) - x) / (1 + overshoot)``,
-so each step starts from the point it was linearised at: a step never has to undo a
-clipped-away excess of earlier ones first (summing the unclipped steps did, and lost 2% of
-median L2 to a per-step clip on resnet20). The misclassified iterate is then refined
-(``refine`` bisections on the scale of its perturbation,
-:meth:`~gradlab.attacks.minnorm.MinimumNormAttack.shrink`): the overshoot was a margin to cross
-the linearised boundary, and the smallest scale that is still misclassified replaces it. All examples of the batch move together; one forward pass and one
+so each step starts from the point it was linearised at and never has to undo a clipped-away
+excess of earlier ones first (as a sum of unclipped steps does; torchattacks clips every step,
+which is the same iterate). The misclassified iterate is then refined (``refine`` bisections on
+the scale of its perturbation, :meth:`~gradlab.attacks.minnorm.MinimumNormAttack.shrink`): the
+overshoot was a margin to cross the linearised boundary, and the smallest scale that is still
+misclassified replaces it. All examples of the batch move together; one forward pass and one
 vmapped backward pass (``is_grads_batched``) give the ``candidates - 1`` Jacobian rows of every
 example (one backward per class with EOT, whose passes average). DeepFool is untargeted.
 """
@@ -112,7 +112,8 @@ class DeepFool(MinimumNormAttack):
             else:
                 step = per_example(fl / dl, wl) * wl.sign()
             # r: the steps' sum as far as the box let it act
-            r[idx] = ((flat0[idx] + (1 + self.overshoot) * (r[idx] + step)).clamp(0, 1) - flat0[idx]) / (1 + self.overshoot)
+            moved = (flat0[idx] + (1 + self.overshoot) * (r[idx] + step)).clamp(0, 1)
+            r[idx] = (moved - flat0[idx]) / (1 + self.overshoot)
         adv = (flat0 + (1 + self.overshoot) * r).clamp(0, 1).reshape(x.shape)
         with torch.no_grad():
             fooled = self.logits(adv).argmax(dim=1) != label
