@@ -8,9 +8,14 @@ MLP on MNIST for 3 epochs into a temporary runs folder), the first ``--n`` test 
 each eps prints gradlab's and torchattacks' robust accuracy like for like (100 steps, the same
 Square budget inside AutoAttack, torchattacks' members in a ``MultiAttack`` because its own
 ``AutoAttack`` runs 10 steps), their difference in points, and PGD-20's as the ceiling both must
-stay under. Not a timing: accuracy only.
+stay under. Then CW and DeepFool like for like (CW: one c = 1, 50 Adam steps, lr 0.01, as
+torchattacks' CW has no binary search; DeepFool: L2, 50 steps, overshoot 0.02) on the first
+``--n-minnorm`` images: both libraries' median L2 over the examples both broke (clean-correct,
+misclassified after the attack, re-checked by a forward pass, inside [0, 1]) and their ratio,
+which issue 16 wants at most 1. Not a timing: accuracy and norms only.
 
     GRADLAB_DATA=DIR python benchmarks/agree_attacks_mnist.py [--run RUN] [--n 500] [--eps 0.1,0.3]
+        [--n-minnorm 200] [--only-minnorm]
 """
 
 from __future__ import annotations
@@ -35,12 +40,39 @@ def trained_run(folder: str) -> str:
     return [line[5:].strip() for line in out.splitlines() if line.startswith("run: ")][-1]
 
 
+def minnorm_rows(model, x, y, torchattacks) -> None:
+    """Print CW's and DeepFool's median L2, gradlab / torchattacks, on the examples both broke."""
+    from gradlab.attacks import build_attack
+
+    pairs = {
+        "CW (c=1)": (build_attack("cw", model, 1.0, steps=50, binary_search_steps=1, initial_const=1.0, lr=0.01),
+                     torchattacks.CW(model, c=1, kappa=0, steps=50, lr=0.01)),
+        "DeepFool": (build_attack("deepfool", model, 1.0, norm="l2", steps=50, overshoot=0.02),
+                     torchattacks.DeepFool(model, steps=50, overshoot=0.02)),
+    }
+    print(f"\n# {len(y)} images; median L2 over the examples both libraries broke")
+    print(f"{'attack':<9} {'both':>5} {'gradlab':>8} {'torchattacks':>12} {'ratio':>8} {'in box':>6}")
+    with torch.no_grad():
+        correct = model(x).argmax(dim=1) == y
+    for name, (ours, theirs) in pairs.items():
+        adv_o, norms = ours.minimum_norm(x, y)
+        adv_t = theirs(x, y)
+        with torch.no_grad():
+            both = correct & (model(adv_o).argmax(1) != y) & (model(adv_t).argmax(1) != y) & torch.isfinite(norms)
+        box = all(bool((a >= 0).all() and (a <= 1).all()) for a in (adv_o, adv_t))
+        mo = (adv_o - x).flatten(1).norm(dim=1)[both].median().item()
+        mt = (adv_t - x).flatten(1).norm(dim=1)[both].median().item()
+        print(f"{name:<9} {int(both.sum()):>5} {mo:>8.4f} {mt:>12.4f} {mo / mt:>8.5f} {str(box):>6}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", help="a trained MNIST run (default: train one for 3 epochs)")
     ap.add_argument("--n", type=int, default=500, help="test images attacked")
     ap.add_argument("--eps", default="0.1,0.3")
     ap.add_argument("--queries", type=int, default=1000, help="Square's budget inside AutoAttack")
+    ap.add_argument("--n-minnorm", type=int, default=200, help="test images for CW and DeepFool")
+    ap.add_argument("--only-minnorm", action="store_true", help="CW and DeepFool only")
     args = ap.parse_args()
     import torchattacks
 
@@ -53,6 +85,8 @@ def main() -> None:
     model = run.model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if args.only_minnorm:
+        return minnorm_rows(model, run.data.x_test[: args.n_minnorm], run.data.y_test[: args.n_minnorm], torchattacks)
     x, y = run.data.x_test[: args.n], run.data.y_test[: args.n]
     print(f"# {args.n} MNIST test images, clean accuracy {accuracy(model, x, y):.4f}; linf; 100 steps")
     print(f"{'eps':>5} {'attack':<11} {'gradlab':>8} {'torchattacks':>12} {'diff (pts)':>10} {'PGD-20':>7}")
@@ -72,6 +106,7 @@ def main() -> None:
         for name, (ours, theirs) in pairs.items():
             a, b = accuracy(model, ours(x, y), y), accuracy(model, theirs(x, y), y)
             print(f"{eps:>5g} {name:<11} {a:>8.4f} {b:>12.4f} {100 * (a - b):>+10.1f} {pgd:>7.4f}", flush=True)
+    minnorm_rows(model, run.data.x_test[: args.n_minnorm], run.data.y_test[: args.n_minnorm], torchattacks)
 
 
 if __name__ == "__main__":

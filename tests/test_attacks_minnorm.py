@@ -137,9 +137,12 @@ def test_deepfool_median_norm_not_above_torchattacks_deepfool(norm):
     theirs = torchattacks.DeepFool(model, steps=50, overshoot=0.02)(x, y)
     both = _succeeds(model, theirs, y) & (norms > 0)
     assert both.sum() >= 15
-    # Same linearisation; torchattacks scales each step by 1 + overshoot, ours their sum: after one
-    # step (most examples here) the two agree up to float rounding, hence the relative 1e-5.
-    assert norms[both].median() <= flat_norm(theirs - x, "l2")[both].median() * (1 + 1e-5)
+    # The same iterates (overshoot on the sum of the steps as far as the box let them act equals
+    # torchattacks' per-step overshoot and clip), then the refinement shortens ours to the smallest
+    # scale still misclassified; the 1e-4 relative slack is float32 noise only (Jacobians reduced
+    # in another order, the refinement's 2**-20 bisection), see test_attacks_minnorm_refine.py.
+    assert norms[both].median() <= flat_norm(theirs - x, "l2")[both].median() * (1 + 1e-4)
+    assert _succeeds(model, adv[both], y[both]).all() and 0 <= adv.min() and adv.max() <= 1
 
 
 def _linf_against_fgsm(model, x, y, norms):

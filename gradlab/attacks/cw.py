@@ -11,11 +11,19 @@ logits and ``kappa`` the confidence. Every iterate whose margin reaches ``-kappa
 with that confidence) and whose distance is the smallest so far is kept. Each example has its own
 c, starting at ``initial_const``; after each of the ``binary_search_steps`` runs of ``steps``
 Adam iterations, c is halved towards the lower bound where the run succeeded and raised (times 10
-until a success bounds it, then bisected) where it failed. With ``abort_early`` an example's run
-stops once its objective has not fallen below 0.9999 times its value ``steps // 10`` iterations
-earlier (the reference code's test, per example instead of per batch); its rows drop out of the
-batch, so later iterations cost less. The L2 gradient is exact; ``f``'s input gradient goes
-through the base's EOT averaging. Shapes: ``(B, *input_shape)`` in [0, 1]; the norm is L2.
+until a success bounds it, then bisected) where it failed. With ``abort_early`` a run stops once
+the batch's summed objective has not fallen below 0.9999 times its value ``steps // 10``
+iterations earlier (the reference code's test; torchattacks also tests the batch's sum). A
+per-example version (also on the objective's window minima, or with the best distance) stopped
+examples too soon: Adam oscillating across the decision boundary (the ``f`` term switching on
+and off) stalls one example's figures for a window and then finds closer points; on an MNIST MLP
+at one c and 50 steps it left 20 of 34 examples up to 45% longer than running on did, and the
+median 3% above torchattacks'. After the binary search every example's best point is refined
+(``refine`` bisections on the scale of its perturbation,
+:meth:`~gradlab.attacks.minnorm.MinimumNormAttack.shrink`): the smallest scale whose margin still
+reaches ``-kappa`` is kept, so the refinement only shortens. The L2 gradient is exact; ``f``'s
+input gradient goes through the base's EOT averaging. Shapes: ``(B, *input_shape)`` in [0, 1];
+the norm is L2.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from torch import Tensor
 
 from gradlab.attacks import ATTACKS
 from gradlab.attacks.base import ATTACK_OPTIONS, STEPS, per_example
-from gradlab.attacks.minnorm import MinimumNormAttack
+from gradlab.attacks.minnorm import REFINE, MinimumNormAttack
 from gradlab.core.options import Option, Options
 
 OPTIONS = ATTACK_OPTIONS.without("norm") + Options(
@@ -40,7 +48,9 @@ OPTIONS = ATTACK_OPTIONS.without("norm") + Options(
            paper="Carlini & Wagner 2017"),
     Option("lr", float, 1e-2, "Adam's learning rate in tanh space", low=0, low_open=True),
     Option("kappa", float, 0.0, "confidence: the logit margin a success needs", low=0),
-    Option("abort_early", bool, True, "stop an example's run once its objective stalls (checked every steps/10)"),
+    Option("abort_early", bool, True, "stop a run once the batch's summed objective stalls (checked every "
+           "steps/10, the reference's test)"),
+    REFINE,
 )
 
 _BETAS = (0.9, 0.999)
@@ -62,6 +72,11 @@ class CarliniWagner(MinimumNormAttack):
         other = z.scatter(1, cls[:, None], -math.inf).amax(dim=1)
         return other - own if self.targeted else own - other
 
+    def _succeeded(self, z: Tensor, idx: Tensor) -> Tensor:
+        """Rows ``idx`` of logits ``z`` that reach the margin ``-kappa`` and are misclassified
+        (a tie at margin 0 is not)."""
+        return (self._margin(z, idx) <= -self.kappa) & self.is_adversarial(z, idx)
+
     def search(self, x: Tensor, y: Tensor) -> Tensor:
         b = x.shape[0]
         dev = x.device
@@ -82,7 +97,8 @@ class CarliniWagner(MinimumNormAttack):
             upper = torch.where(success, torch.minimum(upper, const), upper)
             lower = torch.where(success, lower, torch.maximum(lower, const))
             const = torch.where(torch.isfinite(upper), (lower + upper) / 2, const * 10)
-        return best
+        return self.shrink(x, best, torch.isfinite(best_sq), self._succeeded,
+                           self.refine)
 
     def _run(self, x: Tensor, w0: Tensor, idx: Tensor, const: Tensor, best: Tensor, best_sq: Tensor) -> Tensor:
         """``steps`` Adam iterations for rows ``idx`` at their c; updates ``best``/``best_sq`` in
@@ -90,7 +106,7 @@ class CarliniWagner(MinimumNormAttack):
         success = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         xs, w, c = x[idx], w0[idx].clone(), const[idx]
         m, v = torch.zeros_like(w), torch.zeros_like(w)
-        prev = torch.full((idx.numel(),), math.inf, device=x.device, dtype=x.dtype)
+        prev_total = math.inf
         every = max(self.steps // 10, 1)
         b1, b2 = _BETAS
         for it in range(self.steps):
@@ -115,14 +131,11 @@ class CarliniWagner(MinimumNormAttack):
                 best[idx[closer]] = xp[closer].detach()
                 best_sq[idx[closer]] = sq[closer].double()
             if self.abort_early and it % every == 0:
-                loss = sq + c * f
-                go = loss <= prev * 0.9999
-                prev = loss
-                if not go.all():
-                    idx, xs, w, c, m, v, prev = (t[go] for t in (idx, xs, w, c, m, v, prev))
-                    th, diff, g_f = th[go], diff[go], g_f[go]
-                    if idx.numel() == 0:
-                        break
+                # the reference's test, on the batch: its summed objective against steps/10 before
+                total = (sq + c * f).detach().sum().item()
+                if total > prev_total * 0.9999:
+                    break
+                prev_total = total
             # chain rule through x' = (tanh w + 1) / 2, then one Adam step
             g = (2 * diff + per_example(c, g_f) * g_f) * (1 - th * th) / 2
             m.mul_(b1).add_(g, alpha=1 - b1)

@@ -9,8 +9,16 @@ At the iterate ``x_i`` the boundaries between the clean prediction ``y`` and eac
     Linf:  r_i = (|f'_l| + 1e-4) / ||w'_l||_1   * sign(w'_l)
 
 (Algorithms 2 and 3 of the paper; 1e-4 as in the reference code). The steps add up to ``r``
-and the iterate is ``x_(i+1) = clip(x + (1 + overshoot) r, 0, 1)``, until it is misclassified or
-after ``steps`` iterations. All examples of the batch move together; one forward pass and one
+and the iterate is ``x_(i+1) = x + (1 + overshoot) r`` (the paper's overshoot on the total
+perturbation, which without a box equals ``x_i + (1 + overshoot) r_i``: overshoot on every step)
+until it is misclassified or after ``steps`` iterations. In the box, ``x_(i+1)`` is clipped to
+[0, 1] and ``r`` is reset to the part of it that took effect, ``(x_(i+1) - x) / (1 + overshoot)``,
+so each step starts from the point it was linearised at and never has to undo a clipped-away
+excess of earlier ones first (as a sum of unclipped steps does; torchattacks clips every step,
+which is the same iterate). The misclassified iterate is then refined (``refine`` bisections on
+the scale of its perturbation, :meth:`~gradlab.attacks.minnorm.MinimumNormAttack.shrink`): the
+overshoot was a margin to cross the linearised boundary, and the smallest scale that is still
+misclassified replaces it. All examples of the batch move together; one forward pass and one
 vmapped backward pass (``is_grads_batched``) give the ``candidates - 1`` Jacobian rows of every
 example (one backward per class with EOT, whose passes average). DeepFool is untargeted.
 """
@@ -24,7 +32,7 @@ from torch import Tensor
 
 from gradlab.attacks import ATTACKS
 from gradlab.attacks.base import ATTACK_OPTIONS, STEPS, per_example
-from gradlab.attacks.minnorm import MinimumNormAttack
+from gradlab.attacks.minnorm import REFINE, MinimumNormAttack
 from gradlab.core.errors import GradlabError
 from gradlab.core.budgets import NORMS
 from gradlab.core.options import Option, Options
@@ -36,6 +44,7 @@ OPTIONS = ATTACK_OPTIONS.without("norm") + Options(
            paper="Moosavi-Dezfooli et al. 2016"),
     Option("candidates", int, 10, "classes considered: the most likely clean ones, the prediction included", low=2,
            paper="Moosavi-Dezfooli et al. 2016"),
+    REFINE,
 )
 
 
@@ -102,5 +111,10 @@ class DeepFool(MinimumNormAttack):
                 step = per_example(fl / dl.pow(2), wl) * wl
             else:
                 step = per_example(fl / dl, wl) * wl.sign()
-            r[idx] += step
-        return (flat0 + (1 + self.overshoot) * r).clamp(0, 1).reshape(x.shape)
+            # r: the steps' sum as far as the box let it act
+            moved = (flat0[idx] + (1 + self.overshoot) * (r[idx] + step)).clamp(0, 1)
+            r[idx] = (moved - flat0[idx]) / (1 + self.overshoot)
+        adv = (flat0 + (1 + self.overshoot) * r).clamp(0, 1).reshape(x.shape)
+        with torch.no_grad():
+            fooled = self.logits(adv).argmax(dim=1) != label
+        return self.shrink(x, adv, fooled & (label == y), lambda z, i: z.argmax(dim=1) != label[i], self.refine)

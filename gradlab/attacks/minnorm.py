@@ -7,6 +7,10 @@ strongest one inside a given eps-ball. :class:`MinimumNormAttack` gives every su
   (any eps), then checked on the eval-mode model: ``norms[i] = ||x_adv[i] - x[i]||`` in the
   attack's norm where ``x_adv[i]`` is adversarial, ``0`` (and ``x_adv[i] = x[i]``) where the clean
   input already is, ``inf`` (and ``x_adv[i] = x[i]``) where the search found nothing;
+* :meth:`MinimumNormAttack.shrink`: the final refinement CW and DeepFool share, a bisection on
+  the scale ``t`` of a found perturbation (``x + t (x_adv - x)``, ``t`` in [0, 1]) for the smallest
+  scale the attack's own success test still accepts; it only ever returns a point that passed
+  that test, so it never lengthens a perturbation and never loses an adversarial;
 * ``perturb`` at a budget eps: the found adversarial where its norm is at most eps, else the
   clean input, so that robust accuracy at eps is exactly ``mean(norms > eps)``.
 
@@ -19,12 +23,18 @@ eps sweep and fills the table from the norms.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import pandas as pd
 import torch
 from torch import Tensor
 
 from gradlab.attacks.base import Attack, flat_norm, per_example
+from gradlab.core.options import Option
+
+#: The option of the final refinement (:meth:`MinimumNormAttack.shrink`) CW and DeepFool declare.
+REFINE = Option("refine", int, 20, "bisections on the scale of the found perturbation, for the smallest "
+                "one that still succeeds (0: off)", low=0)
 
 #: Columns of :func:`norm_curve`.
 CURVE_COLUMNS = ["eps", "robust_acc"]
@@ -39,6 +49,28 @@ class MinimumNormAttack(Attack):
     def search(self, x: Tensor, y: Tensor) -> Tensor:
         """Candidate adversarial inputs of small norm (``(B, ...)``, any budget); checked by the caller."""
         raise NotImplementedError
+
+    def shrink(self, x: Tensor, adv: Tensor, found: Tensor, ok: Callable[[Tensor, Tensor], Tensor],
+               steps: int) -> Tensor:
+        """``adv`` ``(B, ...)`` with each row ``i`` of ``found`` ``(B,)`` bool moved to
+        ``x + t_i (adv_i - x_i)``, ``t_i`` the smallest scale accepted by ``ok(logits, idx)``
+        (``(b,)`` bool for rows ``idx``) after ``steps`` bisections of [0, 1] (one forward pass
+        each, on the eval-mode model); ``t = 1`` (``adv`` itself) is accepted by assumption.
+        ``x`` and ``adv`` lie in [0, 1], so every point of the segment does too."""
+        idx = found.nonzero()[:, 0]
+        if steps == 0 or idx.numel() == 0:
+            return adv
+        lo = torch.zeros(idx.numel(), device=x.device, dtype=x.dtype)
+        hi = torch.ones_like(lo)
+        d = adv[idx] - x[idx]
+        with torch.no_grad():
+            for _ in range(steps):
+                mid = (lo + hi) / 2
+                good = ok(self.logits(x[idx] + per_example(mid, d) * d), idx)
+                hi, lo = torch.where(good, mid, hi), torch.where(good, lo, mid)
+        out = adv.clone()  # where no smaller scale passed, adv itself (x + 1 * d may round off it)
+        out[idx] = torch.where(per_example(hi < 1, d), x[idx] + per_example(hi, d) * d, adv[idx]).clamp(0.0, 1.0)
+        return out
 
     def minimum_norm(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """``(x_adv, norms)`` for clean ``x`` ``(B, ...)`` and labels ``y`` ``(B,)``; see the module docstring.
@@ -95,4 +127,4 @@ def norm_summary(norms: Tensor, correct: Tensor) -> dict:
     return out
 
 
-__all__ = ["CURVE_COLUMNS", "MinimumNormAttack", "norm_curve", "norm_summary", "robust_at"]
+__all__ = ["CURVE_COLUMNS", "REFINE", "MinimumNormAttack", "norm_curve", "norm_summary", "robust_at"]
