@@ -19,7 +19,10 @@ it sympy, about 0.45 s of CPU once per process. Every rank pays it at the same t
 not shrink with processes: without the warm-up it was half of the 1-process top-5 time and held
 its 2-process speed-up near 1.25x although the products themselves halve. The time of the
 warm-up and the number of Lanczos products of each setting (the same: the reductions' order
-does not change the iteration count here) are printed below the table. Each round launches the
+does not change the iteration count here) are printed below the table, with the CPU-time ratio of
+the 1-thread process to the 2-process rank that used most CPU: a loaded machine inflates it less
+than wall time, and as it leaves out the ranks' waits in the collectives it bounds from above
+the wall-time ratio an idle machine can give. Each round launches the
 three settings; a ratio is per round (1-process time / 2-process time), median and range over
 rounds. On a loaded machine two intra-op threads lose much of their time waiting for each
 other, so the 2-thread baseline swings with the load; the 1-thread one is the steadier.
@@ -91,14 +94,24 @@ def worker(state: str, warm: bool = True) -> None:
     reps = -(-2000 // len(x_all))
     x2k, y2k = x_all.repeat(reps, 1, 1, 1)[:2000], y_all.repeat(reps)[:2000]
 
-    def timed(fn):
+    cpu = {}
+
+    def timed(fn, name=None):
+        """Wall seconds of ``fn()`` and its result; ``cpu[name]``: the CPU seconds of the rank
+        that used most (every thread of this process)."""
         if info.enabled:
             torch.distributed.barrier()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn()
+        c = torch.tensor([time.process_time() - c], dtype=torch.float64)
         if info.enabled:
             torch.distributed.barrier()
-        return time.perf_counter() - t, out
+        t = time.perf_counter() - t
+        if info.enabled:
+            torch.distributed.all_reduce(c, op=torch.distributed.ReduceOp.MAX)
+        if name:
+            cpu[name] = float(c)
+        return t, out
 
     out = {}
     dirs = random_directions(model, 2, generator=torch.Generator().manual_seed(0))
@@ -117,13 +130,15 @@ def worker(state: str, warm: bool = True) -> None:
             top5([tiny], k=1, max_iter=2)))
     coords = grid_coords(make_axes(-1.0, 1.0, 21, 2))
     batch = [(data.x_train[:512], data.y_train[:512])]
-    t, grid = timed(lambda: evaluate_grid(model, dirs, coords, batch))
+    t, grid = timed(lambda: evaluate_grid(model, dirs, coords, batch), "landscape")
     out["landscape"] = {"seconds": t, "value": float(grid.loss.sum())}
     t, res = timed(lambda: robustness_sweep(model, x2k, y2k, "pgd", [0.1], 250, keep_adv=False, steps=10,
-                                            seed=0, dist=info))
+                                            seed=0, dist=info), "pgd")
     out["pgd"] = {"seconds": t, "value": float(res.table["robust_acc"].iloc[0])}
-    t, res = timed(lambda: top5(batches))
+    t, res = timed(lambda: top5(batches), "top5")
     out["top5"] = {"seconds": t, "value": res.values.tolist(), "products": res.num_matvecs}
+    for k, c in cpu.items():
+        out[k]["cpu"] = c
     if info.is_main:
         print("RESULT " + json.dumps(out), flush=True)
     shutdown(info)
@@ -157,11 +172,13 @@ def part1(rounds: int, cold: bool = False) -> None:
         times = {(k, c): [] for k in tasks for c in ("1p2t", "1p1t", "2p")}
         products = {c: [] for c in ("1p2t", "1p1t", "2p")}  # Lanczos products of the top-5 solve
         warm_up = {c: [] for c in ("1p2t", "1p1t", "2p")}
+        cpu = {k: [] for k in tasks}  # 1p x1t CPU seconds / the busiest rank's of 2p, per round
         for r in range(rounds):
             runs = {"1p2t": launch(state, 1, 2, cold), "2p": launch(state, 2, cold=cold),
                     "1p1t": launch(state, 1, 1, cold)}
             for k in tasks:
                 two = runs["2p"][k]
+                cpu[k].append(runs["1p1t"][k]["cpu"] / two["cpu"])
                 for c, res in runs.items():
                     a = res[k]
                     if k == "top5":
@@ -183,6 +200,8 @@ def part1(rounds: int, cold: bool = False) -> None:
         cells = [f"{statistics.median(times[k, c]):>7.2f}" for c in ("1p2t", "1p1t")]
         rs = [f"{statistics.median(v):.2f}x ({min(v):.2f}-{max(v):.2f})" for v in (ratios[k, "1p2t"], ratios[k, "1p1t"])]
         print(f"{k:<10} {cells[0]} {cells[1]} {statistics.median(times[k, '2p']):>6.2f} {rs[0]:>18} {rs[1]:>18}")
+    print("CPU-time ratio, 1p x1t over the busiest rank of 2p (steadier than wall time under load):\n  "
+          + ", ".join(f"{k} {statistics.median(v):.2f}x ({min(v):.2f}-{max(v):.2f})" for k, v in cpu.items()))
     print("top-5 products per solve: " + ", ".join(f"{c} {sorted(set(v))}" for c, v in products.items()))
     if not cold:
         print("untimed warm-up per process, s (median): "
