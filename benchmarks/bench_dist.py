@@ -10,17 +10,28 @@ Part 1, 2 processes (gloo, one intra-op thread each) against 1 process with 2 in
 * ``top5``: the 5 largest Hessian eigenvalues over 8 batches of 128 (tol 1e-3), each rank holding
   4 batches and all-reducing every product (:class:`gradlab.curvature.distributed.DistributedOperator`).
 
-Each launch times every task once after a barrier (in-process, so startup is excluded) and
-checks that its numbers equal the 2-process ones. Each round launches the three settings; a
-ratio is per round (1-process time / 2-process time), median and range over rounds. On a loaded
-machine two intra-op threads lose much of their time waiting for each other, so the 2-thread
-baseline swings with the load; the 1-thread one is the steadier.
+Each launch first runs every task's code once on 8 examples, untimed (``--cold`` skips this),
+then times every task once after a barrier (in-process, so startup is excluded) and checks that
+its numbers equal the 2-process ones. The warm-up keeps a fresh process's one-off costs out of
+the work timed: the first ``torch.autograd.grad`` given ``grad_outputs`` tensors (every
+Hessian-vector product) makes torch import ``torch.fx.experimental.symbolic_shapes`` and with
+it sympy, about 0.45 s of CPU once per process. Every rank pays it at the same time, so it does
+not shrink with processes: without the warm-up it was half of the 1-process top-5 time and held
+its 2-process speed-up near 1.25x although the products themselves halve. The time of the
+warm-up and the number of Lanczos products of each setting (the same: the reductions' order
+does not change the iteration count here) are printed below the table, with the CPU-time ratio of
+the 1-thread process to the 2-process rank that used most CPU: a loaded machine inflates it less
+than wall time, and as it leaves out the ranks' waits in the collectives it bounds from above
+the wall-time ratio an idle machine can give. Each round launches the
+three settings; a ratio is per round (1-process time / 2-process time), median and range over
+rounds. On a loaded machine two intra-op threads lose much of their time waiting for each
+other, so the 2-thread baseline swings with the load; the 1-thread one is the steadier.
 
 Part 2, one process: the top-1 eigenvalue of the Hessian of the mean loss over 10 batches of 128
 (1,280 examples): gradlab's Lanczos (tol 1e-3) against PyHessian's power iteration in dataloader
 mode (tol 1e-3, at most 100 iterations), both against a float64 Lanczos reference at tol 1e-10.
 
-Run: ``python benchmarks/bench_dist.py [--rounds 3]`` (a few minutes; PyHessian is in the
+Run: ``python benchmarks/bench_dist.py [--rounds 3] [--part 1|2] [--cold]`` (a few minutes; PyHessian is in the
 ``bench`` extra).
 """
 
@@ -62,7 +73,7 @@ def trained_cnn(epochs: int = 4, seed: int = 0):
 
 
 # ---------------------------------------------------------------- part 1: the worker
-def worker(state: str) -> None:
+def worker(state: str, warm: bool = True) -> None:
     from gradlab.attacks.report import robustness_sweep
     from gradlab.core.distributed import current, init_from_env, shutdown
     from gradlab.curvature import HessianOperator, eigsh
@@ -83,46 +94,65 @@ def worker(state: str) -> None:
     reps = -(-2000 // len(x_all))
     x2k, y2k = x_all.repeat(reps, 1, 1, 1)[:2000], y_all.repeat(reps)[:2000]
 
-    def timed(fn):
+    cpu = {}
+
+    def timed(fn, name=None):
+        """Wall seconds of ``fn()`` and its result; ``cpu[name]``: the CPU seconds of the rank
+        that used most (every thread of this process)."""
         if info.enabled:
             torch.distributed.barrier()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         out = fn()
+        c = torch.tensor([time.process_time() - c], dtype=torch.float64)
         if info.enabled:
             torch.distributed.barrier()
-        return time.perf_counter() - t, out
+        t = time.perf_counter() - t
+        if info.enabled:
+            torch.distributed.all_reduce(c, op=torch.distributed.ReduceOp.MAX)
+        if name:
+            cpu[name] = float(c)
+        return t, out
 
     out = {}
     dirs = random_directions(model, 2, generator=torch.Generator().manual_seed(0))
-    coords = grid_coords(make_axes(-1.0, 1.0, 21, 2))
-    batch = [(data.x_train[:512], data.y_train[:512])]
-    t, grid = timed(lambda: evaluate_grid(model, dirs, coords, batch))
-    out["landscape"] = {"seconds": t, "value": float(grid.loss.sum())}
-    t, res = timed(lambda: robustness_sweep(model, x2k, y2k, "pgd", [0.1], 250, keep_adv=False, steps=10,
-                                            seed=0, dist=info))
-    out["pgd"] = {"seconds": t, "value": float(res.table["robust_acc"].iloc[0])}
     batches = [(data.x_train[i : i + 128], data.y_train[i : i + 128]) for i in range(0, 8 * 128, 128)]
 
-    def top5():
-        op = HessianOperator(model, F.cross_entropy, shard_batches(batches, info))
+    def top5(data_, k=5, max_iter=None):
+        op = HessianOperator(model, F.cross_entropy, shard_batches(data_, info))
         op = DistributedOperator(op, info) if info.enabled else op
-        return eigsh(op, 5, "LA", tol=1e-3, seed=0).values
+        return eigsh(op, k, "LA", tol=1e-3, seed=0, max_iter=max_iter)
 
-    t, vals = timed(top5)
-    out["top5"] = {"seconds": t, "value": vals.tolist()}
+    if warm:  # each task's code once on 8 examples, untimed: the one-off costs of a fresh process
+        tiny = (data.x_train[:8], data.y_train[:8])
+        out["warm_up"], _ = timed(lambda: (
+            evaluate_grid(model, dirs, grid_coords(make_axes(-1.0, 1.0, 2, 2)), [tiny]),
+            robustness_sweep(model, *tiny, "pgd", [0.1], 4, keep_adv=False, steps=1, seed=0, dist=info),
+            top5([tiny], k=1, max_iter=2)))
+    coords = grid_coords(make_axes(-1.0, 1.0, 21, 2))
+    batch = [(data.x_train[:512], data.y_train[:512])]
+    t, grid = timed(lambda: evaluate_grid(model, dirs, coords, batch), "landscape")
+    out["landscape"] = {"seconds": t, "value": float(grid.loss.sum())}
+    t, res = timed(lambda: robustness_sweep(model, x2k, y2k, "pgd", [0.1], 250, keep_adv=False, steps=10,
+                                            seed=0, dist=info), "pgd")
+    out["pgd"] = {"seconds": t, "value": float(res.table["robust_acc"].iloc[0])}
+    t, res = timed(lambda: top5(batches), "top5")
+    out["top5"] = {"seconds": t, "value": res.values.tolist(), "products": res.num_matvecs}
+    for k, c in cpu.items():
+        out[k]["cpu"] = c
     if info.is_main:
         print("RESULT " + json.dumps(out), flush=True)
     shutdown(info)
 
 
-def launch(state: str, procs: int, threads: int = 1) -> dict:
+def launch(state: str, procs: int, threads: int = 1, cold: bool = False) -> dict:
     env = {**os.environ}
+    flag = ["--cold"] if cold else []
     if procs == 1:
-        cmd = [sys.executable, str(HERE), "--worker", state]
+        cmd = [sys.executable, str(HERE), "--worker", state, *flag]
         env["OMP_NUM_THREADS"] = str(threads)
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs),
-               str(HERE), "--worker", state]
+               str(HERE), "--worker", state, *flag]
         env["OMP_NUM_THREADS"] = "1"
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -131,7 +161,7 @@ def launch(state: str, procs: int, threads: int = 1) -> dict:
     return json.loads(line[0][7:])
 
 
-def part1(rounds: int) -> None:
+def part1(rounds: int, cold: bool = False) -> None:
     model, _ = trained_cnn()
     with tempfile.TemporaryDirectory() as tmp:
         state = os.path.join(tmp, "cnn.pt")
@@ -140,10 +170,15 @@ def part1(rounds: int) -> None:
         # ratios against 1 process with 2 intra-op threads ("1p2t") and with 1 ("1p1t")
         ratios = {(k, b): [] for k in tasks for b in ("1p2t", "1p1t")}
         times = {(k, c): [] for k in tasks for c in ("1p2t", "1p1t", "2p")}
+        products = {c: [] for c in ("1p2t", "1p1t", "2p")}  # Lanczos products of the top-5 solve
+        warm_up = {c: [] for c in ("1p2t", "1p1t", "2p")}
+        cpu = {k: [] for k in tasks}  # 1p x1t CPU seconds / the busiest rank's of 2p, per round
         for r in range(rounds):
-            runs = {"1p2t": launch(state, 1, 2), "2p": launch(state, 2), "1p1t": launch(state, 1, 1)}
+            runs = {"1p2t": launch(state, 1, 2, cold), "2p": launch(state, 2, cold=cold),
+                    "1p1t": launch(state, 1, 1, cold)}
             for k in tasks:
                 two = runs["2p"][k]
+                cpu[k].append(runs["1p1t"][k]["cpu"] / two["cpu"])
                 for c, res in runs.items():
                     a = res[k]
                     if k == "top5":
@@ -151,6 +186,10 @@ def part1(rounds: int) -> None:
                     else:
                         assert abs(a["value"] - two["value"]) <= 1e-6 * max(1.0, abs(a["value"])), (k, a, two)
                     times[k, c].append(a["seconds"])
+                    if k == "top5":
+                        products[c].append(a["products"])
+                    if k == "top5" and not cold:
+                        warm_up[c].append(res["warm_up"])
                     if c != "2p":
                         ratios[k, c].append(a["seconds"] / two["seconds"])
             print(f"round {r + 1}: " + ", ".join(f"{k} {ratios[k, '1p2t'][-1]:.2f}x/{ratios[k, '1p1t'][-1]:.2f}x"
@@ -161,6 +200,12 @@ def part1(rounds: int) -> None:
         cells = [f"{statistics.median(times[k, c]):>7.2f}" for c in ("1p2t", "1p1t")]
         rs = [f"{statistics.median(v):.2f}x ({min(v):.2f}-{max(v):.2f})" for v in (ratios[k, "1p2t"], ratios[k, "1p1t"])]
         print(f"{k:<10} {cells[0]} {cells[1]} {statistics.median(times[k, '2p']):>6.2f} {rs[0]:>18} {rs[1]:>18}")
+    print("CPU-time ratio, 1p x1t over the busiest rank of 2p (steadier than wall time under load):\n  "
+          + ", ".join(f"{k} {statistics.median(v):.2f}x ({min(v):.2f}-{max(v):.2f})" for k, v in cpu.items()))
+    print("top-5 products per solve: " + ", ".join(f"{c} {sorted(set(v))}" for c, v in products.items()))
+    if not cold:
+        print("untimed warm-up per process, s (median): "
+              + ", ".join(f"{c} {statistics.median(v):.2f}" for c, v in warm_up.items()))
 
 
 # ---------------------------------------------------------------- part 2: against PyHessian
@@ -204,11 +249,12 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--part", choices=("1", "2", "both"), default="both")
+    ap.add_argument("--cold", action="store_true", help="part 1 without the untimed warm-up of each process")
     a = ap.parse_args()
     if a.worker:
-        worker(a.worker)
+        worker(a.worker, warm=not a.cold)
     else:
         if a.part in ("1", "both"):
-            part1(a.rounds)
+            part1(a.rounds, a.cold)
         if a.part in ("2", "both"):
             part2(a.rounds)
