@@ -12,6 +12,9 @@ import torch
 # The test machine has 2 cores shared by many processes: torch's default intra-op thread pool
 # oversubscribes them and makes small-model tests an order of magnitude slower.
 torch.set_num_threads(1)
+# The same for the processes the tests start (gradlab run's children, console-script runs): they
+# inherit this environment; a value set outside the suite wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The plug-in manifest (gradlab.core.manifest) of this test session lives in a folder of its own,
 # never in the user's cache.

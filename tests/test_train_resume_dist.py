@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clihelp import cli, gradlab_exe, run_proc
+from clihelp import cli, gradlab_exe, run_proc, train_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +34,16 @@ def _final(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    runs = tmp_path_factory.mktemp("ref")
-    r = run_proc(gradlab_exe() + ["train", "--runs-dir", runs, "--quiet", *ARGS])
-    assert r.code == 0, r.err
-    return r.run_path
+    """The uninterrupted run, in this process (torch on one thread, tests/conftest.py)."""
+    return train_in_process("--runs-dir", tmp_path_factory.mktemp("ref"), *ARGS)
 
 
 def _start(runs: Path) -> tuple[subprocess.Popen, Path]:
+    """The installed console script, on one thread as this process: the same arithmetic as the
+    reference and as the resume, which runs in this process."""
     p = subprocess.Popen(gradlab_exe() + ["train", "--runs-dir", str(runs), "--quiet", *ARGS],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 240
     while time.time() < deadline:
         runs_found = [d for d in runs.iterdir()] if runs.exists() else []
@@ -55,26 +57,26 @@ def _start(runs: Path) -> tuple[subprocess.Popen, Path]:
     raise AssertionError("training never reached its second epoch")
 
 
-def test_resume_after_sigkill_mid_epoch_matches_uninterrupted(tmp_path, reference):
+def test_resume_after_sigkill_mid_epoch_matches_uninterrupted(tmp_path, reference, capsys):
     p, run = _start(tmp_path)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (run / "summary.csv").exists()
-    r = run_proc(gradlab_exe() + ["train", "--resume", run, "--quiet"])
+    r = cli(capsys, "train", "--resume", run, "--quiet")
     assert r.code == 0, r.err
     assert r.run_path == run
     assert _final(run) == _final(reference)
     pd.testing.assert_frame_equal(_values(run), _values(reference))
 
 
-def test_ctrl_c_writes_checkpoint_and_status_interrupted(tmp_path, reference):
+def test_ctrl_c_writes_checkpoint_and_status_interrupted(tmp_path, reference, capsys):
     p, run = _start(tmp_path)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
     assert pd.read_csv(run / "summary.csv").loc[0, "status"] == "interrupted"
     assert out.strip().splitlines()[-1] == f"run: {run}"
-    r = run_proc(gradlab_exe() + ["train", "--resume", run, "--quiet"])
+    r = cli(capsys, "train", "--resume", run, "--quiet")
     assert r.code == 0, r.err
     assert _final(run) == _final(reference)
     pd.testing.assert_frame_equal(_values(run), _values(reference))
