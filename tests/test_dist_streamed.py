@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clihelp import train_in_process
-from test_dist_commands import _both
+from clihelp import cli, train_in_process
+from test_dist_commands import torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +31,18 @@ def streamed(tmp_path_factory):
                            "gray", "--stream", "--epochs", "3", "--width", "16", "--batch-size", "16", "--opt", "adam",
                            "--lr", "0.01", "--seed", "1", "--quiet", "--device", "cpu")
     return runs, run
+
+
+def _both(capsys, tmp_path, runs, *args):
+    """The run folder of ``gradlab ARGS`` in one process and of the same under its own torchrun."""
+    one = cli(capsys, *args, "--runs-dir", tmp_path / "one", "--quiet", "--device", "cpu")
+    assert one.code == 0, one.err
+    p = torchrun(*args, "--runs-dir", tmp_path / "two", "--quiet", "--device", "cpu", logs=tmp_path / "logs")
+    assert p.returncode == 0, p.stderr[-3000:] + "".join(f.read_text()[-2000:] for f in (tmp_path / "logs").rglob("*.log"))
+    (two,) = [d for d in (tmp_path / "two").iterdir() if d.is_dir()]  # one folder, not one per rank
+    out = {int(f.parent.name): f.read_text() for f in (tmp_path / "logs").rglob("stdout.log")}
+    assert out[0].strip().splitlines()[-1] == f"run: {two}" and out[1].strip() == ""  # rank 0 prints
+    return one.run_path, two
 
 
 def _summary(folder):
