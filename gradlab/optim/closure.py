@@ -48,6 +48,20 @@ def unflatten(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
+def loss_with_graph(closure: Optional[Callable], owner: str) -> Tensor:
+    """``closure()`` under grad mode, checked: one :class:`GradlabError` line when the closure is
+    missing or returns something without a graph (it called ``backward`` or ``.item()``)."""
+    if closure is None:
+        raise GradlabError(f"{owner}.step needs a closure that returns the loss without calling backward, "
+                           "e.g. opt.step(lambda: loss_fn(model(x), y))")
+    with torch.enable_grad():
+        loss = closure()
+    if not isinstance(loss, Tensor) or not loss.requires_grad:
+        raise GradlabError(f"{owner}: the closure must return the loss tensor with its graph "
+                           "(do not call backward or .item() inside it)")
+    return loss
+
+
 def evaluate(closure: Optional[Callable], params: Sequence[Tensor], owner: str, *,
              create_graph: bool = False) -> tuple[Tensor, Tensor, list[Tensor]]:
     """``(loss, flat gradient, per-parameter gradients)`` of ``closure()`` at the current weights.
@@ -57,14 +71,8 @@ def evaluate(closure: Optional[Callable], params: Sequence[Tensor], owner: str, 
     graph for :class:`GradientGraph`; otherwise they are detached. A missing closure, or one
     that returns something without a graph, raises one :class:`GradlabError` line.
     """
-    if closure is None:
-        raise GradlabError(f"{owner}.step needs a closure that returns the loss without calling backward, "
-                           "e.g. opt.step(lambda: loss_fn(model(x), y))")
+    loss = loss_with_graph(closure, owner)
     with torch.enable_grad():
-        loss = closure()
-        if not isinstance(loss, Tensor) or not loss.requires_grad:
-            raise GradlabError(f"{owner}: the closure must return the loss tensor with its graph "
-                               "(do not call backward or .item() inside it)")
         grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
     if not create_graph:

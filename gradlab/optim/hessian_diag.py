@@ -40,8 +40,7 @@ from torch import Tensor
 from gradlab.curvature.diagonal import hutchinson_diagonal
 from gradlab.curvature.hvp import hvp_from_grads
 from gradlab.core.distributed import process_count, reduce_over_ranks
-from gradlab.core.errors import GradlabError
-from gradlab.optim.closure import ClosureOptimizer
+from gradlab.optim.closure import ClosureOptimizer, loss_with_graph
 from gradlab.optim.registry import check_int
 
 
@@ -68,21 +67,11 @@ class HessianDiagOptimizer(ClosureOptimizer):
         The returned diagonal estimate has one tensor per parameter of :meth:`_params`, raw
         (signed, not spatially averaged), averaged over ``hessian_samples`` probes and over ranks.
         """
-        if closure is None:
-            raise GradlabError(
-                f"{type(self).__name__}.step needs a closure that returns the loss without calling "
-                "backward, e.g. opt.step(lambda: loss_fn(model(x), y))"
-            )
         params = self._params()
         t, warm = self.steps_taken, self.hessian_warmup
         refresh = t < warm or (t - warm) % self.hessian_every == 0
+        loss = loss_with_graph(closure, type(self).__name__)
         with torch.enable_grad():
-            loss = closure()
-            if not isinstance(loss, Tensor) or not loss.requires_grad:
-                raise GradlabError(
-                    f"{type(self).__name__}: the closure must return the loss tensor with its graph "
-                    "(do not call backward or .item() inside it)"
-                )
             grads = torch.autograd.grad(loss, params, create_graph=refresh, allow_unused=True)
             # A parameter the loss does not use has zero gradient and zero curvature.
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from gradlab.core.distributed import process_count, reduce_over_ranks
 from gradlab.core.errors import GradlabError
+from gradlab.optim.closure import loss_with_graph
 from gradlab.curvature.likelihood import check_outputs, require_likelihood
 from gradlab.optim.registry import check_int
 from gradlab.optim.state import ExtraState
@@ -198,15 +199,7 @@ class ModelBoundOptimizer(ExtraState):
         """The closure's loss with its graph, the model unwatched (no hooks: what a step that needs
         neither the outputs nor the layers' inputs runs)."""
         self._require_bound()
-        if closure is None:
-            raise GradlabError(f"optimizer {self.name}: step needs a closure that returns the loss without "
-                               "calling backward, e.g. opt.step(lambda: loss_fn(model(x), y))")
-        with torch.enable_grad():
-            loss = closure()
-        if not isinstance(loss, Tensor) or not loss.requires_grad:
-            raise GradlabError(f"optimizer {self.name}: the closure must return the loss tensor with its graph "
-                               "(do not call backward or .item() inside it)")
-        return loss
+        return loss_with_graph(closure, self.name)
 
     def _gradients(self, loss: Tensor, params: list[Tensor], retain_graph: bool) -> list[Tensor]:
         grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
