@@ -65,3 +65,17 @@ def train_in_process(*args) -> Path:
         except SystemExit as e:
             assert e.code in (0, None), err.getvalue()
     return Path(out.getvalue().strip().splitlines()[-1].removeprefix("run: "))
+
+
+def two_rank_results(script: Path, out: Path, timeout: int = 300) -> list:
+    """Run ``script OUT`` under torchrun with 2 gloo processes (one thread each, tests/ on the
+    path) and load what each rank saved as ``OUT/rank{r}.pt``."""
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(script), str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]

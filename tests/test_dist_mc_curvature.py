@@ -5,14 +5,12 @@ with the parameters of one process on the whole batch (tests/dist_mc_curvature.p
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from clihelp import two_rank_results
 from dist_mc_curvature import CASES, problem, train
 
 pytestmark = pytest.mark.slow
@@ -22,14 +20,7 @@ SCRIPT = Path(__file__).with_name("dist_mc_curvature.py")
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("distmc")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(SCRIPT), str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return two_rank_results(SCRIPT, tmp_path_factory.mktemp("distmc"))
 
 
 @pytest.mark.parametrize("case", list(CASES))
