@@ -8,6 +8,7 @@ import importlib.util
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from clihelp import ROOT, cli
@@ -48,15 +49,40 @@ def test_a_tiny_version_runs_and_makes_the_table_and_plot(tmp_path, capsys):
             r = cli(capsys, "attack", "--run", source, "--config", path, "--quiet")  # the NAME from the config
             assert r.code == 0, r.err
             assert pd.read_csv(r.run_path / "attack.csv")["attack"].unique().tolist() == [combo["attack"]]
-    spec = importlib.util.spec_from_file_location("robustness_table", ROOT / "experiments" / "robustness_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main([str(runs)]) == 0
+    assert _table_module().main([str(runs)]) == 0
     table = pd.read_csv(runs / "robustness.csv")
     assert list(table.columns) == ["training", "attack", "clean", "eps 0.1", "eps 0.2", "eps 0.3"]
     assert len(table) == 4 and set(table["training"]) == {"standard", "adversarial (pgd, eps 0.3)"}
     assert (table["eps 0.3"] <= table["clean"] + 1e-9).all()
     assert Path(runs / "robustness.png").stat().st_size > 0
+    ci = pd.read_csv(runs / "robustness_ci.csv")
+    assert len(ci) == 4 * 3 and (ci["n"] == 16).all()
+    assert ((ci["ci_low"] <= ci["robust_acc"]) & (ci["robust_acc"] <= ci["ci_high"])).all()
+    assert ((ci["ci_low"] >= 0) & (ci["ci_high"] <= 1) & (ci["ci_high"] > ci["ci_low"])).all()
+
+
+def _table_module():
+    spec = importlib.util.spec_from_file_location("robustness_table", ROOT / "experiments" / "robustness_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_wilson_interval_matches_its_closed_form_and_the_binomial_coverage():
+    """The table's 95% intervals: Wilson's formula at known points (p = 0.5, n = 100 gives
+    0.5 +- 0.0962; p = 0 keeps a non-empty upper bound 3.84 / 103.84), and over all outcomes of
+    Binomial(200, 0.6) the interval covers 0.6 with probability close to 95% (summed exactly)."""
+    from scipy.stats import binom
+
+    wilson = _table_module().wilson
+    low, high = wilson(0.5, 100)
+    assert low == pytest.approx(0.40383, abs=1e-5) and high == pytest.approx(0.59617, abs=1e-5)
+    z2 = 1.959963984540054 ** 2
+    assert wilson(0.0, 200) == (0.0, pytest.approx(z2 / (200 + z2)))
+    assert wilson(1.0, 200)[1] == 1.0 and wilson(1.0, 200)[0] == pytest.approx(200 / (200 + z2))
+    n, p = 200, 0.6
+    coverage = sum(binom.pmf(k, n, p) for k in range(n + 1) if wilson(k / n, n)[0] <= p <= wilson(k / n, n)[1])
+    assert 0.93 < coverage < 0.97
 
 
 def test_the_readme_quotes_the_table_with_the_budget_and_command_of_the_file():
