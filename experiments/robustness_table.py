@@ -14,10 +14,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import math
-
 import pandas as pd
 import yaml
+
+from gradlab.attacks.report import wilson_interval
 
 
 ATTACK_ORDER = ("fgsm", "pgd", "apgd", "autoattack")
@@ -41,21 +41,11 @@ def collect(runs_dir: Path) -> pd.DataFrame:
     return df.assign(_key=key).sort_values(["_key", "eps"], kind="stable").drop(columns="_key").reset_index(drop=True)
 
 
-def wilson(p: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """The Wilson score interval ``(low, high)`` of a proportion ``p`` observed on ``n`` trials
-    (95% for the default ``z``); unlike ``p +- z sqrt(p (1 - p) / n)`` it stays inside [0, 1] and
-    is not empty at ``p = 0`` or ``1``."""
-    if n <= 0:
-        return (0.0, 1.0)
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def intervals(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` (from :func:`collect`) with ``ci_low``, ``ci_high``: the 95% Wilson interval of each
-    robust accuracy over its ``n`` images."""
-    bounds = [wilson(float(r.robust_acc), int(r.n)) for r in df.itertuples(index=False)]
+    robust accuracy over its ``n`` images (:func:`gradlab.attacks.report.wilson_interval`, the
+    same as attack.csv's ``robust_ci_*``)."""
+    bounds = [wilson_interval(float(r.robust_acc), int(r.n)) for r in df.itertuples(index=False)]
     return df.assign(ci_low=[b[0] for b in bounds], ci_high=[b[1] for b in bounds])
 
 
@@ -98,7 +88,7 @@ def main(argv: list) -> int:
     plot(df, runs / "robustness.png")
     print(wide.round(3).to_string())
     n = int(df["n"].min())
-    low, high = wilson(0.5, n)
+    low, high = wilson_interval(0.5, n)
     print(f"{n} images per figure: 95% intervals up to +-{(high - low) / 2:.3f} (robustness_ci.csv)")
     print(f"wrote {runs / 'robustness.csv'}, {runs / 'robustness_ci.csv'} and {runs / 'robustness.png'}")
     return 0

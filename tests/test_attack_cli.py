@@ -8,7 +8,7 @@ import pytest
 
 from gradlab_cli.main import main
 
-COLUMNS = "attack,eps,clean_acc,robust_acc,success_rate,mean_linf,mean_l2,mean_confidence,n".split(",")
+COLUMNS = "attack,eps,clean_acc,robust_acc,success_rate,mean_linf,mean_l2,mean_confidence,n,robust_ci_low,robust_ci_high".split(",")
 
 
 def _run(argv, capsys):
@@ -37,6 +37,7 @@ def test_attack_sweep_writes_csv_plots_npz_and_states_eval_mode(tiny_runs, capsy
     assert (df["n"] == 40).all()
     assert df.loc[0, "robust_acc"] == pytest.approx(df.loc[0, "clean_acc"])
     assert (df["robust_acc"] <= df["clean_acc"] + 1e-9).all()
+    assert ((df["robust_ci_low"] <= df["robust_acc"]) & (df["robust_acc"] <= df["robust_ci_high"])).all()
     assert (df["mean_linf"] <= df["eps"] + 1e-6).all()
     with np.load(f"{path}/adversarial.npz") as z:
         assert z["x_adv"].shape == (3, 40, 1, 8, 8) and z["pred_adv"].shape == (3, 40)

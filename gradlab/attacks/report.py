@@ -16,6 +16,8 @@ and one row summarises it:
 ``mean_confidence`` mean over all examples of the softmax probability of the predicted class on
                     the adversarial input
 ``n``               number of examples
+``robust_ci_low``,  the 95% Wilson score interval of ``robust_acc`` over the ``n`` examples
+``robust_ci_high``  (:func:`wilson_interval`): how far a figure from a few hundred images goes
 ==================  ==========================================================================
 
 An attack may add columns of its own after these (:meth:`Attack.summary`): AutoAttack's
@@ -28,6 +30,7 @@ accuracy is the fraction of minimum norms above eps; it adds the quartiles of th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -41,7 +44,27 @@ from gradlab.core.distributed import DistInfo, gather_objects, my_share, sum_ove
 from gradlab.core.errors import GradlabError
 from gradlab.core.modelstate import model_state
 
-COLUMNS = ["attack", "eps", "clean_acc", "robust_acc", "success_rate", "mean_linf", "mean_l2", "mean_confidence", "n"]
+COLUMNS = ["attack", "eps", "clean_acc", "robust_acc", "success_rate", "mean_linf", "mean_l2", "mean_confidence", "n",
+           "robust_ci_low", "robust_ci_high"]
+
+#: The normal quantile of a two-sided 95% interval.
+Z95 = 1.959963984540054
+
+
+def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval ``(low, high)`` of a proportion ``p`` observed on ``n`` trials
+    (95% for the default ``z``); unlike ``p +- z sqrt(p (1 - p) / n)`` it stays inside [0, 1] and
+    is not empty at ``p = 0`` or ``1``. ``(0, 1)`` for ``n = 0``."""
+    if n <= 0:
+        return (0.0, 1.0)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def robust_interval(robust_acc: float, n: int) -> dict:
+    """The table's ``robust_ci_low`` / ``robust_ci_high`` columns for one row."""
+    return dict(zip(("robust_ci_low", "robust_ci_high"), wilson_interval(robust_acc, n)))
 
 
 @dataclass
@@ -187,17 +210,19 @@ def robustness_sweep(
         fooled = (adv_pred == targets) if targets is not None else (adv_pred != y)
         # targeted: an example whose label already is the target cannot be pushed there
         eligible = correct & (y != targets) if targets is not None else correct
+        robust = (adv_pred == y).double().mean().item()
         rows.append(
             {
                 "attack": attack_name,
                 "eps": eps,
                 "clean_acc": correct.float().mean().item(),
-                "robust_acc": (adv_pred == y).float().mean().item(),
+                "robust_acc": robust,
                 "success_rate": fooled[eligible].float().mean().item() if bool(eligible.any()) else float("nan"),
                 "mean_linf": linf.mean().item(),
                 "mean_l2": l2.mean().item(),
                 "mean_confidence": adv_conf.mean().item(),
                 "n": n,
+                **robust_interval(robust, n),
                 **_summed(attack.summary(), dist),  # an ensemble's per-member counts (broken_by_*)
                 **extra,  # a minimum-norm attack's quartiles of the norms
             }

@@ -22,7 +22,7 @@ from torch import nn
 
 from gradlab.attacks import build_attack
 from gradlab.attacks.base import check_eps, flat_norm
-from gradlab.attacks.report import COLUMNS, _device_of, _summed
+from gradlab.attacks.report import COLUMNS, _device_of, _summed, robust_interval
 from gradlab.core.distributed import DistInfo, gather_objects, sum_over_ranks
 from gradlab.core.errors import GradlabError
 from gradlab.core.modelstate import model_state
@@ -103,7 +103,7 @@ def streamed_robustness(model: nn.Module, batches, attack_name: str, eps_list: S
         c, r, f, e, linf, l2, conf = sums[j].tolist()
         rows.append({"attack": attack_name, "eps": eps, "clean_acc": c / n_all, "robust_acc": r / n_all,
                      "success_rate": f / e if e else float("nan"), "mean_linf": linf / n_all, "mean_l2": l2 / n_all,
-                     "mean_confidence": conf / n_all, "n": n_all,
+                     "mean_confidence": conf / n_all, "n": n_all, **robust_interval(r / n_all, n_all),
                      **_summed(attacks[eps].summary(), dist), **extra})
     return pd.DataFrame(rows, columns=COLUMNS + [k for k in rows[0] if k not in COLUMNS])
 
