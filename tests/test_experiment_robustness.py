@@ -99,3 +99,15 @@ def test_the_readme_quotes_the_table_with_the_budget_and_command_of_the_file():
     assert f"first {attack.base['n_examples']} test images" in section and "CNN" in section
     assert "| AutoAttack |" in section.replace("| autoattack |", "| AutoAttack |")
     assert (ROOT / "docs" / "robustness.png").stat().st_size > 0
+
+
+def test_the_wilson_interval_holds_its_proportion_exactly_at_every_count():
+    """Rounding must not put p outside its interval: at p = 0 the closed form's centre - half is
+    4e-19 for n = 500, which made the plot's error bars negative."""
+    from gradlab.attacks.report import wilson_interval
+
+    for n in range(1, 1001):
+        assert wilson_interval(0.0, n)[0] == 0.0 and wilson_interval(1.0, n)[1] == 1.0, n
+        for k in (1, n // 3, n // 2, n - 1):
+            low, high = wilson_interval(k / n, n)
+            assert 0.0 <= low <= k / n <= high <= 1.0, (k, n)

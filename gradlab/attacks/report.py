@@ -59,7 +59,8 @@ def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:
         return (0.0, 1.0)
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n))
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # the clamps to p keep rounding (centre - half is 4e-19 at p = 0, n = 500) from leaving p outside
+    return (min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half)))
 
 
 def robust_interval(robust_acc: float, n: int) -> dict:
