@@ -41,20 +41,23 @@ def problem():
 
 
 def train(case: str, rank: int = 0, world: int = 1) -> dict:
-    """``{"params": [...], "damping": [...]}``: the parameters after the case's steps and
-    ``param_groups[0]["damping"]`` after each step (``None`` for an optimizer without one)."""
+    """``{"params": [...], "damping": [...], "trial": [...]}``: the parameters after the case's
+    steps, ``param_groups[0]["damping"]`` after each step and the adaptive rule's trial-point loss
+    (``opt.last["loss_after"]``, the loss of the whole batch, which decides rho and the undo) after
+    each step (``None`` for an optimizer without them)."""
     model, x, y = problem()
     xb, yb = x[rank::world], y[rank::world]
     name, options, steps = CASES[case]
     opt = build_optimizer(name, model.parameters(), seed=3, **options)
     if getattr(opt, "needs_model", False):
         opt.bind(model, F.cross_entropy)
-    damping = []
+    damping, trial = [], []
     for _ in range(steps):
         opt.zero_grad()
         opt.step(lambda: F.cross_entropy(model(xb), yb))
         damping.append(opt.param_groups[0].get("damping"))
-    return {"params": [p.detach().clone() for p in model.parameters()], "damping": damping}
+        trial.append(getattr(opt, "last", {}).get("loss_after"))
+    return {"params": [p.detach().clone() for p in model.parameters()], "damping": damping, "trial": trial}
 
 
 if __name__ == "__main__":
