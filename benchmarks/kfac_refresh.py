@@ -10,7 +10,10 @@ update. Rounds interleave an SGD step, a K-FAC step without a refresh (``factor_
 than the run) and the refresh steps of both damping modes; figures are medians over rounds with
 interquartile ranges, and "x SGD" divides by the SGD step of the same round.
 
-Then, per factor size of the model, ``torch.linalg.eigh`` against ``cholesky_ex`` +
+With ``inverse_every`` below ``factor_every`` (factors every 10 steps, the inverse every step) the
+optimizer decomposes each set of factors once; the last table compares that with what it did
+before, decomposing again at every inverse step (emulated here by dropping the held inverse before
+each step), per step and against SGD. Then, per factor size of the model, ``torch.linalg.eigh`` against ``cholesky_ex`` +
 ``cholesky_inverse`` (what the two modes call per factor and refresh) on that factor.
 
     python benchmarks/kfac_refresh.py [--model mlp|cnn] [--rounds 15] [--steps 10]
@@ -89,6 +92,28 @@ def lapack_table(blocks, repeats=30):
         print(f"| {blk_n} | {e * 1e3:.3f} | {c * 1e3:.3f} | {e / c:.1f} |")
 
 
+def schedule_table(model_fn, x, y, device, sgd, args):
+    rows = {}
+    for mode in ("exact", "factored"):
+        for again in (False, True):
+            opt, step = kfac_stepper(model_fn, x, y, device, None, factor_every=10, inverse_every=1, damping_mode=mode)
+            if again:
+                step = (lambda o, s: lambda: (setattr(o, "_inverse_of", None), s())[1])(opt, step)
+            rows[(mode, again)] = step
+    ratios = {k: [] for k in rows}
+    block = 10 * max(1, args.steps // 10)  # whole factor periods
+    for _ in range(args.rounds):
+        t_sgd = clock(sgd, block)
+        for k, step in rows.items():
+            ratios[k].append(clock(step, block) / t_sgd)
+    print("\n| factors every 10, inverse every step: step / SGD step, median (IQR) | exact | factored |")
+    print("|---|---:|---:|")
+    for again, label in ((False, "each set of factors decomposed once (now)"),
+                         (True, "decomposed at every inverse step (before)")):
+        cells = [median_iqr(ratios[(m, again)]) for m in ("exact", "factored")]
+        print(f"| {label} | " + " | ".join(f"{c[0]:.2f} ({c[1]:.2f}-{c[2]:.2f})" for c in cells) + " |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
@@ -137,6 +162,7 @@ def main(argv=None):
             cells.append("-" if not vals else f"{statistics.median(v[0] for v in vals) * 1e3:.3f} "
                          f"({statistics.median(v[1] for v in vals):.2f})")
         print(f"| {name} | {cells[0]} | {cells[1]} |")
+    schedule_table(model_fn, x, y, device, sgd, args)
     lapack_table(refresh["exact"][0].blocks)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
