@@ -1,8 +1,9 @@
 """Helper process for tests/test_dist_second_order.py: ``python dist_second_order.py OUT_DIR`` under
 torchrun. Each rank takes its share (positions rank, rank + W, ...) of one float64 batch, steps
-K-FAC, natural-gd and SAM a few times, and saves the parameters (and a check of
-``reduce_over_ranks``) as ``OUT_DIR/rank{R}.pt``; :func:`train` on one process with the whole
-batch is the reference."""
+K-FAC, natural-gd, SAM, Newton (dense and CG) and saddle-free Newton a few times, and saves the
+parameters, the damping after each step (natural-gd and the Newton cases adapt it by the
+Levenberg-Marquardt rule of gradlab.optim.damping) and a check of ``reduce_over_ranks`` as
+``OUT_DIR/rank{R}.pt``; :func:`train` on one process with the whole batch is the reference."""
 
 from __future__ import annotations
 
@@ -15,12 +16,19 @@ from torch import nn
 from gradlab.optim import build_optimizer
 
 D64 = torch.float64
-#: optimizer -> (options, steps): type-2 K-FAC and the GGN are deterministic (the Monte Carlo
-#: variants are checked in tests/test_dist_mc_curvature.py).
+#: case -> (optimizer, options, steps): type-2 K-FAC and the GGN are deterministic (the Monte Carlo
+#: variants are checked in tests/test_dist_mc_curvature.py). The adaptive Newton cases are chosen
+#: so the rule acts on this problem, in all three branches: the dense Newton step is accepted, then rejected (undone) with
+#: the damping raised four times; Newton-CG lowers, keeps and raises it; saddle-free Newton lowers it.
 CASES = {
-    "kfac": (dict(lr=0.1, factor_every=2, inverse_every=2, fisher_type="type-2", kl_clip=0.01), 4),
-    "natural-gd": (dict(damping=0.5, cg_iters=5), 3),
-    "sam": (dict(lr=0.1, rho=0.1), 2),
+    "kfac": ("kfac", dict(lr=0.1, factor_every=2, inverse_every=2, fisher_type="type-2", kl_clip=0.01), 4),
+    "natural-gd": ("natural-gd", dict(damping=0.5, cg_iters=5), 3),
+    # rejects three steps (damping raised), keeps one, then lowers it; each half alone would not
+    "natural-gd-lm": ("natural-gd", dict(damping=1e-2, cg_iters=10), 5),
+    "sam": ("sam", dict(lr=0.1, rho=0.1), 2),
+    "newton": ("newton", dict(damping_rule="adaptive", damping=1e-3), 5),
+    "newton-cg": ("newton", dict(damping_rule="adaptive", damping=1e-3, exact_max_params=0, cg_max_iter=10), 5),
+    "saddle-free-newton": ("saddle-free-newton", dict(damping_rule="adaptive", damping=0.1, krylov_dim=8), 4),
 }
 
 
@@ -32,17 +40,24 @@ def problem():
     return model, torch.randn(16, 1, 4, 4, generator=g, dtype=D64), torch.randint(0, 3, (16,), generator=g)
 
 
-def train(name: str, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+def train(case: str, rank: int = 0, world: int = 1) -> dict:
+    """``{"params": [...], "damping": [...], "trial": [...]}``: the parameters after the case's
+    steps, ``param_groups[0]["damping"]`` after each step and the adaptive rule's trial-point loss
+    (``opt.last["loss_after"]``, the loss of the whole batch, which decides rho and the undo) after
+    each step (``None`` for an optimizer without them)."""
     model, x, y = problem()
     xb, yb = x[rank::world], y[rank::world]
-    options, steps = CASES[name]
+    name, options, steps = CASES[case]
     opt = build_optimizer(name, model.parameters(), seed=3, **options)
     if getattr(opt, "needs_model", False):
         opt.bind(model, F.cross_entropy)
+    damping, trial = [], []
     for _ in range(steps):
         opt.zero_grad()
         opt.step(lambda: F.cross_entropy(model(xb), yb))
-    return [p.detach().clone() for p in model.parameters()]
+        damping.append(opt.param_groups[0].get("damping"))
+        trial.append(getattr(opt, "last", {}).get("loss_after"))
+    return {"params": [p.detach().clone() for p in model.parameters()], "damping": damping, "trial": trial}
 
 
 if __name__ == "__main__":

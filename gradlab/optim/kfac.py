@@ -9,7 +9,8 @@ reuses). Per step, with the layer's gradient as a matrix ``V`` (O, K [+1])::
 
     every factor_every steps:  A <- e A + (1 - e) A_batch,  G <- e G + (1 - e) G_batch,
                                e = min(1 - 1/u, factor_decay) at the u-th update (paper Sec. 5)
-    every inverse_every steps: eigenbases A = Q_A l_A Q_A^T, G = Q_G l_G Q_G^T
+    every inverse_every steps: eigenbases A = Q_A l_A Q_A^T, G = Q_G l_G Q_G^T   (of factors not
+                               decomposed yet: unchanged ones keep theirs)
     D = (G (x) A + damping I)^-1 vec(V) = Q_G [(Q_G^T V Q_A) / (l_G l_A^T + damping)] Q_A^T
     nu = min(1, sqrt(kl_clip / (lr^2 sum D . V)))          (Ba, Grosse & Martens 2017; 0: off)
     buf <- momentum * buf + nu D + weight_decay * w;   w <- w - lr * buf
@@ -106,6 +107,7 @@ class KFAC(ModelBoundOptimizer):
         self._pending = None
         self._plans: dict = {}  # block index -> prepared exact solve (:meth:`_plan`)
         self._inverses: list = []  # factored mode: per block (G_d^-1, A_d^-1 split at the bias)
+        self._inverse_of = None  # (factor updates, mode, damping) the held eigenbases / inverses are of
 
     def _on_bind(self, model: nn.Module) -> None:
         params = self._params()
@@ -145,17 +147,30 @@ class KFAC(ModelBoundOptimizer):
         if batch is not None:
             self._update_factors(batch, n_local)
         if t % group["inverse_every"] == 0 or refresh and self.factor_updates == 1:
-            if group["damping_mode"] == "exact":
-                for blk in self.blocks:
-                    blk._eig = None
-                    blk.eig()
-            else:
-                self._inverses = [self._factored_inverse(blk, group["damping"]) for blk in self.blocks]
+            self._refresh_inverses(group)
         for p, g in zip(params, grads):
             p.grad = g
         self._apply(params, grads)
         self.steps_taken += 1
         return loss.detach()
+
+    def _refresh_inverses(self, group: dict) -> None:
+        """The eigenbases (exact) or the Cholesky inverses (factored) of the current factors. Skipped
+        when they are those of the factors held (and, factored, of the same damping): with
+        ``inverse_every`` below ``factor_every`` an inverse step between two factor updates would
+        otherwise decompose unchanged factors again, for the same result."""
+        exact = group["damping_mode"] == "exact"
+        key = (self.factor_updates, exact, None if exact else group["damping"])
+        held = all(blk._eig is not None for blk in self.blocks) if exact else len(self._inverses) == len(self.blocks)
+        if key == self._inverse_of and held:
+            return
+        if exact:
+            for blk in self.blocks:
+                blk._eig = None
+                blk.eig()
+        else:
+            self._inverses = [self._factored_inverse(blk, group["damping"]) for blk in self.blocks]
+        self._inverse_of = key
 
     def _batch_factors(self, z: Tensor, seen: dict) -> list[tuple[Tensor, Tensor]]:
         """This rank's ``(A, G)`` of the batch for every block (the closure's graph is freed)."""
@@ -304,6 +319,7 @@ class KFAC(ModelBoundOptimizer):
 
     def _load_extra_state(self, extra: dict) -> None:
         self.factor_updates = int(extra.get("factor_updates", 0))
+        self._inverse_of = None  # loaded factors: the next inverse step decomposes them
         self._pending = None if self.model is not None else extra
         factors, eig = extra.get("factors", []), extra.get("eig", [])
         for j, blk in enumerate(self.blocks):
