@@ -55,7 +55,7 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     for (training, attack), part in df.groupby(["training", "attack"], sort=False):
         part = intervals(part.sort_values("eps"))
         err = [part["robust_acc"] - part["ci_low"], part["ci_high"] - part["robust_acc"]]
@@ -65,7 +65,8 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     ax.set_ylabel("robust accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, title="bars: 95% Wilson interval", title_fontsize=7)
+    ax.legend(fontsize=7, title="bars: 95% Wilson interval", title_fontsize=7,
+              loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside: no line runs under it
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
