@@ -15,8 +15,9 @@ until it is misclassified or after ``steps`` iterations. In the box, ``x_(i+1)``
 [0, 1] and ``r`` is reset to the part of it that took effect, ``(x_(i+1) - x) / (1 + overshoot)``,
 so each step starts from the point it was linearised at and never has to undo a clipped-away
 excess of earlier ones first (as a sum of unclipped steps does; torchattacks clips every step,
-which is the same iterate). The misclassified iterate is then refined (``refine`` bisections on
-the scale of its perturbation, :meth:`~gradlab.attacks.minnorm.MinimumNormAttack.shrink`): the
+which is the same iterate). The misclassified iterate is then refined (at most ``refine`` forward
+passes of a secant search on the scale of its perturbation, steered by the logit margin
+``max_{k != y} Z_k - Z_y``, :meth:`~gradlab.attacks.minnorm.MinimumNormAttack.shrink`): the
 overshoot was a margin to cross the linearised boundary, and the smallest scale that is still
 misclassified replaces it. All examples of the batch move together; one forward pass and one
 vmapped backward pass (``is_grads_batched``) give the ``candidates - 1`` Jacobian rows of every
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from gradlab.attacks import ATTACKS
 from gradlab.attacks.base import ATTACK_OPTIONS, STEPS, per_example
-from gradlab.attacks.minnorm import REFINE, MinimumNormAttack
+from gradlab.attacks.minnorm import REFINE, MinimumNormAttack, class_margin
 from gradlab.core.errors import GradlabError
 from gradlab.core.budgets import NORMS
 from gradlab.core.options import Option, Options
@@ -116,5 +117,8 @@ class DeepFool(MinimumNormAttack):
             r[idx] = (moved - flat0[idx]) / (1 + self.overshoot)
         adv = (flat0 + (1 + self.overshoot) * r).clamp(0, 1).reshape(x.shape)
         with torch.no_grad():
-            fooled = self.logits(adv).argmax(dim=1) != label
-        return self.shrink(x, adv, fooled & (label == y), lambda z, i: z.argmax(dim=1) != label[i], self.refine)
+            z_adv = self.logits(adv)
+        fooled = z_adv.argmax(dim=1) != label
+        return self.shrink(x, adv, fooled & (label == y), lambda z, i: (z.argmax(dim=1) != label[i],
+                                                                        class_margin(z, label[i])),
+                           self.refine, clean, z_adv)
