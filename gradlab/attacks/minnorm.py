@@ -85,12 +85,14 @@ class MinimumNormAttack(Attack):
         out = adv.clone()
         low = DTYPES[self.precision]
 
+        def ulp_of(z: Tensor) -> float:
+            return max(torch.finfo(z.dtype).eps, torch.finfo(low).eps if low is not None else 0.0)
+
         def guarded(z: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
             # the margin is asked to clear the logits' rounding noise (which differs with the
             # batch a point is evaluated in), so that a kept point stays adversarial when checked
             ok, margin = test(z, idx[rows])
-            ulp = max(torch.finfo(z.dtype).eps, torch.finfo(low).eps if low is not None else 0.0)
-            margin = margin - NOISE_ULPS * ulp * z.abs().amax(dim=1)
+            margin = margin - NOISE_ULPS * ulp_of(z) * z.abs().amax(dim=1)
             return ok & (margin > 0), margin
 
         def probe(t: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -102,8 +104,9 @@ class MinimumNormAttack(Attack):
 
         every = torch.arange(idx.numel(), device=idx.device)
         with torch.no_grad():
-            ends = [guarded(self.logits(v[idx]) if z is None else z[idx], every)[1] for v, z in ((x, z_x), (adv, z_adv))]
-        smallest_scale(probe, ends[0], ends[1], passes)
+            ends = [self.logits(v[idx]) if z is None else z[idx] for v, z in ((x, z_x), (adv, z_adv))]
+        noise = NOISE_ULPS * ulp_of(ends[1]) * ends[1].abs().amax(dim=1)
+        smallest_scale(probe, guarded(ends[0], every)[1], guarded(ends[1], every)[1], passes, settled=noise)
         return out
 
     def minimum_norm(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -133,38 +136,45 @@ class MinimumNormAttack(Attack):
 
 
 def smallest_scale(probe: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], m0: Tensor, m1: Tensor,
-                   passes: int, tol: float = SCALE_TOL) -> Tensor:
+                   passes: int, tol: float = SCALE_TOL, settled: Optional[Tensor] = None) -> Tensor:
     """Per row, the smallest scale ``t`` in (0, 1] found to pass a success test along a segment
     (``t = 0`` fails it, ``t = 1`` passes it), float64 ``(n,)`` (1 where no smaller scale passed).
 
     ``probe(t, rows)`` evaluates scales ``t`` ``(r,)`` of rows ``rows`` (positions in ``0..n-1``),
     one forward pass, and returns ``(ok, margin)``; ``m0``, ``m1`` ``(n,)`` are the margins at
     ``t = 0`` and ``t = 1``. The margin's root is estimated by the secant through each row's last
-    two points, taken only where it lies between the bracket's midpoint and its passing end
-    ``hi`` (Dekker's safeguard), else the midpoint is tried (bisection); a secant trial aims
+    two points, taken only where it lies between the bracket's midpoint and the end of the smaller
+    margin (Dekker's safeguard), else the midpoint is tried (bisection); a secant trial aims
     ``tol / 2`` relative past the estimate, so that it lands on the passing side. A row stops once
-    its bracket ``[lo, hi]`` is within ``tol * hi`` or the estimate is within ``tol * hi`` below
-    ``hi``; the whole search after ``passes`` probes or when every row stopped. On a linear margin
+    its bracket ``[lo, hi]`` is within ``tol * hi``, the estimate is within ``tol * hi`` below
+    ``hi``, or the margin at ``hi`` is at most ``settled`` ``(n,)`` (the logits' rounding noise:
+    closer points differ by noise only); the whole search after ``passes`` probes or when every row stopped. On a linear margin
     the first estimate is the root: one probe. Only the pass/fail of a probe moves ``hi``, so the
     margin steers the search but never decides success."""
     lo = torch.zeros(m0.numel(), dtype=torch.float64, device=m0.device)
     hi = torch.ones_like(lo)
-    ta, ga, tb, gb = lo.clone(), m0.double(), hi.clone(), m1.double()  # each row's last two points
+    glo, ghi = m0.double(), m1.double()  # the margins at the bracket's ends
+    ta, ga, tb, gb = lo.clone(), glo.clone(), hi.clone(), ghi.clone()  # each row's last two points
     active = torch.ones_like(lo, dtype=torch.bool)
     for _ in range(passes):
         s = tb - gb * (tb - ta) / (gb - ga)
         mid = (lo + hi) / 2
-        secant = torch.isfinite(s) & (s > mid) & (s < hi)
+        near = torch.where(glo.abs() < ghi.abs(), lo, hi)  # the end of the smaller margin
+        secant = torch.isfinite(s) & (s > torch.minimum(mid, near)) & (s < torch.maximum(mid, near)) & (s < hi)
         s = torch.where(secant, s, mid)
         active &= (hi - lo > tol * hi) & ~(secant & (hi - s <= tol * hi))
+        if settled is not None:
+            active &= ghi > settled
         rows = active.nonzero()[:, 0]
         if rows.numel() == 0:
             break
         t = torch.where(secant, s * (1 + tol / 2), mid)[rows]  # inside (lo, hi) for a row not stopped
         ok, g = probe(t, rows)
-        hi[rows[ok]], lo[rows[~ok]] = t[ok], t[~ok]
+        g = g.double()
+        hi[rows[ok]], ghi[rows[ok]] = t[ok], g[ok]
+        lo[rows[~ok]], glo[rows[~ok]] = t[~ok], g[~ok]
         ta[rows], ga[rows] = tb[rows], gb[rows]
-        tb[rows], gb[rows] = t, g.double()
+        tb[rows], gb[rows] = t, g
     return hi
 
 
