@@ -86,8 +86,7 @@ class DeepFool(MinimumNormAttack):
 
     def search(self, x: Tensor, y: Tensor) -> Tensor:
         b = x.shape[0]
-        with torch.no_grad():
-            clean = self.logits(x)
+        clean = self.clean_logits(x)
         k = min(self.candidates, clean.shape[1])
         cand_all = clean.argsort(dim=1, descending=True)[:, 1:k]  # the prediction is column 0
         label = clean.argmax(dim=1)  # equals y wherever the attack has work to do
