@@ -21,7 +21,9 @@ passes of a secant search on the scale of its perturbation, steered by the logit
 overshoot was a margin to cross the linearised boundary, and the smallest scale that is still
 misclassified replaces it. All examples of the batch move together; one forward pass and one
 vmapped backward pass (``is_grads_batched``) give the ``candidates - 1`` Jacobian rows of every
-example (one backward per class with EOT, whose passes average). DeepFool is untargeted.
+example (one backward per class with EOT, whose passes average); under ``--precision fp16``
+that backward pass is loss-scaled (:mod:`gradlab.attacks.loss_scale`), as every attack's input
+gradient is. DeepFool is untargeted.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch import Tensor
 
 from gradlab.attacks import ATTACKS
 from gradlab.attacks.base import ATTACK_OPTIONS, STEPS, per_example
+from gradlab.attacks.loss_scale import InputGradScaler
 from gradlab.attacks.minnorm import REFINE, MinimumNormAttack, class_margin
 from gradlab.core.errors import GradlabError
 from gradlab.core.budgets import NORMS
@@ -81,7 +84,12 @@ class DeepFool(MinimumNormAttack):
         z = self.model(xr)
         diff = z.gather(1, cand) - z[rows, y][:, None]  # (b, K)
         basis = torch.eye(k, device=x.device, dtype=diff.dtype)[:, None, :].expand(k, b, k)
-        (g,) = torch.autograd.grad(diff, xr, grad_outputs=basis, is_grads_batched=True)  # (K, b, ...)
+        if self.precision == "fp16":  # dynamic loss scaling, the scale kept from call to call
+            if self.__dict__.get("_scaler") is None:
+                self._scaler = InputGradScaler()
+            g = self._scaler.grad(diff, xr, basis)
+        else:
+            (g,) = torch.autograd.grad(diff, xr, grad_outputs=basis, is_grads_batched=True)  # (K, b, ...)
         return diff.detach(), g.reshape(k, b, -1).transpose(0, 1), z.detach().argmax(dim=1)
 
     def search(self, x: Tensor, y: Tensor) -> Tensor:

@@ -13,6 +13,8 @@ bf16 has float32's range and needs none of this.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -36,11 +38,19 @@ class InputGradScaler:
         self._good = 0  # backward passes since the last overflow or growth
         self.backoffs = 0  # how often S was halved (for tests and curious users)
 
-    def grad(self, loss: Tensor, x: Tensor) -> Tensor:
-        """The gradient of the scalar ``loss`` with respect to ``x`` (float32 in, float32 out)."""
+    def grad(self, loss: Tensor, x: Tensor, basis: Optional[Tensor] = None) -> Tensor:
+        """The gradient of the scalar ``loss`` with respect to ``x`` (float32 in, float32 out).
+
+        With ``basis`` ``(K, *loss.shape)``: ``loss`` is any tensor and the result ``(K, *x.shape)``
+        holds the vector-Jacobian products of its ``K`` rows (``is_grads_batched``; DeepFool's
+        Jacobian rows), all under one scale."""
         while True:
             last = self.scale <= 1.0
-            (g,) = torch.autograd.grad(loss * self.scale, x, retain_graph=not last)
+            if basis is None:
+                (g,) = torch.autograd.grad(loss * self.scale, x, retain_graph=not last)
+            else:
+                (g,) = torch.autograd.grad(loss, x, grad_outputs=basis * self.scale, retain_graph=not last,
+                                           is_grads_batched=True)
             g = g.float() / self.scale
             # fp16 only: one host sync per gradient, to know whether to retry
             if last or bool(torch.isfinite(g).all()):
