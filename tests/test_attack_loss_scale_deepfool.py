@@ -1,6 +1,7 @@
-"""fp16 DeepFool: its batched Jacobian rows (one is_grads_batched backward pass) go through the
-dynamic loss scaling of gradlab.attacks.loss_scale; on a model whose input gradients lie below
-fp16's range the unscaled rows underflow to zero, the scaled ones match float32's."""
+"""fp16 DeepFool and curvature attack: DeepFool's batched Jacobian rows (one is_grads_batched
+backward pass) and the curvature attack's gradient and HVPs (double backward) go through the
+dynamic loss scaling of gradlab.attacks.loss_scale; where the unscaled fp16 products underflow to
+zero, the scaled ones match float32's."""
 
 from __future__ import annotations
 
@@ -77,3 +78,33 @@ def test_fp16_deepfool_jacobian_rows_are_loss_scaled():
     assert 0 < ref.abs().max() < 1e-7
     assert half.abs().max() > 0  # without scaling every row is zero (first test)
     assert torch.all(_cos(half.reshape(-1, 16), ref.reshape(-1, 16)) > 0.99)
+
+
+def test_fp16_curvature_hvps_are_loss_scaled():
+    """The curvature attack's input-Hessian eigenpairs under fp16: on a confident model (class 0
+    by a logit margin of ~16) the gradient and every HVP underflow to zero unscaled; scaled, the
+    top eigenpair matches float32's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 10))
+    with torch.no_grad():
+        net[3].weight.mul_(0.1)
+        net[3].bias[0] += 16.0
+    for p in net.parameters():
+        p.requires_grad_(False)
+    net.eval()
+    x, y = torch.rand(8, 1, 4, 4), torch.zeros(8, dtype=torch.long)
+
+    def top(precision):
+        return build_attack("curvature", net, 0.1, precision=precision, lanczos_iters=12, seed=0).top_eigenpairs(x, y)
+
+    lam32, v32 = top("fp32")
+    assert (lam32 > 0).all() and lam32.max() < 1e-8  # float32 sees curvature, tiny
+    lam16, v16 = top("fp16")
+    assert torch.allclose(lam16, lam32, rtol=0.05, atol=0)
+    assert torch.all(_cos(v16.reshape(len(x), -1), v32.reshape(len(x), -1)).abs() > 0.95)
+    attack = build_attack("curvature", net, 0.1, precision="fp16")  # the same products unscaled
+    with attack.session(x, y) as (x0, _), torch.enable_grad():
+        xr = x0.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(attack.eot_objective_sum(xr), xr, create_graph=True)
+        hv = torch.autograd.grad((g * torch.randn_like(xr)).sum(), xr)[0] if g.requires_grad else torch.zeros(1)
+    assert torch.count_nonzero(g) == 0 and torch.count_nonzero(hv) == 0
