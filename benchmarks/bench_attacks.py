@@ -179,7 +179,7 @@ def rounding_line(model, x, y, adv: dict, dist: dict, both) -> None:
             z = model(adv[w])
             clear &= class_margin(z, y) > NOISE_ULPS * torch.finfo(z.dtype).eps * z.abs().amax(dim=1)
     med = {w: d[clear].median().item() if clear.any() else float("nan") for w, d in dist.items()}
-    print(f"  ratio q1-3 {r[0]:.6f} {r[1]:.6f} {r[2]:.6f}; past rounding n {int(clear.sum())}: "
+    print(f"  both {int(both.sum())}, ratio q1-3 {r[0]:.6f} {r[1]:.6f} {r[2]:.6f}; past rounding {int(clear.sum())}: "
           f"{med['ours']:.5f} / {med['theirs']:.5f}")
 
 
