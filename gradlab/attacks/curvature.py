@@ -14,7 +14,9 @@ Exact method, per iteration ``t = 0..steps-1`` from ``x_0 = x``:
    The loss is summed over the batch, so its input Hessian is block diagonal (examples do not
    interact) and one Hessian-vector product ``H V`` with ``V`` of shape ``(B, *input_shape)``
    returns every example's ``H_i v_i``. HVPs use
-   :func:`gradlab.curvature.hvp.hvp_from_grads` (double backward, reusing ``g``'s graph).
+   :func:`gradlab.curvature.hvp.hvp_from_grads` (double backward, reusing ``g``'s graph). Under
+   ``--precision fp16`` the graph kept is that of ``S g`` (dynamic loss scaling,
+   :mod:`gradlab.attacks.loss_scale`) and every product is divided by ``S`` in float32.
 2. The curvature engine's batched Lanczos with full reorthogonalisation
    (:func:`gradlab.curvature.batched.batched_lanczos`: ``lanczos_iters`` HVPs, default 20, at
    most the input dimension D; random Gaussian start and restarts from the attack's seeded
@@ -46,6 +48,7 @@ from torch import Tensor
 
 from gradlab.attacks import ATTACKS
 from gradlab.attacks.base import ALPHA, ATTACK_OPTIONS, STEPS, Attack, per_example
+from gradlab.attacks.loss_scale import InputGradScaler
 from gradlab.core.options import Option, Options
 from gradlab.curvature.batched import batched_lanczos
 from gradlab.curvature.hvp import hvp_from_grads
@@ -86,12 +89,20 @@ class CurvatureAttack(Attack):
     def _grad_and_hvp(self, x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
         """Input gradient (graph kept) and a batched HVP ``(B, D) -> (B, D)`` at ``x``."""
         xr = x.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(self.eot_objective_sum(xr), xr, create_graph=True)
+        if self.precision == "fp16":  # loss scaling: S g's graph, so that the HVPs run on scaled values
+            if self.__dict__.get("_scaler") is None:
+                self._scaler = InputGradScaler()
+            gs, scale = self._scaler.scaled_grad(self.eot_objective_sum(xr), xr)
+            g = gs.float() / scale
+        else:
+            (g,) = torch.autograd.grad(self.eot_objective_sum(xr), xr, create_graph=True)
+            gs, scale = g, 1.0
 
         def hvp(v: Tensor) -> Tensor:
-            if not g.requires_grad:  # the loss is linear in x here: zero Hessian
+            if not gs.requires_grad:  # the loss is linear in x here: zero Hessian
                 return torch.zeros_like(v)
-            return hvp_from_grads([g], [xr], [v.reshape(xr.shape).to(xr.dtype)])[0].reshape(v.shape)
+            hv = hvp_from_grads([gs], [xr], [v.reshape(xr.shape).to(xr.dtype)])[0].reshape(v.shape)
+            return hv if scale == 1.0 else hv.float() / scale
 
         return g, hvp
 

@@ -15,12 +15,15 @@ until it is misclassified or after ``steps`` iterations. In the box, ``x_(i+1)``
 [0, 1] and ``r`` is reset to the part of it that took effect, ``(x_(i+1) - x) / (1 + overshoot)``,
 so each step starts from the point it was linearised at and never has to undo a clipped-away
 excess of earlier ones first (as a sum of unclipped steps does; torchattacks clips every step,
-which is the same iterate). The misclassified iterate is then refined (``refine`` bisections on
-the scale of its perturbation, :meth:`~gradlab.attacks.minnorm.MinimumNormAttack.shrink`): the
+which is the same iterate). The misclassified iterate is then refined (at most ``refine`` forward
+passes of a secant search on the scale of its perturbation, steered by the logit margin
+``max_{k != y} Z_k - Z_y``, :meth:`~gradlab.attacks.minnorm.MinimumNormAttack.shrink`): the
 overshoot was a margin to cross the linearised boundary, and the smallest scale that is still
 misclassified replaces it. All examples of the batch move together; one forward pass and one
 vmapped backward pass (``is_grads_batched``) give the ``candidates - 1`` Jacobian rows of every
-example (one backward per class with EOT, whose passes average). DeepFool is untargeted.
+example (one backward per class with EOT, whose passes average); under ``--precision fp16``
+that backward pass is loss-scaled (:mod:`gradlab.attacks.loss_scale`), as every attack's input
+gradient is. DeepFool is untargeted.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from torch import Tensor
 
 from gradlab.attacks import ATTACKS
 from gradlab.attacks.base import ATTACK_OPTIONS, STEPS, per_example
-from gradlab.attacks.minnorm import REFINE, MinimumNormAttack
+from gradlab.attacks.loss_scale import InputGradScaler
+from gradlab.attacks.minnorm import REFINE, MinimumNormAttack, class_margin
 from gradlab.core.errors import GradlabError
 from gradlab.core.budgets import NORMS
 from gradlab.core.options import Option, Options
@@ -80,13 +84,17 @@ class DeepFool(MinimumNormAttack):
         z = self.model(xr)
         diff = z.gather(1, cand) - z[rows, y][:, None]  # (b, K)
         basis = torch.eye(k, device=x.device, dtype=diff.dtype)[:, None, :].expand(k, b, k)
-        (g,) = torch.autograd.grad(diff, xr, grad_outputs=basis, is_grads_batched=True)  # (K, b, ...)
+        if self.precision == "fp16":  # dynamic loss scaling, the scale kept from call to call
+            if self.__dict__.get("_scaler") is None:
+                self._scaler = InputGradScaler()
+            g = self._scaler.grad(diff, xr, basis)
+        else:
+            (g,) = torch.autograd.grad(diff, xr, grad_outputs=basis, is_grads_batched=True)  # (K, b, ...)
         return diff.detach(), g.reshape(k, b, -1).transpose(0, 1), z.detach().argmax(dim=1)
 
     def search(self, x: Tensor, y: Tensor) -> Tensor:
         b = x.shape[0]
-        with torch.no_grad():
-            clean = self.logits(x)
+        clean = self.clean_logits(x)
         k = min(self.candidates, clean.shape[1])
         cand_all = clean.argsort(dim=1, descending=True)[:, 1:k]  # the prediction is column 0
         label = clean.argmax(dim=1)  # equals y wherever the attack has work to do
@@ -116,5 +124,8 @@ class DeepFool(MinimumNormAttack):
             r[idx] = (moved - flat0[idx]) / (1 + self.overshoot)
         adv = (flat0 + (1 + self.overshoot) * r).clamp(0, 1).reshape(x.shape)
         with torch.no_grad():
-            fooled = self.logits(adv).argmax(dim=1) != label
-        return self.shrink(x, adv, fooled & (label == y), lambda z, i: z.argmax(dim=1) != label[i], self.refine)
+            z_adv = self.logits(adv)
+        fooled = z_adv.argmax(dim=1) != label
+        return self.shrink(x, adv, fooled & (label == y), lambda z, i: (z.argmax(dim=1) != label[i],
+                                                                        class_margin(z, label[i])),
+                           self.refine, clean, z_adv)

@@ -13,6 +13,8 @@ bf16 has float32's range and needs none of this.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -36,12 +38,31 @@ class InputGradScaler:
         self._good = 0  # backward passes since the last overflow or growth
         self.backoffs = 0  # how often S was halved (for tests and curious users)
 
-    def grad(self, loss: Tensor, x: Tensor) -> Tensor:
-        """The gradient of the scalar ``loss`` with respect to ``x`` (float32 in, float32 out)."""
+    def grad(self, loss: Tensor, x: Tensor, basis: Optional[Tensor] = None) -> Tensor:
+        """The gradient of the scalar ``loss`` with respect to ``x`` (float32 in, float32 out).
+
+        With ``basis`` ``(K, *loss.shape)``: ``loss`` is any tensor and the result ``(K, *x.shape)``
+        holds the vector-Jacobian products of its ``K`` rows (``is_grads_batched``; DeepFool's
+        Jacobian rows), all under one scale."""
+        g, s = self._scaled(loss, x, basis, create_graph=False)
+        return g.float() / s
+
+    def scaled_grad(self, loss: Tensor, x: Tensor) -> tuple[Tensor, float]:
+        """``(S * d loss / d x, S)`` with the graph of the scaled gradient kept (``create_graph``),
+        for Hessian-vector products that run in fp16 on scaled values too:
+        ``H v = d((S g) . v) / d x / S`` (the curvature attack). ``S`` is the scale used."""
+        return self._scaled(loss, x, None, create_graph=True)
+
+    def _scaled(self, loss: Tensor, x: Tensor, basis: Optional[Tensor], create_graph: bool) -> tuple[Tensor, float]:
         while True:
-            last = self.scale <= 1.0
-            (g,) = torch.autograd.grad(loss * self.scale, x, retain_graph=not last)
-            g = g.float() / self.scale
+            s = self.scale
+            last = s <= 1.0
+            keep = create_graph or not last
+            if basis is None:
+                (g,) = torch.autograd.grad(loss * s, x, retain_graph=keep, create_graph=create_graph)
+            else:
+                (g,) = torch.autograd.grad(loss, x, grad_outputs=basis * s, retain_graph=keep,
+                                           create_graph=create_graph, is_grads_batched=True)
             # fp16 only: one host sync per gradient, to know whether to retry
             if last or bool(torch.isfinite(g).all()):
                 break
@@ -52,4 +73,4 @@ class InputGradScaler:
         if self._good >= self.growth_interval and self.scale < self.max_scale:
             self.scale = min(self.scale * 2.0, self.max_scale)
             self._good = 0
-        return g
+        return g, s
