@@ -83,6 +83,9 @@ def test_every_layer_of_the_test_net_is_replayed():
     assert kinds == {nn.Conv2d, nn.Conv1d, nn.Linear, nn.BatchNorm2d}
     assert not cacheable(nn.BatchNorm2d(3).train())  # batch statistics: not an affine map
     assert not cacheable(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+    patched = nn.Linear(2, 2)
+    patched.forward = lambda t: t  # a user's own replacement is kept
+    assert not cacheable(patched)
 
 
 @pytest.mark.parametrize("subset", [None, ["block.c1.weight", "block.b1.weight", "fc.bias", "c1d.weight"]],
