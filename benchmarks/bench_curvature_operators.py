@@ -36,7 +36,7 @@ Before timing, each pair is checked to compute the same matrix (relative differe
 Monte Carlo ones only for shape since their labels differ). gradlab's products keep each batch's
 graphs after the first product, which is timed separately as ``ggn-first``.
 
-    python benchmarks/bench_curvature_operators.py [--rounds 3] [--calls 5] [--cases mlp,cnn,cnn32] [--threads 1]
+    python benchmarks/bench_curvature_operators.py [--rounds 3] [--calls 5] [--cases mlp,cnn,cnn32] [--threads 1] [--only kfac]
     nice python benchmarks/bench_curvature_operators.py --resnet20 [--eig-rounds 1] [--matrices hessian,ggn]
 """
 
@@ -285,6 +285,8 @@ def run_case(case: str, args) -> list[str]:
     }
     if bp_model is None:
         timers = {k: t for k, t in timers.items() if "BackPACK" not in k}
+    if args.only:
+        timers = {k: t for k, t in timers.items() if any(k.startswith(w) for w in args.only.split(","))}
     ratios = {k: [] for k in timers}
     times = {k: ([], []) for k in timers}
     for _ in range(args.rounds):
@@ -315,6 +317,8 @@ def main(argv=None) -> None:
     ap.add_argument("--eig-tol", type=float, default=None, help="gradlab's eigsh tolerance in the top-5 "
                     "comparison (default 1e-3; 1e-4 with --resnet20, where the error then sits at float32's floor)")
     ap.add_argument("--matrices", default="hessian,ggn", help="with --resnet20: hessian, ggn or both")
+    ap.add_argument("--only", default="", help="time only the comparisons whose names start with one of "
+                    "these (comma-separated, e.g. 'kfac,ggn'); the checks run as always")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:

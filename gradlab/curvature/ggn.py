@@ -21,8 +21,10 @@ Products: one forward pass per batch gives ``z``, and its graph is kept, so ``J^
 backward pass. ``J v`` is either the "R-operator" by double backward (Pearlmutter 1994): with a
 dummy ``u`` (shape of ``z``), ``g(u) = J^T u`` is built once with its graph; ``g`` is linear in
 ``u``, so ``J v = d(g(u) . v)/du`` is one backward pass through that graph and needs no
-forward-mode support from the layers; or forward mode (``torch.func.jvp``), cheaper for
-convolutions (:func:`default_jvp`). Graphs are kept for the life of the operator (at most
+forward-mode support from the layers; or forward mode (dual tensors), cheaper for
+convolutions (:func:`default_jvp`), in which the Conv/Linear/eval-BatchNorm layers replay their
+outputs from the kept forward pass and compute only their tangents
+(:mod:`~gradlab.curvature.tangent`). Graphs are kept for the life of the operator (at most
 :data:`~gradlab.curvature.model_op.MAX_KEPT_GRAPHS` batches, else rebuilt per product);
 curvlinops' ``torch.func`` product runs two forward passes, a forward-mode pass and a backward
 pass per product (ratios in ``benchmarks/RESULTS.md``).
@@ -33,16 +35,19 @@ the parameters' dtype. Several batches: the size-weighted average of the batches
 
 from __future__ import annotations
 
+import contextlib
 from abc import abstractmethod
 from typing import Callable, Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from gradlab.core.errors import GradlabError
 from gradlab.curvature.likelihood import likelihood_of
 from gradlab.curvature.model_op import MAX_KEPT_GRAPHS, ModelOperator
 from gradlab.curvature.params import ParamSpec
+from gradlab.curvature.tangent import CachedTangents, Mismatch
 
 
 JVP_METHODS = ("double-backward", "forward")
@@ -64,15 +69,18 @@ class Linearization:
     """One batch's outputs ``z`` (N, *out) with products by ``J = dz/dtheta`` and ``J^T``.
 
     ``J v`` by ``method``: ``"double-backward"`` (the graph of ``J^T u`` kept, module docstring)
-    or ``"forward"`` (``torch.func.jvp`` of the model with the chosen parameters as inputs: one
-    forward pass with tangents per product, no second-order graph kept)."""
+    or ``"forward"`` (one dual-tensor pass of the model with the chosen parameters as dual inputs
+    per product, no second-order graph kept; the layers that :mod:`~gradlab.curvature.tangent`
+    records in the kept forward pass do not recompute their outputs)."""
 
     def __init__(self, op: ModelOperator, i: int, method: str = "double-backward"):
         x, _ = op.batches[i]
         self.op, self.i, self.method, self.params = op, i, method, op.params
         with torch.enable_grad():
             with op._batch_context(i):
-                self.z = op.model(x)
+                self.cache = CachedTangents(op.model) if method == "forward" else None
+                with self.cache.record() if self.cache is not None else contextlib.nullcontext():
+                    self.z = op.model(x)
             if method == "forward":
                 self.names = op.registered_names("a forward-mode Jacobian-vector product")
                 return
@@ -99,18 +107,28 @@ class Linearization:
     def jvp(self, vs: list[Tensor]) -> Tensor:
         """``J v`` for ``v`` given as one tensor per parameter: shape of ``z``."""
         if self.method == "forward":
-            from torch.func import functional_call, jvp
-
-            primals = {nm: p.detach() for nm, p in zip(self.names, self.params)}
-            x = self.op.batches[self.i][0]
-            with torch.no_grad(), self.op._batch_context(self.i):
-                return jvp(lambda pd: functional_call(self.op.model, pd, (x,)), (primals,),
-                           (dict(zip(self.names, vs)),))[1]
+            try:
+                return self._dual_pass(vs, self.cache)
+            except Mismatch:  # the model called a recorded layer differently: plain dual pass
+                self.cache = None
+                return self._dual_pass(vs, None)
         pairs = [v for v, live in zip(vs, self.live) if live]
         if not pairs:
             return torch.zeros_like(self.z)
         with torch.enable_grad():
             return torch.autograd.grad(self.jt_u, self.u, pairs, retain_graph=True)[0]
+
+    def _dual_pass(self, vs: list[Tensor], cache: Optional[CachedTangents]) -> Tensor:
+        """``J v`` by one dual-tensor forward pass, the cached layers replayed (:mod:`~gradlab.curvature.tangent`)."""
+        from torch.func import functional_call
+
+        x = self.op.batches[self.i][0]
+        with torch.no_grad(), self.op._batch_context(self.i), fwAD.dual_level():
+            duals = {nm: fwAD.make_dual(p.detach(), v) for nm, p, v in zip(self.names, self.params, vs)}
+            with cache.replay() if cache is not None else contextlib.nullcontext():
+                out = functional_call(self.op.model, duals, (x,))
+            tangent = fwAD.unpack_dual(out).tangent
+        return torch.zeros_like(self.z) if tangent is None else tangent
 
     def vjp(self, w: Tensor) -> list[Tensor]:
         """``J^T w`` for ``w`` of the shape of ``z``: one tensor per parameter."""

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradlab.core.errors import GradlabError
+from gradlab.curvature import conv_moments
 from gradlab.curvature.likelihood import check_outputs, require_likelihood
 from gradlab.curvature.model_op import ModelOperator
 from gradlab.curvature.operator import CurvatureOperator
@@ -115,12 +116,18 @@ class _Block:
     def input_moment(self, a: Tensor) -> Tensor:
         """``(1/R) sum_r a_bar_r a_bar_r^T`` of the layer input over the ``R`` rows sharing the weight.
 
-        A convolution's rows are the patches of ``F.unfold`` (N, K, L), summed by :func:`_sum_outer`;
-        its bias column enters as the patch sums, not as a concatenated column (a copy of the patches)."""
+        A convolution's rows are the patches of ``F.unfold`` (N, K, L), summed by :func:`_sum_outer`,
+        or at stride 1 the same sums from shifted correlations of the input without forming the
+        patches (:mod:`gradlab.curvature.conv_moments`); its bias column enters as the patch sums,
+        not as a concatenated column (a copy of the patches)."""
         m = self.module
         if self.w is None:  # bias alone: a_bar = [1]
             return a.new_ones(1, 1)
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.Conv2d) and conv_moments.applies(m, a):  # stride 1: no patches formed
+            core, total = conv_moments.patch_moments(a, m.kernel_size, m.padding)
+            (kh, kw), (ph, pw) = m.kernel_size, m.padding
+            rows = a.shape[0] * (a.shape[2] + 2 * ph - kh + 1) * (a.shape[3] + 2 * pw - kw + 1)
+        elif isinstance(m, nn.Conv2d):
             u = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # (N, K, L)
             rows = u.shape[0] * u.shape[2]
             core, total = _sum_outer(u), u.sum((0, 2))
