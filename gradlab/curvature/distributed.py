@@ -3,10 +3,20 @@
 Every curvature matrix here is a mean over examples, ``A = sum_r (n_r / N) A_r`` where ``A_r`` is
 the same matrix over the ``n_r`` examples of rank ``r``. :class:`DistributedOperator` wraps the
 rank's own operator (a :class:`~gradlab.curvature.HessianOperator`, a GGN, a Fisher...) and makes
-each product ``A V`` one local product plus one all-reduce, so every solver (``eigsh``, the
+each product ``A V`` one local product plus ONE all-reduce, so every solver (``eigsh``, the
 trace estimators, SLQ density) runs unchanged and identically on every rank: the products agree
-on all ranks, and the input block is broadcast from rank 0 first, so a solver's random probe
-vectors are rank 0's whatever each rank's generator says.
+on all ranks bit for bit (every rank receives the same sums), so a solver seeded alike on every
+rank builds the same vectors on every rank and needs no broadcast of its inputs.
+
+That agreement is checked at every product, at the price of a few numbers in the same
+all-reduce: each rank appends a fingerprint of its input block (two weighted integer sums over
+its bits), 16 bytes written as 16 small integers (exact in every float
+dtype) into a slot of its own, zeros in the others' slots. Every rank then sees every rank's
+fingerprint and takes the same branch: when one differs from rank 0's (an unseeded generator,
+a rank with other thread counts), the product is done again from rank 0's block (broadcast) and
+the operator broadcasts every later input first, as it always did before the check: the
+products are then those of rank 0's vectors whatever each rank's generator says
+(``input_mismatches`` counts the products that disagreed).
 
 :func:`shard_batches` deals a list of batches to the ranks: whole batches round-robin when there
 are at least as many batches as ranks (train-mode BatchNorm then sees the single-process
@@ -45,7 +55,8 @@ class DistributedOperator(CurvatureOperator):
 
     ``num_samples`` is the total over ranks; ``local`` stays reachable for what needs the model
     and the data (the Gauss-Newton trace, :func:`combine`). Every rank must make the same calls in
-    the same order (each product is a collective).
+    the same order (each product is a collective); ``input_mismatches`` and ``broadcast_inputs``:
+    see the module docstring.
     """
 
     def __init__(self, local: CurvatureOperator, info: DistInfo):
@@ -55,15 +66,48 @@ class DistributedOperator(CurvatureOperator):
                                 info)
         self.num_samples = int(counts.item())
         self.share = local.num_samples / self.num_samples  # this rank's weight in the mean
+        self.input_mismatches = 0  # products whose input blocks differed between ranks (redone)
+        self.broadcast_inputs = False  # True once they have: rank 0's block is broadcast first
+        self._weights = None  # the fingerprint's position weights, kept for the block's size
         for name in ("model", "mode", "backend", "params", "param_names"):
             if hasattr(local, name):
                 setattr(self, name, getattr(local, name))
 
-    def _matmat(self, V: Tensor) -> Tensor:
-        V = broadcast_from_main(V.contiguous(), self.info)
-        out = self.local._matmat(V) * self.share
+    def _local(self, V: Tensor) -> Tensor:
         self.local.num_matvecs += V.shape[1]
-        return sum_over_ranks(out.contiguous(), self.info)
+        return self.local._matmat(V) * self.share
+
+    def _fingerprint(self, V: Tensor) -> Tensor:
+        """16 small integers (0..255, in V's dtype) that differ between two blocks whose bits
+        differ: two sums of V's bits read as 16-bit integers, each weighted by fixed
+        pseudo-random integers below 2^15 (the same on every rank). No product or sum overflows,
+        so a change in one element always changes both; changes in several cancel only by
+        chance (about 1 in 2^15 per sum, independently)."""
+        bits = V.reshape(-1).view(torch.int16).to(torch.int32)
+        w = self._weights
+        if w is None or w.shape[1] != bits.numel():
+            g = torch.Generator().manual_seed(0x5EED)
+            w = self._weights = torch.randint(1, 2**15, (2, bits.numel()), generator=g, dtype=torch.int32).to(V.device)
+        h = (bits * w).sum(1, dtype=torch.int64)
+        return h.view(torch.uint8).to(V.dtype)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        V = V.contiguous()
+        if self.broadcast_inputs:  # after a disagreement: rank 0's block first, then the product
+            return sum_over_ranks(self._local(broadcast_from_main(V, self.info)).contiguous(), self.info)
+        out = self._local(V)
+        W, size = self.info.world_size, out.numel()
+        buf = torch.zeros(size + 16 * W, dtype=out.dtype, device=out.device)
+        buf[:size] = out.reshape(-1)
+        buf[size + 16 * self.info.rank : size + 16 * (self.info.rank + 1)] = self._fingerprint(V)
+        sum_over_ranks(buf, self.info)
+        prints = buf[size:].view(W, 16)
+        if bool((prints == prints[0]).all()):
+            return buf[:size].view_as(out)
+        self.input_mismatches += 1  # every rank sees the same fingerprints: all of them land here
+        self.broadcast_inputs = True
+        self.local.num_matvecs -= V.shape[1]  # the product is redone, not a new one
+        return self._matmat(V)
 
     def loss_and_gradient(self) -> tuple[float, Tensor]:
         """Mean loss over every rank's examples and its flat float64 gradient."""
