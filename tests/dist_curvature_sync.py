@@ -4,7 +4,9 @@ holds its strided share of 4 batches of 4 in a :class:`DistributedOperator` and 
 ``OUT_DIR/rank{R}.pt`` with: the seeded top-3 eigenpairs (the ranks build their vectors alike),
 a product whose input differs between the ranks (rank 0's must be used), an unseeded Hutchinson
 trace whose global RNG is seeded with the rank (rank 0's probes must be used), and the operator's
-mismatch counters after each. :func:`reference` is the same on one process."""
+mismatch counters after each, all of it twice: ``"gather"`` with the products summed from an
+all-gather (the default for small products) and ``"allreduce"`` with
+``GATHER_MAX_BYTES = 0`` (what larger products use). :func:`reference` is the same on one process."""
 
 from __future__ import annotations
 
@@ -58,6 +60,12 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        torch.save(run(current()), f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
+        import gradlab.curvature.distributed as gdist
+
+        out = {}
+        for path, limit in (("gather", gdist.GATHER_MAX_BYTES), ("allreduce", 0)):
+            gdist.GATHER_MAX_BYTES = limit
+            out[path] = run(current())
+        torch.save(out, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
     finally:
         dist.destroy_process_group()

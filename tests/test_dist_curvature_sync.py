@@ -1,9 +1,10 @@
 """The distributed curvature operator's one collective per product (tests/dist_curvature_sync.py
 under torchrun, 2 gloo processes): seeded solvers give one process's results with the ranks'
 vectors equal bit for bit and no broadcast; inputs that differ between the ranks are detected
-by the fingerprint in the product's all-reduce, and rank 0's are then used (as the broadcast
-before every product did); the fingerprint tells apart blocks that differ in one bit or in the
-order of two entries."""
+by the fingerprint in the product's one collective (an all-gather for small products, an
+all-reduce for large ones: both are run), and rank 0's are then used (as the broadcast before
+every product did); the fingerprint tells apart blocks that differ in one bit or in the order of
+two entries."""
 
 from __future__ import annotations
 
@@ -19,8 +20,13 @@ SCRIPT = Path(__file__).with_name("dist_curvature_sync.py")
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
+def both_paths(tmp_path_factory):
     return two_rank_results(SCRIPT, tmp_path_factory.mktemp("sync"))
+
+
+@pytest.fixture(params=["gather", "allreduce"])
+def ranks(request, both_paths):
+    return [r[request.param] for r in both_paths]
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,20 @@
 Every curvature matrix here is a mean over examples, ``A = sum_r (n_r / N) A_r`` where ``A_r`` is
 the same matrix over the ``n_r`` examples of rank ``r``. :class:`DistributedOperator` wraps the
 rank's own operator (a :class:`~gradlab.curvature.HessianOperator`, a GGN, a Fisher...) and makes
-each product ``A V`` one local product plus ONE all-reduce, so every solver (``eigsh``, the
+each product ``A V`` one local product plus ONE collective, so every solver (``eigsh``, the
 trace estimators, SLQ density) runs unchanged and identically on every rank: the products agree
 on all ranks bit for bit (every rank receives the same sums), so a solver seeded alike on every
 rank builds the same vectors on every rank and needs no broadcast of its inputs.
 
+The collective: a small product (all ranks' copies within :data:`GATHER_MAX_BYTES`) is
+all-gathered and every rank adds the parts in rank order, one exchange where gloo's ring
+all-reduce takes two rounds (each a wait on the other process: the latency is what a Lanczos
+step pays per product, see ``benchmarks/RESULTS.md``); a larger one is all-reduced.
+
 That agreement is checked at every product, at the price of a few numbers in the same
-all-reduce: each rank appends a fingerprint of its input block (two weighted integer sums over
-its bits), 16 bytes written as 16 small integers (exact in every float
-dtype) into a slot of its own, zeros in the others' slots. Every rank then sees every rank's
+collective: each rank appends a fingerprint of its input block (two weighted integer sums over
+its bits), 16 bytes written as 16 small integers (exact in every float dtype; in the
+all-reduce, in a slot of its own, zeros in the others' slots). Every rank then sees every rank's
 fingerprint and takes the same branch: when one differs from rank 0's (an unseeded generator,
 a rank with other thread counts), the product is done again from rank 0's block (broadcast) and
 the operator broadcasts every later input first, as it always did before the check: the
@@ -34,6 +39,10 @@ from gradlab.core.distributed import DistInfo, broadcast_from_main, my_share, su
 from gradlab.core.errors import GradlabError
 from gradlab.curvature.model_op import split_batches
 from gradlab.curvature.operator import CurvatureOperator
+
+#: A product whose copies from all ranks total at most this many bytes is summed from one
+#: all-gather instead of an all-reduce (:meth:`DistributedOperator._exchange`).
+GATHER_MAX_BYTES = 2**22
 
 
 def shard_batches(data, info: DistInfo) -> list:
@@ -91,19 +100,36 @@ class DistributedOperator(CurvatureOperator):
         h = (bits * w).sum(1, dtype=torch.int64)
         return h.view(torch.uint8).to(V.dtype)
 
+    def _exchange(self, out: Tensor, fingerprint: Tensor) -> tuple[Tensor, Tensor]:
+        """The sum over ranks of ``out`` (the same bits on every rank) and every rank's
+        fingerprint (W, 16), from one collective: an all-gather of ``[out, fingerprint]`` whose
+        rows every rank adds in rank order when the W rows total at most :data:`GATHER_MAX_BYTES`
+        (one exchange instead of a ring's two rounds: the latency-bound case), else an all-reduce
+        with each fingerprint in its rank's slot."""
+        import torch.distributed as dist
+
+        W, size = self.info.world_size, out.numel()
+        if W * (size + 16) * out.element_size() <= GATHER_MAX_BYTES:
+            row = torch.cat([out.reshape(-1), fingerprint])
+            rows = torch.empty(W, size + 16, dtype=out.dtype, device=out.device)
+            dist.all_gather(list(rows.unbind(0)), row)
+            total = rows[0, :size].clone()
+            for r in range(1, W):  # elementwise, in rank order: the same bits on every rank
+                total += rows[r, :size]
+            return total.view_as(out), rows[:, size:]
+        buf = torch.zeros(size + 16 * W, dtype=out.dtype, device=out.device)
+        buf[:size] = out.reshape(-1)
+        buf[size + 16 * self.info.rank : size + 16 * (self.info.rank + 1)] = fingerprint
+        sum_over_ranks(buf, self.info)
+        return buf[:size].view_as(out), buf[size:].view(W, 16)
+
     def _matmat(self, V: Tensor) -> Tensor:
         V = V.contiguous()
         if self.broadcast_inputs:  # after a disagreement: rank 0's block first, then the product
             return sum_over_ranks(self._local(broadcast_from_main(V, self.info)).contiguous(), self.info)
-        out = self._local(V)
-        W, size = self.info.world_size, out.numel()
-        buf = torch.zeros(size + 16 * W, dtype=out.dtype, device=out.device)
-        buf[:size] = out.reshape(-1)
-        buf[size + 16 * self.info.rank : size + 16 * (self.info.rank + 1)] = self._fingerprint(V)
-        sum_over_ranks(buf, self.info)
-        prints = buf[size:].view(W, 16)
+        total, prints = self._exchange(self._local(V), self._fingerprint(V))
         if bool((prints == prints[0]).all()):
-            return buf[:size].view_as(out)
+            return total
         self.input_mismatches += 1  # every rank sees the same fingerprints: all of them land here
         self.broadcast_inputs = True
         self.local.num_matvecs -= V.shape[1]  # the product is redone, not a new one
