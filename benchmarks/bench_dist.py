@@ -8,7 +8,10 @@ Part 1, 2 processes (gloo, one intra-op thread each) against 1 process with 2 in
 * ``pgd``: 10-step linf PGD at eps 0.1 over 2,000 examples (digits has 1,797: they are tiled),
   batches of 250 dealt to the ranks (:func:`gradlab.attacks.report.robustness_sweep`);
 * ``top5``: the 5 largest Hessian eigenvalues over 8 batches of 128 (tol 1e-3), each rank holding
-  4 batches and all-reducing every product (:class:`gradlab.curvature.distributed.DistributedOperator`).
+  4 batches and summing every product over the ranks in one collective
+  (:class:`gradlab.curvature.distributed.DistributedOperator`: an all-gather at this size);
+  ``top5ar`` (only when named in ``--tasks``) is the same solve with every product all-reduced
+  instead, to compare the two collectives in the same launches.
 
 Each launch first runs every task's code once on 8 examples, untimed (``--cold`` skips this),
 then times every task once after a barrier (in-process, so startup is excluded) and checks that
@@ -31,8 +34,10 @@ Part 2, one process: the top-1 eigenvalue of the Hessian of the mean loss over 1
 (1,280 examples): gradlab's Lanczos (tol 1e-3) against PyHessian's power iteration in dataloader
 mode (tol 1e-3, at most 100 iterations), both against a float64 Lanczos reference at tol 1e-10.
 
-Run: ``python benchmarks/bench_dist.py [--rounds 3] [--part 1|2] [--cold]`` (a few minutes; PyHessian is in the
-``bench`` extra).
+Run: ``python benchmarks/bench_dist.py [--rounds 3] [--part 1|2] [--cold] [--tasks top5] [--repeats 5]``
+(a few minutes; PyHessian is in the ``bench`` extra). ``--tasks`` times only some of part 1's
+tasks; ``--repeats R`` times each task R times per launch and keeps the medians (wall and CPU),
+so that one launch's scheduling hiccup moves a round's ratio less.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve()
+TASKS = ("landscape", "pgd", "top5")
+EXTRA = ("top5ar",)  # top5 with every product all-reduced (the collective before the all-gather)
 
 
 def trained_cnn(epochs: int = 4, seed: int = 0):
@@ -73,10 +80,11 @@ def trained_cnn(epochs: int = 4, seed: int = 0):
 
 
 # ---------------------------------------------------------------- part 1: the worker
-def worker(state: str, warm: bool = True) -> None:
+def worker(state: str, warm: bool = True, tasks=TASKS, repeats: int = 1) -> None:
     from gradlab.attacks.report import robustness_sweep
     from gradlab.core.distributed import current, init_from_env, shutdown
     from gradlab.curvature import HessianOperator, eigsh
+    from gradlab.curvature import distributed as gdist
     from gradlab.curvature.distributed import DistributedOperator, shard_batches
     from gradlab.data import load_dataset
     from gradlab.landscape.directions import random_directions
@@ -117,36 +125,48 @@ def worker(state: str, warm: bool = True) -> None:
     dirs = random_directions(model, 2, generator=torch.Generator().manual_seed(0))
     batches = [(data.x_train[i : i + 128], data.y_train[i : i + 128]) for i in range(0, 8 * 128, 128)]
 
-    def top5(data_, k=5, max_iter=None):
+    def top5(data_, k=5, max_iter=None, gather_max_bytes=gdist.GATHER_MAX_BYTES):
         op = HessianOperator(model, F.cross_entropy, shard_batches(data_, info))
         op = DistributedOperator(op, info) if info.enabled else op
-        return eigsh(op, k, "LA", tol=1e-3, seed=0, max_iter=max_iter)
+        kept, gdist.GATHER_MAX_BYTES = gdist.GATHER_MAX_BYTES, gather_max_bytes
+        try:
+            return eigsh(op, k, "LA", tol=1e-3, seed=0, max_iter=max_iter)
+        finally:
+            gdist.GATHER_MAX_BYTES = kept
 
-    if warm:  # each task's code once on 8 examples, untimed: the one-off costs of a fresh process
-        tiny = (data.x_train[:8], data.y_train[:8])
-        out["warm_up"], _ = timed(lambda: (
-            evaluate_grid(model, dirs, grid_coords(make_axes(-1.0, 1.0, 2, 2)), [tiny]),
-            robustness_sweep(model, *tiny, "pgd", [0.1], 4, keep_adv=False, steps=1, seed=0, dist=info),
-            top5([tiny], k=1, max_iter=2)))
+    tiny = (data.x_train[:8], data.y_train[:8])
     coords = grid_coords(make_axes(-1.0, 1.0, 21, 2))
     batch = [(data.x_train[:512], data.y_train[:512])]
-    t, grid = timed(lambda: evaluate_grid(model, dirs, coords, batch), "landscape")
-    out["landscape"] = {"seconds": t, "value": float(grid.loss.sum())}
-    t, res = timed(lambda: robustness_sweep(model, x2k, y2k, "pgd", [0.1], 250, keep_adv=False, steps=10,
-                                            seed=0, dist=info), "pgd")
-    out["pgd"] = {"seconds": t, "value": float(res.table["robust_acc"].iloc[0])}
-    t, res = timed(lambda: top5(batches), "top5")
-    out["top5"] = {"seconds": t, "value": res.values.tolist(), "products": res.num_matvecs}
-    for k, c in cpu.items():
-        out[k]["cpu"] = c
+    work = {  # each task: (the timed work, the same on 8 examples for the warm-up, its checked value)
+        "landscape": (lambda: evaluate_grid(model, dirs, coords, batch),
+                      lambda: evaluate_grid(model, dirs, grid_coords(make_axes(-1.0, 1.0, 2, 2)), [tiny]),
+                      lambda grid: {"value": float(grid.loss.sum())}),
+        "pgd": (lambda: robustness_sweep(model, x2k, y2k, "pgd", [0.1], 250, keep_adv=False, steps=10, seed=0,
+                                         dist=info),
+                lambda: robustness_sweep(model, *tiny, "pgd", [0.1], 4, keep_adv=False, steps=1, seed=0, dist=info),
+                lambda res: {"value": float(res.table["robust_acc"].iloc[0])}),
+        "top5": (lambda: top5(batches), lambda: top5([tiny], k=1, max_iter=2),
+                 lambda res: {"value": res.values.tolist(), "products": res.num_matvecs}),
+    }
+    work["top5ar"] = (lambda: top5(batches, gather_max_bytes=0), lambda: top5([tiny], k=1, max_iter=2,
+                                                                             gather_max_bytes=0), work["top5"][2])
+    if warm:  # each task's code once on 8 examples, untimed: the one-off costs of a fresh process
+        out["warm_up"], _ = timed(lambda: [work[k][1]() for k in tasks])
+    runs = {k: [] for k in tasks}
+    for _ in range(repeats):  # ``repeats`` timings of each task, interleaved: the medians of wall and CPU
+        for k in tasks:
+            runs[k].append(timed(work[k][0], k) + (cpu[k],))
+    for k, rs in runs.items():
+        out[k] = {"seconds": statistics.median(r[0] for r in rs), "cpu": statistics.median(r[2] for r in rs),
+                  **work[k][2](rs[-1][1])}
     if info.is_main:
         print("RESULT " + json.dumps(out), flush=True)
     shutdown(info)
 
 
-def launch(state: str, procs: int, threads: int = 1, cold: bool = False) -> dict:
+def launch(state: str, procs: int, threads: int = 1, cold: bool = False, tasks=TASKS, repeats: int = 1) -> dict:
     env = {**os.environ}
-    flag = ["--cold"] if cold else []
+    flag = (["--cold"] if cold else []) + ["--tasks", ",".join(tasks), "--repeats", str(repeats)]
     if procs == 1:
         cmd = [sys.executable, str(HERE), "--worker", state, *flag]
         env["OMP_NUM_THREADS"] = str(threads)
@@ -161,12 +181,11 @@ def launch(state: str, procs: int, threads: int = 1, cold: bool = False) -> dict
     return json.loads(line[0][7:])
 
 
-def part1(rounds: int, cold: bool = False) -> None:
+def part1(rounds: int, cold: bool = False, tasks=TASKS, repeats: int = 1) -> None:
     model, _ = trained_cnn()
     with tempfile.TemporaryDirectory() as tmp:
         state = os.path.join(tmp, "cnn.pt")
         torch.save(model.state_dict(), state)
-        tasks = ("landscape", "pgd", "top5")
         # ratios against 1 process with 2 intra-op threads ("1p2t") and with 1 ("1p1t")
         ratios = {(k, b): [] for k in tasks for b in ("1p2t", "1p1t")}
         times = {(k, c): [] for k in tasks for c in ("1p2t", "1p1t", "2p")}
@@ -174,21 +193,21 @@ def part1(rounds: int, cold: bool = False) -> None:
         warm_up = {c: [] for c in ("1p2t", "1p1t", "2p")}
         cpu = {k: [] for k in tasks}  # 1p x1t CPU seconds / the busiest rank's of 2p, per round
         for r in range(rounds):
-            runs = {"1p2t": launch(state, 1, 2, cold), "2p": launch(state, 2, cold=cold),
-                    "1p1t": launch(state, 1, 1, cold)}
+            runs = {"1p2t": launch(state, 1, 2, cold, tasks, repeats), "2p": launch(state, 2, 1, cold, tasks, repeats),
+                    "1p1t": launch(state, 1, 1, cold, tasks, repeats)}
             for k in tasks:
                 two = runs["2p"][k]
                 cpu[k].append(runs["1p1t"][k]["cpu"] / two["cpu"])
                 for c, res in runs.items():
                     a = res[k]
-                    if k == "top5":
+                    if k.startswith("top5"):
                         assert max(abs(u - v) / abs(u) for u, v in zip(a["value"], two["value"])) < 1e-2, (a, two)
                     else:
                         assert abs(a["value"] - two["value"]) <= 1e-6 * max(1.0, abs(a["value"])), (k, a, two)
                     times[k, c].append(a["seconds"])
-                    if k == "top5":
+                    if k.startswith("top5"):
                         products[c].append(a["products"])
-                    if k == "top5" and not cold:
+                    if k == tasks[0] and not cold:
                         warm_up[c].append(res["warm_up"])
                     if c != "2p":
                         ratios[k, c].append(a["seconds"] / two["seconds"])
@@ -202,7 +221,7 @@ def part1(rounds: int, cold: bool = False) -> None:
         print(f"{k:<10} {cells[0]} {cells[1]} {statistics.median(times[k, '2p']):>6.2f} {rs[0]:>18} {rs[1]:>18}")
     print("CPU-time ratio, 1p x1t over the busiest rank of 2p (steadier than wall time under load):\n  "
           + ", ".join(f"{k} {statistics.median(v):.2f}x ({min(v):.2f}-{max(v):.2f})" for k, v in cpu.items()))
-    print("top-5 products per solve: " + ", ".join(f"{c} {sorted(set(v))}" for c, v in products.items()))
+    print("top-5 products per solve (top5ar: the same solve, every product all-reduced): " + ", ".join(f"{c} {sorted(set(v))}" for c, v in products.items()))
     if not cold:
         print("untimed warm-up per process, s (median): "
               + ", ".join(f"{c} {statistics.median(v):.2f}" for c, v in warm_up.items()))
@@ -250,11 +269,16 @@ if __name__ == "__main__":
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--part", choices=("1", "2", "both"), default="both")
     ap.add_argument("--cold", action="store_true", help="part 1 without the untimed warm-up of each process")
+    ap.add_argument("--tasks", default=",".join(TASKS), help="part 1's tasks, comma-separated")
+    ap.add_argument("--repeats", type=int, default=1, help="part 1: timings of each task per launch (median)")
     a = ap.parse_args()
+    tasks = tuple(a.tasks.split(","))
+    if not set(tasks) <= set(TASKS + EXTRA) or a.repeats < 1:
+        raise SystemExit(f"--tasks: a comma-separated subset of {','.join(TASKS + EXTRA)}; --repeats >= 1")
     if a.worker:
-        worker(a.worker, warm=not a.cold)
+        worker(a.worker, warm=not a.cold, tasks=tasks, repeats=a.repeats)
     else:
         if a.part in ("1", "both"):
-            part1(a.rounds, a.cold)
+            part1(a.rounds, a.cold, tasks, a.repeats)
         if a.part in ("2", "both"):
             part2(a.rounds)
