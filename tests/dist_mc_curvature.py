@@ -54,5 +54,6 @@ if __name__ == "__main__":
         whole, mine = global_rows(block)
         out["block"] = (whole, whole[mine])
         torch.save(out, f"{sys.argv[1]}/rank{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
