@@ -79,3 +79,15 @@ def two_rank_results(script: Path, out: Path, timeout: int = 300) -> list:
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def fp16_autocast_on_cpu() -> bool:
+    """Whether this torch build runs fp16 autocast on CPU (the fp16 loss-scaling tests need it)."""
+    import torch
+    from torch import nn
+
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            return nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.float16
+    except RuntimeError:
+        return False

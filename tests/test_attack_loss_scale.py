@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from clihelp import fp16_autocast_on_cpu
 from gradlab.attacks.loss_scale import InputGradScaler
 from gradlab.core.autocast import with_precision
 
@@ -24,15 +25,7 @@ def _confident_model():
     return net.eval(), x, y
 
 
-def _fp16_works_on_cpu() -> bool:
-    try:
-        with torch.autocast("cpu", dtype=torch.float16):
-            return nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.float16
-    except RuntimeError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _fp16_works_on_cpu(), reason="this torch has no fp16 autocast on CPU")
+pytestmark = pytest.mark.skipif(not fp16_autocast_on_cpu(), reason="this torch has no fp16 autocast on CPU")
 
 
 def _cos(a, b):

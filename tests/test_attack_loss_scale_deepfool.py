@@ -10,19 +10,12 @@ import torch
 from torch import nn
 
 from gradlab.attacks import build_attack
+from clihelp import fp16_autocast_on_cpu
 from gradlab.attacks.loss_scale import InputGradScaler
 from gradlab.core.autocast import with_precision
 
 
-def _fp16_works_on_cpu() -> bool:
-    try:
-        with torch.autocast("cpu", dtype=torch.float16):
-            return nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.float16
-    except RuntimeError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _fp16_works_on_cpu(), reason="this torch has no fp16 autocast on CPU")
+pytestmark = pytest.mark.skipif(not fp16_autocast_on_cpu(), reason="this torch has no fp16 autocast on CPU")
 
 
 def _tiny_gradient_model():
