@@ -70,15 +70,21 @@ def train_in_process(*args) -> Path:
 def two_rank_results(script: Path, out: Path, timeout: int = 300) -> list:
     """Run ``script OUT`` under torchrun with 2 gloo processes (one thread each, tests/ on the
     path) and load what each rank saved as ``OUT/rank{r}.pt``."""
+    return rank_results(script, out, 2, timeout)
+
+
+def rank_results(script: Path, out: Path, nproc: int, timeout: int = 300) -> list:
+    """:func:`two_rank_results` with ``nproc`` gloo processes (more ranks than this machine's
+    cores is fine: each runs one thread)."""
     import torch
 
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(script.parent), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            str(script), str(out)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
 
 
 def fp16_autocast_on_cpu() -> bool:

@@ -1,11 +1,12 @@
 """Helper process for tests/test_dist_curvature_sync.py: ``python dist_curvature_sync.py OUT_DIR``
-under torchrun. On the float64 conv model and 16 images of tests/dist_second_order.py, each rank
-holds its strided share of 4 batches of 4 in a :class:`DistributedOperator` and saves
-``OUT_DIR/rank{R}.pt`` with: the seeded top-3 eigenpairs (the ranks build their vectors alike),
-a product whose input differs between the ranks (rank 0's must be used), an unseeded Hutchinson
-trace whose global RNG is seeded with the rank (rank 0's probes must be used), and the operator's
-mismatch counters after each, all of it twice: ``"gather"`` with the products summed from an
-all-gather (the default for small products) and ``"allreduce"`` with
+under torchrun (2 or more ranks). On the float64 conv model and 16 images of
+tests/dist_second_order.py, each rank holds its strided share of 4 batches of 4 in a
+:class:`DistributedOperator` and saves ``OUT_DIR/rank{R}.pt`` with: the seeded top-3 eigenpairs
+(the ranks build their vectors alike), a product whose input differs between the ranks (rank 0's
+must be used), an unseeded Hutchinson trace whose global RNG is seeded with the rank (rank 0's
+probes must be used), a product on a fresh operator whose input differs on the last rank only,
+and the operator's mismatch counters after each, all of it twice: ``"gather"`` with the products
+summed from an all-gather (the default for small products) and ``"allreduce"`` with
 ``GATHER_MAX_BYTES = 0`` (what larger products use). :func:`reference` is the same on one process."""
 
 from __future__ import annotations
@@ -25,14 +26,18 @@ def batches():
     return [(x[i : i + 4], y[i : i + 4]) for i in range(0, 16, 4)]
 
 
-def run(info=None) -> dict:
+def operator(info=None):
     from gradlab.curvature.distributed import DistributedOperator, shard_batches
 
     model, _, _ = problem()
     op = HessianOperator(model, F.cross_entropy, batches() if info is None else shard_batches(batches(), info))
-    if info is not None:
-        op = DistributedOperator(op, info)
+    return op if info is None else DistributedOperator(op, info)
+
+
+def run(info=None) -> dict:
+    op = operator(info)
     rank = 0 if info is None else info.rank
+    last = info is not None and rank == info.world_size - 1
     out = {}
     top = eigsh(op, 3, "LA", tol=1e-8, seed=0, return_vectors=True)
     out["values"], out["vectors"], out["products"] = top.values, top.vectors, top.num_matvecs
@@ -44,6 +49,11 @@ def run(info=None) -> dict:
     out["trace"] = torch.tensor(hutchinson_trace(op, 6, seed=None).estimate)
     out["mismatches_after_trace"] = getattr(op, "input_mismatches", 0)
     out["broadcast_inputs"] = bool(getattr(op, "broadcast_inputs", False))
+    # a fresh operator whose input differs on the LAST rank only (the others agree with rank 0)
+    op = operator(info)
+    v = torch.randn(op.n, 2, dtype=D64, generator=torch.Generator().manual_seed(20 + int(last)))
+    out["product_last_differs"] = op.matmat(v)
+    out["mismatches_last_differs"] = getattr(op, "input_mismatches", 0)
     return out
 
 
@@ -67,5 +77,6 @@ if __name__ == "__main__":
             gdist.GATHER_MAX_BYTES = limit
             out[path] = run(current())
         torch.save(out, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
+        dist.barrier()  # no rank tears gloo down while another is still in a collective
     finally:
         dist.destroy_process_group()

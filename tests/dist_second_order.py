@@ -75,5 +75,6 @@ if __name__ == "__main__":
         out["reduce-mean"] = reduce_over_ranks(mine, mean=True)
         out["inputs-after"] = mine
         torch.save(out, f"{sys.argv[1]}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while another is still in a collective
     finally:
         dist.destroy_process_group()
