@@ -299,11 +299,12 @@ class KFACOperator(ModelOperator):
             outs = [seen[id(blk.module)][1] for blk in self.blocks]
             # every column of S in one batched backward pass (None: the outputs do not depend on the layer)
             G = output_moments(z, outs, S, _Block.output_moment, dtype=self.dtype)
-            for blk, g in zip(self.blocks, G):
-                o = blk.module.weight.shape[0]
-                g = g if g is not None else torch.zeros(o, o, dtype=self.dtype, device=self.device)
-                blk.add_input(seen[id(blk.module)][0], weight)  # in place: a wide layer's A is large
-                blk.G = g.mul_(weight) if i == 0 else blk.G.add_(g, alpha=weight)
+            with torch.autocast(self.device.type, enabled=False):  # the moments never in fp16/bf16
+                for blk, g in zip(self.blocks, G):
+                    o = blk.module.weight.shape[0]
+                    g = g if g is not None else torch.zeros(o, o, dtype=self.dtype, device=self.device)
+                    blk.add_input(seen[id(blk.module)][0], weight)  # in place: a wide layer's A is large
+                    blk.G = g.mul_(weight) if i == 0 else blk.G.add_(g, alpha=weight)
 
     # ------------------------------------------------------------------ products
     def _apply(self, V: Tensor, fn) -> Tensor:

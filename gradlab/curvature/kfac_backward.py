@@ -127,13 +127,14 @@ def output_moments(z: Tensor, outs: Sequence[Tensor], S: Tensor, moment: Callabl
             chunk = tested = 1
             continue
         tested = True
-        for j, g in enumerate(grads):
-            if g is None:
-                continue
-            g = g.to(dtype)
-            if s is not None:  # unscale in the moments' dtype (a power of two: exact)
-                g = g / s.to(dtype).view(-1, *[1] * (g.dim() - 1))
-            m = moment(g.flatten(0, 1))
-            G[j] = m if G[j] is None else G[j].add_(m)
+        with torch.autocast(z.device.type, enabled=False):  # the moments in ``dtype``, never in fp16
+            for j, g in enumerate(grads):
+                if g is None:
+                    continue
+                g = g.to(dtype)
+                if s is not None:  # unscale in the moments' dtype (a power of two: exact)
+                    g = g / s.to(dtype).view(-1, *[1] * (g.dim() - 1))
+                m = moment(g.flatten(0, 1))
+                G[j] = m if G[j] is None else G[j].add_(m)
         start = stop
     return G

@@ -187,10 +187,11 @@ class KFAC(ModelBoundOptimizer):
         # float32 for the moment, fp16 ones loss-scaled (:mod:`gradlab.curvature.kfac_backward`)
         G = output_moments(z, outs, S, KroneckerBlock.output_moment, dtype=z.dtype)
         out = []
-        for blk, g in zip(self.blocks, G):
-            o = blk.module.weight.shape[0]
-            g = g if g is not None else z.new_zeros(o, o)
-            out.append((blk.input_moment(seen[id(blk.module)][0]), g))
+        with torch.autocast(z.device.type, enabled=False):  # (a step called under autocast)
+            for blk, g in zip(self.blocks, G):
+                o = blk.module.weight.shape[0]
+                g = g if g is not None else z.new_zeros(o, o)
+                out.append((blk.input_moment(seen[id(blk.module)][0]), g))
         return out
 
     def _update_factors(self, batch: list[tuple[Tensor, Tensor]], n_local: int) -> None:
