@@ -125,9 +125,10 @@ def test_operator_factors_equal_the_per_column_loop(fisher_type, m, monkeypatch)
         torch.testing.assert_close(b.A, a.A, rtol=0, atol=0)
 
 
-def test_cpu_convolutions_keep_the_loop_and_linear_layers_batch():
+def test_cpu_convolutions_and_large_columns_keep_the_loop_small_linear_ones_batch():
     conv, lin = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3)
     assert kfac_backward.batches_well([lin, torch.zeros(2, 5, 3)])
+    assert not kfac_backward.batches_well([torch.zeros(kfac_backward.CPU_COLUMN_BYTES // 4 + 1)])
     assert not kfac_backward.batches_well([conv, lin])
 
 
@@ -172,3 +173,25 @@ def test_type2_kfac_step_counts_one_backward_per_class():
     idx, n = t.sampler.epoch_batches(0)[0]
     t.train_step(t.x_train[idx], t.y_train[idx], n)
     assert t.cost.total == pytest.approx(1 + 2 / 3 * classes)  # batched: still one pass per class
+
+
+@pytest.mark.parametrize("fisher_type", ["type-2", "mc"])
+def test_optimizer_factors_equal_the_per_column_loop(fisher_type, monkeypatch):
+    import gradlab.optim.kfac as kfac_optim
+
+    inner = kfac_backward.output_moments
+
+    def factors(batched):
+        monkeypatch.setattr(kfac_optim, "output_moments", lambda *a, **k: inner(*a, **{**k, "batched": batched}))
+        torch.manual_seed(4)
+        model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 5), nn.Tanh(),
+                              nn.Linear(5, 4)).double()
+        x, y = torch.randn(7, 1, 4, 4, dtype=torch.float64), torch.randint(0, 4, (7,))
+        opt = kfac_optim.KFAC(model.parameters(), fisher_type=fisher_type)
+        opt.bind(model, F.cross_entropy)
+        opt.step(lambda: F.cross_entropy(model(x), y))
+        return [blk.G for blk in opt.blocks]
+
+    for a, b in zip(factors(True), factors(False)):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)

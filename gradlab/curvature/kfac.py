@@ -31,7 +31,8 @@ The factor ``s`` (``fisher_type``):
 
 All columns ``k`` (classes or samples) go back to the layer outputs in one batched backward
 pass, chunked within a memory budget and loss-scaled under fp16; on a CPU a network with Conv2d
-layers keeps one pass per column, which is faster there (:mod:`gradlab.curvature.kfac_backward`).
+layers or large layer outputs keeps one pass per column, which is faster there
+(:mod:`gradlab.curvature.kfac_backward`).
 
 Inverse: with ``A = Q_A diag(l_A) Q_A^T`` and ``G = Q_G diag(l_G) Q_G^T``,
 ``(G (x) A + lambda I)^-1 vec(V) = vec(Q_G [(Q_G^T V Q_A) / (l_G l_A^T + lambda)] Q_A^T)``, exact

@@ -10,8 +10,8 @@ gradients at once.
 * **Memory**: the batched gradients of all layer outputs are ``K`` times the outputs' size (10x
   resnet20's activations at K = 10), so the columns go in chunks whose gradients stay within
   ``budget`` bytes (:data:`BUDGET`); a chunk is never smaller than one column.
-* **CPU convolutions**: on a CPU a network with Conv2d outputs keeps one backward pass per column,
-  which measured faster there (:func:`batches_well`).
+* **CPU**: on a CPU a network with Conv2d outputs, or with large layer outputs, keeps one backward
+  pass per column, which measured faster there (:func:`batches_well`).
 * **No batching rule**: a backward that cannot be vectorised (an ``autograd.Function`` whose
   backward leaves torch, a ``.item()``) raises; the columns are then taken one backward pass each
   (the same sums). Ops merely lacking a fast batching rule run torch's own per-column fallback,
@@ -37,6 +37,8 @@ from gradlab.curvature.cost import add_backward
 
 #: Bytes the batched gradients of all layer outputs may take at once (one chunk of columns).
 BUDGET = 2**28
+#: On a CPU, the largest layer outputs of one column (bytes) for which the batched pass is used.
+CPU_COLUMN_BYTES = 192 * 1024
 #: Under fp16, each column is scaled so that its largest entry becomes this power of two.
 FP16_TARGET = 2.0**10
 #: fp16: how often a chunk's scales are halved after an overflow before its result is kept anyway.
@@ -54,12 +56,17 @@ def _column_scales(S: Tensor) -> Tensor:
 
 def batches_well(outs: Sequence[Tensor]) -> bool:
     """Whether the vectorised backward is expected to be the faster one: always on an accelerator
-    (fewer, larger kernels), on a CPU only when no output is a convolution's (4-D). There a
-    convolution's input gradient over ``c`` columns folded into the batch is 1.5-1.9x slower than
-    ``c`` separate ones (cache), and ``is_grads_batched`` has no batching rule for
-    ``convolution_backward`` (it loops over the columns and concatenates): on the benchmark CNNs
-    the batched pass was slower than one backward per column, on the MLP faster (RESULTS.md)."""
-    return any(o.device.type != "cpu" for o in outs) or all(o.dim() != 4 for o in outs)
+    (fewer, larger kernels); on a CPU only for small columns of networks without convolutions.
+    There the backward is bound by arithmetic, and batching saves only per-pass overhead: on the
+    digits MLP (K = 10) 0.75x the loop's time at batch 64-128, break-even at 192 and 1.3-1.5x
+    at 384-512 (at most :data:`CPU_COLUMN_BYTES` of layer outputs per column pays); with Conv2d
+    outputs (4-D) a convolution's input gradient over ``c`` columns folded into the batch is
+    1.5-1.9x slower than ``c`` separate ones, and ``is_grads_batched`` has no batching rule for
+    ``convolution_backward`` (it loops over the columns and concatenates), so on the benchmark CNNs
+    the batched pass was slower (benchmarks/RESULTS.md)."""
+    if any(o.device.type != "cpu" for o in outs):
+        return True
+    return all(o.dim() != 4 for o in outs) and sum(o.numel() * o.element_size() for o in outs) <= CPU_COLUMN_BYTES
 
 
 def _grads(z: Tensor, outs: Sequence[Tensor], cols: Tensor, retain: bool) -> list[Optional[Tensor]]:

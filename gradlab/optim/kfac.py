@@ -25,7 +25,7 @@ and step and no eigendecomposition (a change of ``damping`` takes effect at the 
 refresh). ``G_batch`` comes from output gradients at labels sampled from the model
 (``fisher_type = "mc"``, the paper's estimate) or from the exact output-Hessian factors
 (``"type-2"``, one column per class, all classes in one batched backward pass to the layer outputs
-but on a CPU with Conv2d layers, :mod:`gradlab.curvature.kfac_backward`, which also loss-scales
+but on a CPU with Conv2d layers or large batches, :mod:`gradlab.curvature.kfac_backward`, which also loss-scales
 fp16 outputs). The factor statistics
 are gathered in the closure's own forward pass (hooks, :mod:`gradlab.optim.model_bound`); on the
 other steps the model is not watched at all (no hooks) and a K-FAC step is a gradient plus a few
