@@ -75,9 +75,7 @@ def _grads(z: Tensor, outs: Sequence[Tensor], cols: Tensor, retain: bool) -> lis
     if cols.shape[0] == 1:
         grads = torch.autograd.grad(z, outs, cols[0], retain_graph=retain, allow_unused=True)
         return [None if g is None else g.unsqueeze(0) for g in grads]
-    grads = torch.autograd.grad(z, outs, cols, retain_graph=retain, allow_unused=True, is_grads_batched=True)
-    add_backward(cols.shape[0] - 1, z.shape[0])  # c columns: c backward passes' work (cost accounting)
-    return list(grads)
+    return list(torch.autograd.grad(z, outs, cols, retain_graph=retain, allow_unused=True, is_grads_batched=True))
 
 
 def _scaled_grads(z: Tensor, outs: Sequence[Tensor], part: Tensor, s: Optional[Tensor],
@@ -134,6 +132,7 @@ def output_moments(z: Tensor, outs: Sequence[Tensor], S: Tensor, moment: Callabl
             chunk = tested = 1
             continue
         tested = True
+        add_backward(stop - start - 1, z.shape[0])  # c columns in one pass: c passes' work (cost accounting)
         with torch.autocast(z.device.type, enabled=False):  # the moments in ``dtype``, never in fp16
             for j, g in enumerate(grads):
                 if g is None:
