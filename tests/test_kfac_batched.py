@@ -195,3 +195,17 @@ def test_optimizer_factors_equal_the_per_column_loop(fisher_type, monkeypatch):
     for a, b in zip(factors(True), factors(False)):
         assert a.abs().max() > 0
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+def test_input_factors_equal_through_unfold_and_shifted_correlations(monkeypatch):
+    import gradlab.curvature.kfac as kfac_module
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5 * 5, 3)).double()
+    data = (torch.randn(4, 2, 5, 5, dtype=torch.float64), torch.randint(0, 3, (4,)))
+    assert not kfac_module._shifted_pays(model[0], data[0])  # a small input: unfold by default
+    ops = []
+    for threshold in (0, 2**62):
+        monkeypatch.setattr(kfac_module, "SHIFTED_MIN_WORK", threshold)
+        ops.append(KFACOperator(model, None, data))
+    torch.testing.assert_close(ops[0].blocks[0].A, ops[1].blocks[0].A, rtol=1e-12, atol=1e-14)

@@ -77,6 +77,20 @@ def _sum_outer(u: Tensor) -> Tensor:
     return r @ r.T
 
 
+#: The unfold products' size ``K^2 N L`` from which a stride-1 convolution's input moments go through
+#: :mod:`gradlab.curvature.conv_moments`: its shifted correlations cost a fixed ~4 ms of small
+#: operations on a CPU, more than unfolding small inputs (128 x 1 x 8 x 8: 6.2 ms against 0.7 ms;
+#: 128 x 3 x 32 x 32: 14.6 ms against 23.3 ms; benchmarks/RESULTS.md).
+SHIFTED_MIN_WORK = 2**26
+
+
+def _shifted_pays(m: nn.Conv2d, a: Tensor) -> bool:
+    (kh, kw), (ph, pw) = m.kernel_size, m.padding
+    k = a.shape[1] * kh * kw
+    positions = (a.shape[2] + 2 * ph - kh + 1) * (a.shape[3] + 2 * pw - kw + 1)
+    return k * k * a.shape[0] * positions >= SHIFTED_MIN_WORK
+
+
 class _Block:
     """One layer: its module, which of the operator's parameters are its weight and bias, and factors."""
 
@@ -123,13 +137,14 @@ class _Block:
         """``(1/R) sum_r a_bar_r a_bar_r^T`` of the layer input over the ``R`` rows sharing the weight.
 
         A convolution's rows are the patches of ``F.unfold`` (N, K, L), summed by :func:`_sum_outer`,
-        or at stride 1 the same sums from shifted correlations of the input without forming the
-        patches (:mod:`gradlab.curvature.conv_moments`); its bias column enters as the patch sums,
+        or at stride 1, for inputs large enough (:data:`SHIFTED_MIN_WORK`), the same sums from
+        shifted correlations of the input without forming the patches
+        (:mod:`gradlab.curvature.conv_moments`); its bias column enters as the patch sums,
         not as a concatenated column (a copy of the patches)."""
         m = self.module
         if self.w is None:  # bias alone: a_bar = [1]
             return a.new_ones(1, 1)
-        if isinstance(m, nn.Conv2d) and conv_moments.applies(m, a):  # stride 1: no patches formed
+        if isinstance(m, nn.Conv2d) and conv_moments.applies(m, a) and _shifted_pays(m, a):  # no patches formed
             core, total = conv_moments.patch_moments(a, m.kernel_size, m.padding)
             (kh, kw), (ph, pw) = m.kernel_size, m.padding
             rows = a.shape[0] * (a.shape[2] + 2 * ph - kh + 1) * (a.shape[3] + 2 * pw - kw + 1)
