@@ -17,8 +17,9 @@ gradlab's time over the peer's, median and range over the rounds:
   (against one peer product: the setup pays for itself after that many products);
 * ``ef``: the same for the empirical Fisher, ``EmpiricalFisherOperator`` vs ``EFLinearOperator``;
 * ``kfac``: computing all Kronecker factors, ``KFACOperator`` vs curvlinops
-  ``KFACLinearOperator.compute_kronecker_factors()`` (type-2 and 1-sample MC) and BackPACK's
-  ``KFAC`` (MC, 1 sample) and ``KFLR`` (type-2) extensions with one backward pass.
+  ``KFACLinearOperator.compute_kronecker_factors()`` (type-2, MC with 1 and with 8 samples) and
+  BackPACK's ``KFAC`` (MC, ``mc_samples`` 1 and 8) and ``KFLR`` (type-2) extensions, each one
+  backward pass.
 
 * ``top-5``: the five largest GGN eigenvalues, gradlab ``eigsh(GGNOperator(...), 5)`` (default
   tolerance, operator built inside the timing) against curvlinops' ``GGNLinearOperator`` through
@@ -274,12 +275,14 @@ def run_case(case: str, args) -> list[str]:
             lambda: KFACOperator(model, None, (x, y), fisher_type="type-2", params=kf_params),
             lambda: cl.KFACLinearOperator(model, ce, kparams, data, fisher_type="type-2", separate_weight_and_bias=False,
                                           **kw).compute_kronecker_factors()),
-        "kfac mc vs curvlinops": (
-            lambda: KFACOperator(model, None, (x, y), fisher_type="mc", params=kf_params),
-            lambda: cl.KFACLinearOperator(model, ce, kparams, data, fisher_type="mc", mc_samples=1,
-                                          separate_weight_and_bias=False, **kw).compute_kronecker_factors()),
-        "kfac mc vs BackPACK KFAC": (lambda: KFACOperator(model, None, (x, y), fisher_type="mc"),
-                                     lambda: backpack_factors(bp_model, x, y, KFAC(mc_samples=1))),
+        **{f"kfac mc{m} vs curvlinops": (
+            lambda m=m: KFACOperator(model, None, (x, y), fisher_type="mc", mc_samples=m, params=kf_params),
+            lambda m=m: cl.KFACLinearOperator(model, ce, kparams, data, fisher_type="mc", mc_samples=m,
+                                              separate_weight_and_bias=False, **kw).compute_kronecker_factors())
+           for m in (1, 8)},
+        **{f"kfac mc{m} vs BackPACK KFAC": (lambda m=m: KFACOperator(model, None, (x, y), fisher_type="mc", mc_samples=m),
+                                            lambda m=m: backpack_factors(bp_model, x, y, KFAC(mc_samples=m)))
+           for m in (1, 8)},
         "kfac type-2 vs BackPACK KFLR": (lambda: KFACOperator(model, None, (x, y), fisher_type="type-2"),
                                          lambda: backpack_factors(bp_model, x, y, KFLR())),
     }

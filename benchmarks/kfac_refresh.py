@@ -16,7 +16,7 @@ before, decomposing again at every inverse step (emulated here by dropping the h
 each step), per step and against SGD. Then, per factor size of the model, ``torch.linalg.eigh`` against ``cholesky_ex`` +
 ``cholesky_inverse`` (what the two modes call per factor and refresh) on that factor.
 
-    python benchmarks/kfac_refresh.py [--model mlp|cnn] [--rounds 15] [--steps 10]
+    python benchmarks/kfac_refresh.py [--model mlp|cnn] [--fisher-type mc|type-2] [--rounds 15] [--steps 10]
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def schedule_table(model_fn, x, y, device, sgd, args):
     rows = {}
     for mode in ("exact", "factored"):
         for again in (False, True):
-            opt, step = kfac_stepper(model_fn, x, y, device, None, factor_every=10, inverse_every=1, damping_mode=mode)
+            opt, step = kfac_stepper(model_fn, x, y, device, None, factor_every=10, inverse_every=1, damping_mode=mode,
+                                     fisher_type=args.fisher_type)
             if again:
                 step = (lambda o, s: lambda: (setattr(o, "_inverse_of", None), s())[1])(opt, step)
             rows[(mode, again)] = step
@@ -121,19 +122,21 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=10, help="steps per timed block")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fisher-type", default="mc", choices=("mc", "type-2"), help="the optimizer's fisher_type")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     load = os.getloadavg()
-    print(f"# K-FAC refresh profile, {args.model}, batch {args.batch}, torch {torch.__version__}, "
+    print(f"# K-FAC refresh profile, {args.model}, fisher_type {args.fisher_type}, batch {args.batch}, torch {torch.__version__}, "
           f"{args.threads} thread(s), load average {load[0]:.1f} at the start")
     x, y = digits(device, args.batch)
     model_fn = {"mlp": mlp, "cnn": cnn}[args.model]
     _, sgd = first_order(fresh(model_fn, device, train=True), x, y, "sgd", lr=0.05)
-    _, plain = kfac_stepper(model_fn, x, y, device, None, factor_every=10 ** 9, inverse_every=10 ** 9)
+    _, plain = kfac_stepper(model_fn, x, y, device, None, factor_every=10 ** 9, inverse_every=10 ** 9,
+                            fisher_type=args.fisher_type)
     acc = {m: {} for m in ("exact", "factored")}
     refresh = {m: kfac_stepper(model_fn, x, y, device, acc[m], factor_every=1, inverse_every=1,
-                               damping_mode=m) for m in acc}
+                               damping_mode=m, fisher_type=args.fisher_type) for m in acc}
     for fn in (sgd, plain, *(s for _, s in refresh.values())):
         for _ in range(5):
             fn()

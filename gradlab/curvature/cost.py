@@ -22,7 +22,8 @@ backward; a strong-Wolfe line search evaluates the gradient at every trial point
 1 + its products, saddle-free Newton 1 + its Lanczos steps, SAM/ASAM 2, AdaHessian 1 + its
 Hutchinson products on refresh steps, natural-gd 1 + its CG products + 1/3 (the forward pass
 at the new point for the reduction ratio), and K-FAC 1, plus 2/3 per backward pass of factor
-statistics on refresh steps (one for ``mc``, one per class for ``type-2``). Work that is no
+statistics on refresh steps (one for ``mc``, one per class for ``type-2``, also when the classes
+share one batched backward pass: :func:`add_backward`). Work that is no
 pass through the model counts nothing: K-FAC's eigendecompositions, L-BFGS's two-loop
 recursion, the CG and Lanczos vector arithmetic. They show in wall time, which a run records
 beside this count.
@@ -95,6 +96,15 @@ def products(n: int = 1):
         cost._quiet -= 1
 
 
+def add_backward(passes: float, rows: int) -> None:
+    """Count ``passes`` more backward passes over ``rows`` examples into the active counter, unless
+    inside :func:`products`: a backward vectorised over ``c`` output vectors does ``c`` passes'
+    work but fires the output hook of :func:`watch` once, so it adds ``c - 1`` here."""
+    cost = active()
+    if cost is not None and not cost._quiet:
+        cost.backward += passes * rows / cost.batch_rows
+
+
 def _rows(x) -> int:
     return int(x.shape[0]) if isinstance(x, Tensor) and x.ndim > 0 else 1
 
@@ -130,4 +140,5 @@ def watch(model: nn.Module) -> list:
     return [model.register_forward_hook(on_forward)]
 
 
-__all__ = ["BACKWARD", "FORWARD", "PRODUCT", "GradientCost", "active", "counting", "products", "watch"]
+__all__ = ["BACKWARD", "FORWARD", "PRODUCT", "GradientCost", "active", "add_backward", "counting", "products",
+           "watch"]

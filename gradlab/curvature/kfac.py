@@ -24,10 +24,15 @@ The factor ``s`` (``fisher_type``):
 
 * ``"type-2"``: ``s_nk = sqrt(p_k) (e_k - p)`` for cross-entropy (``sqrt(2) e_k`` for squared
   error), whose outer products sum exactly to the output Hessian: K-FAC of the Gauss-Newton
-  matrix = the true Fisher, one backward pass per class;
+  matrix = the true Fisher;
 * ``"mc"``: ``mc_samples`` output gradients at labels drawn from the model, each weighted
-  ``1/M``: the Monte Carlo estimate of Martens & Grosse 2015, one backward pass per sample;
+  ``1/M``: the Monte Carlo estimate of Martens & Grosse 2015;
 * ``"empirical"``: the output gradient at the observed labels (K-FAC of the empirical Fisher).
+
+All columns ``k`` (classes or samples) go back to the layer outputs in one batched backward
+pass, chunked within a memory budget and loss-scaled under fp16; on a CPU a network with Conv2d
+layers or large layer outputs keeps one pass per column, which is faster there
+(:mod:`gradlab.curvature.kfac_backward`).
 
 Inverse: with ``A = Q_A diag(l_A) Q_A^T`` and ``G = Q_G diag(l_G) Q_G^T``,
 ``(G (x) A + lambda I)^-1 vec(V) = vec(Q_G [(Q_G^T V Q_A) / (l_G l_A^T + lambda)] Q_A^T)``, exact
@@ -49,6 +54,7 @@ from torch import Tensor, nn
 
 from gradlab.core.errors import GradlabError
 from gradlab.curvature import conv_moments
+from gradlab.curvature.kfac_backward import output_moments
 from gradlab.curvature.likelihood import check_outputs, require_likelihood
 from gradlab.curvature.model_op import ModelOperator
 from gradlab.curvature.operator import CurvatureOperator
@@ -69,6 +75,20 @@ def _sum_outer(u: Tensor) -> Tensor:
         return torch.matmul(u, u.transpose(1, 2)).sum(0)
     r = u.transpose(0, 1).reshape(u.shape[1], -1)
     return r @ r.T
+
+
+#: The unfold products' size ``K^2 N L`` from which a stride-1 convolution's input moments go through
+#: :mod:`gradlab.curvature.conv_moments`: its shifted correlations cost a fixed ~4 ms of small
+#: operations on a CPU, more than unfolding small inputs (128 x 1 x 8 x 8: 6.2 ms against 0.7 ms;
+#: 128 x 3 x 32 x 32: 14.6 ms against 23.3 ms; benchmarks/RESULTS.md).
+SHIFTED_MIN_WORK = 2**26
+
+
+def _shifted_pays(m: nn.Conv2d, a: Tensor) -> bool:
+    (kh, kw), (ph, pw) = m.kernel_size, m.padding
+    k = a.shape[1] * kh * kw
+    positions = (a.shape[2] + 2 * ph - kh + 1) * (a.shape[3] + 2 * pw - kw + 1)
+    return k * k * a.shape[0] * positions >= SHIFTED_MIN_WORK
 
 
 class _Block:
@@ -117,13 +137,14 @@ class _Block:
         """``(1/R) sum_r a_bar_r a_bar_r^T`` of the layer input over the ``R`` rows sharing the weight.
 
         A convolution's rows are the patches of ``F.unfold`` (N, K, L), summed by :func:`_sum_outer`,
-        or at stride 1 the same sums from shifted correlations of the input without forming the
-        patches (:mod:`gradlab.curvature.conv_moments`); its bias column enters as the patch sums,
+        or at stride 1, for inputs large enough (:data:`SHIFTED_MIN_WORK`), the same sums from
+        shifted correlations of the input without forming the patches
+        (:mod:`gradlab.curvature.conv_moments`); its bias column enters as the patch sums,
         not as a concatenated column (a copy of the patches)."""
         m = self.module
         if self.w is None:  # bias alone: a_bar = [1]
             return a.new_ones(1, 1)
-        if isinstance(m, nn.Conv2d) and conv_moments.applies(m, a):  # stride 1: no patches formed
+        if isinstance(m, nn.Conv2d) and conv_moments.applies(m, a) and _shifted_pays(m, a):  # no patches formed
             core, total = conv_moments.patch_moments(a, m.kernel_size, m.padding)
             (kh, kw), (ph, pw) = m.kernel_size, m.padding
             rows = a.shape[0] * (a.shape[2] + 2 * ph - kh + 1) * (a.shape[3] + 2 * pw - kw + 1)
@@ -275,7 +296,8 @@ class KFACOperator(ModelOperator):
                 if id(module) in seen:
                     raise GradlabError(f"K-FAC: a {type(module).__name__} layer ran twice in one forward pass "
                                        f"(shared weights are not supported)")
-                seen[id(module)] = (inputs[0].detach(), output)
+                a = inputs[0].detach()  # (under autocast fp16/bf16: the factors in the params' dtype)
+                seen[id(module)] = (a.to(self.dtype) if a.is_floating_point() else a, output)
 
             handles = [blk.module.register_forward_hook(hook) for blk in self.blocks]
             try:
@@ -285,22 +307,20 @@ class KFACOperator(ModelOperator):
                 for h in handles:
                     h.remove()
             check_outputs(z, "K-FAC")
+            z = z.to(self.dtype)  # autocast: S in the params' dtype (a float16 softmax underflows)
             S = self._factors_of_outputs(i, z.detach(), gen)
             missing = [type(blk.module).__name__ for blk in self.blocks if id(blk.module) not in seen]
             if missing:
                 raise GradlabError(f"K-FAC: a chosen {missing[0]} layer did not run in the forward pass")
             outs = [seen[id(blk.module)][1] for blk in self.blocks]
-            G = [0.0] * len(self.blocks)
-            for k in range(S.shape[0]):
-                grads = torch.autograd.grad(z, outs, S[k], retain_graph=k < S.shape[0] - 1, allow_unused=True)
-                for j, g in enumerate(grads):
-                    if g is not None:  # None: the outputs do not depend on this layer
-                        G[j] = G[j] + _Block.output_moment(g)
-            for blk, g in zip(self.blocks, G):
-                o = blk.module.weight.shape[0]
-                g = g if torch.is_tensor(g) else torch.zeros(o, o, dtype=self.dtype, device=self.device)
-                blk.add_input(seen[id(blk.module)][0], weight)  # in place: a wide layer's A is large
-                blk.G = g.mul_(weight) if i == 0 else blk.G.add_(g, alpha=weight)
+            # every column of S in one batched backward pass (None: the outputs do not depend on the layer)
+            G = output_moments(z, outs, S, _Block.output_moment, dtype=self.dtype)
+            with torch.autocast(self.device.type, enabled=False):  # the moments never in fp16/bf16
+                for blk, g in zip(self.blocks, G):
+                    o = blk.module.weight.shape[0]
+                    g = g if g is not None else torch.zeros(o, o, dtype=self.dtype, device=self.device)
+                    blk.add_input(seen[id(blk.module)][0], weight)  # in place: a wide layer's A is large
+                    blk.G = g.mul_(weight) if i == 0 else blk.G.add_(g, alpha=weight)
 
     # ------------------------------------------------------------------ products
     def _apply(self, V: Tensor, fn) -> Tensor:

@@ -23,8 +23,10 @@ Tikhonov damping (Sec. 6.3), ``(G + sqrt(l)/pi I) (x) (A + pi sqrt(l) I)`` with
 Cholesky inverses: ``D = (G + sqrt(l)/pi I)^-1 V (A + pi sqrt(l) I)^-1``, two products per layer
 and step and no eigendecomposition (a change of ``damping`` takes effect at the next inverse
 refresh). ``G_batch`` comes from output gradients at labels sampled from the model
-(``fisher_type = "mc"``, one backward pass to the layer outputs, the paper's estimate) or from the
-exact output-Hessian factors (``"type-2"``, one backward pass per class). The factor statistics
+(``fisher_type = "mc"``, the paper's estimate) or from the exact output-Hessian factors
+(``"type-2"``, one column per class, all classes in one batched backward pass to the layer outputs
+but on a CPU with Conv2d layers or large batches, :mod:`gradlab.curvature.kfac_backward`, which also loss-scales
+fp16 outputs). The factor statistics
 are gathered in the closure's own forward pass (hooks, :mod:`gradlab.optim.model_bound`); on the
 other steps the model is not watched at all (no hooks) and a K-FAC step is a gradient plus a few
 small matrix products per layer, with no host synchronisation (kl-clip's scale stays on the
@@ -49,6 +51,7 @@ from torch import Tensor, nn
 
 from gradlab.core.options import Option, Options
 from gradlab.curvature.kfac import LAYERS, KroneckerBlock, output_factors
+from gradlab.curvature.kfac_backward import output_moments
 from gradlab.core.distributed import reduce_over_ranks
 from gradlab.optim.model_bound import ModelBoundOptimizer, sampled_output_gradients, world_size
 from gradlab.optim.registry import OPTIMIZERS, lr_option, weight_decay_option
@@ -71,7 +74,7 @@ OPTIONS = Options(
     Option("kl_clip", float, 0.001, "scale the step so that lr^2 D.g stays below this (0: off)", low=0,
            paper="Ba, Grosse & Martens 2017"),
     Option("fisher_type", str, "mc", "output-gradient statistics: mc (labels sampled from the model) or "
-           "type-2 (exact output-Hessian factors, one backward per class)", choices=FISHER_TYPES),
+           "type-2 (exact output-Hessian factors, all classes in one batched backward)", choices=FISHER_TYPES),
     Option("damping_mode", str, "exact", "exact: (G (x) A + lambda I)^-1 through the factors' eigenbases; "
            "factored: the paper's (G + sqrt(lambda)/pi I)^-1 (x) (A + pi sqrt(lambda) I)^-1 by Cholesky "
            "(half the products per step, no eigendecomposition)", choices=DAMPING_MODES,
@@ -180,18 +183,15 @@ class KFAC(ModelBoundOptimizer):
         else:
             S = output_factors(lik, fisher_type, zd, 1, self._generator)
         outs = [seen[id(blk.module)][1] for blk in self.blocks]
-        G = [None] * len(self.blocks)
-        for k in range(S.shape[0]):
-            gs = torch.autograd.grad(z, outs, S[k], retain_graph=k < S.shape[0] - 1, allow_unused=True)
-            for j, g in enumerate(gs):
-                if g is not None:  # (a bf16/fp16 output's gradient under autocast: made float32)
-                    m = KroneckerBlock.output_moment(g.to(z.dtype))
-                    G[j] = m if G[j] is None else G[j].add_(m)
+        # all columns in one batched backward pass; a bf16/fp16 output's gradient (autocast) is made
+        # float32 for the moment, fp16 ones loss-scaled (:mod:`gradlab.curvature.kfac_backward`)
+        G = output_moments(z, outs, S, KroneckerBlock.output_moment, dtype=z.dtype)
         out = []
-        for blk, g in zip(self.blocks, G):
-            o = blk.module.weight.shape[0]
-            g = g if g is not None else z.new_zeros(o, o)
-            out.append((blk.input_moment(seen[id(blk.module)][0]), g))
+        with torch.autocast(z.device.type, enabled=False):  # (a step called under autocast)
+            for blk, g in zip(self.blocks, G):
+                o = blk.module.weight.shape[0]
+                g = g if g is not None else z.new_zeros(o, o)
+                out.append((blk.input_moment(seen[id(blk.module)][0]), g))
         return out
 
     def _update_factors(self, batch: list[tuple[Tensor, Tensor]], n_local: int) -> None:
