@@ -38,6 +38,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 from gradlab.curvature.diagonal import hutchinson_diagonal
+from gradlab.curvature.hvp import hvp_from_grads
 from gradlab.core.distributed import process_count, reduce_over_ranks
 from gradlab.optim import loss_scaling
 from gradlab.optim.closure import ClosureOptimizer, loss_with_graph
@@ -95,8 +96,13 @@ class HessianDiagOptimizer(ClosureOptimizer):
             return [torch.zeros_like(p) for p in params]
         n = self.hessian_samples
         scaler = self.loss_scaler
-        diag = hutchinson_diagonal(lambda z, last: loss_scaling.hvp(scaler, grads, scale, params, z, retain_graph=not last),
-                                   params, n, generator=self._generator, draw=self.vecs_fn)
+        if scaler is None:
+            def product(z, last):
+                return hvp_from_grads(grads, params, z, retain_graph=not last)
+        else:
+            def product(z, last):
+                return loss_scaling.hvp(scaler, grads, scale, params, z)
+        diag = hutchinson_diagonal(product, params, n, generator=self._generator, draw=self.vecs_fn)
         self.hvp_count += n
         return diag
 
