@@ -16,7 +16,10 @@ retried on inf/NaN and doubles after clean passes.
 * :func:`gradients`, :func:`scaled_gradients` and :func:`hvp` are what the optimizers call.
 * When even ``S = 1`` overflows, they raise :class:`~gradlab.core.loss_scale.GradientOverflow`:
   the training loop then restores the weights the step started from and skips the step, as the
-  first-order fp16 path skips a step whose scaled gradient overflowed (not a divergence).
+  first-order fp16 path skips a step whose scaled gradient overflowed (not a divergence). Under
+  torchrun the ranks agree on it first (:func:`check`: one more small all-reduce per gradient and
+  product); each rank keeps its own scale (a scale decides how a rank's local backward pass is
+  computed, not what it computes).
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from gradlab.core.distributed import process_count, reduce_over_ranks
 from gradlab.core.loss_scale import GradientOverflow, LossScaler
 from gradlab.curvature.hvp import hvp_from_grads
 
-__all__ = ["GradientOverflow", "LossScaler", "attach", "gradients", "hvp", "scaled_gradients", "scaler_of"]
+__all__ = ["GradientOverflow", "LossScaler", "attach", "gradients", "check", "hvp", "scaled_gradients", "scaler_of"]
 
 #: backward passes without overflow before the scale doubles (several per step: line searches,
 #: SAM's second gradient); GradScaler's 2000 steps would take too long to recover from a back-off.
@@ -48,8 +52,16 @@ def scaler_of(optimizer) -> Optional[LossScaler]:
     return getattr(optimizer, "loss_scaler", None)
 
 
-def _check(scaler: LossScaler, what: str) -> None:
-    if scaler.overflowed:
+def check(scaler: LossScaler, what: str, device: torch.device) -> None:
+    """Raise when the last pass overflowed at scale 1. Under torchrun every rank reaches the same
+    checks in the same order (the optimizers branch on rank-averaged values only), so the flag is
+    summed over the ranks (one small all-reduce, fp16 runs only) and all skip the step together:
+    a rank raising alone would leave the others waiting in the gradient's all-reduce."""
+    overflowed = scaler.overflowed
+    if process_count() > 1:
+        flag = torch.tensor([float(overflowed)], device=device)
+        overflowed = bool(reduce_over_ranks([flag])[0].item() > 0)
+    if overflowed:
         raise GradientOverflow(f"the {what} overflowed float16 at loss scale 1")
 
 
@@ -65,7 +77,7 @@ def gradients(scaler: Optional[LossScaler], loss: Tensor, params: Sequence[Tenso
     if scaler is None:
         return _filled(torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True), params)
     grads = scaler.grad(loss, params, allow_unused=True, retain_graph=retain_graph)
-    _check(scaler, "gradient")
+    check(scaler, "gradient", loss.device)
     return grads
 
 
@@ -77,7 +89,7 @@ def scaled_gradients(scaler: Optional[LossScaler], loss: Tensor,
     if scaler is None:
         return _filled(torch.autograd.grad(loss, params, create_graph=True, allow_unused=True), params), 1.0
     grads, s = scaler.scaled_grad(loss, params, allow_unused=True)
-    _check(scaler, "gradient")
+    check(scaler, "gradient", loss.device)
     return grads, s
 
 
@@ -89,5 +101,5 @@ def hvp(scaler: Optional[LossScaler], scaled: Sequence[Tensor], s: float, params
         return hvp_from_grads(scaled, params, vecs, retain_graph=retain_graph)
     out = scaler.product(lambda c: hvp_from_grads(scaled, params, [v * c for v in vecs] if c != 1.0 else vecs,
                                                   retain_graph=True), s)
-    _check(scaler, "Hessian-vector product")
+    check(scaler, "Hessian-vector product", out[0].device)
     return out

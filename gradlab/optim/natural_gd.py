@@ -155,8 +155,7 @@ class NaturalGD(ModelBoundOptimizer):
             return lin.vjp(out)
         s = scaler.scale
         r = scaler.product(lambda c: lin.vjp(out * (s * c)), s)
-        if scaler.overflowed:
-            raise loss_scaling.GradientOverflow("the Gauss-Newton product overflowed float16 at loss scale 1")
+        loss_scaling.check(scaler, "Gauss-Newton product", out.device)
         return r
 
 
