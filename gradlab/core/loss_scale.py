@@ -19,8 +19,9 @@ curvature products (:mod:`gradlab.optim.loss_scaling`):
 
 A result holding inf or NaN means ``S`` overflowed float16: ``S`` is halved and the backward pass
 retried on the same graph (kept for that); after ``growth_interval`` backward passes in a row
-without overflow ``S`` doubles, up to ``max_scale``. When even ``S = 1`` overflows, the result is
-returned as it is and :attr:`LossScaler.overflowed` is set (an optimizer then skips its step:
+without overflow ``S`` doubles, up to ``max_scale``. When even ``S = 1`` overflows (a product:
+even ``2**-24``, since its vector may be large), the result is returned as it is and
+:attr:`LossScaler.overflowed` is set (an optimizer then skips its step:
 :class:`GradientOverflow`). bf16 has float32's range and needs none of this. The scale's state
 travels through :meth:`LossScaler.state_dict` (a training run's checkpoint holds it).
 """
@@ -35,6 +36,10 @@ from torch import Tensor
 __all__ = ["GradientOverflow", "LossScaler", "all_finite"]
 
 Tensors = Union[Tensor, Sequence[Tensor]]
+
+
+#: the smallest ``s * c`` a product backs off to (float16's subnormals end at 2**-24)
+MIN_PRODUCT_SCALE = 2.0**-24
 
 
 class GradientOverflow(ArithmeticError):
@@ -113,13 +118,15 @@ class LossScaler:
         """``fn(c) / (s * c)``, where ``fn(c)`` is a product computed with its ``grad_outputs``
         multiplied by ``c`` on a graph scaled by ``s`` (linear in ``s * c``: ``hvp(S g, c v)``,
         ``J^T (c S w)``). Starts at ``c = 1``; on overflow ``c`` halves (and :attr:`scale` drops
-        to ``s * c`` for the next gradients) until the product is finite or ``s * c`` reaches 1.
-        ``fn`` must keep its graph (``retain_graph``) while a retry may follow."""
+        to ``s * c``, at least 1, for the next gradients) until the product is finite or ``s * c``
+        reaches :data:`MIN_PRODUCT_SCALE`: below 1 too, since a product's vector ``v`` (a CG
+        direction) may be large where the gradient is not. ``fn`` must keep its graph
+        (``retain_graph``) while a retry may follow."""
         c = 1.0
         while True:
             out = list(fn(c))
             finite = all_finite(out)
-            if finite or s * c <= 1.0:
+            if finite or s * c <= MIN_PRODUCT_SCALE:
                 break
             c /= 2.0
             self.backoffs += 1
