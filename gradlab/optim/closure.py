@@ -11,6 +11,11 @@ gradient across ranks (``autograd.grad`` bypasses DDP's reducer; the loop leaves
 optimizers' models unwrapped). :class:`GradientGraph` is the Hessian of that loss as a
 :class:`~gradlab.curvature.operator.CurvatureOperator` over flat vectors: its products are
 :func:`gradlab.curvature.hvp.hvp_from_grads` on the kept graph (averaged across ranks too).
+
+Under ``--precision fp16`` the optimizer holds a loss scaler (:mod:`gradlab.optim.loss_scaling`):
+``evaluate(..., scaler=)`` then takes ``grad(S * loss) / S`` and :class:`GradientGraph` divides
+each product of the scaled graph by ``S``, so lbfgs', sr1's and Newton's gradients, curvature
+pairs and Hessian-vector products do not underflow in float16.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from torch import Tensor
 
 from gradlab.core.distributed import process_count, reduce_over_ranks
 from gradlab.core.errors import GradlabError
-from gradlab.curvature.hvp import hvp_from_grads
 from gradlab.curvature.operator import CurvatureOperator
+from gradlab.optim import loss_scaling
 from gradlab.optim.state import ExtraState
 
 
@@ -63,21 +68,45 @@ def loss_with_graph(closure: Optional[Callable], owner: str) -> Tensor:
 
 
 def evaluate(closure: Optional[Callable], params: Sequence[Tensor], owner: str, *,
-             create_graph: bool = False) -> tuple[Tensor, Tensor, list[Tensor]]:
+             create_graph: bool = False, scaler=None) -> tuple[Tensor, Tensor, list[Tensor]]:
     """``(loss, flat gradient, per-parameter gradients)`` of ``closure()`` at the current weights.
 
     ``loss`` is detached (a 0-d tensor); the flat gradient is a fresh tensor (float64 never
     forced: the parameters' dtype). With ``create_graph`` the per-parameter gradients keep their
     graph for :class:`GradientGraph`; otherwise they are detached. A missing closure, or one
-    that returns something without a graph, raises one :class:`GradlabError` line.
+    that returns something without a graph, raises one :class:`GradlabError` line. With a loss
+    ``scaler`` (fp16) the gradient is loss-scaled (the graph case: :func:`evaluate_graph`).
     """
     loss = loss_with_graph(closure, owner)
     with torch.enable_grad():
-        grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        if scaler is not None and not create_graph:
+            grads = loss_scaling.gradients(scaler, loss, params)
+        else:
+            grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
     if not create_graph:
         grads = [g.detach() for g in grads]
     flat = flatten([g.detach() for g in grads])
+    return _averaged(loss, flat, grads)
+
+
+def evaluate_graph(closure: Optional[Callable], params: Sequence[Tensor], owner: str,
+                   scaler=None) -> tuple[Tensor, Tensor, "GradientGraph"]:
+    """``(loss, flat gradient, Hessian operator)``: :func:`evaluate` with the gradient's graph
+    kept as a :class:`GradientGraph`; with a loss ``scaler`` the graph is of ``S * g`` and the
+    operator's products are divided by ``S``."""
+    params = list(params)
+    loss = loss_with_graph(closure, owner)
+    with torch.enable_grad():
+        grads, s = loss_scaling.scaled_gradients(scaler, loss, params)
+    flat = flatten([g.detach() for g in grads])
+    if s != 1.0:
+        flat = flat / s
+    value, flat, _ = _averaged(loss, flat, grads)
+    return value, flat, GradientGraph(grads, params, scaler=scaler, scale=s)
+
+
+def _averaged(loss: Tensor, flat: Tensor, grads: list[Tensor]):
     value = loss.detach()
     if _distributed():
         both = mean_across_ranks(torch.cat([flat, value.reshape(1).to(flat.dtype)]))
@@ -106,16 +135,18 @@ class GradientGraph(CurvatureOperator):
     ``to_dense()`` (n products) is the exact Hessian of small problems.
     """
 
-    def __init__(self, grads: Sequence[Tensor], params: Sequence[Tensor]):
+    def __init__(self, grads: Sequence[Tensor], params: Sequence[Tensor], *, scaler=None, scale: float = 1.0):
         params = list(params)
         n = sum(p.numel() for p in params)
         super().__init__(n, params[0].dtype, params[0].device)
         self.grads, self.params = list(grads), params
+        self.scaler, self.scale = scaler, scale  # grads are scale * g (fp16 loss scaling)
 
     def _matmat(self, V: Tensor) -> Tensor:
         cols = []
         for j in range(V.shape[1]):
-            hv = hvp_from_grads(self.grads, self.params, unflatten(V[:, j], self.params))
+            hv = loss_scaling.hvp(self.scaler, self.grads, self.scale, self.params,
+                                  unflatten(V[:, j], self.params))
             cols.append(mean_across_ranks(flatten(hv)))
         return torch.stack(cols, 1)
 
@@ -129,6 +160,7 @@ class ClosureOptimizer(ExtraState):
     (:mod:`gradlab.optim.hessian_diag`)."""
 
     needs_loss_closure = True
+    loss_scaler = None  # fp16: a gradlab.core.loss_scale.LossScaler (gradlab.optim.loss_scaling.attach)
 
     def __init__(self, params, defaults: dict):
         super().__init__(params, defaults)

@@ -40,6 +40,7 @@ from torch import Tensor
 from gradlab.curvature.diagonal import hutchinson_diagonal
 from gradlab.curvature.hvp import hvp_from_grads
 from gradlab.core.distributed import process_count, reduce_over_ranks
+from gradlab.optim import loss_scaling
 from gradlab.optim.closure import ClosureOptimizer, loss_with_graph
 from gradlab.optim.registry import check_int
 
@@ -71,13 +72,15 @@ class HessianDiagOptimizer(ClosureOptimizer):
         t, warm = self.steps_taken, self.hessian_warmup
         refresh = t < warm or (t - warm) % self.hessian_every == 0
         loss = loss_with_graph(closure, type(self).__name__)
+        scaler = self.loss_scaler  # fp16: gradients and products loss-scaled (gradlab.optim.loss_scaling)
         with torch.enable_grad():
-            grads = torch.autograd.grad(loss, params, create_graph=refresh, allow_unused=True)
             # A parameter the loss does not use has zero gradient and zero curvature.
-            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-            diag = self._hutchinson(grads, params) if refresh else None
-        if refresh:
-            grads = [g.detach() for g in grads]
+            if refresh:
+                grads, s = loss_scaling.scaled_gradients(scaler, loss, params)
+                diag = self._hutchinson(grads, params, s)
+                grads = [g.detach() / s if s != 1.0 else g.detach() for g in grads]
+            else:
+                grads, diag = loss_scaling.gradients(scaler, loss, params), None
         if process_count() > 1:  # one all-reduce (mean) of the gradient and the raw estimate
             both = reduce_over_ranks(grads + (diag or []), mean=True)
             grads, diag = both[: len(grads)], (both[len(grads):] if diag is not None else None)
@@ -86,13 +89,20 @@ class HessianDiagOptimizer(ClosureOptimizer):
         self.steps_taken += 1
         return loss.detach(), diag
 
-    def _hutchinson(self, grads: list[Tensor], params: list[Tensor]) -> list[Tensor]:
-        """Mean over ``hessian_samples`` probes z of ``z * (H z)``; frees the graph after the last."""
+    def _hutchinson(self, grads: list[Tensor], params: list[Tensor], scale: float = 1.0) -> list[Tensor]:
+        """Mean over ``hessian_samples`` probes z of ``z * (H z)``; frees the graph after the last.
+        ``grads`` are ``scale * g`` (fp16 loss scaling); the products are divided by it."""
         if not any(g.requires_grad for g in grads):  # loss linear in every parameter: H = 0
             return [torch.zeros_like(p) for p in params]
         n = self.hessian_samples
-        diag = hutchinson_diagonal(lambda z, last: hvp_from_grads(grads, params, z, retain_graph=not last),
-                                   params, n, generator=self._generator, draw=self.vecs_fn)
+        scaler = self.loss_scaler
+        if scaler is None:
+            def product(z, last):
+                return hvp_from_grads(grads, params, z, retain_graph=not last)
+        else:
+            def product(z, last):
+                return loss_scaling.hvp(scaler, grads, scale, params, z)
+        diag = hutchinson_diagonal(product, params, n, generator=self._generator, draw=self.vecs_fn)
         self.hvp_count += n
         return diag
 

@@ -54,6 +54,7 @@ class LBFGS(torch.optim.LBFGS):
     """``torch.optim.LBFGS`` stepping with a closure that does not call backward (module docstring)."""
 
     needs_loss_closure = True
+    loss_scaler = None  # fp16: a gradlab.core.loss_scale.LossScaler (gradlab.optim.loss_scaling.attach)
 
     def __init__(self, params, lr: float = 1.0, history_size: int = 20, max_iter: int = 1,
                  line_search: bool = True, exact_line_search: bool = False, exact_tol: float = 1e-10,
@@ -77,7 +78,7 @@ class LBFGS(torch.optim.LBFGS):
         params = [p for p in self._params if p.requires_grad]
 
         def backward_closure():
-            loss, flat, _ = evaluate(closure, params, "LBFGS")
+            loss, flat, _ = evaluate(closure, params, "LBFGS", scaler=self.loss_scaler)
             set_grads(params, flat)
             return loss
 
@@ -93,7 +94,7 @@ class LBFGS(torch.optim.LBFGS):
         group = self.param_groups[0]
         state = self.state[params[0]]
         S, Y = state.setdefault("exact_S", []), state.setdefault("exact_Y", [])
-        first, g, _ = evaluate(closure, params, "LBFGS")
+        first, g, _ = evaluate(closure, params, "LBFGS", scaler=self.loss_scaler)
         set_grads(params, g)
         for _ in range(group["max_iter"]):
             if float(g.abs().max()) <= group["tolerance_grad"]:
@@ -115,7 +116,7 @@ class LBFGS(torch.optim.LBFGS):
 
             def dphi(t: float) -> float:
                 move(t)
-                _, gt, _ = evaluate(closure, params, "LBFGS")
+                _, gt, _ = evaluate(closure, params, "LBFGS", scaler=self.loss_scaler)
                 grads[t] = gt
                 return float(gt.dot(d))
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from gradlab.core.distributed import process_count, reduce_over_ranks
 from gradlab.core.errors import GradlabError
+from gradlab.optim import loss_scaling
 from gradlab.optim.closure import loss_with_graph
 from gradlab.curvature.likelihood import check_outputs, require_likelihood
 from gradlab.optim.registry import check_int
@@ -110,6 +111,7 @@ class ModelBoundOptimizer(ExtraState):
     needs_loss_closure = True
     needs_model = True
     name = "this optimizer"
+    loss_scaler = None  # fp16: a gradlab.core.loss_scale.LossScaler (gradlab.optim.loss_scaling.attach)
 
     def __init__(self, params, defaults: dict, seed: int = 0):
         super().__init__(params, defaults)
@@ -202,8 +204,9 @@ class ModelBoundOptimizer(ExtraState):
         return loss_with_graph(closure, self.name)
 
     def _gradients(self, loss: Tensor, params: list[Tensor], retain_graph: bool) -> list[Tensor]:
-        grads = torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        """``d loss / d params``, loss-scaled under fp16 (:mod:`gradlab.optim.loss_scaling`: K-FAC's
+        and natural-gd's gradients both come from here)."""
+        return loss_scaling.gradients(self.loss_scaler, loss, params, retain_graph=retain_graph)
 
     @staticmethod
     def _average(tensors: list[Tensor], n_local: int) -> tuple[list[Tensor], int]:

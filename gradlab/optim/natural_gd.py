@@ -52,6 +52,7 @@ from gradlab.curvature.fisher import _outer_product
 from gradlab.curvature.ggn import Linearization
 from gradlab.core.distributed import reduce_over_ranks
 from gradlab.optim.damping import adapt_groups, cg_curvature, predicted_change, trial_step
+from gradlab.optim import loss_scaling
 from gradlab.optim.model_bound import ModelBoundOptimizer, sampled_output_gradients, world_size
 from gradlab.optim.registry import OPTIMIZERS, lr_option
 
@@ -139,12 +140,23 @@ class NaturalGD(ModelBoundOptimizer):
                     jv = lin.jvp(vs)
                 out = lik.hessian_product(z, jv) if S is None else _outer_product(S, jv.unsqueeze(0), lik.factor(z))[0]
                 with torch.enable_grad():
-                    r = torch.cat([t.reshape(-1) for t in lin.vjp(out)])
+                    r = torch.cat([t.reshape(-1) for t in self._transpose(lin, out)])
             if multi:
                 r = reduce_over_ranks([r / share])[0]
             return r
 
         return product
+
+    def _transpose(self, lin: Linearization, out: Tensor) -> list[Tensor]:
+        """``J^T out``; under fp16 ``J^T (S out) / S`` (``out = Lambda J v`` holds the output
+        Hessian's small entries, which would underflow in the float16 backward pass)."""
+        scaler = self.loss_scaler
+        if scaler is None:
+            return lin.vjp(out)
+        s = scaler.scale
+        r = scaler.product(lambda c: lin.vjp(out * (s * c)), s)
+        loss_scaling.check(scaler, "Gauss-Newton product", out.device)
+        return r
 
 
 def _make(params, *, seed: int, **options) -> NaturalGD:

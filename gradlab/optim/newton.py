@@ -44,7 +44,7 @@ from torch import Tensor
 from gradlab.core.options import Option, Options
 from gradlab.curvature.cg import conjugate_gradient
 from gradlab.curvature.lanczos import Lanczos
-from gradlab.optim.closure import ClosureOptimizer, GradientGraph, add_to_params, evaluate, set_grads, unflatten
+from gradlab.optim.closure import ClosureOptimizer, GradientGraph, add_to_params, evaluate_graph, set_grads, unflatten
 from gradlab.optim.damping import adapt_groups, cg_curvature, predicted_change, trial_step
 from gradlab.optim.registry import OPTIMIZERS, lr_option
 
@@ -98,16 +98,15 @@ class _ClosureNewton(ClosureOptimizer):
     def step(self, closure=None):
         """One step; ``closure()`` returns the loss and does not call backward."""
         params = self._params()
-        loss, g, grads = evaluate(closure, params, type(self).__name__, create_graph=True)
+        loss, g, op = evaluate_graph(closure, params, type(self).__name__, self.loss_scaler)
         set_grads(params, g)
-        op = GradientGraph(grads, params)
         group = self.param_groups[0]
         lr, lam = group["lr"], group["damping"]
         g = g.to(work_dtype(params))
         adaptive = self._adaptive(g.numel(), group)
         d, dHd = self._direction(op, g, group, adaptive)
         self.hvp_count += op.num_matvecs
-        del op, grads  # frees the gradient graph before the update
+        del op  # frees the gradient graph before the update
         self.steps_taken += 1
         if not adaptive:
             add_to_params(params, d, alpha=lr)

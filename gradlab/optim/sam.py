@@ -41,6 +41,7 @@ from torch.optim import Optimizer
 
 from gradlab.core.options import Option, Options
 from gradlab.core.distributed import reduce_over_ranks
+from gradlab.optim import loss_scaling
 from gradlab.optim.model_bound import perturbed
 from gradlab.optim.registry import OPTIMIZERS, lr_option, weight_decay_option
 
@@ -80,6 +81,7 @@ class SAM(Optimizer):
     """
 
     needs_loss_closure = True
+    loss_scaler = None  # fp16: a gradlab.core.loss_scale.LossScaler (gradlab.optim.loss_scaling.attach)
 
     def __init__(self, params, lr: float = 0.05, rho: float = 0.05, base: str = "momentum",
                  weight_decay: float = 0.0, adaptive: bool = False, eta: float = 0.01, seed: int = 0):
@@ -102,8 +104,7 @@ class SAM(Optimizer):
     def _gradient(self, closure, params):
         with torch.enable_grad():
             loss = closure()
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+            grads = loss_scaling.gradients(self.loss_scaler, loss, params)  # fp16: loss-scaled
         return loss.detach(), reduce_over_ranks(grads, mean=True)
 
     def ascent(self, grads: list[Tensor]) -> list[Tensor]:

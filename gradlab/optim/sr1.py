@@ -78,6 +78,7 @@ class SR1(ExtraState):
     """L-SR1 in a trust region (see the module docstring)."""
 
     needs_loss_closure = True
+    loss_scaler = None  # fp16: a gradlab.core.loss_scale.LossScaler (gradlab.optim.loss_scaling.attach)
 
     def __init__(self, params, lr: float = 1.0, history_size: int = 10, skip_tol: float = 1e-8,
                  eta: float = 1e-4):
@@ -114,7 +115,7 @@ class SR1(ExtraState):
         """One trust-region step; ``closure()`` returns the loss and does not call backward."""
         group = self.param_groups[0]
         params = self._params()
-        loss0, g, _ = evaluate(closure, params, "SR1")
+        loss0, g, _ = evaluate(closure, params, "SR1", scaler=self.loss_scaler)
         set_grads(params, g)
         self.counts["steps"] += 1
         dt = work_dtype(params)
@@ -130,7 +131,7 @@ class SR1(ExtraState):
         predicted = -float(g @ p + 0.5 * (p @ Bp))
         backup = [q.detach().clone() for q in params]
         add_to_params(params, p)
-        loss1, g1, _ = evaluate(closure, params, "SR1")
+        loss1, g1, _ = evaluate(closure, params, "SR1", scaler=self.loss_scaler)
         actual = float(loss0) - float(loss1)
         rho = actual / predicted if predicted > 0 and math.isfinite(actual) else -math.inf
         if rho > group["eta"]:

@@ -122,7 +122,7 @@ class Trainer(StepMixin):
         self.closure_step = uses_closure(self.optimizer, self.model, self.loss_fn)
         self.cost = GradientCost()  # gradient-equivalents so far (gradlab.curvature.cost)
         watch(self.model)
-        self.precision = Precision(cfg.get("precision", "fp32"), device, self.closure_step)
+        self.precision = Precision(cfg.get("precision", "fp32"), device, self.closure_step, self.optimizer)
         self.total_steps = cfg["epochs"] * len(self.sampler)
         self.scheduler = build_scheduler(cfg.get("schedule", "constant"), self.optimizer, self.total_steps)
 

@@ -5,8 +5,16 @@
   the optimizer's state and the update stay float32.
 * ``fp16`` with a first-order optimizer: the loss is scaled before backward by a
   ``torch.amp.GradScaler`` and the gradients unscaled before any check or update; a step whose
-  gradients overflowed is skipped and the scale lowered (not a divergence). Second-order
-  optimizers take their own gradients of the (float32) loss, unscaled.
+  gradients overflowed is skipped and the scale lowered (not a divergence).
+* ``fp16`` with a second-order (closure-stepping) optimizer: the optimizer takes its own
+  gradients and curvature products, loss-scaled by a :class:`gradlab.core.loss_scale.LossScaler`
+  handed to it here (:mod:`gradlab.optim.loss_scaling`): ``grad(S loss) / S``, Hessian-vector
+  products ``d((S g) . v) / S``, Gauss-Newton products ``J^T (S w) / S``, ``S`` halved and the
+  pass retried on overflow. A step that overflows even at ``S = 1`` is skipped (the weights it
+  started from restored, the gradient checks not run: not a divergence).
+* ``bf16`` needs no scaling (float32's range); neither scaler exists there.
+
+Either scaler's state is in the checkpoint (``scaler``, ``loss_scaler``) and restored on resume.
 """
 
 from __future__ import annotations
@@ -17,16 +25,21 @@ from typing import Callable, Optional
 import torch
 
 from gradlab.core.autocast import DTYPES
+from gradlab.optim.loss_scaling import attach
 
 
 class Precision:
-    """The autocast context and, for fp16 first-order training, the gradient scaler."""
+    """The autocast context and, under fp16, the gradient scaler: ``torch.amp.GradScaler`` for a
+    first-order optimizer, a :class:`~gradlab.core.loss_scale.LossScaler` attached to a
+    closure-stepping ``optimizer`` (module docstring)."""
 
-    def __init__(self, name: str, device: torch.device, closure_step: bool):
+    def __init__(self, name: str, device: torch.device, closure_step: bool, optimizer=None):
         self.name, self.device_type = name, device.type
         self.dtype: Optional[torch.dtype] = DTYPES[name]
-        self.scaler = (torch.amp.GradScaler(device.type)
-                       if self.dtype is torch.float16 and not closure_step else None)
+        fp16 = self.dtype is torch.float16
+        self.scaler = torch.amp.GradScaler(device.type) if fp16 and not closure_step else None
+        self.loss_scaler = attach(optimizer) if fp16 and closure_step and optimizer is not None else None
+        self.skipped = 0  # closure steps skipped on an overflow at loss scale 1
 
     def autocast(self):
         """The context of a forward pass (a no-op for fp32)."""
@@ -47,12 +60,24 @@ class Precision:
         self.scaler.step(optimizer)  # skipped when a gradient overflowed; the scale drops
         self.scaler.update()
 
+    @property
+    def scaling(self) -> bool:
+        """Whether a step's gradients are loss-scaled (fp16 with either scaler)."""
+        return self.scaler is not None or self.loss_scaler is not None
+
     def state_dict(self) -> dict:
-        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        if self.scaler is not None:
+            return {"scaler": self.scaler.state_dict()}
+        if self.loss_scaler is not None:
+            return {"loss_scaler": {**self.loss_scaler.state_dict(), "skipped": self.skipped}}
+        return {}
 
     def load_state_dict(self, ckpt: dict) -> None:
         if self.scaler is not None and isinstance(ckpt.get("scaler"), dict):
             self.scaler.load_state_dict(ckpt["scaler"])
+        if self.loss_scaler is not None and isinstance(ckpt.get("loss_scaler"), dict):
+            self.loss_scaler.load_state_dict(ckpt["loss_scaler"])
+            self.skipped = int(ckpt["loss_scaler"].get("skipped", 0))
 
 
 __all__ = ["DTYPES", "Precision"]

@@ -3,7 +3,8 @@
 Three stepping conventions (:mod:`gradlab.optim`): a first-order optimizer gets
 ``loss.backward(); step()`` (through :class:`gradlab.training.precision.Precision`, which
 scales fp16 losses); a ``needs_loss_closure`` optimizer (lbfgs, sr1, newton, sam, ...) gets
-``step(closure)`` and takes its own gradients; a ``needs_model`` one (kfac, natural-gd) is
+``step(closure)`` and takes its own gradients (loss-scaled under fp16,
+:mod:`gradlab.optim.loss_scaling`; a step that overflows even unscaled is skipped); a ``needs_model`` one (kfac, natural-gd) is
 bound to the model and the run's loss once (:func:`uses_closure`), then steps like the second.
 
 :class:`StepMixin` is the part of :class:`gradlab.training.loop.Trainer` that runs one step; it
@@ -21,6 +22,7 @@ import math
 
 import torch
 
+from gradlab.core.loss_scale import GradientOverflow
 from gradlab.curvature.cost import counting
 from gradlab.training.callbacks.base import gradient_norms
 
@@ -76,7 +78,7 @@ class StepMixin:
                     captured[:] = [value, out]
                 return loss
 
-            optimizer.step(closure)
+            self._closure_step(optimizer, closure)
             loss_value, out = captured
             self._check_gradients()  # the optimizer took its own gradients (p.grad) inside step
         else:
@@ -86,11 +88,30 @@ class StepMixin:
         self._outputs.append((out, yb))
         return loss_value * n_global / self.dist.world_size, out
 
+    def _closure_step(self, optimizer, closure) -> None:
+        """``optimizer.step(closure)``; under fp16 a step whose gradient or curvature product
+        overflowed even at loss scale 1 (:class:`GradientOverflow`) is skipped: the weights it
+        started from are restored (a line search may have moved them) and the gradients left
+        infinite, as the first-order fp16 path leaves them, so the checks see an overflow, not a
+        divergence."""
+        if self.precision.loss_scaler is None:
+            optimizer.step(closure)
+            return
+        start = [p.detach().clone() for p in self.params]
+        try:
+            optimizer.step(closure)
+        except GradientOverflow:
+            with torch.no_grad():
+                for p, p0 in zip(self.params, start):
+                    p.copy_(p0)
+                    p.grad = torch.full_like(p, math.inf)
+            self.precision.skipped += 1
+
     def _check_gradients(self) -> None:
         if self._grad_checks:
             # kept for this step's StepInfo: the callbacks that log the norms do not compute them again
             self._step_norms = gradient_norms(self.params)
-            if self.precision.scaler is not None and not math.isfinite(self._step_norms[0]):
+            if self.precision.scaling and not math.isfinite(self._step_norms[0]):
                 return  # fp16 overflow: the scaler skips this step (not a divergence)
             for cb in self._grad_checks:
                 cb.on_gradients(self, self._step_norms[0])
